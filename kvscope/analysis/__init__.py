@@ -1,0 +1,1 @@
+"""Analysis of kvscope runs and Nsight Systems exports (parsing apart from analysis, one analysis per module)."""

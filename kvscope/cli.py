@@ -1,0 +1,130 @@
+"""The `kvscope` command line. Bad input ends in one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from kvscope.errors import KvscopeError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (the default prints the whole usage first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise KvscopeError(f"{self.prog}: {message}")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="preset name, Hugging Face checkpoint folder, or config.json (random weights)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on CUDA, "
+                                                 "float32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights (default 0)")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kvscope", description="Where the time of one LLM token goes.")
+    from kvscope import __version__
+
+    parser.add_argument("--version", action="version", version=f"kvscope {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
+
+    g = sub.add_parser("generate", help="greedy generation with the hand-written loop; prints new token ids")
+    _add_model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-ids", help="comma-separated token ids; ';' separates prompts (one ragged batch)")
+    src.add_argument("--prompt", action="append", help="prompt text (needs a tokenizer in the model folder); "
+                                                       "repeat for a batch")
+    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--json", action="store_true", help='last line of stdout: {"tokens": [[...], ...]}')
+    g.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def parse_prompt_ids(text: str) -> list[list[int]]:
+    prompts: list[list[int]] = []
+    for i, part in enumerate(text.split(";")):
+        items = [x.strip() for x in part.split(",")]
+        if items == [""]:
+            raise KvscopeError(f"--prompt-ids: prompt {i} is empty")
+        ids: list[int] = []
+        for item in items:
+            try:
+                ids.append(int(item))
+            except ValueError:
+                raise KvscopeError(f"--prompt-ids: {item!r} in prompt {i} is not an integer token id") from None
+        prompts.append(ids)
+    return prompts
+
+
+def _cmd_generate(ns: argparse.Namespace) -> int:
+    from kvscope.profiler.engine import Engine
+    from kvscope.profiler.runconfig import RunConfig, parse_dtype, resolve_device
+    from kvscope.profiler.weights import load_model, resolve_model
+
+    if ns.model is None:
+        raise KvscopeError("generate: --model is required (a preset, a checkpoint folder or a config.json)")
+    if ns.max_new_tokens < 1:
+        raise KvscopeError(f"--max-new-tokens must be >= 1, got {ns.max_new_tokens}")
+    source = resolve_model(ns.model)
+    device = resolve_device(ns.device)
+    dtype = parse_dtype(ns.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    tokenizer = None
+    if ns.prompt is not None:
+        tokenizer = _load_tokenizer(source.folder, ns.model)
+        prompts = [tokenizer.encode(text) for text in ns.prompt]
+        if any(len(p) == 0 for p in prompts):
+            raise KvscopeError("--prompt: a prompt encodes to no tokens")
+    else:
+        prompts = parse_prompt_ids(ns.prompt_ids)
+    longest = max(len(p) for p in prompts)
+    max_seq = longest + ns.max_new_tokens
+    if longest > source.args.max_position_embeddings:
+        raise KvscopeError(f"prompt of {longest} tokens exceeds {source.args.name}'s maximum context of "
+                           f"{source.args.max_position_embeddings}")
+    cfg = RunConfig(batch_size=len(prompts), max_seq=max_seq, dtype=dtype, device=device, attn=ns.attn)
+    cfg.check(source.args)
+    model, ready_s = load_model(source, device, dtype, seed=ns.seed)
+    print(f"kvscope: {source.args.name} ({source.kind}{', random weights' if source.random_weights else ''}) "
+          f"on {device} in {str(dtype).removeprefix('torch.')}, ready in {ready_s:.2f} s", file=sys.stderr)
+    engine = Engine(model, cfg)
+    tokens = engine.generate(prompts, ns.max_new_tokens)
+    for row in tokens:
+        print(json.dumps(row))
+        if tokenizer is not None:
+            print(f"kvscope: text: {tokenizer.decode(row)!r}", file=sys.stderr)
+    if ns.json:
+        print(json.dumps({"tokens": tokens}))
+    return 0
+
+
+def _load_tokenizer(folder: object, spec: str):  # -> transformers tokenizer
+    if folder is None:
+        raise KvscopeError(f"--prompt needs a checkpoint folder with a tokenizer; {spec} has none (use --prompt-ids)")
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KvscopeError(f"cannot load a tokenizer from {folder}: {first}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        ns = build_parser().parse_args(argv)
+        return int(ns.func(ns))
+    except KvscopeError as exc:
+        msg = " ".join(str(exc).split())
+        print(f"kvscope: error: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("kvscope: interrupted", file=sys.stderr)
+        return 130

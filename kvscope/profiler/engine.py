@@ -1,0 +1,150 @@
+"""The hand-written prefill and decode loop over a `KVCache`.
+
+- `prefill(tokens, lengths)`: a right-padded batch of prompts of different lengths; writes K/V for every prompt
+  position and computes logits only at each sequence's last position.
+- `decode_step()`: one token for every sequence, from the static `next_tokens` buffer, positions and lengths read
+  on the device; greedy sampling on the device; no host sync and no Python-side tensor creation from host data, so a
+  step can be captured in a CUDA graph.
+- `decode_n(n)`: n steps, tokens gathered into one device tensor `(B, n)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvscope.errors import KvscopeError
+from kvscope.profiler.attention import decode_attention, prefill_attention
+from kvscope.profiler.kv_cache import KVCache
+from kvscope.profiler.model import Transformer, apply_rope, rope_tables
+from kvscope.profiler.runconfig import RunConfig
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+                ) -> tuple[torch.Tensor, list[int]]:
+    """Right-pad host token lists into `(B, S_max)` int64 on `device`; validates ids on the host."""
+    if not prompts:
+        raise KvscopeError("no prompt given")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise KvscopeError(f"prompt {i} is empty")
+        bad = [t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+        if bad:
+            raise KvscopeError(f"prompt {i}: token id {bad[0]!r} outside the vocabulary [0, {vocab_size})")
+    lengths = [len(p) for p in prompts]
+    rows = [list(p) + [0] * (max(lengths) - len(p)) for p in prompts]
+    return torch.tensor(rows, dtype=torch.int64, device=device), lengths  # (B, S_max)
+
+
+class Engine:
+    """One model, one KV cache, static decode buffers, and the attention switch of the run config."""
+
+    def __init__(self, model: Transformer, cfg: RunConfig) -> None:
+        args = model.args
+        cfg.check(args)
+        self.model = model
+        self.cfg = cfg
+        self.args = args
+        dev, dt = cfg.device, cfg.dtype
+        self.cache = KVCache(args, cfg.batch_size, cfg.max_seq, dt, dev)
+        self.cos, self.sin = rope_tables(args, cfg.max_seq, dev, dt)  # (S_max, D) each
+        self.key_pos = torch.arange(cfg.max_seq, device=dev)  # (S_max,)
+        self.batch_idx = torch.arange(cfg.batch_size, device=dev)  # (B,)
+        self.next_tokens = torch.zeros(cfg.batch_size, dtype=torch.int64, device=dev)  # (B,) static decode input
+        self.logits: torch.Tensor | None = None  # (B, V) logits of the last prefill or decode step
+
+    # ---- shared pieces ------------------------------------------------------------------------------------
+    def _lm_head(self, h_last: torch.Tensor) -> torch.Tensor:
+        """h_last: (B, dim) -> greedy next tokens (B,); keeps the logits (B, V) in `self.logits`."""
+        m = self.model
+        self.logits = m.output(m.norm(h_last))  # (B, V)
+        return torch.argmax(self.logits, dim=-1)
+
+    def _mlp(self, layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return h + layer.feed_forward(layer.ffn_norm(h))
+
+    # ---- prefill ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """tokens: (B, S) int64, right-padded; lengths: host ints, one per sequence. Returns the first generated
+        token of each sequence (B,), which also becomes the input of the next decode step."""
+        b = self.cfg.batch_size
+        if tokens.dim() != 2 or tokens.shape[0] != b or tokens.dtype != torch.int64:
+            raise ValueError(f"prefill: tokens must be int64 (B={b}, S), got {tokens.dtype} {tuple(tokens.shape)}")
+        s = tokens.shape[1]
+        if len(lengths) != b or min(lengths) < 1 or max(lengths) > s:
+            raise ValueError(f"prefill: lengths {list(lengths)} must be {b} values in [1, {s}]")
+        self.cache.start(lengths)  # checks the cache can hold every prompt
+        m = self.model
+        cos = self.cos[:s].unsqueeze(0)  # (1, S, D)
+        sin = self.sin[:s].unsqueeze(0)  # (1, S, D)
+        h = m.tok_embeddings(tokens)  # (B, S, dim)
+        for i, layer in enumerate(m.layers):
+            q, k, v = layer.attention.qkv(layer.attention_norm(h))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            self.cache.k(i)[:, :, :s].copy_(k)  # (B, H_kv, S, D)
+            self.cache.v(i)[:, :, :s].copy_(v)
+            y = prefill_attention(q, k, v, self.cfg.attn)  # (B, H, S, D)
+            h = self._mlp(layer, h + layer.attention.out(y))
+        last = self.cache.lengths - 1  # (B,) on the device
+        h_last = h[self.batch_idx, last]  # (B, dim)
+        self.next_tokens.copy_(self._lm_head(h_last))
+        return self.next_tokens
+
+    # ---- decode -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode_step(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance every sequence by one token. Input: `tokens` (B,) or the static `next_tokens` buffer (the last
+        step's output). Returns `next_tokens`, overwritten in place by the greedy choice."""
+        if tokens is not None:
+            if tokens.shape != self.next_tokens.shape or tokens.dtype != torch.int64:
+                raise ValueError(f"decode_step: tokens must be int64 {tuple(self.next_tokens.shape)}, "
+                                 f"got {tokens.dtype} {tuple(tokens.shape)}")
+            self.next_tokens.copy_(tokens)
+        self.cache.check_room(1)
+        self._decode_forward()
+        self.cache.advance()
+        return self.next_tokens
+
+    def _decode_forward(self) -> None:
+        """The device work of one step: reads next_tokens and cache.lengths, writes K/V and next_tokens."""
+        m, cache, a = self.model, self.cache, self.args
+        b = self.cfg.batch_size
+        pos = cache.lengths  # (B,) position of the new token
+        cos = self.cos[pos].unsqueeze(1)  # (B, 1, D)
+        sin = self.sin[pos].unsqueeze(1)  # (B, 1, D)
+        key_mask = (self.key_pos.unsqueeze(0) <= pos.unsqueeze(1)).view(b, 1, 1, -1)  # (B, 1, 1, S_max)
+        write_idx = pos.view(b, 1, 1, 1).expand(b, a.n_kv_heads, 1, a.head_dim)  # (B, H_kv, 1, D)
+        h = m.tok_embeddings(self.next_tokens.view(b, 1))  # (B, 1, dim)
+        for i, layer in enumerate(m.layers):
+            q, k, v = layer.attention.qkv(layer.attention_norm(h))  # q (B, H, 1, D), k/v (B, H_kv, 1, D)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k_cache, v_cache = cache.k(i), cache.v(i)  # (B, H_kv, S_max, D)
+            k_cache.scatter_(2, write_idx, k)
+            v_cache.scatter_(2, write_idx, v)
+            y = decode_attention(q, k_cache, v_cache, key_mask, self.cfg.attn)  # (B, H, 1, D)
+            h = self._mlp(layer, h + layer.attention.out(y))
+        self.next_tokens.copy_(self._lm_head(h[:, 0]))
+
+    @torch.inference_mode()
+    def decode_n(self, n: int) -> torch.Tensor:
+        """Run n decode steps after a prefill; returns (B, n+1): the prefill's token, then one per step."""
+        if n < 0:
+            raise KvscopeError(f"number of decode steps must be >= 0, got {n}")
+        self.cache.check_room(n)
+        out = torch.empty(self.cfg.batch_size, n + 1, dtype=torch.int64, device=self.cfg.device)  # (B, n+1)
+        out[:, 0] = self.next_tokens
+        for i in range(n):
+            out[:, i + 1] = self.decode_step()
+        return out
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy generation of `max_new_tokens` per prompt; one host sync at the end (the `.tolist()`)."""
+        if max_new_tokens < 1:
+            raise KvscopeError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        if len(prompts) != self.cfg.batch_size:
+            raise KvscopeError(f"engine was built for {self.cfg.batch_size} prompts, got {len(prompts)}")
+        tokens, lengths = pad_prompts(prompts, self.args.vocab_size, self.cfg.device)
+        self.prefill(tokens, lengths)
+        return self.decode_n(max_new_tokens - 1).tolist()  # the one host sync

@@ -1,0 +1,78 @@
+"""The manual KV cache: one contiguous allocation with per-layer views."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvscope.errors import KvscopeError
+from kvscope.profiler.model import ModelArgs
+
+
+class KVCache:
+    """K and V of every layer in one tensor `(layers, 2, batch, kv_heads, max_seq, head_dim)`.
+
+    `lengths` (device, int64, (B,)) is how many positions of each sequence hold valid K/V; the engine reads it as the
+    position of the next token, so decoding needs no host sync. A host mirror of the lengths is kept in step (every
+    sequence advances by one per decode step), so overflow is caught on the host before any kernel runs.
+    """
+
+    def __init__(self, args: ModelArgs, batch: int, max_seq: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        if batch <= 0 or max_seq <= 0:
+            raise KvscopeError(f"KV cache needs batch > 0 and max_seq > 0, got batch={batch}, max_seq={max_seq}")
+        self.args = args
+        self.batch = batch
+        self.max_seq = max_seq
+        # (L, 2, B, H_kv, S, D); zeros so that unused slots are finite (they are masked out anyway)
+        self.data = torch.zeros(
+            (args.n_layers, 2, batch, args.n_kv_heads, max_seq, args.head_dim), dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)  # (B,)
+        self._host_lengths = [0] * batch
+
+    @staticmethod
+    def bytes_for(args: ModelArgs, batch: int, max_seq: int, dtype: torch.dtype) -> int:
+        """Bytes a cache of this shape takes, without allocating it."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return args.n_layers * 2 * batch * args.n_kv_heads * max_seq * args.head_dim * itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def k(self, layer: int) -> torch.Tensor:
+        return self.data[layer, 0]  # (B, H_kv, S, D)
+
+    def v(self, layer: int) -> torch.Tensor:
+        return self.data[layer, 1]  # (B, H_kv, S, D)
+
+    @property
+    def host_lengths(self) -> list[int]:
+        return list(self._host_lengths)
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        self._host_lengths = [0] * self.batch
+
+    def start(self, lengths: Sequence[int]) -> None:
+        """Begin new sequences of the given prompt lengths (host ints); sets the device lengths."""
+        if len(lengths) != self.batch:
+            raise KvscopeError(f"KV cache holds {self.batch} sequences, got {len(lengths)} lengths")
+        too_long = [n for n in lengths if n > self.max_seq]
+        if too_long:
+            raise KvscopeError(f"prompt of {max(too_long)} tokens overflows the KV cache of {self.max_seq} positions")
+        self._host_lengths = [int(n) for n in lengths]
+        self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int64), non_blocking=False)
+
+    def check_room(self, steps: int = 1) -> None:
+        """Raise before a step would write past `max_seq`."""
+        longest = max(self._host_lengths) + steps
+        if longest > self.max_seq:
+            raise KvscopeError(
+                f"KV cache overflow: a sequence would reach {longest} positions, cache holds {self.max_seq}")
+
+    def advance(self) -> None:
+        """Every sequence gained one position (call after its K/V were written)."""
+        self.lengths.add_(1)
+        self._host_lengths = [n + 1 for n in self._host_lengths]

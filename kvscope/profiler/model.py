@@ -1,0 +1,379 @@
+"""Architecture of the Llama-family decoders kvscope runs: Llama 2/3, Qwen2/Qwen2.5 and Mistral.
+
+This module holds architecture only: the `ModelArgs` dataclass, its named presets, its reading of a Hugging Face
+`config.json`, and the `nn.Module`s. Run budgets (batch, context, dtype, device) live in `kvscope.profiler.runconfig`;
+weights come from `kvscope.profiler.weights`; the loop that drives the modules is `kvscope.profiler.engine`.
+
+The projections are fused at load time: `wqkv` holds q, k and v stacked along the output dimension, `w13` holds the
+gate and up projections, so a decoder layer runs four matrix products instead of seven.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvscope.errors import KvscopeError
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
+_ARCHITECTURE_FAMILY = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "mistral",
+}
+# transformers' own defaults for `tie_word_embeddings` when a config.json leaves it out, per family.
+_TIE_DEFAULT = {"llama": False, "qwen2": False, "mistral": False}
+_SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `rope_type` is `llama3` (Llama 3.1 / 3.2) or `linear`."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Architectural numbers of one decoder. Derived fields are filled in `__post_init__`."""
+
+    name: str
+    family: str
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    head_dim: int = 0  # 0: dim // n_heads
+    # derived
+    n_rep: int = field(init=False)
+    q_size: int = field(init=False)
+    kv_size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.family not in SUPPORTED_FAMILIES:
+            raise KvscopeError(f"unsupported model family {self.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "vocab_size",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise KvscopeError(f"model {self.name!r}: {name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise KvscopeError(
+                f"model {self.name!r}: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise KvscopeError(f"model {self.name!r}: dim={self.dim} is not a multiple of n_heads={self.n_heads}")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.head_dim % 2:
+            raise KvscopeError(f"model {self.name!r}: head_dim={self.head_dim} must be even for RoPE")
+        if self.rope_scaling is not None and self.rope_scaling.rope_type not in _SUPPORTED_ROPE_TYPES:
+            raise KvscopeError(f"model {self.name!r}: unsupported rope_type {self.rope_scaling.rope_type!r}")
+        object.__setattr__(self, "n_rep", self.n_heads // self.n_kv_heads)
+        object.__setattr__(self, "q_size", self.n_heads * self.head_dim)
+        object.__setattr__(self, "kv_size", self.n_kv_heads * self.head_dim)
+
+    # ---- counts -------------------------------------------------------------------------------------------
+    def param_count(self) -> int:
+        """Exact number of parameters, tied embeddings counted once."""
+        d, f = self.dim, self.intermediate_size
+        qkv = d * (self.q_size + 2 * self.kv_size) + (self.q_size + 2 * self.kv_size if self.qkv_bias else 0)
+        o = self.q_size * d + (d if self.o_bias else 0)
+        layer = qkv + o + 3 * d * f + 2 * d
+        embed = self.vocab_size * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.n_layers * layer + embed + head + d
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f_ in fields(self):
+            value = getattr(self, f_.name)
+            out[f_.name] = value.__dict__.copy() if isinstance(value, RopeScaling) else value
+        return out
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str) -> ModelArgs:
+        key = name.lower()
+        if key not in PRESETS:
+            raise KvscopeError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return PRESETS[key]
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any], name: str = "config") -> ModelArgs:
+        """Read a Hugging Face `config.json` (transformers 4 or 5 spelling) of a supported family."""
+        family = _family_of(config)
+        if config.get("hidden_act", "silu") != "silu":
+            raise KvscopeError(f"{name}: hidden_act {config.get('hidden_act')!r} is not supported (only silu)")
+        if config.get("mlp_bias", False):
+            raise KvscopeError(f"{name}: mlp_bias=true is not supported")
+        if family == "qwen2" and config.get("use_sliding_window", False):
+            raise KvscopeError(f"{name}: use_sliding_window=true is not supported")
+        theta, scaling = _rope_from_config(config, name)
+        try:
+            n_heads = int(config["num_attention_heads"])
+            attention_bias = bool(config.get("attention_bias", False))
+            return cls(
+                name=name,
+                family=family,
+                dim=int(config["hidden_size"]),
+                n_layers=int(config["num_hidden_layers"]),
+                n_heads=n_heads,
+                n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
+                intermediate_size=int(config["intermediate_size"]),
+                vocab_size=int(config["vocab_size"]),
+                max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+                norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", _TIE_DEFAULT[family])),
+                qkv_bias=True if family == "qwen2" else attention_bias,
+                o_bias=attention_bias if family == "llama" else False,
+                head_dim=int(config.get("head_dim") or 0),
+            )
+        except KeyError as exc:
+            raise KvscopeError(f"{name}: config.json lacks required key {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise KvscopeError(f"{name}: malformed config.json value: {exc}") from None
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The transformers-5 spelling of this architecture (used to build reference models in tests)."""
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope = {**self.rope_scaling.__dict__, "rope_theta": self.rope_theta}
+        cfg: dict[str, Any] = {
+            "model_type": self.family,
+            "architectures": [next(k for k, v in _ARCHITECTURE_FAMILY.items() if v == self.family)],
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.norm_eps,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+        }
+        if self.family == "llama":
+            cfg["attention_bias"] = self.qkv_bias
+        return cfg
+
+    def with_(self, **changes: Any) -> ModelArgs:
+        return replace(self, **changes)
+
+
+def _family_of(config: dict[str, Any]) -> str:
+    model_type = config.get("model_type")
+    if model_type in SUPPORTED_FAMILIES:
+        return str(model_type)
+    for arch in config.get("architectures") or []:
+        if arch in _ARCHITECTURE_FAMILY:
+            return _ARCHITECTURE_FAMILY[arch]
+    archs = ",".join(config.get("architectures") or []) or "none"
+    raise KvscopeError(
+        f"unsupported architecture: model_type={model_type!r}, architectures={archs}; "
+        f"supported model_type: {', '.join(SUPPORTED_FAMILIES)}")
+
+
+def _rope_from_config(config: dict[str, Any], name: str) -> tuple[float, RopeScaling | None]:
+    """RoPE base and scaling from either spelling: transformers 5 `rope_parameters`, or transformers 4 top-level
+    `rope_theta` + `rope_scaling` (with `rope_type` or the older `type`)."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and params:
+        theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+        scaling_src: dict[str, Any] | None = params
+    else:
+        theta = float(config.get("rope_theta", 10000.0))
+        scaling_src = config.get("rope_scaling")
+    if not scaling_src:
+        return theta, None
+    rope_type = scaling_src.get("rope_type", scaling_src.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in _SUPPORTED_ROPE_TYPES:
+        raise KvscopeError(f"{name}: rope_type {rope_type!r} is not supported (supported: llama3, linear)")
+    try:
+        factor = float(scaling_src["factor"])
+    except KeyError:
+        raise KvscopeError(f"{name}: rope scaling {rope_type!r} lacks 'factor'") from None
+    if rope_type == "linear":
+        return theta, RopeScaling("linear", factor)
+    return theta, RopeScaling(
+        "llama3",
+        factor,
+        float(scaling_src.get("low_freq_factor", 1.0)),
+        float(scaling_src.get("high_freq_factor", 4.0)),
+        int(scaling_src.get("original_max_position_embeddings", 8192)),
+    )
+
+
+_LLAMA31_SCALING = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+_LLAMA32_SCALING = RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+
+# Architectural numbers of the published checkpoints (their config.json); weights are random when built from these.
+PRESETS: dict[str, ModelArgs] = {
+    p.name: p
+    for p in (
+        ModelArgs("tiny", "llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=160,
+                  vocab_size=512, max_position_embeddings=2048, norm_eps=1e-5, rope_theta=10000.0),
+        ModelArgs("qwen2.5-0.5b", "qwen2", dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864,
+                  vocab_size=151936, max_position_embeddings=32768, norm_eps=1e-6, rope_theta=1_000_000.0,
+                  tie_word_embeddings=True, qkv_bias=True),
+        ModelArgs("qwen2.5-1.5b", "qwen2", dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, intermediate_size=8960,
+                  vocab_size=151936, max_position_embeddings=32768, norm_eps=1e-6, rope_theta=1_000_000.0,
+                  tie_word_embeddings=True, qkv_bias=True),
+        ModelArgs("qwen2.5-3b", "qwen2", dim=2048, n_layers=36, n_heads=16, n_kv_heads=2, intermediate_size=11008,
+                  vocab_size=151936, max_position_embeddings=32768, norm_eps=1e-6, rope_theta=1_000_000.0,
+                  tie_word_embeddings=True, qkv_bias=True),
+        ModelArgs("qwen2.5-7b", "qwen2", dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, intermediate_size=18944,
+                  vocab_size=152064, max_position_embeddings=32768, norm_eps=1e-6, rope_theta=1_000_000.0,
+                  tie_word_embeddings=False, qkv_bias=True),
+        ModelArgs("llama-3.2-1b", "llama", dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192,
+                  vocab_size=128256, max_position_embeddings=131072, norm_eps=1e-5, rope_theta=500_000.0,
+                  rope_scaling=_LLAMA32_SCALING, tie_word_embeddings=True, head_dim=64),
+        ModelArgs("llama-3.2-3b", "llama", dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, intermediate_size=8192,
+                  vocab_size=128256, max_position_embeddings=131072, norm_eps=1e-5, rope_theta=500_000.0,
+                  rope_scaling=_LLAMA32_SCALING, tie_word_embeddings=True, head_dim=128),
+        ModelArgs("llama-3.1-8b", "llama", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
+                  vocab_size=128256, max_position_embeddings=131072, norm_eps=1e-5, rope_theta=500_000.0,
+                  rope_scaling=_LLAMA31_SCALING, tie_word_embeddings=False),
+        # Mistral-7B-v0.3: 32768-token vocabulary, rope_theta 1e6, no sliding window.
+        ModelArgs("mistral-7b", "mistral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
+                  vocab_size=32768, max_position_embeddings=32768, norm_eps=1e-5, rope_theta=1_000_000.0),
+    )
+}
+
+
+# ---- RoPE -------------------------------------------------------------------------------------------------------
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in float32, with Llama 3.1 or linear scaling applied."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.rope_type == "linear":
+        return inv_freq / s.factor
+    # llama3: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(args: ModelArgs, max_seq: int, device: torch.device, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_seq, head_dim), computed in float32 and stored in `dtype`."""
+    inv_freq = rope_inv_freq(args).to(device)
+    pos = torch.arange(max_seq, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)  # (S, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x: (B, H, S, D); cos, sin: (B, S, D)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)  # (B, H, S, D)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+# ---- modules ----------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Projections of grouped-query attention; the attention itself is done by the engine's attention switch."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.wqkv = nn.Linear(args.dim, args.q_size + 2 * args.kv_size, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.q_size, args.dim, bias=args.o_bias)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, S, dim) -> q (B, H, S, D), k and v (B, H_kv, S, D)."""
+        a = self.args
+        b, s, _ = x.shape
+        q, k, v = self.wqkv(x).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q = q.view(b, s, a.n_heads, a.head_dim).transpose(1, 2)  # (B, H, S, D)
+        k = k.view(b, s, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, H_kv, S, D)
+        v = v.view(b, s, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, H_kv, S, D)
+        return q, k, v
+
+    def out(self, y: torch.Tensor) -> torch.Tensor:
+        """y: (B, H, S, D) -> (B, S, dim)."""
+        b, _, s, _ = y.shape
+        return self.wo(y.transpose(1, 2).reshape(b, s, self.args.q_size))  # (B, S, H*D)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP with the gate and up projections fused into one matrix `w13`."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.hidden = args.intermediate_size
+        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.hidden, dim=-1)  # (B, S, F) each
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+
+class Transformer(nn.Module):
+    """Embedding, decoder blocks, final norm and lm_head. The engine walks `layers` itself."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
