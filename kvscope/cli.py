@@ -65,7 +65,7 @@ def parse_prompt_ids(text: str) -> list[list[int]]:
 
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
-    from kvscope.profiler.engine import Engine
+    from kvscope.profiler.engine import Engine, check_prompts
     from kvscope.profiler.runconfig import RunConfig, parse_dtype, resolve_device
     from kvscope.profiler.weights import load_model, resolve_model
 
@@ -84,6 +84,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
             raise KvscopeError("--prompt: a prompt encodes to no tokens")
     else:
         prompts = parse_prompt_ids(ns.prompt_ids)
+    check_prompts(prompts, source.args.vocab_size)
     longest = max(len(p) for p in prompts)
     max_seq = longest + ns.max_new_tokens
     if longest > source.args.max_position_embeddings:

@@ -24,6 +24,14 @@ from kvscope.profiler.runconfig import RunConfig
 def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device
                 ) -> tuple[torch.Tensor, list[int]]:
     """Right-pad host token lists into `(B, S_max)` int64 on `device`; validates ids on the host."""
+    check_prompts(prompts, vocab_size)
+    lengths = [len(p) for p in prompts]
+    rows = [list(p) + [0] * (max(lengths) - len(p)) for p in prompts]
+    return torch.tensor(rows, dtype=torch.int64, device=device), lengths  # (B, S_max)
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """Every prompt non-empty, every id an int inside the vocabulary (host-side, before any device work)."""
     if not prompts:
         raise KvscopeError("no prompt given")
     for i, p in enumerate(prompts):
@@ -32,9 +40,6 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch
         bad = [t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
         if bad:
             raise KvscopeError(f"prompt {i}: token id {bad[0]!r} outside the vocabulary [0, {vocab_size})")
-    lengths = [len(p) for p in prompts]
-    rows = [list(p) + [0] * (max(lengths) - len(p)) for p in prompts]
-    return torch.tensor(rows, dtype=torch.int64, device=device), lengths  # (B, S_max)
 
 
 class Engine:

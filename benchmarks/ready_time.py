@@ -1,0 +1,72 @@
+"""Time to get ready (build + random init on the device) and a first look at prefill / decode-step latency of the
+eager loop, per preset. CUDA events, medians after warm-up.
+
+    python3 benchmarks/ready_time.py --presets qwen2.5-3b,llama-3.1-8b --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from kvscope.profiler.engine import Engine, pad_prompts
+from kvscope.profiler.runconfig import RunConfig, parse_dtype
+from kvscope.profiler.weights import load_model, resolve_model
+
+
+def _median_ms(fn, reps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()  # named sync: between repetitions, outside the timed pair
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--presets", default="qwen2.5-0.5b,qwen2.5-3b,llama-3.1-8b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=32)
+    ns = p.parse_args()
+    dev = torch.device("cuda")
+    dtype = parse_dtype(ns.dtype)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {ns.dtype}, "
+          f"batch {ns.batch}, prompt {ns.seq}")
+    print("| preset | params (B) | ready s | prefill ms (median) | eager decode ms/step (median) |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in ns.presets.split(","):
+        torch.cuda.empty_cache()
+        src = resolve_model(name)
+        model, ready_s = load_model(src, dev, dtype)
+        eng = Engine(model, RunConfig(ns.batch, ns.seq + ns.steps + 8, dtype, dev))
+        tokens, lengths = pad_prompts([list(range(1, ns.seq + 1))] * ns.batch, src.args.vocab_size, dev)
+        prefill_ms = _median_ms(lambda e=eng, t=tokens, ln=lengths: e.prefill(t, ln), reps=5, warmup=2)
+        # decode: time `steps` steps after one prefill, report per step
+        eng.prefill(tokens, lengths)
+        for _ in range(3):
+            eng.decode_step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        per_step = []
+        for _ in range(ns.steps):
+            start.record()
+            eng.decode_step()
+            end.record()
+            end.synchronize()  # named sync: between steps, outside the timed pair
+            per_step.append(start.elapsed_time(end))
+        print(f"| {name} | {src.args.param_count() / 1e9:.2f} | {ready_s:.2f} | {prefill_ms:.2f} | "
+              f"{statistics.median(per_step):.2f} |")
+        del eng, model
+
+
+if __name__ == "__main__":
+    main()

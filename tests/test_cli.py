@@ -1,0 +1,79 @@
+"""The CLI: output format, and bad input as one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import TINY_CONFIGS
+
+from kvscope.cli import main
+
+
+def test_generate_prints_one_list_per_prompt_and_json_last(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["generate", "--model", "tiny", "--prompt-ids", "1,2,3;4,5", "--max-new-tokens", "5",
+               "--device", "cpu", "--json"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    tokens = json.loads(lines[-1])["tokens"]
+    assert [json.loads(x) for x in lines[:2]] == tokens
+    assert [len(t) for t in tokens] == [5, 5]
+
+
+def test_module_entry_point_runs() -> None:
+    out = subprocess.run([sys.executable, "-m", "kvscope", "generate", "--model", "tiny", "--prompt-ids", "9,8",
+                          "--max-new-tokens", "3", "--device", "cpu"], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)) == 3
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model", "no-such-preset", "--prompt-ids", "1"], "unknown preset 'no-such-preset'"),
+    (["--model", "/no/such/folder", "--prompt-ids", "1"], "model folder or file not found"),
+    (["--model", "tiny", "--prompt-ids", "1,two"], "'two' in prompt 0 is not an integer"),
+    (["--model", "tiny", "--prompt-ids", "1.5"], "'1.5' in prompt 0 is not an integer"),
+    (["--model", "tiny", "--prompt-ids", ""], "prompt 0 is empty"),
+    (["--model", "tiny", "--prompt-ids", "1,2;"], "prompt 1 is empty"),
+    (["--model", "tiny", "--prompt-ids", "1,99999"], "outside the vocabulary"),
+    (["--model", "tiny", "--prompt-ids", ",".join(["1"] * 2049)], "exceeds tiny's maximum context of 2048"),
+    (["--model", "tiny", "--prompt-ids", "1", "--max-new-tokens", "2048"], "exceeds tiny's maximum of 2048"),
+    (["--model", "tiny", "--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--model", "tiny", "--prompt-ids", "1", "--dtype", "int8"], "unknown dtype 'int8'"),
+    (["--model", "tiny", "--prompt", "hello"], "needs a checkpoint folder with a tokenizer"),
+    (["--model", "tiny"], "one of the arguments --prompt-ids --prompt is required"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    rc = main(["generate", "--device", "cpu", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("kvscope: error: "), err
+    assert message in err[0]
+
+
+def test_unsupported_architecture_from_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_CONFIGS["llama"], "model_type": "gpt_neox",
+                                                      "architectures": ["GPTNeoXForCausalLM"]}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert main(["generate", "--model", str(tmp_path), "--prompt-ids", "1", "--device", "cpu"]) == 2
+    assert "unsupported architecture: model_type='gpt_neox'" in capsys.readouterr().err
+
+
+def test_cuda_requested_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["generate", "--model", "tiny", "--prompt-ids", "1", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_subprocess_bad_input_has_no_traceback() -> None:
+    out = subprocess.run([sys.executable, "-m", "kvscope", "generate", "--model", "tiny", "--prompt-ids", "x"],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr

@@ -1,0 +1,123 @@
+"""GPU checks (marked `gpu`, skipped without CUDA): parity with transformers on a qwen2.5-0.5b-shaped model,
+graph capture of a decode step, and the large presets initialising and decoding."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from helpers import rel_err
+
+from kvscope.profiler.engine import Engine, pad_prompts
+from kvscope.profiler.model import PRESETS, ModelArgs
+from kvscope.profiler.runconfig import RunConfig
+from kvscope.profiler.weights import empty_model, load_hf_tensors, load_model, resolve_model
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+PROMPT = [151, 9906, 11, 1879, 0, 374, 264, 1273, 315, 279, 12850, 13, 576, 6722, 315, 9625]
+
+
+def _hf_of(args: ModelArgs, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = args.to_hf_config()
+    hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k != "architectures"})
+    torch.manual_seed(11)
+    with torch.device(CUDA):
+        hf = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.05)
+    return hf.to(dtype).eval()
+
+
+def _ours_from(hf: torch.nn.Module, args: ModelArgs, dtype: torch.dtype, max_seq: int) -> Engine:
+    model = empty_model(args, CUDA, dtype)
+    load_hf_tensors(model, hf.state_dict().items())
+    return Engine(model, RunConfig(1, max_seq, dtype, CUDA, "sdpa"))
+
+
+@pytest.fixture(scope="module")
+def qwen05_fp32() -> torch.nn.Module:
+    return _hf_of(PRESETS["qwen2.5-0.5b"], torch.float32)
+
+
+def test_fp32_greedy_tokens_equal_transformers_32_steps(qwen05_fp32: torch.nn.Module) -> None:
+    assert not torch.backends.cuda.matmul.allow_tf32
+    args = PRESETS["qwen2.5-0.5b"]
+    steps = 32
+    ours = _ours_from(qwen05_fp32, args, torch.float32, len(PROMPT) + steps).generate([PROMPT], steps)[0]
+    ref = qwen05_fp32.generate(torch.tensor([PROMPT], device=CUDA), max_new_tokens=steps, min_new_tokens=steps,
+                               do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert ours == ref[0, len(PROMPT):].tolist()
+
+
+def test_bf16_logits_within_2e2_of_transformers_bf16(qwen05_fp32: torch.nn.Module) -> None:
+    args = PRESETS["qwen2.5-0.5b"]
+    hf = _hf_of(args, torch.bfloat16)
+    eng = _ours_from(hf, args, torch.bfloat16, len(PROMPT) + 8)
+    eng.prefill(*pad_prompts([PROMPT], args.vocab_size, CUDA))
+    ids = list(PROMPT)
+    errs = []
+    for _ in range(8):
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids], device=CUDA), use_cache=False).logits[0, -1]
+        errs.append(rel_err(eng.logits[0].float(), ref.float()))
+        ids.append(int(eng.next_tokens[0]))
+        eng.decode_step()
+    print(f"bf16 rel err per step vs transformers bf16: {[f'{e:.2e}' for e in errs]}")
+    assert max(errs) < 2e-2
+
+
+def test_decode_step_captures_in_a_cuda_graph() -> None:
+    """A decode step (forward + length update) replays from a CUDA graph with the same tokens as eager."""
+    model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, torch.float32, seed=1)
+    prompts = [PROMPT, PROMPT[:5], PROMPT[3:12]]
+    steps = 12
+    eager = Engine(model, RunConfig(3, 32, torch.float32, CUDA)).generate(prompts, steps)
+
+    eng = Engine(model, RunConfig(3, 32, torch.float32, CUDA))
+    eng.prefill(*pad_prompts(prompts, model.args.vocab_size, CUDA))
+    first = eng.next_tokens.clone()
+    snapshot = (eng.cache.data.clone(), eng.cache.lengths.clone())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(2):  # warm-up outside the graph
+            eng._decode_forward()
+            eng.cache.lengths.add_(1)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        eng._decode_forward()
+        eng.cache.lengths.add_(1)
+    eng.cache.data.copy_(snapshot[0])
+    eng.cache.lengths.copy_(snapshot[1])
+    eng.next_tokens.copy_(first)
+    out = [first]
+    for _ in range(steps - 1):
+        graph.replay()
+        out.append(eng.next_tokens.clone())
+    assert torch.stack(out, dim=1).tolist() == eager
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5-3b", "llama-3.1-8b"])
+def test_large_presets_initialise_and_decode(preset: str) -> None:
+    torch.cuda.empty_cache()
+    model, ready_s = load_model(resolve_model(preset), CUDA, torch.bfloat16, seed=0)
+    eng = Engine(model, RunConfig(2, 160, torch.bfloat16, CUDA))
+    t0 = time.perf_counter()
+    prompts = [list(range(100, 228)), list(range(7, 71))]
+    tokens = eng.generate(prompts, 32)
+    gen_s = time.perf_counter() - t0
+    print(f"{preset}: ready in {ready_s:.2f} s, prefill 128+64 and 32 decode steps in {gen_s:.2f} s")
+    assert ready_s < 30
+    assert all(len(row) == 32 and all(0 <= t < model.args.vocab_size for t in row) for row in tokens)
+    assert torch.isfinite(eng.logits.float()).all()
+    del eng, model
+    torch.cuda.empty_cache()

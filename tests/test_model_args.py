@@ -1,0 +1,107 @@
+"""ModelArgs: presets carry the published numbers; config.json in both spellings; clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY_CONFIGS
+
+from kvscope.errors import KvscopeError
+from kvscope.profiler.model import PRESETS, ModelArgs, RopeScaling
+from kvscope.profiler.weights import empty_model, resolve_model
+
+# Parameter counts of the published checkpoints (tied embeddings counted once).
+PUBLISHED_PARAMS = {
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-1.5b": 1_543_714_304,
+    "qwen2.5-3b": 3_085_938_688,
+    "qwen2.5-7b": 7_615_616_512,
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3.2-3b": 3_212_749_824,
+    "llama-3.1-8b": 8_030_261_248,
+    "mistral-7b": 7_248_023_552,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_preset_parameter_counts(name: str) -> None:
+    args = ModelArgs.from_preset(name)
+    assert args.param_count() == PUBLISHED_PARAMS[name]
+    model = empty_model(args, "meta", torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_preset_matches_transformers_model_of_its_config(name: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    args = ModelArgs.from_preset(name)
+    cfg = args.to_hf_config()
+    hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k != "architectures"})
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_cfg)
+    assert sum(p.numel() for p in hf.parameters()) == args.param_count()
+    assert ModelArgs.from_hf_config(args.to_hf_config(), name=name) == args
+
+
+def test_qwen25_3b_numbers() -> None:
+    a = PRESETS["qwen2.5-3b"]
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.n_rep) == (2048, 36, 16, 2, 128, 8)
+    assert a.qkv_bias and a.tie_word_embeddings and not a.o_bias
+
+
+def test_llama31_rope_scaling_and_head_dim() -> None:
+    a = PRESETS["llama-3.1-8b"]
+    assert a.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192) and a.head_dim == 128
+    assert PRESETS["llama-3.2-1b"].head_dim == 64 and PRESETS["llama-3.2-1b"].rope_scaling.factor == 32.0
+
+
+def test_both_rope_spellings_give_the_same_args() -> None:
+    v4 = dict(TINY_CONFIGS["llama3-scaled"])
+    v5 = {k: v for k, v in v4.items() if k not in ("rope_theta", "rope_scaling")}
+    v5["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    assert ModelArgs.from_hf_config(v4, name="x") == ModelArgs.from_hf_config(v5, name="x")
+    assert ModelArgs.from_hf_config(v4, name="x").rope_theta == 500000.0
+
+
+def test_tie_default_is_read_not_assumed() -> None:
+    cfg = dict(TINY_CONFIGS["qwen2"])
+    assert ModelArgs.from_hf_config(cfg).tie_word_embeddings is True
+    del cfg["tie_word_embeddings"]
+    assert ModelArgs.from_hf_config(cfg).tie_word_embeddings is False  # transformers' Qwen2Config default
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "unsupported architecture"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn' is not supported"),
+    ({"num_key_value_heads": 3}, "not a multiple"),
+])
+def test_bad_configs(change: dict, message: str) -> None:
+    cfg = {**TINY_CONFIGS["llama"], **change}
+    with pytest.raises(KvscopeError, match=message):
+        ModelArgs.from_hf_config(cfg)
+
+
+def test_missing_key_is_named() -> None:
+    cfg = {k: v for k, v in TINY_CONFIGS["llama"].items() if k != "hidden_size"}
+    with pytest.raises(KvscopeError, match="lacks required key 'hidden_size'"):
+        ModelArgs.from_hf_config(cfg)
+
+
+def test_resolve_model_sources(tmp_path: Path) -> None:
+    assert resolve_model("Qwen2.5-3B").kind == "preset"
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY_CONFIGS["mistral"]))
+    src = resolve_model(str(cfg))
+    assert src.kind == "config" and src.random_weights and src.args.family == "mistral"
+    with pytest.raises(KvscopeError, match=r"has no \*\.safetensors weights"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(KvscopeError, match="not found"):
+        resolve_model(str(tmp_path / "absent"))
+    with pytest.raises(KvscopeError, match="unknown preset 'llama-9'"):
+        resolve_model("llama-9")
