@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -40,8 +41,13 @@ def main() -> None:
     ns = p.parse_args()
     dev = torch.device("cuda")
     dtype = parse_dtype(ns.dtype)
+    t0 = time.perf_counter()
+    torch.cuda.init()
+    torch.empty(1, device=dev)  # CUDA context and allocator up, timed on its own
+    torch.cuda.synchronize()
+    context_s = time.perf_counter() - t0
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {ns.dtype}, "
-          f"batch {ns.batch}, prompt {ns.seq}")
+          f"batch {ns.batch}, prompt {ns.seq}; CUDA context start {context_s:.2f} s (not in 'ready')")
     print("| preset | params (B) | ready s | prefill ms (median) | eager decode ms/step (median) |")
     print("| --- | --- | --- | --- | --- |")
     for name in ns.presets.split(","):

@@ -47,7 +47,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: s
     causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril().repeat(n_rep, 1)  # (n_rep*S, S)
     scores = scores.masked_fill(~causal, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v).view(b, h, s, d)  # (B, H, S, D)
+    return torch.matmul(probs, v).reshape(b, h, s, d)  # (B, H, S, D)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
@@ -76,4 +76,4 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out = torch.matmul(probs, v_cache)  # (B, H_kv, n_rep, D)
     else:
         raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTN_IMPLS}")
-    return out.view(b, h, 1, d)  # (B, H, 1, D)
+    return out.reshape(b, h, 1, d)  # (B, H, 1, D)
