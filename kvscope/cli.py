@@ -45,7 +45,49 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=16)
     g.add_argument("--json", action="store_true", help='last line of stdout: {"tokens": [[...], ...]}')
     g.set_defaults(func=_cmd_generate)
+
+    r = sub.add_parser("run", help="instrumented prefill + decode run; writes a run folder of Parquet files")
+    _add_model_args(r)
+    r.add_argument("--batch-size", type=int, default=1)
+    r.add_argument("--seq", type=int, default=512, help="prompt tokens per sequence")
+    r.add_argument("--gen-tokens", type=int, default=32, help="new tokens per sequence (the first from prefill)")
+    r.add_argument("--warmup", type=int, default=2)
+    r.add_argument("--reps", type=int, default=5)
+    r.add_argument("--granularity", default="phase", choices=["none", "phase", "layer", "op"],
+                   help="which regions get CUDA events (NVTX ranges are emitted at every level)")
+    r.add_argument("--no-nvtx", action="store_true", help="no NVTX ranges (also KVSCOPE_NVTX=0)")
+    r.add_argument("--nvml-interval-ms", type=float, default=20.0)
+    r.add_argument("--out", default=None, help="run folder (default traces/<time>-<model>-bs<B>-seq<L>/)")
+    r.set_defaults(func=_cmd_run)
     return parser
+
+
+def _cmd_run(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kvscope.profiler.run import RunSpec, execute
+    from kvscope.report_table import summary_table
+
+    spec = RunSpec(model=ns.model, batch_size=ns.batch_size, seq=ns.seq, gen_tokens=ns.gen_tokens,
+                   warmup=ns.warmup, reps=ns.reps, granularity=ns.granularity, attn=ns.attn, dtype=ns.dtype,
+                   device=ns.device, out=ns.out, nvtx=False if ns.no_nvtx else None,
+                   nvml_interval_ms=ns.nvml_interval_ms, seed=ns.seed)
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        tasks: dict[str, object] = {}
+
+        def progress(kind: str, done: int, total: int) -> None:
+            if kind not in tasks:
+                tasks[kind] = bar.add_task(kind, total=total)
+            bar.update(tasks[kind], completed=done)
+
+        result = execute(spec, progress=progress, log=lambda msg: err.print(f"kvscope: {msg}"))
+    Console().print(summary_table(result.summary))
+    files = sorted(p.name for p in result.out_dir.iterdir())
+    print(f"run folder: {result.out_dir} ({', '.join(files)})")
+    return 0
 
 
 def parse_prompt_ids(text: str) -> list[list[int]]:

@@ -6,6 +6,11 @@
   on the device; greedy sampling on the device; no host sync and no Python-side tensor creation from host data, so a
   step can be captured in a CUDA graph.
 - `decode_n(n)`: n steps, tokens gathered into one device tensor `(B, n)`.
+
+Every piece of work is opened through the engine's `Instrument`: phase (`prefill`, `decode step N`), layer (`L07`,
+plus `embed`, `lm_head`, `sample`) and op (`L07.norm`, `.qkv`, `.rope`, `.kv_write`, `.attn`, `.o_proj`, `.mlp`;
+`norm` is the input norm, `mlp` holds the post-attention norm, the MLP and its residual add, `o_proj` the attention
+output projection and its residual add). The default instrument does nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 
 from kvscope.errors import KvscopeError
 from kvscope.profiler.attention import decode_attention, prefill_attention
+from kvscope.profiler.instrument import Instrument
 from kvscope.profiler.kv_cache import KVCache
 from kvscope.profiler.model import Transformer, apply_rope, rope_tables
 from kvscope.profiler.runconfig import RunConfig
@@ -45,14 +51,22 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
 class Engine:
     """One model, one KV cache, static decode buffers, and the attention switch of the run config."""
 
-    def __init__(self, model: Transformer, cfg: RunConfig) -> None:
+    def __init__(self, model: Transformer, cfg: RunConfig, instrument: Instrument | None = None) -> None:
         args = model.args
         cfg.check(args)
         self.model = model
         self.cfg = cfg
         self.args = args
+        self.ins = instrument if instrument is not None else Instrument("none", cfg.device, nvtx=False)
+        width = max(2, len(str(args.n_layers - 1)))
+        self._layer_names = [f"L{i:0{width}d}" for i in range(args.n_layers)]
+        self.step = 0  # index of the token the next decode step produces (the prefill produces token 0)
         dev, dt = cfg.device, cfg.dtype
+        before = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
         self.cache = KVCache(args, cfg.batch_size, cfg.max_seq, dt, dev)
+        # measured size of the cache allocation: the allocator's growth on CUDA, the storage's size on the CPU
+        self.kv_alloc_bytes = (torch.cuda.memory_allocated(dev) - before if dev.type == "cuda"
+                               else self.cache.data.untyped_storage().nbytes())
         self.cos, self.sin = rope_tables(args, cfg.max_seq, dev, dt)  # (S_max, D) each
         self.key_pos = torch.arange(cfg.max_seq, device=dev)  # (S_max,)
         self.batch_idx = torch.arange(cfg.batch_size, device=dev)  # (B,)
@@ -60,14 +74,30 @@ class Engine:
         self.logits: torch.Tensor | None = None  # (B, V) logits of the last prefill or decode step
 
     # ---- shared pieces ------------------------------------------------------------------------------------
-    def _lm_head(self, h_last: torch.Tensor) -> torch.Tensor:
-        """h_last: (B, dim) -> greedy next tokens (B,); keeps the logits (B, V) in `self.logits`."""
-        m = self.model
-        self.logits = m.output(m.norm(h_last))  # (B, V)
-        return torch.argmax(self.logits, dim=-1)
+    def _head(self, h_last: torch.Tensor) -> None:
+        """h_last: (B, dim) -> logits (B, V) in `self.logits`, greedy tokens into `next_tokens`."""
+        m, ins = self.model, self.ins
+        with ins.region("lm_head", "layer"):
+            self.logits = m.output(m.norm(h_last))  # (B, V)
+        with ins.region("sample", "layer"):
+            self.next_tokens.copy_(torch.argmax(self.logits, dim=-1))
 
-    def _mlp(self, layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return h + layer.feed_forward(layer.ffn_norm(h))
+    def _layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        """One decoder layer on h (B, S, dim); `attend(i, q, k, v)` writes the cache and returns (B, H, S, D)."""
+        layer, ins, name = self.model.layers[i], self.ins, self._layer_names[i]
+        with ins.region(name, "layer", layer=i):
+            with ins.region(name + ".norm", "op", layer=i, op="norm"):
+                x = layer.attention_norm(h)
+            with ins.region(name + ".qkv", "op", layer=i, op="qkv"):
+                q, k, v = layer.attention.qkv(x)  # q (B, H, S, D), k/v (B, H_kv, S, D)
+            with ins.region(name + ".rope", "op", layer=i, op="rope"):
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            y = attend(i, q, k, v)  # (B, H, S, D)
+            with ins.region(name + ".o_proj", "op", layer=i, op="o_proj"):
+                h = h + layer.attention.out(y)
+            with ins.region(name + ".mlp", "op", layer=i, op="mlp"):
+                h = h + layer.feed_forward(layer.ffn_norm(h))
+        return h
 
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -81,20 +111,26 @@ class Engine:
         if len(lengths) != b or min(lengths) < 1 or max(lengths) > s:
             raise ValueError(f"prefill: lengths {list(lengths)} must be {b} values in [1, {s}]")
         self.cache.start(lengths)  # checks the cache can hold every prompt
-        m = self.model
-        cos = self.cos[:s].unsqueeze(0)  # (1, S, D)
-        sin = self.sin[:s].unsqueeze(0)  # (1, S, D)
-        h = m.tok_embeddings(tokens)  # (B, S, dim)
-        for i, layer in enumerate(m.layers):
-            q, k, v = layer.attention.qkv(layer.attention_norm(h))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            self.cache.k(i)[:, :, :s].copy_(k)  # (B, H_kv, S, D)
-            self.cache.v(i)[:, :, :s].copy_(v)
-            y = prefill_attention(q, k, v, self.cfg.attn)  # (B, H, S, D)
-            h = self._mlp(layer, h + layer.attention.out(y))
-        last = self.cache.lengths - 1  # (B,) on the device
-        h_last = h[self.batch_idx, last]  # (B, dim)
-        self.next_tokens.copy_(self._lm_head(h_last))
+        self.step = 1
+        ins, m, cache, impl = self.ins, self.model, self.cache, self.cfg.attn
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            name = self._layer_names[i]
+            with ins.region(name + ".kv_write", "op", layer=i, op="kv_write"):
+                cache.k(i)[:, :, :s].copy_(k)  # (B, H_kv, S, D)
+                cache.v(i)[:, :, :s].copy_(v)
+            with ins.region(name + ".attn", "op", layer=i, op="attn"):
+                return prefill_attention(q, k, v, impl)  # (B, H, S, D)
+
+        with ins.region("prefill", "phase", phase="prefill", step=0, tokens=sum(lengths), context_len=max(lengths)):
+            cos = self.cos[:s].unsqueeze(0)  # (1, S, D)
+            sin = self.sin[:s].unsqueeze(0)  # (1, S, D)
+            with ins.region("embed", "layer"):
+                h = m.tok_embeddings(tokens)  # (B, S, dim)
+            for i in range(self.args.n_layers):
+                h = self._layer(i, h, cos, sin, attend)
+            h_last = h[self.batch_idx, cache.lengths - 1]  # (B, dim): each sequence's last prompt position
+            self._head(h_last)
         return self.next_tokens
 
     # ---- decode -------------------------------------------------------------------------------------------
@@ -108,29 +144,38 @@ class Engine:
                                  f"got {tokens.dtype} {tuple(tokens.shape)}")
             self.next_tokens.copy_(tokens)
         self.cache.check_room(1)
-        self._decode_forward()
-        self.cache.advance()
+        step = self.step
+        with self.ins.region(f"decode step {step}", "step", phase="decode", step=step, tokens=self.cfg.batch_size,
+                             context_len=max(self.cache.host_lengths) + 1):
+            self._decode_forward()
+            self.cache.advance()
+        self.step = step + 1
         return self.next_tokens
 
     def _decode_forward(self) -> None:
         """The device work of one step: reads next_tokens and cache.lengths, writes K/V and next_tokens."""
-        m, cache, a = self.model, self.cache, self.args
+        m, cache, a, ins, impl = self.model, self.cache, self.args, self.ins, self.cfg.attn
         b = self.cfg.batch_size
         pos = cache.lengths  # (B,) position of the new token
         cos = self.cos[pos].unsqueeze(1)  # (B, 1, D)
         sin = self.sin[pos].unsqueeze(1)  # (B, 1, D)
         key_mask = (self.key_pos.unsqueeze(0) <= pos.unsqueeze(1)).view(b, 1, 1, -1)  # (B, 1, 1, S_max)
         write_idx = pos.view(b, 1, 1, 1).expand(b, a.n_kv_heads, 1, a.head_dim)  # (B, H_kv, 1, D)
-        h = m.tok_embeddings(self.next_tokens.view(b, 1))  # (B, 1, dim)
-        for i, layer in enumerate(m.layers):
-            q, k, v = layer.attention.qkv(layer.attention_norm(h))  # q (B, H, 1, D), k/v (B, H_kv, 1, D)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            name = self._layer_names[i]
             k_cache, v_cache = cache.k(i), cache.v(i)  # (B, H_kv, S_max, D)
-            k_cache.scatter_(2, write_idx, k)
-            v_cache.scatter_(2, write_idx, v)
-            y = decode_attention(q, k_cache, v_cache, key_mask, self.cfg.attn)  # (B, H, 1, D)
-            h = self._mlp(layer, h + layer.attention.out(y))
-        self.next_tokens.copy_(self._lm_head(h[:, 0]))
+            with ins.region(name + ".kv_write", "op", layer=i, op="kv_write"):
+                k_cache.scatter_(2, write_idx, k)
+                v_cache.scatter_(2, write_idx, v)
+            with ins.region(name + ".attn", "op", layer=i, op="attn"):
+                return decode_attention(q, k_cache, v_cache, key_mask, impl)  # (B, H, 1, D)
+
+        with ins.region("embed", "layer"):
+            h = m.tok_embeddings(self.next_tokens.view(b, 1))  # (B, 1, dim)
+        for i in range(a.n_layers):
+            h = self._layer(i, h, cos, sin, attend)
+        self._head(h[:, 0])
 
     @torch.inference_mode()
     def decode_n(self, n: int) -> torch.Tensor:
@@ -138,10 +183,12 @@ class Engine:
         if n < 0:
             raise KvscopeError(f"number of decode steps must be >= 0, got {n}")
         self.cache.check_room(n)
-        out = torch.empty(self.cfg.batch_size, n + 1, dtype=torch.int64, device=self.cfg.device)  # (B, n+1)
+        b = self.cfg.batch_size
+        out = torch.empty(b, n + 1, dtype=torch.int64, device=self.cfg.device)  # (B, n+1)
         out[:, 0] = self.next_tokens
-        for i in range(n):
-            out[:, i + 1] = self.decode_step()
+        with self.ins.region("decode", "phase", phase="decode", tokens=b * n):
+            for i in range(n):
+                out[:, i + 1] = self.decode_step()
         return out
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:

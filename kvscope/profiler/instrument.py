@@ -1,0 +1,272 @@
+"""One region API for both clocks: a CUDA event pair (or host clock on a CPU device) and an NVTX range of one name.
+
+    ins = Instrument(granularity="layer", device=torch.device("cuda"))
+    with ins.region("prefill", "phase", phase="prefill", tokens=b * s):
+        ...
+    records = ins.collect()  # resolves the events: one synchronize, after the measured work
+
+Levels: `run`, `rep`, `phase`, `step` are timed from granularity `phase` on, `layer` from `layer`, `op` at `op`.
+NVTX ranges (domain `kvscope`, registered strings, one category per phase, the step as payload) are emitted for
+every level while NVTX is on; they cost nothing unless a tool such as Nsight Systems is attached. With granularity
+`none` and NVTX off, `region()` returns one shared null context: no allocation, no call into CUDA or NVTX.
+Ranges close and events are recorded in `__exit__`, so they close on errors too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvscope.errors import KvscopeError
+
+GRANULARITIES = ("none", "phase", "layer", "op")
+LEVELS = ("run", "rep", "phase", "step", "layer", "op")
+# the granularity from which a level gets a timer
+_TIMED_FROM = {"run": 1, "rep": 1, "phase": 1, "step": 1, "layer": 2, "op": 3}
+_GRANULARITY_RANK = {g: i for i, g in enumerate(GRANULARITIES)}
+NVTX_DOMAIN = "kvscope"
+NVTX_ENV = "KVSCOPE_NVTX"
+_COLORS = {"run": 0x4C72B0, "rep": 0x8172B2, "prefill": 0xC44E52, "decode": 0x55A868, "layer": 0xCCB974,
+           "op": 0x64B5CD}
+
+
+def nvtx_enabled_by_env() -> bool:
+    """`KVSCOPE_NVTX=0` (or `false`, `off`, `no`) switches NVTX ranges off."""
+    return os.environ.get(NVTX_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+@dataclass
+class RegionRecord:
+    """One timed region, before its events are resolved."""
+
+    name: str
+    level: str
+    rep: int | None
+    phase: str | None
+    step: int | None
+    layer: int | None
+    op: str | None
+    tokens: int | None
+    context_len: int | None
+    host_enter_ns: int
+    host_exit_ns: int = 0
+    start: Any = None  # torch.cuda.Event, or perf_counter_ns on the host clock
+    end: Any = None
+
+
+class _NullRegion:
+    """What `region()` returns where a level is neither timed nor traced: does nothing, as `with` or decorator."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> _NullRegion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __call__(self, fn: Callable) -> Callable:
+        return fn
+
+
+_NULL = _NullRegion()
+
+
+class _Region:
+    __slots__ = ("_ins", "_keys", "_level", "_live", "_name", "_rec", "_timed")
+
+    def __init__(self, ins: Instrument, name: str, level: str, timed: bool, keys: dict[str, Any]) -> None:
+        self._ins = ins
+        self._name = name
+        self._level = level
+        self._timed = timed
+        self._keys = keys
+        self._rec: RegionRecord | None = None
+        self._live = False
+
+    def __call__(self, fn: Callable) -> Callable:
+        """Decorator use: a fresh region around every call."""
+        ins, name, level, timed, keys = self._ins, self._name, self._level, self._timed, self._keys
+
+        @functools.wraps(fn)
+        def inner(*a: Any, **kw: Any) -> Any:
+            with _Region(ins, name, level, timed, keys):
+                return fn(*a, **kw)
+
+        return inner
+
+    def __enter__(self) -> _Region:
+        ins = self._ins
+        if ins._paused:
+            return self
+        self._live = True
+        keys = self._keys
+        for attr in ("phase", "step", "rep"):
+            if attr in keys:
+                ins._stack.append((attr, getattr(ins, "_" + attr)))
+                setattr(ins, "_" + attr, keys[attr])
+        if ins._domain is not None:
+            ins._domain.push_range(ins._attributes(self._name, self._level, keys.get("step")))
+        if self._timed:
+            rec = RegionRecord(self._name, self._level, ins._rep, ins._phase, ins._step, keys.get("layer"),
+                               keys.get("op"), keys.get("tokens"), keys.get("context_len"), time.perf_counter_ns())
+            rec.start = ins._clock_mark()
+            self._rec = rec
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._live:
+            return
+        self._live = False
+        ins = self._ins
+        try:
+            if self._rec is not None:
+                rec = self._rec
+                rec.end = ins._clock_mark()
+                rec.host_exit_ns = time.perf_counter_ns()
+                ins._records.append(rec)
+                self._rec = None
+        finally:
+            if ins._domain is not None:
+                ins._domain.pop_range()
+            for attr in ("rep", "step", "phase"):
+                if attr in self._keys:
+                    name, value = ins._stack.pop()
+                    setattr(ins, "_" + name, value)
+
+
+class Instrument:
+    """Regions of one run. `collect()` resolves what was recorded and returns it as plain dicts."""
+
+    def __init__(self, granularity: str = "phase", device: torch.device | str = "cpu", nvtx: bool | None = None
+                 ) -> None:
+        if granularity not in GRANULARITIES:
+            raise KvscopeError(f"unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
+        self.granularity = granularity
+        self.device = torch.device(device)
+        self.clock = "cuda" if self.device.type == "cuda" else "host"
+        rank = _GRANULARITY_RANK[granularity]
+        self._timed_levels = {lvl: rank >= need for lvl, need in _TIMED_FROM.items()}
+        want_nvtx = nvtx_enabled_by_env() if nvtx is None else nvtx
+        self.nvtx_requested = want_nvtx
+        self._domain = _nvtx_domain() if want_nvtx else None
+        self._paused = False
+        self._records: list[RegionRecord] = []
+        self._attr_cache: dict[tuple[str, int | None], Any] = {}
+        self._event_pool: list[torch.cuda.Event] = []
+        self._events_out: list[torch.cuda.Event] = []
+        self._phase: str | None = None
+        self._step: int | None = None
+        self._rep: int | None = None
+        self._stack: list[tuple[str, Any]] = []
+        self._base: Any = None
+        self._base_host_ns = 0
+
+    # ---- state ------------------------------------------------------------------------------------------------
+    @property
+    def nvtx_active(self) -> bool:
+        """NVTX ranges are being emitted (requested, and a tool such as nsys is attached)."""
+        return self._domain is not None
+
+    @property
+    def timing(self) -> bool:
+        return self.granularity != "none"
+
+    def active(self, level: str) -> bool:
+        """Whether a region of this level does anything (timer or NVTX range)."""
+        return not self._paused and (self._timed_levels[level] or self._domain is not None)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Regions inside do nothing (warm-up)."""
+        before = self._paused
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = before
+
+    def start_clock(self) -> None:
+        """Set the run's time origin: start offsets are measured from here (device and host clocks)."""
+        if self.clock == "cuda":
+            torch.cuda.synchronize(self.device)  # named sync: before the measured region, aligns host and device
+            self._base = torch.cuda.Event(enable_timing=True)
+            self._base.record()
+        self._base_host_ns = time.perf_counter_ns()
+
+    @property
+    def origin_host_ns(self) -> int:
+        return self._base_host_ns
+
+    # ---- regions ----------------------------------------------------------------------------------------------
+    def region(self, name: str, level: str = "phase", **keys: Any) -> _Region | _NullRegion:
+        """A region of `level` (run, rep, phase, step, layer, op). Keys: rep, phase, step, layer, op, tokens,
+        context_len; rep/phase/step are inherited by the regions nested inside. Use it with `with`, or as a
+        decorator (`@ins.region("lm_head", "layer")`: a fresh region around every call)."""
+        timed = self._timed_levels[level]
+        if not timed and self._domain is None:
+            return _NULL
+        return _Region(self, name, level, timed, keys)
+
+    def _attributes(self, name: str, level: str, step: int | None) -> Any:
+        key = (name, step)
+        attrs = self._attr_cache.get(key)
+        if attrs is None:
+            color = _COLORS.get(self._phase if level in ("phase", "step") else level, 0x999999)
+            attrs = self._domain.get_event_attributes(message=name, color=color, category=self._phase or level,
+                                                      payload=step)
+            self._attr_cache[key] = attrs
+        return attrs
+
+    def _clock_mark(self) -> Any:
+        if self.clock == "host":
+            return time.perf_counter_ns()
+        ev = self._event_pool.pop() if self._event_pool else torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self._events_out.append(ev)
+        return ev
+
+    # ---- resolution -------------------------------------------------------------------------------------------
+    def collect(self) -> list[dict[str, Any]]:
+        """Resolve every recorded region (one synchronize, after the measured work) and clear the list.
+
+        Returns dicts with the keys of RegionRecord (minus the raw clocks) plus `start_ms` (from `start_clock`),
+        `dur_ms`, `host_enqueue_ms` (host time between entering and leaving the region) and `clock`."""
+        if self.clock == "cuda" and self._records:
+            torch.cuda.synchronize(self.device)  # named sync: resolves the events, after the measured region
+        if self._base_host_ns == 0 and self._records:
+            raise RuntimeError("Instrument.collect() before start_clock()")
+        out = []
+        for r in self._records:
+            if self.clock == "cuda":
+                start_ms = self._base.elapsed_time(r.start)
+                dur_ms = r.start.elapsed_time(r.end)
+            else:
+                start_ms = (r.start - self._base_host_ns) / 1e6
+                dur_ms = (r.end - r.start) / 1e6
+            out.append({
+                "name": r.name, "level": r.level, "rep": r.rep, "phase": r.phase, "step": r.step, "layer": r.layer,
+                "op": r.op, "tokens": r.tokens, "context_len": r.context_len, "start_ms": start_ms,
+                "dur_ms": dur_ms, "host_enqueue_ms": (r.host_exit_ns - r.host_enter_ns) / 1e6, "clock": self.clock,
+            })
+        self._records.clear()
+        self._event_pool.extend(self._events_out)
+        self._events_out.clear()
+        return out
+
+
+def _nvtx_domain() -> Any:
+    """The `kvscope` NVTX domain, or None when no tool is attached (nvtx then hands out a do-nothing domain)."""
+    try:
+        import nvtx
+    except ImportError:
+        return None
+    domain = nvtx.get_domain(NVTX_DOMAIN)
+    return None if type(domain).__name__ == "DummyDomain" else domain

@@ -1,0 +1,386 @@
+"""`kvscope run`: an instrumented prefill + decode run, written as a run folder.
+
+A run loads the model once, warms up (regions paused), then times `reps` repetitions of one prefill of `seq` tokens
+per sequence followed by `gen_tokens - 1` decode steps (the prefill yields the first new token). The measured
+repetitions sit between `cudaProfilerStart` and `cudaProfilerStop`, so an nsys capture with
+`--capture-range=cudaProfilerApi` holds them alone.
+
+Host syncs, all outside the timed regions' device work: one before the first repetition (the time origin), one at the
+prefill/decode boundary and one at the end of every repetition (both for the host-clock check of the decode phase),
+and one in `Instrument.collect()` after the measured region.
+
+Files, written into a temporary folder that is renamed into place only when everything is written:
+`timings.parquet`, `summary.parquet`, `nvml.parquet` (when NVML is present), `trace.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kvscope.errors import KvscopeError
+from kvscope.io import write_json, write_parquet
+from kvscope.profiler.engine import Engine
+from kvscope.profiler.instrument import GRANULARITIES, Instrument
+from kvscope.profiler.nvml import COLUMNS as NVML_COLUMNS
+from kvscope.profiler.nvml import NvmlSampler
+from kvscope.profiler.runconfig import RunConfig, parse_dtype, resolve_device
+from kvscope.profiler.weights import ModelSource, load_model, resolve_model
+
+DEFAULT_MODEL_CUDA = "qwen2.5-3b"
+DEFAULT_MODEL_CPU = "tiny"
+MB = 2**20
+
+# columns of summary.parquet that every sweep shares, in this order (../shared/design.md)
+CLASSIC_COLUMNS = ("seq_len", "batch", "prefill_p50_ms", "prefill_ms_per_tok", "prefill_tok_s",
+                   "decode_p50_ms_per_tok", "decode_tok_s", "total_tok_s", "vram_reserved_mb", "flag")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model: str | None = None
+    batch_size: int = 1
+    seq: int = 512
+    gen_tokens: int = 32
+    warmup: int = 2
+    reps: int = 5
+    granularity: str = "phase"
+    attn: str = "sdpa"
+    dtype: str | None = None
+    device: str | None = None
+    out: str | None = None
+    nvtx: bool | None = None  # None: KVSCOPE_NVTX decides
+    nvml_interval_ms: float = 20.0
+    seed: int = 0
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    summary: pd.DataFrame
+    timings: pd.DataFrame
+    nvml: pd.DataFrame | None
+    metadata: dict[str, Any]
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def _check_spec(spec: RunSpec) -> None:
+    for name, value, low in (("--batch-size", spec.batch_size, 1), ("--seq", spec.seq, 1),
+                             ("--gen-tokens", spec.gen_tokens, 1), ("--reps", spec.reps, 1),
+                             ("--warmup", spec.warmup, 0)):
+        if not isinstance(value, int) or value < low:
+            raise KvscopeError(f"{name} must be an integer >= {low}, got {value!r}")
+    if spec.granularity not in GRANULARITIES:
+        raise KvscopeError(f"unknown granularity {spec.granularity!r}; choose from {', '.join(GRANULARITIES)}")
+    if not spec.nvml_interval_ms > 0:
+        raise KvscopeError(f"--nvml-interval-ms must be positive, got {spec.nvml_interval_ms}")
+
+
+def default_out_dir(source: ModelSource, spec: RunSpec) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = source.args.name.replace("/", "_")
+    return Path("traces") / f"{stamp}-{name}-bs{spec.batch_size}-seq{spec.seq}"
+
+
+class _OutputFolder:
+    """A temporary sibling folder that becomes `final` on `commit()`, and is removed (with any parent folders it
+    created) otherwise, so a failed run leaves nothing behind."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        if final.exists() and (not final.is_dir() or any(final.iterdir())):
+            raise KvscopeError(f"output folder {final} already exists and is not empty")
+        ancestor = final.parent
+        self.created: list[Path] = []
+        while not ancestor.exists():
+            self.created.append(ancestor)
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise KvscopeError(f"output folder {final} cannot be written ({ancestor} is not a writable folder)")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
+            self.tmp.mkdir()
+        except OSError as exc:
+            self.discard()
+            raise KvscopeError(f"output folder {final} cannot be written: {exc.strerror or exc}") from None
+
+    def commit(self) -> Path:
+        if self.final.exists():  # an empty folder was there
+            self.final.rmdir()
+        os.replace(self.tmp, self.final)
+        return self.final
+
+    def discard(self) -> None:
+        tmp = getattr(self, "tmp", None)
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in self.created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def execute(spec: RunSpec, progress: ProgressFn | None = None, log: Callable[[str], None] | None = None
+            ) -> RunResult:
+    """Validate, run and write one configuration. Raises KvscopeError for bad input before any file is made."""
+    _check_spec(spec)
+    device = resolve_device(spec.device)
+    model_spec = spec.model or (DEFAULT_MODEL_CUDA if device.type == "cuda" else DEFAULT_MODEL_CPU)
+    source = resolve_model(model_spec)
+    dtype = parse_dtype(spec.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    cfg = RunConfig(spec.batch_size, spec.seq + spec.gen_tokens, dtype, device, spec.attn)
+    if spec.seq > source.args.max_position_embeddings:
+        raise KvscopeError(f"--seq {spec.seq} exceeds {source.args.name}'s maximum context of "
+                           f"{source.args.max_position_embeddings}")
+    cfg.check(source.args)
+    out = _OutputFolder(Path(spec.out) if spec.out else default_out_dir(source, spec))
+    say = log or (lambda _msg: None)
+    if spec.model is None:
+        say(f"no --model given: using the {model_spec} preset (random weights) on {device.type}")
+    try:
+        result = _measure(spec, source, cfg, out, progress, say)
+        result.out_dir = out.commit()
+        return result
+    except BaseException:
+        out.discard()
+        raise
+
+
+def _measure(spec: RunSpec, source: ModelSource, cfg: RunConfig, out: _OutputFolder, progress: ProgressFn | None,
+             say: Callable[[str], None]) -> RunResult:
+    device, cuda = cfg.device, cfg.device.type == "cuda"
+    model, ready_s = load_model(source, device, cfg.dtype, seed=spec.seed)
+    say(f"{source.args.name} ready in {ready_s:.2f} s on {device} ({str(cfg.dtype).removeprefix('torch.')})")
+    ins = Instrument(spec.granularity, device, nvtx=spec.nvtx)
+    engine = Engine(model, cfg, ins)
+    gen = torch.Generator().manual_seed(spec.seed)
+    prompt = torch.randint(0, source.args.vocab_size, (spec.batch_size, spec.seq), generator=gen)  # (B, S)
+    tokens, lengths = prompt.to(device), [spec.seq] * spec.batch_size
+    steps = spec.gen_tokens - 1
+    sync = torch.cuda.synchronize if cuda else (lambda *_: None)
+
+    with ins.paused():
+        for w in range(spec.warmup):
+            engine.prefill(tokens, lengths)
+            engine.decode_n(steps)
+            sync()  # named sync: between warm-up repetitions
+            if progress:
+                progress("warm-up", w + 1, spec.warmup)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    nvml = NvmlSampler(device, spec.nvml_interval_ms)
+    host_decode_ms: list[float] = []
+    run_name = f"run bs={spec.batch_size} seq={spec.seq} gen={spec.gen_tokens}"
+    ins.start_clock()
+    nvml.start(ins.origin_host_ns)
+    if cuda:
+        torch.cuda.cudart().cudaProfilerStart()
+    try:
+        with ins.region(run_name, "run", tokens=spec.batch_size * (spec.seq + spec.gen_tokens)):
+            for r in range(spec.reps):
+                with ins.region(f"rep {r}", "rep", rep=r):
+                    engine.prefill(tokens, lengths)
+                    sync()  # named sync: prefill/decode boundary, starts the host clock of the decode phase
+                    t0 = time.perf_counter_ns()
+                    engine.decode_n(steps)
+                    sync()  # named sync: end of the repetition, stops the host clock of the decode phase
+                    host_decode_ms.append((time.perf_counter_ns() - t0) / 1e6)
+                if progress:
+                    progress("measure", r + 1, spec.reps)
+    finally:
+        if cuda:
+            torch.cuda.cudart().cudaProfilerStop()
+        nvml.stop()
+    records = ins.collect()
+
+    run_id = out.final.name
+    timings = _timings_frame(records, run_id, spec)
+    nvml_df = pd.DataFrame(nvml.samples, columns=list(NVML_COLUMNS)) if nvml.available else None
+    mem = _memory(device, cuda)
+    weights_bytes = source.args.param_count() * torch.empty((), dtype=cfg.dtype).element_size()
+    summary = _summary(timings, spec, run_id, source, cfg, engine, mem, host_decode_ms, ready_s, weights_bytes)
+    meta = _metadata(spec, source, cfg, ins, nvml, ready_s, host_decode_ms, engine)
+    write_parquet(timings, out.tmp / "timings.parquet", meta)
+    write_parquet(summary, out.tmp / "summary.parquet", meta)
+    if nvml_df is not None:
+        write_parquet(nvml_df, out.tmp / "nvml.parquet", meta)
+    write_json(chrome_trace(timings, nvml_df, meta), out.tmp / "trace.json")
+    return RunResult(out.final, summary, timings, nvml_df, meta)
+
+
+_TIMING_COLUMNS = ("run_id", "rep", "level", "phase", "step", "layer", "op", "name", "start_ms", "dur_ms",
+                   "host_enqueue_ms", "clock", "batch", "seq_len", "gen_tokens", "context_len", "tokens")
+
+
+def _timings_frame(records: list[dict[str, Any]], run_id: str, spec: RunSpec) -> pd.DataFrame:
+    df = pd.DataFrame.from_records(records, columns=[c for c in _TIMING_COLUMNS if c not in
+                                                     ("run_id", "batch", "seq_len", "gen_tokens")])
+    df = df.sort_values("start_ms", kind="stable").reset_index(drop=True)
+    # layer and op rows carry the context length and token count of the phase or step they belong to
+    owner = df["level"].isin(["phase", "step"]) & ~((df["level"] == "phase") & (df["phase"] == "decode"))
+    keys = ["rep", "phase", "step"]
+    fill = df.loc[owner, [*keys, "context_len", "tokens"]].rename(
+        columns={"context_len": "_ctx", "tokens": "_tok"})
+    inner = df["level"].isin(["layer", "op"])
+    merged = df.loc[inner, keys].merge(fill, on=keys, how="left")
+    df.loc[inner, "context_len"] = merged["_ctx"].to_numpy()
+    df.loc[inner, "tokens"] = merged["_tok"].to_numpy()
+    df.insert(0, "run_id", run_id)
+    df["batch"] = spec.batch_size
+    df["seq_len"] = spec.seq
+    df["gen_tokens"] = spec.gen_tokens
+    for col in ("rep", "step", "layer", "context_len", "tokens"):
+        df[col] = df[col].astype("Int64")
+    for col in ("level", "phase", "op", "name", "clock", "run_id"):
+        df[col] = df[col].astype("string")
+    for col in ("start_ms", "dur_ms", "host_enqueue_ms"):
+        df[col] = df[col].astype("float64")
+    return df[list(_TIMING_COLUMNS)]
+
+
+def _memory(device: torch.device, cuda: bool) -> dict[str, float]:
+    if not cuda:
+        return {"peak_allocated_mb": math.nan, "peak_reserved_mb": math.nan}
+    return {"peak_allocated_mb": torch.cuda.max_memory_allocated(device) / MB,
+            "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / MB}
+
+
+def _pct(values: pd.Series | list[float], q: float) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(np.percentile(arr, q)) if arr.size else math.nan
+
+
+def _summary(t: pd.DataFrame, spec: RunSpec, run_id: str, source: ModelSource, cfg: RunConfig, engine: Engine,
+             mem: dict[str, float], host_decode_ms: list[float], ready_s: float, weights_bytes: int
+             ) -> pd.DataFrame:
+    b, s, g = spec.batch_size, spec.seq, spec.gen_tokens
+    prefill = t.loc[t["level"] == "phase"].loc[lambda d: d["phase"] == "prefill", "dur_ms"]
+    steps = t.loc[t["level"] == "step", "dur_ms"]
+    reps = t.loc[t["level"] == "rep", "dur_ms"]
+    step_sums = t.loc[t["level"] == "step"].groupby("rep")["dur_ms"].sum()
+    prefill_p50 = _pct(prefill, 50)
+    decode_p50 = _pct(steps, 50)
+    rep_p50 = _pct(reps, 50)
+    host = pd.Series(host_decode_ms, index=range(len(host_decode_ms)), dtype="float64")
+    if len(step_sums):
+        gap = ((host - step_sums.reindex(host.index).astype("float64")).abs() / host * 100).max()
+    else:
+        gap = math.nan
+    flag = "" if spec.granularity != "none" else "no-timing"
+    row: dict[str, Any] = {
+        "seq_len": s, "batch": b,
+        "prefill_p50_ms": prefill_p50,
+        "prefill_ms_per_tok": prefill_p50 / (b * s),
+        "prefill_tok_s": b * s / (prefill_p50 / 1e3),
+        "decode_p50_ms_per_tok": decode_p50,
+        "decode_tok_s": b / (decode_p50 / 1e3),
+        "total_tok_s": b * (s + g) / (rep_p50 / 1e3),
+        "vram_reserved_mb": mem["peak_reserved_mb"],
+        "flag": flag,
+        "run_id": run_id, "model": source.args.name, "dtype": str(cfg.dtype).removeprefix("torch."),
+        "attn": spec.attn, "granularity": spec.granularity, "device": _device_name(cfg.device),
+        "gen_tokens": g, "decode_steps": g - 1, "reps": spec.reps, "warmup": spec.warmup,
+        "ttft_p50_ms": prefill_p50, "ttft_p90_ms": _pct(prefill, 90), "ttft_p99_ms": _pct(prefill, 99),
+        "tpot_p50_ms": decode_p50, "tpot_p90_ms": _pct(steps, 90), "tpot_p99_ms": _pct(steps, 99),
+        "rep_p50_ms": rep_p50,
+        "decode_host_p50_ms": _pct(host_decode_ms, 50),
+        "decode_events_p50_ms": _pct(step_sums, 50),
+        "decode_host_vs_events_max_pct": gap,
+        "peak_allocated_mb": mem["peak_allocated_mb"], "peak_reserved_mb": mem["peak_reserved_mb"],
+        "kv_cache_bytes": engine.cache.nbytes, "kv_alloc_bytes": engine.kv_alloc_bytes,
+        "weights_bytes": weights_bytes, "ready_s": ready_s,
+    }
+    df = pd.DataFrame([row])
+    for col in ("seq_len", "batch", "gen_tokens", "decode_steps", "reps", "warmup", "kv_cache_bytes",
+                "kv_alloc_bytes", "weights_bytes"):
+        df[col] = df[col].astype("int64")
+    return df
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _metadata(spec: RunSpec, source: ModelSource, cfg: RunConfig, ins: Instrument, nvml: NvmlSampler,
+              ready_s: float, host_decode_ms: list[float], engine: Engine) -> dict[str, Any]:
+    from kvscope import __version__
+
+    cuda = cfg.device.type == "cuda"
+    return {
+        "kvscope_version": __version__,
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "git_revision": _git_revision(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": _device_name(cfg.device),
+        "driver": nvml.driver or None,
+        "model": {"source": source.kind, "spec": source.spec, "random_weights": source.random_weights,
+                  "args": source.args.as_dict()},
+        "dtype": str(cfg.dtype).removeprefix("torch."),
+        "run": asdict(spec),
+        "max_seq": cfg.max_seq,
+        "clock": ins.clock if ins.timing else "none",
+        "nvtx": {"requested": ins.nvtx_requested, "active": ins.nvtx_active},
+        "nvml": {"available": nvml.available, "reason": nvml.reason, "interval_ms": spec.nvml_interval_ms},
+        "ready_s": ready_s,
+        "host_decode_ms": host_decode_ms,
+        "kv_cache": {"bytes": engine.cache.nbytes, "alloc_bytes": engine.kv_alloc_bytes,
+                     "shape": list(engine.cache.data.shape)},
+        "cuda_graphs": False if cuda else None,
+    }
+
+
+_TRACE_TIDS = {"run": 0, "rep": 0, "phase": 1, "step": 2, "layer": 3, "op": 4}
+
+
+def chrome_trace(t: pd.DataFrame, nvml: pd.DataFrame | None, meta: dict[str, Any]) -> dict[str, Any]:
+    """Chrome trace-event JSON of the timed regions (opens in Perfetto / chrome://tracing), NVML as counters."""
+    clock = meta.get("clock", "cuda")
+    events: list[dict[str, Any]] = [
+        {"ph": "M", "pid": 1, "name": "process_name",
+         "args": {"name": "kvscope CUDA events (device clock)" if clock == "cuda" else "kvscope host clock"}},
+    ]
+    for lvl, tid in (("run / rep", 0), ("phase", 1), ("decode step", 2), ("layer", 3), ("op", 4)):
+        events.append({"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": lvl}})
+    for r in t.itertuples(index=False):
+        args = {k: (None if pd.isna(v) else (int(v) if isinstance(v, (int, np.integer)) else v))
+                for k, v in (("rep", r.rep), ("step", r.step), ("layer", r.layer), ("op", r.op),
+                             ("host_enqueue_ms", r.host_enqueue_ms))}
+        events.append({"ph": "X", "pid": 1, "tid": _TRACE_TIDS[r.level], "name": r.name, "cat": r.level,
+                       "ts": r.start_ms * 1e3, "dur": r.dur_ms * 1e3, "args": args})
+    if nvml is not None and len(nvml):
+        events.append({"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "NVML (host clock)"}})
+        for row in nvml.itertuples(index=False):
+            events.append({"ph": "C", "pid": 2, "name": "gpu", "ts": row.t_ms * 1e3,
+                           "args": {"util_pct": row.gpu_util_pct, "power_w": row.power_w,
+                                    "sm_clock_mhz": row.sm_clock_mhz}})
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"kvscope": json.dumps(meta, default=str)}}
