@@ -1,0 +1,32 @@
+"""`kvscope run` on the GPU (marked `gpu`): files, NVML samples, and CUDA-event decode steps against a synchronised
+host clock around the whole decode phase."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kvscope.io import read_metadata
+from kvscope.profiler.run import RunSpec, execute
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize(("batch", "granularity"), [(1, "phase"), (16, "phase"), (1, "layer")])
+def test_event_sum_matches_host_clock(tmp_path: Path, batch: int, granularity: str) -> None:
+    res = execute(RunSpec(model="qwen2.5-3b", batch_size=batch, seq=512, gen_tokens=64, warmup=2, reps=5,
+                          granularity=granularity, out=str(tmp_path / "run")))
+    s = res.summary.iloc[0]
+    print(f"bs={batch} {granularity}: decode host p50 {s['decode_host_p50_ms']:.3f} ms, event sum p50 "
+          f"{s['decode_events_p50_ms']:.3f} ms, max gap {s['decode_host_vs_events_max_pct']:.3f}%, "
+          f"TPOT p50 {s['tpot_p50_ms']:.3f} ms, TTFT p50 {s['ttft_p50_ms']:.3f} ms")
+    assert s["decode_host_vs_events_max_pct"] < 2.0
+    assert sorted(p.name for p in res.out_dir.iterdir()) == ["nvml.parquet", "summary.parquet", "timings.parquet",
+                                                             "trace.json"]
+    nvml = pd.read_parquet(res.out_dir / "nvml.parquet")
+    assert len(nvml) > 0 and nvml["t_ms"].is_monotonic_increasing
+    meta = read_metadata(res.out_dir / "timings.parquet")
+    assert meta["clock"] == "cuda" and meta["device"].startswith("NVIDIA")
+    assert s["peak_reserved_mb"] > 0 and s["kv_alloc_bytes"] >= s["kv_cache_bytes"]

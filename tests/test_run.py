@@ -1,0 +1,192 @@
+"""A tiny `kvscope run` on the CPU, read back from its files and checked exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kvscope.cli import main
+from kvscope.io import read_metadata
+from kvscope.profiler.model import PRESETS
+
+REPS, GEN, SEQ, BATCH = 3, 6, 12, 2
+OPS = {"norm", "qkv", "rope", "kv_write", "attn", "o_proj", "mlp"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tiny-op"
+    rc = main(["run", "--model", "tiny", "--device", "cpu", "--batch-size", str(BATCH), "--seq", str(SEQ),
+               "--gen-tokens", str(GEN), "--warmup", "1", "--reps", str(REPS), "--granularity", "op",
+               "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_files(run_dir: Path) -> None:
+    assert sorted(p.name for p in run_dir.iterdir()) == ["summary.parquet", "timings.parquet", "trace.json"]
+    assert not list(run_dir.parent.glob(".*partial*"))
+
+
+def test_reps_steps_layers_and_ops(run_dir: Path) -> None:
+    t = pd.read_parquet(run_dir / "timings.parquet")
+    n_layers = PRESETS["tiny"].n_layers
+    assert (t["level"] == "run").sum() == 1
+    assert sorted(t.loc[t["level"] == "rep", "rep"]) == list(range(REPS))
+    steps = t[t["level"] == "step"]
+    assert len(steps) == REPS * (GEN - 1)
+    assert sorted(set(steps["step"])) == list(range(1, GEN))
+    assert steps["name"].tolist()[: GEN - 1] == [f"decode step {i}" for i in range(1, GEN)]
+    assert (steps["context_len"] == SEQ + steps["step"]).all()
+    assert ((t["level"] == "phase") & (t["phase"] == "prefill")).sum() == REPS
+    assert ((t["level"] == "phase") & (t["phase"] == "decode")).sum() == REPS
+    # one row per (rep, phase/step, layer, op)
+    ops = t[t["level"] == "op"]
+    per_unit = REPS * GEN  # prefill + GEN-1 decode steps, per rep
+    assert len(ops) == per_unit * n_layers * len(OPS)
+    assert set(ops["op"]) == OPS
+    assert not ops.duplicated(["rep", "phase", "step", "layer", "op"]).any()
+    assert (ops["name"] == ops.apply(lambda r: f"L{r.layer:02d}.{r.op}", axis=1)).all()
+    layers = t[(t["level"] == "layer") & t["layer"].notna()]
+    assert len(layers) == per_unit * n_layers
+    named = t[(t["level"] == "layer") & t["layer"].isna()]
+    assert sorted(named["name"].unique()) == ["embed", "lm_head", "sample"]
+    assert len(named) == per_unit * 3
+    assert (t["clock"] == "host").all()
+
+
+def test_nesting_sums(run_dir: Path) -> None:
+    t = pd.read_parquet(run_dir / "timings.parquet")
+    steps = t[t["level"] == "step"].set_index(["rep", "step"])["dur_ms"]
+    layers = t[(t["level"] == "layer") & (t["phase"] == "decode")].groupby(["rep", "step"])["dur_ms"].sum()
+    assert (layers <= steps.loc[layers.index]).all()
+    ops = t[(t["level"] == "op")].groupby(["rep", "phase", "step", "layer"])["dur_ms"].sum()
+    lay = t[(t["level"] == "layer") & t["layer"].notna()].set_index(["rep", "phase", "step", "layer"])["dur_ms"]
+    assert (ops <= lay.loc[ops.index]).all()
+    # children start inside their parents
+    for (rep, step), row in t[t["level"] == "step"].set_index(["rep", "step"]).iterrows():
+        kids = t[(t["rep"] == rep) & (t["step"] == step) & (t["level"] == "layer")]
+        assert (kids["start_ms"] >= row["start_ms"]).all()
+        assert (kids["start_ms"] + kids["dur_ms"] <= row["start_ms"] + row["dur_ms"] + 1e-6).all()
+
+
+def test_summary_medians_equal_recomputed(run_dir: Path) -> None:
+    t = pd.read_parquet(run_dir / "timings.parquet")
+    s = pd.read_parquet(run_dir / "summary.parquet")
+    assert len(s) == 1
+    row = s.iloc[0]
+    assert list(s.columns[:10]) == ["seq_len", "batch", "prefill_p50_ms", "prefill_ms_per_tok", "prefill_tok_s",
+                                    "decode_p50_ms_per_tok", "decode_tok_s", "total_tok_s", "vram_reserved_mb",
+                                    "flag"]
+    prefill = t[(t["level"] == "phase") & (t["phase"] == "prefill")]["dur_ms"]
+    steps = t[t["level"] == "step"]["dur_ms"]
+    assert row["prefill_p50_ms"] == np.median(prefill)
+    assert row["decode_p50_ms_per_tok"] == np.median(steps)
+    assert row["tpot_p99_ms"] == np.percentile(steps, 99)
+    assert row["prefill_tok_s"] == pytest.approx(BATCH * SEQ / (np.median(prefill) / 1e3), rel=1e-12)
+    assert row["decode_tok_s"] == pytest.approx(BATCH / (np.median(steps) / 1e3), rel=1e-12)
+    assert (row["seq_len"], row["batch"], row["gen_tokens"], row["decode_steps"], row["reps"]) == (
+        SEQ, BATCH, GEN, GEN - 1, REPS)
+    a = PRESETS["tiny"]
+    assert row["kv_cache_bytes"] == a.n_layers * 2 * BATCH * a.n_kv_heads * (SEQ + GEN) * a.head_dim * 4
+    assert row["kv_alloc_bytes"] == row["kv_cache_bytes"]
+    assert row["weights_bytes"] == a.param_count() * 4
+    assert row["flag"] == ""
+
+
+def test_metadata_parses(run_dir: Path) -> None:
+    for name in ("timings.parquet", "summary.parquet"):
+        meta = read_metadata(run_dir / name)
+        assert meta["model"]["args"]["name"] == "tiny"
+        assert meta["run"]["granularity"] == "op" and meta["run"]["reps"] == REPS
+        assert meta["clock"] == "host" and meta["device"] == "cpu"
+        assert meta["nvml"]["available"] is False and meta["nvml"]["reason"]
+        assert len(meta["host_decode_ms"]) == REPS
+        assert meta["kvscope_version"] and meta["torch"]
+
+
+def test_chrome_trace_loads(run_dir: Path) -> None:
+    trace = json.loads((run_dir / "trace.json").read_text())
+    t = pd.read_parquet(run_dir / "timings.parquet")
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(spans) == len(t)
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+    assert {e["name"] for e in spans} == set(t["name"])
+    assert json.loads(trace["otherData"]["kvscope"])["run"]["seq"] == SEQ
+
+
+def test_granularity_phase_has_no_layer_rows(tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    assert main(["run", "--model", "tiny", "--device", "cpu", "--seq", "8", "--gen-tokens", "3", "--warmup", "0",
+                 "--reps", "2", "--granularity", "phase", "--out", str(out)]) == 0
+    t = pd.read_parquet(out / "timings.parquet")
+    assert sorted(t["level"].unique()) == ["phase", "rep", "run", "step"]
+    assert len(t) == 1 + 2 * (1 + 2 + 2)
+
+
+def test_granularity_none_writes_untimed_summary(tmp_path: Path) -> None:
+    out = tmp_path / "n"
+    assert main(["run", "--model", "tiny", "--device", "cpu", "--seq", "8", "--gen-tokens", "3", "--warmup", "0",
+                 "--reps", "2", "--granularity", "none", "--no-nvtx", "--out", str(out)]) == 0
+    assert len(pd.read_parquet(out / "timings.parquet")) == 0
+    s = pd.read_parquet(out / "summary.parquet").iloc[0]
+    assert s["flag"] == "no-timing" and np.isnan(s["decode_p50_ms_per_tok"])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["--seq", "3000"], "--seq 3000 exceeds tiny's maximum context of 2048"),
+    (["--seq", "2040", "--gen-tokens", "16"], "context of 2056 tokens exceeds tiny's maximum of 2048"),
+    (["--granularity", "kernel"], "invalid choice: 'kernel'"),
+    (["--reps", "0"], "--reps must be an integer >= 1"),
+    (["--gen-tokens", "0"], "--gen-tokens must be an integer >= 1"),
+])
+def test_bad_run_input(argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bad"
+    rc = main(["run", "--model", "tiny", "--device", "cpu", "--out", str(out), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = main(["run", "--model", "tiny", "--device", "cpu", "--out", str(blocker / "sub" / "run")])
+    assert rc == 2 and "cannot be written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        import os
+
+        if os.geteuid() == 0:
+            pytest.skip("root can write into a read-only folder")
+        rc = main(["run", "--model", "tiny", "--device", "cpu", "--out", str(locked / "run")])
+        assert rc == 2
+    finally:
+        locked.chmod(0o700)
+
+
+def test_existing_output_is_never_overwritten(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    rc = main(["run", "--model", "tiny", "--device", "cpu", "--out", str(run_dir)])
+    assert rc == 2 and "already exists and is not empty" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+
+
+def test_failure_mid_run_leaves_no_partial_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvscope.profiler import run as run_mod
+
+    def boom(*a: object, **k: object) -> None:
+        raise RuntimeError("simulated failure while writing")
+
+    monkeypatch.setattr(run_mod, "write_json", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_mod.execute(run_mod.RunSpec(model="tiny", device="cpu", seq=8, gen_tokens=2, warmup=0, reps=1,
+                                        out=str(tmp_path / "a" / "b")))
+    assert list(tmp_path.iterdir()) == []
