@@ -65,3 +65,20 @@ def test_decode_step_reuses_its_static_buffers() -> None:
     ptr = eng.next_tokens.data_ptr()
     out = eng.decode_step()
     assert out.data_ptr() == ptr and eng.cache.lengths.data_ptr() == eng.cache.lengths.data_ptr()
+
+
+def test_static_decode_path_gives_the_same_tokens() -> None:
+    """The fixed-shape decode (full cache + mask, what a CUDA graph captures) equals the eager one."""
+    model = empty_model(PRESETS["tiny"], CPU, torch.float32)
+    init_random(model, seed=3)
+    prompts = [[5, 6, 7, 8, 9], [1, 2], [3, 3, 3, 3]]
+    eager = Engine(model, RunConfig(3, 16, torch.float32, CPU)).generate(prompts, 8)
+    eng = Engine(model, RunConfig(3, 16, torch.float32, CPU))
+    eng.prefill(*pad_prompts(prompts, 512, CPU))
+    out = [eng.next_tokens.clone()]
+    with torch.inference_mode():
+        for _ in range(7):
+            eng._decode_forward(static=True)
+            eng.cache.advance()
+            out.append(eng.next_tokens.clone())
+    assert torch.stack(out, dim=1).tolist() == eager

@@ -50,20 +50,20 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: s
     return torch.matmul(probs, v).reshape(b, h, s, d)  # (B, H, S, D)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor | None,
                      impl: str) -> torch.Tensor:
-    """One new query per sequence against the whole cache.
+    """One new query per sequence against the cache.
 
-    q: (B, H, 1, D); k_cache/v_cache: (B, H_kv, S_max, D); key_mask: (B, 1, 1, S_max) bool, True where a position
-    holds valid K/V. Returns (B, H, 1, D).
+    q: (B, H, 1, D); k_cache/v_cache: (B, H_kv, L, D); key_mask: (B, 1, 1, L) bool, True where a position holds
+    valid K/V, or None when all L positions of every sequence are valid. Returns (B, H, 1, D).
     """
     _check(q, k_cache, v_cache, "decode_attention")
     b, h, one, d = q.shape
     if one != 1:
         raise ValueError(f"decode_attention: q must hold one position, got q{tuple(q.shape)}")
     s_max = k_cache.shape[2]
-    if key_mask.shape != (b, 1, 1, s_max) or key_mask.dtype != torch.bool:
-        raise ValueError(f"decode_attention: key_mask must be bool (B, 1, 1, S_max)=({b}, 1, 1, {s_max}), "
+    if key_mask is not None and (key_mask.shape != (b, 1, 1, s_max) or key_mask.dtype != torch.bool):
+        raise ValueError(f"decode_attention: key_mask must be bool (B, 1, 1, L)=({b}, 1, 1, {s_max}), "
                          f"got {key_mask.dtype} {tuple(key_mask.shape)}")
     h_kv = k_cache.shape[1]
     qg = q.reshape(b, h_kv, h // h_kv, d)  # (B, H_kv, n_rep, D)
@@ -71,7 +71,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=key_mask)  # (B, H_kv, n_rep, D)
     elif impl == "eager":
         scores = torch.matmul(qg, k_cache.transpose(-1, -2)) * d**-0.5  # (B, H_kv, n_rep, S_max)
-        scores = scores.masked_fill(~key_mask, float("-inf"))
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(probs, v_cache)  # (B, H_kv, n_rep, D)
     else:

@@ -152,15 +152,24 @@ class Engine:
         self.step = step + 1
         return self.next_tokens
 
-    def _decode_forward(self) -> None:
-        """The device work of one step: reads next_tokens and cache.lengths, writes K/V and next_tokens."""
+    def _decode_forward(self, static: bool = False) -> None:
+        """The device work of one step: reads next_tokens and cache.lengths, writes K/V and next_tokens.
+
+        `static=False` (eager): attention reads only the first L cache positions, L = the longest sequence after
+        this step, known on the host without a sync; a key mask is built only for a ragged batch.
+        `static=True` (for CUDA-graph capture): fixed shapes, attention over all `max_seq` positions with a mask.
+        """
         m, cache, a, ins, impl = self.model, self.cache, self.args, self.ins, self.cfg.attn
         b = self.cfg.batch_size
         pos = cache.lengths  # (B,) position of the new token
         cos = self.cos[pos].unsqueeze(1)  # (B, 1, D)
         sin = self.sin[pos].unsqueeze(1)  # (B, 1, D)
-        key_mask = (self.key_pos.unsqueeze(0) <= pos.unsqueeze(1)).view(b, 1, 1, -1)  # (B, 1, 1, S_max)
         write_idx = pos.view(b, 1, 1, 1).expand(b, a.n_kv_heads, 1, a.head_dim)  # (B, H_kv, 1, D)
+        host = cache.host_lengths
+        span = cache.max_seq if static else max(host) + 1
+        key_mask = None
+        if static or min(host) != max(host):
+            key_mask = (self.key_pos[:span].unsqueeze(0) <= pos.unsqueeze(1)).view(b, 1, 1, span)  # (B, 1, 1, L)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             name = self._layer_names[i]
@@ -169,7 +178,8 @@ class Engine:
                 k_cache.scatter_(2, write_idx, k)
                 v_cache.scatter_(2, write_idx, v)
             with ins.region(name + ".attn", "op", layer=i, op="attn"):
-                return decode_attention(q, k_cache, v_cache, key_mask, impl)  # (B, H, 1, D)
+                # (B, H_kv, L, D) views of the valid prefix
+                return decode_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], key_mask, impl)
 
         with ins.region("embed", "layer"):
             h = m.tok_embeddings(self.next_tokens.view(b, 1))  # (B, 1, dim)
