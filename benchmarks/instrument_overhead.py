@@ -3,7 +3,9 @@
 For every (batch, attention) pair the engine is prefilled with a 512-token prompt and then runs `--steps` decode
 steps; the time of those steps is taken with a synchronised host clock around all of them (so the measurement
 does not depend on the instrumentation being measured). Configurations are interleaved round by round (a different
-order each round) and the median over rounds is reported, with its ratio to `none`.
+order each round) and the median over rounds is reported, with its ratio to `none`; the minimum over rounds (the
+least disturbed measurement) and the spread of `none` (interquartile range over rounds, in % of its median) are
+reported too, because the eager loop is bound by the host and its speed drifts with the host.
 
     python3 benchmarks/instrument_overhead.py --model qwen2.5-3b --batches 1,32 --attn sdpa,eager
 """
@@ -11,6 +13,7 @@ order each round) and the median over rounds is reported, with its ratio to `non
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -33,8 +36,8 @@ def main() -> None:
     p.add_argument("--batches", default="1,32")
     p.add_argument("--attn", default="sdpa,eager")
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--json", default=None, help="also write the rows here")
     ns = p.parse_args()
     dev = torch.device("cuda")
@@ -44,8 +47,9 @@ def main() -> None:
     rows = []
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {ns.model} {ns.dtype}, "
           f"prompt {ns.seq}, {ns.steps} decode steps x {ns.rounds} rounds, NVTX off (no tool attached)")
-    print("| batch | attn | none ms/step | phase | layer | op | phase % | layer % | op % |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| batch | attn | none ms/step | phase | layer | op | phase % | layer % | op % | min-based % (phase / layer "
+          "/ op) | none IQR % |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in [int(b) for b in ns.batches.split(",")]:
         for attn in ns.attn.split(","):
             cfg = RunConfig(batch, ns.seq + ns.steps + 1, dtype, dev, attn)
@@ -60,6 +64,7 @@ def main() -> None:
                     ins = instruments[g]
                     engine.ins = ins
                     engine.prefill(tokens, lengths)
+                    gc.collect()
                     ins.start_clock()  # synchronises
                     t0 = time.perf_counter_ns()
                     for _ in range(ns.steps):
@@ -70,11 +75,19 @@ def main() -> None:
                     if rnd:
                         samples[g].append(ms)
             med = {g: statistics.median(v) for g, v in samples.items()}
+            low = {g: min(v) for g, v in samples.items()}
             pct = {g: (med[g] / med["none"] - 1) * 100 for g in CONFIGS}
+            pct_min = {g: (low[g] / low["none"] - 1) * 100 for g in CONFIGS}
+            q = statistics.quantiles(samples["none"], n=4)
+            spread = (q[2] - q[0]) / med["none"] * 100
             rows.append({"batch": batch, "attn": attn, **{f"{g}_ms": med[g] for g in CONFIGS},
-                         **{f"{g}_overhead_pct": pct[g] for g in CONFIGS[1:]}})
+                         **{f"{g}_overhead_pct": pct[g] for g in CONFIGS[1:]},
+                         **{f"{g}_min_ms": low[g] for g in CONFIGS},
+                         **{f"{g}_overhead_min_pct": pct_min[g] for g in CONFIGS[1:]},
+                         "none_iqr_pct": spread, "samples_ms": samples})
             print(f"| {batch} | {attn} | {med['none']:.3f} | {med['phase']:.3f} | {med['layer']:.3f} | "
-                  f"{med['op']:.3f} | {pct['phase']:+.2f} | {pct['layer']:+.2f} | {pct['op']:+.2f} |")
+                  f"{med['op']:.3f} | {pct['phase']:+.2f} | {pct['layer']:+.2f} | {pct['op']:+.2f} | "
+                  f"{pct_min['phase']:+.2f} / {pct_min['layer']:+.2f} / {pct_min['op']:+.2f} | {spread:.1f} |")
             del engine
             torch.cuda.empty_cache()
     if ns.json:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from kvscope.errors import KvscopeError
@@ -160,7 +162,15 @@ def _load_tokenizer(folder: object, spec: str):  # -> transformers tokenizer
         raise KvscopeError(f"cannot load a tokenizer from {folder}: {first}") from None
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGTERM (sent by `timeout`, by job schedulers, by nsys at the end of a capture range) unwinds like an error,
+    # so a run folder in the making is removed instead of left half-written. Set here, in the CLI, not on import.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         ns = build_parser().parse_args(argv)
         return int(ns.func(ns))

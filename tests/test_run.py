@@ -190,3 +190,23 @@ def test_failure_mid_run_leaves_no_partial_folder(tmp_path: Path, monkeypatch: p
         run_mod.execute(run_mod.RunSpec(model="tiny", device="cpu", seq=8, gen_tokens=2, warmup=0, reps=1,
                                         out=str(tmp_path / "a" / "b")))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_mid_run_leaves_no_partial_folder(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kvscope", "run", "--model", "tiny", "--device", "cpu", "--seq",
+                             "64", "--gen-tokens", "64", "--reps", "100000", "--warmup", "0", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".killed.partial-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert list(tmp_path.iterdir()) == []

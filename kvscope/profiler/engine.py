@@ -26,6 +26,8 @@ from kvscope.profiler.kv_cache import KVCache
 from kvscope.profiler.model import Transformer, apply_rope, rope_tables
 from kvscope.profiler.runconfig import RunConfig
 
+OPS = ("norm", "qkv", "rope", "kv_write", "attn", "o_proj", "mlp")
+
 
 def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device
                 ) -> tuple[torch.Tensor, list[int]]:
@@ -60,6 +62,10 @@ class Engine:
         self.ins = instrument if instrument is not None else Instrument("none", cfg.device, nvtx=False)
         width = max(2, len(str(args.n_layers - 1)))
         self._layer_names = [f"L{i:0{width}d}" for i in range(args.n_layers)]
+        # (name, level, keys) of every layer and op region, built once
+        self._layer_regions = [(n, "layer", {"layer": i}) for i, n in enumerate(self._layer_names)]
+        self._op_regions = [{op: (f"{n}.{op}", "op", {"layer": i, "op": op}) for op in OPS}
+                            for i, n in enumerate(self._layer_names)]
         self.step = 0  # index of the token the next decode step produces (the prefill produces token 0)
         dev, dt = cfg.device, cfg.dtype
         before = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
@@ -84,18 +90,18 @@ class Engine:
 
     def _layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
         """One decoder layer on h (B, S, dim); `attend(i, q, k, v)` writes the cache and returns (B, H, S, D)."""
-        layer, ins, name = self.model.layers[i], self.ins, self._layer_names[i]
-        with ins.region(name, "layer", layer=i):
-            with ins.region(name + ".norm", "op", layer=i, op="norm"):
+        layer, region, ops = self.model.layers[i], self.ins.region_with, self._op_regions[i]
+        with region(*self._layer_regions[i]):
+            with region(*ops["norm"]):
                 x = layer.attention_norm(h)
-            with ins.region(name + ".qkv", "op", layer=i, op="qkv"):
+            with region(*ops["qkv"]):
                 q, k, v = layer.attention.qkv(x)  # q (B, H, S, D), k/v (B, H_kv, S, D)
-            with ins.region(name + ".rope", "op", layer=i, op="rope"):
+            with region(*ops["rope"]):
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             y = attend(i, q, k, v)  # (B, H, S, D)
-            with ins.region(name + ".o_proj", "op", layer=i, op="o_proj"):
+            with region(*ops["o_proj"]):
                 h = h + layer.attention.out(y)
-            with ins.region(name + ".mlp", "op", layer=i, op="mlp"):
+            with region(*ops["mlp"]):
                 h = h + layer.feed_forward(layer.ffn_norm(h))
         return h
 
@@ -115,11 +121,11 @@ class Engine:
         ins, m, cache, impl = self.ins, self.model, self.cache, self.cfg.attn
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            name = self._layer_names[i]
-            with ins.region(name + ".kv_write", "op", layer=i, op="kv_write"):
+            ops = self._op_regions[i]
+            with ins.region_with(*ops["kv_write"]):
                 cache.k(i)[:, :, :s].copy_(k)  # (B, H_kv, S, D)
                 cache.v(i)[:, :, :s].copy_(v)
-            with ins.region(name + ".attn", "op", layer=i, op="attn"):
+            with ins.region_with(*ops["attn"]):
                 return prefill_attention(q, k, v, impl)  # (B, H, S, D)
 
         with ins.region("prefill", "phase", phase="prefill", step=0, tokens=sum(lengths), context_len=max(lengths)):
@@ -172,12 +178,12 @@ class Engine:
             key_mask = (self.key_pos[:span].unsqueeze(0) <= pos.unsqueeze(1)).view(b, 1, 1, span)  # (B, 1, 1, L)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            name = self._layer_names[i]
+            ops = self._op_regions[i]
             k_cache, v_cache = cache.k(i), cache.v(i)  # (B, H_kv, S_max, D)
-            with ins.region(name + ".kv_write", "op", layer=i, op="kv_write"):
+            with ins.region_with(*ops["kv_write"]):
                 k_cache.scatter_(2, write_idx, k)
                 v_cache.scatter_(2, write_idx, v)
-            with ins.region(name + ".attn", "op", layer=i, op="attn"):
+            with ins.region_with(*ops["attn"]):
                 # (B, H_kv, L, D) views of the valid prefix
                 return decode_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], key_mask, impl)
 

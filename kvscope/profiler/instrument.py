@@ -210,6 +210,11 @@ class Instrument:
         """A region of `level` (run, rep, phase, step, layer, op). Keys: rep, phase, step, layer, op, tokens,
         context_len; rep/phase/step are inherited by the regions nested inside. Use it with `with`, or as a
         decorator (`@ins.region("lm_head", "layer")`: a fresh region around every call)."""
+        return self.region_with(name, level, keys)
+
+    def region_with(self, name: str, level: str, keys: dict[str, Any]) -> _Region | _NullRegion:
+        """`region()` with its keys as one prebuilt dict (the engine's hot loop builds them once per layer and op,
+        so a region that is switched off costs one call and one lookup)."""
         timed = self._timed_levels[level]
         if not timed and self._domain is None:
             return _NULL
