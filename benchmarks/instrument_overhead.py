@@ -1,11 +1,11 @@
 """Cost of instrumentation on decode steps: each granularity against none, same process, same engine.
 
-For every (batch, attention) pair the engine is prefilled with a 512-token prompt and then runs `--steps` decode
-steps; the time of those steps is taken with a synchronised host clock around all of them (so the measurement
-does not depend on the instrumentation being measured). Configurations are interleaved round by round (a different
-order each round) and the median over rounds is reported, with its ratio to `none`; the minimum over rounds (the
-least disturbed measurement) and the spread of `none` (interquartile range over rounds, in % of its median) are
-reported too, because the eager loop is bound by the host and its speed drifts with the host.
+The eager decode loop is bound by the host, whose speed drifts (on the lent H100 the spread between rounds of the
+same configuration reached tens of percent). So configurations are interleaved step by step: one decode sequence
+runs `--steps` steps per configuration, step k under configuration k mod 4, each step timed by a synchronised host
+clock (the same sync for every configuration, so it cancels in the ratios). Drift then hits every configuration
+alike. Reported: the median step time per configuration and its ratio to `none`, with a bootstrap 95% interval of
+that ratio.
 
     python3 benchmarks/instrument_overhead.py --model qwen2.5-3b --batches 1,32 --attn sdpa,eager
 """
@@ -13,8 +13,8 @@ reported too, because the eager loop is bound by the host and its speed drifts w
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import random
 import statistics
 import time
 from datetime import UTC, datetime
@@ -29,6 +29,14 @@ from kvscope.profiler.weights import load_model, resolve_model
 CONFIGS = ("none", "phase", "layer", "op")
 
 
+def _ratio_ci(a: list[float], b: list[float], n: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of median(a) / median(b) - 1, in percent."""
+    rng = random.Random(0)
+    vals = sorted(statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b))) - 1
+                  for _ in range(n))
+    return vals[int(0.025 * n)] * 100, vals[int(0.975 * n)] * 100
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="qwen2.5-3b")
@@ -36,65 +44,58 @@ def main() -> None:
     p.add_argument("--batches", default="1,32")
     p.add_argument("--attn", default="sdpa,eager")
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--steps", type=int, default=60, help="decode steps per configuration")
     p.add_argument("--json", default=None, help="also write the rows here")
     ns = p.parse_args()
     dev = torch.device("cuda")
     src = resolve_model(ns.model)
     dtype = parse_dtype(ns.dtype)
     model, _ = load_model(src, dev, dtype)
+    total = ns.steps * len(CONFIGS)
     rows = []
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {ns.model} {ns.dtype}, "
-          f"prompt {ns.seq}, {ns.steps} decode steps x {ns.rounds} rounds, NVTX off (no tool attached)")
-    print("| batch | attn | none ms/step | phase | layer | op | phase % | layer % | op % | min-based % (phase / layer "
-          "/ op) | none IQR % |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {ns.model} {ns.dtype}, prompt "
+          f"{ns.seq}, {ns.steps} decode steps per configuration interleaved step by step, NVTX off (no tool attached)")
+    print("| batch | attn | none ms/step | phase | layer | op | phase % | layer % | op % |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in [int(b) for b in ns.batches.split(",")]:
         for attn in ns.attn.split(","):
-            cfg = RunConfig(batch, ns.seq + ns.steps + 1, dtype, dev, attn)
+            cfg = RunConfig(batch, ns.seq + total + 8 + 1, dtype, dev, attn)
             instruments = {g: Instrument(g, dev, nvtx=False) for g in CONFIGS}
             engine = Engine(model, cfg, instruments["none"])
             tokens = torch.randint(0, src.args.vocab_size, (batch, ns.seq), device=dev)
-            lengths = [ns.seq] * batch
+            engine.prefill(tokens, [ns.seq] * batch)
+            for ins in instruments.values():
+                ins.start_clock()
+            for k in range(8):  # warm-up, every configuration twice
+                engine.ins = instruments[CONFIGS[k % 4]]
+                engine.decode_step()
             samples: dict[str, list[float]] = {g: [] for g in CONFIGS}
-            for rnd in range(ns.rounds + 1):  # round 0 warms every configuration up and is dropped
-                order = CONFIGS[rnd % 4:] + CONFIGS[: rnd % 4]
-                for g in order:
-                    ins = instruments[g]
-                    engine.ins = ins
-                    engine.prefill(tokens, lengths)
-                    gc.collect()
-                    ins.start_clock()  # synchronises
-                    t0 = time.perf_counter_ns()
-                    for _ in range(ns.steps):
-                        engine.decode_step()
-                    torch.cuda.synchronize()  # named sync: ends the host-clock measurement
-                    ms = (time.perf_counter_ns() - t0) / 1e6 / ns.steps
-                    ins.collect()
-                    if rnd:
-                        samples[g].append(ms)
+            torch.cuda.synchronize()
+            for k in range(total):
+                g = CONFIGS[k % 4]
+                engine.ins = instruments[g]
+                t0 = time.perf_counter_ns()
+                engine.decode_step()
+                torch.cuda.synchronize()  # named sync: ends this step's host-clock measurement
+                samples[g].append((time.perf_counter_ns() - t0) / 1e6)
+            for ins in instruments.values():
+                ins.collect()
             med = {g: statistics.median(v) for g, v in samples.items()}
-            low = {g: min(v) for g, v in samples.items()}
             pct = {g: (med[g] / med["none"] - 1) * 100 for g in CONFIGS}
-            pct_min = {g: (low[g] / low["none"] - 1) * 100 for g in CONFIGS}
-            q = statistics.quantiles(samples["none"], n=4)
-            spread = (q[2] - q[0]) / med["none"] * 100
+            ci = {g: _ratio_ci(samples[g], samples["none"]) for g in CONFIGS[1:]}
             rows.append({"batch": batch, "attn": attn, **{f"{g}_ms": med[g] for g in CONFIGS},
                          **{f"{g}_overhead_pct": pct[g] for g in CONFIGS[1:]},
-                         **{f"{g}_min_ms": low[g] for g in CONFIGS},
-                         **{f"{g}_overhead_min_pct": pct_min[g] for g in CONFIGS[1:]},
-                         "none_iqr_pct": spread, "samples_ms": samples})
+                         **{f"{g}_overhead_ci95_pct": ci[g] for g in CONFIGS[1:]}, "samples_ms": samples})
+            cells = " | ".join(f"{pct[g]:+.2f} [{ci[g][0]:+.1f}, {ci[g][1]:+.1f}]" for g in CONFIGS[1:])
             print(f"| {batch} | {attn} | {med['none']:.3f} | {med['phase']:.3f} | {med['layer']:.3f} | "
-                  f"{med['op']:.3f} | {pct['phase']:+.2f} | {pct['layer']:+.2f} | {pct['op']:+.2f} | "
-                  f"{pct_min['phase']:+.2f} / {pct_min['layer']:+.2f} / {pct_min['op']:+.2f} | {spread:.1f} |")
+                  f"{med['op']:.3f} | {cells} |")
             del engine
             torch.cuda.empty_cache()
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "date": datetime.now(UTC).date().isoformat(),
-                       "model": ns.model, "dtype": ns.dtype, "seq": ns.seq, "steps": ns.steps,
-                       "rounds": ns.rounds, "rows": rows}, f, indent=1)
+                       "model": ns.model, "dtype": ns.dtype, "seq": ns.seq, "steps_per_config": ns.steps,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
