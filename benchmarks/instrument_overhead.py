@@ -23,6 +23,7 @@ import torch
 
 from kvscope.profiler.engine import Engine
 from kvscope.profiler.instrument import Instrument
+from kvscope.profiler.run import regions_per_rep
 from kvscope.profiler.runconfig import RunConfig, parse_dtype
 from kvscope.profiler.weights import load_model, resolve_model
 
@@ -66,6 +67,7 @@ def main() -> None:
             engine.prefill(tokens, [ns.seq] * batch)
             for ins in instruments.values():
                 ins.start_clock()
+                ins.reserve(regions_per_rep(ins, src.args.n_layers, ns.steps + 3))
             for k in range(8):  # warm-up, every configuration twice
                 engine.ins = instruments[CONFIGS[k % 4]]
                 engine.decode_step()

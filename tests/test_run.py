@@ -210,3 +210,12 @@ def test_sigterm_mid_run_leaves_no_partial_folder(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_events_reserved_ahead_match_the_regions_of_a_rep(run_dir: Path) -> None:
+    from kvscope.profiler.instrument import Instrument
+    from kvscope.profiler.run import regions_per_rep
+
+    t = pd.read_parquet(run_dir / "timings.parquet")
+    per_rep = t[t["rep"] == 1]
+    assert len(per_rep) == regions_per_rep(Instrument("op", "cpu", nvtx=False), PRESETS["tiny"].n_layers, GEN)

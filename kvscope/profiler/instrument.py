@@ -160,8 +160,7 @@ class Instrument:
         self._paused = False
         self._records: list[RegionRecord] = []
         self._attr_cache: dict[tuple[str, int | None], Any] = {}
-        self._event_pool: list[torch.cuda.Event] = []
-        self._events_out: list[torch.cuda.Event] = []
+        self._event_pool: list[torch.cuda.Event] = []  # created ahead (reserve) or returned by collect
         self._phase: str | None = None
         self._step: int | None = None
         self._rep: int | None = None
@@ -201,6 +200,16 @@ class Instrument:
             self._base.record()
         self._base_host_ns = time.perf_counter_ns()
 
+    def reserve(self, regions: int) -> None:
+        """Create the CUDA events of `regions` timed regions now, outside the measured work (creating an event
+        inside a timed loop costs far more than recording one)."""
+        if self.clock == "cuda":
+            missing = 2 * regions - len(self._event_pool)
+            self._event_pool.extend(torch.cuda.Event(enable_timing=True) for _ in range(max(0, missing)))
+
+    def timed_levels(self) -> frozenset[str]:
+        return frozenset(lvl for lvl, on in self._timed_levels.items() if on)
+
     @property
     def origin_host_ns(self) -> int:
         return self._base_host_ns
@@ -235,12 +244,12 @@ class Instrument:
             return time.perf_counter_ns()
         ev = self._event_pool.pop() if self._event_pool else torch.cuda.Event(enable_timing=True)
         ev.record()
-        self._events_out.append(ev)
         return ev
 
     # ---- resolution -------------------------------------------------------------------------------------------
     def collect(self) -> list[dict[str, Any]]:
-        """Resolve every recorded region (one synchronize, after the measured work) and clear the list.
+        """Resolve every closed region (one synchronize, after the measured work) and clear the list; regions still
+        open (a run around several repetitions) are resolved by a later call.
 
         Returns dicts with the keys of RegionRecord (minus the raw clocks) plus `start_ms` (from `start_clock`),
         `dur_ms`, `host_enqueue_ms` (host time between entering and leaving the region) and `clock`."""
@@ -261,9 +270,9 @@ class Instrument:
                 "op": r.op, "tokens": r.tokens, "context_len": r.context_len, "start_ms": start_ms,
                 "dur_ms": dur_ms, "host_enqueue_ms": (r.host_exit_ns - r.host_enter_ns) / 1e6, "clock": self.clock,
             })
+            if self.clock == "cuda":
+                self._event_pool += (r.start, r.end)  # resolved: reusable
         self._records.clear()
-        self._event_pool.extend(self._events_out)
-        self._events_out.clear()
         return out
 
 

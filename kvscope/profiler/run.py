@@ -187,8 +187,10 @@ def _measure(spec: RunSpec, source: ModelSource, cfg: RunConfig, out: _OutputFol
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
+    ins.reserve(regions_per_rep(ins, source.args.n_layers, spec.gen_tokens) + 2)
     nvml = NvmlSampler(device, spec.nvml_interval_ms)
     host_decode_ms: list[float] = []
+    records: list[dict[str, Any]] = []
     run_name = f"run bs={spec.batch_size} seq={spec.seq} gen={spec.gen_tokens}"
     ins.start_clock()
     nvml.start(ins.origin_host_ns)
@@ -204,13 +206,14 @@ def _measure(spec: RunSpec, source: ModelSource, cfg: RunConfig, out: _OutputFol
                     engine.decode_n(steps)
                     sync()  # named sync: end of the repetition, stops the host clock of the decode phase
                     host_decode_ms.append((time.perf_counter_ns() - t0) / 1e6)
+                records += ins.collect()  # the rep is synchronised: resolve it, its events return to the pool
                 if progress:
                     progress("measure", r + 1, spec.reps)
     finally:
         if cuda:
             torch.cuda.cudart().cudaProfilerStop()
         nvml.stop()
-    records = ins.collect()
+    records += ins.collect()
 
     run_id = out.final.name
     timings = _timings_frame(records, run_id, spec)
@@ -225,6 +228,20 @@ def _measure(spec: RunSpec, source: ModelSource, cfg: RunConfig, out: _OutputFol
         write_parquet(nvml_df, out.tmp / "nvml.parquet", meta)
     write_json(chrome_trace(timings, nvml_df, meta), out.tmp / "trace.json")
     return RunResult(out.final, summary, timings, nvml_df, meta)
+
+
+def regions_per_rep(ins: Instrument, n_layers: int, gen_tokens: int) -> int:
+    """Timed regions one repetition opens at the instrument's granularity (to create their events ahead)."""
+    timed = ins.timed_levels()
+    units = gen_tokens  # the prefill and gen_tokens - 1 decode steps
+    count = 0
+    if "phase" in timed:
+        count += 1 + 2 + (gen_tokens - 1)  # rep, prefill, decode, steps
+    if "layer" in timed:
+        count += units * (n_layers + 3)  # layers, embed, lm_head, sample
+    if "op" in timed:
+        count += units * n_layers * 7
+    return count
 
 
 _TIMING_COLUMNS = ("run_id", "rep", "level", "phase", "step", "layer", "op", "name", "start_ms", "dur_ms",
