@@ -8,8 +8,9 @@ import time
 import pytest
 import torch
 from helpers import rel_err
+from torch.nn.attention import sdpa_kernel
 
-from kvscope.profiler.engine import Engine, pad_prompts
+from kvscope.profiler.engine import DECODE_SDPA_BACKENDS, Engine, pad_prompts
 from kvscope.profiler.model import PRESETS, ModelArgs
 from kvscope.profiler.runconfig import RunConfig
 from kvscope.profiler.weights import empty_model, load_hf_tensors, load_model, resolve_model
@@ -90,7 +91,8 @@ def test_bf16_logits_within_2e2_of_transformers_bf16(qwen05_fp32: torch.nn.Modul
             tok = int(eng.next_tokens[0])
             ids.append(tok)
             eng.decode_step()
-            out = hf(torch.tensor([[tok]], device=CUDA), past_key_values=out.past_key_values, use_cache=True)
+            with sdpa_kernel(DECODE_SDPA_BACKENDS):  # the attention kernels our decode steps use
+                out = hf(torch.tensor([[tok]], device=CUDA), past_key_values=out.past_key_values, use_cache=True)
     print(f"bf16 rel err per step vs transformers bf16: {[f'{e:.1e}' for e in errs]}; "
           f"transformers bf16 vs fp32: max {max(floor):.2e}")
     assert max(errs) < 2e-2

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvscope.errors import KvscopeError
 from kvscope.profiler.attention import decode_attention, prefill_attention
@@ -27,6 +28,10 @@ from kvscope.profiler.model import Transformer, apply_rope, rope_tables
 from kvscope.profiler.runconfig import RunConfig
 
 OPS = ("norm", "qkv", "rope", "kv_write", "attn", "o_proj", "mlp")
+# SDPA backends for decode steps. cuDNN's attention (torch's first choice on Hopper) builds a plan for every new key
+# length, which an eager decode step over the growing cache meets at every step (see benchmarks/
+# sdpa_decode_shapes.py); flash / memory-efficient / math kernels need no plan.
+DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device
@@ -151,8 +156,9 @@ class Engine:
             self.next_tokens.copy_(tokens)
         self.cache.check_room(1)
         step = self.step
-        with self.ins.region(f"decode step {step}", "step", phase="decode", step=step, tokens=self.cfg.batch_size,
-                             context_len=max(self.cache.host_lengths) + 1):
+        with (self.ins.region(f"decode step {step}", "step", phase="decode", step=step,
+                              tokens=self.cfg.batch_size, context_len=max(self.cache.host_lengths) + 1),
+              sdpa_kernel(DECODE_SDPA_BACKENDS)):
             self._decode_forward()
             self.cache.advance()
         self.step = step + 1
