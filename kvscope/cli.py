@@ -61,7 +61,80 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nvml-interval-ms", type=float, default=20.0)
     r.add_argument("--out", default=None, help="run folder (default traces/<time>-<model>-bs<B>-seq<L>/)")
     r.set_defaults(func=_cmd_run)
+
+    a = sub.add_parser("align", help="project an nsys export's NVTX ranges onto kernels and align with timings")
+    a.add_argument("export", help="nsys export: .sqlite, parquetdir folder, or .nsys-rep (needs nsys)")
+    a.add_argument("--timings", default=None, help="the kvscope run folder profiled in the export")
+    a.add_argument("--out", required=True, help="folder for ranges/kernels/align/steps/kernel_classes.parquet")
+    a.add_argument("--nsys", default=None, help="nsys executable (for .nsys-rep input)")
+    a.set_defaults(func=_cmd_align)
+
+    n = sub.add_parser("nsys", help="profile `kvscope run` under Nsight Systems, export and align it",
+                       usage="kvscope nsys [--nsys PATH] [--out DIR] -- <kvscope run arguments>")
+    n.add_argument("--nsys", default=None, help="nsys executable (default: $NSYS, PATH, usual install folders)")
+    n.add_argument("--out", default=None, help="output folder (default traces/<time>-nsys)")
+    n.add_argument("run_args", nargs=argparse.REMAINDER, help="arguments of `kvscope run`, after --")
+    n.set_defaults(func=_cmd_nsys)
     return parser
+
+
+def _print_align(result: object) -> None:
+    from rich.console import Console
+
+    from kvscope.analysis.report_align import summary_tables
+
+    con = Console()
+    for table in summary_tables(result):
+        con.print(table)
+
+
+def _cmd_align(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvscope.analysis.report_align import OUTPUT_FILES, analyse, write
+
+    out = Path(ns.out)
+    if out.exists() and not out.is_dir():
+        raise KvscopeError(f"--out {out} is not a folder")
+    result = analyse(Path(ns.export), Path(ns.timings) if ns.timings else None, nsys=ns.nsys)
+    try:
+        write(result, out, {"command": " ".join(sys.argv), "timings": ns.timings})
+    except OSError as exc:
+        raise KvscopeError(f"cannot write into {out}: {exc.strerror or exc}") from None
+    _print_align(result)
+    print(f"align: {out} ({', '.join(OUTPUT_FILES)})")
+    return 0
+
+
+def _cmd_nsys(ns: argparse.Namespace) -> int:
+    from datetime import datetime
+    from pathlib import Path
+
+    from kvscope.analysis.nsys import export_rep
+    from kvscope.analysis.report_align import analyse, write
+    from kvscope.profiler.nsys_capture import capture
+    from kvscope.profiler.run import _OutputFolder
+
+    run_args = list(ns.run_args)
+    if run_args[:1] == ["--"]:
+        run_args = run_args[1:]
+    if any(a == "--out" or a.startswith("--out=") for a in run_args):
+        raise KvscopeError("kvscope nsys: give --out before --, not among the run arguments")
+    build_parser().parse_args(["run", *run_args])  # validate the run arguments before starting nsys
+    final = Path(ns.out) if ns.out else Path("traces") / f"{datetime.now():%Y%m%d-%H%M%S}-nsys"
+    folder = _OutputFolder(final)
+    try:
+        rep, run_dir = capture(run_args, folder.tmp, ns.nsys)
+        sqlite = export_rep(rep, ns.nsys, out=folder.tmp / "report.sqlite")
+        result = analyse(sqlite, run_dir)
+        write(result, folder.tmp, {"command": " ".join(sys.argv), "run_args": run_args})
+        done = folder.commit()
+    except BaseException:
+        folder.discard()
+        raise
+    _print_align(result)
+    print(f"nsys: {done} (report.nsys-rep, report.sqlite, run/, ranges, kernels, align, steps, kernel_classes)")
+    return 0
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:

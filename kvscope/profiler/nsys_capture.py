@@ -1,0 +1,61 @@
+"""`kvscope nsys`: run `kvscope run` under Nsight Systems, turn the capture into an export, and align it.
+
+The capture covers the measured repetitions only (`--capture-range=cudaProfilerApi`: `kvscope run` calls
+cudaProfilerStart/Stop around them) and keeps the program alive after the range (`--capture-range-end=stop`) so
+that the run folder is written. `--cuda-graph-trace=node` makes kernels inside CUDA graphs visible one by one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from kvscope.analysis.nsys import find_nsys
+from kvscope.errors import KvscopeError
+
+NSYS_PROFILE_FLAGS = ("-t", "cuda,nvtx", "-s", "none", "--cpuctxsw=none", "--capture-range=cudaProfilerApi",
+                      "--capture-range-end=stop", "--cuda-graph-trace=node")
+
+
+def find_importer(nsys: str) -> str | None:
+    """QdstrmImporter: `$QDSTRM_IMPORTER`, or beside the nsys install (`host/*/QdstrmImporter`)."""
+    env = os.environ.get("QDSTRM_IMPORTER")
+    if env and Path(env).is_file():
+        return env
+    root = Path(nsys).resolve().parent
+    for base in (root, root.parent, root.parent.parent):
+        hits = sorted(base.glob("**/QdstrmImporter"))
+        if hits:
+            return str(hits[-1])
+    return None
+
+
+def capture(run_args: list[str], out: Path, nsys: str | None) -> tuple[Path, Path]:
+    """Profile `kvscope run RUN_ARGS --out OUT/run`; returns (report.nsys-rep, run folder)."""
+    exe = find_nsys(nsys)
+    if exe is None:
+        raise KvscopeError("nsys not found: pass --nsys PATH, set $NSYS, or put nsys on PATH")
+    report = out / "report"
+    run_dir = out / "run"
+    cmd = [exe, "profile", *NSYS_PROFILE_FLAGS, "-o", str(report), "-f", "true",
+           sys.executable, "-m", "kvscope", "run", *run_args, "--out", str(run_dir)]
+    proc = subprocess.run(cmd, check=False)
+    rep = report.with_suffix(".nsys-rep")
+    if not rep.is_file():
+        leftovers = sorted(out.glob("*.qdstrm")) + sorted(Path("/tmp").glob("nsys-report-*.qdstrm"))
+        importer = find_importer(exe)
+        if leftovers and importer:
+            subprocess.run([importer, "-i", str(leftovers[-1])], check=False)
+            made = leftovers[-1].with_suffix(".nsys-rep")
+            if made.is_file():
+                shutil.move(str(made), rep)
+    if proc.returncode != 0 and not (rep.is_file() and (run_dir / "timings.parquet").is_file()):
+        raise KvscopeError(f"nsys profile exited with code {proc.returncode} (command: {' '.join(cmd)})")
+    if not rep.is_file():
+        raise KvscopeError(f"nsys wrote no report ({rep}); is the driver's profiling support available?")
+    if not (run_dir / "timings.parquet").is_file():
+        raise KvscopeError(f"the profiled run wrote no run folder at {run_dir}")
+    return rep, run_dir
