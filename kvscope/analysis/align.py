@@ -159,6 +159,12 @@ def _join_timings(out: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
         first = unmatched.loc[missing].iloc[0]
         raise KvscopeError(f"timings do not match the export: {int(missing.sum())} of {len(t)} timed regions have "
                            f"no NVTX range (first: {first['name']!r}, rep {first['_rep']}, in {first['run']!r})")
+    timed_kinds = set(t["level"].dropna().astype(str))
+    untimed = (merged["_merge"] == "left_only") & merged["kind"].isin(timed_kinds)
+    if untimed.any():
+        first = merged.loc[untimed].iloc[0]
+        raise KvscopeError(f"timings do not match the export: {int(untimed.sum())} NVTX ranges of timed levels have "
+                           f"no timings row (first: {first['name']!r}, rep {first['_rep']})")
     merged = merged.drop(columns=["_merge", *key])
     return merged
 

@@ -94,8 +94,8 @@ class _Tables:
         if path.is_dir():
             self.fmt = "parquetdir"
             self.names = frozenset(p.stem for p in path.glob("*.parquet"))
-            if not self.names:
-                raise KvscopeError(f"{path} is a folder without Parquet tables: not an nsys parquetdir export")
+            if not self.names & {"StringIds", "META_DATA_EXPORT", "EXPORT_META_DATA", NVTX_TABLE, RUNTIME_TABLE}:
+                raise KvscopeError(f"{path} is not an nsys parquetdir export (none of its tables)")
             self._con = None
         else:
             self.fmt = "sqlite"
