@@ -113,14 +113,16 @@ def _cmd_nsys(ns: argparse.Namespace) -> int:
     from kvscope.analysis.nsys import export_rep
     from kvscope.analysis.report_align import analyse, write
     from kvscope.profiler.nsys_capture import capture
-    from kvscope.profiler.run import _OutputFolder
+    from kvscope.profiler.run import _OutputFolder, prepare
 
     run_args = list(ns.run_args)
     if run_args[:1] == ["--"]:
         run_args = run_args[1:]
     if any(a == "--out" or a.startswith("--out=") for a in run_args):
         raise KvscopeError("kvscope nsys: give --out before --, not among the run arguments")
-    build_parser().parse_args(["run", *run_args])  # validate the run arguments before starting nsys
+    if "--no-nvtx" in run_args:
+        raise KvscopeError("kvscope nsys needs NVTX ranges: drop --no-nvtx")
+    prepare(_run_spec(build_parser().parse_args(["run", *run_args])))  # validate before starting nsys
     final = Path(ns.out) if ns.out else Path("traces") / f"{datetime.now():%Y%m%d-%H%M%S}-nsys"
     folder = _OutputFolder(final)
     try:
@@ -137,17 +139,23 @@ def _cmd_nsys(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _run_spec(ns: argparse.Namespace):  # -> RunSpec
+    from kvscope.profiler.run import RunSpec
+
+    return RunSpec(model=ns.model, batch_size=ns.batch_size, seq=ns.seq, gen_tokens=ns.gen_tokens,
+                   warmup=ns.warmup, reps=ns.reps, granularity=ns.granularity, attn=ns.attn, dtype=ns.dtype,
+                   device=ns.device, out=ns.out, nvtx=False if ns.no_nvtx else None,
+                   nvml_interval_ms=ns.nvml_interval_ms, seed=ns.seed)
+
+
 def _cmd_run(ns: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from kvscope.profiler.run import RunSpec, execute
+    from kvscope.profiler.run import execute
     from kvscope.report_table import summary_table
 
-    spec = RunSpec(model=ns.model, batch_size=ns.batch_size, seq=ns.seq, gen_tokens=ns.gen_tokens,
-                   warmup=ns.warmup, reps=ns.reps, granularity=ns.granularity, attn=ns.attn, dtype=ns.dtype,
-                   device=ns.device, out=ns.out, nvtx=False if ns.no_nvtx else None,
-                   nvml_interval_ms=ns.nvml_interval_ms, seed=ns.seed)
+    spec = _run_spec(ns)
     err = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as bar:

@@ -118,8 +118,10 @@ def test_cli_align_bad_input(argv: list[str], message: str, tmp_path: Path,
 
 
 def test_cli_nsys_validates_before_profiling(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["nsys", "--out", str(tmp_path / "n"), "--", "--batch-size", "0", "--device", "cpu"]) in (2,)
-    assert "batch" in capsys.readouterr().err or True
+    assert main(["nsys", "--out", str(tmp_path / "n"), "--", "--batch-size", "0", "--device", "cpu"]) == 2
+    assert "--batch-size must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert main(["nsys", "--out", str(tmp_path / "n"), "--", "--model", "tiny", "--no-nvtx"]) == 2
+    assert "needs NVTX" in capsys.readouterr().err
     assert main(["nsys", "--nsys", str(tmp_path / "no-nsys"), "--out", str(tmp_path / "n2"), "--", "--model",
                  "tiny", "--device", "cpu"]) == 2
     assert "nsys not found" in capsys.readouterr().err

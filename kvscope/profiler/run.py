@@ -92,6 +92,21 @@ def _check_spec(spec: RunSpec) -> None:
         raise KvscopeError(f"--nvml-interval-ms must be positive, got {spec.nvml_interval_ms}")
 
 
+def prepare(spec: RunSpec) -> tuple[ModelSource, RunConfig]:
+    """Every check of a run's input that needs no model weights: sizes, granularity, device, model, context."""
+    _check_spec(spec)
+    device = resolve_device(spec.device)
+    model_spec = spec.model or (DEFAULT_MODEL_CUDA if device.type == "cuda" else DEFAULT_MODEL_CPU)
+    source = resolve_model(model_spec)
+    dtype = parse_dtype(spec.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    cfg = RunConfig(spec.batch_size, spec.seq + spec.gen_tokens, dtype, device, spec.attn)
+    if spec.seq > source.args.max_position_embeddings:
+        raise KvscopeError(f"--seq {spec.seq} exceeds {source.args.name}'s maximum context of "
+                           f"{source.args.max_position_embeddings}")
+    cfg.check(source.args)
+    return source, cfg
+
+
 def default_out_dir(source: ModelSource, spec: RunSpec) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     name = source.args.name.replace("/", "_")
@@ -141,20 +156,11 @@ class _OutputFolder:
 def execute(spec: RunSpec, progress: ProgressFn | None = None, log: Callable[[str], None] | None = None
             ) -> RunResult:
     """Validate, run and write one configuration. Raises KvscopeError for bad input before any file is made."""
-    _check_spec(spec)
-    device = resolve_device(spec.device)
-    model_spec = spec.model or (DEFAULT_MODEL_CUDA if device.type == "cuda" else DEFAULT_MODEL_CPU)
-    source = resolve_model(model_spec)
-    dtype = parse_dtype(spec.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    cfg = RunConfig(spec.batch_size, spec.seq + spec.gen_tokens, dtype, device, spec.attn)
-    if spec.seq > source.args.max_position_embeddings:
-        raise KvscopeError(f"--seq {spec.seq} exceeds {source.args.name}'s maximum context of "
-                           f"{source.args.max_position_embeddings}")
-    cfg.check(source.args)
+    source, cfg = prepare(spec)
     out = _OutputFolder(Path(spec.out) if spec.out else default_out_dir(source, spec))
     say = log or (lambda _msg: None)
     if spec.model is None:
-        say(f"no --model given: using the {model_spec} preset (random weights) on {device.type}")
+        say(f"no --model given: using the {source.spec} preset (random weights) on {cfg.device.type}")
     try:
         result = _measure(spec, source, cfg, out, progress, say)
         result.out_dir = out.commit()
