@@ -72,6 +72,11 @@ def test_class_breakdown_exact(tiny) -> None:
     ("nvjet_sm90_tst_64x8_64x16_2x4_h_bz_TNT", "gemm"),
     ("void cublasLt::splitKreduce_kernel<32, 16, int, float>", "gemm"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "attention"),
+    ("void pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128, 64, 128, 4, false, false, "
+     "cutlass::bfloat16_t, Flash_kernel_traits<128, 64, 128, 4, cutlass::bfloat16_t>>, false, true>(Flash_fwd_params)",
+     "attention"),
+    ("void fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::bfloat16_t>)",
+     "attention"),
     ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MeanOps<float>>>", "norm"),
     ("void at::native::_scatter_gather_elementwise_kernel<128, 8>", "copy/memset"),
     ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise"),

@@ -17,10 +17,11 @@ CLASSES = ("gemm", "attention", "norm", "elementwise", "copy/memset", "communica
 # (class, pattern, what it catches); memcpy and memset operations are copy/memset whatever their name
 KERNEL_CLASS_RULES: tuple[tuple[str, str, str], ...] = (
     ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|sendrecv", "NCCL collectives"),
-    ("gemm", r"gemm|gemv|nvjet|cutlass|cublas|xmma|splitKreduce|matmul",
-     "cuBLAS / cuBLASLt (nvjet on Hopper), CUTLASS, split-K reductions"),
+    # before gemm: flash and memory-efficient attention kernels carry cutlass types in their names
     ("attention", r"flash|fmha|sdpa|attention|softmax",
      "flash / memory-efficient / cuDNN SDPA kernels, softmax of eager attention"),
+    ("gemm", r"gemm|gemv|nvjet|cutlass|cublas|xmma|splitKreduce|matmul",
+     "cuBLAS / cuBLASLt (nvjet on Hopper), CUTLASS, split-K reductions"),
     ("norm", r"rms_?norm|layer_?norm|MeanOps|rsqrt|pow_tensor_scalar", "fused norms; the mean, rsqrt, pow of RMSNorm"),
     ("copy/memset", r"copy|Copy|scatter|gather|index|Cat[A-Z]|fill",
      "casts and copies, torch.cat, KV-cache scatter, index/gather (embedding, RoPE tables)"),
