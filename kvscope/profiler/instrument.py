@@ -201,11 +201,15 @@ class Instrument:
         self._base_host_ns = time.perf_counter_ns()
 
     def reserve(self, regions: int) -> None:
-        """Create the CUDA events of `regions` timed regions now, outside the measured work (creating an event
-        inside a timed loop costs far more than recording one)."""
+        """Create the CUDA events of `regions` timed regions now, outside the measured work. torch creates the
+        driver event lazily at its first record, and creating one costs far more host time than recording one, so
+        each new event is recorded once here."""
         if self.clock == "cuda":
-            missing = 2 * regions - len(self._event_pool)
-            self._event_pool.extend(torch.cuda.Event(enable_timing=True) for _ in range(max(0, missing)))
+            missing = max(0, 2 * regions - len(self._event_pool))
+            fresh = [torch.cuda.Event(enable_timing=True) for _ in range(missing)]
+            for ev in fresh:
+                ev.record()  # creates the driver event now
+            self._event_pool.extend(fresh)
 
     def timed_levels(self) -> frozenset[str]:
         return frozenset(lvl for lvl, on in self._timed_levels.items() if on)
@@ -243,7 +247,7 @@ class Instrument:
         if self.clock == "host":
             return time.perf_counter_ns()
         ev = self._event_pool.pop() if self._event_pool else torch.cuda.Event(enable_timing=True)
-        ev.record()
+        ev.record()  # a pooled event (reserve() created its driver event); a new one is created here, slower
         return ev
 
     # ---- resolution -------------------------------------------------------------------------------------------
