@@ -62,6 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="run folder (default traces/<time>-<model>-bs<B>-seq<L>/)")
     r.set_defaults(func=_cmd_run)
 
+    k = sub.add_parser("kv-math", help="KV-cache memory maths: bytes per token, capacity, Little's law, paging")
+    k.add_argument("--model", required=True, help="preset name, checkpoint folder, or config.json")
+    k.add_argument("--batch-size", type=int, default=1)
+    k.add_argument("--seq", type=int, default=0, help="context per request (default: the model's maximum)")
+    k.add_argument("--dtype", default=None, help="weights/activations dtype (default: the model's, bf16 for presets)")
+    k.add_argument("--kv-dtype", default=None, choices=["bf16", "fp16", "fp8", "fp32"], help="default: --dtype")
+    budget = k.add_mutually_exclusive_group()
+    budget.add_argument("--gpu-mem-gb", type=float, default=None, help="memory budget in GiB")
+    budget.add_argument("--device", default=None, help="cuda: take the budget from the GPU present")
+    k.add_argument("--reserve-gb", type=float, default=1.0, help="kept free for context and workspaces (GiB)")
+    k.add_argument("--rps", type=float, default=None, help="arrival rate, requests per second")
+    k.add_argument("--latency-s", type=float, default=None, help="time a request stays in flight, seconds")
+    k.add_argument("--page-size", type=int, default=None, help="tokens per KV page (paged cache waste)")
+    k.add_argument("--json", action="store_true", help="stdout is one JSON object")
+    k.set_defaults(func=_cmd_kv_math)
+
     a = sub.add_parser("align", help="project an nsys export's NVTX ranges onto kernels and align with timings")
     a.add_argument("export", help="nsys export: .sqlite, parquetdir folder, or .nsys-rep (needs nsys)")
     a.add_argument("--timings", default=None, help="the kvscope run folder profiled in the export")
@@ -76,6 +92,67 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("run_args", nargs=argparse.REMAINDER, help="arguments of `kvscope run`, after --")
     n.set_defaults(func=_cmd_nsys)
     return parser
+
+
+def _model_dtype(source: object) -> str:
+    """The dtype a checkpoint or config.json names (`torch_dtype` / `dtype`), bfloat16 for presets."""
+    from pathlib import Path
+
+    spec = Path(source.spec)
+    cfg = spec / "config.json" if spec.is_dir() else spec
+    if cfg.is_file() and cfg.suffix == ".json":
+        data = json.loads(cfg.read_text())
+        value = data.get("torch_dtype") or data.get("dtype")
+        if isinstance(value, str) and value in ("float32", "bfloat16", "float16"):
+            return value
+    return "bfloat16"
+
+
+def _cmd_kv_math(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvscope.analysis.kvmath import GIB_BYTES, KvQuery, kv_math
+    from kvscope.profiler.weights import resolve_model
+
+    source = resolve_model(ns.model)
+    gpu_mem = None
+    if ns.gpu_mem_gb is not None:
+        if not ns.gpu_mem_gb > 0:
+            raise KvscopeError(f"--gpu-mem-gb must be positive, got {ns.gpu_mem_gb}")
+        gpu_mem = int(ns.gpu_mem_gb * GIB_BYTES)
+    elif ns.device is not None:
+        from kvscope.profiler.runconfig import resolve_device
+
+        dev = resolve_device(ns.device)
+        if dev.type != "cuda":
+            raise KvscopeError("--device for kv-math takes cuda (the budget is the GPU's memory)")
+        import torch
+
+        gpu_mem = int(torch.cuda.mem_get_info(dev)[1])
+    if ns.reserve_gb < 0:
+        raise KvscopeError(f"--reserve-gb must be >= 0, got {ns.reserve_gb}")
+    dtype = ns.dtype or _model_dtype(source)
+    result = kv_math(KvQuery(source.args, batch=ns.batch_size, seq=ns.seq, dtype=dtype, kv_dtype=ns.kv_dtype,
+                             gpu_mem_bytes=gpu_mem, reserve_bytes=int(ns.reserve_gb * GIB_BYTES), rps=ns.rps,
+                             latency_s=ns.latency_s, page_size=ns.page_size))
+    if ns.json:
+        print(json.dumps(result))
+        return 0
+    table = Table(title=f"KV-cache maths: {result['model']}, batch {result['batch']} x seq {result['seq']}",
+                  show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if isinstance(value, int) and "bytes" in key:
+            shown = f"{value:,} B ({value / GIB_BYTES:.3f} GiB)"
+        elif isinstance(value, float):
+            shown = f"{value:,.1f}"
+        else:
+            shown = f"{value:,}" if isinstance(value, int) else str(value)
+        table.add_row(key, shown)
+    Console().print(table)
+    return 0
 
 
 def _print_align(result: object) -> None:

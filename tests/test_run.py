@@ -219,3 +219,9 @@ def test_events_reserved_ahead_match_the_regions_of_a_rep(run_dir: Path) -> None
     t = pd.read_parquet(run_dir / "timings.parquet")
     per_rep = t[t["rep"] == 1]
     assert len(per_rep) == regions_per_rep(Instrument("op", "cpu", nvtx=False), PRESETS["tiny"].n_layers, GEN)
+
+
+def test_kv_prediction_matches_measured_allocation(run_dir: Path) -> None:
+    s = pd.read_parquet(run_dir / "summary.parquet").iloc[0]
+    assert s["kv_predicted_bytes"] == s["kv_cache_bytes"]
+    assert abs(s["kv_alloc_bytes"] - s["kv_predicted_bytes"]) <= 0.01 * s["kv_predicted_bytes"]

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kvscope.analysis.kvmath import kv_bytes_per_token
 from kvscope.errors import KvscopeError
 from kvscope.io import write_json, write_parquet
 from kvscope.profiler.engine import Engine
@@ -330,11 +331,12 @@ def _summary(t: pd.DataFrame, spec: RunSpec, run_id: str, source: ModelSource, c
         "decode_host_vs_events_max_pct": gap,
         "peak_allocated_mb": mem["peak_allocated_mb"], "peak_reserved_mb": mem["peak_reserved_mb"],
         "kv_cache_bytes": engine.cache.nbytes, "kv_alloc_bytes": engine.kv_alloc_bytes,
+        "kv_predicted_bytes": kv_bytes_per_token(source.args, engine.cache.data.element_size()) * b * (s + g),
         "weights_bytes": weights_bytes, "ready_s": ready_s,
     }
     df = pd.DataFrame([row])
     for col in ("seq_len", "batch", "gen_tokens", "decode_steps", "reps", "warmup", "kv_cache_bytes",
-                "kv_alloc_bytes", "weights_bytes"):
+                "kv_alloc_bytes", "kv_predicted_bytes", "weights_bytes"):
         df[col] = df[col].astype("int64")
     return df
 
