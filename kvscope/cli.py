@@ -62,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="run folder (default traces/<time>-<model>-bs<B>-seq<L>/)")
     r.set_defaults(func=_cmd_run)
 
+    w = sub.add_parser("sweep", help="every (seq, batch) pair as a run, one model load; appends to a CSV/Parquet")
+    _add_model_args(w)
+    w.add_argument("--seq", required=True, help="comma-separated prompt lengths, e.g. 128,256,512")
+    w.add_argument("--batch-sizes", required=True, help="comma-separated batch sizes, e.g. 1,2,4")
+    w.add_argument("--gen-tokens", type=int, default=32)
+    w.add_argument("--warmup", type=int, default=2)
+    w.add_argument("--reps", type=int, default=5)
+    w.add_argument("--granularity", default="phase", choices=["none", "phase", "layer", "op"])
+    w.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
+    w.add_argument("--collapse-factor", type=float, default=2.0)
+    w.add_argument("--resume", action="store_true", help="skip configurations the file already holds")
+    w.set_defaults(func=_cmd_sweep)
+
     k = sub.add_parser("kv-math", help="KV-cache memory maths: bytes per token, capacity, Little's law, paging")
     k.add_argument("--model", required=True, help="preset name, checkpoint folder, or config.json")
     k.add_argument("--batch-size", type=int, default=1)
@@ -92,6 +105,34 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("run_args", nargs=argparse.REMAINDER, help="arguments of `kvscope run`, after --")
     n.set_defaults(func=_cmd_nsys)
     return parser
+
+
+def _cmd_sweep(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from kvscope.profiler.run import CLASSIC_COLUMNS, RunSpec
+    from kvscope.profiler.sweep import SweepSpec, parse_int_list, run_sweep
+
+    base = RunSpec(model=ns.model, gen_tokens=ns.gen_tokens, warmup=ns.warmup, reps=ns.reps,
+                   granularity=ns.granularity, attn=ns.attn, dtype=ns.dtype, device=ns.device, seed=ns.seed)
+    sw = SweepSpec(base, parse_int_list(ns.seq, "--seq"), parse_int_list(ns.batch_sizes, "--batch-sizes"),
+                   Path(ns.out), ns.collapse_factor, ns.resume)
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("sweep", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"sweep ({what})")
+
+        rows = run_sweep(sw, progress=progress, log=lambda m: err.print(f"kvscope: {m}"))
+    cols = [c for c in CLASSIC_COLUMNS if c in rows.columns]
+    print(rows[cols].to_string(index=False))
+    print(f"sweep: {sw.out} ({len(rows)} configuration(s))")
+    return 0
 
 
 def _model_dtype(source: object) -> str:

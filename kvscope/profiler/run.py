@@ -173,9 +173,26 @@ def execute(spec: RunSpec, progress: ProgressFn | None = None, log: Callable[[st
 
 def _measure(spec: RunSpec, source: ModelSource, cfg: RunConfig, out: _OutputFolder, progress: ProgressFn | None,
              say: Callable[[str], None]) -> RunResult:
+    model, ready_s = load_model(source, cfg.device, cfg.dtype, seed=spec.seed)
+    say(f"{source.args.name} ready in {ready_s:.2f} s on {cfg.device} ({str(cfg.dtype).removeprefix('torch.')})")
+    result = measure(model, spec, source, cfg, out.final.name, ready_s, progress)
+    write_run(result, out.tmp)
+    return result
+
+
+def write_run(result: RunResult, folder: Path) -> None:
+    """The run folder's files: timings, summary, NVML samples (when present) and the Chrome trace."""
+    write_parquet(result.timings, folder / "timings.parquet", result.metadata)
+    write_parquet(result.summary, folder / "summary.parquet", result.metadata)
+    if result.nvml is not None:
+        write_parquet(result.nvml, folder / "nvml.parquet", result.metadata)
+    write_json(chrome_trace(result.timings, result.nvml, result.metadata), folder / "trace.json")
+
+
+def measure(model: torch.nn.Module, spec: RunSpec, source: ModelSource, cfg: RunConfig, run_id: str,
+            ready_s: float = math.nan, progress: ProgressFn | None = None) -> RunResult:
+    """Warm up, then time `spec.reps` repetitions of prefill + decode on an already loaded model."""
     device, cuda = cfg.device, cfg.device.type == "cuda"
-    model, ready_s = load_model(source, device, cfg.dtype, seed=spec.seed)
-    say(f"{source.args.name} ready in {ready_s:.2f} s on {device} ({str(cfg.dtype).removeprefix('torch.')})")
     ins = Instrument(spec.granularity, device, nvtx=spec.nvtx)
     engine = Engine(model, cfg, ins)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -222,19 +239,13 @@ def _measure(spec: RunSpec, source: ModelSource, cfg: RunConfig, out: _OutputFol
         nvml.stop()
     records += ins.collect()
 
-    run_id = out.final.name
     timings = _timings_frame(records, run_id, spec)
     nvml_df = pd.DataFrame(nvml.samples, columns=list(NVML_COLUMNS)) if nvml.available else None
     mem = _memory(device, cuda)
     weights_bytes = source.args.param_count() * torch.empty((), dtype=cfg.dtype).element_size()
     summary = _summary(timings, spec, run_id, source, cfg, engine, mem, host_decode_ms, ready_s, weights_bytes)
     meta = _metadata(spec, source, cfg, ins, nvml, ready_s, host_decode_ms, engine)
-    write_parquet(timings, out.tmp / "timings.parquet", meta)
-    write_parquet(summary, out.tmp / "summary.parquet", meta)
-    if nvml_df is not None:
-        write_parquet(nvml_df, out.tmp / "nvml.parquet", meta)
-    write_json(chrome_trace(timings, nvml_df, meta), out.tmp / "trace.json")
-    return RunResult(out.final, summary, timings, nvml_df, meta)
+    return RunResult(Path(run_id), summary, timings, nvml_df, meta)
 
 
 def regions_per_rep(ins: Instrument, n_layers: int, gen_tokens: int) -> int:
