@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--resume", action="store_true", help="skip configurations the file already holds")
     w.set_defaults(func=_cmd_sweep)
 
+    rp = sub.add_parser("report", help="Markdown report with PNG plots of a run folder or a sweep file")
+    rp.add_argument("source", help="a run folder (or a `kvscope nsys` folder), or a sweep .csv/.parquet")
+    rp.add_argument("--out", default=None, help="report folder (default: <source>-report beside it)")
+    rp.set_defaults(func=_cmd_report)
+
     k = sub.add_parser("kv-math", help="KV-cache memory maths: bytes per token, capacity, Little's law, paging")
     k.add_argument("--model", required=True, help="preset name, checkpoint folder, or config.json")
     k.add_argument("--batch-size", type=int, default=1)
@@ -132,6 +137,17 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
     cols = [c for c in CLASSIC_COLUMNS if c in rows.columns]
     print(rows[cols].to_string(index=False))
     print(f"sweep: {sw.out} ({len(rows)} configuration(s))")
+    return 0
+
+
+def _cmd_report(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvscope.analysis.report import make_report
+
+    report = make_report(Path(ns.source), Path(ns.out) if ns.out else None)
+    files = sorted(p.name for p in report.parent.iterdir())
+    print(f"report: {report} ({', '.join(files)})")
     return 0
 
 

@@ -58,11 +58,15 @@ def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
 
 
 def read_table(path: Path) -> pd.DataFrame:
+    """A sweep file (CSV or Parquet); `flag` comes back as strings, empty where nothing is flagged."""
     try:
-        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=False,
-                                                                                   na_values=[""])
+        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=False,
+                                                                                 na_values=[""])
     except (OSError, ValueError) as exc:
         raise KvscopeError(f"cannot read {path}: {exc}") from None
+    if "flag" in df.columns:
+        df["flag"] = df["flag"].astype("string").fillna("")
+    return df
 
 
 def _write(df: pd.DataFrame, path: Path, meta: dict[str, Any]) -> None:
