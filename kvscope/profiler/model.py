@@ -230,33 +230,37 @@ def _rope_from_config(config: dict[str, Any], name: str) -> tuple[float, RopeSca
 _LLAMA31_SCALING = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
 _LLAMA32_SCALING = RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
 
+
+def _qwen25(name: str, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, intermediate_size: int,
+            vocab_size: int = 151936, tied: bool = True) -> ModelArgs:
+    """Qwen2.5 family: q/k/v bias, rope_theta 1e6, eps 1e-6, 32k context."""
+    return ModelArgs(name, "qwen2", dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     intermediate_size=intermediate_size, vocab_size=vocab_size, max_position_embeddings=32768,
+                     norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=tied, qkv_bias=True)
+
+
+def _llama3(name: str, dim: int, n_layers: int, n_heads: int, intermediate_size: int, scaling: RopeScaling,
+            tied: bool, head_dim: int = 0) -> ModelArgs:
+    """Llama 3.1 / 3.2 family: 8 KV heads, 128k vocabulary and context, rope_theta 5e5 with llama3 scaling."""
+    return ModelArgs(name, "llama", dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=8,
+                     intermediate_size=intermediate_size, vocab_size=128256, max_position_embeddings=131072,
+                     norm_eps=1e-5, rope_theta=500_000.0, rope_scaling=scaling, tie_word_embeddings=tied,
+                     head_dim=head_dim)
+
+
 # Architectural numbers of the published checkpoints (their config.json); weights are random when built from these.
 PRESETS: dict[str, ModelArgs] = {
     p.name: p
     for p in (
         ModelArgs("tiny", "llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=160,
                   vocab_size=512, max_position_embeddings=2048, norm_eps=1e-5, rope_theta=10000.0),
-        ModelArgs("qwen2.5-0.5b", "qwen2", dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864,
-                  vocab_size=151936, max_position_embeddings=32768, norm_eps=1e-6, rope_theta=1_000_000.0,
-                  tie_word_embeddings=True, qkv_bias=True),
-        ModelArgs("qwen2.5-1.5b", "qwen2", dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, intermediate_size=8960,
-                  vocab_size=151936, max_position_embeddings=32768, norm_eps=1e-6, rope_theta=1_000_000.0,
-                  tie_word_embeddings=True, qkv_bias=True),
-        ModelArgs("qwen2.5-3b", "qwen2", dim=2048, n_layers=36, n_heads=16, n_kv_heads=2, intermediate_size=11008,
-                  vocab_size=151936, max_position_embeddings=32768, norm_eps=1e-6, rope_theta=1_000_000.0,
-                  tie_word_embeddings=True, qkv_bias=True),
-        ModelArgs("qwen2.5-7b", "qwen2", dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, intermediate_size=18944,
-                  vocab_size=152064, max_position_embeddings=32768, norm_eps=1e-6, rope_theta=1_000_000.0,
-                  tie_word_embeddings=False, qkv_bias=True),
-        ModelArgs("llama-3.2-1b", "llama", dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192,
-                  vocab_size=128256, max_position_embeddings=131072, norm_eps=1e-5, rope_theta=500_000.0,
-                  rope_scaling=_LLAMA32_SCALING, tie_word_embeddings=True, head_dim=64),
-        ModelArgs("llama-3.2-3b", "llama", dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, intermediate_size=8192,
-                  vocab_size=128256, max_position_embeddings=131072, norm_eps=1e-5, rope_theta=500_000.0,
-                  rope_scaling=_LLAMA32_SCALING, tie_word_embeddings=True, head_dim=128),
-        ModelArgs("llama-3.1-8b", "llama", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
-                  vocab_size=128256, max_position_embeddings=131072, norm_eps=1e-5, rope_theta=500_000.0,
-                  rope_scaling=_LLAMA31_SCALING, tie_word_embeddings=False),
+        _qwen25("qwen2.5-0.5b", 896, 24, 14, 2, 4864),
+        _qwen25("qwen2.5-1.5b", 1536, 28, 12, 2, 8960),
+        _qwen25("qwen2.5-3b", 2048, 36, 16, 2, 11008),
+        _qwen25("qwen2.5-7b", 3584, 28, 28, 4, 18944, vocab_size=152064, tied=False),
+        _llama3("llama-3.2-1b", 2048, 16, 32, 8192, _LLAMA32_SCALING, tied=True, head_dim=64),
+        _llama3("llama-3.2-3b", 3072, 28, 24, 8192, _LLAMA32_SCALING, tied=True, head_dim=128),
+        _llama3("llama-3.1-8b", 4096, 32, 32, 14336, _LLAMA31_SCALING, tied=False),
         # Mistral-7B-v0.3: 32768-token vocabulary, rope_theta 1e6, no sliding window.
         ModelArgs("mistral-7b", "mistral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
                   vocab_size=32768, max_position_embeddings=32768, norm_eps=1e-5, rope_theta=1_000_000.0),
