@@ -247,7 +247,7 @@ def _cmd_nsys(ns: argparse.Namespace) -> int:
     from kvscope.analysis.nsys import export_rep
     from kvscope.analysis.report_align import analyse, write
     from kvscope.profiler.nsys_capture import capture
-    from kvscope.profiler.run import _OutputFolder, prepare
+    from kvscope.profiler.run import OutputFolder, prepare
 
     run_args = list(ns.run_args)
     if run_args[:1] == ["--"]:
@@ -258,7 +258,7 @@ def _cmd_nsys(ns: argparse.Namespace) -> int:
         raise KvscopeError("kvscope nsys needs NVTX ranges: drop --no-nvtx")
     prepare(_run_spec(build_parser().parse_args(["run", *run_args])))  # validate before starting nsys
     final = Path(ns.out) if ns.out else Path("traces") / f"{datetime.now():%Y%m%d-%H%M%S}-nsys"
-    folder = _OutputFolder(final)
+    folder = OutputFolder(final)
     try:
         rep, run_dir = capture(run_args, folder.tmp, ns.nsys)
         sqlite = export_rep(rep, ns.nsys, out=folder.tmp / "report.sqlite")

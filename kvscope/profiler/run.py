@@ -114,7 +114,7 @@ def default_out_dir(source: ModelSource, spec: RunSpec) -> Path:
     return Path("traces") / f"{stamp}-{name}-bs{spec.batch_size}-seq{spec.seq}"
 
 
-class _OutputFolder:
+class OutputFolder:
     """A temporary sibling folder that becomes `final` on `commit()`, and is removed (with any parent folders it
     created) otherwise, so a failed run leaves nothing behind."""
 
@@ -158,7 +158,7 @@ def execute(spec: RunSpec, progress: ProgressFn | None = None, log: Callable[[st
             ) -> RunResult:
     """Validate, run and write one configuration. Raises KvscopeError for bad input before any file is made."""
     source, cfg = prepare(spec)
-    out = _OutputFolder(Path(spec.out) if spec.out else default_out_dir(source, spec))
+    out = OutputFolder(Path(spec.out) if spec.out else default_out_dir(source, spec))
     say = log or (lambda _msg: None)
     if spec.model is None:
         say(f"no --model given: using the {source.spec} preset (random weights) on {cfg.device.type}")
@@ -171,7 +171,7 @@ def execute(spec: RunSpec, progress: ProgressFn | None = None, log: Callable[[st
         raise
 
 
-def _measure(spec: RunSpec, source: ModelSource, cfg: RunConfig, out: _OutputFolder, progress: ProgressFn | None,
+def _measure(spec: RunSpec, source: ModelSource, cfg: RunConfig, out: OutputFolder, progress: ProgressFn | None,
              say: Callable[[str], None]) -> RunResult:
     model, ready_s = load_model(source, cfg.device, cfg.dtype, seed=spec.seed)
     say(f"{source.args.name} ready in {ready_s:.2f} s on {cfg.device} ({str(cfg.dtype).removeprefix('torch.')})")
