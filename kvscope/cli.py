@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--resume", action="store_true", help="skip configurations the file already holds")
     w.set_defaults(func=_cmd_sweep)
 
+    c = sub.add_parser("calibrate", help="measure copy bandwidth, bf16 matmul rate and the decode matvec chain")
+    c.add_argument("--device", default="cuda")
+    c.add_argument("--model", default="qwen2.5-3b", help="preset whose batch-1 matvec chain is timed")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cmd_calibrate)
+
     rp = sub.add_parser("report", help="Markdown report with PNG plots of a run folder or a sweep file")
     rp.add_argument("source", help="a run folder (or a `kvscope nsys` folder), or a sweep .csv/.parquet")
     rp.add_argument("--out", default=None, help="report folder (default: <source>-report beside it)")
@@ -137,6 +143,25 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
     cols = [c for c in CLASSIC_COLUMNS if c in rows.columns]
     print(rows[cols].to_string(index=False))
     print(f"sweep: {sw.out} ({len(rows)} configuration(s))")
+    return 0
+
+
+def _cmd_calibrate(ns: argparse.Namespace) -> int:
+    from kvscope.profiler.calibrate import calibrate, save
+    from kvscope.profiler.model import ModelArgs
+    from kvscope.profiler.runconfig import resolve_device
+
+    device = resolve_device(ns.device)
+    result = calibrate(device, ModelArgs.from_preset(ns.model))
+    path = save(result)
+    if ns.json:
+        print(json.dumps(result))
+    else:
+        chain = result["matvec_chain"]
+        print(f"{result['gpu']}: copy {result['copy_gb_s']:,.0f} GB/s (read + written), bf16 matmul "
+              f"{result['bf16_tflop_s']:,.0f} TFLOP/s, {chain['preset']} batch-1 matvec chain "
+              f"({chain['products']} products, one CUDA graph) {chain['ms']:.3f} ms = {chain['gb_s']:,.0f} GB/s")
+        print(f"cached in {path}")
     return 0
 
 

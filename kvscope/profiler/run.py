@@ -345,11 +345,30 @@ def _summary(t: pd.DataFrame, spec: RunSpec, run_id: str, source: ModelSource, c
         "kv_predicted_bytes": kv_bytes_per_token(source.args, engine.cache.data.element_size()) * b * (s + g),
         "weights_bytes": weights_bytes, "ready_s": ready_s,
     }
+    row.update(_roofline_columns(t, source, cfg))
     df = pd.DataFrame([row])
     for col in ("seq_len", "batch", "gen_tokens", "decode_steps", "reps", "warmup", "kv_cache_bytes",
                 "kv_alloc_bytes", "kv_predicted_bytes", "weights_bytes"):
         df[col] = df[col].astype("int64")
     return df
+
+
+def _roofline_columns(t: pd.DataFrame, source: ModelSource, cfg: RunConfig) -> dict[str, float]:
+    """decode_mbu / prefill_mfu: medians against the cached ceilings of this GPU (NaN when not calibrated)."""
+    from kvscope.analysis.roofline import roofline
+    from kvscope.profiler.calibrate import load_ceilings
+
+    nan = {"decode_mbu": math.nan, "prefill_mfu": math.nan, "decode_gb_s": math.nan, "prefill_tflop_s": math.nan}
+    timed = t[t["level"].isin(["phase", "step"])]
+    if not len(timed):
+        return nan
+    ceilings = load_ceilings(_device_name(cfg.device)) if cfg.device.type == "cuda" else None
+    itemsize = torch.empty((), dtype=cfg.dtype).element_size()
+    r = roofline(timed, source.args, itemsize, itemsize, ceilings)
+    dec, pre = r[r["phase"] == "decode"], r[r["phase"] == "prefill"]
+    return {"decode_mbu": _pct(dec["mbu"], 50) if ceilings else math.nan,
+            "prefill_mfu": _pct(pre["mfu"], 50) if ceilings else math.nan,
+            "decode_gb_s": _pct(dec["achieved_gb_s"], 50), "prefill_tflop_s": _pct(pre["achieved_tflop_s"], 50)}
 
 
 def _device_name(device: torch.device) -> str:

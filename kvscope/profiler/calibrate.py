@@ -1,0 +1,124 @@
+"""`kvscope calibrate`: measure the GPU's ceilings once and cache them per GPU name.
+
+- copy bandwidth: a device-to-device copy of `copy_bytes`, bytes read + written per second;
+- bf16 matmul rate: an n x n x n product on random data;
+- the decode step's chain of matrix-vector products for a preset at batch 1, replayed from one CUDA graph: the
+  floor of a cuBLAS-based decode step.
+
+Each figure is a median of CUDA-event timings after warm-up. The cache is JSON at
+`$XDG_CACHE_HOME/kvscope/calibration.json` (default `~/.cache/kvscope/calibration.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvscope.analysis.roofline import Ceilings
+from kvscope.errors import KvscopeError
+from kvscope.profiler.model import ModelArgs
+
+COPY_BYTES = 2**30
+MATMUL_N = 8192
+
+
+def cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kvscope" / "calibration.json"
+
+
+def load_ceilings(gpu: str, path: Path | None = None) -> Ceilings | None:
+    """Cached ceilings of this GPU, or None when it was never calibrated (or the cache cannot be read)."""
+    p = path or cache_path()
+    try:
+        entry = json.loads(p.read_text()).get(gpu)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict):
+        return None
+    return Ceilings(gpu, float(entry["copy_gb_s"]), float(entry["bf16_tflop_s"]))
+
+
+def _median_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()  # named sync: after each timed pair
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def matvec_chain_ms(args: ModelArgs, device: torch.device, reps: int = 20) -> tuple[float, int, int]:
+    """Median ms of one batch-1 decode step's matrix-vector products (fused q/k/v and gate/up, as the engine runs
+    them, and the output projection), replayed from one CUDA graph; also the number of products and weight bytes."""
+    dt = torch.bfloat16
+    shapes = [(args.q_size + 2 * args.kv_size, args.dim), (args.dim, args.q_size),
+              (2 * args.intermediate_size, args.dim), (args.dim, args.intermediate_size)] * args.n_layers
+    shapes.append((args.vocab_size, args.dim))
+    weights = [torch.randn(o, i, device=device, dtype=dt) * 0.02 for o, i in shapes]
+    inputs = {i: torch.randn(1, i, device=device, dtype=dt) for i in {i for _, i in shapes}}
+    outs = [torch.empty(1, o, device=device, dtype=dt) for o, _ in shapes]
+
+    def chain() -> None:
+        for w, out in zip(weights, outs, strict=True):
+            torch.matmul(inputs[w.shape[1]], w.t(), out=out)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain()
+    ms = _median_ms(graph.replay, reps)
+    return ms, len(shapes), sum(w.numel() * w.element_size() for w in weights)
+
+
+def calibrate(device: torch.device, preset: ModelArgs, copy_bytes: int = COPY_BYTES, n: int = MATMUL_N
+              ) -> dict[str, Any]:
+    if device.type != "cuda":
+        raise KvscopeError("kvscope calibrate measures a GPU: it needs --device cuda and a CUDA device")
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = _median_ms(lambda: dst.copy_(src), reps=20)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    mm_ms = _median_ms(lambda: a @ b, reps=20)
+    chain_ms, products, chain_bytes = matvec_chain_ms(preset, device)
+    torch.cuda.empty_cache()
+    return {
+        "gpu": torch.cuda.get_device_name(device),
+        "date": datetime.now(UTC).date().isoformat(),
+        "torch": torch.__version__,
+        "copy_gb_s": 2 * copy_bytes / (copy_ms / 1e3) / 1e9,
+        "bf16_tflop_s": 2 * n**3 / (mm_ms / 1e3) / 1e12,
+        "matvec_chain": {"preset": preset.name, "products": products, "weight_bytes": chain_bytes,
+                         "ms": chain_ms, "gb_s": chain_bytes / (chain_ms / 1e3) / 1e9},
+    }
+
+
+def save(result: dict[str, Any], path: Path | None = None) -> Path:
+    p = path or cache_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = json.loads(p.read_text()) if p.exists() else {}
+    except ValueError:
+        data = {}
+    data[result["gpu"]] = result
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, p)
+    return p
