@@ -29,6 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (default 0)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
+    p.add_argument("--graphs", default="off", choices=["on", "off"],
+                   help="replay decode steps from one CUDA graph (CUDA only; default off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +130,8 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
     from kvscope.profiler.sweep import SweepSpec, parse_int_list, run_sweep
 
     base = RunSpec(model=ns.model, gen_tokens=ns.gen_tokens, warmup=ns.warmup, reps=ns.reps,
-                   granularity=ns.granularity, attn=ns.attn, dtype=ns.dtype, device=ns.device, seed=ns.seed)
+                   granularity=ns.granularity, attn=ns.attn, dtype=ns.dtype, device=ns.device, seed=ns.seed,
+                   graphs=ns.graphs == "on")
     sw = SweepSpec(base, parse_int_list(ns.seq, "--seq"), parse_int_list(ns.batch_sizes, "--batch-sizes"),
                    Path(ns.out), ns.collapse_factor, ns.resume)
     err = Console(stderr=True)
@@ -304,7 +307,7 @@ def _run_spec(ns: argparse.Namespace):  # -> RunSpec
     return RunSpec(model=ns.model, batch_size=ns.batch_size, seq=ns.seq, gen_tokens=ns.gen_tokens,
                    warmup=ns.warmup, reps=ns.reps, granularity=ns.granularity, attn=ns.attn, dtype=ns.dtype,
                    device=ns.device, out=ns.out, nvtx=False if ns.no_nvtx else None,
-                   nvml_interval_ms=ns.nvml_interval_ms, seed=ns.seed)
+                   nvml_interval_ms=ns.nvml_interval_ms, seed=ns.seed, graphs=ns.graphs == "on")
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
@@ -376,10 +379,12 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
                            f"{source.args.max_position_embeddings}")
     cfg = RunConfig(batch_size=len(prompts), max_seq=max_seq, dtype=dtype, device=device, attn=ns.attn)
     cfg.check(source.args)
+    if ns.graphs == "on" and device.type != "cuda":
+        raise KvscopeError("--graphs on needs a CUDA device")
     model, ready_s = load_model(source, device, dtype, seed=ns.seed)
     print(f"kvscope: {source.args.name} ({source.kind}{', random weights' if source.random_weights else ''}) "
           f"on {device} in {str(dtype).removeprefix('torch.')}, ready in {ready_s:.2f} s", file=sys.stderr)
-    engine = Engine(model, cfg)
+    engine = Engine(model, cfg, graphs=ns.graphs == "on")
     tokens = engine.generate(prompts, ns.max_new_tokens)
     for row in tokens:
         print(json.dumps(row))

@@ -77,3 +77,16 @@ def test_subprocess_bad_input_has_no_traceback() -> None:
                          capture_output=True, text=True, check=False)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("cmd", ["generate", "run"])
+def test_graphs_need_cuda(cmd: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    extra = ["--prompt-ids", "1,2"] if cmd == "generate" else ["--out", str(tmp_path / "r")]
+    assert main([cmd, "--model", "tiny", "--device", "cpu", "--graphs", "on", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--graphs on needs a CUDA device" in err[0]
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@
   on the device; greedy sampling on the device; no host sync and no Python-side tensor creation from host data, so a
   step can be captured in a CUDA graph.
 - `decode_n(n)`: n steps, tokens gathered into one device tensor `(B, n)`.
+- `graphs=True` (CUDA): the first decode step captures one step in a CUDA graph; every step replays it.
 
 Every piece of work is opened through the engine's `Instrument`: phase (`prefill`, `decode step N`), layer (`L07`,
 plus `embed`, `lm_head`, `sample`) and op (`L07.norm`, `.qkv`, `.rope`, `.kv_write`, `.attn`, `.o_proj`, `.mlp`;
@@ -58,9 +59,15 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
 class Engine:
     """One model, one KV cache, static decode buffers, and the attention switch of the run config."""
 
-    def __init__(self, model: Transformer, cfg: RunConfig, instrument: Instrument | None = None) -> None:
+    def __init__(self, model: Transformer, cfg: RunConfig, instrument: Instrument | None = None,
+                 graphs: bool = False) -> None:
         args = model.args
         cfg.check(args)
+        if graphs and cfg.device.type != "cuda":
+            raise KvscopeError("CUDA graphs need a CUDA device (--graphs off on the CPU)")
+        self.graphs = graphs
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_logits: torch.Tensor | None = None
         self.model = model
         self.cfg = cfg
         self.args = args
@@ -156,13 +163,43 @@ class Engine:
             self.next_tokens.copy_(tokens)
         self.cache.check_room(1)
         step = self.step
-        with (self.ins.region(f"decode step {step}", "step", phase="decode", step=step,
-                              tokens=self.cfg.batch_size, context_len=max(self.cache.host_lengths) + 1),
-              sdpa_kernel(DECODE_SDPA_BACKENDS)):
-            self._decode_forward()
-            self.cache.advance()
+        if self.graphs and self._graph is None:
+            self._capture()
+        with self.ins.region(f"decode step {step}", "step", phase="decode", step=step,
+                             tokens=self.cfg.batch_size, context_len=max(self.cache.host_lengths) + 1):
+            if self._graph is not None:
+                self._graph.replay()  # forward, K/V write, greedy token and length update, as captured
+                self.cache.advance(device=False)
+                self.logits = self._graph_logits
+            else:
+                with sdpa_kernel(DECODE_SDPA_BACKENDS):
+                    self._decode_forward()
+                self.cache.advance()
         self.step = step + 1
         return self.next_tokens
+
+    def _capture(self) -> None:
+        """Capture one decode step (fixed shapes: the whole cache with a key mask) in a CUDA graph.
+
+        Warm-up runs execute a real step's forward twice on a side stream without advancing the lengths, from the
+        same input tokens (restored before and after), so the K/V they write at the current positions are the ones
+        the first replay writes again. Regions are paused while capturing: timing and NVTX happen around replays.
+        """
+        saved = self.next_tokens.clone()
+        side = torch.cuda.Stream(self.cfg.device)
+        side.wait_stream(torch.cuda.current_stream(self.cfg.device))
+        with self.ins.paused(), torch.cuda.stream(side), sdpa_kernel(DECODE_SDPA_BACKENDS):
+            for _ in range(2):
+                self.next_tokens.copy_(saved)
+                self._decode_forward(static=True)
+        torch.cuda.current_stream(self.cfg.device).wait_stream(side)
+        self.next_tokens.copy_(saved)
+        graph = torch.cuda.CUDAGraph()
+        with self.ins.paused(), torch.cuda.graph(graph), sdpa_kernel(DECODE_SDPA_BACKENDS):
+            self._decode_forward(static=True)
+            self.cache.lengths.add_(1)
+        self._graph = graph
+        self._graph_logits = self.logits  # the graph's own output buffer, rewritten by every replay
 
     def _decode_forward(self, static: bool = False) -> None:
         """The device work of one step: reads next_tokens and cache.lengths, writes K/V and next_tokens.

@@ -72,7 +72,9 @@ class KVCache:
             raise KvscopeError(
                 f"KV cache overflow: a sequence would reach {longest} positions, cache holds {self.max_seq}")
 
-    def advance(self) -> None:
-        """Every sequence gained one position (call after its K/V were written)."""
-        self.lengths.add_(1)
+    def advance(self, device: bool = True) -> None:
+        """Every sequence gained one position (call after its K/V were written). `device=False` when the device
+        lengths were already advanced by captured work (a CUDA-graph replay)."""
+        if device:
+            self.lengths.add_(1)
         self._host_lengths = [n + 1 for n in self._host_lengths]

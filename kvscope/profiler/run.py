@@ -67,6 +67,7 @@ class RunSpec:
     nvtx: bool | None = None  # None: KVSCOPE_NVTX decides
     nvml_interval_ms: float = 20.0
     seed: int = 0
+    graphs: bool = False  # decode steps replayed from one CUDA graph (CUDA only)
 
 
 @dataclass
@@ -97,6 +98,8 @@ def prepare(spec: RunSpec) -> tuple[ModelSource, RunConfig]:
     """Every check of a run's input that needs no model weights: sizes, granularity, device, model, context."""
     _check_spec(spec)
     device = resolve_device(spec.device)
+    if spec.graphs and device.type != "cuda":
+        raise KvscopeError("--graphs on needs a CUDA device")
     model_spec = spec.model or (DEFAULT_MODEL_CUDA if device.type == "cuda" else DEFAULT_MODEL_CPU)
     source = resolve_model(model_spec)
     dtype = parse_dtype(spec.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -194,7 +197,7 @@ def measure(model: torch.nn.Module, spec: RunSpec, source: ModelSource, cfg: Run
     """Warm up, then time `spec.reps` repetitions of prefill + decode on an already loaded model."""
     device, cuda = cfg.device, cfg.device.type == "cuda"
     ins = Instrument(spec.granularity, device, nvtx=spec.nvtx)
-    engine = Engine(model, cfg, ins)
+    engine = Engine(model, cfg, ins, graphs=spec.graphs)
     gen = torch.Generator().manual_seed(spec.seed)
     prompt = torch.randint(0, source.args.vocab_size, (spec.batch_size, spec.seq), generator=gen)  # (B, S)
     tokens, lengths = prompt.to(device), [spec.seq] * spec.batch_size
@@ -388,7 +391,6 @@ def _metadata(spec: RunSpec, source: ModelSource, cfg: RunConfig, ins: Instrumen
               ready_s: float, host_decode_ms: list[float], engine: Engine) -> dict[str, Any]:
     from kvscope import __version__
 
-    cuda = cfg.device.type == "cuda"
     return {
         "kvscope_version": __version__,
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -410,7 +412,7 @@ def _metadata(spec: RunSpec, source: ModelSource, cfg: RunConfig, ins: Instrumen
         "host_decode_ms": host_decode_ms,
         "kv_cache": {"bytes": engine.cache.nbytes, "alloc_bytes": engine.kv_alloc_bytes,
                      "shape": list(engine.cache.data.shape)},
-        "cuda_graphs": False if cuda else None,
+        "cuda_graphs": spec.graphs,
     }
 
 
