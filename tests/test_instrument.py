@@ -70,3 +70,41 @@ def test_env_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unknown_granularity() -> None:
     with pytest.raises(KvscopeError, match="unknown granularity 'kernel'"):
         Instrument("kernel", torch.device("cpu"))
+
+
+class _FakeDomain:
+    """Stands in for an NVTX domain with a tool attached: records what the instrument sends."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+        self.made: list[dict] = []
+
+    def get_event_attributes(self, message: str, color: int, category: str, payload: int | None) -> dict:
+        attrs = {"message": message, "color": color, "category": category, "payload": payload}
+        self.made.append(attrs)
+        return attrs
+
+    def push_range(self, attrs: dict) -> None:
+        self.events.append(("push", attrs["message"]))
+
+    def pop_range(self) -> None:
+        self.events.append(("pop",))
+
+
+def test_nvtx_ranges_nest_close_on_error_and_reuse_attributes() -> None:
+    ins = Instrument("none", "cpu", nvtx=False)
+    fake = _FakeDomain()
+    ins._domain = fake  # as if nsys were attached
+    for step in (1, 2):
+        with (pytest.raises(RuntimeError), ins.region(f"decode step {step}", "step", phase="decode", step=step),
+              ins.region_with("L00", "layer", {"layer": 0})):
+            raise RuntimeError("boom")
+    assert fake.events == [("push", "decode step 1"), ("push", "L00"), ("pop",), ("pop",),
+                           ("push", "decode step 2"), ("push", "L00"), ("pop",), ("pop",)]
+    step_attrs = [a for a in fake.made if a["message"].startswith("decode step")]
+    assert [(a["category"], a["payload"]) for a in step_attrs] == [("decode", 1), ("decode", 2)]
+    assert len([a for a in fake.made if a["message"] == "L00"]) == 1  # registered once, then reused
+    with ins.region("prefill", "phase", phase="prefill", step=0), ins.region_with("L00", "layer", {"layer": 0}):
+        pass
+    assert [a["category"] for a in fake.made if a["message"] == "L00"] == ["decode", "prefill"]
+    assert ins.collect() == []  # granularity none: nothing timed

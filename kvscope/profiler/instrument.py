@@ -159,7 +159,7 @@ class Instrument:
         self._domain = _nvtx_domain() if want_nvtx else None
         self._paused = False
         self._records: list[RegionRecord] = []
-        self._attr_cache: dict[tuple[str, int | None], Any] = {}
+        self._attr_cache: dict[tuple[str, int | None, str | None], Any] = {}
         self._event_pool: list[torch.cuda.Event] = []  # created ahead (reserve) or returned by collect
         self._phase: str | None = None
         self._step: int | None = None
@@ -234,7 +234,7 @@ class Instrument:
         return _Region(self, name, level, timed, keys)
 
     def _attributes(self, name: str, level: str, step: int | None) -> Any:
-        key = (name, step)
+        key = (name, step, self._phase)
         attrs = self._attr_cache.get(key)
         if attrs is None:
             color = _COLORS.get(self._phase if level in ("phase", "step") else level, 0x999999)
