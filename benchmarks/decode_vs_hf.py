@@ -1,0 +1,157 @@
+"""Decode step time of transformers and kvscope on the same GPU, same random weights, one process.
+
+Implementations: `hf-eager` (transformers forward loop with its DynamicCache), `hf-static-compiled`
+(`generate(cache_implementation="static")`, which compiles; the first call per shape takes minutes),
+`kvscope-eager`, `kvscope-graphs` (decode steps replayed from one CUDA graph). For every batch and context:
+decode ms per step (median of CUDA-event step times after warm-up; for `hf-static-compiled`, the difference of
+two `generate` calls divided by the extra steps), tokens/s, and MBU against the calibrated copy bandwidth
+(`kvscope calibrate`; bytes per step counted by `kvscope.analysis.roofline.decode_cost`).
+
+    python3 benchmarks/decode_vs_hf.py --model qwen2.5-3b --batches 1,8,64 --contexts 512,4096
+        --impls hf-eager,kvscope-eager,kvscope-graphs --json docs/benchmarks/decode_vs_hf.json
+
+Pick `--impls` / `--batches` / `--contexts` so that one call fits the device's per-command limit; rows are merged
+into the JSON file, keyed by (impl, batch, context).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from kvscope.analysis.roofline import decode_cost
+from kvscope.profiler.calibrate import load_ceilings
+from kvscope.profiler.engine import Engine
+from kvscope.profiler.model import ModelArgs
+from kvscope.profiler.runconfig import RunConfig
+from kvscope.profiler.weights import empty_model, load_hf_tensors
+
+IMPLS = ("hf-eager", "hf-static-compiled", "kvscope-eager", "kvscope-graphs")
+CUDA = torch.device("cuda")
+
+
+def _event_ms(fn: Callable[[], object]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()  # named sync: after the timed pair
+    return start.elapsed_time(end)
+
+
+def hf_model(args: ModelArgs) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = args.to_hf_config()
+    hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k != "architectures"})
+    torch.manual_seed(0)
+    with torch.device(CUDA):
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return model.eval()
+
+
+@torch.inference_mode()
+def hf_eager_ms(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> float:
+    out = model(prompt, use_cache=True)
+    past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    times = []
+    for i in range(steps + 3):
+        holder = {}
+
+        def step(t: torch.Tensor = tok, p: object = past, h: dict = holder) -> None:
+            h["out"] = model(t, past_key_values=p, use_cache=True)
+
+        ms = _event_ms(step)
+        past, tok = holder["out"].past_key_values, holder["out"].logits[:, -1].argmax(-1, keepdim=True)
+        if i >= 3:
+            times.append(ms)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def hf_static_ms(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> float:
+    kw = {"do_sample": False, "cache_implementation": "static", "pad_token_id": 0, "eos_token_id": None,
+          "attention_mask": torch.ones_like(prompt)}
+    for n in (1, steps + 1):  # compile both lengths' paths outside the timing
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)
+    short = statistics.median(_event_ms(lambda: model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw))
+                              for _ in range(3))
+    long = statistics.median(_event_ms(lambda: model.generate(prompt, max_new_tokens=steps + 1,
+                                                              min_new_tokens=steps + 1, **kw)) for _ in range(3))
+    return (long - short) / steps
+
+
+def kvscope_ms(engine: Engine, prompt: torch.Tensor, steps: int) -> float:
+    lengths = [prompt.shape[1]] * prompt.shape[0]
+    engine.prefill(prompt, lengths)
+    for _ in range(3):
+        engine.decode_step()
+    times = [_event_ms(engine.decode_step) for _ in range(steps)]
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="qwen2.5-3b")
+    p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--contexts", default="512,4096")
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--json", default="docs/benchmarks/decode_vs_hf.json")
+    ns = p.parse_args()
+    args = ModelArgs.from_preset(ns.model)
+    impls = ns.impls.split(",")
+    bad = [i for i in impls if i not in IMPLS]
+    if bad:
+        raise SystemExit(f"unknown impl(s): {bad}; choose from {IMPLS}")
+    ceilings = load_ceilings(torch.cuda.get_device_name())
+    hf = hf_model(args)
+    ours = empty_model(args, CUDA, torch.bfloat16)
+    load_hf_tensors(ours, hf.state_dict().items())
+    rows = []
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {ns.model} bf16, "
+          f"copy ceiling {ceilings.copy_gb_s if ceilings else 'not calibrated'} GB/s")
+    print("| impl | batch | context | decode ms/step | tok/s | MBU |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for batch in [int(b) for b in ns.batches.split(",")]:
+        for ctx in [int(c) for c in ns.contexts.split(",")]:
+            prompt = torch.randint(0, args.vocab_size, (batch, ctx), device=CUDA)
+            for impl in impls:
+                if impl == "hf-eager":
+                    ms = hf_eager_ms(hf, prompt, ns.steps)
+                elif impl == "hf-static-compiled":
+                    ms = hf_static_ms(hf, prompt, ns.steps)
+                else:
+                    cfg = RunConfig(batch, ctx + ns.steps + 8, torch.bfloat16, CUDA)
+                    ms = kvscope_ms(Engine(ours, cfg, graphs=impl == "kvscope-graphs"), prompt, ns.steps)
+                moved, _ = decode_cost(args, batch, ctx + ns.steps // 2, 2, 2)
+                mbu = moved / (ms / 1e3) / 1e9 / ceilings.copy_gb_s if ceilings else None
+                rows.append({"impl": impl, "batch": batch, "context": ctx, "decode_ms_per_step": ms,
+                             "tok_s": batch / (ms / 1e3), "mbu": mbu})
+                print(f"| {impl} | {batch} | {ctx} | {ms:.3f} | {batch / (ms / 1e3):,.0f} | "
+                      f"{'' if mbu is None else f'{mbu:.1%}'} |")
+                torch.cuda.empty_cache()
+    path = Path(ns.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    keep = [r for r in old if (r["impl"], r["batch"], r["context"]) not in
+            {(n["impl"], n["batch"], n["context"]) for n in rows}]
+    path.write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                "date": datetime.now(UTC).date().isoformat(), "model": ns.model,
+                                "rows": keep + rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
