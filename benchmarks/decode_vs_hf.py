@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,19 +29,11 @@ from kvscope.profiler.calibrate import load_ceilings
 from kvscope.profiler.engine import Engine
 from kvscope.profiler.model import ModelArgs
 from kvscope.profiler.runconfig import RunConfig
+from kvscope.profiler.timing import event_ms, median_event_ms
 from kvscope.profiler.weights import empty_model, load_hf_tensors
 
 IMPLS = ("hf-eager", "hf-static-compiled", "kvscope-eager", "kvscope-graphs")
 CUDA = torch.device("cuda")
-
-
-def _event_ms(fn: Callable[[], object]) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()  # named sync: after the timed pair
-    return start.elapsed_time(end)
 
 
 def hf_model(args: ModelArgs) -> torch.nn.Module:
@@ -73,7 +64,7 @@ def hf_eager_ms(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> flo
         def step(t: torch.Tensor = tok, p: object = past, h: dict = holder) -> None:
             h["out"] = model(t, past_key_values=p, use_cache=True)
 
-        ms = _event_ms(step)
+        ms = event_ms(step)
         past, tok = holder["out"].past_key_values, holder["out"].logits[:, -1].argmax(-1, keepdim=True)
         if i >= 3:
             times.append(ms)
@@ -86,9 +77,9 @@ def hf_static_ms(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> fl
           "attention_mask": torch.ones_like(prompt)}
     for n in (1, steps + 1):  # compile both lengths' paths outside the timing
         model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)
-    short = statistics.median(_event_ms(lambda: model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw))
+    short = statistics.median(event_ms(lambda: model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw))
                               for _ in range(3))
-    long = statistics.median(_event_ms(lambda: model.generate(prompt, max_new_tokens=steps + 1,
+    long = statistics.median(event_ms(lambda: model.generate(prompt, max_new_tokens=steps + 1,
                                                               min_new_tokens=steps + 1, **kw)) for _ in range(3))
     return (long - short) / steps
 
@@ -96,10 +87,7 @@ def hf_static_ms(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> fl
 def kvscope_ms(engine: Engine, prompt: torch.Tensor, steps: int) -> float:
     lengths = [prompt.shape[1]] * prompt.shape[0]
     engine.prefill(prompt, lengths)
-    for _ in range(3):
-        engine.decode_step()
-    times = [_event_ms(engine.decode_step) for _ in range(steps)]
-    return statistics.median(times)
+    return median_event_ms(engine.decode_step, reps=steps, warmup=3)
 
 
 def main() -> None:

@@ -7,28 +7,14 @@ eager loop, per preset. CUDA events, medians after warm-up.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 from kvscope.profiler.engine import Engine, pad_prompts
 from kvscope.profiler.runconfig import RunConfig, parse_dtype
+from kvscope.profiler.timing import median_event_ms
 from kvscope.profiler.weights import load_model, resolve_model
-
-
-def _median_ms(fn, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()  # named sync: between repetitions, outside the timed pair
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -56,21 +42,12 @@ def main() -> None:
         model, ready_s = load_model(src, dev, dtype)
         eng = Engine(model, RunConfig(ns.batch, ns.seq + ns.steps + 8, dtype, dev))
         tokens, lengths = pad_prompts([list(range(1, ns.seq + 1))] * ns.batch, src.args.vocab_size, dev)
-        prefill_ms = _median_ms(lambda e=eng, t=tokens, ln=lengths: e.prefill(t, ln), reps=5, warmup=2)
+        prefill_ms = median_event_ms(lambda e=eng, t=tokens, ln=lengths: e.prefill(t, ln), reps=5, warmup=2)
         # decode: time `steps` steps after one prefill, report per step
         eng.prefill(tokens, lengths)
-        for _ in range(3):
-            eng.decode_step()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        per_step = []
-        for _ in range(ns.steps):
-            start.record()
-            eng.decode_step()
-            end.record()
-            end.synchronize()  # named sync: between steps, outside the timed pair
-            per_step.append(start.elapsed_time(end))
+        decode_ms = median_event_ms(eng.decode_step, reps=ns.steps, warmup=3)
         print(f"| {name} | {src.args.param_count() / 1e9:.2f} | {ready_s:.2f} | {prefill_ms:.2f} | "
-              f"{statistics.median(per_step):.2f} |")
+              f"{decode_ms:.2f} |")
         del eng, model
 
 

@@ -7,20 +7,12 @@ at a new length vs repeated calls, per SDPA backend. Shapes of qwen2.5-3b decode
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-def _time_ms(fn: Callable[[], None]) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()  # named sync: after the timed pair
-    return start.elapsed_time(end)
+from kvscope.profiler.timing import event_ms
 
 
 def main() -> None:
@@ -45,8 +37,8 @@ def main() -> None:
                     F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n])
 
         try:
-            first = [_time_ms(lambda n=n: call(n)) for n in lengths]
-            again = [_time_ms(lambda n=lengths[0]: call(n)) for _ in range(20)]
+            first = [event_ms(lambda n=n: call(n)) for n in lengths]
+            again = [event_ms(lambda n=lengths[0]: call(n)) for _ in range(20)]
         except RuntimeError as exc:
             print(f"| {name} | unavailable: {str(exc).splitlines()[0][:80]} | |")
             continue

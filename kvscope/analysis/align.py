@@ -137,7 +137,6 @@ def _join_timings(out: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
     t = timings.copy()
     t["run"] = ("run bs=" + t["batch"].astype(str) + " seq=" + t["seq_len"].astype(str) + " gen="
                 + t["gen_tokens"].astype(str))
-    key = ["run", "rep", "step", "name"]
     # run and rep rows carry no step; the decode phase row carries no step either
     for df in (t, out):
         df["_rep"] = df["rep"].fillna(-1).astype("int64")

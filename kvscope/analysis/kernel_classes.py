@@ -46,7 +46,3 @@ def classify(kind: pd.Series, name: pd.Series) -> pd.Series:
     out = name.fillna("").map(lookup).to_numpy(dtype=object)
     out = np.where(kind.isin(["memcpy", "memset"]).to_numpy(), "copy/memset", out)
     return pd.Series(pd.Categorical(out, categories=CLASSES), index=name.index)
-
-
-def rules_table() -> pd.DataFrame:
-    return pd.DataFrame(KERNEL_CLASS_RULES, columns=["class", "pattern", "catches"])

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from kvscope.analysis.roofline import Ceilings
 from kvscope.errors import KvscopeError
 from kvscope.profiler.model import ModelArgs
+from kvscope.profiler.timing import median_event_ms
 
 COPY_BYTES = 2**30
 MATMUL_N = 8192
@@ -44,20 +43,6 @@ def load_ceilings(gpu: str, path: Path | None = None) -> Ceilings | None:
     if not isinstance(entry, dict):
         return None
     return Ceilings(gpu, float(entry["copy_gb_s"]), float(entry["bf16_tflop_s"]))
-
-
-def _median_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()  # named sync: after each timed pair
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def matvec_chain_ms(args: ModelArgs, device: torch.device, reps: int = 20) -> tuple[float, int, int]:
@@ -83,7 +68,7 @@ def matvec_chain_ms(args: ModelArgs, device: torch.device, reps: int = 20) -> tu
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         chain()
-    ms = _median_ms(graph.replay, reps)
+    ms = median_event_ms(graph.replay, reps)
     return ms, len(shapes), sum(w.numel() * w.element_size() for w in weights)
 
 
@@ -93,10 +78,10 @@ def calibrate(device: torch.device, preset: ModelArgs, copy_bytes: int = COPY_BY
         raise KvscopeError("kvscope calibrate measures a GPU: it needs --device cuda and a CUDA device")
     src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    copy_ms = _median_ms(lambda: dst.copy_(src), reps=20)
+    copy_ms = median_event_ms(lambda: dst.copy_(src), reps=20)
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    mm_ms = _median_ms(lambda: a @ b, reps=20)
+    mm_ms = median_event_ms(lambda: a @ b, reps=20)
     chain_ms, products, chain_bytes = matvec_chain_ms(preset, device)
     torch.cuda.empty_cache()
     return {

@@ -11,7 +11,7 @@ gate and up projections, so a decoder layer runs four matrix products instead of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -177,9 +177,6 @@ class ModelArgs:
         if self.family == "llama":
             cfg["attention_bias"] = self.qkv_bias
         return cfg
-
-    def with_(self, **changes: Any) -> ModelArgs:
-        return replace(self, **changes)
 
 
 def _family_of(config: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -185,7 +185,3 @@ def _writable(folder: Path) -> bool:
     import os
 
     return os.access(folder, os.W_OK | os.X_OK)
-
-
-def describe(seqs: Sequence[int], batches: Sequence[int]) -> str:
-    return f"{len(seqs)} sequence length(s) x {len(batches)} batch size(s)"
