@@ -5,7 +5,8 @@ Implementations: `hf-eager` (transformers forward loop with its DynamicCache), `
 `kvscope-eager`, `kvscope-graphs` (decode steps replayed from one CUDA graph). For every batch and context:
 decode ms per step (median of CUDA-event step times after warm-up; for `hf-static-compiled`, the difference of
 two `generate` calls divided by the extra steps), tokens/s, and MBU against the calibrated copy bandwidth
-(`kvscope calibrate`; bytes per step counted by `kvscope.analysis.roofline.decode_cost`).
+(`kvscope calibrate`; bytes per step counted by `kvscope.analysis.roofline.decode_cost`), and the ratio to the
+step's matrix products alone at that batch, replayed from one CUDA graph (`matvec_chain_ms`, measured here).
 
     python3 benchmarks/decode_vs_hf.py --model qwen2.5-3b --batches 1,8,64 --contexts 512,4096
         --impls hf-eager,kvscope-eager,kvscope-graphs --json docs/benchmarks/decode_vs_hf.json
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from kvscope.analysis.roofline import decode_cost
-from kvscope.profiler.calibrate import load_ceilings
+from kvscope.profiler.calibrate import load_ceilings, matvec_chain_ms
 from kvscope.profiler.engine import Engine
 from kvscope.profiler.model import ModelArgs
 from kvscope.profiler.runconfig import RunConfig
@@ -55,7 +56,7 @@ def hf_model(args: ModelArgs) -> torch.nn.Module:
 
 @torch.inference_mode()
 def hf_eager_ms(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> float:
-    out = model(prompt, use_cache=True)
+    out = model(prompt, use_cache=True, logits_to_keep=1)  # (B, 1, V): no full-sequence logits
     past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     times = []
     for i in range(steps + 3):
@@ -111,9 +112,12 @@ def main() -> None:
     rows = []
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {ns.model} bf16, "
           f"copy ceiling {ceilings.copy_gb_s if ceilings else 'not calibrated'} GB/s")
-    print("| impl | batch | context | decode ms/step | tok/s | MBU |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| impl | batch | context | decode ms/step | tok/s | MBU | x matmul chain |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for batch in [int(b) for b in ns.batches.split(",")]:
+        chain_ms = matvec_chain_ms(args, CUDA, batch=batch)[0]  # the step's matrix products alone, one graph
+        torch.cuda.empty_cache()
+        print(f"| matmul chain alone (one CUDA graph) | {batch} | - | {chain_ms:.3f} | | | 1.00 |")
         for ctx in [int(c) for c in ns.contexts.split(",")]:
             prompt = torch.randint(0, args.vocab_size, (batch, ctx), device=CUDA)
             for impl in impls:
@@ -127,9 +131,9 @@ def main() -> None:
                 moved, _ = decode_cost(args, batch, ctx + ns.steps // 2, 2, 2)
                 mbu = moved / (ms / 1e3) / 1e9 / ceilings.copy_gb_s if ceilings else None
                 rows.append({"impl": impl, "batch": batch, "context": ctx, "decode_ms_per_step": ms,
-                             "tok_s": batch / (ms / 1e3), "mbu": mbu})
+                             "tok_s": batch / (ms / 1e3), "mbu": mbu, "matmul_chain_ms": chain_ms})
                 print(f"| {impl} | {batch} | {ctx} | {ms:.3f} | {batch / (ms / 1e3):,.0f} | "
-                      f"{'' if mbu is None else f'{mbu:.1%}'} |")
+                      f"{'' if mbu is None else f'{mbu:.1%}'} | {ms / chain_ms:.2f} |", flush=True)
                 torch.cuda.empty_cache()
     path = Path(ns.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (default 0)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
-    p.add_argument("--graphs", default="off", choices=["on", "off"],
-                   help="replay decode steps from one CUDA graph (CUDA only; default off)")
+    p.add_argument("--graphs", default=None, choices=["on", "off"],
+                   help="replay each decode step from a captured CUDA graph (default: on for CUDA at granularity "
+                        "none/phase, off otherwise)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +132,7 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
 
     base = RunSpec(model=ns.model, gen_tokens=ns.gen_tokens, warmup=ns.warmup, reps=ns.reps,
                    granularity=ns.granularity, attn=ns.attn, dtype=ns.dtype, device=ns.device, seed=ns.seed,
-                   graphs=ns.graphs == "on")
+                   graphs=_graphs_flag(ns))
     sw = SweepSpec(base, parse_int_list(ns.seq, "--seq"), parse_int_list(ns.batch_sizes, "--batch-sizes"),
                    Path(ns.out), ns.collapse_factor, ns.resume)
     err = Console(stderr=True)
@@ -301,13 +302,17 @@ def _cmd_nsys(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _graphs_flag(ns: argparse.Namespace) -> bool | None:
+    return None if ns.graphs is None else ns.graphs == "on"
+
+
 def _run_spec(ns: argparse.Namespace):  # -> RunSpec
     from kvscope.profiler.run import RunSpec
 
     return RunSpec(model=ns.model, batch_size=ns.batch_size, seq=ns.seq, gen_tokens=ns.gen_tokens,
                    warmup=ns.warmup, reps=ns.reps, granularity=ns.granularity, attn=ns.attn, dtype=ns.dtype,
                    device=ns.device, out=ns.out, nvtx=False if ns.no_nvtx else None,
-                   nvml_interval_ms=ns.nvml_interval_ms, seed=ns.seed, graphs=ns.graphs == "on")
+                   nvml_interval_ms=ns.nvml_interval_ms, seed=ns.seed, graphs=_graphs_flag(ns))
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
@@ -384,7 +389,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     model, ready_s = load_model(source, device, dtype, seed=ns.seed)
     print(f"kvscope: {source.args.name} ({source.kind}{', random weights' if source.random_weights else ''}) "
           f"on {device} in {str(dtype).removeprefix('torch.')}, ready in {ready_s:.2f} s", file=sys.stderr)
-    engine = Engine(model, cfg, graphs=ns.graphs == "on")
+    engine = Engine(model, cfg, graphs=device.type == "cuda" if ns.graphs is None else ns.graphs == "on")
     tokens = engine.generate(prompts, ns.max_new_tokens)
     for row in tokens:
         print(json.dumps(row))

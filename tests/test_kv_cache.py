@@ -16,13 +16,13 @@ CPU = torch.device("cpu")
 def test_one_allocation_with_layer_views() -> None:
     a = PRESETS["tiny"]
     c = KVCache(a, batch=3, max_seq=40, dtype=torch.float16, device=CPU)
-    assert tuple(c.data.shape) == (a.n_layers, 2, 3, a.n_kv_heads, 40, a.head_dim)
+    assert tuple(c.data.shape) == (a.n_layers, 2, 3, 40, a.n_kv_heads, a.head_dim)
     assert c.nbytes == a.n_layers * 2 * 3 * a.n_kv_heads * 40 * a.head_dim * 2 == 30720
     assert c.nbytes == KVCache.bytes_for(a, 3, 40, torch.float16)
     for layer in range(a.n_layers):
         assert c.k(layer).data_ptr() == c.data[layer, 0].data_ptr()
         assert c.v(layer).untyped_storage().data_ptr() == c.data.untyped_storage().data_ptr()
-        assert tuple(c.k(layer).shape) == (3, a.n_kv_heads, 40, a.head_dim)
+        assert tuple(c.k(layer).shape) == (3, 40, a.n_kv_heads, a.head_dim)
 
 
 def test_bad_sizes() -> None:

@@ -7,6 +7,8 @@ Hugging Face checkpoints (KV head g serves query heads g*n_rep ... g*n_rep + n_r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -50,31 +52,78 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: s
     return torch.matmul(probs, v).reshape(b, h, s, d)  # (B, H, S, D)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor | None,
+@dataclass
+class DecodeMeta:
+    """What every layer's decode attention of one step shares, built once per step by the engine.
+
+    span: key positions the masked path reads (host int): the whole cache when captured in a graph, else the
+    longest valid prefix. key_mask: (B, 1, 1, span) bool, True where a key is valid, or None when all are.
+    seqused: (B,) int32 valid keys per sequence, the new token included, on the flash path (else None), with
+    cu_q = [0, 1, ..., B] and cu_k = [0, S, 2S, ..., B*S] (int32) describing the cache as varlen sequences.
+    """
+
+    span: int
+    key_mask: torch.Tensor | None = None
+    seqused: torch.Tensor | None = None
+    cu_q: torch.Tensor | None = None
+    cu_k: torch.Tensor | None = None
+
+
+def flash_decode_ok(impl: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether decode attention runs as flash attention over the cache in place (varlen, lengths on the device):
+    the `sdpa` switch on CUDA in fp16/bf16 with a head_dim flash supports."""
+    return (impl == "sdpa" and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and head_dim % 8 == 0 and head_dim <= 256)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta,
                      impl: str) -> torch.Tensor:
     """One new query per sequence against the cache.
 
-    q: (B, H, 1, D); k_cache/v_cache: (B, H_kv, L, D); key_mask: (B, 1, 1, L) bool, True where a position holds
-    valid K/V, or None when all L positions of every sequence are valid. Returns (B, H, 1, D).
+    q: (B, H, D); k_cache/v_cache: (B, S_max, H_kv, D), one layer of the token-major cache. Returns (B, H, D).
+    With `meta.seqused` set: flash attention (one split-KV kernel and its combine) reading each sequence's first
+    seqused[b] keys, no mask, fixed shapes (capturable in a CUDA graph). Otherwise the masked path over the first
+    `meta.span` keys: torch SDPA or eager matmul-softmax-matmul, GQA as extra query rows of each KV head.
     """
-    _check(q, k_cache, v_cache, "decode_attention")
-    b, h, one, d = q.shape
-    if one != 1:
-        raise ValueError(f"decode_attention: q must hold one position, got q{tuple(q.shape)}")
-    s_max = k_cache.shape[2]
-    if key_mask is not None and (key_mask.shape != (b, 1, 1, s_max) or key_mask.dtype != torch.bool):
-        raise ValueError(f"decode_attention: key_mask must be bool (B, 1, 1, L)=({b}, 1, 1, {s_max}), "
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"decode_attention: q must be (B, H, D) and k/v caches (B, S, H_kv, D), got "
+                         f"q{tuple(q.shape)} k{tuple(k_cache.shape)} v{tuple(v_cache.shape)}")
+    b, h, d = q.shape
+    _, s_max, h_kv, _ = k_cache.shape
+    if k_cache.shape[0] != b or k_cache.shape[3] != d or h % h_kv:
+        raise ValueError(f"decode_attention: q{tuple(q.shape)} does not fit k{tuple(k_cache.shape)} "
+                         "(B, H, D) / (B, S, H_kv, D)")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"decode_attention: dtypes differ: q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
+    if meta.seqused is not None:
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(-1) == 1):
+            raise ValueError(f"decode_attention (flash): caches must be contiguous and q unit-stride on D, got "
+                             f"q{q.stride()} k{k_cache.stride()} v{v_cache.stride()}")
+        if meta.seqused.shape != (b,) or meta.seqused.dtype != torch.int32:
+            raise ValueError(f"decode_attention (flash): seqused must be int32 ({b},), "
+                             f"got {meta.seqused.dtype} {tuple(meta.seqused.shape)}")
+        out = torch.ops.aten._flash_attention_forward(
+            q, k_cache.view(b * s_max, h_kv, d), v_cache.view(b * s_max, h_kv, d),  # (B*S, H_kv, D) varlen
+            meta.cu_q, meta.cu_k, 1, s_max, 0.0, False, False, scale=d**-0.5, seqused_k=meta.seqused)[0]
+        return out  # (B, H, D)
+    span = meta.span
+    if not 0 < span <= s_max:
+        raise ValueError(f"decode_attention: span {span} outside (0, {s_max}]")
+    key_mask = meta.key_mask
+    if key_mask is not None and (key_mask.shape != (b, 1, 1, span) or key_mask.dtype != torch.bool):
+        raise ValueError(f"decode_attention: key_mask must be bool (B, 1, 1, L)=({b}, 1, 1, {span}), "
                          f"got {key_mask.dtype} {tuple(key_mask.shape)}")
-    h_kv = k_cache.shape[1]
     qg = q.reshape(b, h_kv, h // h_kv, d)  # (B, H_kv, n_rep, D)
+    k = k_cache[:, :span].transpose(1, 2)  # (B, H_kv, L, D)
+    v = v_cache[:, :span].transpose(1, 2)  # (B, H_kv, L, D)
     if impl == "sdpa":
-        out = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=key_mask)  # (B, H_kv, n_rep, D)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=key_mask)  # (B, H_kv, n_rep, D)
     elif impl == "eager":
-        scores = torch.matmul(qg, k_cache.transpose(-1, -2)) * d**-0.5  # (B, H_kv, n_rep, S_max)
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * d**-0.5  # (B, H_kv, n_rep, L)
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, v_cache)  # (B, H_kv, n_rep, D)
+        out = torch.matmul(probs, v)  # (B, H_kv, n_rep, D)
     else:
         raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTN_IMPLS}")
-    return out.reshape(b, h, 1, d)  # (B, H, 1, D)
+    return out.reshape(b, h, d)  # (B, H, D)

@@ -45,16 +45,18 @@ def load_ceilings(gpu: str, path: Path | None = None) -> Ceilings | None:
     return Ceilings(gpu, float(entry["copy_gb_s"]), float(entry["bf16_tflop_s"]))
 
 
-def matvec_chain_ms(args: ModelArgs, device: torch.device, reps: int = 20) -> tuple[float, int, int]:
-    """Median ms of one batch-1 decode step's matrix-vector products (fused q/k/v and gate/up, as the engine runs
-    them, and the output projection), replayed from one CUDA graph; also the number of products and weight bytes."""
+def matvec_chain_ms(args: ModelArgs, device: torch.device, reps: int = 20, batch: int = 1
+                    ) -> tuple[float, int, int]:
+    """Median ms of one decode step's matrix products at `batch` rows (fused q/k/v and gate/up as the engine runs
+    them, the output projections, the lm_head), replayed from one CUDA graph; also the number of products and the
+    weight bytes. At batch 1 these are matrix-vector products: the floor of a cuBLAS-based decode step."""
     dt = torch.bfloat16
     shapes = [(args.q_size + 2 * args.kv_size, args.dim), (args.dim, args.q_size),
               (2 * args.intermediate_size, args.dim), (args.dim, args.intermediate_size)] * args.n_layers
     shapes.append((args.vocab_size, args.dim))
     weights = [torch.randn(o, i, device=device, dtype=dt) * 0.02 for o, i in shapes]
-    inputs = {i: torch.randn(1, i, device=device, dtype=dt) for i in {i for _, i in shapes}}
-    outs = [torch.empty(1, o, device=device, dtype=dt) for o, _ in shapes]
+    inputs = {i: torch.randn(batch, i, device=device, dtype=dt) for i in {i for _, i in shapes}}  # (B, in)
+    outs = [torch.empty(batch, o, device=device, dtype=dt) for o, _ in shapes]  # (B, out)
 
     def chain() -> None:
         for w, out in zip(weights, outs, strict=True):

@@ -22,10 +22,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvscope.errors import KvscopeError
-from kvscope.profiler.attention import decode_attention, prefill_attention
+from kvscope.profiler.attention import DecodeMeta, decode_attention, flash_decode_ok, prefill_attention
 from kvscope.profiler.instrument import Instrument
 from kvscope.profiler.kv_cache import KVCache
-from kvscope.profiler.model import Transformer, apply_rope, rope_tables
+from kvscope.profiler.model import Transformer, apply_rope, linear_residual_, rope_tables
 from kvscope.profiler.runconfig import RunConfig
 
 OPS = ("norm", "qkv", "rope", "kv_write", "attn", "o_proj", "mlp")
@@ -85,9 +85,16 @@ class Engine:
         # measured size of the cache allocation: the allocator's growth on CUDA, the storage's size on the CPU
         self.kv_alloc_bytes = (torch.cuda.memory_allocated(dev) - before if dev.type == "cuda"
                                else self.cache.data.untyped_storage().nbytes())
-        self.cos, self.sin = rope_tables(args, cfg.max_seq, dev, dt)  # (S_max, D) each
+        self.cos, self.sin_rot = rope_tables(args, cfg.max_seq, dev, dt)  # (S_max, D) each
         self.key_pos = torch.arange(cfg.max_seq, device=dev)  # (S_max,)
-        self.batch_idx = torch.arange(cfg.batch_size, device=dev)  # (B,)
+        b = cfg.batch_size
+        self.batch_idx = torch.arange(b, device=dev)  # (B,)
+        # V heads go through the decode step's RoPE with cos 1 and sin 0, i.e. unchanged
+        self._v_cos = torch.ones(1, 1, args.n_kv_heads, args.head_dim, dtype=dt, device=dev)  # (1, 1, H_kv, D)
+        self._v_sin = torch.zeros(1, 1, args.n_kv_heads, args.head_dim, dtype=dt, device=dev)  # (1, 1, H_kv, D)
+        self.flash_decode = flash_decode_ok(cfg.attn, dev, dt, args.head_dim)
+        self._cu_q = torch.arange(b + 1, dtype=torch.int32, device=dev)  # (B+1,) one query per sequence
+        self._cu_k = self._cu_q * cfg.max_seq  # (B+1,) each sequence's block of the token-major cache
         self.next_tokens = torch.zeros(cfg.batch_size, dtype=torch.int64, device=dev)  # (B,) static decode input
         self.logits: torch.Tensor | None = None  # (B, V) logits of the last prefill or decode step
 
@@ -100,22 +107,23 @@ class Engine:
         with ins.region("sample", "layer"):
             self.next_tokens.copy_(torch.argmax(self.logits, dim=-1))
 
-    def _layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
-        """One decoder layer on h (B, S, dim); `attend(i, q, k, v)` writes the cache and returns (B, H, S, D)."""
+    def _layer(self, i: int, h: torch.Tensor, attend) -> None:
+        """One decoder layer, updating h (B, S, dim) in place; `attend(i, qkv)` takes the fused projection
+        (B, S, H + 2*H_kv, D), applies RoPE, writes the cache and returns the attention output (B*S, H*D)."""
         layer, region, ops = self.model.layers[i], self.ins.region_with, self._op_regions[i]
+        b, s, dim = h.shape
+        h2 = h.view(b * s, dim)  # (B*S, dim), the residual stream, updated in place
         with region(*self._layer_regions[i]):
             with region(*ops["norm"]):
                 x = layer.attention_norm(h)
             with region(*ops["qkv"]):
-                q, k, v = layer.attention.qkv(x)  # q (B, H, S, D), k/v (B, H_kv, S, D)
-            with region(*ops["rope"]):
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            y = attend(i, q, k, v)  # (B, H, S, D)
+                qkv = layer.attention.qkv(x)  # (B, S, H+2H_kv, D)
+            y = attend(i, qkv)  # (B*S, H*D)
             with region(*ops["o_proj"]):
-                h = h + layer.attention.out(y)
+                linear_residual_(h2, y, layer.attention.wo)
             with region(*ops["mlp"]):
-                h = h + layer.feed_forward(layer.ffn_norm(h))
-        return h
+                ff = layer.feed_forward
+                linear_residual_(h2, ff.hidden_act(layer.ffn_norm(h2)), ff.w2)
 
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -132,21 +140,27 @@ class Engine:
         self.step = 1
         ins, m, cache, impl = self.ins, self.model, self.cache, self.cfg.attn
 
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        hq, hkv = self.args.n_heads, self.args.n_kv_heads
+        cos = self.cos[:s].view(1, s, 1, -1)  # (1, S, 1, D)
+        sin = self.sin_rot[:s].view(1, s, 1, -1)  # (1, S, 1, D)
+
+        def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             ops = self._op_regions[i]
+            with ins.region_with(*ops["rope"]):
+                qk = apply_rope(qkv[:, :, :hq + hkv], cos, sin)  # (B, S, H+H_kv, D)
+            q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[:, :, hq + hkv:]  # (B, S, H|H_kv, D)
             with ins.region_with(*ops["kv_write"]):
-                cache.k(i)[:, :, :s].copy_(k)  # (B, H_kv, S, D)
-                cache.v(i)[:, :, :s].copy_(v)
+                cache.k(i)[:, :s].copy_(k)  # (B, S, H_kv, D)
+                cache.v(i)[:, :s].copy_(v)
             with ins.region_with(*ops["attn"]):
-                return prefill_attention(q, k, v, impl)  # (B, H, S, D)
+                y = prefill_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), impl)  # (B, H, S, D)
+                return y.transpose(1, 2).reshape(b * s, hq * self.args.head_dim)  # (B*S, H*D)
 
         with ins.region("prefill", "phase", phase="prefill", step=0, tokens=sum(lengths), context_len=max(lengths)):
-            cos = self.cos[:s].unsqueeze(0)  # (1, S, D)
-            sin = self.sin[:s].unsqueeze(0)  # (1, S, D)
             with ins.region("embed", "layer"):
                 h = m.tok_embeddings(tokens)  # (B, S, dim)
             for i in range(self.args.n_layers):
-                h = self._layer(i, h, cos, sin, attend)
+                self._layer(i, h, attend)
             h_last = h[self.batch_idx, cache.lengths - 1]  # (B, dim): each sequence's last prompt position
             self._head(h_last)
         return self.next_tokens
@@ -209,31 +223,40 @@ class Engine:
         `static=True` (for CUDA-graph capture): fixed shapes, attention over all `max_seq` positions with a mask.
         """
         m, cache, a, ins, impl = self.model, self.cache, self.args, self.ins, self.cfg.attn
-        b = self.cfg.batch_size
+        b, hq, hkv, d = self.cfg.batch_size, a.n_heads, a.n_kv_heads, a.head_dim
         pos = cache.lengths  # (B,) position of the new token
-        cos = self.cos[pos].unsqueeze(1)  # (B, 1, D)
-        sin = self.sin[pos].unsqueeze(1)  # (B, 1, D)
-        write_idx = pos.view(b, 1, 1, 1).expand(b, a.n_kv_heads, 1, a.head_dim)  # (B, H_kv, 1, D)
-        host = cache.host_lengths
-        span = cache.max_seq if static else max(host) + 1
-        key_mask = None
-        if static or min(host) != max(host):
-            key_mask = (self.key_pos[:span].unsqueeze(0) <= pos.unsqueeze(1)).view(b, 1, 1, span)  # (B, 1, 1, L)
+        # RoPE tables of this step for all H + 2*H_kv heads of the fused projection (V heads: cos 1, sin 0)
+        cos = torch.cat((self.cos[pos].view(b, 1, 1, d).expand(b, 1, hq + hkv, d),
+                         self._v_cos.expand(b, 1, hkv, d)), dim=2)  # (B, 1, H+2H_kv, D)
+        sin = torch.cat((self.sin_rot[pos].view(b, 1, 1, d).expand(b, 1, hq + hkv, d),
+                         self._v_sin.expand(b, 1, hkv, d)), dim=2)  # (B, 1, H+2H_kv, D)
+        write_idx = pos.view(1, b, 1, 1, 1).expand(2, b, 1, hkv, d)  # (2, B, 1, H_kv, D)
+        if self.flash_decode:
+            meta = DecodeMeta(span=cache.max_seq, seqused=(pos + 1).to(torch.int32), cu_q=self._cu_q,
+                              cu_k=self._cu_k)
+        else:
+            host = cache.host_lengths
+            span = cache.max_seq if static else max(host) + 1
+            key_mask = None
+            if static or min(host) != max(host):
+                key_mask = (self.key_pos[:span].unsqueeze(0) <= pos.unsqueeze(1)).view(b, 1, 1, span)  # (B,1,1,L)
+            meta = DecodeMeta(span=span, key_mask=key_mask)
 
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             ops = self._op_regions[i]
-            k_cache, v_cache = cache.k(i), cache.v(i)  # (B, H_kv, S_max, D)
+            with ins.region_with(*ops["rope"]):
+                r = apply_rope(qkv, cos, sin)  # (B, 1, H+2H_kv, D): rotated q and k, v unchanged
             with ins.region_with(*ops["kv_write"]):
-                k_cache.scatter_(2, write_idx, k)
-                v_cache.scatter_(2, write_idx, v)
+                new_kv = r[:, :, hq:].view(b, 1, 2, hkv, d).permute(2, 0, 1, 3, 4)  # (2, B, 1, H_kv, D)
+                cache.kv(i).scatter_(2, write_idx, new_kv)  # K and V at each sequence's position, one kernel
             with ins.region_with(*ops["attn"]):
-                # (B, H_kv, L, D) views of the valid prefix
-                return decode_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], key_mask, impl)
+                y = decode_attention(r[:, 0, :hq], cache.k(i), cache.v(i), meta, impl)  # (B, H, D)
+                return y.view(b, hq * d)  # (B, H*D)
 
         with ins.region("embed", "layer"):
             h = m.tok_embeddings(self.next_tokens.view(b, 1))  # (B, 1, dim)
         for i in range(a.n_layers):
-            h = self._layer(i, h, cos, sin, attend)
+            self._layer(i, h, attend)
         self._head(h[:, 0])
 
     @torch.inference_mode()

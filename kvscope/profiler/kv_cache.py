@@ -11,7 +11,10 @@ from kvscope.profiler.model import ModelArgs
 
 
 class KVCache:
-    """K and V of every layer in one tensor `(layers, 2, batch, kv_heads, max_seq, head_dim)`.
+    """K and V of every layer in one tensor `(layers, 2, batch, max_seq, kv_heads, head_dim)`.
+
+    Token-major per sequence: one sequence's keys of one layer are a single `(max_seq * kv_heads * head_dim)` block,
+    which the flash-attention decode kernel reads in place (varlen layout) and a prefill writes without a transpose.
 
     `lengths` (device, int64, (B,)) is how many positions of each sequence hold valid K/V; the engine reads it as the
     position of the next token, so decoding needs no host sync. A host mirror of the lengths is kept in step (every
@@ -25,9 +28,9 @@ class KVCache:
         self.args = args
         self.batch = batch
         self.max_seq = max_seq
-        # (L, 2, B, H_kv, S, D); zeros so that unused slots are finite (they are masked out anyway)
+        # (L, 2, B, S, H_kv, D); zeros so that unused slots are finite (they are masked out anyway)
         self.data = torch.zeros(
-            (args.n_layers, 2, batch, args.n_kv_heads, max_seq, args.head_dim), dtype=dtype, device=device)
+            (args.n_layers, 2, batch, max_seq, args.n_kv_heads, args.head_dim), dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)  # (B,)
         self._host_lengths = [0] * batch
 
@@ -42,10 +45,13 @@ class KVCache:
         return self.data.numel() * self.data.element_size()
 
     def k(self, layer: int) -> torch.Tensor:
-        return self.data[layer, 0]  # (B, H_kv, S, D)
+        return self.data[layer, 0]  # (B, S, H_kv, D)
 
     def v(self, layer: int) -> torch.Tensor:
-        return self.data[layer, 1]  # (B, H_kv, S, D)
+        return self.data[layer, 1]  # (B, S, H_kv, D)
+
+    def kv(self, layer: int) -> torch.Tensor:
+        return self.data[layer]  # (2, B, S, H_kv, D)
 
     @property
     def host_lengths(self) -> list[int]:

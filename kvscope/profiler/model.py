@@ -289,33 +289,56 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 def rope_tables(args: ModelArgs, max_seq: int, device: torch.device, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (max_seq, head_dim), computed in float32 and stored in `dtype`."""
+    """RoPE tables `cos` and `sin_rot`, each (max_seq, head_dim), computed in float32 and stored in `dtype`.
+
+    `sin_rot` carries the sign of rotate-half: its first half is -sin, its second +sin, so that
+    rotate_half(x) * sin == swap_halves(x) * sin_rot (see `apply_rope`).
+    """
     inv_freq = rope_inv_freq(args).to(device)
     pos = torch.arange(max_seq, device=device, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)  # (S, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)  # (S, D)
+    sin_rot = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)  # (S, D)
+    return cos.to(dtype), sin_rot.to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x: (B, H, S, D); cos, sin: (B, S, D)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)  # (B, H, S, D)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_rot: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE in three kernels: x * cos + swap_halves(x) * sin_rot (one multiply, one copy, one addcmul).
+
+    x: (..., D); cos and sin_rot broadcast against x. A head whose cos is 1 and sin_rot 0 passes through unchanged
+    (bit for bit), which lets a decode step run RoPE over q, k and v heads in one go.
+    """
+    d = x.shape[-1]
+    swapped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)  # (..., D): [x2, x1]
+    return torch.addcmul(x * cos, swapped, sin_rot)
+
+
+def linear_residual_(h: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """h += linear(x), in place, as one matrix multiply with beta=1 (no separate add kernel).
+
+    h: (N, out), x: (N, in), both 2-D views; returns h.
+    """
+    if h.dim() != 2 or x.dim() != 2 or h.shape[0] != x.shape[0] or h.shape[1] != linear.out_features \
+            or x.shape[1] != linear.in_features:
+        raise ValueError(f"linear_residual_: h{tuple(h.shape)} += x{tuple(x.shape)} @ "
+                         f"W({linear.out_features}, {linear.in_features})^T does not fit")
+    h.addmm_(x, linear.weight.t())
+    if linear.bias is not None:
+        h.add_(linear.bias)
+    return h
 
 
 # ---- modules ----------------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
+    """RMSNorm as torch's fused kernel (one launch on CUDA): statistics in float32, output in the input dtype."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -327,20 +350,11 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, args.q_size + 2 * args.kv_size, bias=args.qkv_bias)
         self.wo = nn.Linear(args.q_size, args.dim, bias=args.o_bias)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (B, S, dim) -> q (B, H, S, D), k and v (B, H_kv, S, D)."""
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, S, dim) -> (B, S, H + 2*H_kv, D): query heads, then key heads, then value heads."""
         a = self.args
         b, s, _ = x.shape
-        q, k, v = self.wqkv(x).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
-        q = q.view(b, s, a.n_heads, a.head_dim).transpose(1, 2)  # (B, H, S, D)
-        k = k.view(b, s, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, H_kv, S, D)
-        v = v.view(b, s, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, H_kv, S, D)
-        return q, k, v
-
-    def out(self, y: torch.Tensor) -> torch.Tensor:
-        """y: (B, H, S, D) -> (B, S, dim)."""
-        b, _, s, _ = y.shape
-        return self.wo(y.transpose(1, 2).reshape(b, s, self.args.q_size))  # (B, S, H*D)
+        return self.wqkv(x).view(b, s, a.n_heads + 2 * a.n_kv_heads, a.head_dim)  # (B, S, H+2H_kv, D)
 
 
 class FeedForward(nn.Module):
@@ -352,9 +366,13 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
+    def hidden_act(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, dim) -> silu(gate) * up, (N, F)."""
+        gate, up = self.w13(x).split(self.hidden, dim=-1)  # (N, F) each
+        return F.silu(gate) * up
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).split(self.hidden, dim=-1)  # (B, S, F) each
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.hidden_act(x))
 
 
 class TransformerBlock(nn.Module):

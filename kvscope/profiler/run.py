@@ -67,7 +67,7 @@ class RunSpec:
     nvtx: bool | None = None  # None: KVSCOPE_NVTX decides
     nvml_interval_ms: float = 20.0
     seed: int = 0
-    graphs: bool = False  # decode steps replayed from one CUDA graph (CUDA only)
+    graphs: bool | None = None  # decode steps replayed from a CUDA graph; None: on for CUDA at none/phase
 
 
 @dataclass
@@ -94,12 +94,26 @@ def _check_spec(spec: RunSpec) -> None:
         raise KvscopeError(f"--nvml-interval-ms must be positive, got {spec.nvml_interval_ms}")
 
 
+def use_graphs(spec: RunSpec, device: torch.device) -> bool:
+    """Whether decode steps replay a CUDA graph: `--graphs on|off`, or by default on CUDA unless the granularity
+    times layers or ops (a replayed graph is timed as a whole step; its inner events could only be read with a host
+    sync per step, so layer/op granularity runs its decode steps eagerly)."""
+    fine = spec.granularity in ("layer", "op")
+    if spec.graphs is None:
+        return device.type == "cuda" and not fine
+    if spec.graphs and device.type != "cuda":
+        raise KvscopeError("--graphs on needs a CUDA device")
+    if spec.graphs and fine:
+        raise KvscopeError(f"--graphs on times whole decode steps; --granularity {spec.granularity} needs "
+                           "--graphs off")
+    return spec.graphs
+
+
 def prepare(spec: RunSpec) -> tuple[ModelSource, RunConfig]:
     """Every check of a run's input that needs no model weights: sizes, granularity, device, model, context."""
     _check_spec(spec)
     device = resolve_device(spec.device)
-    if spec.graphs and device.type != "cuda":
-        raise KvscopeError("--graphs on needs a CUDA device")
+    use_graphs(spec, device)  # checks --graphs against the device and the granularity
     model_spec = spec.model or (DEFAULT_MODEL_CUDA if device.type == "cuda" else DEFAULT_MODEL_CPU)
     source = resolve_model(model_spec)
     dtype = parse_dtype(spec.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -197,7 +211,7 @@ def measure(model: torch.nn.Module, spec: RunSpec, source: ModelSource, cfg: Run
     """Warm up, then time `spec.reps` repetitions of prefill + decode on an already loaded model."""
     device, cuda = cfg.device, cfg.device.type == "cuda"
     ins = Instrument(spec.granularity, device, nvtx=spec.nvtx)
-    engine = Engine(model, cfg, ins, graphs=spec.graphs)
+    engine = Engine(model, cfg, ins, graphs=use_graphs(spec, device))
     gen = torch.Generator().manual_seed(spec.seed)
     prompt = torch.randint(0, source.args.vocab_size, (spec.batch_size, spec.seq), generator=gen)  # (B, S)
     tokens, lengths = prompt.to(device), [spec.seq] * spec.batch_size
@@ -412,7 +426,7 @@ def _metadata(spec: RunSpec, source: ModelSource, cfg: RunConfig, ins: Instrumen
         "host_decode_ms": host_decode_ms,
         "kv_cache": {"bytes": engine.cache.nbytes, "alloc_bytes": engine.kv_alloc_bytes,
                      "shape": list(engine.cache.data.shape)},
-        "cuda_graphs": spec.graphs,
+        "cuda_graphs": engine.graphs,
     }
 
 
