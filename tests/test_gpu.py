@@ -70,32 +70,36 @@ def _to_bf16(hf: torch.nn.Module) -> torch.nn.Module:
     return hf
 
 
-def test_bf16_logits_within_2e2_of_transformers_bf16(qwen05_fp32: torch.nn.Module) -> None:
-    """Same weights as the float32 reference, rounded to bfloat16; the reference is transformers in bfloat16 running
-    its own prefill and cached decode (sdpa attention). Its bf16-vs-fp32 error, the noise floor that bfloat16 sets
-    for this random model, is printed beside ours."""
+def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(qwen05_fp32: torch.nn.Module) -> None:
+    """Same weights as the float32 reference, rounded to bfloat16. Transformers in bfloat16 (its own prefill and
+    cached decode, sdpa attention) sets the noise floor: its error against float32. Ours against float32 stays within
+    1.25x of that floor, and ours against transformers bf16 below it. (Our fused RMSNorm, RoPE addcmul and residual
+    matmuls round once where transformers rounds twice, so the bf16 logits are not bit-identical.)"""
     args = PRESETS["qwen2.5-0.5b"]
     hf = _hf_of(args, torch.float32, "sdpa")
     hf.load_state_dict(qwen05_fp32.state_dict())
     hf = _to_bf16(hf)
     eng = _ours_from(hf, args, torch.bfloat16, len(PROMPT) + 9)
     eng.prefill(*pad_prompts([PROMPT], args.vocab_size, CUDA))
-    errs, floor = [], []
+    errs, floor, ours_fp32 = [], [], []
     with torch.no_grad():
         out = hf(torch.tensor([PROMPT], device=CUDA), use_cache=True)
         ids = list(PROMPT)
         for _ in range(8):
             ref = out.logits[0, -1].float()
+            exact = qwen05_fp32(torch.tensor([ids], device=CUDA)).logits[0, -1]
             errs.append(rel_err(eng.logits[0].float(), ref))
-            floor.append(rel_err(ref, qwen05_fp32(torch.tensor([ids], device=CUDA)).logits[0, -1]))
+            floor.append(rel_err(ref, exact))
+            ours_fp32.append(rel_err(eng.logits[0].float(), exact))
             tok = int(eng.next_tokens[0])
             ids.append(tok)
             eng.decode_step()
             with sdpa_kernel(DECODE_SDPA_BACKENDS):  # the attention kernels our decode steps use
                 out = hf(torch.tensor([[tok]], device=CUDA), past_key_values=out.past_key_values, use_cache=True)
-    print(f"bf16 rel err per step vs transformers bf16: {[f'{e:.1e}' for e in errs]}; "
-          f"transformers bf16 vs fp32: max {max(floor):.2e}")
-    assert max(errs) < 2e-2
+    print(f"bf16 rel err per step vs transformers bf16: {[f'{e:.1e}' for e in errs]}; vs fp32: max "
+          f"{max(ours_fp32):.2e}; transformers bf16 vs fp32: max {max(floor):.2e}")
+    assert max(ours_fp32) <= 1.25 * max(floor)
+    assert max(errs) < max(floor)
 
 
 def test_decode_step_captures_in_a_cuda_graph() -> None:
@@ -155,3 +159,13 @@ def test_graphs_on_and_off_give_the_same_tokens() -> None:
     eng = Engine(model, RunConfig(3, 64, torch.float32, CUDA), graphs=True)
     assert eng.generate(prompts, 24) == off
     assert eng.generate(prompts, 24) == off  # the graph is reused after a new prefill
+
+
+def test_graphs_on_and_off_give_the_same_tokens_bf16_flash() -> None:
+    """bfloat16 decode runs flash attention over the cache in place, eagerly and in the graph alike: same tokens."""
+    model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, torch.bfloat16, seed=2)
+    prompts = [PROMPT, PROMPT[:7], PROMPT[2:]]
+    off_engine = Engine(model, RunConfig(3, 64, torch.bfloat16, CUDA))
+    assert off_engine.flash_decode
+    off = off_engine.generate(prompts, 24)
+    assert Engine(model, RunConfig(3, 64, torch.bfloat16, CUDA), graphs=True).generate(prompts, 24) == off
