@@ -105,3 +105,19 @@ def test_resolve_model_sources(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "absent"))
     with pytest.raises(KvscopeError, match="unknown preset 'llama-9'"):
         resolve_model("llama-9")
+
+
+def test_gate_up_split_for_many_rows_equals_the_fused_product() -> None:
+    """Prefill-sized inputs run gate and up as two products (contiguous outputs); same values as the fused one."""
+    from kvscope.profiler.model import SPLIT_GATE_UP_MIN_ROWS, FeedForward, apply_rope
+
+    args = PRESETS["tiny"]
+    ff = FeedForward(args)
+    torch.nn.init.normal_(ff.w13.weight, std=0.05)
+    x = torch.randn(SPLIT_GATE_UP_MIN_ROWS + 3, args.dim)  # (N, dim)
+    gate, up = ff.w13(x).split(args.intermediate_size, dim=-1)
+    torch.testing.assert_close(ff.hidden_act(x), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-6)
+    assert ff.hidden_act(x[:4]).shape == (4, args.intermediate_size)
+    # RoPE with cos 1 and sin 0 leaves a head bit for bit unchanged (the decode step's V heads)
+    v = torch.randn(2, 1, 3, args.head_dim)
+    assert torch.equal(apply_rope(v, torch.ones_like(v), torch.zeros_like(v)), v)

@@ -147,8 +147,10 @@ class Engine:
         def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             ops = self._op_regions[i]
             with ins.region_with(*ops["rope"]):
-                qk = apply_rope(qkv[:, :, :hq + hkv], cos, sin)  # (B, S, H+H_kv, D)
-            q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[:, :, hq + hkv:]  # (B, S, H|H_kv, D)
+                # over all heads of the contiguous projection (vectorised kernels; a q/k slice would be strided);
+                # the rotated V heads are not used
+                r = apply_rope(qkv, cos, sin)  # (B, S, H+2H_kv, D)
+            q, k, v = r[:, :, :hq], r[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]  # (B, S, H|H_kv, D)
             with ins.region_with(*ops["kv_write"]):
                 cache.k(i)[:, :s].copy_(k)  # (B, S, H_kv, D)
                 cache.v(i)[:, :s].copy_(v)

@@ -328,6 +328,10 @@ def linear_residual_(h: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> tor
     return h
 
 
+# rows (tokens) from which the MLP runs gate and up as two products (see FeedForward.hidden_act)
+SPLIT_GATE_UP_MIN_ROWS = 256
+
+
 # ---- modules ----------------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     """RMSNorm as torch's fused kernel (one launch on CUDA): statistics in float32, output in the input dtype."""
@@ -367,8 +371,16 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
     def hidden_act(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, dim) -> silu(gate) * up, (N, F)."""
-        gate, up = self.w13(x).split(self.hidden, dim=-1)  # (N, F) each
+        """x: (N, dim) -> silu(gate) * up, (N, F).
+
+        Few rows (decode): one fused gate/up product, then two elementwise kernels on its strided halves. Many rows
+        (prefill): two products into contiguous outputs, because torch's elementwise kernels only vectorise
+        contiguous tensors and run about 1.5x slower on the strided halves (measured, docs/benchmarks.md)."""
+        if x.shape[0] >= SPLIT_GATE_UP_MIN_ROWS:
+            w = self.w13.weight  # (2F, dim): gate rows, then up rows
+            gate = F.linear(x, w[:self.hidden])  # (N, F), contiguous
+            return F.silu(gate, inplace=True).mul_(F.linear(x, w[self.hidden:]))
+        gate, up = self.w13(x).split(self.hidden, dim=-1)  # (N, F) each, strided views
         return F.silu(gate) * up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
