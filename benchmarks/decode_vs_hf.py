@@ -91,6 +91,18 @@ def kvscope_ms(engine: Engine, prompt: torch.Tensor, steps: int) -> float:
     return median_event_ms(engine.decode_step, reps=steps, warmup=3)
 
 
+def _merge_json(path: Path, model: str, rows: list[dict]) -> None:
+    """Rows into the JSON file, replacing earlier rows of the same (impl, batch, context); atomic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    new_keys = {(n["impl"], n["batch"], n["context"]) for n in rows}
+    keep = [r for r in old if (r["impl"], r["batch"], r["context"]) not in new_keys]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"device": torch.cuda.get_device_name(), "date": datetime.now(UTC).date().isoformat(),
+                               "model": model, "torch": torch.__version__, "rows": keep + rows}, indent=1))
+    tmp.replace(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="qwen2.5-3b")
@@ -134,15 +146,8 @@ def main() -> None:
                              "tok_s": batch / (ms / 1e3), "mbu": mbu, "matmul_chain_ms": chain_ms})
                 print(f"| {impl} | {batch} | {ctx} | {ms:.3f} | {batch / (ms / 1e3):,.0f} | "
                       f"{'' if mbu is None else f'{mbu:.1%}'} | {ms / chain_ms:.2f} |", flush=True)
+                _merge_json(Path(ns.json), ns.model, rows)  # after every row: a later timeout loses nothing
                 torch.cuda.empty_cache()
-    path = Path(ns.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(path.read_text())["rows"] if path.exists() else []
-    keep = [r for r in old if (r["impl"], r["batch"], r["context"]) not in
-            {(n["impl"], n["batch"], n["context"]) for n in rows}]
-    path.write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                "date": datetime.now(UTC).date().isoformat(), "model": ns.model,
-                                "rows": keep + rows}, indent=1))
 
 
 if __name__ == "__main__":

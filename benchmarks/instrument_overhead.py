@@ -7,7 +7,11 @@ clock (the same sync for every configuration, so it cancels in the ratios). Drif
 alike. Reported: the median step time per configuration and its ratio to `none`, with a bootstrap 95% interval of
 that ratio.
 
+With `--graphs on`, every configuration has its own engine (its own captured decode graph and KV cache, all over
+the same weights), and step k runs on engine k mod 4: the same interleaving, one graph replay per step.
+
     python3 benchmarks/instrument_overhead.py --model qwen2.5-3b --batches 1,32 --attn sdpa,eager
+    python3 benchmarks/instrument_overhead.py --model qwen2.5-3b --batches 1,32 --attn sdpa --graphs on
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ def _ratio_ci(a: list[float], b: list[float], n: int = 2000) -> tuple[float, flo
     return vals[int(0.025 * n)] * 100, vals[int(0.975 * n)] * 100
 
 
+def _step(engines: dict[str, Engine], instruments: dict[str, Instrument], g: str) -> None:
+    engine = engines[g]
+    engine.ins = instruments[g]
+    engine.decode_step()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="qwen2.5-3b")
@@ -46,6 +56,7 @@ def main() -> None:
     p.add_argument("--attn", default="sdpa,eager")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=60, help="decode steps per configuration")
+    p.add_argument("--graphs", default="off", choices=["on", "off"], help="decode steps replayed from CUDA graphs")
     p.add_argument("--json", default=None, help="also write the rows here")
     ns = p.parse_args()
     dev = torch.device("cuda")
@@ -55,29 +66,35 @@ def main() -> None:
     total = ns.steps * len(CONFIGS)
     rows = []
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {ns.model} {ns.dtype}, prompt "
-          f"{ns.seq}, {ns.steps} decode steps per configuration interleaved step by step, NVTX off (no tool attached)")
+          f"{ns.seq}, {ns.steps} decode steps per configuration interleaved step by step, NVTX off (no tool attached), "
+          f"CUDA graphs {ns.graphs}")
     print("| batch | attn | none ms/step | phase | layer | op | phase % | layer % | op % |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in [int(b) for b in ns.batches.split(",")]:
         for attn in ns.attn.split(","):
             cfg = RunConfig(batch, ns.seq + total + 8 + 1, dtype, dev, attn)
             instruments = {g: Instrument(g, dev, nvtx=False) for g in CONFIGS}
-            engine = Engine(model, cfg, instruments["none"])
+            graphs = ns.graphs == "on"
+            if graphs:
+                engines = {g: Engine(model, cfg, instruments[g], graphs=True) for g in CONFIGS}
+            else:
+                shared = Engine(model, cfg, instruments["none"])
+                engines = dict.fromkeys(CONFIGS, shared)
             tokens = torch.randint(0, src.args.vocab_size, (batch, ns.seq), device=dev)
-            engine.prefill(tokens, [ns.seq] * batch)
+            for engine in {id(e): e for e in engines.values()}.values():
+                engine.prefill(tokens, [ns.seq] * batch)
+
             for ins in instruments.values():
                 ins.start_clock()
                 ins.reserve(regions_per_rep(ins, src.args.n_layers, ns.steps + 3))
-            for k in range(8):  # warm-up, every configuration twice
-                engine.ins = instruments[CONFIGS[k % 4]]
-                engine.decode_step()
+            for k in range(8):  # warm-up, every configuration twice (captures the graphs)
+                _step(engines, instruments, CONFIGS[k % 4])
             samples: dict[str, list[float]] = {g: [] for g in CONFIGS}
             torch.cuda.synchronize()
             for k in range(total):
                 g = CONFIGS[k % 4]
-                engine.ins = instruments[g]
                 t0 = time.perf_counter_ns()
-                engine.decode_step()
+                _step(engines, instruments, g)
                 torch.cuda.synchronize()  # named sync: ends this step's host-clock measurement
                 samples[g].append((time.perf_counter_ns() - t0) / 1e6)
             for ins in instruments.values():
@@ -85,13 +102,13 @@ def main() -> None:
             med = {g: statistics.median(v) for g, v in samples.items()}
             pct = {g: (med[g] / med["none"] - 1) * 100 for g in CONFIGS}
             ci = {g: _ratio_ci(samples[g], samples["none"]) for g in CONFIGS[1:]}
-            rows.append({"batch": batch, "attn": attn, **{f"{g}_ms": med[g] for g in CONFIGS},
+            rows.append({"batch": batch, "attn": attn, "graphs": graphs, **{f"{g}_ms": med[g] for g in CONFIGS},
                          **{f"{g}_overhead_pct": pct[g] for g in CONFIGS[1:]},
                          **{f"{g}_overhead_ci95_pct": ci[g] for g in CONFIGS[1:]}, "samples_ms": samples})
             cells = " | ".join(f"{pct[g]:+.2f} [{ci[g][0]:+.1f}, {ci[g][1]:+.1f}]" for g in CONFIGS[1:])
             print(f"| {batch} | {attn} | {med['none']:.3f} | {med['phase']:.3f} | {med['layer']:.3f} | "
                   f"{med['op']:.3f} | {cells} |")
-            del engine
+            del engines
             torch.cuda.empty_cache()
     if ns.json:
         with open(ns.json, "w") as f:
