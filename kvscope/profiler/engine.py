@@ -16,6 +16,7 @@ output projection and its residual add). The default instrument does nothing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +29,8 @@ from kvscope.profiler.kv_cache import KVCache
 from kvscope.profiler.model import Transformer, apply_rope, linear_residual_, rope_tables
 from kvscope.profiler.runconfig import RunConfig
 
+# largest RoPE table (bytes, each of cos and sin) a prefill materialises at the projection's shape
+PREFILL_ROPE_TABLE_MAX_BYTES = 64 * 2**20
 OPS = ("norm", "qkv", "rope", "kv_write", "attn", "o_proj", "mlp")
 # SDPA backends for decode steps. cuDNN's attention (torch's first choice on Hopper) builds a plan for every new key
 # length, which an eager decode step over the growing cache meets at every step (see benchmarks/
@@ -143,6 +146,11 @@ class Engine:
         hq, hkv = self.args.n_heads, self.args.n_kv_heads
         cos = self.cos[:s].view(1, s, 1, -1)  # (1, S, 1, D)
         sin = self.sin_rot[:s].view(1, s, 1, -1)  # (1, S, 1, D)
+        full = (b, s, hq + 2 * hkv, self.args.head_dim)
+        if math.prod(full) * cos.element_size() <= PREFILL_ROPE_TABLE_MAX_BYTES:
+            # tables at the projection's own shape, made once per prefill for all layers: torch vectorises
+            # elementwise kernels only over operands of one contiguous shape, not over broadcast ones
+            cos, sin = cos.expand(full).contiguous(), sin.expand(full).contiguous()  # (B, S, H+2H_kv, D)
 
         def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             ops = self._op_regions[i]
