@@ -30,8 +30,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (default 0)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
     p.add_argument("--graphs", default=None, choices=["on", "off"],
-                   help="replay each decode step from a captured CUDA graph (default: on for CUDA at granularity "
-                        "none/phase, off otherwise)")
+                   help="replay each decode step from a captured CUDA graph (default: on for CUDA)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,3 +30,24 @@ def test_event_sum_matches_host_clock(tmp_path: Path, batch: int, granularity: s
     meta = read_metadata(res.out_dir / "timings.parquet")
     assert meta["clock"] == "cuda" and meta["device"].startswith("NVIDIA")
     assert s["peak_reserved_mb"] > 0 and s["kv_alloc_bytes"] >= s["kv_cache_bytes"]
+
+
+@pytest.mark.parametrize("granularity", ["layer", "op"])
+def test_graph_mode_times_layers_and_ops_from_event_nodes(tmp_path: Path, granularity: str) -> None:
+    """Graphs on at layer/op granularity: a row per layer (and op) per decode step, read from event-record nodes
+    inside the replayed graphs; per step, layer times sum to no more than the step."""
+    res = execute(RunSpec(model="qwen2.5-0.5b", seq=64, gen_tokens=9, warmup=1, reps=2, granularity=granularity,
+                          out=str(tmp_path / "run")))
+    assert res.metadata["cuda_graphs"] is True
+    t = res.timings
+    steps = t[t["level"] == "step"]
+    layers = t[(t["level"] == "layer") & (t["phase"] == "decode") & t["layer"].notna()]
+    assert len(steps) == 2 * 8
+    assert len(layers) == len(steps) * 24  # qwen2.5-0.5b: 24 layers
+    assert (layers["dur_ms"] > 0).all()
+    per_step = layers.groupby(["rep", "step"])["dur_ms"].sum()
+    step_ms = steps.set_index(["rep", "step"])["dur_ms"]
+    assert (per_step <= step_ms.loc[per_step.index] * 1.0001).all()
+    if granularity == "op":
+        ops = t[(t["level"] == "op") & (t["phase"] == "decode")]
+        assert len(ops) == len(steps) * 24 * 7

@@ -108,3 +108,43 @@ def test_nvtx_ranges_nest_close_on_error_and_reuse_attributes() -> None:
         pass
     assert [a["category"] for a in fake.made if a["message"] == "L00"] == ["decode", "prefill"]
     assert ins.collect() == []  # granularity none: nothing timed
+
+
+class _FakeEvent:
+    """Stands in for a CUDA timing event: a time in ms, `elapsed_time` and `synchronize`."""
+
+    def __init__(self, t_ms: float) -> None:
+        self.t_ms = t_ms
+        self.synced = 0
+
+    def elapsed_time(self, other: _FakeEvent) -> float:
+        return other.t_ms - self.t_ms
+
+    def synchronize(self) -> None:
+        self.synced += 1
+
+
+def test_graph_event_records_resolve_with_the_step_they_ran_in() -> None:
+    from kvscope.profiler.instrument import GraphTimer, RegionRecord
+
+    ins = Instrument("layer", "cpu", nvtx=False)
+    ins.start_clock()
+    ins._base = _FakeEvent(0.0)  # the run's origin on the device clock
+    timer = GraphTimer()
+    timer.marks = [RegionRecord("L00", "layer", None, None, None, 0, None, None, None, 0,
+                                start=_FakeEvent(1.0), end=_FakeEvent(1.5)),
+                   RegionRecord("L01", "layer", None, None, None, 1, None, None, None, 0,
+                                start=_FakeEvent(1.5), end=_FakeEvent(2.25))]
+    with ins.region("rep 0", "rep", rep=0), ins.region("decode step 3", "step", phase="decode", step=3):
+        ins.replayed(timer)
+    ins.before_replay(timer)  # the graph is about to run again: its events are read now
+    assert timer.marks[-1].end.synced == 1
+    ins.before_replay(timer)  # nothing pending any more: no second read
+    assert timer.marks[-1].end.synced == 1
+    with ins.paused():
+        ins.replayed(timer)  # warm-up replays leave nothing to read
+    rows = [r for r in ins.collect() if r["level"] == "layer"]
+    assert [(r["name"], r["layer"], r["rep"], r["phase"], r["step"], r["start_ms"], r["dur_ms"]) for r in rows] == [
+        ("L00", 0, 0, "decode", 3, 1.0, 0.5), ("L01", 1, 0, "decode", 3, 1.5, 0.75)]
+    assert set(rows[0]) == {"name", "level", "rep", "phase", "step", "layer", "op", "tokens", "context_len",
+                            "start_ms", "dur_ms", "host_enqueue_ms", "clock"}

@@ -6,7 +6,10 @@
   on the device; greedy sampling on the device; no host sync and no Python-side tensor creation from host data, so a
   step can be captured in a CUDA graph.
 - `decode_n(n)`: n steps, tokens gathered into one device tensor `(B, n)`.
-- `graphs=True` (CUDA): the first decode step captures one step in a CUDA graph; every step replays it.
+- `graphs=True` (CUDA): the first decode step captures one step in a CUDA graph; every step replays it. When the
+  instrument times layers or ops, their regions are event-record nodes inside the graph, two graphs alternate, and
+  each graph's events are read (one named sync) just before its next replay, two steps later; NVTX then marks only
+  each replay (kernels inside are attributed by nsys `--cuda-graph-trace=node`).
 
 Every piece of work is opened through the engine's `Instrument`: phase (`prefill`, `decode step N`), layer (`L07`,
 plus `embed`, `lm_head`, `sample`) and op (`L07.norm`, `.qkv`, `.rope`, `.kv_write`, `.attn`, `.o_proj`, `.mlp`;
@@ -18,13 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvscope.errors import KvscopeError
 from kvscope.profiler.attention import DecodeMeta, decode_attention, flash_decode_ok, prefill_attention
-from kvscope.profiler.instrument import Instrument
+from kvscope.profiler.instrument import GraphTimer, Instrument
 from kvscope.profiler.kv_cache import KVCache
 from kvscope.profiler.model import Transformer, apply_rope, linear_residual_, rope_tables
 from kvscope.profiler.runconfig import RunConfig
@@ -36,6 +40,13 @@ OPS = ("norm", "qkv", "rope", "kv_write", "attn", "o_proj", "mlp")
 # length, which an eager decode step over the growing cache meets at every step (see benchmarks/
 # sdpa_decode_shapes.py); flash / memory-efficient / math kernels need no plan.
 DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@dataclass
+class _CapturedStep:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # (B, V), written by every replay
+    timer: GraphTimer | None  # event-record nodes of the timed regions inside, or None
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device
@@ -69,8 +80,8 @@ class Engine:
         if graphs and cfg.device.type != "cuda":
             raise KvscopeError("CUDA graphs need a CUDA device (--graphs off on the CPU)")
         self.graphs = graphs
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._graph_logits: torch.Tensor | None = None
+        self._graphs: list[_CapturedStep] = []  # one captured step, or two alternating ones with event nodes
+        self._replays = 0
         self.model = model
         self.cfg = cfg
         self.args = args
@@ -187,14 +198,20 @@ class Engine:
             self.next_tokens.copy_(tokens)
         self.cache.check_room(1)
         step = self.step
-        if self.graphs and self._graph is None:
+        if self.graphs and not self._graphs:
             self._capture()
+        cs = self._graphs[self._replays % len(self._graphs)] if self._graphs else None
+        if cs is not None and cs.timer is not None:
+            self.ins.before_replay(cs.timer)  # reads its events of two steps back (a named sync inside)
         with self.ins.region(f"decode step {step}", "step", phase="decode", step=step,
                              tokens=self.cfg.batch_size, context_len=max(self.cache.host_lengths) + 1):
-            if self._graph is not None:
-                self._graph.replay()  # forward, K/V write, greedy token and length update, as captured
+            if cs is not None:
+                cs.graph.replay()  # forward, K/V write, greedy token and length update, as captured
+                if cs.timer is not None:
+                    self.ins.replayed(cs.timer)
+                self._replays += 1
                 self.cache.advance(device=False)
-                self.logits = self._graph_logits
+                self.logits = cs.logits
             else:
                 with sdpa_kernel(DECODE_SDPA_BACKENDS):
                     self._decode_forward()
@@ -203,11 +220,14 @@ class Engine:
         return self.next_tokens
 
     def _capture(self) -> None:
-        """Capture one decode step (fixed shapes: the whole cache with a key mask) in a CUDA graph.
+        """Capture one decode step (fixed shapes) in a CUDA graph.
 
         Warm-up runs execute a real step's forward twice on a side stream without advancing the lengths, from the
         same input tokens (restored before and after), so the K/V they write at the current positions are the ones
-        the first replay writes again. Regions are paused while capturing: timing and NVTX happen around replays.
+        the first replay writes again. Regions are paused while warming up. At phase granularity they are paused
+        while capturing too: timing and NVTX happen around replays. When layers or ops are timed, their regions
+        become event-record nodes inside the graph, and two graphs (one memory pool) are captured and replayed
+        alternately, so the events of one replay can be read while the next runs (see Instrument.before_replay).
         """
         saved = self.next_tokens.clone()
         side = torch.cuda.Stream(self.cfg.device)
@@ -218,12 +238,17 @@ class Engine:
                 self._decode_forward(static=True)
         torch.cuda.current_stream(self.cfg.device).wait_stream(side)
         self.next_tokens.copy_(saved)
-        graph = torch.cuda.CUDAGraph()
-        with self.ins.paused(), torch.cuda.graph(graph), sdpa_kernel(DECODE_SDPA_BACKENDS):
-            self._decode_forward(static=True)
-            self.cache.lengths.add_(1)
-        self._graph = graph
-        self._graph_logits = self.logits  # the graph's own output buffer, rewritten by every replay
+        timed = self.ins.graph_timed()
+        pool = None
+        for _ in range(2 if timed else 1):
+            graph = torch.cuda.CUDAGraph()
+            mode = self.ins.capturing() if timed else self.ins.paused()
+            with mode as timer, torch.cuda.graph(graph, pool=pool), sdpa_kernel(DECODE_SDPA_BACKENDS):
+                self._decode_forward(static=True)
+                self.cache.lengths.add_(1)
+            pool = graph.pool()  # graphs replayed one after the other can share intermediates
+            # self.logits: this graph's own output buffer, rewritten by each of its replays
+            self._graphs.append(_CapturedStep(graph, self.logits, timer if timed else None))
 
     def _decode_forward(self, static: bool = False) -> None:
         """The device work of one step: reads next_tokens and cache.lengths, writes K/V and next_tokens.

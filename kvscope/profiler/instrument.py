@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -80,7 +81,7 @@ _NULL = _NullRegion()
 
 
 class _Region:
-    __slots__ = ("_ins", "_keys", "_level", "_live", "_name", "_rec", "_timed")
+    __slots__ = ("_captured", "_ins", "_keys", "_level", "_live", "_name", "_rec", "_timed")
 
     def __init__(self, ins: Instrument, name: str, level: str, timed: bool, keys: dict[str, Any]) -> None:
         self._ins = ins
@@ -90,6 +91,7 @@ class _Region:
         self._keys = keys
         self._rec: RegionRecord | None = None
         self._live = False
+        self._captured = False
 
     def __call__(self, fn: Callable) -> Callable:
         """Decorator use: a fresh region around every call."""
@@ -108,6 +110,12 @@ class _Region:
             return self
         self._live = True
         keys = self._keys
+        if ins._capture is not None:  # inside CUDA-graph capture: an event-record node, no NVTX, no host state
+            self._captured = True
+            if self._timed:
+                self._rec = RegionRecord(self._name, self._level, None, None, None, keys.get("layer"), keys.get("op"),
+                                         keys.get("tokens"), keys.get("context_len"), 0, start=_graph_event())
+            return self
         for attr in ("phase", "step", "rep"):
             if attr in keys:
                 ins._stack.append((attr, getattr(ins, "_" + attr)))
@@ -126,6 +134,13 @@ class _Region:
             return
         self._live = False
         ins = self._ins
+        if self._captured:
+            self._captured = False
+            if self._rec is not None and ins._capture is not None:
+                self._rec.end = _graph_event()
+                ins._capture.marks.append(self._rec)
+            self._rec = None
+            return
         try:
             if self._rec is not None:
                 rec = self._rec
@@ -167,6 +182,9 @@ class Instrument:
         self._stack: list[tuple[str, Any]] = []
         self._base: Any = None
         self._base_host_ns = 0
+        self._capture: GraphTimer | None = None
+        self._pending: dict[int, tuple[GraphTimer, dict[str, Any]]] = {}  # replayed, events not yet read
+        self._resolved: list[dict[str, Any]] = []
 
     # ---- state ------------------------------------------------------------------------------------------------
     @property
@@ -191,6 +209,44 @@ class Instrument:
             yield
         finally:
             self._paused = before
+
+    def graph_timed(self) -> bool:
+        """Whether a captured decode step should carry event-record nodes: layer or op regions are timed."""
+        return self.clock == "cuda" and self._timed_levels["layer"]
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[GraphTimer]:
+        """Regions entered inside become event-record nodes of the CUDA graph being captured (templates in the
+        returned GraphTimer); NVTX and the host-side state are left alone."""
+        timer = GraphTimer()
+        self._capture = timer
+        try:
+            yield timer
+        finally:
+            self._capture = None
+
+    def before_replay(self, timer: GraphTimer) -> None:
+        """Read the events of this graph's previous replay before they are recorded again. The engine alternates
+        two graphs, so that replay was two steps ago and the step in between keeps the GPU busy meanwhile."""
+        entry = self._pending.pop(id(timer), None)
+        if entry is not None:
+            timer.marks[-1].end.synchronize()  # named sync: that replay's last event, two steps back
+            self._resolve(*entry)
+
+    def replayed(self, timer: GraphTimer) -> None:
+        """A graph with event nodes was just replayed inside the current step region."""
+        if self._paused or not timer.marks:
+            return
+        self._pending[id(timer)] = (timer, {"rep": self._rep, "phase": self._phase, "step": self._step})
+
+    def _resolve(self, timer: GraphTimer, where: dict[str, Any]) -> None:
+        for r in timer.marks:
+            self._resolved.append({
+                "name": r.name, "level": r.level, "rep": where["rep"], "phase": where["phase"], "step": where["step"],
+                "layer": r.layer, "op": r.op, "tokens": r.tokens, "context_len": r.context_len,
+                "start_ms": self._base.elapsed_time(r.start), "dur_ms": r.start.elapsed_time(r.end),
+                "host_enqueue_ms": math.nan, "clock": self.clock,
+            })
 
     def start_clock(self) -> None:
         """Set the run's time origin: start offsets are measured from here (device and host clocks)."""
@@ -257,11 +313,14 @@ class Instrument:
 
         Returns dicts with the keys of RegionRecord (minus the raw clocks) plus `start_ms` (from `start_clock`),
         `dur_ms`, `host_enqueue_ms` (host time between entering and leaving the region) and `clock`."""
-        if self.clock == "cuda" and self._records:
+        if self.clock == "cuda" and (self._records or self._pending):
             torch.cuda.synchronize(self.device)  # named sync: resolves the events, after the measured region
-        if self._base_host_ns == 0 and self._records:
+        if self._base_host_ns == 0 and (self._records or self._pending):
             raise RuntimeError("Instrument.collect() before start_clock()")
-        out = []
+        for timer, where in list(self._pending.values()):
+            self._resolve(timer, where)
+        self._pending.clear()
+        out, self._resolved = self._resolved, []
         for r in self._records:
             if self.clock == "cuda":
                 start_ms = self._base.elapsed_time(r.start)
@@ -278,6 +337,21 @@ class Instrument:
                 self._event_pool += (r.start, r.end)  # resolved: reusable
         self._records.clear()
         return out
+
+
+class GraphTimer:
+    """The timed regions of one captured CUDA graph, in capture order, each with its start and end event-record
+    nodes (`RegionRecord.start` / `.end`). Every replay records the same events again."""
+
+    def __init__(self) -> None:
+        self.marks: list[RegionRecord] = []
+
+
+def _graph_event() -> torch.cuda.Event:
+    """A timing event recorded as an event-record node of the graph under capture (`external=True`)."""
+    ev = torch.cuda.Event(enable_timing=True, external=True)
+    ev.record()
+    return ev
 
 
 def _nvtx_domain() -> Any:

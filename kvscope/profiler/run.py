@@ -67,7 +67,7 @@ class RunSpec:
     nvtx: bool | None = None  # None: KVSCOPE_NVTX decides
     nvml_interval_ms: float = 20.0
     seed: int = 0
-    graphs: bool | None = None  # decode steps replayed from a CUDA graph; None: on for CUDA at none/phase
+    graphs: bool | None = None  # decode steps replayed from a CUDA graph; None: on for CUDA
 
 
 @dataclass
@@ -95,17 +95,12 @@ def _check_spec(spec: RunSpec) -> None:
 
 
 def use_graphs(spec: RunSpec, device: torch.device) -> bool:
-    """Whether decode steps replay a CUDA graph: `--graphs on|off`, or by default on CUDA unless the granularity
-    times layers or ops (a replayed graph is timed as a whole step; its inner events could only be read with a host
-    sync per step, so layer/op granularity runs its decode steps eagerly)."""
-    fine = spec.granularity in ("layer", "op")
+    """Whether decode steps replay a CUDA graph: `--graphs on|off`, by default on for CUDA. At layer or op
+    granularity the graph carries event-record nodes for those regions (see Engine._capture)."""
     if spec.graphs is None:
-        return device.type == "cuda" and not fine
+        return device.type == "cuda"
     if spec.graphs and device.type != "cuda":
         raise KvscopeError("--graphs on needs a CUDA device")
-    if spec.graphs and fine:
-        raise KvscopeError(f"--graphs on times whole decode steps; --granularity {spec.granularity} needs "
-                           "--graphs off")
     return spec.graphs
 
 
