@@ -148,3 +148,20 @@ def test_graph_event_records_resolve_with_the_step_they_ran_in() -> None:
         ("L00", 0, 0, "decode", 3, 1.0, 0.5), ("L01", 1, 0, "decode", 3, 1.5, 0.75)]
     assert set(rows[0]) == {"name", "level", "rep", "phase", "step", "layer", "op", "tokens", "context_len",
                             "start_ms", "dur_ms", "host_enqueue_ms", "clock"}
+
+
+def test_regions_inside_graph_capture_become_marks_even_while_paused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine captures its decode graph during warm-up (regions paused); timed regions must still become
+    event-record nodes, and the untimed ones (op regions at layer granularity) nothing."""
+    import kvscope.profiler.instrument as instrument
+
+    monkeypatch.setattr(instrument, "_graph_event", lambda: _FakeEvent(0.0))
+    ins = Instrument("layer", "cpu", nvtx=False)
+    with ins.paused(), ins.capturing() as timer:
+        with ins.region_with("L00", "layer", {"layer": 0}), ins.region_with("L00.qkv", "op", {"layer": 0, "op": "qkv"}):
+            pass
+        with ins.region_with("L01", "layer", {"layer": 1}):
+            pass
+    assert [(m.name, m.layer) for m in timer.marks] == [("L00", 0), ("L01", 1)]
+    assert all(m.start is not None and m.end is not None for m in timer.marks)
+    assert ins._records == [] and ins._stack == []

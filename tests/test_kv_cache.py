@@ -82,3 +82,21 @@ def test_static_decode_path_gives_the_same_tokens() -> None:
             eng.cache.advance()
             out.append(eng.next_tokens.clone())
     assert torch.stack(out, dim=1).tolist() == eager
+
+
+def test_prefill_with_broadcast_rope_tables_writes_the_same_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above PREFILL_ROPE_TABLE_MAX_BYTES the prefill keeps broadcast tables and writes K and V separately; the
+    cache and the tokens are the same as with materialised tables (one K|V write)."""
+    import kvscope.profiler.engine as engine
+
+    model = empty_model(PRESETS["tiny"], CPU, torch.float32)
+    init_random(model, seed=3)
+    prompts = [[5, 9, 2, 7, 1], [4, 4, 8]]
+    runs = []
+    for limit in (engine.PREFILL_ROPE_TABLE_MAX_BYTES, 0):
+        monkeypatch.setattr(engine, "PREFILL_ROPE_TABLE_MAX_BYTES", limit)
+        eng = Engine(model, RunConfig(2, 12, torch.float32, CPU))
+        tokens = eng.generate(prompts, 4)
+        runs.append((tokens, eng.cache.data.clone()))
+    assert runs[0][0] == runs[1][0]
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)

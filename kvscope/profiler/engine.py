@@ -158,21 +158,29 @@ class Engine:
         cos = self.cos[:s].view(1, s, 1, -1)  # (1, S, 1, D)
         sin = self.sin_rot[:s].view(1, s, 1, -1)  # (1, S, 1, D)
         full = (b, s, hq + 2 * hkv, self.args.head_dim)
-        if math.prod(full) * cos.element_size() <= PREFILL_ROPE_TABLE_MAX_BYTES:
+        v_through = math.prod(full) * cos.element_size() <= PREFILL_ROPE_TABLE_MAX_BYTES
+        if v_through:
             # tables at the projection's own shape, made once per prefill for all layers: torch vectorises
-            # elementwise kernels only over operands of one contiguous shape, not over broadcast ones
+            # elementwise kernels only over operands of one contiguous shape, not over broadcast ones; V heads get
+            # cos 1 and sin 0, so the rotated projection holds K and V side by side for one cache write
             cos, sin = cos.expand(full).contiguous(), sin.expand(full).contiguous()  # (B, S, H+2H_kv, D)
+            cos[:, :, hq + hkv:] = 1
+            sin[:, :, hq + hkv:] = 0
 
         def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             ops = self._op_regions[i]
             with ins.region_with(*ops["rope"]):
                 # over all heads of the contiguous projection (vectorised kernels; a q/k slice would be strided);
-                # the rotated V heads are not used
+                # V heads pass unchanged with the materialised tables, and are not used otherwise
                 r = apply_rope(qkv, cos, sin)  # (B, S, H+2H_kv, D)
             q, k, v = r[:, :, :hq], r[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]  # (B, S, H|H_kv, D)
             with ins.region_with(*ops["kv_write"]):
-                cache.k(i)[:, :s].copy_(k)  # (B, S, H_kv, D)
-                cache.v(i)[:, :s].copy_(v)
+                if v_through:
+                    kv = r[:, :, hq:].view(b, s, 2, hkv, -1).permute(2, 0, 1, 3, 4)  # (2, B, S, H_kv, D)
+                    cache.kv(i)[:, :, :s].copy_(kv)
+                else:
+                    cache.k(i)[:, :s].copy_(k)  # (B, S, H_kv, D)
+                    cache.v(i)[:, :s].copy_(v)
             with ins.region_with(*ops["attn"]):
                 y = prefill_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), impl)  # (B, H, S, D)
                 return y.transpose(1, 2).reshape(b * s, hq * self.args.head_dim)  # (B*S, H*D)

@@ -106,16 +106,19 @@ class _Region:
 
     def __enter__(self) -> _Region:
         ins = self._ins
-        if ins._paused:
-            return self
-        self._live = True
-        keys = self._keys
         if ins._capture is not None:  # inside CUDA-graph capture: an event-record node, no NVTX, no host state
+            # (captured even while paused: the graph is captured during warm-up and replayed when measuring)
+            self._live = True
+            keys = self._keys
             self._captured = True
             if self._timed:
                 self._rec = RegionRecord(self._name, self._level, None, None, None, keys.get("layer"), keys.get("op"),
                                          keys.get("tokens"), keys.get("context_len"), 0, start=_graph_event())
             return self
+        if ins._paused:
+            return self
+        self._live = True
+        keys = self._keys
         for attr in ("phase", "step", "rep"):
             if attr in keys:
                 ins._stack.append((attr, getattr(ins, "_" + attr)))
