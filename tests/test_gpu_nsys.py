@@ -25,6 +25,8 @@ def test_kvscope_nsys_tiny(tmp_path: Path) -> None:
             "steps.parquet", "kernel_classes.parquet"} <= names
     a = pd.read_parquet(out / "align.parquet")
     t = pd.read_parquet(out / "run" / "timings.parquet")
-    assert a["event_ms"].notna().sum() == len(t)
+    in_graph = t["clock"] == "cuda-graph"  # layer rows of graph-replayed decode steps: event nodes, no NVTX range
+    assert in_graph.sum() == 2 * 3 * (2 + 3)  # 2 reps x 3 decode steps x (tiny's 2 layers + embed, lm_head, sample)
+    assert a["event_ms"].notna().sum() == (~in_graph).sum()
     steps = pd.read_parquet(out / "steps.parquet")
     assert len(steps) == 2 * 4

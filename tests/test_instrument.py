@@ -165,3 +165,28 @@ def test_regions_inside_graph_capture_become_marks_even_while_paused(monkeypatch
     assert [(m.name, m.layer) for m in timer.marks] == [("L00", 0), ("L01", 1)]
     assert all(m.start is not None and m.end is not None for m in timer.marks)
     assert ins._records == [] and ins._stack == []
+
+
+def test_chained_regions_share_the_boundary_event_inside_a_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Back-to-back siblings (`chain`) reuse the previous sibling's end event as their start: about one event node
+    per region instead of two. A region of another level in between breaks the chain."""
+    import itertools
+
+    import kvscope.profiler.instrument as instrument
+
+    clock = itertools.count()
+    monkeypatch.setattr(instrument, "_graph_event", lambda: _FakeEvent(float(next(clock))))
+    ins = Instrument("op", "cpu", nvtx=False)
+    with ins.capturing() as timer:
+        with ins.region("embed", "layer"):
+            pass
+        for i in range(2):
+            with ins.region_with(f"L{i}", "layer", {"layer": i, "chain": True}):
+                for op in ("norm", "qkv"):
+                    with ins.region_with(f"L{i}.{op}", "op", {"layer": i, "op": op, "chain": True}):
+                        pass
+    m = {r.name: r for r in timer.marks}
+    assert m["L0"].start is m["embed"].end and m["L1"].start is m["L0"].end
+    assert m["L0.qkv"].start is m["L0.norm"].end
+    assert m["L1.norm"].start is not m["L0.qkv"].end  # the layer boundary in between breaks the op chain
+    assert next(clock) == 2 + 2 * (1 + 3)  # embed 2; per layer: its end, and norm start, norm end, qkv end

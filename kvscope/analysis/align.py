@@ -24,6 +24,7 @@ from kvscope.analysis.kernel_classes import classify
 from kvscope.analysis.nsys import NsysExport
 from kvscope.analysis.projection import Projection
 from kvscope.errors import KvscopeError
+from kvscope.profiler.instrument import GRAPH_CLOCK
 
 KVSCOPE_DOMAIN = "kvscope"
 NS_PER_MS = 1e6
@@ -134,7 +135,8 @@ def align_regions(labeled: pd.DataFrame, timings: pd.DataFrame | None) -> pd.Dat
 
 
 def _join_timings(out: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
-    t = timings.copy()
+    # regions timed by event nodes inside a CUDA graph have no NVTX range (their kernels fall in the replay's)
+    t = timings[timings["clock"] != GRAPH_CLOCK].copy() if "clock" in timings else timings.copy()
     t["run"] = ("run bs=" + t["batch"].astype(str) + " seq=" + t["seq_len"].astype(str) + " gen="
                 + t["gen_tokens"].astype(str))
     # run and rep rows carry no step; the decode phase row carries no step either

@@ -89,8 +89,10 @@ class Engine:
         width = max(2, len(str(args.n_layers - 1)))
         self._layer_names = [f"L{i:0{width}d}" for i in range(args.n_layers)]
         # (name, level, keys) of every layer and op region, built once
-        self._layer_regions = [(n, "layer", {"layer": i}) for i, n in enumerate(self._layer_names)]
-        self._op_regions = [{op: (f"{n}.{op}", "op", {"layer": i, "op": op}) for op in OPS}
+        # `chain`: the region follows its sibling with no GPU work between (inside a captured graph it reuses the
+        # sibling's end event as its start, see Instrument)
+        self._layer_regions = [(n, "layer", {"layer": i, "chain": True}) for i, n in enumerate(self._layer_names)]
+        self._op_regions = [{op: (f"{n}.{op}", "op", {"layer": i, "op": op, "chain": True}) for op in OPS}
                             for i, n in enumerate(self._layer_names)]
         self.step = 0  # index of the token the next decode step produces (the prefill produces token 0)
         dev, dt = cfg.device, cfg.dtype
@@ -116,9 +118,9 @@ class Engine:
     def _head(self, h_last: torch.Tensor) -> None:
         """h_last: (B, dim) -> logits (B, V) in `self.logits`, greedy tokens into `next_tokens`."""
         m, ins = self.model, self.ins
-        with ins.region("lm_head", "layer"):
+        with ins.region("lm_head", "layer", chain=True):
             self.logits = m.output(m.norm(h_last))  # (B, V)
-        with ins.region("sample", "layer"):
+        with ins.region("sample", "layer", chain=True):
             self.next_tokens.copy_(torch.argmax(self.logits, dim=-1))
 
     def _layer(self, i: int, h: torch.Tensor, attend) -> None:

@@ -33,6 +33,8 @@ LEVELS = ("run", "rep", "phase", "step", "layer", "op")
 _TIMED_FROM = {"run": 1, "rep": 1, "phase": 1, "step": 1, "layer": 2, "op": 3}
 _GRANULARITY_RANK = {g: i for i, g in enumerate(GRANULARITIES)}
 NVTX_DOMAIN = "kvscope"
+# `clock` of regions timed by event-record nodes inside a CUDA graph (no NVTX range, no host enqueue time)
+GRAPH_CLOCK = "cuda-graph"
 NVTX_ENV = "KVSCOPE_NVTX"
 _COLORS = {"run": 0x4C72B0, "rep": 0x8172B2, "prefill": 0xC44E52, "decode": 0x55A868, "layer": 0xCCB974,
            "op": 0x64B5CD}
@@ -112,8 +114,13 @@ class _Region:
             keys = self._keys
             self._captured = True
             if self._timed:
+                cap = ins._capture
+                # a region that follows its sibling with no GPU work between (`chain` key, set by the engine for
+                # its back-to-back layer and op regions) starts at the sibling's end event: half the event nodes
+                start = cap.last_end.get(self._level) if keys.get("chain") else None
                 self._rec = RegionRecord(self._name, self._level, None, None, None, keys.get("layer"), keys.get("op"),
-                                         keys.get("tokens"), keys.get("context_len"), 0, start=_graph_event())
+                                         keys.get("tokens"), keys.get("context_len"), 0,
+                                         start=start if start is not None else _graph_event())
             return self
         if ins._paused:
             return self
@@ -142,6 +149,7 @@ class _Region:
             if self._rec is not None and ins._capture is not None:
                 self._rec.end = _graph_event()
                 ins._capture.marks.append(self._rec)
+                ins._capture.last_end = {self._level: self._rec.end}  # work of another level breaks the chain
             self._rec = None
             return
         try:
@@ -248,7 +256,7 @@ class Instrument:
                 "name": r.name, "level": r.level, "rep": where["rep"], "phase": where["phase"], "step": where["step"],
                 "layer": r.layer, "op": r.op, "tokens": r.tokens, "context_len": r.context_len,
                 "start_ms": self._base.elapsed_time(r.start), "dur_ms": r.start.elapsed_time(r.end),
-                "host_enqueue_ms": math.nan, "clock": self.clock,
+                "host_enqueue_ms": math.nan, "clock": GRAPH_CLOCK,
             })
 
     def start_clock(self) -> None:
@@ -348,6 +356,7 @@ class GraphTimer:
 
     def __init__(self) -> None:
         self.marks: list[RegionRecord] = []
+        self.last_end: dict[str, Any] = {}  # level -> end event of the region of that level that closed last
 
 
 def _graph_event() -> torch.cuda.Event:
