@@ -100,46 +100,56 @@ def attention(b: int, s: int) -> None:
         show(f"attention B={b} S={s}: {label}", fn)
 
 
+def norm(b: int) -> None:
+    x = torch.randn(b, DIM, device=DEV, dtype=DT)
+    w = torch.randn(DIM, device=DEV, dtype=DT)
+
+    def manual() -> torch.Tensor:
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(DT)
+
+    show(f"RMSNorm B={b}: F.rms_norm with weight (kvscope)", lambda: F.rms_norm(x, (DIM,), w, 1e-6))
+    show(f"RMSNorm B={b}: float32 by hand", manual)
+
+
+def residual(b: int, k_in: int, n_out: int) -> None:
+    x = torch.randn(b, k_in, device=DEV, dtype=DT)
+    wt = torch.randn(n_out, k_in, device=DEV, dtype=DT) * 0.01
+    h = torch.randn(b, n_out, device=DEV, dtype=DT)
+    show(f"residual B={b} {k_in}->{n_out}: h + linear(x)", lambda: h + F.linear(x, wt))
+    show(f"residual B={b} {k_in}->{n_out}: h.addmm_(x, W^T) (kvscope)", lambda: h.addmm_(x, wt.t()))
+
+
+def rope_and_write(b: int) -> None:
+    qkv = torch.randn(b, 1, H + 2 * H_KV, D, device=DEV, dtype=DT)  # (B, 1, H+2H_kv, D)
+    cos, sin = torch.randn_like(qkv), torch.randn_like(qkv)
+
+    def rope_flip() -> torch.Tensor:
+        swapped = qkv.unflatten(-1, (2, D // 2)).flip(-2).flatten(-2)
+        return torch.addcmul(qkv * cos, swapped, sin)
+
+    def rope_cat() -> torch.Tensor:
+        x1, x2 = qkv[..., :D // 2], qkv[..., D // 2:]
+        return qkv * cos + torch.cat((-x2, x1), -1) * sin
+
+    show(f"RoPE B={b}, 20 heads: flip + addcmul (kvscope)", rope_flip)
+    show(f"RoPE B={b}, 20 heads: rotate-half with cat", rope_cat)
+    cache = torch.zeros(2, b, 576, H_KV, D, device=DEV, dtype=DT)  # (2, B, S, H_kv, D)
+    new = torch.randn(b, 1, 2, H_KV, D, device=DEV, dtype=DT).permute(2, 0, 1, 3, 4)  # (2, B, 1, H_kv, D)
+    idx = torch.full((b,), 300, device=DEV).view(1, b, 1, 1, 1).expand(2, b, 1, H_KV, D)
+    show(f"K/V write B={b}: one scatter (kvscope)", lambda: cache.scatter_(2, idx, new))
+
+
 def main() -> None:
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; µs per call, {INNER} calls per graph")
     for b, s in ((1, 576), (1, 4160), (8, 576), (64, 576), (64, 4160)):
         attention(b, s)
     for b in (1, 64):
-        x = torch.randn(b, DIM, device=DEV, dtype=DT)
-        w = torch.randn(DIM, device=DEV, dtype=DT)
-
-        def manual() -> torch.Tensor:
-            xf = x.float()
-            return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(DT)
-
-        show(f"RMSNorm B={b}: F.rms_norm with weight (kvscope)", lambda: F.rms_norm(x, (DIM,), w, 1e-6))
-        show(f"RMSNorm B={b}: float32 by hand", manual)
-    for b in (1, 64):
+        norm(b)
         for k_in, n_out in ((2048, 2048), (11008, 2048)):
-            x = torch.randn(b, k_in, device=DEV, dtype=DT)
-            wt = torch.randn(n_out, k_in, device=DEV, dtype=DT) * 0.01
-            h = torch.randn(b, n_out, device=DEV, dtype=DT)
-            show(f"residual B={b} {k_in}->{n_out}: h + linear(x)", lambda: h + F.linear(x, wt))
-            show(f"residual B={b} {k_in}->{n_out}: h.addmm_(x, W^T) (kvscope)", lambda: h.addmm_(x, wt.t()))
-    for b in (1, 64):
-        qkv = torch.randn(b, 1, H + 2 * H_KV, D, device=DEV, dtype=DT)  # (B, 1, H+2H_kv, D)
-        cos, sin = torch.randn_like(qkv), torch.randn_like(qkv)
-
-        def rope_flip() -> torch.Tensor:
-            swapped = qkv.unflatten(-1, (2, D // 2)).flip(-2).flatten(-2)
-            return torch.addcmul(qkv * cos, swapped, sin)
-
-        def rope_cat() -> torch.Tensor:
-            x1, x2 = qkv[..., :D // 2], qkv[..., D // 2:]
-            return qkv * cos + torch.cat((-x2, x1), -1) * sin
-
-        show(f"RoPE B={b}, 20 heads: flip + addcmul (kvscope)", rope_flip)
-        show(f"RoPE B={b}, 20 heads: rotate-half with cat", rope_cat)
-        cache = torch.zeros(2, b, 576, H_KV, D, device=DEV, dtype=DT)  # (2, B, S, H_kv, D)
-        new = torch.randn(b, 1, 2, H_KV, D, device=DEV, dtype=DT).permute(2, 0, 1, 3, 4)  # (2, B, 1, H_kv, D)
-        idx = torch.full((b,), 300, device=DEV).view(1, b, 1, 1, 1).expand(2, b, 1, H_KV, D)
-        show(f"K/V write B={b}: one scatter (kvscope)", lambda: cache.scatter_(2, idx, new))
+            residual(b, k_in, n_out)
+        rope_and_write(b)
 
 
 if __name__ == "__main__":
