@@ -136,3 +136,22 @@ def test_cli_nsys_validates_before_profiling(tmp_path: Path, capsys: pytest.Capt
 def test_timings_of_another_run_are_refused() -> None:
     with pytest.raises(KvscopeError, match="timings do not match the export"):
         analyse(DATA / "qwen25-05b.sqlite", DATA / "tiny-run")
+
+
+def test_rows_timed_inside_a_cuda_graph_need_no_range(tiny) -> None:
+    """Layer rows of graph-replayed steps (clock `cuda-graph`) have no NVTX range by design: alignment leaves them
+    out; a host- or event-clock row without its range is still refused."""
+    from kvscope.analysis.align import align_regions, label_ranges
+    from kvscope.analysis.projection import project
+
+    t = pd.read_parquet(DATA / "tiny-run" / "timings.parquet")
+    extra = t[t["level"] == "layer"].head(3).copy()
+    extra["name"] = ["L00", "L01", "lm_head"]
+    extra["step"] = pd.array([99, 99, 99], dtype="Int64")  # a step the export has no range for
+    extra["clock"] = "cuda-graph"
+    labeled = label_ranges(project(tiny.export))
+    aligned = align_regions(labeled, pd.concat([t, extra], ignore_index=True))
+    assert aligned["event_ms"].notna().sum() == len(t)
+    extra["clock"] = "cuda"
+    with pytest.raises(KvscopeError, match="timings do not match the export"):
+        align_regions(labeled, pd.concat([t, extra], ignore_index=True))
