@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from kvscope.cli import main
+from kvscope.errors import KvscopeError
 from kvscope.io import read_metadata
 from kvscope.profiler.model import PRESETS
 
@@ -225,3 +227,15 @@ def test_kv_prediction_matches_measured_allocation(run_dir: Path) -> None:
     s = pd.read_parquet(run_dir / "summary.parquet").iloc[0]
     assert s["kv_predicted_bytes"] == s["kv_cache_bytes"]
     assert abs(s["kv_alloc_bytes"] - s["kv_predicted_bytes"]) <= 0.01 * s["kv_predicted_bytes"]
+
+
+def test_graphs_default_on_for_cuda_at_every_granularity() -> None:
+    from kvscope.profiler.run import RunSpec, use_graphs
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing runs on them
+    for g in ("none", "phase", "layer", "op"):
+        assert use_graphs(RunSpec(granularity=g), cuda) is True
+        assert use_graphs(RunSpec(granularity=g, graphs=False), cuda) is False
+        assert use_graphs(RunSpec(granularity=g), cpu) is False
+    with pytest.raises(KvscopeError, match="--graphs on needs a CUDA device"):
+        use_graphs(RunSpec(graphs=True), cpu)
