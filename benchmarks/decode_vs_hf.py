@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from kvscope.analysis.roofline import decode_cost
+from kvscope.io import write_json
 from kvscope.profiler.calibrate import load_ceilings, matvec_chain_ms
 from kvscope.profiler.engine import Engine
 from kvscope.profiler.model import ModelArgs
@@ -97,10 +98,8 @@ def _merge_json(path: Path, model: str, rows: list[dict]) -> None:
     old = json.loads(path.read_text())["rows"] if path.exists() else []
     new_keys = {(n["impl"], n["batch"], n["context"]) for n in rows}
     keep = [r for r in old if (r["impl"], r["batch"], r["context"]) not in new_keys]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"device": torch.cuda.get_device_name(), "date": datetime.now(UTC).date().isoformat(),
-                               "model": model, "torch": torch.__version__, "rows": keep + rows}, indent=1))
-    tmp.replace(path)
+    write_json({"device": torch.cuda.get_device_name(), "date": datetime.now(UTC).date().isoformat(),
+                "model": model, "torch": torch.__version__, "rows": keep + rows}, path, indent=1)
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
     _atomic(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
-def write_json(obj: Any, path: Path) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, default=str)))
+def write_json(obj: Any, path: Path, indent: int | None = None) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, default=str, indent=indent)))
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

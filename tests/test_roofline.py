@@ -69,3 +69,15 @@ def test_calibration_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert main(["calibrate", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs --device cuda" in err[0]
+
+
+def test_calibration_cache_keeps_other_gpus_and_reads_back(tmp_path) -> None:
+    from kvscope.profiler.calibrate import save
+
+    path = tmp_path / "kvscope" / "calibration.json"
+    save({"gpu": "GPU A", "copy_gb_s": 1000.0, "bf16_tflop_s": 100.0}, path)
+    save({"gpu": "GPU B", "copy_gb_s": 2000.0, "bf16_tflop_s": 200.0}, path)
+    save({"gpu": "GPU A", "copy_gb_s": 1500.0, "bf16_tflop_s": 150.0}, path)
+    assert load_ceilings("GPU A", path) == Ceilings("GPU A", 1500.0, 150.0)
+    assert load_ceilings("GPU B", path) == Ceilings("GPU B", 2000.0, 200.0)
+    assert [p.name for p in path.parent.iterdir()] == ["calibration.json"]  # no temporary file left

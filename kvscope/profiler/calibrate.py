@@ -21,6 +21,7 @@ import torch
 
 from kvscope.analysis.roofline import Ceilings
 from kvscope.errors import KvscopeError
+from kvscope.io import write_json
 from kvscope.profiler.model import ModelArgs
 from kvscope.profiler.timing import median_event_ms
 
@@ -105,7 +106,5 @@ def save(result: dict[str, Any], path: Path | None = None) -> Path:
     except ValueError:
         data = {}
     data[result["gpu"]] = result
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, p)
+    write_json(data, p, indent=1)
     return p
