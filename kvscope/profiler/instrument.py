@@ -257,12 +257,8 @@ class Instrument:
 
     def _resolve(self, timer: GraphTimer, where: dict[str, Any]) -> None:
         for r in timer.marks:
-            self._resolved.append({
-                "name": r.name, "level": r.level, "rep": where["rep"], "phase": where["phase"], "step": where["step"],
-                "layer": r.layer, "op": r.op, "tokens": r.tokens, "context_len": r.context_len,
-                "start_ms": self._base.elapsed_time(r.start), "dur_ms": r.start.elapsed_time(r.end),
-                "host_enqueue_ms": math.nan, "clock": GRAPH_CLOCK,
-            })
+            self._resolved.append(_row(r, where["rep"], where["phase"], where["step"], self._base.elapsed_time(r.start),
+                                       r.start.elapsed_time(r.end), math.nan, GRAPH_CLOCK))
 
     def start_clock(self) -> None:
         """Set the run's time origin: start offsets are measured from here (device and host clocks)."""
@@ -344,15 +340,20 @@ class Instrument:
             else:
                 start_ms = (r.start - self._base_host_ns) / 1e6
                 dur_ms = (r.end - r.start) / 1e6
-            out.append({
-                "name": r.name, "level": r.level, "rep": r.rep, "phase": r.phase, "step": r.step, "layer": r.layer,
-                "op": r.op, "tokens": r.tokens, "context_len": r.context_len, "start_ms": start_ms,
-                "dur_ms": dur_ms, "host_enqueue_ms": (r.host_exit_ns - r.host_enter_ns) / 1e6, "clock": self.clock,
-            })
+            out.append(_row(r, r.rep, r.phase, r.step, start_ms, dur_ms, (r.host_exit_ns - r.host_enter_ns) / 1e6,
+                            self.clock))
             if self.clock == "cuda":
                 self._event_pool += (r.start, r.end)  # resolved: reusable
         self._records.clear()
         return out
+
+
+def _row(r: RegionRecord, rep: int | None, phase: str | None, step: int | None, start_ms: float, dur_ms: float,
+         host_enqueue_ms: float, clock: str) -> dict[str, Any]:
+    """One resolved region as `collect()` returns it."""
+    return {"name": r.name, "level": r.level, "rep": rep, "phase": phase, "step": step, "layer": r.layer, "op": r.op,
+            "tokens": r.tokens, "context_len": r.context_len, "start_ms": start_ms, "dur_ms": dur_ms,
+            "host_enqueue_ms": host_enqueue_ms, "clock": clock}
 
 
 class GraphTimer:
