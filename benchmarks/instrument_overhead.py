@@ -86,7 +86,7 @@ def main() -> None:
 
             for ins in instruments.values():
                 ins.start_clock()
-                ins.reserve(regions_per_rep(ins, src.args.n_layers, ns.steps + 3))
+                ins.reserve(regions_per_rep(ins, src.args.n_layers, ns.steps + 3, graphs))
             for k in range(8):  # warm-up, every configuration twice (captures the graphs)
                 _step(engines, instruments, CONFIGS[k % 4])
             samples: dict[str, list[float]] = {g: [] for g in CONFIGS}

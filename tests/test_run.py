@@ -221,6 +221,10 @@ def test_events_reserved_ahead_match_the_regions_of_a_rep(run_dir: Path) -> None
     t = pd.read_parquet(run_dir / "timings.parquet")
     per_rep = t[t["rep"] == 1]
     assert len(per_rep) == regions_per_rep(Instrument("op", "cpu", nvtx=False), PRESETS["tiny"].n_layers, GEN)
+    # with graphs, a decode step's layer and op regions are event nodes inside the graph: no pooled events
+    pooled = per_rep[~((per_rep["phase"] == "decode") & per_rep["level"].isin(["layer", "op"]))]
+    assert len(pooled) == regions_per_rep(Instrument("op", "cpu", nvtx=False), PRESETS["tiny"].n_layers, GEN,
+                                          graphs=True)
 
 
 def test_kv_prediction_matches_measured_allocation(run_dir: Path) -> None:

@@ -223,7 +223,7 @@ def measure(model: torch.nn.Module, spec: RunSpec, source: ModelSource, cfg: Run
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
-    ins.reserve(regions_per_rep(ins, source.args.n_layers, spec.gen_tokens) + 2)
+    ins.reserve(regions_per_rep(ins, source.args.n_layers, spec.gen_tokens, engine.graphs) + 2)
     nvml = NvmlSampler(device, spec.nvml_interval_ms)
     host_decode_ms: list[float] = []
     records: list[dict[str, Any]] = []
@@ -260,10 +260,11 @@ def measure(model: torch.nn.Module, spec: RunSpec, source: ModelSource, cfg: Run
     return RunResult(Path(run_id), summary, timings, nvml_df, meta)
 
 
-def regions_per_rep(ins: Instrument, n_layers: int, gen_tokens: int) -> int:
-    """Timed regions one repetition opens at the instrument's granularity (to create their events ahead)."""
+def regions_per_rep(ins: Instrument, n_layers: int, gen_tokens: int, graphs: bool = False) -> int:
+    """Timed regions one repetition opens at the instrument's granularity (to create their events ahead). With
+    graphs, a decode step's layer and op regions are event nodes of the graph and take no pooled events."""
     timed = ins.timed_levels()
-    units = gen_tokens  # the prefill and gen_tokens - 1 decode steps
+    units = 1 if graphs else gen_tokens  # the prefill, and gen_tokens - 1 decode steps when they run eagerly
     count = 0
     if "phase" in timed:
         count += 1 + 2 + (gen_tokens - 1)  # rep, prefill, decode, steps
