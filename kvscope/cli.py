@@ -357,6 +357,7 @@ def parse_prompt_ids(text: str) -> list[list[int]]:
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
     from kvscope.profiler.engine import Engine, check_prompts
+    from kvscope.profiler.run import use_graphs
     from kvscope.profiler.runconfig import RunConfig, parse_dtype, resolve_device
     from kvscope.profiler.weights import load_model, resolve_model
 
@@ -383,12 +384,11 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
                            f"{source.args.max_position_embeddings}")
     cfg = RunConfig(batch_size=len(prompts), max_seq=max_seq, dtype=dtype, device=device, attn=ns.attn)
     cfg.check(source.args)
-    if ns.graphs == "on" and device.type != "cuda":
-        raise KvscopeError("--graphs on needs a CUDA device")
+    graphs = use_graphs(_graphs_flag(ns), device)
     model, ready_s = load_model(source, device, dtype, seed=ns.seed)
     print(f"kvscope: {source.args.name} ({source.kind}{', random weights' if source.random_weights else ''}) "
           f"on {device} in {str(dtype).removeprefix('torch.')}, ready in {ready_s:.2f} s", file=sys.stderr)
-    engine = Engine(model, cfg, graphs=device.type == "cuda" if ns.graphs is None else ns.graphs == "on")
+    engine = Engine(model, cfg, graphs=graphs)
     tokens = engine.generate(prompts, ns.max_new_tokens)
     for row in tokens:
         print(json.dumps(row))

@@ -238,8 +238,8 @@ def test_graphs_default_on_for_cuda_at_every_granularity() -> None:
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing runs on them
     for g in ("none", "phase", "layer", "op"):
-        assert use_graphs(RunSpec(granularity=g), cuda) is True
-        assert use_graphs(RunSpec(granularity=g, graphs=False), cuda) is False
-        assert use_graphs(RunSpec(granularity=g), cpu) is False
+        assert use_graphs(RunSpec(granularity=g).graphs, cuda) is True
+        assert use_graphs(RunSpec(granularity=g, graphs=False).graphs, cuda) is False
+        assert use_graphs(RunSpec(granularity=g).graphs, cpu) is False
     with pytest.raises(KvscopeError, match="--graphs on needs a CUDA device"):
-        use_graphs(RunSpec(graphs=True), cpu)
+        use_graphs(RunSpec(graphs=True).graphs, cpu)

@@ -94,21 +94,21 @@ def _check_spec(spec: RunSpec) -> None:
         raise KvscopeError(f"--nvml-interval-ms must be positive, got {spec.nvml_interval_ms}")
 
 
-def use_graphs(spec: RunSpec, device: torch.device) -> bool:
-    """Whether decode steps replay a CUDA graph: `--graphs on|off`, by default on for CUDA. At layer or op
-    granularity the graph carries event-record nodes for those regions (see Engine._capture)."""
-    if spec.graphs is None:
+def use_graphs(graphs: bool | None, device: torch.device) -> bool:
+    """Whether decode steps replay a CUDA graph: `--graphs on|off` (True/False), by default (None) on for CUDA. At
+    layer or op granularity the graph carries event-record nodes for those regions (see Engine._capture)."""
+    if graphs is None:
         return device.type == "cuda"
-    if spec.graphs and device.type != "cuda":
+    if graphs and device.type != "cuda":
         raise KvscopeError("--graphs on needs a CUDA device")
-    return spec.graphs
+    return graphs
 
 
 def prepare(spec: RunSpec) -> tuple[ModelSource, RunConfig]:
     """Every check of a run's input that needs no model weights: sizes, granularity, device, model, context."""
     _check_spec(spec)
     device = resolve_device(spec.device)
-    use_graphs(spec, device)  # checks --graphs against the device and the granularity
+    use_graphs(spec.graphs, device)  # checks --graphs against the device
     model_spec = spec.model or (DEFAULT_MODEL_CUDA if device.type == "cuda" else DEFAULT_MODEL_CPU)
     source = resolve_model(model_spec)
     dtype = parse_dtype(spec.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -206,7 +206,7 @@ def measure(model: torch.nn.Module, spec: RunSpec, source: ModelSource, cfg: Run
     """Warm up, then time `spec.reps` repetitions of prefill + decode on an already loaded model."""
     device, cuda = cfg.device, cfg.device.type == "cuda"
     ins = Instrument(spec.granularity, device, nvtx=spec.nvtx)
-    engine = Engine(model, cfg, ins, graphs=use_graphs(spec, device))
+    engine = Engine(model, cfg, ins, graphs=use_graphs(spec.graphs, device))
     gen = torch.Generator().manual_seed(spec.seed)
     prompt = torch.randint(0, source.args.vocab_size, (spec.batch_size, spec.seq), generator=gen)  # (B, S)
     tokens, lengths = prompt.to(device), [spec.seq] * spec.batch_size
