@@ -362,7 +362,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU MLP with the gate and up projections fused into one matrix `w13`."""
+    """SwiGLU MLP with the gate and up projections fused into one matrix `w13`; the engine runs
+    `w2(hidden_act(x))` with the residual folded into the down product (`linear_residual_`)."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -375,16 +376,14 @@ class FeedForward(nn.Module):
 
         Few rows (decode): one fused gate/up product, then two elementwise kernels on its strided halves. Many rows
         (prefill): two products into contiguous outputs, because torch's elementwise kernels only vectorise
-        contiguous tensors and run about 1.5x slower on the strided halves (measured, docs/benchmarks.md)."""
+        contiguous tensors; on the strided halves they fall back to a slower kernel (the 4,096-token prefill went from
+        64.2% to 67.3% of the calibrated matmul rate with this and the RoPE change, docs/benchmarks.md)."""
         if x.shape[0] >= SPLIT_GATE_UP_MIN_ROWS:
             w = self.w13.weight  # (2F, dim): gate rows, then up rows
             gate = F.linear(x, w[:self.hidden])  # (N, F), contiguous
             return F.silu(gate, inplace=True).mul_(F.linear(x, w[self.hidden:]))
         gate, up = self.w13(x).split(self.hidden, dim=-1)  # (N, F) each, strided views
         return F.silu(gate) * up
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.hidden_act(x))
 
 
 class TransformerBlock(nn.Module):
