@@ -14,7 +14,7 @@ Ranges close and events are recorded in `__exit__`, so they close on errors too.
 Inside a CUDA-graph capture (`capturing()`), a timed region becomes a pair of event-record nodes of the graph
 (`torch.cuda.Event(external=True)`; siblings marked `chain` share the boundary node) and no NVTX range: the engine
 reads them after a replay (`before_replay` / `collect`) into rows whose `clock` is `cuda-graph`. Each such node
-costs about 3 µs of GPU time on an H100 (docs/benchmarks.md).
+costs about 3 µs of GPU time on an H100 (derived from step times, docs/benchmarks.md).
 """
 
 from __future__ import annotations
