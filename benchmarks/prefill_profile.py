@@ -1,7 +1,7 @@
 """Where a long prefill's time goes: one `qwen2.5-3b` prefill (batch 1, 4,096 tokens by default) timed with CUDA
 events, then its kernels by total time from the torch profiler (CUDA activity only).
 
-    python3 benchmarks/prefill_profile.py [--model qwen2.5-3b] [--seq 4096]
+    python3 benchmarks/prefill_profile.py [--model qwen2.5-3b] [--seq 4096] [--kernels on|off]
 """
 
 from __future__ import annotations
@@ -23,13 +23,16 @@ def main() -> None:
     p.add_argument("--model", default="qwen2.5-3b")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--kernels", default="on", choices=["on", "off"], help="kvscope's CUDA kernels")
     ns = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     model, _ = load_model(resolve_model(ns.model), dev, dt, seed=0)
-    eng = Engine(model, RunConfig(1, ns.seq + 8, dt, dev))
+    p_kernels = ns.kernels == "on"
+    eng = Engine(model, RunConfig(1, ns.seq + 8, dt, dev), kernels=p_kernels)
     tokens = torch.randint(0, 1000, (1, ns.seq), device=dev)  # (1, S)
     ms = median_event_ms(lambda: eng.prefill(tokens, [ns.seq]), reps=5, warmup=3)
-    print(f"{torch.cuda.get_device_name()}: {ns.model} prefill of {ns.seq} tokens, median {ms:.2f} ms")
+    print(f"{torch.cuda.get_device_name()}: {ns.model} prefill of {ns.seq} tokens (kernels {ns.kernels}), "
+          f"median {ms:.2f} ms")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         eng.prefill(tokens, [ns.seq])
         torch.cuda.synchronize()  # named sync: the profiled prefill is complete

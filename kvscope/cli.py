@@ -31,6 +31,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
     p.add_argument("--graphs", default=None, choices=["on", "off"],
                    help="replay each decode step from a captured CUDA graph (default: on for CUDA)")
+    p.add_argument("--kernels", default=None, choices=["on", "off"],
+                   help="kvscope's CUDA kernels for RMSNorm, SiLU*up and RoPE + KV write (default: on for CUDA)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +133,7 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
 
     base = RunSpec(model=ns.model, gen_tokens=ns.gen_tokens, warmup=ns.warmup, reps=ns.reps,
                    granularity=ns.granularity, attn=ns.attn, dtype=ns.dtype, device=ns.device, seed=ns.seed,
-                   graphs=_graphs_flag(ns))
+                   graphs=_graphs_flag(ns), kernels=_kernels_flag(ns))
     sw = SweepSpec(base, parse_int_list(ns.seq, "--seq"), parse_int_list(ns.batch_sizes, "--batch-sizes"),
                    Path(ns.out), ns.collapse_factor, ns.resume)
     err = Console(stderr=True)
@@ -305,13 +307,18 @@ def _graphs_flag(ns: argparse.Namespace) -> bool | None:
     return None if ns.graphs is None else ns.graphs == "on"
 
 
+def _kernels_flag(ns: argparse.Namespace) -> bool | None:
+    return None if ns.kernels is None else ns.kernels == "on"
+
+
 def _run_spec(ns: argparse.Namespace):  # -> RunSpec
     from kvscope.profiler.run import RunSpec
 
     return RunSpec(model=ns.model, batch_size=ns.batch_size, seq=ns.seq, gen_tokens=ns.gen_tokens,
                    warmup=ns.warmup, reps=ns.reps, granularity=ns.granularity, attn=ns.attn, dtype=ns.dtype,
                    device=ns.device, out=ns.out, nvtx=False if ns.no_nvtx else None,
-                   nvml_interval_ms=ns.nvml_interval_ms, seed=ns.seed, graphs=_graphs_flag(ns))
+                   nvml_interval_ms=ns.nvml_interval_ms, seed=ns.seed, graphs=_graphs_flag(ns),
+                   kernels=_kernels_flag(ns))
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
@@ -357,7 +364,7 @@ def parse_prompt_ids(text: str) -> list[list[int]]:
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
     from kvscope.profiler.engine import Engine, check_prompts
-    from kvscope.profiler.run import use_graphs
+    from kvscope.profiler.run import use_graphs, use_kernels
     from kvscope.profiler.runconfig import RunConfig, parse_dtype, resolve_device
     from kvscope.profiler.weights import load_model, resolve_model
 
@@ -385,10 +392,11 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     cfg = RunConfig(batch_size=len(prompts), max_seq=max_seq, dtype=dtype, device=device, attn=ns.attn)
     cfg.check(source.args)
     graphs = use_graphs(_graphs_flag(ns), device)
+    kernels = use_kernels(_kernels_flag(ns), device, dtype)
     model, ready_s = load_model(source, device, dtype, seed=ns.seed)
     print(f"kvscope: {source.args.name} ({source.kind}{', random weights' if source.random_weights else ''}) "
           f"on {device} in {str(dtype).removeprefix('torch.')}, ready in {ready_s:.2f} s", file=sys.stderr)
-    engine = Engine(model, cfg, graphs=graphs)
+    engine = Engine(model, cfg, graphs=graphs, kernels=kernels)
     tokens = engine.generate(prompts, ns.max_new_tokens)
     for row in tokens:
         print(json.dumps(row))

@@ -37,10 +37,11 @@ def _hf_of(args: ModelArgs, dtype: torch.dtype, attn: str = "eager") -> torch.nn
     return hf.to(dtype).eval()
 
 
-def _ours_from(hf: torch.nn.Module, args: ModelArgs, dtype: torch.dtype, max_seq: int) -> Engine:
+def _ours_from(hf: torch.nn.Module, args: ModelArgs, dtype: torch.dtype, max_seq: int, kernels: bool = False
+               ) -> Engine:
     model = empty_model(args, CUDA, dtype)
     load_hf_tensors(model, hf.state_dict().items())
-    return Engine(model, RunConfig(1, max_seq, dtype, CUDA, "sdpa"))
+    return Engine(model, RunConfig(1, max_seq, dtype, CUDA, "sdpa"), kernels=kernels)
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +49,12 @@ def qwen05_fp32() -> torch.nn.Module:
     return _hf_of(PRESETS["qwen2.5-0.5b"], torch.float32)
 
 
-def test_fp32_greedy_tokens_equal_transformers_32_steps(qwen05_fp32: torch.nn.Module) -> None:
+@pytest.mark.parametrize("kernels", [False, True])
+def test_fp32_greedy_tokens_equal_transformers_32_steps(qwen05_fp32: torch.nn.Module, kernels: bool) -> None:
     assert not torch.backends.cuda.matmul.allow_tf32
     args = PRESETS["qwen2.5-0.5b"]
     steps = 32
-    ours = _ours_from(qwen05_fp32, args, torch.float32, len(PROMPT) + steps).generate([PROMPT], steps)[0]
+    ours = _ours_from(qwen05_fp32, args, torch.float32, len(PROMPT) + steps, kernels).generate([PROMPT], steps)[0]
     x = torch.tensor([PROMPT], device=CUDA)  # PROMPT holds id 0: pass the mask, or generate takes 0 for padding
     ref = qwen05_fp32.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=steps, min_new_tokens=steps,
                                do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -70,7 +72,8 @@ def _to_bf16(hf: torch.nn.Module) -> torch.nn.Module:
     return hf
 
 
-def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(qwen05_fp32: torch.nn.Module) -> None:
+@pytest.mark.parametrize("kernels", [False, True])
+def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(qwen05_fp32: torch.nn.Module, kernels: bool) -> None:
     """Same weights as the float32 reference, rounded to bfloat16. Transformers in bfloat16 (its own prefill and
     cached decode, sdpa attention) sets the noise floor: its error against float32. Ours against float32 stays within
     1.25x of that floor, and ours against transformers bf16 below it. (Our fused RMSNorm, RoPE addcmul and residual
@@ -79,7 +82,7 @@ def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(qwen05_fp32: torch.nn
     hf = _hf_of(args, torch.float32, "sdpa")
     hf.load_state_dict(qwen05_fp32.state_dict())
     hf = _to_bf16(hf)
-    eng = _ours_from(hf, args, torch.bfloat16, len(PROMPT) + 9)
+    eng = _ours_from(hf, args, torch.bfloat16, len(PROMPT) + 9, kernels)
     eng.prefill(*pad_prompts([PROMPT], args.vocab_size, CUDA))
     errs, floor, ours_fp32 = [], [], []
     with torch.no_grad():
@@ -96,7 +99,7 @@ def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(qwen05_fp32: torch.nn
             eng.decode_step()
             with sdpa_kernel(DECODE_SDPA_BACKENDS):  # the attention kernels our decode steps use
                 out = hf(torch.tensor([[tok]], device=CUDA), past_key_values=out.past_key_values, use_cache=True)
-    print(f"bf16 rel err per step vs transformers bf16: {[f'{e:.1e}' for e in errs]}; vs fp32: max "
+    print(f"kernels {kernels}: bf16 rel err per step vs transformers bf16: {[f'{e:.1e}' for e in errs]}; vs fp32: max "
           f"{max(ours_fp32):.2e}; transformers bf16 vs fp32: max {max(floor):.2e}")
     assert max(ours_fp32) <= 1.25 * max(floor)
     assert max(errs) < max(floor)

@@ -32,13 +32,16 @@ def test_event_sum_matches_host_clock(tmp_path: Path, batch: int, granularity: s
     assert s["peak_reserved_mb"] > 0 and s["kv_alloc_bytes"] >= s["kv_cache_bytes"]
 
 
+@pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("granularity", ["layer", "op"])
-def test_graph_mode_times_layers_and_ops_from_event_nodes(tmp_path: Path, granularity: str) -> None:
-    """Graphs on at layer/op granularity: a row per layer (and op) per decode step, read from event-record nodes
-    inside the replayed graphs; per step, layer times sum to no more than the step."""
+def test_graph_mode_times_layers_and_ops(tmp_path: Path, granularity: str, kernels: bool) -> None:
+    """Graphs on at layer/op granularity: a row per layer (and op) per decode step, read from the timestamps the
+    kernels write inside the replayed graphs (kernels on) or from event-record nodes (kernels off); per step, layer
+    times sum to no more than the step, and each step's layers lie inside it."""
     res = execute(RunSpec(model="qwen2.5-0.5b", seq=64, gen_tokens=9, warmup=1, reps=2, granularity=granularity,
-                          out=str(tmp_path / "run")))
+                          kernels=kernels, out=str(tmp_path / "run")))
     assert res.metadata["cuda_graphs"] is True
+    assert res.metadata["graph_region_timing"] == ("stamps" if kernels else "events")
     t = res.timings
     steps = t[t["level"] == "step"]
     layers = t[(t["level"] == "layer") & (t["phase"] == "decode") & t["layer"].notna()]
@@ -48,6 +51,11 @@ def test_graph_mode_times_layers_and_ops_from_event_nodes(tmp_path: Path, granul
     per_step = layers.groupby(["rep", "step"])["dur_ms"].sum()
     step_ms = steps.set_index(["rep", "step"])["dur_ms"]
     assert (per_step <= step_ms.loc[per_step.index] * 1.0001).all()
+    first = layers.groupby(["rep", "step"])["start_ms"].min()
+    starts = steps.set_index(["rep", "step"])["start_ms"].loc[first.index]
+    assert ((first - starts).abs() < 0.5).all()  # the step's layers start where the step starts (within 0.5 ms)
     if granularity == "op":
         ops = t[(t["level"] == "op") & (t["phase"] == "decode")]
-        assert len(ops) == len(steps) * 24 * 7
+        # kernels on: RoPE and the cache write are one kernel, one `rope` op
+        assert len(ops) == len(steps) * 24 * (6 if kernels else 7)
+        assert (ops["dur_ms"] > 0).all()

@@ -27,6 +27,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvscope.errors import KvscopeError
+from kvscope.kernels import ops as kops
 from kvscope.profiler.attention import DecodeMeta, decode_attention, flash_decode_ok, prefill_attention
 from kvscope.profiler.instrument import GraphTimer, Instrument
 from kvscope.profiler.kv_cache import KVCache
@@ -74,12 +75,18 @@ class Engine:
     """One model, one KV cache, static decode buffers, and the attention switch of the run config."""
 
     def __init__(self, model: Transformer, cfg: RunConfig, instrument: Instrument | None = None,
-                 graphs: bool = False) -> None:
+                 graphs: bool = False, kernels: bool = False) -> None:
         args = model.args
         cfg.check(args)
         if graphs and cfg.device.type != "cuda":
             raise KvscopeError("CUDA graphs need a CUDA device (--graphs off on the CPU)")
+        if kernels and not kops.supported(cfg.device, cfg.dtype):
+            raise KvscopeError(f"kvscope's CUDA kernels need a CUDA device and float32/bfloat16/float16, "
+                               f"got {cfg.device} {cfg.dtype} (--kernels off)")
         self.graphs = graphs
+        # hand-written kernels: RMSNorm (which also writes in-graph timestamps), SiLU*up, RoPE fused with the cache
+        # write; off: the same maths as torch operations
+        self.kernels = kernels
         self._graphs: list[_CapturedStep] = []  # one captured step, or two alternating ones with event nodes
         self._replays = 0
         self.model = model
@@ -90,10 +97,15 @@ class Engine:
         self._layer_names = [f"L{i:0{width}d}" for i in range(args.n_layers)]
         # (name, level, keys) of every layer and op region, built once
         # `chain`: the region follows its sibling with no GPU work between (inside a captured graph it reuses the
-        # sibling's end event as its start, see Instrument)
-        self._layer_regions = [(n, "layer", {"layer": i, "chain": True}) for i, n in enumerate(self._layer_names)]
-        self._op_regions = [{op: (f"{n}.{op}", "op", {"layer": i, "op": op, "chain": True}) for op in OPS}
+        # sibling's end mark as its start, see Instrument); `stamped`: its first GPU work is a kernel that takes the
+        # instrument's pending timestamp (`Instrument.take_stamp`), the RMSNorm kernel here
+        stamped = {"stamped": True} if kernels else {}
+        self._layer_regions = [(n, "layer", {"layer": i, "chain": True, **stamped})
+                               for i, n in enumerate(self._layer_names)]
+        self._op_regions = [{op: (f"{n}.{op}", "op", {"layer": i, "op": op, "chain": True,
+                                                      **(stamped if op == "norm" else {})}) for op in OPS}
                             for i, n in enumerate(self._layer_names)]
+        self._lm_head_keys = {"chain": True, **stamped}
         self.step = 0  # index of the token the next decode step produces (the prefill produces token 0)
         dev, dt = cfg.device, cfg.dtype
         before = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
@@ -118,10 +130,16 @@ class Engine:
     def _head(self, h_last: torch.Tensor) -> None:
         """h_last: (B, dim) -> logits (B, V) in `self.logits`, greedy tokens into `next_tokens`."""
         m, ins = self.model, self.ins
-        with ins.region("lm_head", "layer", chain=True):
-            self.logits = m.output(m.norm(h_last))  # (B, V)
+        with ins.region_with("lm_head", "layer", self._lm_head_keys):
+            self.logits = m.output(self._norm(m.norm, h_last))  # (B, V)
         with ins.region("sample", "layer", chain=True):
             self.next_tokens.copy_(torch.argmax(self.logits, dim=-1))
+
+    def _norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of x (..., dim); with kernels on, the kernel also writes the instrument's pending timestamp."""
+        if self.kernels:
+            return kops.rms_norm(x, norm.weight, norm.eps, stamp=self.ins.take_stamp())
+        return norm(x)
 
     def _layer(self, i: int, h: torch.Tensor, attend) -> None:
         """One decoder layer, updating h (B, S, dim) in place; `attend(i, qkv)` takes the fused projection
@@ -131,7 +149,7 @@ class Engine:
         h2 = h.view(b * s, dim)  # (B*S, dim), the residual stream, updated in place
         with region(*self._layer_regions[i]):
             with region(*ops["norm"]):
-                x = layer.attention_norm(h)
+                x = self._norm(layer.attention_norm, h)
             with region(*ops["qkv"]):
                 qkv = layer.attention.qkv(x)  # (B, S, H+2H_kv, D)
             y = attend(i, qkv)  # (B*S, H*D)
@@ -139,7 +157,8 @@ class Engine:
                 linear_residual_(h2, y, layer.attention.wo)
             with region(*ops["mlp"]):
                 ff = layer.feed_forward
-                linear_residual_(h2, ff.hidden_act(layer.ffn_norm(h2)), ff.w2)
+                act = ff.hidden_act(self._norm(layer.ffn_norm, h2), kops.silu_mul if self.kernels else None)
+                linear_residual_(h2, act, ff.w2)
 
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -160,7 +179,7 @@ class Engine:
         cos = self.cos[:s].view(1, s, 1, -1)  # (1, S, 1, D)
         sin = self.sin_rot[:s].view(1, s, 1, -1)  # (1, S, 1, D)
         full = (b, s, hq + 2 * hkv, self.args.head_dim)
-        v_through = math.prod(full) * cos.element_size() <= PREFILL_ROPE_TABLE_MAX_BYTES
+        v_through = not self.kernels and math.prod(full) * cos.element_size() <= PREFILL_ROPE_TABLE_MAX_BYTES
         if v_through:
             # tables at the projection's own shape, made once per prefill for all layers: torch vectorises
             # elementwise kernels only over operands of one contiguous shape, not over broadcast ones; V heads get
@@ -168,6 +187,15 @@ class Engine:
             cos, sin = cos.expand(full).contiguous(), sin.expand(full).contiguous()  # (B, S, H+2H_kv, D)
             cos[:, :, hq + hkv:] = 1
             sin[:, :, hq + hkv:] = 0
+
+        def attend_fused(i: int, qkv: torch.Tensor) -> torch.Tensor:
+            ops = self._op_regions[i]
+            with ins.region_with(*ops["rope"]):  # RoPE on q and k in place, K and V into the cache: one kernel
+                kops.rope_kv_(qkv, self.cos, self.sin_rot, cache.k(i), cache.v(i), hq)
+            q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]  # (B, S, H|H_kv, D)
+            with ins.region_with(*ops["attn"]):
+                y = prefill_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), impl)  # (B, H, S, D)
+                return y.transpose(1, 2).reshape(b * s, hq * self.args.head_dim)  # (B*S, H*D)
 
         def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             ops = self._op_regions[i]
@@ -191,7 +219,7 @@ class Engine:
             with ins.region("embed", "layer"):
                 h = m.tok_embeddings(tokens)  # (B, S, dim)
             for i in range(self.args.n_layers):
-                self._layer(i, h, attend)
+                self._layer(i, h, attend_fused if self.kernels else attend)
             h_last = h[self.batch_idx, cache.lengths - 1]  # (B, dim): each sequence's last prompt position
             self._head(h_last)
         return self.next_tokens
@@ -252,9 +280,14 @@ class Engine:
         pool = None
         for _ in range(2 if timed else 1):
             graph = torch.cuda.CUDAGraph()
-            mode = self.ins.capturing() if timed else self.ins.paused()
-            with mode as timer, torch.cuda.graph(graph, pool=pool), sdpa_kernel(DECODE_SDPA_BACKENDS):
-                self._decode_forward(static=True)
+            # with kernels on, the timed regions are timestamp slots written by the RMSNorm kernel or a one-thread
+            # kernel; otherwise event-record nodes
+            stamps = torch.zeros(self.ins.graph_marks_bound(self.args.n_layers, len(OPS)), dtype=torch.int64,
+                                 device=self.cfg.device) if self.kernels and timed else None
+            mode = self.ins.capturing(stamps) if timed else self.ins.paused()
+            with torch.cuda.graph(graph, pool=pool), sdpa_kernel(DECODE_SDPA_BACKENDS):
+                with mode as timer:  # closes (its last timestamp written) before the length update below
+                    self._decode_forward(static=True)
                 self.cache.lengths.add_(1)
             pool = graph.pool()  # graphs replayed one after the other can share intermediates
             # self.logits: this graph's own output buffer, rewritten by each of its replays
@@ -270,12 +303,13 @@ class Engine:
         m, cache, a, ins, impl = self.model, self.cache, self.args, self.ins, self.cfg.attn
         b, hq, hkv, d = self.cfg.batch_size, a.n_heads, a.n_kv_heads, a.head_dim
         pos = cache.lengths  # (B,) position of the new token
-        # RoPE tables of this step for all H + 2*H_kv heads of the fused projection (V heads: cos 1, sin 0)
-        cos = torch.cat((self.cos[pos].view(b, 1, 1, d).expand(b, 1, hq + hkv, d),
-                         self._v_cos.expand(b, 1, hkv, d)), dim=2)  # (B, 1, H+2H_kv, D)
-        sin = torch.cat((self.sin_rot[pos].view(b, 1, 1, d).expand(b, 1, hq + hkv, d),
-                         self._v_sin.expand(b, 1, hkv, d)), dim=2)  # (B, 1, H+2H_kv, D)
-        write_idx = pos.view(1, b, 1, 1, 1).expand(2, b, 1, hkv, d)  # (2, B, 1, H_kv, D)
+        if not self.kernels:
+            # RoPE tables of this step for all H + 2*H_kv heads of the fused projection (V heads: cos 1, sin 0)
+            cos = torch.cat((self.cos[pos].view(b, 1, 1, d).expand(b, 1, hq + hkv, d),
+                             self._v_cos.expand(b, 1, hkv, d)), dim=2)  # (B, 1, H+2H_kv, D)
+            sin = torch.cat((self.sin_rot[pos].view(b, 1, 1, d).expand(b, 1, hq + hkv, d),
+                             self._v_sin.expand(b, 1, hkv, d)), dim=2)  # (B, 1, H+2H_kv, D)
+            write_idx = pos.view(1, b, 1, 1, 1).expand(2, b, 1, hkv, d)  # (2, B, 1, H_kv, D)
         if self.flash_decode:
             meta = DecodeMeta(span=cache.max_seq, seqused=(pos + 1).to(torch.int32), cu_q=self._cu_q,
                               cu_k=self._cu_k)
@@ -286,6 +320,14 @@ class Engine:
             if static or min(host) != max(host):
                 key_mask = (self.key_pos[:span].unsqueeze(0) <= pos.unsqueeze(1)).view(b, 1, 1, span)  # (B,1,1,L)
             meta = DecodeMeta(span=span, key_mask=key_mask)
+
+        def attend_fused(i: int, qkv: torch.Tensor) -> torch.Tensor:
+            ops = self._op_regions[i]
+            with ins.region_with(*ops["rope"]):  # RoPE on q and k in place, K and V at each sequence's position
+                kops.rope_kv_(qkv, self.cos, self.sin_rot, cache.k(i), cache.v(i), hq, lengths=pos)
+            with ins.region_with(*ops["attn"]):
+                y = decode_attention(qkv[:, 0, :hq], cache.k(i), cache.v(i), meta, impl)  # (B, H, D)
+                return y.view(b, hq * d)  # (B, H*D)
 
         def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             ops = self._op_regions[i]
@@ -298,10 +340,10 @@ class Engine:
                 y = decode_attention(r[:, 0, :hq], cache.k(i), cache.v(i), meta, impl)  # (B, H, D)
                 return y.view(b, hq * d)  # (B, H*D)
 
-        with ins.region("embed", "layer"):
+        with ins.region("embed", "layer", chain=True):
             h = m.tok_embeddings(self.next_tokens.view(b, 1))  # (B, 1, dim)
         for i in range(a.n_layers):
-            self._layer(i, h, attend)
+            self._layer(i, h, attend_fused if self.kernels else attend)
         self._head(h[:, 0])
 
     @torch.inference_mode()

@@ -11,10 +11,14 @@ every level while NVTX is on; they cost nothing unless a tool such as Nsight Sys
 `none` and NVTX off, `region()` returns one shared null context: no allocation, no call into CUDA or NVTX.
 Ranges close and events are recorded in `__exit__`, so they close on errors too.
 
-Inside a CUDA-graph capture (`capturing()`), a timed region becomes a pair of event-record nodes of the graph
-(`torch.cuda.Event(external=True)`; siblings marked `chain` share the boundary node) and no NVTX range: the engine
-reads them after a replay (`before_replay` / `collect`) into rows whose `clock` is `cuda-graph`. Each such node
-costs about 3 µs of GPU time on an H100 (derived from step times, docs/benchmarks.md).
+Inside a CUDA-graph capture (`capturing()`), a timed region gets no NVTX range; its start and end become marks in
+the graph, read after a replay (`before_replay` / `collect`) into rows whose `clock` is `cuda-graph`. A mark is either
+an event-record node (`torch.cuda.Event(external=True)`, about 3 µs of GPU time each on an H100, derived from step
+times in docs/benchmarks.md), or, when `capturing()` is given a timestamp buffer, a slot of that buffer that a kernel
+fills with the GPU's global timer: the engine's RMSNorm kernel fills the pending slot of a region marked `stamped`
+(`take_stamp()`), and a one-thread kvscope_stamp kernel fills any other. Siblings marked `chain` (back-to-back,
+no GPU work between one's exit and the next one's entry) share their boundary mark; a mark requested while
+another is pending (no GPU work since) shares its slot.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 
 from kvscope.errors import KvscopeError
+from kvscope.kernels import ops as kops
 
 GRANULARITIES = ("none", "phase", "layer", "op")
 LEVELS = ("run", "rep", "phase", "step", "layer", "op")
@@ -121,16 +126,22 @@ class _Region:
             if self._timed:
                 cap = ins._capture
                 # a region that follows its sibling with no GPU work between (`chain` key, set by the engine for
-                # its back-to-back layer and op regions) starts at the sibling's end event: half the event nodes
+                # its back-to-back layer and op regions) starts at the sibling's end mark: half the marks
                 start = cap.last_end.get(self._level) if keys.get("chain") else None
+                stamped = bool(keys.get("stamped"))
+                if start is None:
+                    start = cap.mark(defer=stamped)
+                elif start == cap.pending and not stamped:
+                    cap.flush()  # this region's first GPU work is not a stamping kernel: write the timestamp now
                 self._rec = RegionRecord(self._name, self._level, None, None, None, keys.get("layer"), keys.get("op"),
-                                         keys.get("tokens"), keys.get("context_len"), 0,
-                                         start=start if start is not None else _graph_event())
+                                         keys.get("tokens"), keys.get("context_len"), 0, start=start)
             return self
         if ins._paused:
             return self
         self._live = True
         keys = self._keys
+        if self._level == "step":
+            ins._open_steps.append(None)
         for attr in ("phase", "step", "rep"):
             if attr in keys:
                 ins._stack.append((attr, getattr(ins, "_" + attr)))
@@ -142,6 +153,8 @@ class _Region:
                                keys.get("op"), keys.get("tokens"), keys.get("context_len"), time.perf_counter_ns())
             rec.start = ins._clock_mark()
             self._rec = rec
+            if self._level == "step":
+                ins._open_steps[-1] = rec
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -151,10 +164,12 @@ class _Region:
         ins = self._ins
         if self._captured:
             self._captured = False
-            if self._rec is not None and ins._capture is not None:
-                self._rec.end = _graph_event()
-                ins._capture.marks.append(self._rec)
-                ins._capture.last_end = {self._level: self._rec.end}  # work of another level breaks the chain
+            cap = ins._capture
+            if self._rec is not None and cap is not None:
+                # a chained region's end waits for the next mark request: that is its sibling's start (see chain)
+                self._rec.end = cap.mark(defer=bool(self._keys.get("chain")))
+                cap.marks.append(self._rec)
+                cap.last_end = {self._level: self._rec.end}  # work of another level breaks the chain
             self._rec = None
             return
         try:
@@ -165,6 +180,8 @@ class _Region:
                 ins._records.append(rec)
                 self._rec = None
         finally:
+            if self._level == "step":
+                ins._open_steps.pop()
             if ins._domain is not None:
                 ins._domain.pop_range()
             for attr in ("rep", "step", "phase"):
@@ -199,7 +216,9 @@ class Instrument:
         self._base: Any = None
         self._base_host_ns = 0
         self._capture: GraphTimer | None = None
-        self._pending: dict[int, tuple[GraphTimer, dict[str, Any]]] = {}  # replayed, events not yet read
+        self._pending: dict[int, tuple[GraphTimer, dict[str, Any]]] = {}  # replayed, marks not yet read
+        self._open_steps: list[RegionRecord | None] = []  # timed step regions being entered (anchor graph stamps)
+        self._copy_stream: torch.cuda.Stream | None = None  # reads graph timestamps while the next replay runs
         self._resolved: list[dict[str, Any]] = []
 
     # ---- state ------------------------------------------------------------------------------------------------
@@ -230,35 +249,81 @@ class Instrument:
         """Whether a captured decode step should carry event-record nodes: layer or op regions are timed."""
         return self.clock == "cuda" and self._timed_levels["layer"]
 
+    @staticmethod
+    def graph_marks_bound(n_layers: int, n_ops: int) -> int:
+        """Most marks a captured decode step can hold: two per region (embed, layers, ops, lm_head, sample)."""
+        return 2 * (3 + n_layers * (1 + n_ops))
+
     @contextlib.contextmanager
-    def capturing(self) -> Iterator[GraphTimer]:
-        """Regions entered inside become event-record nodes of the CUDA graph being captured (templates in the
-        returned GraphTimer); NVTX and the host-side state are left alone."""
-        timer = GraphTimer()
+    def capturing(self, stamps: torch.Tensor | None = None) -> Iterator[GraphTimer]:
+        """Regions entered inside become marks of the CUDA graph being captured (templates in the returned
+        GraphTimer): event-record nodes, or with `stamps` (int64 (n,) on the device) timestamp slots of it. NVTX and
+        the host-side state are left alone. Exit it inside the capture: the last pending timestamp is written then."""
+        if stamps is not None and (stamps.dtype != torch.int64 or stamps.dim() != 1):
+            raise ValueError(f"capturing: stamps must be int64 (n,), got {stamps.dtype} {tuple(stamps.shape)}")
+        timer = GraphTimer(stamps)
         self._capture = timer
         try:
             yield timer
         finally:
             self._capture = None
+            if timer.pending is not None:
+                timer.flush()
+
+    def take_stamp(self) -> torch.Tensor | None:
+        """The pending timestamp slot (one int64 on the device) for the kernel about to run, or None: the engine's
+        RMSNorm kernel writes it as it starts. Outside a capture with timestamps, always None."""
+        cap = self._capture
+        if cap is None or cap.pending is None:
+            return None
+        slot, cap.pending = cap.pending, None
+        return cap.stamps[slot:slot + 1]
 
     def before_replay(self, timer: GraphTimer) -> None:
         """Read the events of this graph's previous replay before they are recorded again. The engine alternates
         two graphs, so that replay was two steps ago and the step in between keeps the GPU busy meanwhile."""
         entry = self._pending.pop(id(timer), None)
         if entry is not None:
-            timer.marks[-1].end.synchronize()  # named sync: that replay's last event, two steps back
-            self._resolve(*entry)
+            if timer.stamps is None:
+                timer.marks[-1].end.synchronize()  # named sync: that replay's last event, two steps back
+                self._resolve(*entry)
+                return
+            timer.done.synchronize()  # named sync: that replay's end, two steps back
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(self.device)
+            # the replay in between keeps the current stream busy: copy on a side stream (a small named sync)
+            with torch.cuda.stream(self._copy_stream):
+                ns = timer.stamps.to("cpu", non_blocking=False)
+            self._resolve(*entry, stamps_ns=ns)
 
     def replayed(self, timer: GraphTimer) -> None:
-        """A graph with event nodes was just replayed inside the current step region."""
+        """A graph with marks was just replayed inside the current step region."""
         if self._paused or not timer.marks:
             return
-        self._pending[id(timer)] = (timer, {"rep": self._rep, "phase": self._phase, "step": self._step})
+        anchor = self._open_steps[-1] if self._open_steps else None
+        if timer.stamps is not None:
+            if anchor is None:
+                raise RuntimeError("a graph with timestamps was replayed outside a timed step region")
+            if timer.done is None:
+                timer.done = torch.cuda.Event()
+            timer.done.record()
+        self._pending[id(timer)] = (timer, {"rep": self._rep, "phase": self._phase, "step": self._step,
+                                            "anchor": anchor})
 
-    def _resolve(self, timer: GraphTimer, where: dict[str, Any]) -> None:
+    def _resolve(self, timer: GraphTimer, where: dict[str, Any], stamps_ns: torch.Tensor | None = None) -> None:
+        rep, phase, step = where["rep"], where["phase"], where["step"]
+        if timer.stamps is None:
+            for r in timer.marks:
+                self._resolved.append(_row(r, rep, phase, step, self._base.elapsed_time(r.start),
+                                           r.start.elapsed_time(r.end), math.nan, GRAPH_CLOCK))
+            return
+        # timestamps are placed on the run's clock by their graph's first one, taken as the step event's time
+        ns = (stamps_ns if stamps_ns is not None else timer.stamps.cpu()).tolist()
+        first = min(ns[r.start] for r in timer.marks)
+        anchor_ms = self._base.elapsed_time(where["anchor"].start)
         for r in timer.marks:
-            self._resolved.append(_row(r, where["rep"], where["phase"], where["step"], self._base.elapsed_time(r.start),
-                                       r.start.elapsed_time(r.end), math.nan, GRAPH_CLOCK))
+            self._resolved.append(_row(r, rep, phase, step, anchor_ms + (ns[r.start] - first) / 1e6,
+                                       (ns[r.end] - ns[r.start]) / 1e6, math.nan, GRAPH_CLOCK))
 
     def start_clock(self) -> None:
         """Set the run's time origin: start offsets are measured from here (device and host clocks)."""
@@ -357,12 +422,37 @@ def _row(r: RegionRecord, rep: int | None, phase: str | None, step: int | None, 
 
 
 class GraphTimer:
-    """The timed regions of one captured CUDA graph, in capture order, each with its start and end event-record
-    nodes (`RegionRecord.start` / `.end`). Every replay records the same events again."""
+    """The timed regions of one captured CUDA graph, in capture order, each with its start and end marks
+    (`RegionRecord.start` / `.end`): event-record nodes, or indices into `stamps`, the graph's timestamp buffer.
+    Every replay records the same events, or writes the same slots, again."""
 
-    def __init__(self) -> None:
+    def __init__(self, stamps: torch.Tensor | None = None) -> None:
         self.marks: list[RegionRecord] = []
-        self.last_end: dict[str, Any] = {}  # level -> end event of the region of that level that closed last
+        self.last_end: dict[str, Any] = {}  # level -> end mark of the region of that level that closed last
+        self.stamps = stamps  # int64 (n,) on the device, or None (event-record nodes)
+        self.used = 0  # slots handed out
+        self.pending: int | None = None  # a slot handed out whose timestamp no kernel has written yet
+        self.done: Any = None  # with stamps: an event recorded after each replay (created at the first)
+
+    def mark(self, defer: bool) -> Any:
+        """A new mark at this point of the capture: an event-record node, or a timestamp slot, written now unless
+        `defer` (then by the next stamping kernel, or by the next mark request that cannot wait)."""
+        if self.stamps is None:
+            return _graph_event()
+        if self.pending is None:
+            if self.used >= self.stamps.numel():
+                raise RuntimeError(f"graph timestamp buffer of {self.stamps.numel()} slots is full")
+            self.pending, self.used = self.used, self.used + 1
+        slot = self.pending  # a pending slot means no GPU work since it was handed out: share it
+        if not defer:
+            self.flush()
+        return slot
+
+    def flush(self) -> None:
+        """Write the pending slot's timestamp with a one-thread kernel."""
+        if self.pending is not None:
+            kops.stamp(self.stamps[self.pending:self.pending + 1])
+            self.pending = None
 
 
 def _graph_event() -> torch.cuda.Event:

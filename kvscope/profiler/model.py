@@ -11,6 +11,7 @@ gate and up projections, so a decoder layer runs four matrix products instead of
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -371,8 +372,10 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
-    def hidden_act(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, dim) -> silu(gate) * up, (N, F).
+    def hidden_act(self, x: torch.Tensor,
+                   silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """x: (N, dim) -> silu(gate) * up, (N, F). `silu_mul(gate, up)`: a fused kernel for the product (one pass over
+        gate and up, strided or not); None: torch's SiLU and multiply.
 
         Few rows (decode): one fused gate/up product, then two elementwise kernels on its strided halves. Many rows
         (prefill): two products into contiguous outputs, because torch's elementwise kernels only vectorise
@@ -381,9 +384,10 @@ class FeedForward(nn.Module):
         if x.shape[0] >= SPLIT_GATE_UP_MIN_ROWS:
             w = self.w13.weight  # (2F, dim): gate rows, then up rows
             gate = F.linear(x, w[:self.hidden])  # (N, F), contiguous
-            return F.silu(gate, inplace=True).mul_(F.linear(x, w[self.hidden:]))
+            up = F.linear(x, w[self.hidden:])  # (N, F), contiguous
+            return silu_mul(gate, up) if silu_mul is not None else F.silu(gate, inplace=True).mul_(up)
         gate, up = self.w13(x).split(self.hidden, dim=-1)  # (N, F) each, strided views
-        return F.silu(gate) * up
+        return silu_mul(gate, up) if silu_mul is not None else F.silu(gate) * up
 
 
 class TransformerBlock(nn.Module):

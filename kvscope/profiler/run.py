@@ -68,6 +68,7 @@ class RunSpec:
     nvml_interval_ms: float = 20.0
     seed: int = 0
     graphs: bool | None = None  # decode steps replayed from a CUDA graph; None: on for CUDA
+    kernels: bool | None = None  # kvscope's CUDA kernels (RMSNorm, SiLU*up, RoPE + cache write); None: on for CUDA
 
 
 @dataclass
@@ -104,6 +105,19 @@ def use_graphs(graphs: bool | None, device: torch.device) -> bool:
     return graphs
 
 
+def use_kernels(kernels: bool | None, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the engine runs kvscope's hand-written CUDA kernels (RMSNorm, SiLU*up, RoPE fused with the cache
+    write) instead of the same maths in torch operations: `--kernels on|off`, by default (None) on for CUDA."""
+    from kvscope.kernels.ops import supported
+
+    if kernels is None:
+        return device.type == "cuda"
+    if kernels and not supported(device, dtype):
+        raise KvscopeError(f"--kernels on needs a CUDA device and float32/bfloat16/float16, got {device} "
+                           f"{str(dtype).removeprefix('torch.')}")
+    return kernels
+
+
 def prepare(spec: RunSpec) -> tuple[ModelSource, RunConfig]:
     """Every check of a run's input that needs no model weights: sizes, granularity, device, model, context."""
     _check_spec(spec)
@@ -113,6 +127,7 @@ def prepare(spec: RunSpec) -> tuple[ModelSource, RunConfig]:
     source = resolve_model(model_spec)
     dtype = parse_dtype(spec.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     cfg = RunConfig(spec.batch_size, spec.seq + spec.gen_tokens, dtype, device, spec.attn)
+    use_kernels(spec.kernels, device, dtype)  # checks --kernels against the device and dtype
     if spec.seq > source.args.max_position_embeddings:
         raise KvscopeError(f"--seq {spec.seq} exceeds {source.args.name}'s maximum context of "
                            f"{source.args.max_position_embeddings}")
@@ -206,7 +221,8 @@ def measure(model: torch.nn.Module, spec: RunSpec, source: ModelSource, cfg: Run
     """Warm up, then time `spec.reps` repetitions of prefill + decode on an already loaded model."""
     device, cuda = cfg.device, cfg.device.type == "cuda"
     ins = Instrument(spec.granularity, device, nvtx=spec.nvtx)
-    engine = Engine(model, cfg, ins, graphs=use_graphs(spec.graphs, device))
+    engine = Engine(model, cfg, ins, graphs=use_graphs(spec.graphs, device),
+                    kernels=use_kernels(spec.kernels, device, cfg.dtype))
     gen = torch.Generator().manual_seed(spec.seed)
     prompt = torch.randint(0, source.args.vocab_size, (spec.batch_size, spec.seq), generator=gen)  # (B, S)
     tokens, lengths = prompt.to(device), [spec.seq] * spec.batch_size
@@ -423,6 +439,11 @@ def _metadata(spec: RunSpec, source: ModelSource, cfg: RunConfig, ins: Instrumen
         "kv_cache": {"bytes": engine.cache.nbytes, "alloc_bytes": engine.kv_alloc_bytes,
                      "shape": list(engine.cache.data.shape)},
         "cuda_graphs": engine.graphs,
+        "kernels": engine.kernels,
+        # how regions inside a captured decode step are timed: global-timer stamps written by kernels, or
+        # event-record nodes (None: nothing is timed inside the graph)
+        "graph_region_timing": (("stamps" if engine.kernels else "events")
+                                if engine.graphs and ins.graph_timed() else None),
     }
 
 

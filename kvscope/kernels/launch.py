@@ -1,0 +1,91 @@
+"""Compile kvscope's CUDA sources with NVRTC (through torch) and launch them on torch's current stream.
+
+Sources live next to this module (`cuda/*.cu`); each is compiled once per (kernel, dtype, device) on first use, with
+`cuda/common.cuh` prepended and the element type chosen by a macro. Launches go through the driver API with every
+argument typed explicitly (pointers as 64-bit, `int`, `long long`, `float`), so a launch inside a CUDA-graph capture
+becomes a kernel node of the graph.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from importlib import resources
+from typing import Any
+
+import torch
+
+from kvscope.errors import KvscopeError
+
+DTYPE_MACROS = {torch.bfloat16: ("KV_BF16", "bf16"), torch.float16: ("KV_F16", "f16"), torch.float32: ("KV_F32", "f32")}
+KERNEL_FILES = {"kvscope_stamp": "stamp.cu", "kvscope_rms_norm": "rms_norm.cu", "kvscope_silu_mul": "silu_mul.cu",
+                "kvscope_rope_kv": "rope_kv.cu"}
+
+
+class Ptr(ctypes.c_void_p):
+    """A device pointer argument (null for None)."""
+
+
+def ptr(t: torch.Tensor | None) -> Ptr:
+    return Ptr(None if t is None else t.data_ptr())
+
+
+def i32(v: int) -> ctypes.c_int:
+    return ctypes.c_int(v)
+
+
+def i64(v: int) -> ctypes.c_longlong:
+    return ctypes.c_longlong(v)
+
+
+def f32(v: float) -> ctypes.c_float:
+    return ctypes.c_float(v)
+
+
+def _source(entry: str) -> str:
+    base = resources.files("kvscope.kernels") / "cuda"
+    return (base / "common.cuh").read_text() + "\n" + (base / KERNEL_FILES[entry]).read_text()
+
+
+def kernel_name(entry: str, variant: str) -> str:
+    """The symbol nsys shows: e.g. `kvscope_rms_norm_vec` (the dtype is picked at compile time, not named)."""
+    return f"{entry}_{variant}" if variant else entry
+
+
+@functools.cache
+def _driver() -> Any:
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        raise KvscopeError(f"hand-written kernels need the CUDA driver library (libcuda.so.1): {e}") from None
+
+
+@functools.cache
+def _compiled(entry: str, variant: str, dtype: torch.dtype, device_index: int) -> Any:
+    compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
+    if compile_kernel is None:
+        raise KvscopeError(f"torch {torch.__version__} has no NVRTC kernel compiler (torch.cuda._compile_kernel); "
+                           "use --kernels off")
+    macro, _ = DTYPE_MACROS[dtype]
+    src = f"#define {macro}\n" + _source(entry)
+    with torch.cuda.device(device_index):
+        try:
+            return compile_kernel(src, kernel_name(entry, variant))
+        except RuntimeError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise KvscopeError(f"compiling {kernel_name(entry, variant)} for {dtype} failed: {first}") from None
+
+
+def launch(entry: str, variant: str, dtype: torch.dtype, device: torch.device, grid: tuple[int, int, int],
+           block: tuple[int, int, int], args: list[Any]) -> None:
+    """Launch one kernel on the current stream of `device`; `args` are ctypes values in the kernel's order."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    func = _compiled(entry, variant, dtype, index).func
+    stream = torch.cuda.current_stream(device).cuda_stream
+    holders = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))  # `args` keeps the values alive
+    rc = _driver().cuLaunchKernel(ctypes.c_void_p(func.value if hasattr(func, "value") else func),
+                                  ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(grid[2]),
+                                  ctypes.c_uint(block[0]), ctypes.c_uint(block[1]), ctypes.c_uint(block[2]),
+                                  ctypes.c_uint(0), ctypes.c_void_p(stream), holders, None)
+    if rc != 0:
+        raise RuntimeError(f"cuLaunchKernel({entry}_{variant}, grid={grid}, block={block}) failed with CUDA error {rc}")
