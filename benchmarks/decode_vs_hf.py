@@ -110,6 +110,7 @@ def main() -> None:
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--json", default="docs/benchmarks/decode_vs_hf.json")
+    p.add_argument("--kernels", default="on", choices=["on", "off"], help="kvscope's CUDA kernels in its rows")
     ns = p.parse_args()
     args = ModelArgs.from_preset(ns.model)
     impls = ns.impls.split(",")
@@ -138,11 +139,13 @@ def main() -> None:
                     ms = hf_static_ms(hf, prompt, ns.steps)
                 else:
                     cfg = RunConfig(batch, ctx + ns.steps + 8, torch.bfloat16, CUDA)
-                    ms = kvscope_ms(Engine(ours, cfg, graphs=impl == "kvscope-graphs"), prompt, ns.steps)
+                    ms = kvscope_ms(Engine(ours, cfg, graphs=impl == "kvscope-graphs", kernels=ns.kernels == "on"),
+                                    prompt, ns.steps)
                 moved, _ = decode_cost(args, batch, ctx + ns.steps // 2, 2, 2)
                 mbu = moved / (ms / 1e3) / 1e9 / ceilings.copy_gb_s if ceilings else None
                 rows.append({"impl": impl, "batch": batch, "context": ctx, "decode_ms_per_step": ms,
-                             "tok_s": batch / (ms / 1e3), "mbu": mbu, "matmul_chain_ms": chain_ms})
+                             "tok_s": batch / (ms / 1e3), "mbu": mbu, "matmul_chain_ms": chain_ms,
+                             **({"kernels": ns.kernels == "on"} if impl.startswith("kvscope") else {})})
                 print(f"| {impl} | {batch} | {ctx} | {ms:.3f} | {batch / (ms / 1e3):,.0f} | "
                       f"{'' if mbu is None else f'{mbu:.1%}'} | {ms / chain_ms:.2f} |", flush=True)
                 _merge_json(Path(ns.json), ns.model, rows)  # after every row: a later timeout loses nothing

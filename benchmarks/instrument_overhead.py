@@ -12,12 +12,15 @@ the same weights), and step k runs on engine k mod 4: the same interleaving, one
 
     python3 benchmarks/instrument_overhead.py --model qwen2.5-3b --batches 1,32 --attn sdpa,eager
     python3 benchmarks/instrument_overhead.py --model qwen2.5-3b --batches 1,32 --attn sdpa --graphs on
+
+`--kernels on` (the default) runs kvscope's CUDA kernels; in graph mode its layer and op regions are then timed by
+global-timer stamps that the RMSNorm kernel (or a one-thread kernel) writes inside the graph, instead of
+event-record nodes (`--kernels off`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -25,6 +28,7 @@ from datetime import UTC, datetime
 
 import torch
 
+from kvscope.io import write_json
 from kvscope.profiler.engine import Engine
 from kvscope.profiler.instrument import Instrument
 from kvscope.profiler.run import regions_per_rep
@@ -57,6 +61,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=60, help="decode steps per configuration")
     p.add_argument("--graphs", default="off", choices=["on", "off"], help="decode steps replayed from CUDA graphs")
+    p.add_argument("--kernels", default="on", choices=["on", "off"],
+                   help="kvscope's CUDA kernels (on: in-graph regions are timed by timestamps the kernels write)")
     p.add_argument("--json", default=None, help="also write the rows here")
     ns = p.parse_args()
     dev = torch.device("cuda")
@@ -67,18 +73,18 @@ def main() -> None:
     rows = []
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {ns.model} {ns.dtype}, prompt "
           f"{ns.seq}, {ns.steps} decode steps per configuration interleaved step by step, NVTX off (no tool attached), "
-          f"CUDA graphs {ns.graphs}")
+          f"CUDA graphs {ns.graphs}, kernels {ns.kernels}")
     print("| batch | attn | none ms/step | phase | layer | op | phase % | layer % | op % |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in [int(b) for b in ns.batches.split(",")]:
         for attn in ns.attn.split(","):
             cfg = RunConfig(batch, ns.seq + total + 8 + 1, dtype, dev, attn)
             instruments = {g: Instrument(g, dev, nvtx=False) for g in CONFIGS}
-            graphs = ns.graphs == "on"
+            graphs, kernels = ns.graphs == "on", ns.kernels == "on"
             if graphs:
-                engines = {g: Engine(model, cfg, instruments[g], graphs=True) for g in CONFIGS}
+                engines = {g: Engine(model, cfg, instruments[g], graphs=True, kernels=kernels) for g in CONFIGS}
             else:
-                shared = Engine(model, cfg, instruments["none"])
+                shared = Engine(model, cfg, instruments["none"], kernels=kernels)
                 engines = dict.fromkeys(CONFIGS, shared)
             tokens = torch.randint(0, src.args.vocab_size, (batch, ns.seq), device=dev)
             for engine in {id(e): e for e in engines.values()}.values():
@@ -102,7 +108,8 @@ def main() -> None:
             med = {g: statistics.median(v) for g, v in samples.items()}
             pct = {g: (med[g] / med["none"] - 1) * 100 for g in CONFIGS}
             ci = {g: _ratio_ci(samples[g], samples["none"]) for g in CONFIGS[1:]}
-            rows.append({"batch": batch, "attn": attn, "graphs": graphs, **{f"{g}_ms": med[g] for g in CONFIGS},
+            rows.append({"batch": batch, "attn": attn, "graphs": graphs, "kernels": kernels,
+                         **{f"{g}_ms": med[g] for g in CONFIGS},
                          **{f"{g}_overhead_pct": pct[g] for g in CONFIGS[1:]},
                          **{f"{g}_overhead_ci95_pct": ci[g] for g in CONFIGS[1:]}, "samples_ms": samples})
             cells = " | ".join(f"{pct[g]:+.2f} [{ci[g][0]:+.1f}, {ci[g][1]:+.1f}]" for g in CONFIGS[1:])
@@ -111,10 +118,9 @@ def main() -> None:
             del engines
             torch.cuda.empty_cache()
     if ns.json:
-        with open(ns.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "date": datetime.now(UTC).date().isoformat(),
-                       "model": ns.model, "dtype": ns.dtype, "seq": ns.seq, "steps_per_config": ns.steps,
-                       "rows": rows}, f, indent=1)
+        write_json({"device": torch.cuda.get_device_name(), "date": datetime.now(UTC).date().isoformat(),
+                    "model": ns.model, "dtype": ns.dtype, "seq": ns.seq, "steps_per_config": ns.steps,
+                    "rows": rows}, ns.json, indent=1)
 
 
 if __name__ == "__main__":
