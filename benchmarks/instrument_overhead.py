@@ -10,6 +10,12 @@ that ratio.
 With `--graphs on`, every configuration has its own engine (its own captured decode graph and KV cache, all over
 the same weights), and step k runs on engine k mod 4: the same interleaving, one graph replay per step.
 
+`--block K` times blocks of K consecutive steps instead of single steps (block j under configuration j mod 4, a
+sync before and after each block, the block's time divided by K). A sync after every step (K = 1) serialises the
+host and the GPU, so any host work of a configuration (reading its in-graph timestamps, for instance) adds to its
+step time in full; with K > 1 the host runs ahead of the GPU inside a block as it does in `kvscope run`, and the
+figure is the steady-state cost per step.
+
     python3 benchmarks/instrument_overhead.py --model qwen2.5-3b --batches 1,32 --attn sdpa,eager
     python3 benchmarks/instrument_overhead.py --model qwen2.5-3b --batches 1,32 --attn sdpa --graphs on
 
@@ -60,11 +66,14 @@ def main() -> None:
     p.add_argument("--attn", default="sdpa,eager")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=60, help="decode steps per configuration")
+    p.add_argument("--block", type=int, default=1, help="consecutive steps per timed block (see above)")
     p.add_argument("--graphs", default="off", choices=["on", "off"], help="decode steps replayed from CUDA graphs")
     p.add_argument("--kernels", default="on", choices=["on", "off"],
                    help="kvscope's CUDA kernels (on: in-graph regions are timed by timestamps the kernels write)")
     p.add_argument("--json", default=None, help="also write the rows here")
     ns = p.parse_args()
+    if ns.block < 1 or ns.steps < ns.block:
+        raise SystemExit(f"--block must be in [1, --steps], got {ns.block} with --steps {ns.steps}")
     dev = torch.device("cuda")
     src = resolve_model(ns.model)
     dtype = parse_dtype(ns.dtype)
@@ -72,8 +81,8 @@ def main() -> None:
     total = ns.steps * len(CONFIGS)
     rows = []
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {ns.model} {ns.dtype}, prompt "
-          f"{ns.seq}, {ns.steps} decode steps per configuration interleaved step by step, NVTX off (no tool attached), "
-          f"CUDA graphs {ns.graphs}, kernels {ns.kernels}")
+          f"{ns.seq}, {ns.steps} decode steps per configuration interleaved, NVTX off (no tool attached), "
+          f"CUDA graphs {ns.graphs}, kernels {ns.kernels}, timed blocks of {ns.block} step(s)")
     print("| batch | attn | none ms/step | phase | layer | op | phase % | layer % | op % |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in [int(b) for b in ns.batches.split(",")]:
@@ -97,18 +106,19 @@ def main() -> None:
                 _step(engines, instruments, CONFIGS[k % 4])
             samples: dict[str, list[float]] = {g: [] for g in CONFIGS}
             torch.cuda.synchronize()
-            for k in range(total):
+            for k in range(total // ns.block):
                 g = CONFIGS[k % 4]
                 t0 = time.perf_counter_ns()
-                _step(engines, instruments, g)
-                torch.cuda.synchronize()  # named sync: ends this step's host-clock measurement
-                samples[g].append((time.perf_counter_ns() - t0) / 1e6)
+                for _ in range(ns.block):
+                    _step(engines, instruments, g)
+                torch.cuda.synchronize()  # named sync: ends this block's host-clock measurement
+                samples[g].append((time.perf_counter_ns() - t0) / 1e6 / ns.block)
             for ins in instruments.values():
                 ins.collect()
             med = {g: statistics.median(v) for g, v in samples.items()}
             pct = {g: (med[g] / med["none"] - 1) * 100 for g in CONFIGS}
             ci = {g: _ratio_ci(samples[g], samples["none"]) for g in CONFIGS[1:]}
-            rows.append({"batch": batch, "attn": attn, "graphs": graphs, "kernels": kernels,
+            rows.append({"batch": batch, "attn": attn, "graphs": graphs, "kernels": kernels, "block": ns.block,
                          **{f"{g}_ms": med[g] for g in CONFIGS},
                          **{f"{g}_overhead_pct": pct[g] for g in CONFIGS[1:]},
                          **{f"{g}_overhead_ci95_pct": ci[g] for g in CONFIGS[1:]}, "samples_ms": samples})

@@ -15,8 +15,6 @@ from kvscope.kernels.launch import DTYPE_MACROS, f32, i32, i64, launch, ptr
 
 VEC_BYTES = 16
 _BLOCK = 256
-RMS_NORM_WARP_VECS = 16  # WARP_VECS of rms_norm.cu: 16-byte vectors per lane in the warp-per-row kernel
-RMS_NORM_WARP_ROWS = 4  # rows (warps) per block of the warp-per-row kernel
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -77,13 +75,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, stamp: torch.Ten
         return out
     vec = _vec_ok(x, weight, out, elems=dim) and _vec_ok(x, elems=stride)
     per_thread = VEC_BYTES // x.element_size() if vec else 1
-    args = [ptr(out), ptr(x), ptr(weight), i32(dim), i64(stride), f32(eps), ptr(stamp)]
-    if vec and dim <= 32 * per_thread * RMS_NORM_WARP_VECS:  # a warp per row, the row kept in registers
-        launch("kvscope_rms_norm", "warp", x.dtype, x.device, (-(-rows // RMS_NORM_WARP_ROWS), 1, 1),
-               (32, RMS_NORM_WARP_ROWS, 1), [*args, i32(rows)])
-        return out
     threads = min(1024, max(32, -(-(dim // per_thread) // 32) * 32))
-    launch("kvscope_rms_norm", "vec" if vec else "scalar", x.dtype, x.device, (rows, 1, 1), (threads, 1, 1), args)
+    launch("kvscope_rms_norm", "vec" if vec else "scalar", x.dtype, x.device, (rows, 1, 1), (threads, 1, 1),
+           [ptr(out), ptr(x), ptr(weight), i32(dim), i64(stride), f32(eps), ptr(stamp)])
     return out
 
 

@@ -282,9 +282,12 @@ class Engine:
             graph = torch.cuda.CUDAGraph()
             # with kernels on, the timed regions are timestamp slots written by the RMSNorm kernel or a one-thread
             # kernel; otherwise event-record nodes
-            stamps = torch.zeros(self.ins.graph_marks_bound(self.args.n_layers, len(OPS)), dtype=torch.int64,
-                                 device=self.cfg.device) if self.kernels and timed else None
-            mode = self.ins.capturing(stamps) if timed else self.ins.paused()
+            stamps = host = None
+            if self.kernels and timed:
+                n = self.ins.graph_marks_bound(self.args.n_layers, len(OPS))
+                stamps = torch.zeros(n, dtype=torch.int64, device=self.cfg.device)  # (n,) written by the graph
+                host = torch.zeros(n, dtype=torch.int64, pin_memory=True)  # (n,) where they are read
+            mode = self.ins.capturing(stamps, host) if timed else self.ins.paused()
             with torch.cuda.graph(graph, pool=pool), sdpa_kernel(DECODE_SDPA_BACKENDS):
                 with mode as timer:  # closes (its last timestamp written) before the length update below
                     self._decode_forward(static=True)

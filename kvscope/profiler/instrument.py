@@ -219,6 +219,8 @@ class Instrument:
         self._pending: dict[int, tuple[GraphTimer, dict[str, Any]]] = {}  # replayed, marks not yet read
         self._open_steps: list[RegionRecord | None] = []  # timed step regions being entered (anchor graph stamps)
         self._copy_stream: torch.cuda.Stream | None = None  # reads graph timestamps while the next replay runs
+        # timestamps read from replays, rows not built yet (collect() builds them)
+        self._stamped: list[tuple[GraphTimer, dict[str, Any], torch.Tensor]] = []
         self._resolved: list[dict[str, Any]] = []
 
     # ---- state ------------------------------------------------------------------------------------------------
@@ -255,13 +257,17 @@ class Instrument:
         return 2 * (3 + n_layers * (1 + n_ops))
 
     @contextlib.contextmanager
-    def capturing(self, stamps: torch.Tensor | None = None) -> Iterator[GraphTimer]:
+    def capturing(self, stamps: torch.Tensor | None = None, host: torch.Tensor | None = None) -> Iterator[GraphTimer]:
         """Regions entered inside become marks of the CUDA graph being captured (templates in the returned
-        GraphTimer): event-record nodes, or with `stamps` (int64 (n,) on the device) timestamp slots of it. NVTX and
-        the host-side state are left alone. Exit it inside the capture: the last pending timestamp is written then."""
+        GraphTimer): event-record nodes, or with `stamps` (int64 (n,) on the device) timestamp slots of it, read
+        after each replay through `host` (its pinned twin, allocated before the capture). NVTX and the host-side
+        state are left alone. Exit it inside the capture: the last pending timestamp is written then."""
         if stamps is not None and (stamps.dtype != torch.int64 or stamps.dim() != 1):
             raise ValueError(f"capturing: stamps must be int64 (n,), got {stamps.dtype} {tuple(stamps.shape)}")
+        if host is not None and (stamps is None or host.shape != stamps.shape or host.dtype != torch.int64):
+            raise ValueError(f"capturing: host {tuple(host.shape)} must be an int64 twin of stamps")
         timer = GraphTimer(stamps)
+        timer.host = host
         self._capture = timer
         try:
             yield timer
@@ -291,10 +297,12 @@ class Instrument:
             timer.done.synchronize()  # named sync: that replay's end, two steps back
             if self._copy_stream is None:
                 self._copy_stream = torch.cuda.Stream(self.device)
-            # the replay in between keeps the current stream busy: copy on a side stream (a small named sync)
+            # the replay in between keeps the current stream busy: copy on a side stream (a small named sync);
+            # rows are built in collect(), after the measured work
             with torch.cuda.stream(self._copy_stream):
-                ns = timer.stamps.to("cpu", non_blocking=False)
-            self._resolve(*entry, stamps_ns=ns)
+                timer.host.copy_(timer.stamps, non_blocking=True)
+            self._copy_stream.synchronize()
+            self._stamped.append((timer, entry[1], timer.host[:timer.used].clone()))
 
     def replayed(self, timer: GraphTimer) -> None:
         """A graph with marks was just replayed inside the current step region."""
@@ -310,15 +318,18 @@ class Instrument:
         self._pending[id(timer)] = (timer, {"rep": self._rep, "phase": self._phase, "step": self._step,
                                             "anchor": anchor})
 
-    def _resolve(self, timer: GraphTimer, where: dict[str, Any], stamps_ns: torch.Tensor | None = None) -> None:
+    def _resolve(self, timer: GraphTimer, where: dict[str, Any]) -> None:
+        """Rows of a graph replay timed by event-record nodes (read before the graph's next replay)."""
         rep, phase, step = where["rep"], where["phase"], where["step"]
-        if timer.stamps is None:
-            for r in timer.marks:
-                self._resolved.append(_row(r, rep, phase, step, self._base.elapsed_time(r.start),
-                                           r.start.elapsed_time(r.end), math.nan, GRAPH_CLOCK))
-            return
-        # timestamps are placed on the run's clock by their graph's first one, taken as the step event's time
-        ns = (stamps_ns if stamps_ns is not None else timer.stamps.cpu()).tolist()
+        for r in timer.marks:
+            self._resolved.append(_row(r, rep, phase, step, self._base.elapsed_time(r.start),
+                                       r.start.elapsed_time(r.end), math.nan, GRAPH_CLOCK))
+
+    def _resolve_stamps(self, timer: GraphTimer, where: dict[str, Any], stamps_ns: torch.Tensor) -> None:
+        """Rows of a graph replay timed by timestamps: placed on the run's clock by their graph's first timestamp,
+        taken as the time of the step's start event."""
+        rep, phase, step = where["rep"], where["phase"], where["step"]
+        ns = stamps_ns.tolist()
         first = min(ns[r.start] for r in timer.marks)
         anchor_ms = self._base.elapsed_time(where["anchor"].start)
         for r in timer.marks:
@@ -395,8 +406,14 @@ class Instrument:
         if self._base_host_ns == 0 and (self._records or self._pending):
             raise RuntimeError("Instrument.collect() before start_clock()")
         for timer, where in list(self._pending.values()):
-            self._resolve(timer, where)
+            if timer.stamps is None:
+                self._resolve(timer, where)
+            else:
+                self._stamped.append((timer, where, timer.stamps[:timer.used].cpu()))
         self._pending.clear()
+        for timer, where, ns in self._stamped:
+            self._resolve_stamps(timer, where, ns)
+        self._stamped.clear()
         out, self._resolved = self._resolved, []
         for r in self._records:
             if self.clock == "cuda":
@@ -433,6 +450,7 @@ class GraphTimer:
         self.used = 0  # slots handed out
         self.pending: int | None = None  # a slot handed out whose timestamp no kernel has written yet
         self.done: Any = None  # with stamps: an event recorded after each replay (created at the first)
+        self.host: torch.Tensor | None = None  # with stamps on a GPU: pinned host buffer the slots are copied into
 
     def mark(self, defer: bool) -> Any:
         """A new mark at this point of the capture: an event-record node, or a timestamp slot, written now unless

@@ -1,11 +1,7 @@
 // kvscope_rms_norm: out[r] = round(x[r] * rsqrt(mean(x[r]^2) + eps)) * w, one block per row, float statistics.
 // x rows may be strided (x_stride elements apart), out is contiguous. `stamp`, when not null, receives the global
 // timer at the start of block 0: the kernel then also marks a region boundary inside a CUDA graph.
-// vec: 16-byte loads (dim, x_stride multiples of VEC_ELEMS, aligned pointers); scalar: any layout, one block per
-// row. warp: one warp per row (blockDim.y rows per block), the row held in registers between the two passes, for
-// 16-byte layouts with dim <= 32 * VEC_ELEMS * WARP_VECS.
-
-#define WARP_VECS 16
+// vec: 16-byte loads (dim, x_stride multiples of VEC_ELEMS, aligned pointers); scalar: any layout.
 
 template <int V>
 __device__ __forceinline__ void rms_norm_row(elem_t* __restrict__ out, const elem_t* __restrict__ x,
@@ -62,40 +58,4 @@ extern "C" __global__ void kvscope_rms_norm_scalar(elem_t* __restrict__ out, con
     if (stamp != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *stamp = global_timer_ns();
     const long long r = blockIdx.x;
     rms_norm_row<1>(out + r * dim, x + r * x_stride, w, dim, eps);
-}
-
-extern "C" __global__ void kvscope_rms_norm_warp(elem_t* __restrict__ out, const elem_t* __restrict__ x,
-                                                 const elem_t* __restrict__ w, int dim, long long x_stride,
-                                                 float eps, unsigned long long* stamp, int n_rows) {
-    if (stamp != nullptr && blockIdx.x == 0 && threadIdx.x == 0 && threadIdx.y == 0) *stamp = global_timer_ns();
-    const long long r = (long long)blockIdx.x * blockDim.y + threadIdx.y;
-    if (r >= n_rows) return;
-    const elem_t* xr = x + r * x_stride;
-    elem_t* orow = out + r * dim;
-    const int lane = threadIdx.x, n_vec = dim / VEC_ELEMS;
-    Vec16 v[WARP_VECS];
-    float ss = 0.f;
-#pragma unroll
-    for (int k = 0; k < WARP_VECS; ++k) {
-        const int i = lane + 32 * k;
-        if (i < n_vec) {
-            v[k].raw = *reinterpret_cast<const uint4*>(xr + i * VEC_ELEMS);
-#pragma unroll
-            for (int j = 0; j < VEC_ELEMS; ++j) { float f = to_f(v[k].e[j]); ss += f * f; }
-        }
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-    const float rstd = rsqrtf(ss / (float)dim + eps);
-#pragma unroll
-    for (int k = 0; k < WARP_VECS; ++k) {
-        const int i = lane + 32 * k;
-        if (i < n_vec) {
-            Vec16 g, o;
-            g.raw = *reinterpret_cast<const uint4*>(w + i * VEC_ELEMS);
-#pragma unroll
-            for (int j = 0; j < VEC_ELEMS; ++j) o.e[j] = from_f(rnd(to_f(v[k].e[j]) * rstd) * to_f(g.e[j]));
-            *reinterpret_cast<uint4*>(orow + i * VEC_ELEMS) = o.raw;
-        }
-    }
 }
