@@ -52,7 +52,7 @@ def test_rms_norm_three_dims_and_stamp() -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "f", "fused"), [(1, 11008, True), (64, 11008, True), (4096, 11008, False),
-                                                  (3, 37, True), (5, 40, False)])
+                                                  (3, 37, True), (5, 40, False), (70001, 16, True)])
 def test_silu_mul_matches_reference(dtype: torch.dtype, rows: int, f: int, fused: bool) -> None:
     g = torch.Generator(device=CUDA).manual_seed(rows + f)
     if fused:  # the two halves of one (rows, 2F) product: strided rows

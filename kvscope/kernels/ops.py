@@ -15,6 +15,7 @@ from kvscope.kernels.launch import DTYPE_MACROS, f32, i32, i64, launch, ptr
 
 VEC_BYTES = 16
 _BLOCK = 256
+GRID_Y_MAX = 65535  # CUDA's limit on gridDim.y
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -104,10 +105,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     vec = _vec_ok(gate, up, out, elems=f) and _vec_ok(gate, elems=stride)
     per_thread = VEC_BYTES // gate.element_size() if vec else 1
     cols = -(-f // per_thread)
-    if n > 65535:
-        raise ValueError(f"silu_mul: {n} rows exceed the grid's 65,535 (shape {tuple(gate.shape)})")
     launch("kvscope_silu_mul", "vec" if vec else "scalar", gate.dtype, gate.device,
-           (-(-cols // _BLOCK), n, 1), (_BLOCK, 1, 1), [ptr(out), ptr(gate), ptr(up), i32(f), i64(stride)])
+           (-(-cols // _BLOCK), min(n, GRID_Y_MAX), 1), (_BLOCK, 1, 1),
+           [ptr(out), ptr(gate), ptr(up), i32(f), i64(stride), i64(n)])
     return out
 
 
