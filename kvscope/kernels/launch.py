@@ -89,3 +89,19 @@ def launch(entry: str, variant: str, dtype: torch.dtype, device: torch.device, g
                                   ctypes.c_uint(0), ctypes.c_void_p(stream), holders, None)
     if rc != 0:
         raise RuntimeError(f"cuLaunchKernel({entry}_{variant}, grid={grid}, block={block}) failed with CUDA error {rc}")
+
+
+def memcpy_d2h_async(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy `src` (contiguous, on a CUDA device) into `dst` (contiguous, page-locked host memory, same byte count)
+    on the current stream, through the driver: inside a CUDA-graph capture it becomes a memcpy node of the graph."""
+    nbytes = src.numel() * src.element_size()
+    if not (src.is_cuda and src.is_contiguous() and not dst.is_cuda and dst.is_pinned() and dst.is_contiguous()
+            and dst.numel() * dst.element_size() == nbytes):
+        raise ValueError(f"memcpy_d2h_async: src {tuple(src.shape)} on {src.device} -> dst {tuple(dst.shape)} "
+                         f"(pinned: {dst.is_pinned() if not dst.is_cuda else False}) must be contiguous, CUDA to "
+                         "pinned host, same size")
+    stream = torch.cuda.current_stream(src.device).cuda_stream
+    rc = _driver().cuMemcpyDtoHAsync_v2(ctypes.c_void_p(dst.data_ptr()), ctypes.c_uint64(src.data_ptr()),
+                                        ctypes.c_size_t(nbytes), ctypes.c_void_p(stream))
+    if rc != 0:
+        raise RuntimeError(f"cuMemcpyDtoHAsync of {nbytes} bytes failed with CUDA error {rc}")

@@ -36,6 +36,7 @@ import torch
 
 from kvscope.errors import KvscopeError
 from kvscope.kernels import ops as kops
+from kvscope.kernels.launch import memcpy_d2h_async
 
 GRANULARITIES = ("none", "phase", "layer", "op")
 LEVELS = ("run", "rep", "phase", "step", "layer", "op")
@@ -218,7 +219,6 @@ class Instrument:
         self._capture: GraphTimer | None = None
         self._pending: dict[int, tuple[GraphTimer, dict[str, Any]]] = {}  # replayed, marks not yet read
         self._open_steps: list[RegionRecord | None] = []  # timed step regions being entered (anchor graph stamps)
-        self._copy_stream: torch.cuda.Stream | None = None  # reads graph timestamps while the next replay runs
         # timestamps read from replays, rows not built yet (collect() builds them)
         self._stamped: list[tuple[GraphTimer, dict[str, Any], torch.Tensor]] = []
         self._resolved: list[dict[str, Any]] = []
@@ -259,9 +259,9 @@ class Instrument:
     @contextlib.contextmanager
     def capturing(self, stamps: torch.Tensor | None = None, host: torch.Tensor | None = None) -> Iterator[GraphTimer]:
         """Regions entered inside become marks of the CUDA graph being captured (templates in the returned
-        GraphTimer): event-record nodes, or with `stamps` (int64 (n,) on the device) timestamp slots of it, read
-        after each replay through `host` (its pinned twin, allocated before the capture). NVTX and the host-side
-        state are left alone. Exit it inside the capture: the last pending timestamp is written then."""
+        GraphTimer): event-record nodes, or with `stamps` (int64 (n,) on the device) timestamp slots of it, copied
+        by the graph's last node into `host` (its page-locked twin, allocated before the capture). NVTX and the
+        host-side state are left alone. Exit it inside the capture: the last pending timestamp is written then."""
         if stamps is not None and (stamps.dtype != torch.int64 or stamps.dim() != 1):
             raise ValueError(f"capturing: stamps must be int64 (n,), got {stamps.dtype} {tuple(stamps.shape)}")
         if host is not None and (stamps is None or host.shape != stamps.shape or host.dtype != torch.int64):
@@ -275,6 +275,8 @@ class Instrument:
             self._capture = None
             if timer.pending is not None:
                 timer.flush()
+            if timer.host is not None:  # the graph's last node: its timestamps into host memory
+                memcpy_d2h_async(timer.host, timer.stamps)
 
     def take_stamp(self) -> torch.Tensor | None:
         """The pending timestamp slot (one int64 on the device) for the kernel about to run, or None: the engine's
@@ -294,14 +296,9 @@ class Instrument:
                 timer.marks[-1].end.synchronize()  # named sync: that replay's last event, two steps back
                 self._resolve(*entry)
                 return
-            timer.done.synchronize()  # named sync: that replay's end, two steps back
-            if self._copy_stream is None:
-                self._copy_stream = torch.cuda.Stream(self.device)
-            # the replay in between keeps the current stream busy: copy on a side stream (a small named sync);
-            # rows are built in collect(), after the measured work
-            with torch.cuda.stream(self._copy_stream):
-                timer.host.copy_(timer.stamps, non_blocking=True)
-            self._copy_stream.synchronize()
+            # named sync: that replay's end, two steps back; its last node copied the timestamps into `host`.
+            # Rows are built in collect(), after the measured work
+            timer.done.synchronize()
             self._stamped.append((timer, entry[1], timer.host[:timer.used].clone()))
 
     def replayed(self, timer: GraphTimer) -> None:
