@@ -81,6 +81,11 @@ def test_class_breakdown_exact(tiny) -> None:
     ("void at::native::_scatter_gather_elementwise_kernel<128, 8>", "copy/memset"),
     ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise"),
     ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "communication"),
+    # kvscope's own kernels, by the names nsys shows for them
+    ("kvscope_rms_norm_vec", "norm"),
+    ("kvscope_silu_mul_vec", "elementwise"),
+    ("kvscope_rope_kv_vec", "elementwise"),
+    ("kvscope_stamp", "other"),
     ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<c10::BFloat16, at::native::ArgMaxOps<float>>>",
      "other"),
 ])

@@ -25,7 +25,8 @@ KERNEL_CLASS_RULES: tuple[tuple[str, str, str], ...] = (
     ("norm", r"rms_?norm|layer_?norm|MeanOps|rsqrt|pow_tensor_scalar", "fused norms; the mean, rsqrt, pow of RMSNorm"),
     ("copy/memset", r"copy|Copy|scatter|gather|index|Cat[A-Z]|fill",
      "casts and copies, torch.cat, KV-cache scatter, index/gather (embedding, RoPE tables)"),
-    ("elementwise", r"elementwise|silu|gelu|relu|neg_|add|mul", "remaining pointwise kernels (SiLU, adds, multiplies)"),
+    ("elementwise", r"elementwise|silu|gelu|relu|neg_|add|mul|rope",
+     "remaining pointwise kernels (SiLU, adds, multiplies; kvscope's SiLU*up and RoPE + cache write)"),
 )
 _COMPILED = tuple((cls, re.compile(pat)) for cls, pat, _ in KERNEL_CLASS_RULES)
 
