@@ -54,10 +54,16 @@ def kernel_name(entry: str, variant: str) -> str:
 
 @functools.cache
 def _driver() -> Any:
+    """Our own handle on the driver library (not ctypes' shared one), with the argument types of what we call."""
     try:
-        return ctypes.CDLL("libcuda.so.1")
+        lib = ctypes.CDLL("libcuda.so.1")
     except OSError as e:
         raise KvscopeError(f"hand-written kernels need the CUDA driver library (libcuda.so.1): {e}") from None
+    c_uint, c_void_p = ctypes.c_uint, ctypes.c_void_p
+    lib.cuLaunchKernel.argtypes = [c_void_p, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_void_p,
+                                   c_void_p, c_void_p]
+    lib.cuMemcpyDtoHAsync_v2.argtypes = [c_void_p, ctypes.c_uint64, ctypes.c_size_t, c_void_p]
+    return lib
 
 
 @functools.cache
@@ -76,17 +82,22 @@ def _compiled(entry: str, variant: str, dtype: torch.dtype, device_index: int) -
             raise KvscopeError(f"compiling {kernel_name(entry, variant)} for {dtype} failed: {first}") from None
 
 
+@functools.cache
+def _function(entry: str, variant: str, dtype: torch.dtype, device_index: int) -> int:
+    """The CUfunction handle of a compiled kernel, as an int."""
+    func = _compiled(entry, variant, dtype, device_index).func
+    return int(func.value if isinstance(func, ctypes.c_void_p) else func)
+
+
 def launch(entry: str, variant: str, dtype: torch.dtype, device: torch.device, grid: tuple[int, int, int],
            block: tuple[int, int, int], args: list[Any]) -> None:
     """Launch one kernel on the current stream of `device`; `args` are ctypes values in the kernel's order."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    func = _compiled(entry, variant, dtype, index).func
+    func = _function(entry, variant, dtype, index)
     stream = torch.cuda.current_stream(device).cuda_stream
     holders = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))  # `args` keeps the values alive
-    rc = _driver().cuLaunchKernel(ctypes.c_void_p(func.value if hasattr(func, "value") else func),
-                                  ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(grid[2]),
-                                  ctypes.c_uint(block[0]), ctypes.c_uint(block[1]), ctypes.c_uint(block[2]),
-                                  ctypes.c_uint(0), ctypes.c_void_p(stream), holders, None)
+    rc = _driver().cuLaunchKernel(func, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0, stream, holders,
+                                  None)
     if rc != 0:
         raise RuntimeError(f"cuLaunchKernel({entry}_{variant}, grid={grid}, block={block}) failed with CUDA error {rc}")
 
@@ -101,7 +112,6 @@ def memcpy_d2h_async(dst: torch.Tensor, src: torch.Tensor) -> None:
                          f"(pinned: {dst.is_pinned() if not dst.is_cuda else False}) must be contiguous, CUDA to "
                          "pinned host, same size")
     stream = torch.cuda.current_stream(src.device).cuda_stream
-    rc = _driver().cuMemcpyDtoHAsync_v2(ctypes.c_void_p(dst.data_ptr()), ctypes.c_uint64(src.data_ptr()),
-                                        ctypes.c_size_t(nbytes), ctypes.c_void_p(stream))
+    rc = _driver().cuMemcpyDtoHAsync_v2(dst.data_ptr(), src.data_ptr(), nbytes, stream)
     if rc != 0:
         raise RuntimeError(f"cuMemcpyDtoHAsync of {nbytes} bytes failed with CUDA error {rc}")
