@@ -11,10 +11,15 @@
   each graph's events are read (one named sync) just before its next replay, two steps later; NVTX then marks only
   each replay (kernels inside are attributed by nsys `--cuda-graph-trace=node`).
 
+- `kernels=True` (CUDA): kvscope's hand-written kernels run RMSNorm, SiLU*up, and RoPE fused with the K/V cache
+  write (`kvscope.kernels.ops`); otherwise the same maths runs as torch operations. In a captured graph the RMSNorm
+  kernel that opens each layer also writes the layer's start timestamp (see Instrument).
+
 Every piece of work is opened through the engine's `Instrument`: phase (`prefill`, `decode step N`), layer (`L07`,
 plus `embed`, `lm_head`, `sample`) and op (`L07.norm`, `.qkv`, `.rope`, `.kv_write`, `.attn`, `.o_proj`, `.mlp`;
 `norm` is the input norm, `mlp` holds the post-attention norm, the MLP and its residual add, `o_proj` the attention
-output projection and its residual add). The default instrument does nothing.
+output projection and its residual add; with kernels on, `rope` includes the cache write and there is no
+`kv_write`). The default instrument does nothing.
 """
 
 from __future__ import annotations
