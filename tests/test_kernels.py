@@ -213,3 +213,20 @@ def test_marks_outside_stamped_regions_need_no_kernel(monkeypatch: pytest.Monkey
             assert timer.pending is None and writes == ["stamp", "stamp"]
     assert timer.pending is None and writes == ["stamp"] * 3
     assert [(r.start, r.end) for r in timer.marks] == [(0, 1), (1, 2)]
+
+
+def test_kernel_sources_ship_with_the_package() -> None:
+    """Every kernel's CUDA source is package data (read through importlib.resources), with the entry points that
+    `kvscope.kernels.ops` launches."""
+    from kvscope.kernels.launch import KERNEL_FILES, _source
+
+    expected = {"kvscope_stamp": ["kvscope_stamp"],
+                "kvscope_rms_norm": ["kvscope_rms_norm_vec", "kvscope_rms_norm_scalar"],
+                "kvscope_silu_mul": ["kvscope_silu_mul_vec", "kvscope_silu_mul_scalar"],
+                "kvscope_rope_kv": ["kvscope_rope_kv_vec", "kvscope_rope_kv_scalar"]}
+    assert set(KERNEL_FILES) == set(expected)
+    for entry, names in expected.items():
+        src = _source(entry)
+        assert "#if defined(KV_BF16)" in src  # the shared element-type prelude comes first
+        for name in names:
+            assert f'extern "C" __global__ void {name}(' in src
