@@ -34,6 +34,9 @@ def summary_table(summary: pd.DataFrame) -> Table:
     for label, cols, fmt in _ROWS:
         if label == "dtype / attn":
             value = f"{row['dtype']} / {row['attn']} / granularity {row['granularity']}"
+            if "cuda_graphs" in row.index:
+                value += (f" / graphs {'on' if row['cuda_graphs'] else 'off'}, "
+                          f"kernels {'on' if row['kernels'] else 'off'}")
         elif label == "batch x seq (+gen)":
             value = f"{row['batch']} x {row['seq_len']} (+{row['gen_tokens']}), {row['reps']} reps"
         elif isinstance(cols, tuple):

@@ -98,6 +98,7 @@ def test_summary_medians_equal_recomputed(run_dir: Path) -> None:
     assert row["kv_alloc_bytes"] == row["kv_cache_bytes"]
     assert row["weights_bytes"] == a.param_count() * 4
     assert row["flag"] == ""
+    assert not row["cuda_graphs"] and not row["kernels"]  # CPU: the eager loop, torch operations
 
 
 def test_metadata_parses(run_dir: Path) -> None:
@@ -109,6 +110,7 @@ def test_metadata_parses(run_dir: Path) -> None:
         assert meta["nvml"]["available"] is False and meta["nvml"]["reason"]
         assert len(meta["host_decode_ms"]) == REPS
         assert meta["kvscope_version"] and meta["torch"]
+        assert meta["cuda_graphs"] is False and meta["kernels"] is False and meta["graph_region_timing"] is None
 
 
 def test_chrome_trace_loads(run_dir: Path) -> None:

@@ -97,7 +97,8 @@ def _check_spec(spec: RunSpec) -> None:
 
 def use_graphs(graphs: bool | None, device: torch.device) -> bool:
     """Whether decode steps replay a CUDA graph: `--graphs on|off` (True/False), by default (None) on for CUDA. At
-    layer or op granularity the graph carries event-record nodes for those regions (see Engine._capture)."""
+    layer or op granularity the graph carries marks for those regions: timestamps the kernels write, or event-record
+    nodes with kernels off (see Engine._capture)."""
     if graphs is None:
         return device.type == "cuda"
     if graphs and device.type != "cuda":
@@ -362,6 +363,7 @@ def _summary(t: pd.DataFrame, spec: RunSpec, run_id: str, source: ModelSource, c
         "flag": flag,
         "run_id": run_id, "model": source.args.name, "dtype": str(cfg.dtype).removeprefix("torch."),
         "attn": spec.attn, "granularity": spec.granularity, "device": _device_name(cfg.device),
+        "cuda_graphs": engine.graphs, "kernels": engine.kernels,
         "gen_tokens": g, "decode_steps": g - 1, "reps": spec.reps, "warmup": spec.warmup,
         "ttft_p50_ms": prefill_p50, "ttft_p90_ms": _pct(prefill, 90), "ttft_p99_ms": _pct(prefill, 99),
         "tpot_p50_ms": decode_p50, "tpot_p90_ms": _pct(steps, 90), "tpot_p99_ms": _pct(steps, 99),
