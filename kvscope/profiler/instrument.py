@@ -248,7 +248,8 @@ class Instrument:
             self._paused = before
 
     def graph_timed(self) -> bool:
-        """Whether a captured decode step should carry event-record nodes: layer or op regions are timed."""
+        """Whether a captured decode step should carry marks (timestamps or event nodes): layer or op regions are
+        timed."""
         return self.clock == "cuda" and self._timed_levels["layer"]
 
     @staticmethod
@@ -271,12 +272,12 @@ class Instrument:
         self._capture = timer
         try:
             yield timer
-        finally:
-            self._capture = None
             if timer.pending is not None:
                 timer.flush()
             if timer.host is not None:  # the graph's last node: its timestamps into host memory
                 memcpy_d2h_async(timer.host, timer.stamps)
+        finally:
+            self._capture = None
 
     def take_stamp(self) -> torch.Tensor | None:
         """The pending timestamp slot (one int64 on the device) for the kernel about to run, or None: the engine's
