@@ -230,3 +230,15 @@ def test_kernel_sources_ship_with_the_package() -> None:
         assert "#if defined(KV_BF16)" in src  # the shared element-type prelude comes first
         for name in names:
             assert f'extern "C" __global__ void {name}(' in src
+
+
+def test_capture_that_fails_writes_no_closing_timestamp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error inside the capture propagates as it is: no closing timestamp or copy is launched into a capture
+    that has already failed, and the instrument leaves capture mode."""
+    writes: list[int] = []
+    monkeypatch.setattr(kops, "stamp", lambda slot: writes.append(1))
+    ins = Instrument("layer", "cpu", nvtx=False)
+    stamps = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="boom"), ins.capturing(stamps), ins.region("a", "layer", chain=True):
+        raise RuntimeError("boom")
+    assert ins._capture is None and writes == [1]  # a's start only
