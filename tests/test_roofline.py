@@ -64,8 +64,7 @@ def test_calibration_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     cache.write_text(json.dumps({"NVIDIA H100 80GB HBM3": {"copy_gb_s": 2990.5, "bf16_tflop_s": 780.0}}))
     c = load_ceilings("NVIDIA H100 80GB HBM3", cache)
     assert c == Ceilings("NVIDIA H100 80GB HBM3", 2990.5, 780.0)
-    cache.write_text("{not json")
-    assert load_ceilings("NVIDIA H100 80GB HBM3", cache) is None
+    assert load_ceilings("another GPU", cache) is None  # never calibrated
     assert main(["calibrate", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs --device cuda" in err[0]
@@ -81,3 +80,33 @@ def test_calibration_cache_keeps_other_gpus_and_reads_back(tmp_path) -> None:
     assert load_ceilings("GPU A", path) == Ceilings("GPU A", 1500.0, 150.0)
     assert load_ceilings("GPU B", path) == Ceilings("GPU B", 2000.0, 200.0)
     assert [p.name for p in path.parent.iterdir()] == ["calibration.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_unusable_calibration_cache_is_an_error_and_stays(tmp_path: Path, text: str) -> None:
+    """A cache that exists but cannot be used is neither read as empty nor overwritten: one-line KvscopeError,
+    the file untouched."""
+    from kvscope.errors import KvscopeError
+    from kvscope.profiler.calibrate import save
+
+    path = tmp_path / "calibration.json"
+    path.write_text(text)
+    with pytest.raises(KvscopeError, match=r"calibration cache .*calibration\.json") as e:
+        load_ceilings("GPU A", path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(KvscopeError, match="calibration cache"):
+        save({"gpu": "GPU A", "copy_gb_s": 1.0, "bf16_tflop_s": 1.0}, path)
+    assert path.read_text() == text
+
+
+def test_calibration_entry_without_numbers_is_an_error_until_recalibrated(tmp_path: Path) -> None:
+    from kvscope.errors import KvscopeError
+    from kvscope.profiler.calibrate import save
+
+    path = tmp_path / "calibration.json"
+    path.write_text('{"GPU A": {"copy_gb_s": "fast"}, "GPU B": {"copy_gb_s": 2.0, "bf16_tflop_s": 3.0}}')
+    with pytest.raises(KvscopeError, match="entry for 'GPU A' lacks numeric"):
+        load_ceilings("GPU A", path)
+    save({"gpu": "GPU A", "copy_gb_s": 1.0, "bf16_tflop_s": 1.0}, path)  # a new calibration replaces the entry
+    assert load_ceilings("GPU A", path) == Ceilings("GPU A", 1.0, 1.0)
+    assert load_ceilings("GPU B", path) == Ceilings("GPU B", 2.0, 3.0)

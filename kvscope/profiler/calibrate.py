@@ -34,16 +34,34 @@ def cache_path() -> Path:
     return Path(base) / "kvscope" / "calibration.json"
 
 
-def load_ceilings(gpu: str, path: Path | None = None) -> Ceilings | None:
-    """Cached ceilings of this GPU, or None when it was never calibrated (or the cache cannot be read)."""
-    p = path or cache_path()
+def _read_cache(p: Path) -> dict[str, Any]:
+    """The calibration cache as a dict: empty when there is no file; a one-line KvscopeError when there is one that
+    cannot be used (it is left in place, never overwritten)."""
+    if not p.exists():
+        return {}
     try:
-        entry = json.loads(p.read_text()).get(gpu)
-    except (OSError, ValueError):
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise KvscopeError(f"calibration cache {p} cannot be read ({str(e).splitlines()[0]}); move it away and run "
+                           "`kvscope calibrate` again") from None
+    if not isinstance(data, dict):
+        raise KvscopeError(f"calibration cache {p} is not a JSON object; move it away and run `kvscope calibrate` "
+                           "again")
+    return data
+
+
+def load_ceilings(gpu: str, path: Path | None = None) -> Ceilings | None:
+    """Cached ceilings of this GPU, or None when it was never calibrated. A cache that exists but cannot be used
+    raises KvscopeError (see `_read_cache`)."""
+    p = path or cache_path()
+    entry = _read_cache(p).get(gpu)
+    if entry is None:
         return None
-    if not isinstance(entry, dict):
-        return None
-    return Ceilings(gpu, float(entry["copy_gb_s"]), float(entry["bf16_tflop_s"]))
+    try:
+        return Ceilings(gpu, float(entry["copy_gb_s"]), float(entry["bf16_tflop_s"]))
+    except (TypeError, KeyError, ValueError):
+        raise KvscopeError(f"calibration cache {p}: the entry for {gpu!r} lacks numeric copy_gb_s / bf16_tflop_s; "
+                           "run `kvscope calibrate` again") from None
 
 
 def matvec_chain_ms(args: ModelArgs, device: torch.device, reps: int = 20, batch: int = 1
@@ -100,11 +118,8 @@ def calibrate(device: torch.device, preset: ModelArgs, copy_bytes: int = COPY_BY
 
 def save(result: dict[str, Any], path: Path | None = None) -> Path:
     p = path or cache_path()
+    data = _read_cache(p)  # other GPUs' entries are kept; an unusable file stops here, untouched
     p.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        data = json.loads(p.read_text()) if p.exists() else {}
-    except ValueError:
-        data = {}
     data[result["gpu"]] = result
     write_json(data, p, indent=1)
     return p

@@ -133,6 +133,10 @@ def prepare(spec: RunSpec) -> tuple[ModelSource, RunConfig]:
         raise KvscopeError(f"--seq {spec.seq} exceeds {source.args.name}'s maximum context of "
                            f"{source.args.max_position_embeddings}")
     cfg.check(source.args)
+    if device.type == "cuda":
+        from kvscope.profiler.calibrate import load_ceilings
+
+        load_ceilings(_device_name(device))  # an unusable calibration cache stops the run here, not after it
     return source, cfg
 
 
