@@ -8,13 +8,14 @@ Kernels per call are counted with the torch profiler. This is how the fast decod
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
+
+from kvscope.profiler.timing import graph_ms
 
 DEV = torch.device("cuda")
 DT = torch.bfloat16
@@ -24,26 +25,7 @@ INNER = 36  # calls per graph replay
 
 def graph_us(fn: Callable[[], object], reps: int = 30) -> float:
     """Median µs per call of `fn`, INNER calls captured in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(INNER):
-            fn()
-    times = []
-    for i in range(reps + 3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()  # named sync: reads this replay's time
-        if i >= 3:
-            times.append(a.elapsed_time(b) * 1e3 / INNER)
-    return statistics.median(times)
+    return graph_ms(fn, calls=INNER, reps=reps) * 1e3
 
 
 def kernels(fn: Callable[[], object]) -> int:

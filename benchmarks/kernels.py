@@ -13,7 +13,6 @@ process.
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -22,30 +21,13 @@ import torch
 from kvscope.io import write_json
 from kvscope.kernels import ops as kops
 from kvscope.profiler.model import PRESETS, apply_rope, rope_tables
-from kvscope.profiler.timing import median_event_ms
+from kvscope.profiler.timing import graph_ms, median_event_ms
 
 
 def graph_us(fn: Callable[[], object], launches: int, reps: int) -> float:
-    """Median device time of one call, from a CUDA graph of `launches` calls replayed `reps` times."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()  # compiles, warms up
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    times = []
-    for _ in range(reps + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()  # named sync: after the timed replay
-        times.append(start.elapsed_time(end))
-    return statistics.median(times[2:]) * 1e3 / launches
+    """Median device time of one call in µs, from a CUDA graph of `launches` calls (the first eager calls compile
+    the kernels)."""
+    return graph_ms(fn, calls=launches, reps=reps, warmup=3) * 1e3
 
 
 def copy_bandwidth_gb_s(dev: torch.device, nbytes: int = 2**30) -> float:

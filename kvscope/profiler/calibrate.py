@@ -23,7 +23,7 @@ from kvscope.analysis.roofline import Ceilings
 from kvscope.errors import KvscopeError
 from kvscope.io import write_json
 from kvscope.profiler.model import ModelArgs
-from kvscope.profiler.timing import median_event_ms
+from kvscope.profiler.timing import graph_ms, median_event_ms
 
 COPY_BYTES = 2**30
 MATMUL_N = 8192
@@ -81,15 +81,7 @@ def matvec_chain_ms(args: ModelArgs, device: torch.device, reps: int = 20, batch
         for w, out in zip(weights, outs, strict=True):
             torch.matmul(inputs[w.shape[1]], w.t(), out=out)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        chain()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        chain()
-    ms = median_event_ms(graph.replay, reps)
+    ms = graph_ms(chain, calls=1, reps=reps, warmup=1)
     return ms, len(shapes), sum(w.numel() * w.element_size() for w in weights)
 
 
