@@ -1,7 +1,9 @@
 """The pieces of a decode step, each replayed 36 times from one CUDA graph (a layer's worth per model), so the
 per-call time includes the gaps between kernels inside a graph: decode attention variants, RMSNorm, residual adds,
 RoPE and the K/V write, at `qwen2.5-3b` shapes (16 query heads, 2 KV heads, head_dim 128, dim 2048), bf16.
-Kernels per call are counted with the torch profiler. This is how the fast decode step's choices were made.
+Kernels per call are counted with the torch profiler. This is how the fast decode step's torch-level choices were
+made; `--kernels on` (the default on CUDA) replaces the RMSNorm, RoPE + K/V write and SiLU*up pieces with kvscope's
+own kernels (`benchmarks/kernels.py` measures those).
 
     python3 benchmarks/decode_pieces.py
 """
@@ -90,7 +92,7 @@ def norm(b: int) -> None:
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(DT)
 
-    show(f"RMSNorm B={b}: F.rms_norm with weight (kvscope)", lambda: F.rms_norm(x, (DIM,), w, 1e-6))
+    show(f"RMSNorm B={b}: F.rms_norm with weight (kvscope, --kernels off)", lambda: F.rms_norm(x, (DIM,), w, 1e-6))
     show(f"RMSNorm B={b}: float32 by hand", manual)
 
 
@@ -114,12 +116,12 @@ def rope_and_write(b: int) -> None:
         x1, x2 = qkv[..., :D // 2], qkv[..., D // 2:]
         return qkv * cos + torch.cat((-x2, x1), -1) * sin
 
-    show(f"RoPE B={b}, 20 heads: flip + addcmul (kvscope)", rope_flip)
+    show(f"RoPE B={b}, 20 heads: flip + addcmul (kvscope, --kernels off)", rope_flip)
     show(f"RoPE B={b}, 20 heads: rotate-half with cat", rope_cat)
     cache = torch.zeros(2, b, 576, H_KV, D, device=DEV, dtype=DT)  # (2, B, S, H_kv, D)
     new = torch.randn(b, 1, 2, H_KV, D, device=DEV, dtype=DT).permute(2, 0, 1, 3, 4)  # (2, B, 1, H_kv, D)
     idx = torch.full((b,), 300, device=DEV).view(1, b, 1, 1, 1).expand(2, b, 1, H_KV, D)
-    show(f"K/V write B={b}: one scatter (kvscope)", lambda: cache.scatter_(2, idx, new))
+    show(f"K/V write B={b}: one scatter (kvscope, --kernels off)", lambda: cache.scatter_(2, idx, new))
 
 
 def main() -> None:
