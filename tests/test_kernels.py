@@ -100,6 +100,15 @@ def test_kernels_switch() -> None:
     assert use_kernels(False, cuda, torch.bfloat16) is False
     with pytest.raises(KvscopeError, match="--kernels on needs a CUDA device"):
         use_kernels(True, CPU, torch.float32)
+    with pytest.raises(KvscopeError, match="--kernels on needs a CUDA device and float32/bfloat16/float16"):
+        use_kernels(None, cuda, torch.float64)
+
+
+def test_kernels_need_torchs_nvrtc_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(torch.cuda, "_compile_kernel", raising=False)
+    with pytest.raises(KvscopeError, match=r"torch.cuda._compile_kernel.*--kernels off"):
+        use_kernels(None, torch.device("cuda"), torch.bfloat16)
+    assert use_kernels(False, torch.device("cuda"), torch.bfloat16) is False
 
 
 def test_kernels_on_without_cuda_is_a_one_line_error(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -111,12 +111,14 @@ def use_kernels(kernels: bool | None, device: torch.device, dtype: torch.dtype) 
     write) instead of the same maths in torch operations: `--kernels on|off`, by default (None) on for CUDA."""
     from kvscope.kernels.ops import supported
 
-    if kernels is None:
-        return device.type == "cuda"
-    if kernels and not supported(device, dtype):
+    on = device.type == "cuda" if kernels is None else kernels
+    if on and not supported(device, dtype):
         raise KvscopeError(f"--kernels on needs a CUDA device and float32/bfloat16/float16, got {device} "
                            f"{str(dtype).removeprefix('torch.')}")
-    return kernels
+    if on and not hasattr(torch.cuda, "_compile_kernel"):
+        raise KvscopeError(f"kvscope's CUDA kernels need torch's NVRTC compiler (torch.cuda._compile_kernel), which "
+                           f"torch {torch.__version__} lacks; run with --kernels off")
+    return on
 
 
 def prepare(spec: RunSpec) -> tuple[ModelSource, RunConfig]:
