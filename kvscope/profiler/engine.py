@@ -7,10 +7,10 @@
   step can be captured in a CUDA graph.
 - `decode_n(n)`: n steps, tokens gathered into one device tensor `(B, n)`.
 - `graphs=True` (CUDA): the first decode step captures one step in a CUDA graph; every step replays it. When the
-  instrument times layers or ops, their regions are event-record nodes inside the graph, two graphs alternate, and
-  each graph's events are read (one named sync) just before its next replay, two steps later; NVTX then marks only
-  each replay (kernels inside are attributed by nsys `--cuda-graph-trace=node`).
-
+  instrument times layers or ops, their regions are marks inside the graph (timestamps written by kernels with
+  `kernels=True`, event-record nodes without), two graphs alternate, and each graph's marks are read (one named
+  sync) just before its next replay, two steps later; NVTX then marks only each replay (kernels inside are
+  attributed by nsys `--cuda-graph-trace=node`).
 - `kernels=True` (CUDA): kvscope's hand-written kernels run RMSNorm, SiLU*up, and RoPE fused with the K/V cache
   write (`kvscope.kernels.ops`); otherwise the same maths runs as torch operations. In a captured graph the RMSNorm
   kernel that opens each layer also writes the layer's start timestamp (see Instrument).
@@ -52,7 +52,7 @@ DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTI
 class _CapturedStep:
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor  # (B, V), written by every replay
-    timer: GraphTimer | None  # event-record nodes of the timed regions inside, or None
+    timer: GraphTimer | None  # marks (timestamp slots or event-record nodes) of the timed regions inside, or None
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device
@@ -92,7 +92,7 @@ class Engine:
         # hand-written kernels: RMSNorm (which also writes in-graph timestamps), SiLU*up, RoPE fused with the cache
         # write; off: the same maths as torch operations
         self.kernels = kernels
-        self._graphs: list[_CapturedStep] = []  # one captured step, or two alternating ones with event nodes
+        self._graphs: list[_CapturedStep] = []  # one captured step, or two alternating ones with timing marks
         self._replays = 0
         self.model = model
         self.cfg = cfg
