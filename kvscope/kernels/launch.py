@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 
 from kvscope.errors import KvscopeError
 
-DTYPE_MACROS = {torch.bfloat16: ("KV_BF16", "bf16"), torch.float16: ("KV_F16", "f16"), torch.float32: ("KV_F32", "f32")}
+DTYPE_MACROS = {torch.bfloat16: "KV_BF16", torch.float16: "KV_F16", torch.float32: "KV_F32"}  # picks elem_t
 KERNEL_FILES = {"kvscope_stamp": "stamp.cu", "kvscope_rms_norm": "rms_norm.cu", "kvscope_silu_mul": "silu_mul.cu",
                 "kvscope_rope_kv": "rope_kv.cu"}
 
@@ -66,14 +67,20 @@ def _driver() -> Any:
     return lib
 
 
-@functools.cache
-def _compiled(entry: str, variant: str, dtype: torch.dtype, device_index: int) -> Any:
+def nvrtc_compiler() -> Callable[..., Any]:
+    """torch's NVRTC kernel compiler (`torch.cuda._compile_kernel`, a private torch API), or a one-line
+    KvscopeError where this torch lacks it."""
     compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
     if compile_kernel is None:
-        raise KvscopeError(f"torch {torch.__version__} has no NVRTC kernel compiler (torch.cuda._compile_kernel); "
-                           "use --kernels off")
-    macro, _ = DTYPE_MACROS[dtype]
-    src = f"#define {macro}\n" + _source(entry)
+        raise KvscopeError(f"kvscope's CUDA kernels need torch's NVRTC compiler (torch.cuda._compile_kernel), which "
+                           f"torch {torch.__version__} lacks; run with --kernels off")
+    return compile_kernel
+
+
+@functools.cache
+def _compiled(entry: str, variant: str, dtype: torch.dtype, device_index: int) -> Any:
+    compile_kernel = nvrtc_compiler()
+    src = f"#define {DTYPE_MACROS[dtype]}\n" + _source(entry)
     with torch.cuda.device(device_index):
         try:
             return compile_kernel(src, kernel_name(entry, variant))
@@ -99,7 +106,8 @@ def launch(entry: str, variant: str, dtype: torch.dtype, device: torch.device, g
     rc = _driver().cuLaunchKernel(func, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0, stream, holders,
                                   None)
     if rc != 0:
-        raise RuntimeError(f"cuLaunchKernel({entry}_{variant}, grid={grid}, block={block}) failed with CUDA error {rc}")
+        raise RuntimeError(f"cuLaunchKernel({kernel_name(entry, variant)}, grid={grid}, block={block}) failed with "
+                           f"CUDA error {rc}")
 
 
 def memcpy_d2h_async(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.kernels.launch import DTYPE_MACROS, f32, i32, i64, launch, ptr
+from kvscope.profiler.model import apply_rope
 
 VEC_BYTES = 16
 _BLOCK = 256
@@ -161,14 +162,13 @@ def rope_kv_(qkv: torch.Tensor, cos: torch.Tensor, sin_rot: torch.Tensor, k_cach
 def rope_kv_ref_(qkv: torch.Tensor, cos: torch.Tensor, sin_rot: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, n_heads: int, lengths: torch.Tensor | None = None) -> None:
     """The same as `rope_kv_` with torch operations (three RoPE kernels, then copies into the cache)."""
-    b, s, all_heads, d = qkv.shape
+    b, s, all_heads, _ = qkv.shape
     hkv = (all_heads - n_heads) // 2
     start = torch.zeros(b, dtype=torch.int64, device=qkv.device) if lengths is None else lengths
     pos = start.view(b, 1) + torch.arange(s, device=qkv.device).view(1, s)  # (B, S)
     c, sr = cos[pos].unsqueeze(2), sin_rot[pos].unsqueeze(2)  # (B, S, 1, D)
     x = qkv[:, :, :n_heads + hkv]  # (B, S, H+H_kv, D)
-    swapped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)  # (B, S, H+H_kv, D): [x2, x1]
-    x.copy_(torch.addcmul(x * c, swapped, sr))
+    x.copy_(apply_rope(x, c, sr))
     rows = torch.arange(b, device=qkv.device).view(b, 1).expand(b, s)  # (B, S)
     k_cache[rows, pos] = qkv[:, :, n_heads:n_heads + hkv]  # (B, S, H_kv, D)
     v_cache[rows, pos] = qkv[:, :, n_heads + hkv:]

@@ -109,15 +109,15 @@ def use_graphs(graphs: bool | None, device: torch.device) -> bool:
 def use_kernels(kernels: bool | None, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the engine runs kvscope's hand-written CUDA kernels (RMSNorm, SiLU*up, RoPE fused with the cache
     write) instead of the same maths in torch operations: `--kernels on|off`, by default (None) on for CUDA."""
+    from kvscope.kernels.launch import nvrtc_compiler
     from kvscope.kernels.ops import supported
 
     on = device.type == "cuda" if kernels is None else kernels
     if on and not supported(device, dtype):
         raise KvscopeError(f"--kernels on needs a CUDA device and float32/bfloat16/float16, got {device} "
                            f"{str(dtype).removeprefix('torch.')}")
-    if on and not hasattr(torch.cuda, "_compile_kernel"):
-        raise KvscopeError(f"kvscope's CUDA kernels need torch's NVRTC compiler (torch.cuda._compile_kernel), which "
-                           f"torch {torch.__version__} lacks; run with --kernels off")
+    if on:
+        nvrtc_compiler()  # a torch without it stops here, before the run
     return on
 
 
