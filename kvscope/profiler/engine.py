@@ -193,14 +193,16 @@ class Engine:
             cos[:, :, hq + hkv:] = 1
             sin[:, :, hq + hkv:] = 0
 
-        def attend_fused(i: int, qkv: torch.Tensor) -> torch.Tensor:
-            ops = self._op_regions[i]
-            with ins.region_with(*ops["rope"]):  # RoPE on q and k in place, K and V into the cache: one kernel
-                kops.rope_kv_(qkv, self.cos, self.sin_rot, cache.k(i), cache.v(i), hq)
-            q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]  # (B, S, H|H_kv, D)
-            with ins.region_with(*ops["attn"]):
+        def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            """q, k, v: (B, S, H|H_kv, D) -> (B*S, H*D)."""
+            with ins.region_with(*self._op_regions[i]["attn"]):
                 y = prefill_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), impl)  # (B, H, S, D)
                 return y.transpose(1, 2).reshape(b * s, hq * self.args.head_dim)  # (B*S, H*D)
+
+        def attend_fused(i: int, qkv: torch.Tensor) -> torch.Tensor:
+            with ins.region_with(*self._op_regions[i]["rope"]):  # RoPE on q and k in place, K and V into the cache
+                kops.rope_kv_(qkv, self.cos, self.sin_rot, cache.k(i), cache.v(i), hq)
+            return attention(i, qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:])  # (B, S, H|H_kv, D)
 
         def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             ops = self._op_regions[i]
@@ -216,9 +218,7 @@ class Engine:
                 else:
                     cache.k(i)[:, :s].copy_(k)  # (B, S, H_kv, D)
                     cache.v(i)[:, :s].copy_(v)
-            with ins.region_with(*ops["attn"]):
-                y = prefill_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), impl)  # (B, H, S, D)
-                return y.transpose(1, 2).reshape(b * s, hq * self.args.head_dim)  # (B*S, H*D)
+            return attention(i, q, k, v)
 
         with ins.region("prefill", "phase", phase="prefill", step=0, tokens=sum(lengths), context_len=max(lengths)):
             with ins.region("embed", "layer"):
@@ -329,13 +329,16 @@ class Engine:
                 key_mask = (self.key_pos[:span].unsqueeze(0) <= pos.unsqueeze(1)).view(b, 1, 1, span)  # (B,1,1,L)
             meta = DecodeMeta(span=span, key_mask=key_mask)
 
-        def attend_fused(i: int, qkv: torch.Tensor) -> torch.Tensor:
-            ops = self._op_regions[i]
-            with ins.region_with(*ops["rope"]):  # RoPE on q and k in place, K and V at each sequence's position
-                kops.rope_kv_(qkv, self.cos, self.sin_rot, cache.k(i), cache.v(i), hq, lengths=pos)
-            with ins.region_with(*ops["attn"]):
-                y = decode_attention(qkv[:, 0, :hq], cache.k(i), cache.v(i), meta, impl)  # (B, H, D)
+        def attention(i: int, q: torch.Tensor) -> torch.Tensor:
+            """q: (B, H, D) against layer i's cache -> (B, H*D)."""
+            with ins.region_with(*self._op_regions[i]["attn"]):
+                y = decode_attention(q, cache.k(i), cache.v(i), meta, impl)  # (B, H, D)
                 return y.view(b, hq * d)  # (B, H*D)
+
+        def attend_fused(i: int, qkv: torch.Tensor) -> torch.Tensor:
+            with ins.region_with(*self._op_regions[i]["rope"]):  # RoPE on q and k in place, K/V at each position
+                kops.rope_kv_(qkv, self.cos, self.sin_rot, cache.k(i), cache.v(i), hq, lengths=pos)
+            return attention(i, qkv[:, 0, :hq])
 
         def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             ops = self._op_regions[i]
@@ -344,9 +347,7 @@ class Engine:
             with ins.region_with(*ops["kv_write"]):
                 new_kv = r[:, :, hq:].view(b, 1, 2, hkv, d).permute(2, 0, 1, 3, 4)  # (2, B, 1, H_kv, D)
                 cache.kv(i).scatter_(2, write_idx, new_kv)  # K and V at each sequence's position, one kernel
-            with ins.region_with(*ops["attn"]):
-                y = decode_attention(r[:, 0, :hq], cache.k(i), cache.v(i), meta, impl)  # (B, H, D)
-                return y.view(b, hq * d)  # (B, H*D)
+            return attention(i, r[:, 0, :hq])
 
         with ins.region("embed", "layer", chain=True):
             h = m.tok_embeddings(self.next_tokens.view(b, 1))  # (B, 1, dim)

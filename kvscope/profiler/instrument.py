@@ -119,7 +119,7 @@ class _Region:
 
     def __enter__(self) -> _Region:
         ins = self._ins
-        if ins._capture is not None:  # inside CUDA-graph capture: an event-record node, no NVTX, no host state
+        if ins._capture is not None:  # inside CUDA-graph capture: a mark of the graph, no NVTX, no host state
             # (captured even while paused: the graph is captured during warm-up and replayed when measuring)
             self._live = True
             keys = self._keys
@@ -267,8 +267,7 @@ class Instrument:
             raise ValueError(f"capturing: stamps must be int64 (n,), got {stamps.dtype} {tuple(stamps.shape)}")
         if host is not None and (stamps is None or host.shape != stamps.shape or host.dtype != torch.int64):
             raise ValueError(f"capturing: host {tuple(host.shape)} must be an int64 twin of stamps")
-        timer = GraphTimer(stamps)
-        timer.host = host
+        timer = GraphTimer(stamps, host)
         self._capture = timer
         try:
             yield timer
@@ -441,14 +440,14 @@ class GraphTimer:
     (`RegionRecord.start` / `.end`): event-record nodes, or indices into `stamps`, the graph's timestamp buffer.
     Every replay records the same events, or writes the same slots, again."""
 
-    def __init__(self, stamps: torch.Tensor | None = None) -> None:
+    def __init__(self, stamps: torch.Tensor | None = None, host: torch.Tensor | None = None) -> None:
         self.marks: list[RegionRecord] = []
         self.last_end: dict[str, Any] = {}  # level -> end mark of the region of that level that closed last
         self.stamps = stamps  # int64 (n,) on the device, or None (event-record nodes)
         self.used = 0  # slots handed out
         self.pending: int | None = None  # a slot handed out whose timestamp no kernel has written yet
         self.done: Any = None  # with stamps: an event recorded after each replay (created at the first)
-        self.host: torch.Tensor | None = None  # with stamps on a GPU: pinned host buffer the slots are copied into
+        self.host = host  # with stamps on a GPU: the page-locked buffer the graph copies the slots into
 
     def mark(self, defer: bool) -> Any:
         """A new mark at this point of the capture: an event-record node, or a timestamp slot, written now unless
