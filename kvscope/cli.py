@@ -133,7 +133,7 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
 
     base = RunSpec(model=ns.model, gen_tokens=ns.gen_tokens, warmup=ns.warmup, reps=ns.reps,
                    granularity=ns.granularity, attn=ns.attn, dtype=ns.dtype, device=ns.device, seed=ns.seed,
-                   graphs=_graphs_flag(ns), kernels=_kernels_flag(ns))
+                   graphs=_on_off(ns.graphs), kernels=_on_off(ns.kernels))
     sw = SweepSpec(base, parse_int_list(ns.seq, "--seq"), parse_int_list(ns.batch_sizes, "--batch-sizes"),
                    Path(ns.out), ns.collapse_factor, ns.resume)
     err = Console(stderr=True)
@@ -303,12 +303,9 @@ def _cmd_nsys(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _graphs_flag(ns: argparse.Namespace) -> bool | None:
-    return None if ns.graphs is None else ns.graphs == "on"
-
-
-def _kernels_flag(ns: argparse.Namespace) -> bool | None:
-    return None if ns.kernels is None else ns.kernels == "on"
+def _on_off(value: str | None) -> bool | None:
+    """An `on|off` flag: True / False, or None when not given (the default then depends on the device)."""
+    return None if value is None else value == "on"
 
 
 def _run_spec(ns: argparse.Namespace):  # -> RunSpec
@@ -317,8 +314,8 @@ def _run_spec(ns: argparse.Namespace):  # -> RunSpec
     return RunSpec(model=ns.model, batch_size=ns.batch_size, seq=ns.seq, gen_tokens=ns.gen_tokens,
                    warmup=ns.warmup, reps=ns.reps, granularity=ns.granularity, attn=ns.attn, dtype=ns.dtype,
                    device=ns.device, out=ns.out, nvtx=False if ns.no_nvtx else None,
-                   nvml_interval_ms=ns.nvml_interval_ms, seed=ns.seed, graphs=_graphs_flag(ns),
-                   kernels=_kernels_flag(ns))
+                   nvml_interval_ms=ns.nvml_interval_ms, seed=ns.seed, graphs=_on_off(ns.graphs),
+                   kernels=_on_off(ns.kernels))
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
@@ -374,7 +371,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         raise KvscopeError(f"--max-new-tokens must be >= 1, got {ns.max_new_tokens}")
     source = resolve_model(ns.model)
     device = resolve_device(ns.device)
-    dtype = parse_dtype(ns.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = parse_dtype(ns.dtype, device)
     tokenizer = None
     if ns.prompt is not None:
         tokenizer = _load_tokenizer(source.folder, ns.model)
@@ -391,8 +388,8 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
                            f"{source.args.max_position_embeddings}")
     cfg = RunConfig(batch_size=len(prompts), max_seq=max_seq, dtype=dtype, device=device, attn=ns.attn)
     cfg.check(source.args)
-    graphs = use_graphs(_graphs_flag(ns), device)
-    kernels = use_kernels(_kernels_flag(ns), device, dtype)
+    graphs = use_graphs(_on_off(ns.graphs), device)
+    kernels = use_kernels(_on_off(ns.kernels), device, dtype)
     model, ready_s = load_model(source, device, dtype, seed=ns.seed)
     print(f"kvscope: {source.args.name} ({source.kind}{', random weights' if source.random_weights else ''}) "
           f"on {device} in {str(dtype).removeprefix('torch.')}, ready in {ready_s:.2f} s", file=sys.stderr)

@@ -121,3 +121,13 @@ def test_gate_up_split_for_many_rows_equals_the_fused_product() -> None:
     # RoPE with cos 1 and sin 0 leaves a head bit for bit unchanged (the decode step's V heads)
     v = torch.randn(2, 1, 3, args.head_dim)
     assert torch.equal(apply_rope(v, torch.ones_like(v), torch.zeros_like(v)), v)
+
+
+def test_dtype_names_and_device_default() -> None:
+    from kvscope.profiler.runconfig import parse_dtype
+
+    assert parse_dtype(None, torch.device("cuda")) is torch.bfloat16
+    assert parse_dtype(None, torch.device("cpu")) is torch.float32 and parse_dtype(None) is torch.float32
+    assert parse_dtype("bf16", torch.device("cpu")) is torch.bfloat16 and parse_dtype("Half") is torch.float16
+    with pytest.raises(KvscopeError, match="unknown dtype 'int8'"):
+        parse_dtype("int8")

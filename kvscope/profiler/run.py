@@ -128,7 +128,7 @@ def prepare(spec: RunSpec) -> tuple[ModelSource, RunConfig]:
     use_graphs(spec.graphs, device)  # checks --graphs against the device
     model_spec = spec.model or (DEFAULT_MODEL_CUDA if device.type == "cuda" else DEFAULT_MODEL_CPU)
     source = resolve_model(model_spec)
-    dtype = parse_dtype(spec.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = parse_dtype(spec.dtype, device)
     cfg = RunConfig(spec.batch_size, spec.seq + spec.gen_tokens, dtype, device, spec.attn)
     use_kernels(spec.kernels, device, dtype)  # checks --kernels against the device and dtype
     if spec.seq > source.args.max_position_embeddings:

@@ -21,7 +21,10 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str | None, device: torch.device | None = None) -> torch.dtype:
+    """A dtype by name or alias; no name: bfloat16 on a CUDA `device`, float32 elsewhere."""
+    if not name:
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     key = DTYPE_ALIASES.get(name.lower(), name.lower())
     if key not in DTYPES:
         raise KvscopeError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
