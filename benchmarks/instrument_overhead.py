@@ -1,27 +1,26 @@
-"""Cost of instrumentation on decode steps: each granularity against none, same process, same engine.
+"""What the instruments cost: TTFT and TPOT of a bare engine against every instrumented configuration, interleaved.
 
-The eager decode loop is bound by the host, whose speed drifts (on the lent H100 the spread between rounds of the
-same configuration reached tens of percent). So configurations are interleaved step by step: one decode sequence
-runs `--steps` steps per configuration, step k under configuration k mod 4, each step timed by a synchronised host
-clock (the same sync for every configuration, so it cancels in the ratios). Drift then hits every configuration
-alike. Reported: the median step time per configuration and its ratio to `none`, with a bootstrap 95% interval of
-that ratio.
+The host's speed drifts (on the lent GPUs a launch-bound prefill moved 2x between calls), so every configuration
+runs inside one process, round-robin: each round runs every configuration once, in an order rotated by one each
+round, and each run is one prefill (TTFT: host clock from the call to the first tokens on the host, the prefill
+synchronised before) followed by `--steps` decode steps (TPOT: host clock over the steps, synchronised at both ends,
+divided by the steps). Drift then hits every configuration alike. Reported per configuration and prompt length: the
+median, its ratio to the bare engine with a bootstrap 95% interval, and the sample count.
 
-With `--graphs on`, every configuration has its own engine (its own captured decode graph and KV cache, all over
-the same weights), and step k runs on engine k mod 4: the same interleaving, one graph replay per step.
+Configurations (each with its own Instrument and its own engine over the same weights, so each has its own captured
+decode graph and KV cache):
+- `bare`: no NVTX, no events, no NVML (granularity none, the instrument does nothing);
+- `phase`, `layer`, `op`: CUDA events at that granularity, NVTX off;
+- `phase+nvtx`, `layer+nvtx`: the same with NVTX requested (ranges are emitted only when a tool such as nsys is
+  attached; run this script under `nsys profile -t cuda,nvtx` to measure emitted ranges);
+- `default`: what `kvscope run` switches on by default: phase events, NVTX requested, the NVML sampler (a child
+  process, started before the round's prefill and stopped after its decode, as a run keeps it around the measured
+  repetitions);
+- `phase+nvml-thread`: phase events with NVML sampled by a thread of this process (the design kvscope had before,
+  kept here to show what it cost).
 
-`--block K` times blocks of K consecutive steps instead of single steps (block j under configuration j mod 4, a
-sync before and after each block, the block's time divided by K). A sync after every step (K = 1) serialises the
-host and the GPU, so any host work of a configuration (reading its in-graph timestamps, for instance) adds to its
-step time in full; with K > 1 the host runs ahead of the GPU inside a block as it does in `kvscope run`, and the
-figure is the steady-state cost per step.
-
-    python3 benchmarks/instrument_overhead.py --model qwen2.5-3b --batches 1,32 --attn sdpa,eager
-    python3 benchmarks/instrument_overhead.py --model qwen2.5-3b --batches 1,32 --attn sdpa --graphs on
-
-`--kernels on` (the default) runs kvscope's CUDA kernels; in graph mode its layer and op regions are then timed by
-global-timer stamps that the RMSNorm kernel (or a one-thread kernel) writes inside the graph, instead of
-event-record nodes (`--kernels off`).
+    python3 benchmarks/instrument_overhead.py --model qwen2.5-3b --seqs 128,512,2048 --rounds 40 \\
+        --graphs on,off --json docs/benchmarks/instrument_overhead.json
 """
 
 from __future__ import annotations
@@ -29,19 +28,78 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import torch
 
 from kvscope.io import write_json
 from kvscope.profiler.engine import Engine
 from kvscope.profiler.instrument import Instrument
+from kvscope.profiler.nvml import NvmlSampler
 from kvscope.profiler.run import regions_per_rep
 from kvscope.profiler.runconfig import RunConfig, parse_dtype
 from kvscope.profiler.weights import load_model, resolve_model
 
-CONFIGS = ("none", "phase", "layer", "op")
+# name -> (granularity, nvtx requested, nvml: None | "child" | "thread")
+CONFIGS: dict[str, tuple[str, bool, str | None]] = {
+    "bare": ("none", False, None),
+    "phase": ("phase", False, None),
+    "phase+nvtx": ("phase", True, None),
+    "layer": ("layer", False, None),
+    "layer+nvtx": ("layer", True, None),
+    "op": ("op", False, None),
+    "default": ("phase", True, "child"),
+    "phase+nvml-thread": ("phase", False, "thread"),
+}
+
+
+class ThreadSampler:
+    """NVML queries every `interval_ms` from a thread of this process (kvscope's sampler before issue 11)."""
+
+    def __init__(self, interval_ms: float) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        self.nv = pynvml
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        self.interval_s = interval_ms / 1000
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.samples = 0
+
+    def _loop(self) -> None:
+        nv, h = self.nv, self.handle
+        next_t = time.perf_counter()
+        while not self.stop_event.is_set():
+            nv.nvmlDeviceGetUtilizationRates(h)
+            nv.nvmlDeviceGetMemoryInfo(h)
+            nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)
+            nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM)
+            nv.nvmlDeviceGetPowerUsage(h)
+            nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)
+            self.samples += 1
+            next_t += self.interval_s
+            self.stop_event.wait(max(0.0, next_t - time.perf_counter()))
+
+    def start(self) -> None:
+        self.stop_event.clear()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+@dataclass
+class Sample:
+    ttft_ms: list[float]
+    tpot_ms: list[float]
 
 
 def _ratio_ci(a: list[float], b: list[float], n: int = 2000) -> tuple[float, float]:
@@ -52,85 +110,111 @@ def _ratio_ci(a: list[float], b: list[float], n: int = 2000) -> tuple[float, flo
     return vals[int(0.025 * n)] * 100, vals[int(0.975 * n)] * 100
 
 
-def _step(engines: dict[str, Engine], instruments: dict[str, Instrument], g: str) -> None:
-    engine = engines[g]
-    engine.ins = instruments[g]
-    engine.decode_step()
+def _one(engine: Engine, ins: Instrument, tokens: torch.Tensor, lengths: list[int], steps: int
+         ) -> tuple[float, float]:
+    """One prefill and `steps` decode steps: (TTFT ms, TPOT ms) on the host clock."""
+    torch.cuda.synchronize()  # named sync: the GPU is idle when the prefill is called
+    with ins.region("rep", "rep", rep=0):
+        t0 = time.perf_counter_ns()
+        first = engine.prefill(tokens, lengths)
+        first.to("cpu")  # named sync: the first tokens on the host end TTFT
+        t1 = time.perf_counter_ns()
+        engine.decode_n(steps)
+        torch.cuda.synchronize()  # named sync: ends the decode phase's host clock
+        t2 = time.perf_counter_ns()
+    return (t1 - t0) / 1e6, (t2 - t1) / 1e6 / steps
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="qwen2.5-3b")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--batches", default="1,32")
-    p.add_argument("--attn", default="sdpa,eager")
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=60, help="decode steps per configuration")
-    p.add_argument("--block", type=int, default=1, help="consecutive steps per timed block (see above)")
-    p.add_argument("--graphs", default="off", choices=["on", "off"], help="decode steps replayed from CUDA graphs")
-    p.add_argument("--kernels", default="on", choices=["on", "off"],
-                   help="kvscope's CUDA kernels (on: in-graph regions are timed by timestamps the kernels write)")
-    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seqs", default="128,512,2048")
+    p.add_argument("--steps", type=int, default=16, help="decode steps after each prefill")
+    p.add_argument("--eager-steps", type=int, default=8, help="decode steps after each prefill with graphs off")
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--graphs", default="on,off", help="on, off or both: CUDA-graph decode, or the eager loop")
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--nvml-interval-ms", type=float, default=20.0)
+    p.add_argument("--json", default=None)
     ns = p.parse_args()
-    if ns.block < 1 or ns.steps < ns.block:
-        raise SystemExit(f"--block must be in [1, --steps], got {ns.block} with --steps {ns.steps}")
     dev = torch.device("cuda")
     src = resolve_model(ns.model)
     dtype = parse_dtype(ns.dtype)
     model, _ = load_model(src, dev, dtype)
-    total = ns.steps * len(CONFIGS)
-    rows = []
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {ns.model} {ns.dtype}, prompt "
-          f"{ns.seq}, {ns.steps} decode steps per configuration interleaved, NVTX off (no tool attached), "
-          f"CUDA graphs {ns.graphs}, kernels {ns.kernels}, timed blocks of {ns.block} step(s)")
-    print("| batch | attn | none ms/step | phase | layer | op | phase % | layer % | op % |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for batch in [int(b) for b in ns.batches.split(",")]:
-        for attn in ns.attn.split(","):
-            cfg = RunConfig(batch, ns.seq + total + 8 + 1, dtype, dev, attn)
-            instruments = {g: Instrument(g, dev, nvtx=False) for g in CONFIGS}
-            graphs, kernels = ns.graphs == "on", ns.kernels == "on"
-            if graphs:
-                engines = {g: Engine(model, cfg, instruments[g], graphs=True, kernels=kernels) for g in CONFIGS}
-            else:
-                shared = Engine(model, cfg, instruments["none"], kernels=kernels)
-                engines = dict.fromkeys(CONFIGS, shared)
-            tokens = torch.randint(0, src.args.vocab_size, (batch, ns.seq), device=dev)
-            for engine in {id(e): e for e in engines.values()}.values():
-                engine.prefill(tokens, [ns.seq] * batch)
-
-            for ins in instruments.values():
-                ins.start_clock()
-                ins.reserve(regions_per_rep(ins, src.args.n_layers, ns.steps + 3, graphs))
-            for k in range(8):  # warm-up, every configuration twice (captures the graphs)
-                _step(engines, instruments, CONFIGS[k % 4])
-            samples: dict[str, list[float]] = {g: [] for g in CONFIGS}
-            torch.cuda.synchronize()
-            for k in range(total // ns.block):
-                g = CONFIGS[k % 4]
-                t0 = time.perf_counter_ns()
-                for _ in range(ns.block):
-                    _step(engines, instruments, g)
-                torch.cuda.synchronize()  # named sync: ends this block's host-clock measurement
-                samples[g].append((time.perf_counter_ns() - t0) / 1e6 / ns.block)
-            for ins in instruments.values():
-                ins.collect()
-            med = {g: statistics.median(v) for g, v in samples.items()}
-            pct = {g: (med[g] / med["none"] - 1) * 100 for g in CONFIGS}
-            ci = {g: _ratio_ci(samples[g], samples["none"]) for g in CONFIGS[1:]}
-            rows.append({"batch": batch, "attn": attn, "graphs": graphs, "kernels": kernels, "block": ns.block,
-                         **{f"{g}_ms": med[g] for g in CONFIGS},
-                         **{f"{g}_overhead_pct": pct[g] for g in CONFIGS[1:]},
-                         **{f"{g}_overhead_ci95_pct": ci[g] for g in CONFIGS[1:]}, "samples_ms": samples})
-            cells = " | ".join(f"{pct[g]:+.2f} [{ci[g][0]:+.1f}, {ci[g][1]:+.1f}]" for g in CONFIGS[1:])
-            print(f"| {batch} | {attn} | {med['none']:.3f} | {med['phase']:.3f} | {med['layer']:.3f} | "
-                  f"{med['op']:.3f} | {cells} |")
-            del engines
-            torch.cuda.empty_cache()
+    seqs = [int(x) for x in ns.seqs.split(",")]
+    names = ns.configs.split(",")
+    rows: list[dict[str, Any]] = []
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {ns.model} {ns.dtype}, batch "
+          f"{ns.batch}, {ns.rounds} rounds, configurations round-robin (rotated each round), host clock")
+    for mode in ns.graphs.split(","):
+        graphs = mode == "on"
+        steps = ns.steps if graphs else ns.eager_steps
+        cfg = RunConfig(ns.batch, max(seqs) + steps + 2, dtype, dev, "sdpa")
+        instruments = {n: Instrument(CONFIGS[n][0], dev, nvtx=CONFIGS[n][1]) for n in names}
+        engines = {n: Engine(model, cfg, instruments[n], graphs=graphs, kernels=True) for n in names}
+        for n in names:
+            instruments[n].start_clock()
+            instruments[n].reserve(regions_per_rep(instruments[n], src.args.n_layers, steps + 1, graphs) + 2)
+        prompts = {s: torch.randint(0, src.args.vocab_size, (ns.batch, s), device=dev) for s in seqs}
+        samples = {(n, s): Sample([], []) for n in names for s in seqs}
+        thread_samples = 0
+        for r in range(-2, ns.rounds):  # two warm-up rounds (compiles, graph captures), not kept
+            order = names[r % len(names):] + names[:r % len(names)]
+            for s in seqs:
+                for n in order:
+                    ins, nvml_kind = instruments[n], CONFIGS[n][2]
+                    sampler: Any = None
+                    if nvml_kind == "child":
+                        sampler = NvmlSampler(dev, ns.nvml_interval_ms)
+                        time.sleep(0.15)  # the child starts (a run starts it before the model loads)
+                        sampler.start(time.perf_counter_ns())
+                    elif nvml_kind == "thread":
+                        sampler = ThreadSampler(ns.nvml_interval_ms)
+                        sampler.start()
+                    try:
+                        ttft, tpot = _one(engines[n], ins, prompts[s], [s] * ns.batch, steps)
+                    finally:
+                        if sampler is not None:
+                            sampler.stop()
+                    if nvml_kind == "thread":
+                        thread_samples += sampler.samples
+                    ins.collect()
+                    if r >= 0:
+                        samples[(n, s)].ttft_ms.append(ttft)
+                        samples[(n, s)].tpot_ms.append(tpot)
+        print(f"\n### CUDA graphs {mode} ({steps} decode steps a round)\n")
+        print("| seq | configuration | TTFT ms | TTFT vs bare % [95% CI] | TPOT ms | TPOT vs bare % [95% CI] | n |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for s in seqs:
+            base = samples[("bare", s)] if "bare" in names else None
+            for n in names:
+                smp = samples[(n, s)]
+                med_t, med_d = statistics.median(smp.ttft_ms), statistics.median(smp.tpot_ms)
+                row: dict[str, Any] = {"graphs": graphs, "seq": s, "config": n, "granularity": CONFIGS[n][0],
+                                       "nvtx": CONFIGS[n][1], "nvml": CONFIGS[n][2], "ttft_ms": med_t,
+                                       "tpot_ms": med_d, "rounds": len(smp.ttft_ms), "decode_steps": steps,
+                                       "ttft_samples_ms": smp.ttft_ms, "tpot_samples_ms": smp.tpot_ms}
+                cells = ["", ""]
+                if base is not None and n != "bare":
+                    for i, (key, a, b) in enumerate((("ttft", smp.ttft_ms, base.ttft_ms),
+                                                     ("tpot", smp.tpot_ms, base.tpot_ms))):
+                        pct = (statistics.median(a) / statistics.median(b) - 1) * 100
+                        lo, hi = _ratio_ci(a, b)
+                        row |= {f"{key}_vs_bare_pct": pct, f"{key}_vs_bare_ci95_pct": [lo, hi]}
+                        cells[i] = f"{pct:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                rows.append(row)
+                print(f"| {s} | {n} | {med_t:.3f} | {cells[0]} | {med_d:.4f} | {cells[1]} | {len(smp.ttft_ms)} |")
+        if thread_samples:
+            print(f"\n(the in-process NVML thread took {thread_samples} samples in all)")
+        del engines
+        torch.cuda.empty_cache()
     if ns.json:
+        nvtx_attached = any(ins.nvtx_active for ins in instruments.values())
         write_json({"device": torch.cuda.get_device_name(), "date": datetime.now(UTC).date().isoformat(),
-                    "model": ns.model, "dtype": ns.dtype, "seq": ns.seq, "steps_per_config": ns.steps,
-                    "rows": rows}, ns.json, indent=1)
+                    "torch": torch.__version__, "model": ns.model, "dtype": ns.dtype, "batch": ns.batch,
+                    "rounds": ns.rounds, "nvtx_tool_attached": nvtx_attached, "rows": rows}, ns.json, indent=1)
 
 
 if __name__ == "__main__":

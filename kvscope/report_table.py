@@ -10,8 +10,10 @@ from rich.table import Table
 _ROWS = (
     ("model", "model", "{}"), ("device", "device", "{}"), ("dtype / attn", None, None),
     ("batch x seq (+gen)", None, None),
-    ("TTFT p50 / p90 / p99 (ms)", ("ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms"), "{:.3f}"),
-    ("TPOT p50 / p90 / p99 (ms)", ("tpot_p50_ms", "tpot_p90_ms", "tpot_p99_ms"), "{:.3f}"),
+    ("TTFT (host clock) p50 [q1, q3] (ms)", "ttft", None),
+    ("prefill timed region p50 [q1, q3] (ms)", "prefill_gpu", None),
+    ("TPOT p50 [q1, q3] (ms)", "tpot", None),
+    ("p90 / p99: TTFT, TPOT (ms)", ("ttft_p90_ms", "ttft_p99_ms", "tpot_p90_ms", "tpot_p99_ms"), "{:.3f}"),
     ("prefill tok/s", "prefill_tok_s", "{:,.0f}"), ("decode tok/s", "decode_tok_s", "{:,.1f}"),
     ("total tok/s", "total_tok_s", "{:,.1f}"),
     ("decode: host clock vs event sum, max gap (%)", "decode_host_vs_events_max_pct", "{:.2f}"),
@@ -24,6 +26,20 @@ def _fmt(fmt: str, value: object) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return fmt.format(value)
+
+
+def _dispersion(row: pd.Series, prefix: str) -> str:
+    """`median [q1, q3], n samples`, and the spread when the interquartile range is wide (host-bound)."""
+    median = row["ttft_ms"] if prefix == "ttft" else row[f"{prefix}_p50_ms" if prefix == "tpot" else f"{prefix}_ms"]
+    n = int(row[f"{prefix}_samples"])
+    if n == 0:
+        return "n/a (not timed)"
+    text = (f"{_fmt('{:.3f}', median)} [{_fmt('{:.3f}', row[f'{prefix}_q1_ms'])}, "
+            f"{_fmt('{:.3f}', row[f'{prefix}_q3_ms'])}], {n} samples")
+    iqr = row[f"{prefix}_iqr_pct"]
+    if prefix in str(row.get("spread_flag", "")).split(","):
+        text += f", SPREAD {iqr:.0f}% of the median (host-bound?)"
+    return text
 
 
 def summary_table(summary: pd.DataFrame) -> Table:
@@ -39,6 +55,10 @@ def summary_table(summary: pd.DataFrame) -> Table:
                           f"kernels {'on' if row['kernels'] else 'off'}")
         elif label == "batch x seq (+gen)":
             value = f"{row['batch']} x {row['seq_len']} (+{row['gen_tokens']}), {row['reps']} reps"
+        elif fmt is None:
+            value = _dispersion(row, cols)
+            if cols == "tpot":
+                label = f"TPOT ({'host clock' if row['clock'] == 'host' else 'CUDA events'}) p50 [q1, q3] (ms)"
         elif isinstance(cols, tuple):
             value = " / ".join(_fmt(fmt, row[c]) for c in cols)
         else:

@@ -33,6 +33,8 @@ class KVCache:
             (args.n_layers, 2, batch, max_seq, args.n_kv_heads, args.head_dim), dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)  # (B,)
         self._host_lengths = [0] * batch
+        self._staged: torch.Tensor | None = None  # page-locked lengths of a ragged start (CUDA), made at first use
+        self._staged_read: torch.cuda.Event | None = None
 
     @staticmethod
     def bytes_for(args: ModelArgs, batch: int, max_seq: int, dtype: torch.dtype) -> int:
@@ -62,14 +64,29 @@ class KVCache:
         self._host_lengths = [0] * self.batch
 
     def start(self, lengths: Sequence[int]) -> None:
-        """Begin new sequences of the given prompt lengths (host ints); sets the device lengths."""
+        """Begin new sequences of the given prompt lengths (host ints); sets the device lengths without a host sync
+        (equal lengths: a fill; ragged ones on CUDA: a non-blocking copy from page-locked memory)."""
         if len(lengths) != self.batch:
             raise KvscopeError(f"KV cache holds {self.batch} sequences, got {len(lengths)} lengths")
         too_long = [n for n in lengths if n > self.max_seq]
         if too_long:
             raise KvscopeError(f"prompt of {max(too_long)} tokens overflows the KV cache of {self.max_seq} positions")
         self._host_lengths = [int(n) for n in lengths]
-        self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int64), non_blocking=False)
+        if len(set(self._host_lengths)) == 1:
+            self.lengths.fill_(self._host_lengths[0])  # a kernel with a scalar argument: no copy, no host sync
+            return
+        if self.lengths.device.type != "cuda":
+            self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.int64))
+            return
+        # a ragged batch: the lengths go through a page-locked staging buffer, copied without a host sync
+        if self._staged is None:
+            self._staged = torch.empty(self.batch, dtype=torch.int64, pin_memory=True)  # (B,)
+            self._staged_read = torch.cuda.Event()
+        else:
+            self._staged_read.synchronize()  # named sync: the previous start's copy has read the staging buffer
+        self._staged.copy_(torch.tensor(self._host_lengths, dtype=torch.int64))
+        self.lengths.copy_(self._staged, non_blocking=True)
+        self._staged_read.record()
 
     def check_room(self, steps: int = 1) -> None:
         """Raise before a step would write past `max_seq`."""

@@ -21,16 +21,16 @@ NSYS_PROFILE_FLAGS = ("-t", "cuda,nvtx", "-s", "none", "--cpuctxsw=none", "--cap
 
 
 def find_importer(nsys: str) -> str | None:
-    """QdstrmImporter: `$QDSTRM_IMPORTER`, or beside the nsys install (`host/*/QdstrmImporter`)."""
+    """QdstrmImporter: `$QDSTRM_IMPORTER`, or inside the nsys install: beside the nsys executable or in a sibling
+    `host-*` folder of the one that holds it (the layout of Nsight Systems and of the copy inside Nsight Compute).
+    Never a recursive search: nsys on PATH as /usr/bin/nsys would otherwise walk the whole filesystem."""
     env = os.environ.get("QDSTRM_IMPORTER")
     if env and Path(env).is_file():
         return env
-    root = Path(nsys).resolve().parent
-    for base in (root, root.parent, root.parent.parent):
-        hits = sorted(base.glob("**/QdstrmImporter"))
-        if hits:
-            return str(hits[-1])
-    return None
+    folder = Path(nsys).resolve().parent
+    candidates = [folder / "QdstrmImporter", *sorted(folder.parent.glob("host-*/QdstrmImporter"))]
+    hits = [c for c in candidates if c.is_file()]
+    return str(hits[0]) if hits else None
 
 
 def capture(run_args: list[str], out: Path, nsys: str | None) -> tuple[Path, Path]:
@@ -40,18 +40,23 @@ def capture(run_args: list[str], out: Path, nsys: str | None) -> tuple[Path, Pat
         raise KvscopeError("nsys not found: pass --nsys PATH, set $NSYS, or put nsys on PATH")
     report = out / "report"
     run_dir = out / "run"
+    # nsys keeps its raw capture (`nsys-report-*.qdstrm`) in its temporary folder: a private one, so that a capture
+    # nsys could not import is ours, never another process's
+    scratch = out / "nsys-tmp"
+    scratch.mkdir(exist_ok=True)
     cmd = [exe, "profile", *NSYS_PROFILE_FLAGS, "-o", str(report), "-f", "true",
            sys.executable, "-m", "kvscope", "run", *run_args, "--out", str(run_dir)]
-    proc = subprocess.run(cmd, check=False)
+    proc = subprocess.run(cmd, check=False, env={**os.environ, "TMPDIR": str(scratch)})
     rep = report.with_suffix(".nsys-rep")
     if not rep.is_file():
-        leftovers = sorted(out.glob("*.qdstrm")) + sorted(Path("/tmp").glob("nsys-report-*.qdstrm"))
+        leftovers = sorted(out.glob("*.qdstrm")) + sorted(scratch.glob("*.qdstrm"))
         importer = find_importer(exe)
-        if leftovers and importer:
-            subprocess.run([importer, "-i", str(leftovers[-1])], check=False)
-            made = leftovers[-1].with_suffix(".nsys-rep")
+        if len(leftovers) == 1 and importer:
+            subprocess.run([importer, "-i", str(leftovers[0])], check=False)
+            made = leftovers[0].with_suffix(".nsys-rep")
             if made.is_file():
                 shutil.move(str(made), rep)
+    shutil.rmtree(scratch, ignore_errors=True)
     if proc.returncode != 0 and not (rep.is_file() and (run_dir / "timings.parquet").is_file()):
         raise KvscopeError(f"nsys profile exited with code {proc.returncode} (command: {' '.join(cmd)})")
     if not rep.is_file():
