@@ -202,7 +202,7 @@ def _cmd_kv_math(ns: argparse.Namespace) -> int:
     from kvscope.analysis.kvmath import GIB_BYTES, KvQuery, kv_math
     from kvscope.profiler.weights import resolve_model
 
-    source = resolve_model(ns.model)
+    source = resolve_model(ns.model, need_weights=False)  # the architecture is all kv-math needs
     gpu_mem = None
     if ns.gpu_mem_gb is not None:
         if not ns.gpu_mem_gb > 0:
@@ -219,7 +219,7 @@ def _cmd_kv_math(ns: argparse.Namespace) -> int:
         gpu_mem = int(torch.cuda.mem_get_info(dev)[1])
     if ns.reserve_gb < 0:
         raise KvscopeError(f"--reserve-gb must be >= 0, got {ns.reserve_gb}")
-    dtype = ns.dtype or _model_dtype(source)
+    dtype = ns.dtype or source.dtype_name()
     result = kv_math(KvQuery(source.args, batch=ns.batch_size, seq=ns.seq, dtype=dtype, kv_dtype=ns.kv_dtype,
                              gpu_mem_bytes=gpu_mem, reserve_bytes=int(ns.reserve_gb * GIB_BYTES), rps=ns.rps,
                              latency_s=ns.latency_s, page_size=ns.page_size))
@@ -411,9 +411,11 @@ def _load_tokenizer(folder: object, spec: str):  # -> transformers tokenizer
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KvscopeError(f"cannot load a tokenizer from {folder}: {first}") from None
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, AttributeError... for a bad file
+        from kvscope.profiler.weights import one_line
+
+        detail = one_line(str(exc), 400) or "no message"
+        raise KvscopeError(f"cannot load a tokenizer from {folder} ({type(exc).__name__}): {detail}") from None
 
 
 def _terminate(signum: int, _frame: object) -> None:

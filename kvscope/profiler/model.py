@@ -10,6 +10,7 @@ gate and up projections, so a decoder layer runs four matrix products instead of
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -30,6 +31,14 @@ _ARCHITECTURE_FAMILY = {
 # transformers' own defaults for `tie_word_embeddings` when a config.json leaves it out, per family.
 _TIE_DEFAULT = {"llama": False, "qwen2": False, "mistral": False}
 _SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+# Largest value of any integer field, and of any fused weight dimension (q + 2 kv rows, gate + up rows): torch and the
+# CUDA kernels index a dimension with 32-bit integers, and no published decoder comes within orders of magnitude.
+MAX_SIZE = 2**31 - 1
+_INT_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "vocab_size",
+               "max_position_embeddings")
+_REQUIRED: Any = object()  # marks a config.json key without a default
+# RMSNorm adds eps in float32: a smaller eps is 0 there, and an all-zero row then normalises to NaN
+_FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 @dataclass(frozen=True)
@@ -71,11 +80,18 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.family not in SUPPORTED_FAMILIES:
             raise KvscopeError(f"unsupported model family {self.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "vocab_size",
-                     "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise KvscopeError(f"model {self.name!r}: {name} must be a positive integer, got {value!r}")
+        what = f"model {self.name!r}"
+        for name in _INT_FIELDS:
+            object.__setattr__(self, name, _check_int(getattr(self, name), f"{what}: {name}"))
+        object.__setattr__(self, "head_dim", _check_int(self.head_dim, f"{what}: head_dim (0: dim // n_heads)",
+                                                        minimum=0))
+        for name in ("tie_word_embeddings", "qkv_bias", "o_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise KvscopeError(f"{what}: {name} must be true or false, got {show_value(getattr(self, name))}")
+        object.__setattr__(self, "norm_eps", _check_positive(self.norm_eps, f"{what}: norm_eps", _FLOAT32_TINY))
+        object.__setattr__(self, "rope_theta", _check_positive(self.rope_theta, f"{what}: rope_theta"))
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling, f"{what}: rope_scaling")
         if self.n_heads % self.n_kv_heads:
             raise KvscopeError(
                 f"model {self.name!r}: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
@@ -85,11 +101,22 @@ class ModelArgs:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.head_dim % 2:
             raise KvscopeError(f"model {self.name!r}: head_dim={self.head_dim} must be even for RoPE")
-        if self.rope_scaling is not None and self.rope_scaling.rope_type not in _SUPPORTED_ROPE_TYPES:
-            raise KvscopeError(f"model {self.name!r}: unsupported rope_type {self.rope_scaling.rope_type!r}")
         object.__setattr__(self, "n_rep", self.n_heads // self.n_kv_heads)
         object.__setattr__(self, "q_size", self.n_heads * self.head_dim)
         object.__setattr__(self, "kv_size", self.n_kv_heads * self.head_dim)
+        fused = {"q + 2 kv rows (n_heads + 2 n_kv_heads) * head_dim": self.q_size + 2 * self.kv_size,
+                 "gate + up rows 2 * intermediate_size": 2 * self.intermediate_size}
+        for label, rows in fused.items():
+            if rows > MAX_SIZE:
+                raise KvscopeError(f"{what}: {label} = {rows} exceeds {MAX_SIZE}")
+        # RoPE's angles at the last position, as the engine computes them (float32): each value above is finite and
+        # positive, yet a base or factor near the float32 limits can still overflow them into inf, hence NaN logits.
+        angles = rope_inv_freq(self) * float(self.max_position_embeddings - 1)
+        if not bool(torch.isfinite(angles).all()):
+            scaling = "" if self.rope_scaling is None else f" with {self.rope_scaling.rope_type} factor " \
+                f"{self.rope_scaling.factor:g}"
+            raise KvscopeError(f"{what}: rope_theta={self.rope_theta:g}{scaling} gives RoPE angles that are not finite "
+                               f"in float32 over {self.max_position_embeddings} positions (they would make NaN logits)")
 
     # ---- counts -------------------------------------------------------------------------------------------
     def param_count(self) -> int:
@@ -119,40 +146,43 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], name: str = "config") -> ModelArgs:
-        """Read a Hugging Face `config.json` (transformers 4 or 5 spelling) of a supported family."""
-        family = _family_of(config)
+        """Read a Hugging Face `config.json` (transformers 4 or 5 spelling) of a supported family.
+
+        Every value is checked for its JSON type before use: an integer field takes a JSON integer (or a number with
+        no fraction, such as 64.0) within [1, MAX_SIZE], never a boolean, a string or a fraction; a flag takes true or
+        false; a number is finite. A key that is absent or null takes transformers' default where it has one; a
+        required key that is absent or null is refused. Every message names the config.json key and its value."""
+        if not isinstance(config, dict):
+            raise KvscopeError(f"{name}: config.json must hold a JSON object, got {show_value(config)}")
+        family = _family_of(config, name)
         if config.get("hidden_act", "silu") != "silu":
-            raise KvscopeError(f"{name}: hidden_act {config.get('hidden_act')!r} is not supported (only silu)")
-        if config.get("mlp_bias", False):
+            raise KvscopeError(f"{name}: hidden_act {show_value(config.get('hidden_act'))} is not supported "
+                               "(only silu)")
+        if _bool_key(config, "mlp_bias", name, False):
             raise KvscopeError(f"{name}: mlp_bias=true is not supported")
-        if family == "qwen2" and config.get("use_sliding_window", False):
+        if family == "qwen2" and _bool_key(config, "use_sliding_window", name, False):
             raise KvscopeError(f"{name}: use_sliding_window=true is not supported")
         theta, scaling = _rope_from_config(config, name)
-        try:
-            n_heads = int(config["num_attention_heads"])
-            attention_bias = bool(config.get("attention_bias", False))
-            return cls(
-                name=name,
-                family=family,
-                dim=int(config["hidden_size"]),
-                n_layers=int(config["num_hidden_layers"]),
-                n_heads=n_heads,
-                n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
-                intermediate_size=int(config["intermediate_size"]),
-                vocab_size=int(config["vocab_size"]),
-                max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-                norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
-                rope_scaling=scaling,
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", _TIE_DEFAULT[family])),
-                qkv_bias=True if family == "qwen2" else attention_bias,
-                o_bias=attention_bias if family == "llama" else False,
-                head_dim=int(config.get("head_dim") or 0),
-            )
-        except KeyError as exc:
-            raise KvscopeError(f"{name}: config.json lacks required key {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
-            raise KvscopeError(f"{name}: malformed config.json value: {exc}") from None
+        n_heads = _int_key(config, "num_attention_heads", name)
+        attention_bias = _bool_key(config, "attention_bias", name, False)
+        return cls(
+            name=name,
+            family=family,
+            dim=_int_key(config, "hidden_size", name),
+            n_layers=_int_key(config, "num_hidden_layers", name),
+            n_heads=n_heads,
+            n_kv_heads=_int_key(config, "num_key_value_heads", name, n_heads),
+            intermediate_size=_int_key(config, "intermediate_size", name),
+            vocab_size=_int_key(config, "vocab_size", name),
+            max_position_embeddings=_int_key(config, "max_position_embeddings", name, 2048),
+            norm_eps=_number_key(config, "rms_norm_eps", name, 1e-6, floor=_FLOAT32_TINY),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=_bool_key(config, "tie_word_embeddings", name, _TIE_DEFAULT[family]),
+            qkv_bias=True if family == "qwen2" else attention_bias,
+            o_bias=attention_bias if family == "llama" else False,
+            head_dim=_int_key(config, "head_dim", name, 0),
+        )
 
     def to_hf_config(self) -> dict[str, Any]:
         """The transformers-5 spelling of this architecture (used to build reference models in tests)."""
@@ -180,49 +210,178 @@ class ModelArgs:
         return cfg
 
 
-def _family_of(config: dict[str, Any]) -> str:
+# ---- checked reading of config.json values --------------------------------------------------------------------
+def show_value(value: object, limit: int = 80) -> str:
+    """A value as it reads in config.json (strings quoted, true/false/null, Infinity), cut to `limit` characters."""
+    if isinstance(value, str):
+        text = repr(value)
+    else:
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError):
+            text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _check_int(value: object, what: str, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
+    """`value` as an int in [minimum, maximum]: a Python/JSON int, or a finite float with no fraction (64.0);
+    never a bool, a string, null or a fraction."""
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        number = int(value)
+    if number is None:
+        raise KvscopeError(f"{what} must be an integer, got {show_value(value)}")
+    if not minimum <= number <= maximum:
+        raise KvscopeError(f"{what} must be an integer in [{minimum}, {maximum}], got {show_value(value)}")
+    return number
+
+
+def _check_positive(value: object, what: str, floor: float = 0.0) -> float:
+    """`value` as a finite float > 0 and >= `floor` (an int or a float, never a bool or a string)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise KvscopeError(f"{what} must be a number, got {show_value(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range
+        number = math.inf
+    if not (math.isfinite(number) and number > 0 and number >= floor):
+        bound = f">= {floor:.3g} (float32's smallest normal number)" if floor > 0 else "> 0"
+        raise KvscopeError(f"{what} must be a finite number {bound}, got {show_value(value)}")
+    return number
+
+
+def _check_rope_scaling(s: RopeScaling, what: str) -> None:
+    """Values that would make RoPE's frequencies NaN, infinite or zero are refused (they give NaN logits)."""
+    if s.rope_type not in _SUPPORTED_ROPE_TYPES or s.rope_type == "default":
+        raise KvscopeError(f"{what}: unsupported rope_type {show_value(s.rope_type)} (supported: llama3, linear; "
+                           "no scaling is rope_scaling=None)")
+    _check_positive(s.factor, f"{what}: factor")
+    if s.rope_type == "llama3":
+        low = _check_positive(s.low_freq_factor, f"{what}: low_freq_factor")
+        high = _check_positive(s.high_freq_factor, f"{what}: high_freq_factor")
+        if not high > low:
+            raise KvscopeError(f"{what}: high_freq_factor ({high}) must be greater than low_freq_factor ({low})")
+        _check_int(s.original_max_position_embeddings, f"{what}: original_max_position_embeddings")
+
+
+def _get(config: dict[str, Any], key: str, name: str, default: Any) -> Any:
+    """config[key]; absent or null: `default`, or an error naming the key when it has none."""
+    value = config.get(key)
+    if value is not None:
+        return value
+    if default is _REQUIRED:
+        raise KvscopeError(f"{name}: config.json lacks required key {key!r}" if key not in config
+                           else f"{name}: config.json key {key!r} is null, and it is required")
+    return default
+
+
+def _int_key(config: dict[str, Any], key: str, name: str, default: Any = _REQUIRED, prefix: str = "") -> int:
+    if config.get(key) is None:
+        return _get(config, key, name, default)
+    return _check_int(config[key], f"{name}: {prefix}{key}")
+
+
+def _number_key(config: dict[str, Any], key: str, name: str, default: Any = _REQUIRED, prefix: str = "",
+                floor: float = 0.0) -> float:
+    value = _get(config, key, name, default)
+    return _check_positive(value, f"{name}: {prefix}{key}", floor)
+
+
+def _bool_key(config: dict[str, Any], key: str, name: str, default: bool) -> bool:
+    value = _get(config, key, name, default)
+    if not isinstance(value, bool):
+        raise KvscopeError(f"{name}: {key} must be true or false, got {show_value(value)}")
+    return value
+
+
+def _str_list(config: dict[str, Any], key: str, name: str) -> list[str]:
+    """A list-of-strings key; a single string counts as a list of one, absent or null as an empty list."""
+    value = config.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise KvscopeError(f"{name}: {key} must be a list of strings, got {show_value(value)}")
+    return value
+
+
+def _family_of(config: dict[str, Any], name: str = "config") -> str:
     model_type = config.get("model_type")
-    if model_type in SUPPORTED_FAMILIES:
-        return str(model_type)
-    for arch in config.get("architectures") or []:
+    archs = _str_list(config, "architectures", name)
+    if isinstance(model_type, str) and model_type in SUPPORTED_FAMILIES:
+        return model_type
+    for arch in archs:
         if arch in _ARCHITECTURE_FAMILY:
             return _ARCHITECTURE_FAMILY[arch]
-    archs = ",".join(config.get("architectures") or []) or "none"
+    shown = ",".join(archs).encode("unicode_escape").decode("ascii") or "none"  # escaped: stays one line
+    shown = shown if len(shown) <= 200 else shown[:197] + "..."
     raise KvscopeError(
-        f"unsupported architecture: model_type={model_type!r}, architectures={archs}; "
+        f"unsupported architecture: model_type={show_value(model_type)}, architectures={shown}; "
         f"supported model_type: {', '.join(SUPPORTED_FAMILIES)}")
 
 
 def _rope_from_config(config: dict[str, Any], name: str) -> tuple[float, RopeScaling | None]:
     """RoPE base and scaling from either spelling: transformers 5 `rope_parameters`, or transformers 4 top-level
-    `rope_theta` + `rope_scaling` (with `rope_type` or the older `type`)."""
+    `rope_theta` + `rope_scaling` (with `rope_type` or the older `type`). Each must be an object (or null)."""
     params = config.get("rope_parameters")
-    if isinstance(params, dict) and params:
-        theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    for key, value in (("rope_parameters", params), ("rope_scaling", config.get("rope_scaling"))):
+        if value is not None and not isinstance(value, dict):
+            raise KvscopeError(f"{name}: {key} must be a JSON object or null, got {show_value(value)}")
+    if params:
+        theta_src, theta_prefix = (params, "rope_parameters.") if params.get("rope_theta") is not None else (config, "")
         scaling_src: dict[str, Any] | None = params
+        prefix = "rope_parameters."
     else:
-        theta = float(config.get("rope_theta", 10000.0))
+        theta_src, theta_prefix = config, ""
         scaling_src = config.get("rope_scaling")
+        prefix = "rope_scaling."
+    theta = _number_key(theta_src, "rope_theta", name, 10000.0, prefix=theta_prefix)
     if not scaling_src:
         return theta, None
-    rope_type = scaling_src.get("rope_type", scaling_src.get("type", "default"))
-    if rope_type == "default":
+    rope_type = scaling_src.get("rope_type")
+    if rope_type is None:
+        rope_type = scaling_src.get("type")
+    if rope_type is None or rope_type == "default":
         return theta, None
-    if rope_type not in _SUPPORTED_ROPE_TYPES:
-        raise KvscopeError(f"{name}: rope_type {rope_type!r} is not supported (supported: llama3, linear)")
-    try:
-        factor = float(scaling_src["factor"])
-    except KeyError:
-        raise KvscopeError(f"{name}: rope scaling {rope_type!r} lacks 'factor'") from None
+    if not isinstance(rope_type, str) or rope_type not in _SUPPORTED_ROPE_TYPES:
+        raise KvscopeError(f"{name}: rope_type {show_value(rope_type)} is not supported (supported: llama3, linear)")
+    if scaling_src.get("factor") is None:
+        raise KvscopeError(f"{name}: rope scaling {rope_type!r} lacks 'factor'")
+    factor = _number_key(scaling_src, "factor", name, prefix=prefix)
     if rope_type == "linear":
         return theta, RopeScaling("linear", factor)
-    return theta, RopeScaling(
-        "llama3",
-        factor,
-        float(scaling_src.get("low_freq_factor", 1.0)),
-        float(scaling_src.get("high_freq_factor", 4.0)),
-        int(scaling_src.get("original_max_position_embeddings", 8192)),
-    )
+    low = _number_key(scaling_src, "low_freq_factor", name, 1.0, prefix=prefix)
+    high = _number_key(scaling_src, "high_freq_factor", name, 4.0, prefix=prefix)
+    if not high > low:
+        raise KvscopeError(f"{name}: {prefix}high_freq_factor ({show_value(high)}) must be greater than "
+                           f"{prefix}low_freq_factor ({show_value(low)})")
+    return theta, RopeScaling("llama3", factor, low, high,
+                              _int_key(scaling_src, "original_max_position_embeddings", name, 8192, prefix=prefix))
+
+
+# ---- RoPE -------------------------------------------------------------------------------------------------------
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in float32, with Llama 3.1 or linear scaling applied."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.rope_type == "linear":
+        return inv_freq / s.factor
+    # llama3: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, blended, scaled)
 
 
 _LLAMA31_SCALING = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
@@ -266,28 +425,7 @@ PRESETS: dict[str, ModelArgs] = {
 }
 
 
-# ---- RoPE -------------------------------------------------------------------------------------------------------
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,) in float32, with Llama 3.1 or linear scaling applied."""
-    d = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    s = args.rope_scaling
-    if s is None:
-        return inv_freq
-    if s.rope_type == "linear":
-        return inv_freq / s.factor
-    # llama3: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
-    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor)
-    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
-    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return torch.where(medium, blended, scaled)
-
-
+# ---- RoPE tables and rotation ----------------------------------------------------------------------------------
 def rope_tables(args: ModelArgs, max_seq: int, device: torch.device, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE tables `cos` and `sin_rot`, each (max_seq, head_dim), computed in float32 and stored in `dtype`.

@@ -12,12 +12,13 @@ import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import torch
 
 from kvscope.errors import KvscopeError
-from kvscope.profiler.model import PRESETS, ModelArgs, Transformer
+from kvscope.profiler.model import PRESETS, ModelArgs, Transformer, show_value
 
 INIT_STD = 0.02  # standard deviation of random weights (the usual initializer_range of these families)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -31,45 +32,111 @@ class ModelSource:
     spec: str
     args: ModelArgs
     folder: Path | None = None
+    config_dtype: object = None  # config.json's `torch_dtype` (transformers 5: `dtype`) as written; None: not named
 
     @property
     def random_weights(self) -> bool:
         return self.kind != "checkpoint"
 
+    def dtype_name(self) -> str:
+        """The dtype the config.json names (float32, bfloat16 or float16); bfloat16 when it names none (presets).
+        A value kvscope cannot size is refused rather than replaced by a default."""
+        value = self.config_dtype
+        if value is None:
+            return "bfloat16"
+        if isinstance(value, str) and value in _CONFIG_DTYPES:
+            return value
+        raise KvscopeError(f"{self.spec}: config.json names torch_dtype {show_value(value)}, not one of "
+                           f"{', '.join(_CONFIG_DTYPES)}; pass --dtype")
 
-def resolve_model(spec: str) -> ModelSource:
-    """Turn `--model` (a preset name, a checkpoint folder or a config.json file) into a `ModelSource`."""
+
+_CONFIG_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_model(spec: str, need_weights: bool = True) -> ModelSource:
+    """Turn `--model` (a preset name, a checkpoint folder or a config.json file) into a `ModelSource`.
+
+    need_weights: the caller will load the folder's weights (run, generate, sweep): a folder without safetensors
+    files is refused, and the shard list is checked. False: only the architecture is needed (kv-math): a folder that
+    holds only its config.json resolves as a `config` source, and weight files are not looked at beyond their
+    presence.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise KvscopeError(f"--model is empty ({spec!r}): give a preset name, a checkpoint folder or a config.json")
     if spec.lower() in PRESETS:
         return ModelSource("preset", spec, ModelArgs.from_preset(spec))
-    path = Path(spec).expanduser()
-    if path.is_dir():
+    try:
+        path = Path(spec).expanduser()
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except (OSError, RuntimeError) as exc:  # a name too long for the file system; `~user` without a home
+        raise KvscopeError(f"--model {show_value(spec)}: cannot be looked up: {one_line(str(exc), 200)}") from None
+    if is_dir:
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise KvscopeError(f"model folder {spec} has no config.json")
-        args = ModelArgs.from_hf_config(_read_json(cfg_path), name=path.resolve().name)
-        if not _safetensors_files(path, required=False):
-            raise KvscopeError(f"model folder {spec} has no *.safetensors weights (pass its config.json for random "
-                               "weights)")
-        return ModelSource("checkpoint", spec, args, folder=path)
-    if path.is_file():
+        config = _read_json(cfg_path)
+        args = ModelArgs.from_hf_config(config, name=path.resolve().name)
+        dtype = _declared_dtype(config)
+        if need_weights:
+            if not _safetensors_files(path, required=False):
+                raise KvscopeError(f"model folder {spec} has no *.safetensors weights (pass its config.json for "
+                                   "random weights)")
+        elif not _has_weight_files(path):
+            return ModelSource("config", spec, args, config_dtype=dtype)
+        return ModelSource("checkpoint", spec, args, folder=path, config_dtype=dtype)
+    if is_file:
         if path.suffix != ".json":
             raise KvscopeError(f"--model {spec}: expected a preset, a checkpoint folder or a config.json file")
-        return ModelSource("config", spec, ModelArgs.from_hf_config(_read_json(path), name=path.stem))
+        config = _read_json(path)
+        return ModelSource("config", spec, ModelArgs.from_hf_config(config, name=path.stem),
+                           config_dtype=_declared_dtype(config))
     if "/" in spec or spec.endswith(".json") or spec.startswith("."):
         raise KvscopeError(f"model folder or file not found: {spec}")
-    raise KvscopeError(f"unknown preset {spec!r}; presets: {', '.join(PRESETS)}")
+    raise KvscopeError(f"unknown preset {show_value(spec)}; presets: {', '.join(PRESETS)}")
+
+
+def _declared_dtype(config: dict[str, Any]) -> object:
+    """config.json's `torch_dtype` (transformers 4), else its `dtype` (transformers 5), as written; None: neither."""
+    value = config.get("torch_dtype")
+    return value if value is not None else config.get("dtype")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; a key written twice is refused (json would keep the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise KvscopeError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
 
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
     except (OSError, UnicodeDecodeError) as exc:
-        raise KvscopeError(f"cannot read {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise KvscopeError(f"{path} is not valid JSON: {exc}") from None
+        raise KvscopeError(f"cannot read {path}: {one_line(str(exc), 200)}") from None
+    except KvscopeError as exc:
+        raise KvscopeError(f"{path}: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError; an integer of > 4300 digits; deep nesting
+        raise KvscopeError(f"{path} is not valid JSON: {one_line(str(exc), 200)}") from None
     if not isinstance(data, dict):
         raise KvscopeError(f"{path} does not hold a JSON object")
     return data
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """`text` on one line (its whitespace runs, newlines included, become one space), at most `limit` characters:
+    a longer text is cut after its last full sentence that fits, or at a word, and marked with "..."."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    head = flat[:limit - 4]  # room for " ..."
+    ends = [i + 1 for i, ch in enumerate(head) if ch in ".!?" and (i + 1 == len(head) or head[i + 1] == " ")]
+    if ends and ends[-1] >= limit // 3:
+        return head[:ends[-1]] + " ..."
+    cut = head.rsplit(" ", 1)[0] if " " in head[limit // 3:] else head
+    return cut + "..."
 
 
 def empty_model(args: ModelArgs, device: torch.device | str, dtype: torch.dtype) -> Transformer:
@@ -129,7 +196,8 @@ def _hf_targets(model: Transformer) -> dict[str, tuple[torch.Tensor, int, int]]:
 @torch.no_grad()
 def load_hf_tensors(model: Transformer, tensors: Iterable[tuple[str, torch.Tensor]], origin: str = "state dict"
                     ) -> None:
-    """Copy Hugging Face-named tensors into the model's (fused) parameters; every parameter must be filled once."""
+    """Copy Hugging Face-named tensors into the model's (fused) parameters; every parameter must be filled once, from
+    a floating-point tensor whose values are finite in the model's dtype."""
     targets = _hf_targets(model)
     seen: set[str] = set()
     for name, tensor in tensors:
@@ -137,11 +205,22 @@ def load_hf_tensors(model: Transformer, tensors: Iterable[tuple[str, torch.Tenso
             continue
         if name not in targets:
             raise KvscopeError(f"{origin}: unexpected tensor {name!r} for a {model.args.family} model")
+        if name in seen:
+            raise KvscopeError(f"{origin}: tensor {name!r} is given twice")
         param, lo, hi = targets[name]
         dst = param[lo:hi]
         if tuple(tensor.shape) != tuple(dst.shape):
             raise KvscopeError(f"{origin}: {name} has shape {tuple(tensor.shape)}, config implies {tuple(dst.shape)}")
+        if not tensor.is_floating_point():
+            raise KvscopeError(f"{origin}: {name} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected "
+                               "floating-point weights")
         dst.copy_(tensor)
+        if not _all_finite(dst):
+            dtype = str(dst.dtype).removeprefix("torch.")
+            why = ("holds NaN or infinite values" if not _all_finite(tensor)
+                   else f"holds values beyond the range of {dtype} (finite in the file, as "
+                        f"{str(tensor.dtype).removeprefix('torch.')})")
+            raise KvscopeError(f"{origin}: tensor {name} {why}; refusing weights that make NaN logits")
         seen.add(name)
     missing = sorted(set(targets) - seen)
     if missing:
@@ -149,35 +228,118 @@ def load_hf_tensors(model: Transformer, tensors: Iterable[tuple[str, torch.Tenso
         raise KvscopeError(f"{origin}: missing tensors {', '.join(missing[:3])}{more}")
 
 
+_FINITE_CHUNK = 1 << 26  # elements per isfinite pass: bounds the temporary boolean tensor to 64 MiB
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of `t` is finite: one `isfinite(...).all()` per 2**26 elements, on t's own device."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(_FINITE_CHUNK))
+
+
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Folders a checkpoint's weight files may resolve into: the folder itself and, for a snapshot folder of the
+    Hugging Face hub cache (`models--org--name/snapshots/<revision>/`), whose files are links to
+    `models--org--name/blobs/`, that blobs folder."""
+    root = folder.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append(root.parent.parent / "blobs")
+    return roots
+
+
+def _check_inside(path: Path, folder: Path, roots: list[Path], what: str) -> None:
+    target = path.resolve()
+    if not any(target.is_relative_to(r) for r in roots):
+        raise KvscopeError(f"{folder}: {what} {path.name} resolves to {target}, outside the checkpoint folder")
+
+
+def _has_weight_files(folder: Path) -> bool:
+    """Whether the folder holds weights at all (an index or a *.safetensors file), without reading them."""
+    return (folder / "model.safetensors.index.json").is_file() or any(folder.glob("*.safetensors"))
+
+
 def _safetensors_files(folder: Path, required: bool = True) -> list[Path]:
+    """The checkpoint's shard files: those its `model.safetensors.index.json` names, else every *.safetensors file.
+    Every file must lie inside the folder (after links are followed; see `_allowed_roots`)."""
+    roots = _allowed_roots(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise KvscopeError(f"{index} has no weight_map")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        names: set[str] = set()
+        for key, name in weight_map.items():
+            if not isinstance(name, str) or not name.strip():
+                raise KvscopeError(f"{index}: weight_map entry {show_value(key)} is {show_value(name)}, not a file "
+                                   "name")
+            rel = PurePosixPath(name)
+            if rel.is_absolute() or ".." in rel.parts:
+                raise KvscopeError(f"{index}: weight_map entry {show_value(key)} points outside the checkpoint folder: "
+                                   f"{show_value(name)}")
+            names.add(name)
+        files = [folder / name for name in sorted(names)]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise KvscopeError(f"{folder}: shard(s) named in the index are missing: {', '.join(absent)}")
+        for f in files:
+            _check_inside(f, folder, roots, "shard")
         return files
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
     if not files and required:
         raise KvscopeError(f"model folder {folder} has no *.safetensors weights")
+    for f in files:
+        _check_inside(f, folder, roots, "weights file")
     return files
 
 
-def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+def _shard_error(path: Path, exc: BaseException) -> str:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = -1
+    if size == 0:
+        return f"safetensors file {path} is empty"
+    detail = one_line(str(exc) or type(exc).__name__, 200)
+    return f"safetensors file {path} is truncated or corrupt ({size} bytes): {detail}"
 
+
+def _open_shard(path: Path) -> Any:
+    """safe_open(path), with an unreadable, empty, truncated or corrupt file refused in one line naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (OSError, SafetensorError) as exc:
+        raise KvscopeError(_shard_error(path, exc)) from None
+
+
+def _checkpoint_keys(files: list[Path]) -> dict[str, Path]:
+    """Every tensor name in the shards -> the shard that holds it, from the headers alone (nothing is loaded);
+    a tensor present in two shards is refused, naming both."""
+    owner: dict[str, Path] = {}
     for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    yield key, f.get_tensor(key)
-        except (OSError, RuntimeError) as exc:
-            if isinstance(exc, KvscopeError):
-                raise
-            raise KvscopeError(f"cannot read safetensors file {path}: {exc}") from None
+        with _open_shard(path) as f:
+            keys = list(f.keys())
+        for key in keys:
+            if key in owner:
+                raise KvscopeError(f"tensor {show_value(key)} is in two shards: {owner[key]} and {path}")
+            owner[key] = path
+    return owner
+
+
+def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+
+    _checkpoint_keys(files)  # every header read and every name unique before any tensor is loaded
+    for path in files:
+        with _open_shard(path) as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                try:
+                    tensor = f.get_tensor(key)
+                except (OSError, SafetensorError, RuntimeError) as exc:  # RuntimeError: a dtype torch lacks
+                    raise KvscopeError(f"{_shard_error(path, exc)} (tensor {show_value(key)})") from None
+                yield key, tensor
 
 
 def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, seed: int = 0
