@@ -4,30 +4,58 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 
+from kvscope.argtypes import GIB_MAX, NVML_INTERVAL_MAX_MS, UINT64_MAX, FloatArg, IntArg, TextArg
 from kvscope.errors import KvscopeError
 
 EXIT_BAD_INPUT = 2
+PROG = "kvscope"
+ERROR_PREFIX = f"{PROG}: error: "
+
+_INT = IntArg()  # any int flag: 64 bits; its domain (>= 1, ...) is checked where the value is used
+_SEED = IntArg(0, UINT64_MAX)  # what torch.Generator.manual_seed takes, negatives excluded
+_TEXT = TextArg()  # any path or name: not empty
+_GIB = FloatArg(GIB_MAX, "GiB")  # memory sizes: their bytes fit in 64 bits
+_PER_S = FloatArg(1e9)  # --rps and --latency-s: their product (the concurrency) fits in 64 bits
+_FINITE = FloatArg()
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line (the default prints the whole usage first)."""
+    """argparse that reports a usage error in one line (the default prints the whole usage first).
+
+    The message names the subcommand (`run: argument --seq: ...`), never the program: `main` adds the one
+    `kvscope: error: ` prefix."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise KvscopeError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix(PROG).strip()
+        raise KvscopeError(f"{command}: {message}" if command else message)
+
+
+class _SubParser(_Parser):
+    """A subcommand's parser: arguments it does not know are an error named by the subcommand
+    (`run: unrecognized arguments: --bogus`), not handed back to the top-level parser, which would report them
+    under `kvscope` alone."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", type=_TEXT, default=None,
                    help="preset name, Hugging Face checkpoint folder, or config.json (random weights)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on CUDA, "
-                                                 "float32 on CPU)")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random weights (default 0)")
+    p.add_argument("--dtype", type=_TEXT, default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on "
+                                                             "CUDA, float32 on CPU)")
+    p.add_argument("--device", type=_TEXT, default=None, help="cpu | cuda (default: cuda when present)")
+    p.add_argument("--seed", type=_SEED, default=0, help="seed of random weights, 0 to 2**64-1 (default 0)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
     p.add_argument("--graphs", default=None, choices=["on", "off"],
                    help="replay each decode step from a captured CUDA graph (default: on for CUDA)")
@@ -36,11 +64,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kvscope", description="Where the time of one LLM token goes.")
+    parser = _Parser(prog=PROG, description="Where the time of one LLM token goes.")
     from kvscope import __version__
 
     parser.add_argument("--version", action="version", version=f"kvscope {__version__}")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
+    sub = parser.add_subparsers(dest="command", parser_class=_SubParser, required=True)
 
     g = sub.add_parser("generate", help="greedy generation with the hand-written loop; prints new token ids")
     _add_model_args(g)
@@ -48,75 +76,78 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-ids", help="comma-separated token ids; ';' separates prompts (one ragged batch)")
     src.add_argument("--prompt", action="append", help="prompt text (needs a tokenizer in the model folder); "
                                                        "repeat for a batch")
-    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--max-new-tokens", type=_INT, default=16)
     g.add_argument("--json", action="store_true", help='last line of stdout: {"tokens": [[...], ...]}')
     g.set_defaults(func=_cmd_generate)
 
     r = sub.add_parser("run", help="instrumented prefill + decode run; writes a run folder of Parquet files")
     _add_model_args(r)
-    r.add_argument("--batch-size", type=int, default=1)
-    r.add_argument("--seq", type=int, default=512, help="prompt tokens per sequence")
-    r.add_argument("--gen-tokens", type=int, default=32, help="new tokens per sequence (the first from prefill)")
-    r.add_argument("--warmup", type=int, default=2)
-    r.add_argument("--reps", type=int, default=5)
+    r.add_argument("--batch-size", type=_INT, default=1)
+    r.add_argument("--seq", type=_INT, default=512, help="prompt tokens per sequence")
+    r.add_argument("--gen-tokens", type=_INT, default=32, help="new tokens per sequence (the first from prefill)")
+    r.add_argument("--warmup", type=_INT, default=2)
+    r.add_argument("--reps", type=_INT, default=5)
     r.add_argument("--granularity", default="phase", choices=["none", "phase", "layer", "op"],
                    help="which regions get CUDA events (NVTX ranges are emitted at every level)")
     r.add_argument("--no-nvtx", action="store_true", help="no NVTX ranges (also KVSCOPE_NVTX=0)")
-    r.add_argument("--nvml-interval-ms", type=float, default=20.0)
-    r.add_argument("--out", default=None, help="run folder (default traces/<time>-<model>-bs<B>-seq<L>/)")
+    r.add_argument("--nvml-interval-ms", type=FloatArg(NVML_INTERVAL_MAX_MS, "ms"), default=20.0)
+    r.add_argument("--out", type=_TEXT, default=None, help="run folder (default traces/<time>-<model>-bs<B>-seq<L>/)")
     r.set_defaults(func=_cmd_run)
 
     w = sub.add_parser("sweep", help="every (seq, batch) pair as a run, one model load; appends to a CSV/Parquet")
     _add_model_args(w)
     w.add_argument("--seq", required=True, help="comma-separated prompt lengths, e.g. 128,256,512")
     w.add_argument("--batch-sizes", required=True, help="comma-separated batch sizes, e.g. 1,2,4")
-    w.add_argument("--gen-tokens", type=int, default=32)
-    w.add_argument("--warmup", type=int, default=2)
-    w.add_argument("--reps", type=int, default=5)
+    w.add_argument("--gen-tokens", type=_INT, default=32)
+    w.add_argument("--warmup", type=_INT, default=2)
+    w.add_argument("--reps", type=_INT, default=5)
     w.add_argument("--granularity", default="phase", choices=["none", "phase", "layer", "op"])
-    w.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
-    w.add_argument("--collapse-factor", type=float, default=2.0)
+    w.add_argument("--out", type=_TEXT, required=True, help="FILE.csv or FILE.parquet")
+    w.add_argument("--collapse-factor", type=_FINITE, default=2.0)
     w.add_argument("--resume", action="store_true", help="skip configurations the file already holds")
     w.set_defaults(func=_cmd_sweep)
 
     c = sub.add_parser("calibrate", help="measure copy bandwidth, bf16 matmul rate and the decode matvec chain")
-    c.add_argument("--device", default="cuda")
-    c.add_argument("--model", default="qwen2.5-3b", help="preset whose batch-1 matvec chain is timed")
+    c.add_argument("--device", type=_TEXT, default="cuda")
+    c.add_argument("--model", type=_TEXT, default="qwen2.5-3b", help="preset whose batch-1 matvec chain is timed")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_cmd_calibrate)
 
     rp = sub.add_parser("report", help="Markdown report with PNG plots of a run folder or a sweep file")
-    rp.add_argument("source", help="a run folder (or a `kvscope nsys` folder), or a sweep .csv/.parquet")
-    rp.add_argument("--out", default=None, help="report folder (default: <source>-report beside it)")
+    rp.add_argument("source", type=_TEXT, help="a run folder (or a `kvscope nsys` folder), or a sweep .csv/.parquet")
+    rp.add_argument("--out", type=_TEXT, default=None, help="report folder (default: <source>-report beside it)")
     rp.set_defaults(func=_cmd_report)
 
     k = sub.add_parser("kv-math", help="KV-cache memory maths: bytes per token, capacity, Little's law, paging")
-    k.add_argument("--model", required=True, help="preset name, checkpoint folder, or config.json")
-    k.add_argument("--batch-size", type=int, default=1)
-    k.add_argument("--seq", type=int, default=0, help="context per request (default: the model's maximum)")
-    k.add_argument("--dtype", default=None, help="weights/activations dtype (default: the model's, bf16 for presets)")
+    k.add_argument("--model", type=_TEXT, required=True, help="preset name, checkpoint folder, or config.json")
+    k.add_argument("--batch-size", type=_INT, default=1)
+    k.add_argument("--seq", type=_INT, default=0, help="context per request (default: the model's maximum)")
+    k.add_argument("--dtype", type=_TEXT, default=None,
+                   help="weights/activations dtype (default: the model's, bf16 for presets)")
     k.add_argument("--kv-dtype", default=None, choices=["bf16", "fp16", "fp8", "fp32"], help="default: --dtype")
     budget = k.add_mutually_exclusive_group()
-    budget.add_argument("--gpu-mem-gb", type=float, default=None, help="memory budget in GiB")
-    budget.add_argument("--device", default=None, help="cuda: take the budget from the GPU present")
-    k.add_argument("--reserve-gb", type=float, default=1.0, help="kept free for context and workspaces (GiB)")
-    k.add_argument("--rps", type=float, default=None, help="arrival rate, requests per second")
-    k.add_argument("--latency-s", type=float, default=None, help="time a request stays in flight, seconds")
-    k.add_argument("--page-size", type=int, default=None, help="tokens per KV page (paged cache waste)")
+    budget.add_argument("--gpu-mem-gb", type=_GIB, default=None, help="memory budget in GiB")
+    budget.add_argument("--device", type=_TEXT, default=None, help="cuda: take the budget from the GPU present")
+    k.add_argument("--reserve-gb", type=_GIB, default=1.0, help="kept free for context and workspaces (GiB)")
+    k.add_argument("--rps", type=_PER_S, default=None, help="arrival rate, requests per second")
+    k.add_argument("--latency-s", type=_PER_S, default=None, help="time a request stays in flight, seconds")
+    k.add_argument("--page-size", type=_INT, default=None, help="tokens per KV page (paged cache waste)")
     k.add_argument("--json", action="store_true", help="stdout is one JSON object")
     k.set_defaults(func=_cmd_kv_math)
 
     a = sub.add_parser("align", help="project an nsys export's NVTX ranges onto kernels and align with timings")
-    a.add_argument("export", help="nsys export: .sqlite, parquetdir folder, or .nsys-rep (needs nsys)")
-    a.add_argument("--timings", default=None, help="the kvscope run folder profiled in the export")
-    a.add_argument("--out", required=True, help="folder for ranges/kernels/align/steps/kernel_classes.parquet")
-    a.add_argument("--nsys", default=None, help="nsys executable (for .nsys-rep input)")
+    a.add_argument("export", type=_TEXT, help="nsys export: .sqlite, parquetdir folder, or .nsys-rep (needs nsys)")
+    a.add_argument("--timings", type=_TEXT, default=None, help="the kvscope run folder profiled in the export")
+    a.add_argument("--out", type=_TEXT, required=True,
+                   help="folder for ranges/kernels/align/steps/kernel_classes.parquet")
+    a.add_argument("--nsys", type=_TEXT, default=None, help="nsys executable (for .nsys-rep input)")
     a.set_defaults(func=_cmd_align)
 
     n = sub.add_parser("nsys", help="profile `kvscope run` under Nsight Systems, export and align it",
                        usage="kvscope nsys [--nsys PATH] [--out DIR] -- <kvscope run arguments>")
-    n.add_argument("--nsys", default=None, help="nsys executable (default: $NSYS, PATH, usual install folders)")
-    n.add_argument("--out", default=None, help="output folder (default traces/<time>-nsys)")
+    n.add_argument("--nsys", type=_TEXT, default=None,
+                   help="nsys executable (default: $NSYS, PATH, usual install folders)")
+    n.add_argument("--out", type=_TEXT, default=None, help="output folder (default traces/<time>-nsys)")
     n.add_argument("run_args", nargs=argparse.REMAINDER, help="arguments of `kvscope run`, after --")
     n.set_defaults(func=_cmd_nsys)
     return parser
@@ -138,7 +169,7 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
                    Path(ns.out), ns.collapse_factor, ns.resume)
     err = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                  TimeRemainingColumn(), console=err, transient=True) as bar:
+                  TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("sweep", total=None)
 
         def progress(done: int, total: int, what: str) -> None:
@@ -255,16 +286,13 @@ def _print_align(result: object) -> None:
 def _cmd_align(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kvscope.analysis.report_align import OUTPUT_FILES, analyse, write
+    from kvscope.analysis.report_align import OUTPUT_FILES, analyse, output_folder, write
 
     out = Path(ns.out)
-    if out.exists() and not out.is_dir():
-        raise KvscopeError(f"--out {out} is not a folder")
+    folder = output_folder(out)  # checked before the analysis; written whole or not at all
     result = analyse(Path(ns.export), Path(ns.timings) if ns.timings else None, nsys=ns.nsys)
-    try:
-        write(result, out, {"command": " ".join(sys.argv), "timings": ns.timings})
-    except OSError as exc:
-        raise KvscopeError(f"cannot write into {out}: {exc.strerror or exc}") from None
+    with folder as tmp:
+        write(result, tmp, {"command": " ".join(sys.argv), "timings": ns.timings})
     _print_align(result)
     print(f"align: {out} ({', '.join(OUTPUT_FILES)})")
     return 0
@@ -283,10 +311,10 @@ def _cmd_nsys(ns: argparse.Namespace) -> int:
     if run_args[:1] == ["--"]:
         run_args = run_args[1:]
     if any(a == "--out" or a.startswith("--out=") for a in run_args):
-        raise KvscopeError("kvscope nsys: give --out before --, not among the run arguments")
+        raise KvscopeError("nsys: give --out before --, not among the run arguments")
     if "--no-nvtx" in run_args:
-        raise KvscopeError("kvscope nsys needs NVTX ranges: drop --no-nvtx")
-    prepare(_run_spec(build_parser().parse_args(["run", *run_args])))  # validate before starting nsys
+        raise KvscopeError("nsys: needs NVTX ranges: drop --no-nvtx")
+    prepare(_run_spec(parse_args(["run", *run_args])))  # validate before starting nsys
     final = Path(ns.out) if ns.out else Path("traces") / f"{datetime.now():%Y%m%d-%H%M%S}-nsys"
     folder = OutputFolder(final)
     try:
@@ -327,8 +355,9 @@ def _cmd_run(ns: argparse.Namespace) -> int:
 
     spec = _run_spec(ns)
     err = Console(stderr=True)
+    # no bar when stderr is not a terminal: rich would leave a blank line there, before any error line
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
         tasks: dict[str, object] = {}
 
         def progress(kind: str, done: int, total: int) -> None:
@@ -422,17 +451,59 @@ def _terminate(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+# A value that starts with "-" but is no option: a negative number argparse does not recognise as one (its regex
+# knows -1 and -.5, not -1,2 or -5;3 or -1e3 or -inf).
+_DASH_VALUE = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def join_dash_values(argv: Sequence[str]) -> list[str]:
+    """`--flag -1,2` -> `--flag=-1,2`, before argparse sees it.
+
+    argparse reads any argument that starts with "-" and is not a plain negative number as an option, so
+    `--prompt-ids -1,2` failed with "expected one argument" instead of reaching the real error (token id -1 outside
+    the vocabulary); `--gpu-mem-gb -inf` the same. No kvscope option starts with "-" and a digit, so such an argument
+    after a long option is that option's value. `--flag=-1,2` is what argparse itself accepts. Arguments after `--`
+    are left as they are (they belong to `kvscope run` under `kvscope nsys`, which applies this again)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return [*out, *argv[i:]]
+        if (arg.startswith("--") and len(arg) > 2 and "=" not in arg and i + 1 < len(argv)
+                and _DASH_VALUE.match(argv[i + 1])):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The parsed command line; bad arguments raise KvscopeError (one line, naming the subcommand and the flag)."""
+    return build_parser().parse_args(join_dash_values(argv))
+
+
+def error_line(exc: KvscopeError) -> str:
+    """The one stderr line of an error: `kvscope: error: <message>`, the message on one line, with no second
+    `kvscope:` prefix (a message that carries its own is written once)."""
+    msg = " ".join(str(exc).split())
+    while msg.startswith(f"{PROG}:"):
+        msg = msg.removeprefix(f"{PROG}:").strip().removeprefix("error:").strip()
+    return f"{ERROR_PREFIX}{msg}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (sent by `timeout`, by job schedulers, by nsys at the end of a capture range) unwinds like an error,
     # so a run folder in the making is removed instead of left half-written. Set here, in the CLI, not on import.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        ns = build_parser().parse_args(argv)
+        ns = parse_args(sys.argv[1:] if argv is None else argv)
         return int(ns.func(ns))
     except KvscopeError as exc:
-        msg = " ".join(str(exc).split())
-        print(f"kvscope: error: {msg}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("kvscope: interrupted", file=sys.stderr)

@@ -88,7 +88,7 @@ def matvec_chain_ms(args: ModelArgs, device: torch.device, reps: int = 20, batch
 def calibrate(device: torch.device, preset: ModelArgs, copy_bytes: int = COPY_BYTES, n: int = MATMUL_N
               ) -> dict[str, Any]:
     if device.type != "cuda":
-        raise KvscopeError("kvscope calibrate measures a GPU: it needs --device cuda and a CUDA device")
+        raise KvscopeError("calibrate: measures a GPU, so it needs --device cuda and a CUDA device")
     src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_ms = median_event_ms(lambda: dst.copy_(src), reps=20)
