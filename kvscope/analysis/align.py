@@ -11,6 +11,9 @@ Functions return DataFrames:
 - `align_regions`: per timed region, CUDA-event ms against projected GPU span, kernel busy time, kernel count.
 - `step_activity`: per prefill and decode step, GPU busy vs idle within the step's span, and launch-bound or not.
 - `class_breakdown`: per phase, kernel time by kernel class.
+
+Ratios and percentages are NaN (never infinite) where their denominator is not positive: a zero-length GPU span, a
+zero CUDA-event time, a phase whose kernels sum to zero time.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import re
 import numpy as np
 import pandas as pd
 
+from kvscope.analysis.inputs import GRAPH_CLOCK
 from kvscope.analysis.kernel_classes import classify
 from kvscope.analysis.nsys import NsysExport
 from kvscope.analysis.projection import Projection
 from kvscope.errors import KvscopeError
-from kvscope.profiler.instrument import GRAPH_CLOCK
 
 KVSCOPE_DOMAIN = "kvscope"
 NS_PER_MS = 1e6
@@ -40,6 +43,11 @@ _KIND_PATTERNS = (
     ("layer", re.compile(r"^L(\d+)$|^(embed|lm_head|sample)$")),
 )
 _KEYS = ("run", "rep", "phase", "step", "layer", "op")
+
+
+def ratio(num: pd.Series, den: pd.Series) -> pd.Series:
+    """num / den, NaN (NA for nullable columns) where den is not positive or missing: never inf."""
+    return (num / den).where(den > 0)
 
 
 def label_ranges(proj: Projection) -> pd.DataFrame:
@@ -130,7 +138,7 @@ def align_regions(labeled: pd.DataFrame, timings: pd.DataFrame | None) -> pd.Dat
         out = _join_timings(out, timings)
     out["span_minus_event_ms"] = out["gpu_span_ms"] - out["event_ms"]
     out["busy_minus_event_ms"] = out["gpu_busy_ms"] - out["event_ms"]
-    out["span_vs_event_pct"] = out["span_minus_event_ms"] / out["event_ms"] * 100
+    out["span_vs_event_pct"] = ratio(out["span_minus_event_ms"], out["event_ms"]) * 100
     return out
 
 
@@ -176,7 +184,7 @@ def step_activity(labeled: pd.DataFrame) -> pd.DataFrame:
     r = labeled
     steps = r[(r["kind"] == "step") | ((r["kind"] == "phase") & (r["phase"] == "prefill"))]
     span = (steps["gpu_end_ns"] - steps["gpu_start_ns"]).astype("Float64")
-    idle = 1 - steps["gpu_busy_ns"] / span
+    idle = 1 - ratio(steps["gpu_busy_ns"], span)
     out = pd.DataFrame({
         "run": steps["run"], "rep": steps["rep"], "phase": steps["phase"], "step": steps["step"],
         "name": steps["name"], "cpu_ms": (steps["end_ns"] - steps["start_ns"]) / NS_PER_MS,
@@ -191,11 +199,11 @@ def step_activity(labeled: pd.DataFrame) -> pd.DataFrame:
 def class_breakdown(kernels: pd.DataFrame) -> pd.DataFrame:
     """Per phase (prefill, decode, and `outside` for operations in no kvscope phase): kernel count and summed
     kernel time by class, and each class's share of the phase's summed kernel time (shares add to 100% per
-    phase; overlapping kernels on two streams are both counted)."""
+    phase; overlapping kernels on two streams are both counted; NaN where the phase's kernels sum to zero time)."""
     k = kernels.copy()
     k["phase"] = k["phase"].fillna("outside")
     g = k.groupby(["phase", "kernel_class"], observed=True).agg(ops=("dur_ns", "size"), time_ns=("dur_ns", "sum"))
     g = g.reset_index()
     g["time_ms"] = g["time_ns"] / NS_PER_MS
-    g["share_pct"] = g["time_ns"] / g.groupby("phase")["time_ns"].transform("sum") * 100
+    g["share_pct"] = ratio(g["time_ns"], g.groupby("phase")["time_ns"].transform("sum")) * 100
     return g.sort_values(["phase", "time_ns"], ascending=[True, False]).reset_index(drop=True)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvscope.errors import KvscopeError
-from kvscope.profiler.model import ModelArgs
+
+if TYPE_CHECKING:  # for annotations only: analysis imports no torch (kvscope.profiler.model does)
+    from kvscope.profiler.model import ModelArgs
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 GIB_BYTES = 2**30

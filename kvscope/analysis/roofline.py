@@ -15,15 +15,19 @@ Counting rules (exact integers from `ModelArgs`):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from kvscope.analysis.kvmath import kv_bytes_per_token
-from kvscope.profiler.model import ModelArgs
+
+if TYPE_CHECKING:  # for annotations only: analysis imports no torch (kvscope.profiler.model does)
+    from kvscope.profiler.model import ModelArgs
 
 GB = 1e9
 TFLOP = 1e12
+MS_PER_S = 1e3
 
 
 def layer_matmul_params(a: ModelArgs) -> int:
@@ -67,7 +71,7 @@ class Ceilings:
 def roofline(timings: pd.DataFrame, a: ModelArgs, w_bytes: int, kv_bytes: int, ceilings: Ceilings | None
              ) -> pd.DataFrame:
     """Per prefill and decode step of a run's timings: bytes, FLOPs, achieved GB/s and TFLOP/s, and their share of
-    the ceilings (MBU, MFU; NaN without ceilings)."""
+    the ceilings (MBU, MFU; NaN without ceilings, and where a step's time or a ceiling is not positive)."""
     t = timings
     rows = t[(t["level"] == "step") | ((t["level"] == "phase") & (t["phase"] == "prefill"))]
     out = []
@@ -78,9 +82,10 @@ def roofline(timings: pd.DataFrame, a: ModelArgs, w_bytes: int, kv_bytes: int, c
             moved, flops = decode_cost(a, int(r.batch), int(r.context_len), w_bytes, kv_bytes)
         out.append((r.rep, r.phase, r.step, r.dur_ms, moved, flops))
     df = pd.DataFrame(out, columns=["rep", "phase", "step", "dur_ms", "bytes", "flops"])
-    sec = df["dur_ms"].astype(float) / 1e3
+    sec = df["dur_ms"].astype(float) / MS_PER_S
+    sec = sec.where(sec > 0)  # a step timed at 0 ms (or less) has no rate: NaN, not inf
     df["achieved_gb_s"] = df["bytes"] / sec / GB
     df["achieved_tflop_s"] = df["flops"] / sec / TFLOP
-    df["mbu"] = df["achieved_gb_s"] / ceilings.copy_gb_s if ceilings else np.nan
-    df["mfu"] = df["achieved_tflop_s"] / ceilings.bf16_tflop_s if ceilings else np.nan
+    df["mbu"] = df["achieved_gb_s"] / ceilings.copy_gb_s if ceilings and ceilings.copy_gb_s > 0 else np.nan
+    df["mfu"] = df["achieved_tflop_s"] / ceilings.bf16_tflop_s if ceilings and ceilings.bf16_tflop_s > 0 else np.nan
     return df
