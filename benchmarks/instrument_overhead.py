@@ -5,14 +5,21 @@ runs inside one process, round-robin: each round runs every configuration once, 
 round, and each run is one prefill (TTFT: host clock from the call to the first tokens on the host, the prefill
 synchronised before) followed by `--steps` decode steps (TPOT: host clock over the steps, synchronised at both ends,
 divided by the steps). Drift then hits every configuration alike. Reported per configuration and prompt length: the
-median, its ratio to the bare engine with a bootstrap 95% interval, and the sample count.
+median, and the median of the per-round ratios to the bare engine's run of the same round (paired: the two ran
+seconds apart, so the host's slow drift cancels), with a bootstrap 95% interval over the rounds, and the count.
 
-Configurations (each with its own Instrument and its own engine over the same weights, so each has its own captured
-decode graph and KV cache):
+Each timed run follows an untimed one of the same configuration (`--prime`), so that what ran before it (another
+configuration, the start of a sampler, a collect) has left no idle GPU or cold host behind. Configurations whose
+decode graph holds no marks share one engine (only the Instrument is swapped): their differences are the instruments'
+alone. Layer and op granularity in graph mode capture marks into the graph, so each has its own engine (its own graph
+and KV cache, over the same weights).
+
+Configurations:
 - `bare`: no NVTX, no events, no NVML (granularity none, the instrument does nothing);
 - `phase`, `layer`, `op`: CUDA events at that granularity, NVTX off;
-- `phase+nvtx`, `layer+nvtx`: the same with NVTX requested (ranges are emitted only when a tool such as nsys is
-  attached; run this script under `nsys profile -t cuda,nvtx` to measure emitted ranges);
+- `phase+nvtx`, `layer+nvtx` (not in the default set): the same with NVTX requested. Without a tool attached the
+  nvtx package hands out a do-nothing domain and the Instrument takes the same code path as with NVTX off, so these
+  measure something only under `nsys profile -t cuda,nvtx`;
 - `default`: what `kvscope run` switches on by default: phase events, NVTX requested, the NVML sampler (a child
   process, started before the round's prefill and stopped after its decode, as a run keeps it around the measured
   repetitions);
@@ -26,12 +33,15 @@ decode graph and KV cache):
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,12 +112,13 @@ class Sample:
     tpot_ms: list[float]
 
 
-def _ratio_ci(a: list[float], b: list[float], n: int = 2000) -> tuple[float, float]:
-    """95% bootstrap interval of median(a) / median(b) - 1, in percent."""
+def paired_ratio(a: list[float], b: list[float], n: int = 2000) -> tuple[float, float, float]:
+    """Median over rounds of a[i] / b[i] - 1 (a and b measured in the same round), and its 95% bootstrap interval
+    over rounds, all in percent."""
+    ratios = [x / y - 1 for x, y in zip(a, b, strict=True)]
     rng = random.Random(0)
-    vals = sorted(statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b))) - 1
-                  for _ in range(n))
-    return vals[int(0.025 * n)] * 100, vals[int(0.975 * n)] * 100
+    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(n))
+    return statistics.median(ratios) * 100, boot[int(0.025 * n)] * 100, boot[int(0.975 * n)] * 100
 
 
 def _one(engine: Engine, ins: Instrument, tokens: torch.Tensor, lengths: list[int], steps: int
@@ -125,6 +136,27 @@ def _one(engine: Engine, ins: Instrument, tokens: torch.Tensor, lengths: list[in
     return (t1 - t0) / 1e6, (t2 - t1) / 1e6 / steps
 
 
+def reanalyse(path: str) -> None:
+    """Print the tables of a JSON this script wrote, the paired ratios recomputed from its samples (no GPU needed)."""
+    data = json.loads(Path(path).read_text())
+    print(f"{data['device']}, {data['date']}, torch {data['torch']}, {data['model']} {data['dtype']}, batch "
+          f"{data['batch']}, {data['rounds']} rounds; command: {data.get('command', 'n/a')}")
+    for graphs in sorted({r["graphs"] for r in data["rows"]}, reverse=True):
+        rows = [r for r in data["rows"] if r["graphs"] == graphs]
+        print(f"\n### CUDA graphs {'on' if graphs else 'off'} ({rows[0]['decode_steps']} decode steps a round)\n")
+        print("| seq | configuration | TTFT ms | TTFT vs bare % [95% CI] | TPOT ms | TPOT vs bare % [95% CI] | n |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            base = next(b for b in rows if b["seq"] == r["seq"] and b["config"] == "bare")
+            cells = ["", ""]
+            if r["config"] != "bare":
+                for i, key in enumerate(("ttft", "tpot")):
+                    pct, lo, hi = paired_ratio(r[f"{key}_samples_ms"], base[f"{key}_samples_ms"])
+                    cells[i] = f"{pct:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+            print(f"| {r['seq']} | {r['config']} | {r['ttft_ms']:.3f} | {cells[0]} | {r['tpot_ms']:.4f} | "
+                  f"{cells[1]} | {r['rounds']} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="qwen2.5-3b")
@@ -135,10 +167,15 @@ def main() -> None:
     p.add_argument("--eager-steps", type=int, default=8, help="decode steps after each prefill with graphs off")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--graphs", default="on,off", help="on, off or both: CUDA-graph decode, or the eager loop")
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default="bare,phase,layer,op,default,phase+nvml-thread")
+    p.add_argument("--prime", type=int, default=1, help="untimed runs of a configuration right before its timed one")
     p.add_argument("--nvml-interval-ms", type=float, default=20.0)
     p.add_argument("--json", default=None)
+    p.add_argument("--from-json", default=None, help="only print the tables of an earlier run's JSON")
     ns = p.parse_args()
+    if ns.from_json:
+        reanalyse(ns.from_json)
+        return
     dev = torch.device("cuda")
     src = resolve_model(ns.model)
     dtype = parse_dtype(ns.dtype)
@@ -153,7 +190,9 @@ def main() -> None:
         steps = ns.steps if graphs else ns.eager_steps
         cfg = RunConfig(ns.batch, max(seqs) + steps + 2, dtype, dev, "sdpa")
         instruments = {n: Instrument(CONFIGS[n][0], dev, nvtx=CONFIGS[n][1]) for n in names}
-        engines = {n: Engine(model, cfg, instruments[n], graphs=graphs, kernels=True) for n in names}
+        shared = Engine(model, cfg, Instrument("none", dev, nvtx=False), graphs=graphs, kernels=True)
+        engines = {n: (Engine(model, cfg, instruments[n], graphs=True, kernels=True)
+                       if graphs and instruments[n].graph_timed() else shared) for n in names}
         for n in names:
             instruments[n].start_clock()
             instruments[n].reserve(regions_per_rep(instruments[n], src.args.n_layers, steps + 1, graphs) + 2)
@@ -174,6 +213,10 @@ def main() -> None:
                         sampler = ThreadSampler(ns.nvml_interval_ms)
                         sampler.start()
                     try:
+                        engines[n].ins = ins
+                        with ins.paused():
+                            for _ in range(ns.prime):
+                                _one(engines[n], ins, prompts[s], [s] * ns.batch, steps)
                         ttft, tpot = _one(engines[n], ins, prompts[s], [s] * ns.batch, steps)
                     finally:
                         if sampler is not None:
@@ -200,21 +243,22 @@ def main() -> None:
                 if base is not None and n != "bare":
                     for i, (key, a, b) in enumerate((("ttft", smp.ttft_ms, base.ttft_ms),
                                                      ("tpot", smp.tpot_ms, base.tpot_ms))):
-                        pct = (statistics.median(a) / statistics.median(b) - 1) * 100
-                        lo, hi = _ratio_ci(a, b)
+                        pct, lo, hi = paired_ratio(a, b)
                         row |= {f"{key}_vs_bare_pct": pct, f"{key}_vs_bare_ci95_pct": [lo, hi]}
                         cells[i] = f"{pct:+.2f} [{lo:+.2f}, {hi:+.2f}]"
                 rows.append(row)
                 print(f"| {s} | {n} | {med_t:.3f} | {cells[0]} | {med_d:.4f} | {cells[1]} | {len(smp.ttft_ms)} |")
         if thread_samples:
             print(f"\n(the in-process NVML thread took {thread_samples} samples in all)")
-        del engines
+        if ns.json:  # after each mode, so a run stopped later keeps what it measured
+            nvtx_attached = any(ins.nvtx_active for ins in instruments.values())
+            write_json({"device": torch.cuda.get_device_name(), "date": datetime.now(UTC).date().isoformat(),
+                        "torch": torch.__version__, "model": ns.model, "dtype": ns.dtype, "batch": ns.batch,
+                        "rounds": ns.rounds, "prime": ns.prime, "nvtx_tool_attached": nvtx_attached,
+                        "command": " ".join(sys.argv),
+                        "rows": rows}, ns.json, indent=1)
+        del engines, shared
         torch.cuda.empty_cache()
-    if ns.json:
-        nvtx_attached = any(ins.nvtx_active for ins in instruments.values())
-        write_json({"device": torch.cuda.get_device_name(), "date": datetime.now(UTC).date().isoformat(),
-                    "torch": torch.__version__, "model": ns.model, "dtype": ns.dtype, "batch": ns.batch,
-                    "rounds": ns.rounds, "nvtx_tool_attached": nvtx_attached, "rows": rows}, ns.json, indent=1)
 
 
 if __name__ == "__main__":

@@ -139,19 +139,52 @@ def test_decode_step_captures_in_a_cuda_graph() -> None:
 
 @pytest.mark.parametrize("preset", ["qwen2.5-3b", "llama-3.1-8b"])
 def test_large_presets_initialise_and_decode(preset: str) -> None:
+    """The large presets load, and their greedy tokens are the same with decode steps replayed from a CUDA graph
+    and run eagerly (bf16, kvscope's kernels, flash attention over the cache in place both ways)."""
     torch.cuda.empty_cache()
     model, ready_s = load_model(resolve_model(preset), CUDA, torch.bfloat16, seed=0)
-    eng = Engine(model, RunConfig(2, 160, torch.bfloat16, CUDA))
-    t0 = time.perf_counter()
     prompts = [list(range(100, 228)), list(range(7, 71))]
-    tokens = eng.generate(prompts, 32)
+    eager = Engine(model, RunConfig(2, 160, torch.bfloat16, CUDA), kernels=True)
+    t0 = time.perf_counter()
+    tokens = eager.generate(prompts, 32)
     gen_s = time.perf_counter() - t0
-    print(f"{preset}: ready in {ready_s:.2f} s, prefill 128+64 and 32 decode steps in {gen_s:.2f} s")
+    graphed = Engine(model, RunConfig(2, 160, torch.bfloat16, CUDA), graphs=True, kernels=True)
+    print(f"{preset}: ready in {ready_s:.2f} s, prefill 128+64 and 32 eager decode steps in {gen_s:.2f} s")
     assert ready_s < 30
-    assert all(len(row) == 32 and all(0 <= t < model.args.vocab_size for t in row) for row in tokens)
-    assert torch.isfinite(eng.logits.float()).all()
-    del eng, model
+    assert graphed.generate(prompts, 32) == tokens
+    assert [len(row) for row in tokens] == [32, 32]
+    assert len({t for row in tokens for t in row}) > 1  # not one token repeated: the logits carry information
+    assert torch.isfinite(eager.logits.float()).all() and torch.isfinite(graphed.logits.float()).all()
+    del eager, graphed, model
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("granularity", ["none", "phase"])
+def test_timed_prefill_and_decode_have_no_hidden_sync(granularity: str) -> None:
+    """With torch's sync debug mode set to raise, a timed prefill (KVCache.start included) and graph-replayed
+    decode steps run: no operation inside them waits for the GPU."""
+    from kvscope.profiler.instrument import Instrument
+
+    model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, torch.bfloat16, seed=3)
+    ins = Instrument(granularity, CUDA, nvtx=False)
+    eng = Engine(model, RunConfig(2, 96, torch.bfloat16, CUDA), ins, graphs=True, kernels=True)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 48), device=CUDA)
+    with ins.paused():
+        eng.prefill(tokens, [48, 48])
+        eng.decode_n(8)  # warm-up: compiles the kernels, captures the decode graph
+    ins.start_clock()
+    ins.reserve(64)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with ins.region("rep 0", "rep", rep=0):
+            eng.prefill(tokens, [48, 48])
+            out = eng.decode_n(16)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    rows = ins.collect()
+    assert out.shape == (2, 17)
+    assert len(rows) == (0 if granularity == "none" else 1 + 2 + 16)
 
 
 def test_graphs_on_and_off_give_the_same_tokens() -> None:

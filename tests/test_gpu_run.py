@@ -21,7 +21,8 @@ def test_event_sum_matches_host_clock(tmp_path: Path, batch: int, granularity: s
     s = res.summary.iloc[0]
     print(f"bs={batch} {granularity}: decode host p50 {s['decode_host_p50_ms']:.3f} ms, event sum p50 "
           f"{s['decode_events_p50_ms']:.3f} ms, max gap {s['decode_host_vs_events_max_pct']:.3f}%, "
-          f"TPOT p50 {s['tpot_p50_ms']:.3f} ms, TTFT p50 {s['ttft_p50_ms']:.3f} ms")
+          f"TPOT p50 {s['tpot_p50_ms']:.3f} ms, TTFT {s['ttft_ms']:.3f} ms [{s['ttft_q1_ms']:.3f}, "
+          f"{s['ttft_q3_ms']:.3f}], prefill events {s['prefill_gpu_ms']:.3f} ms")
     assert s["decode_host_vs_events_max_pct"] < 2.0
     assert sorted(p.name for p in res.out_dir.iterdir()) == ["nvml.parquet", "summary.parquet", "timings.parquet",
                                                              "trace.json"]
@@ -29,6 +30,9 @@ def test_event_sum_matches_host_clock(tmp_path: Path, batch: int, granularity: s
     assert len(nvml) > 0 and nvml["t_ms"].is_monotonic_increasing
     meta = read_metadata(res.out_dir / "timings.parquet")
     assert meta["clock"] == "cuda" and meta["device"].startswith("NVIDIA")
+    assert meta["nvml"]["process"] == "child" and meta["nvml"]["mode"] in ("buffered", "polled"), meta["nvml"]
+    assert s["clock"] == "cuda" and s["ttft_samples"] == 5 and s["tpot_samples"] == 5 * 63
+    assert s["ttft_ms"] >= 0.99 * s["prefill_gpu_ms"]  # the host waits at least the prefill's GPU span
     assert s["peak_reserved_mb"] > 0 and s["kv_alloc_bytes"] >= s["kv_cache_bytes"]
 
 

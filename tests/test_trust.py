@@ -348,3 +348,47 @@ def test_capture_never_takes_another_process_raw_capture(tmp_path: Path, monkeyp
         assert sorted(p.name for p in out.iterdir()) == ["report.nsys-rep", "run"]  # its scratch folder is gone
     finally:
         foreign.unlink(missing_ok=True)
+
+
+# ---- the report: spread in the tables, plots that hold the data ----------------------------------------------------
+def test_run_report_shows_the_spread_of_ttft_and_tpot(tmp_path: Path) -> None:
+    s, _ = _run(tmp_path, "--reps", "12", "--granularity", "phase")
+    assert main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| TTFT") or line.startswith("| TPOT")]
+    assert len(rows) == 2
+    ttft = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert ttft[1] == "host"
+    assert ttft[2:5] == [f"{s['ttft_ms']:,.3f}", f"{s['ttft_q1_ms']:,.3f}", f"{s['ttft_q3_ms']:,.3f}"]
+    assert ttft[6] == f"{s['ttft_p90_ms']:,.3f}" and ttft[7] == "" and ttft[8] == "12"  # 12 samples: p90, no p99
+    tpot = [c.strip() for c in rows[1].strip("|").split("|")]
+    assert tpot[2] == f"{s['tpot_p50_ms']:,.3f}" and tpot[8] == f"{12 * 3}"
+    assert ("is spread" in md) is bool(s["spread_flag"])
+
+
+def test_sweep_plots_hold_the_data_they_show(tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    from kvscope.analysis.report import FIGURE_DPI, FIGURE_SIZE_IN, sweep_report
+
+    sweep = tmp_path / "s.csv"
+    assert main(["sweep", "--model", "tiny", "--device", "cpu", "--seq", "8,16,32", "--batch-sizes", "1,2",
+                 "--gen-tokens", "3", "--warmup", "0", "--reps", "2", "--out", str(sweep)]) == 0
+    df = pd.read_csv(sweep)
+    rep = sweep_report(sweep)
+    for y in ("decode_tok_s", "prefill_ms_per_tok"):
+        ax = rep.figures[f"{y}_vs_seq_len.png"].axes[0]
+        assert len(ax.lines) == 2  # one line per batch size
+        for line, (batch, g) in zip(ax.lines, df.groupby("batch"), strict=True):
+            g = g.sort_values("seq_len")
+            assert line.get_label() == f"batch {batch}"
+            assert list(line.get_xdata()) == g["seq_len"].tolist()
+            assert list(line.get_ydata()) == pytest.approx(g[y].tolist(), rel=1e-12)
+        lo, hi = ax.get_ylim()
+        assert lo <= df[y].min() and hi >= df[y].max()
+    md = rep.markdown()
+    assert "## Spread of TTFT (host clock) and TPOT" in md
+    assert main(["report", str(sweep), "--out", str(tmp_path / "rep")]) == 0
+    png = imread(tmp_path / "rep" / "decode_tok_s_vs_seq_len.png")
+    assert png.shape[:2] == (round(FIGURE_SIZE_IN[1] * FIGURE_DPI), round(FIGURE_SIZE_IN[0] * FIGURE_DPI))
+    assert float(png[..., :3].std()) > 0.01  # not a blank canvas

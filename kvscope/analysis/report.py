@@ -64,7 +64,15 @@ _KV_COLUMNS = ("kv_predicted_bytes", "kv_alloc_bytes")
 _SWEEP_METRICS = tuple(dict.fromkeys([*(c for c in CLASSIC_COLUMNS if c not in ("seq_len", "batch", "flag")),
                                       *(c for c, _, _ in _SWEEP_PLOTS), *_KV_COLUMNS]))
 # run summary: latency percentiles and KV-cache sizes, each shown when the summary has it
+# (run folders written before the spread columns existed: a plain percentile table)
 LATENCY_COLUMNS = ("ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p90_ms", "tpot_p99_ms")
+# the spread table: (label, median column, column prefix of q1/q3/p90/p99/iqr_pct/samples, spread_flag name)
+_SPREAD_ROWS = (("TTFT: call to first tokens on the host", "ttft_ms", "ttft", "ttft"),
+                ("prefill: timed region", "prefill_gpu_ms", "prefill_gpu", None),
+                ("TPOT: one decode step", "tpot_p50_ms", "tpot", "tpot"))
+# sweep files: the spread of TTFT and TPOT per configuration, shown when the file has these columns
+_SWEEP_SPREAD_COLUMNS = ("seq_len", "batch", "ttft_ms", "ttft_q1_ms", "ttft_q3_ms", "ttft_iqr_pct", "ttft_samples",
+                         "tpot_p50_ms", "tpot_q1_ms", "tpot_q3_ms", "tpot_iqr_pct", "tpot_samples", "spread_flag")
 KV_SUMMARY_COLUMNS = ("kv_predicted_bytes", "kv_cache_bytes", "kv_alloc_bytes")
 # results of `kvscope nsys` / `kvscope align` beside or in a run folder
 CLASSES_FILE = "kernel_classes.parquet"
@@ -235,6 +243,12 @@ def sweep_report(path: Path) -> Report:
     if device is not None:
         rep.text(f"Device: {device}; dtype {dtype or 'not recorded'}.")
     rep.section("Results", md_table(df[[c for c in CLASSIC_COLUMNS if c in df.columns]]))
+    if set(_SWEEP_SPREAD_COLUMNS) <= set(df.columns):
+        rep.section("Spread of TTFT (host clock) and TPOT",
+                    md_table(df[list(_SWEEP_SPREAD_COLUMNS)],
+                             formats={"ttft_samples": "{:,.0f}", "tpot_samples": "{:,.0f}"}),
+                    "spread_flag names the quantities whose interquartile range exceeds a tenth of the median "
+                    "(host-bound).")
     for x, group in _SWEEP_AXES:
         _sweep_axis_section(rep, ok, x, group, model)
     _sweep_kv_section(rep, ok, model)
@@ -317,13 +331,43 @@ def _present(summary: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
 
 def _run_summary_section(rep: Report, summary: pd.DataFrame) -> None:
     paragraphs = [md_table(_present(summary, CLASSIC_COLUMNS))]
-    latency = _present(summary, LATENCY_COLUMNS)
-    if len(latency.columns):
-        paragraphs.append(md_table(latency))
+    spread = _spread_table(summary.iloc[0])
+    if spread is not None:
+        paragraphs += [md_table(spread[0], formats={"samples": "{:,.0f}"}), *spread[1]]
+    else:
+        latency = _present(summary, LATENCY_COLUMNS)
+        if len(latency.columns):
+            paragraphs.append(md_table(latency))
     rep.section("Summary", *paragraphs)
     kv = _present(summary, KV_SUMMARY_COLUMNS)
     if len(kv.columns):
         rep.section("KV cache: measured allocation vs prediction", md_table(kv))
+
+
+def _spread_table(row: pd.Series) -> tuple[pd.DataFrame, list[str]] | None:
+    """Median, quartiles, interquartile range, p90/p99 (NaN below 10 / 100 samples) and sample count of TTFT, the
+    prefill's timed region and TPOT, with a sentence for each quantity the run flagged as spread; None for a summary
+    written before these columns existed."""
+    needed = [f"{prefix}_{k}" for _, _, prefix, _ in _SPREAD_ROWS for k in ("q1_ms", "q3_ms", "samples")]
+    if not set(needed) <= set(row.index):
+        return None
+    clock = str(row.get("clock", "cuda"))
+    clocks = {"ttft": "host", "prefill_gpu": clock, "tpot": clock}
+    flags = str(row.get("spread_flag", "") if pd.notna(row.get("spread_flag", "")) else "").split(",")
+    table, sentences = [], []
+    for label, median, prefix, flag in _SPREAD_ROWS:
+        table.append({"quantity": label, "clock": clocks[prefix], "median_ms": row[median],
+                      "q1_ms": row[f"{prefix}_q1_ms"], "q3_ms": row[f"{prefix}_q3_ms"],
+                      "iqr_pct_of_median": row.get(f"{prefix}_iqr_pct", math.nan),
+                      "p90_ms": row.get(f"{prefix}_p90_ms", math.nan), "p99_ms": row.get(f"{prefix}_p99_ms", math.nan),
+                      "samples": row[f"{prefix}_samples"]})
+        if flag is not None and flag in flags:
+            sentences.append(f"{label.split(':')[0]} is spread: its interquartile range is "
+                             f"{row[f'{prefix}_iqr_pct']:.0f}% of its median over {int(row[f'{prefix}_samples'])} "
+                             f"samples. Such a phase is bound by the host (kernel launches, the host's own load); "
+                             f"compare runs by their quartiles, not by one median.")
+    sentences.append("p90 is shown from 10 samples on and p99 from 100; below that they are n/a.")
+    return pd.DataFrame(table), sentences
 
 
 def _decode_rows(timings: pd.DataFrame, level: str) -> pd.DataFrame:
