@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 
 from kvscope.analysis.roofline import decode_cost
+from kvscope.engine.loop import Engine
+from kvscope.engine.plan import RunConfig
 from kvscope.io import write_json
+from kvscope.model.config import ModelArgs
+from kvscope.model.weights import empty_model, load_hf_tensors
 from kvscope.profiler.calibrate import load_ceilings, matvec_chain_ms
-from kvscope.profiler.engine import Engine
-from kvscope.profiler.model import ModelArgs
-from kvscope.profiler.runconfig import RunConfig
 from kvscope.profiler.timing import event_ms, median_event_ms
-from kvscope.profiler.weights import empty_model, load_hf_tensors
 
 IMPLS = ("hf-eager", "hf-static-compiled", "kvscope-eager", "kvscope-graphs")
 CUDA = torch.device("cuda")

@@ -46,13 +46,13 @@ from typing import Any
 
 import torch
 
+from kvscope.commands.run import regions_per_rep
+from kvscope.engine.loop import Engine
+from kvscope.engine.plan import RunConfig, parse_dtype
 from kvscope.io import write_json
-from kvscope.profiler.engine import Engine
+from kvscope.model.weights import load_model, resolve_model
 from kvscope.profiler.instrument import Instrument
 from kvscope.profiler.nvml import NvmlSampler
-from kvscope.profiler.run import regions_per_rep
-from kvscope.profiler.runconfig import RunConfig, parse_dtype
-from kvscope.profiler.weights import load_model, resolve_model
 
 # name -> (granularity, nvtx requested, nvml: None | "child" | "thread")
 CONFIGS: dict[str, tuple[str, bool, str | None]] = {

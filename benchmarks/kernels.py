@@ -20,7 +20,8 @@ import torch
 
 from kvscope.io import write_json
 from kvscope.kernels import ops as kops
-from kvscope.profiler.model import PRESETS, apply_rope, rope_tables
+from kvscope.model.config import PRESETS
+from kvscope.model.layers import apply_rope, rope_tables
 from kvscope.profiler.timing import graph_ms, median_event_ms
 
 

@@ -12,10 +12,10 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from kvscope.profiler.engine import Engine
-from kvscope.profiler.runconfig import RunConfig
+from kvscope.engine.loop import Engine
+from kvscope.engine.plan import RunConfig
+from kvscope.model.weights import load_model, resolve_model
 from kvscope.profiler.timing import median_event_ms
-from kvscope.profiler.weights import load_model, resolve_model
 
 
 def main() -> None:

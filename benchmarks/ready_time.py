@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from kvscope.profiler.engine import Engine, pad_prompts
-from kvscope.profiler.runconfig import RunConfig, parse_dtype
+from kvscope.engine.loop import Engine, pad_prompts
+from kvscope.engine.plan import RunConfig, parse_dtype
+from kvscope.model.weights import load_model, resolve_model
 from kvscope.profiler.timing import median_event_ms
-from kvscope.profiler.weights import load_model, resolve_model
 
 
 def main() -> None:

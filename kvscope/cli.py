@@ -159,8 +159,8 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from kvscope.profiler.run import CLASSIC_COLUMNS, RunSpec
-    from kvscope.profiler.sweep import SweepSpec, parse_int_list, run_sweep
+    from kvscope.commands.run import CLASSIC_COLUMNS, RunSpec
+    from kvscope.commands.sweep import SweepSpec, parse_int_list, run_sweep
 
     base = RunSpec(model=ns.model, gen_tokens=ns.gen_tokens, warmup=ns.warmup, reps=ns.reps,
                    granularity=ns.granularity, attn=ns.attn, dtype=ns.dtype, device=ns.device, seed=ns.seed,
@@ -183,9 +183,9 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(ns: argparse.Namespace) -> int:
+    from kvscope.engine.plan import resolve_device
+    from kvscope.model.config import ModelArgs
     from kvscope.profiler.calibrate import calibrate, save
-    from kvscope.profiler.model import ModelArgs
-    from kvscope.profiler.runconfig import resolve_device
 
     device = resolve_device(ns.device)
     result = calibrate(device, ModelArgs.from_preset(ns.model))
@@ -231,7 +231,7 @@ def _cmd_kv_math(ns: argparse.Namespace) -> int:
     from rich.table import Table
 
     from kvscope.analysis.kvmath import GIB_BYTES, KvQuery, kv_math
-    from kvscope.profiler.weights import resolve_model
+    from kvscope.model.weights import resolve_model
 
     source = resolve_model(ns.model, need_weights=False)  # the architecture is all kv-math needs
     gpu_mem = None
@@ -240,7 +240,7 @@ def _cmd_kv_math(ns: argparse.Namespace) -> int:
             raise KvscopeError(f"--gpu-mem-gb must be positive, got {ns.gpu_mem_gb}")
         gpu_mem = int(ns.gpu_mem_gb * GIB_BYTES)
     elif ns.device is not None:
-        from kvscope.profiler.runconfig import resolve_device
+        from kvscope.engine.plan import resolve_device
 
         dev = resolve_device(ns.device)
         if dev.type != "cuda":
@@ -304,8 +304,8 @@ def _cmd_nsys(ns: argparse.Namespace) -> int:
 
     from kvscope.analysis.nsys import export_rep
     from kvscope.analysis.report_align import analyse, write
-    from kvscope.profiler.nsys_capture import capture
-    from kvscope.profiler.run import OutputFolder, prepare
+    from kvscope.commands.nsys import capture
+    from kvscope.commands.run import OutputFolder, prepare
 
     run_args = list(ns.run_args)
     if run_args[:1] == ["--"]:
@@ -337,7 +337,7 @@ def _on_off(value: str | None) -> bool | None:
 
 
 def _run_spec(ns: argparse.Namespace):  # -> RunSpec
-    from kvscope.profiler.run import RunSpec
+    from kvscope.commands.run import RunSpec
 
     return RunSpec(model=ns.model, batch_size=ns.batch_size, seq=ns.seq, gen_tokens=ns.gen_tokens,
                    warmup=ns.warmup, reps=ns.reps, granularity=ns.granularity, attn=ns.attn, dtype=ns.dtype,
@@ -350,8 +350,8 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from kvscope.profiler.run import execute
-    from kvscope.report_table import summary_table
+    from kvscope.commands.run import execute
+    from kvscope.commands.summary_table import summary_table
 
     spec = _run_spec(ns)
     err = Console(stderr=True)
@@ -389,10 +389,10 @@ def parse_prompt_ids(text: str) -> list[list[int]]:
 
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
-    from kvscope.profiler.engine import Engine, check_prompts
-    from kvscope.profiler.run import use_graphs, use_kernels
-    from kvscope.profiler.runconfig import RunConfig, parse_dtype, resolve_device
-    from kvscope.profiler.weights import load_model, resolve_model
+    from kvscope.commands.run import use_graphs, use_kernels
+    from kvscope.engine.loop import Engine, check_prompts
+    from kvscope.engine.plan import RunConfig, parse_dtype, resolve_device
+    from kvscope.model.weights import load_model, resolve_model
 
     if ns.model is None:
         raise KvscopeError("generate: --model is required (a preset, a checkpoint folder or a config.json)")
@@ -441,7 +441,7 @@ def _load_tokenizer(folder: object, spec: str):  # -> transformers tokenizer
 
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, AttributeError... for a bad file
-        from kvscope.profiler.weights import one_line
+        from kvscope.model.weights import one_line
 
         detail = one_line(str(exc), 400) or "no message"
         raise KvscopeError(f"cannot load a tokenizer from {folder} ({type(exc).__name__}): {detail}") from None

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvscope.profiler.attention import DecodeMeta, decode_attention
-from kvscope.profiler.model import linear_residual_
+from kvscope.model.attention import DecodeMeta, decode_attention
+from kvscope.model.layers import linear_residual_
 
 B, H, H_KV, S, D = 2, 4, 2, 6, 8
 

@@ -10,10 +10,10 @@ import torch
 from helpers import TINY_CONFIGS, hf_last_logits, hf_model, rel_err
 
 from kvscope.cli import main
+from kvscope.engine.loop import Engine, pad_prompts
+from kvscope.engine.plan import RunConfig
 from kvscope.errors import KvscopeError
-from kvscope.profiler.engine import Engine, pad_prompts
-from kvscope.profiler.runconfig import RunConfig
-from kvscope.profiler.weights import load_model, resolve_model
+from kvscope.model.weights import load_model, resolve_model
 
 CPU = torch.device("cpu")
 

@@ -10,10 +10,10 @@ import torch
 from helpers import rel_err
 from torch.nn.attention import sdpa_kernel
 
-from kvscope.profiler.engine import DECODE_SDPA_BACKENDS, Engine, pad_prompts
-from kvscope.profiler.model import PRESETS, ModelArgs
-from kvscope.profiler.runconfig import RunConfig
-from kvscope.profiler.weights import empty_model, load_hf_tensors, load_model, resolve_model
+from kvscope.engine.loop import DECODE_SDPA_BACKENDS, Engine, pad_prompts
+from kvscope.engine.plan import RunConfig
+from kvscope.model.config import PRESETS, ModelArgs
+from kvscope.model.weights import empty_model, load_hf_tensors, load_model, resolve_model
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvscope.model.config import PRESETS
 from kvscope.profiler.calibrate import calibrate, load_ceilings, save
-from kvscope.profiler.model import PRESETS
 
 pytestmark = pytest.mark.gpu
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvscope.engine.loop import Engine
+from kvscope.engine.plan import RunConfig
 from kvscope.kernels import ops as kops
-from kvscope.profiler.engine import Engine
-from kvscope.profiler.model import PRESETS, rope_tables
-from kvscope.profiler.runconfig import RunConfig
-from kvscope.profiler.weights import load_model, resolve_model
+from kvscope.model.config import PRESETS
+from kvscope.model.layers import rope_tables
+from kvscope.model.weights import load_model, resolve_model
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from kvscope.commands.run import RunSpec, execute
 from kvscope.io import read_metadata
-from kvscope.profiler.run import RunSpec, execute
 
 pytestmark = pytest.mark.gpu
 

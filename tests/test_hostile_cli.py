@@ -13,8 +13,8 @@ import pytest
 
 from kvscope.argtypes import INT64_MAX, INT64_MIN, UINT64_MAX
 from kvscope.cli import error_line, join_dash_values, main
+from kvscope.commands import run as run_mod
 from kvscope.errors import KvscopeError
-from kvscope.profiler import run as run_mod
 
 RUN = ["run", "--model", "tiny", "--device", "cpu", "--seq", "8", "--gen-tokens", "2", "--warmup", "0", "--reps", "1"]
 GEN = ["generate", "--model", "tiny", "--device", "cpu"]

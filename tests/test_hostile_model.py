@@ -15,8 +15,9 @@ from helpers import TINY_CONFIGS
 
 from kvscope.cli import main
 from kvscope.errors import KvscopeError
-from kvscope.profiler.model import MAX_SIZE, ModelArgs, RopeScaling, rope_tables
-from kvscope.profiler.weights import (
+from kvscope.model.config import MAX_SIZE, ModelArgs, RopeScaling
+from kvscope.model.layers import rope_tables
+from kvscope.model.weights import (
     _hf_targets,
     empty_model,
     load_hf_tensors,

@@ -26,10 +26,10 @@ import torch
 from helpers import TINY_CONFIGS
 
 from kvscope.cli import main
+from kvscope.commands import sweep as sweep_mod
+from kvscope.commands.run import RunSpec
 from kvscope.errors import KvscopeError
-from kvscope.profiler import sweep as sweep_mod
-from kvscope.profiler.run import RunSpec
-from kvscope.profiler.weights import resolve_model
+from kvscope.model.weights import resolve_model
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = ["sweep", "--model", "tiny", "--device", "cpu", "--gen-tokens", "3", "--warmup", "0", "--reps", "2"]
@@ -162,7 +162,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvscope.profiler import sweep
+from kvscope.commands import sweep
 
 started, go = Path(sys.argv[1]), Path(sys.argv[2])
 real = sweep.measure

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.cli import main
+from kvscope.commands.run import use_kernels
 from kvscope.errors import KvscopeError
 from kvscope.kernels import ops as kops
+from kvscope.model.config import PRESETS
+from kvscope.model.layers import apply_rope, rope_tables
 from kvscope.profiler.instrument import GraphTimer, Instrument, RegionRecord
-from kvscope.profiler.model import PRESETS, apply_rope, rope_tables
-from kvscope.profiler.run import use_kernels
 
 CPU = torch.device("cpu")
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvscope.engine.loop import Engine, pad_prompts
+from kvscope.engine.plan import RunConfig
 from kvscope.errors import KvscopeError
-from kvscope.profiler.engine import Engine, pad_prompts
-from kvscope.profiler.kv_cache import KVCache
-from kvscope.profiler.model import PRESETS
-from kvscope.profiler.runconfig import RunConfig
-from kvscope.profiler.weights import empty_model, init_random
+from kvscope.model.config import PRESETS
+from kvscope.model.kv_cache import KVCache
+from kvscope.model.weights import empty_model, init_random
 
 CPU = torch.device("cpu")
 
@@ -87,7 +87,7 @@ def test_static_decode_path_gives_the_same_tokens() -> None:
 def test_prefill_with_broadcast_rope_tables_writes_the_same_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     """Above PREFILL_ROPE_TABLE_MAX_BYTES the prefill keeps broadcast tables and writes K and V separately; the
     cache and the tokens are the same as with materialised tables (one K|V write)."""
-    import kvscope.profiler.engine as engine
+    import kvscope.engine.loop as engine
 
     model = empty_model(PRESETS["tiny"], CPU, torch.float32)
     init_random(model, seed=3)

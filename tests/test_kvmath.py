@@ -10,7 +10,7 @@ from helpers import TINY_CONFIGS
 
 from kvscope.analysis.kvmath import GIB_BYTES, KvQuery, kv_math
 from kvscope.cli import main
-from kvscope.profiler.model import PRESETS
+from kvscope.model.config import PRESETS
 
 # (preset, bytes per token in bf16): layers * 2 (K and V) * kv_heads * head_dim * 2 bytes
 PER_TOKEN_BF16 = {

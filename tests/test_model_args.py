@@ -10,8 +10,8 @@ import torch
 from helpers import TINY_CONFIGS
 
 from kvscope.errors import KvscopeError
-from kvscope.profiler.model import PRESETS, ModelArgs, RopeScaling
-from kvscope.profiler.weights import empty_model, resolve_model
+from kvscope.model.config import PRESETS, ModelArgs, RopeScaling
+from kvscope.model.weights import empty_model, resolve_model
 
 # Parameter counts of the published checkpoints (tied embeddings counted once).
 PUBLISHED_PARAMS = {
@@ -109,7 +109,7 @@ def test_resolve_model_sources(tmp_path: Path) -> None:
 
 def test_gate_up_split_for_many_rows_equals_the_fused_product() -> None:
     """Prefill-sized inputs run gate and up as two products (contiguous outputs); same values as the fused one."""
-    from kvscope.profiler.model import SPLIT_GATE_UP_MIN_ROWS, FeedForward, apply_rope
+    from kvscope.model.layers import SPLIT_GATE_UP_MIN_ROWS, FeedForward, apply_rope
 
     args = PRESETS["tiny"]
     ff = FeedForward(args)
@@ -124,7 +124,7 @@ def test_gate_up_split_for_many_rows_equals_the_fused_product() -> None:
 
 
 def test_dtype_names_and_device_default() -> None:
-    from kvscope.profiler.runconfig import parse_dtype
+    from kvscope.engine.plan import parse_dtype
 
     assert parse_dtype(None, torch.device("cuda")) is torch.bfloat16
     assert parse_dtype(None, torch.device("cpu")) is torch.float32 and parse_dtype(None) is torch.float32

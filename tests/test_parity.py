@@ -6,10 +6,10 @@ import pytest
 import torch
 from helpers import TINY_CONFIGS, hf_last_logits, hf_model, rel_err
 
-from kvscope.profiler.engine import Engine, pad_prompts
-from kvscope.profiler.model import ModelArgs
-from kvscope.profiler.runconfig import RunConfig
-from kvscope.profiler.weights import empty_model, load_hf_tensors
+from kvscope.engine.loop import Engine, pad_prompts
+from kvscope.engine.plan import RunConfig
+from kvscope.model.config import ModelArgs
+from kvscope.model.weights import empty_model, load_hf_tensors
 
 DEVICE = torch.device("cpu")
 STEPS = 16

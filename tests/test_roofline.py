@@ -18,8 +18,8 @@ from kvscope.analysis.roofline import (
     weights_read_bytes,
 )
 from kvscope.cli import main
+from kvscope.model.config import PRESETS
 from kvscope.profiler.calibrate import load_ceilings
-from kvscope.profiler.model import PRESETS
 
 
 def test_weights_read_once_tied_and_untied() -> None:

@@ -13,7 +13,7 @@ import torch
 from kvscope.cli import main
 from kvscope.errors import KvscopeError
 from kvscope.io import read_metadata
-from kvscope.profiler.model import PRESETS
+from kvscope.model.config import PRESETS
 
 REPS, GEN, SEQ, BATCH = 3, 6, 12, 2
 OPS = {"norm", "qkv", "rope", "kv_write", "attn", "o_proj", "mlp"}
@@ -187,7 +187,7 @@ def test_existing_output_is_never_overwritten(run_dir: Path, capsys: pytest.Capt
 
 
 def test_failure_mid_run_leaves_no_partial_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvscope.profiler import run as run_mod
+    from kvscope.commands import run as run_mod
 
     def boom(*a: object, **k: object) -> None:
         raise RuntimeError("simulated failure while writing")
@@ -220,8 +220,8 @@ def test_sigterm_mid_run_leaves_no_partial_folder(tmp_path: Path) -> None:
 
 
 def test_events_reserved_ahead_match_the_regions_of_a_rep(run_dir: Path) -> None:
+    from kvscope.commands.run import regions_per_rep
     from kvscope.profiler.instrument import Instrument
-    from kvscope.profiler.run import regions_per_rep
 
     t = pd.read_parquet(run_dir / "timings.parquet")
     per_rep = t[t["rep"] == 1]
@@ -239,7 +239,7 @@ def test_kv_prediction_matches_measured_allocation(run_dir: Path) -> None:
 
 
 def test_graphs_default_on_for_cuda_at_every_granularity() -> None:
-    from kvscope.profiler.run import RunSpec, use_graphs
+    from kvscope.commands.run import RunSpec, use_graphs
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing runs on them
     for g in ("none", "phase", "layer", "op"):

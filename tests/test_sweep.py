@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kvscope.cli import main
-from kvscope.profiler import sweep as sweep_mod
-from kvscope.profiler.run import CLASSIC_COLUMNS
+from kvscope.commands import sweep as sweep_mod
+from kvscope.commands.run import CLASSIC_COLUMNS
 
 BASE = ["sweep", "--model", "tiny", "--device", "cpu", "--gen-tokens", "3", "--warmup", "0", "--reps", "2"]
 

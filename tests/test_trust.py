@@ -118,7 +118,7 @@ def test_percentiles_only_with_enough_samples(tmp_path: Path, reps: int, p90: bo
 
 
 def test_percentile_gate_at_100_samples() -> None:
-    from kvscope.profiler.run import percentile
+    from kvscope.commands.run import percentile
 
     assert math.isnan(percentile(list(range(99)), 99))
     assert percentile(list(range(100)), 99) == np.percentile(range(100), 99)
@@ -128,7 +128,7 @@ def test_percentile_gate_at_100_samples() -> None:
 
 
 def test_spread_flag_marks_a_host_bound_phase() -> None:
-    from kvscope.profiler.run import SPREAD_FLAG_PCT, spread
+    from kvscope.commands.run import SPREAD_FLAG_PCT, spread
 
     tight = spread([10.0, 10.1, 10.0, 9.9, 10.05])
     assert tight["iqr_pct"] < SPREAD_FLAG_PCT and not tight["wide"]
@@ -141,7 +141,7 @@ def test_spread_flag_marks_a_host_bound_phase() -> None:
 def test_summary_table_shows_spread_and_samples(tmp_path: Path) -> None:
     from rich.console import Console
 
-    from kvscope.report_table import summary_table
+    from kvscope.commands.summary_table import summary_table
 
     s, _ = _run(tmp_path, "--reps", "3", "--granularity", "phase")
     console = Console(width=200, record=True)
@@ -152,7 +152,7 @@ def test_summary_table_shows_spread_and_samples(tmp_path: Path) -> None:
 
 
 def test_cuda_needs_a_warmup() -> None:
-    from kvscope.profiler.run import RunSpec, check_warmup
+    from kvscope.commands.run import RunSpec, check_warmup
 
     check_warmup(RunSpec(warmup=0), torch.device("cpu"))  # nothing to compile or capture on the CPU
     check_warmup(RunSpec(warmup=1), torch.device("cuda"))
@@ -291,7 +291,7 @@ def test_nvml_on_cpu_starts_nothing() -> None:
 
 # ---- nsys capture hygiene -------------------------------------------------------------------------------------
 def test_importer_search_stays_inside_the_nsys_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvscope.profiler.nsys_capture import find_importer
+    from kvscope.commands.nsys import find_importer
 
     monkeypatch.delenv("QDSTRM_IMPORTER", raising=False)
     install = tmp_path / "nsight" / "target-linux-x64"
@@ -320,7 +320,7 @@ def test_importer_search_stays_inside_the_nsys_install(tmp_path: Path, monkeypat
 def test_capture_never_takes_another_process_raw_capture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stand-in nsys that leaves its raw capture unimported (as nsys does without libdw) in its TMPDIR: capture()
     imports that one, not the newer one another process left in /tmp."""
-    from kvscope.profiler import nsys_capture
+    from kvscope.commands import nsys as nsys_capture
 
     fake = tmp_path / "bin"
     fake.mkdir()

@@ -23,7 +23,7 @@ from kvscope.errors import KvscopeError
 # the `clock` of timings rows timed by marks inside a CUDA graph (kvscope.profiler.instrument.GRAPH_CLOCK; the
 # tests keep the two equal): such regions have no NVTX range of their own
 GRAPH_CLOCK = "cuda-graph"
-# columns of summary.parquet that every sweep shares, in this order (kvscope.profiler.run.CLASSIC_COLUMNS; the tests
+# columns of summary.parquet that every sweep shares, in this order (kvscope.commands.run.CLASSIC_COLUMNS; the tests
 # keep the two equal)
 CLASSIC_COLUMNS = ("seq_len", "batch", "prefill_p50_ms", "prefill_ms_per_tok", "prefill_tok_s",
                    "decode_p50_ms_per_tok", "decode_tok_s", "total_tok_s", "vram_reserved_mb", "flag")

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from kvscope.errors import KvscopeError
 
-if TYPE_CHECKING:  # for annotations only: analysis imports no torch (kvscope.profiler.model does)
-    from kvscope.profiler.model import ModelArgs
+if TYPE_CHECKING:  # for annotations only: analysis imports no torch (kvscope.model.config does)
+    from kvscope.model.config import ModelArgs
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 GIB_BYTES = 2**30

@@ -22,8 +22,8 @@ import pandas as pd
 
 from kvscope.analysis.kvmath import kv_bytes_per_token
 
-if TYPE_CHECKING:  # for annotations only: analysis imports no torch (kvscope.profiler.model does)
-    from kvscope.profiler.model import ModelArgs
+if TYPE_CHECKING:  # for annotations only: analysis imports no torch (kvscope.model.config does)
+    from kvscope.model.config import ModelArgs
 
 GB = 1e9
 TFLOP = 1e12

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.kernels.launch import DTYPE_MACROS, f32, i32, i64, launch, ptr
-from kvscope.profiler.model import apply_rope
+from kvscope.model.layers import apply_rope
 
 VEC_BYTES = 16
 _BLOCK = 256

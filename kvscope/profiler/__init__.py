@@ -1,1 +1,2 @@
-"""The hand-written decode loop: model architecture, weights, KV cache, engine and (later) instrumentation."""
+"""The instruments: regions with CUDA events (or the host clock) and NVTX ranges, marks inside CUDA graphs, NVML
+sampled from a child process, timing helpers and the calibration of a GPU's ceilings."""

@@ -22,7 +22,7 @@ import torch
 from kvscope.analysis.roofline import Ceilings
 from kvscope.errors import KvscopeError
 from kvscope.io import write_json
-from kvscope.profiler.model import ModelArgs
+from kvscope.model.config import ModelArgs
 from kvscope.profiler.timing import graph_ms, median_event_ms
 
 COPY_BYTES = 2**30

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from kvscope.errors import KvscopeError
-from kvscope.profiler.model import ModelArgs
+from kvscope.model.config import ModelArgs
 
 
 class KVCache:

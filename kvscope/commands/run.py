@@ -41,13 +41,13 @@ import torch
 
 from kvscope.analysis.kvmath import kv_bytes_per_token
 from kvscope.argtypes import INT64_MAX, NVML_INTERVAL_MAX_MS, UINT64_MAX
+from kvscope.engine.loop import Engine
+from kvscope.engine.plan import RunConfig, parse_dtype, resolve_device
 from kvscope.errors import KvscopeError
 from kvscope.io import write_json, write_parquet
-from kvscope.profiler.engine import Engine
+from kvscope.model.weights import ModelSource, load_model, resolve_model
 from kvscope.profiler.instrument import GRANULARITIES, Instrument
 from kvscope.profiler.nvml import NvmlSampler
-from kvscope.profiler.runconfig import RunConfig, parse_dtype, resolve_device
-from kvscope.profiler.weights import ModelSource, load_model, resolve_model
 
 DEFAULT_MODEL_CUDA = "qwen2.5-3b"
 DEFAULT_MODEL_CPU = "tiny"

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from kvscope.errors import KvscopeError
-from kvscope.profiler.model import PRESETS, ModelArgs, Transformer, show_value
+from kvscope.model.config import PRESETS, ModelArgs, show_value
+from kvscope.model.layers import Transformer
 
 INIT_STD = 0.02  # standard deviation of random weights (the usual initializer_range of these families)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

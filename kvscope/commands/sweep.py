@@ -60,12 +60,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from kvscope.commands.run import CLASSIC_COLUMNS, RunSpec, measure, prepare, use_graphs, use_kernels
+from kvscope.engine.plan import RunConfig
 from kvscope.errors import KvscopeError
 from kvscope.io import METADATA_KEY
-from kvscope.profiler.kv_cache import KVCache
-from kvscope.profiler.run import CLASSIC_COLUMNS, RunSpec, measure, prepare, use_graphs, use_kernels
-from kvscope.profiler.runconfig import RunConfig
-from kvscope.profiler.weights import ModelSource, load_model
+from kvscope.model.kv_cache import KVCache
+from kvscope.model.weights import ModelSource, load_model
 
 DEFAULT_COLLAPSE_FACTOR = 2.0
 FORMATS = {".csv": "csv", ".parquet": "parquet"}

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kvscope.engine.plan import RunConfig
 from kvscope.errors import KvscopeError
 from kvscope.kernels import ops as kops
-from kvscope.profiler.attention import DecodeMeta, decode_attention, flash_decode_ok, prefill_attention
+from kvscope.model.attention import DecodeMeta, decode_attention, flash_decode_ok, prefill_attention
+from kvscope.model.kv_cache import KVCache
+from kvscope.model.layers import Transformer, apply_rope, linear_residual_, rope_tables
 from kvscope.profiler.instrument import GraphTimer, Instrument
-from kvscope.profiler.kv_cache import KVCache
-from kvscope.profiler.model import Transformer, apply_rope, linear_residual_, rope_tables
-from kvscope.profiler.runconfig import RunConfig
 
 # largest RoPE table (bytes, each of cos and sin) a prefill materialises at the projection's shape
 PREFILL_ROPE_TABLE_MAX_BYTES = 64 * 2**20

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from kvscope.errors import KvscopeError
-from kvscope.profiler.attention import ATTN_IMPLS
-from kvscope.profiler.model import ModelArgs
+from kvscope.model.attention import ATTN_IMPLS
+from kvscope.model.config import ModelArgs
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

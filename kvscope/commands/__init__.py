@@ -1,0 +1,1 @@
+"""The commands: one module per `kvscope` subcommand, each a thin orchestration over the layers below."""
