@@ -18,30 +18,21 @@ zero CUDA-event time, a phase whose kernels sum to zero time.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis.inputs import GRAPH_CLOCK
 from kvscope.analysis.kernel_classes import classify
 from kvscope.analysis.nsys import NsysExport
 from kvscope.analysis.projection import Projection
+from kvscope.analysis.schema import GRAPH_CLOCK, NAME_PATTERNS, NVTX_DOMAIN
 from kvscope.errors import KvscopeError
 
-KVSCOPE_DOMAIN = "kvscope"
 NS_PER_MS = 1e6
 # a step is launch-bound when its GPU is idle for more than this share of the step's GPU span: the kernels wait for
 # the host to launch them rather than for memory or math
 LAUNCH_BOUND_IDLE_FRACTION = 0.2
-_KIND_PATTERNS = (
-    ("run", re.compile(r"^run bs=(\d+) seq=(\d+) gen=(\d+)$")),
-    ("rep", re.compile(r"^rep (\d+)$")),
-    ("phase", re.compile(r"^(prefill|decode)$")),
-    ("step", re.compile(r"^decode step (\d+)$")),
-    ("op", re.compile(r"^L(\d+)\.(\w+)$")),
-    ("layer", re.compile(r"^L(\d+)$|^(embed|lm_head|sample)$")),
-)
+KVSCOPE_DOMAIN = NVTX_DOMAIN
+_KIND_PATTERNS = NAME_PATTERNS
 _KEYS = ("run", "rep", "phase", "step", "layer", "op")
 
 

@@ -18,19 +18,17 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from kvscope.analysis.schema import (  # re-exported: readers of run folders take them from here
+    CLASSIC_COLUMNS,
+    GRAPH_CLOCK,
+    NSYS_RUN_SUBFOLDER,
+    SUMMARY_FILE,
+    TIMINGS_FILE,
+)
 from kvscope.errors import KvscopeError
 
-# the `clock` of timings rows timed by marks inside a CUDA graph (kvscope.profiler.instrument.GRAPH_CLOCK; the
-# tests keep the two equal): such regions have no NVTX range of their own
-GRAPH_CLOCK = "cuda-graph"
-# columns of summary.parquet that every sweep shares, in this order (kvscope.commands.run.CLASSIC_COLUMNS; the tests
-# keep the two equal)
-CLASSIC_COLUMNS = ("seq_len", "batch", "prefill_p50_ms", "prefill_ms_per_tok", "prefill_tok_s",
-                   "decode_p50_ms_per_tok", "decode_tok_s", "total_tok_s", "vram_reserved_mb", "flag")
-SUMMARY_FILE = "summary.parquet"
-TIMINGS_FILE = "timings.parquet"
-# the run folder inside a `kvscope nsys` output folder
-NSYS_RUN_SUBFOLDER = "run"
+__all__ = ["CLASSIC_COLUMNS", "GRAPH_CLOCK", "NSYS_RUN_SUBFOLDER", "SUMMARY_FILE", "TIMINGS_FILE"]
+
 MISSING_SPELLINGS = frozenset({"", "nan", "na", "n/a", "null", "none"})
 _READ_ERRORS = (OSError, ValueError, pa.ArrowException)
 

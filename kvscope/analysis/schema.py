@@ -1,0 +1,116 @@
+"""The contract between what kvscope writes and what its analysis reads: region names, level and op names, file and
+column names, clock names. Torch-free; the engine, the instruments and the commands import it (downward), the
+analysis reads by it.
+
+Region names (the NVTX range message and the `name` column of timings.parquet):
+
+| level | name | keys |
+| --- | --- | --- |
+| run | `run bs=B seq=S gen=G` | |
+| rep | `rep R` | rep |
+| phase | `prefill`, `decode` | phase (the prefill is step 0) |
+| step | `decode step N` | phase=decode, step |
+| layer | `L07` (two digits at least), `embed`, `lm_head`, `sample` | layer (numbered ones) |
+| op | `L07.attn` (an op of OPS) | layer, op |
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+NVTX_DOMAIN = "kvscope"
+# `clock` of timings rows: CUDA events, the host clock (a CPU run), or marks inside a replayed CUDA graph (such a
+# region has no NVTX range of its own)
+CUDA_CLOCK = "cuda"
+HOST_CLOCK = "host"
+GRAPH_CLOCK = "cuda-graph"
+GRANULARITIES = ("none", "phase", "layer", "op")
+LEVELS = ("run", "rep", "phase", "step", "layer", "op")
+PHASES = ("prefill", "decode")
+# ops of a decoder layer, in the order they run (with kvscope's kernels `rope` includes the cache write and there is
+# no `kv_write`)
+OPS = ("norm", "qkv", "rope", "kv_write", "attn", "o_proj", "mlp")
+# layer-level regions that are not decoder layers
+NAMED_LAYERS = ("embed", "lm_head", "sample")
+
+SUMMARY_FILE = "summary.parquet"
+TIMINGS_FILE = "timings.parquet"
+NVML_FILE = "nvml.parquet"
+TRACE_FILE = "trace.json"
+# the run folder inside a `kvscope nsys` output folder
+NSYS_RUN_SUBFOLDER = "run"
+# columns of summary.parquet that every sweep shares, in this order
+CLASSIC_COLUMNS = ("seq_len", "batch", "prefill_p50_ms", "prefill_ms_per_tok", "prefill_tok_s",
+                   "decode_p50_ms_per_tok", "decode_tok_s", "total_tok_s", "vram_reserved_mb", "flag")
+TIMING_COLUMNS = ("run_id", "rep", "level", "phase", "step", "layer", "op", "name", "start_ms", "dur_ms",
+                  "host_enqueue_ms", "clock", "batch", "seq_len", "gen_tokens", "context_len", "tokens")
+NVML_COLUMNS = ("t_ms", "gpu_util_pct", "mem_util_pct", "mem_used_mb", "sm_clock_mhz", "mem_clock_mhz", "power_w",
+                "temp_c", "clock_event_reasons")
+
+
+# ---- region names --------------------------------------------------------------------------------------------------
+def run_name(batch: int, seq: int, gen_tokens: int) -> str:
+    return f"run bs={batch} seq={seq} gen={gen_tokens}"
+
+
+def rep_name(rep: int) -> str:
+    return f"rep {rep}"
+
+
+def step_name(step: int) -> str:
+    return f"decode step {step}"
+
+
+def layer_name(layer: int, n_layers: int) -> str:
+    """`L07`: zero-padded to the width of the last layer's index, two digits at least, so names sort."""
+    width = max(2, len(str(n_layers - 1)))
+    return f"L{layer:0{width}d}"
+
+
+def op_name(layer: int, n_layers: int, op: str) -> str:
+    return f"{layer_name(layer, n_layers)}.{op}"
+
+
+# (level, pattern) in the order a name is tried; the groups are read by `parse` and by vectorised readers
+# (kvscope.analysis.align.label_ranges)
+NAME_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("run", re.compile(r"^run bs=(\d+) seq=(\d+) gen=(\d+)$")),
+    ("rep", re.compile(r"^rep (\d+)$")),
+    ("phase", re.compile(r"^(prefill|decode)$")),
+    ("step", re.compile(r"^decode step (\d+)$")),
+    ("op", re.compile(r"^L(\d+)\.(\w+)$")),
+    ("layer", re.compile(r"^L(\d+)$|^(embed|lm_head|sample)$")),
+)
+
+
+@dataclass(frozen=True)
+class RegionKeys:
+    """What a region name says by itself (keys it inherits from enclosing regions are not in its name)."""
+
+    level: str
+    rep: int | None = None
+    phase: str | None = None
+    step: int | None = None
+    layer: int | None = None
+    op: str | None = None
+
+
+def parse(name: str) -> RegionKeys | None:
+    """The level and keys of a kvscope region name, or None for a name kvscope does not write."""
+    for level, pattern in NAME_PATTERNS:
+        m = pattern.match(name)
+        if m is None:
+            continue
+        if level == "rep":
+            return RegionKeys(level, rep=int(m[1]))
+        if level == "phase":
+            return RegionKeys(level, phase=m[1], step=0 if m[1] == "prefill" else None)
+        if level == "step":
+            return RegionKeys(level, phase="decode", step=int(m[1]))
+        if level == "op":
+            return RegionKeys(level, layer=int(m[1]), op=m[2])
+        if level == "layer":
+            return RegionKeys(level, layer=int(m[1]) if m[1] is not None else None)
+        return RegionKeys(level)
+    return None
