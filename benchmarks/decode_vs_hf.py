@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,7 +31,6 @@ from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunConfig
 from kvscope.io import write_json
 from kvscope.model.config import ModelArgs
-from kvscope.model.weights import empty_model, load_hf_tensors
 from kvscope.profiler.calibrate import load_ceilings, matvec_chain_ms
 from kvscope.profiler.timing import event_ms, median_event_ms
 
@@ -38,21 +38,14 @@ IMPLS = ("hf-eager", "hf-static-compiled", "kvscope-eager", "kvscope-graphs")
 CUDA = torch.device("cuda")
 
 
-def hf_model(args: ModelArgs) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def reference_models(args: ModelArgs) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """transformers' model of `args` (sdpa attention, bfloat16, random weights at the scale of our own init) and
+    kvscope's model holding the same weights: the test suite's reference set-up (tests/helpers.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import hf_model, hf_to, ours_from_hf
 
-    cfg = args.to_hf_config()
-    hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k != "architectures"})
-    torch.manual_seed(0)
-    with torch.device(CUDA):
-        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
-    return model.eval()
+    hf = hf_to(hf_model(args, seed=0, device=CUDA, attn="sdpa", std=0.02, norm_jitter=0.0), torch.bfloat16)
+    return hf, ours_from_hf(hf, args, CUDA, torch.bfloat16)
 
 
 @torch.inference_mode()
@@ -118,9 +111,7 @@ def main() -> None:
     if bad:
         raise SystemExit(f"unknown impl(s): {bad}; choose from {IMPLS}")
     ceilings = load_ceilings(torch.cuda.get_device_name())
-    hf = hf_model(args)
-    ours = empty_model(args, CUDA, torch.bfloat16)
-    load_hf_tensors(ours, hf.state_dict().items())
+    hf, ours = reference_models(args)
     rows = []
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {ns.model} bf16, "
           f"copy ceiling {ceilings.copy_gb_s if ceilings else 'not calibrated'} GB/s")

@@ -1,10 +1,15 @@
-"""Shared helpers of the tests: tiny configs of each family and a transformers reference built from them."""
+"""Shared helpers of the tests (and of benchmarks/decode_vs_hf.py): tiny configs of each family, the transformers
+reference model built from a config and kvscope's model holding its weights."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+
+from kvscope.model.config import ModelArgs
+from kvscope.model.layers import Transformer
+from kvscope.model.weights import empty_model, load_hf_tensors
 
 # Tiny random configs, one per family and spelling. Sizes are odd on purpose (head_dim 16, GQA 4:2, 3:1).
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -40,25 +45,47 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def hf_model(config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32,
-             device: str = "cpu") -> torch.nn.Module:
-    """A transformers model of `config` with every parameter random (biases and norm weights too)."""
+def hf_model(config: dict[str, Any] | ModelArgs, seed: int = 0, *, device: str | torch.device = "cpu",
+             attn: str = "eager", std: float = 0.05, norm_jitter: float = 0.1) -> torch.nn.Module:
+    """The transformers reference of `config` (a config.json dict, or ModelArgs in its transformers-5 spelling),
+    built on `device` in float32 under `torch.manual_seed(seed)`, every parameter random: norm weights
+    1 + norm_jitter * N(0, 1) (exactly 1 with norm_jitter 0), all others N(0, std), biases too. Another dtype:
+    `hf_to`; our model with the same weights: `ours_from_hf`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = dict(config)
-    model_type = cfg.pop("model_type")
-    cfg.pop("architectures", None)
-    hf_cfg = AutoConfig.for_model(model_type, **cfg)
-    hf_cfg._attn_implementation = "eager"
+    cfg = config.to_hf_config() if isinstance(config, ModelArgs) else dict(config)
+    hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k != "architectures"})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager")
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            if name.endswith("norm.weight") and norm_jitter:
+                p.copy_(1.0 + norm_jitter * torch.randn_like(p))
+            elif name.endswith("norm.weight"):
+                p.fill_(1.0)
             else:
-                p.normal_(0.0, 0.05)
-    return model.to(device=device, dtype=dtype).eval()
+                p.normal_(0.0, std)
+    return model.eval()
+
+
+def hf_to(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """transformers' model in `dtype`, its RoPE inverse frequencies kept in float32 as `from_pretrained` keeps them
+    (a plain `.to(bfloat16)` also rounds those buffers, which moves every angle)."""
+    model = model.to(dtype)
+    for mod in model.modules():
+        if hasattr(mod, "inv_freq"):
+            fresh = type(mod)(mod.config).to(mod.inv_freq.device)
+            mod.inv_freq, mod.original_inv_freq = fresh.inv_freq, fresh.original_inv_freq
+    return model
+
+
+def ours_from_hf(hf: torch.nn.Module, args: ModelArgs, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Transformer:
+    """kvscope's model of `args` on `device` in `dtype`, holding the weights of the transformers model `hf`."""
+    model = empty_model(args, device, dtype)
+    load_hf_tensors(model, hf.state_dict().items())
+    return model
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_CONFIGS, hf_last_logits, hf_model, rel_err
+from helpers import TINY_CONFIGS, hf_last_logits, hf_model, ours_from_hf, rel_err
 
 from kvscope.engine.loop import Engine, pad_prompts
 from kvscope.engine.plan import RunConfig
 from kvscope.model.config import ModelArgs
-from kvscope.model.weights import empty_model, load_hf_tensors
 
 DEVICE = torch.device("cpu")
 STEPS = 16
@@ -17,9 +16,7 @@ LOGIT_RTOL = 1e-4
 
 
 def _ours(family: str, hf: torch.nn.Module, batch: int, max_seq: int, attn: str) -> Engine:
-    args = ModelArgs.from_hf_config(TINY_CONFIGS[family], name=family)
-    model = empty_model(args, DEVICE, torch.float32)
-    load_hf_tensors(model, hf.state_dict().items())
+    model = ours_from_hf(hf, ModelArgs.from_hf_config(TINY_CONFIGS[family], name=family), DEVICE)
     return Engine(model, RunConfig(batch, max_seq, torch.float32, DEVICE, attn))
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvscope.errors import KvscopeError
+from kvscope.model.config import kv_bytes_per_token  # torch-free; also KVCache.bytes_for's formula
 
 if TYPE_CHECKING:  # for annotations only: analysis imports no torch (kvscope.model.config does)
     from kvscope.model.config import ModelArgs
@@ -31,11 +32,6 @@ def dtype_bytes(name: str) -> int:
     if key not in DTYPE_BYTES:
         raise KvscopeError(f"unknown dtype {name!r}; choose from bf16, fp16, fp32, fp8")
     return DTYPE_BYTES[key]
-
-
-def kv_bytes_per_token(args: ModelArgs, kv_bytes: int) -> int:
-    """K and V of one token, all layers."""
-    return args.n_layers * 2 * args.n_kv_heads * args.head_dim * kv_bytes
 
 
 def weights_bytes(args: ModelArgs, w_bytes: int) -> int:

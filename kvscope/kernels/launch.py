@@ -18,7 +18,8 @@ import torch
 
 from kvscope.errors import KvscopeError
 
-DTYPE_MACROS = {torch.bfloat16: "KV_BF16", torch.float16: "KV_F16", torch.float32: "KV_F32"}  # picks elem_t
+# the macro that picks elem_t, per dtype the kernels are built for (every dtype of kvscope.model.dtypes)
+DTYPE_MACROS = {torch.float32: "KV_F32", torch.bfloat16: "KV_BF16", torch.float16: "KV_F16"}
 KERNEL_FILES = {"kvscope_stamp": "stamp.cu", "kvscope_rms_norm": "rms_norm.cu", "kvscope_silu_mul": "silu_mul.cu",
                 "kvscope_rope_kv": "rope_kv.cu"}
 

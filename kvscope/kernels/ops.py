@@ -12,8 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.kernels.launch import DTYPE_MACROS, f32, i32, i64, launch, ptr
+from kvscope.model.dtypes import dtype_name
 from kvscope.model.layers import apply_rope
 
+DTYPE_NAMES = tuple(dtype_name(d) for d in DTYPE_MACROS)  # the dtypes the kernels run in
+# kernel vs its `*_ref`, per dtype (torch.testing.assert_close's atol/rtol): both round through the dtype at the same
+# places; what is left is the order of float sums (RMSNorm's mean) and __expf against torch's exp, at most a unit in
+# the last place of the dtype. The GPU tests and benchmarks/kernels.py check against it.
+REF_TOLERANCE: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.bfloat16: {"atol": 1e-2, "rtol": 8e-3},
+    torch.float16: {"atol": 1e-3, "rtol": 1e-3},
+}
 VEC_BYTES = 16
 _BLOCK = 256
 GRID_Y_MAX = 65535  # CUDA's limit on gridDim.y
@@ -41,7 +51,7 @@ def _need_cuda(name: str, dtype: torch.dtype, *tensors: torch.Tensor) -> None:
         if t.dtype != dtype:
             raise ValueError(f"{name}: dtype {t.dtype} where {dtype} is expected (shape {tuple(t.shape)})")
     if dtype not in DTYPE_MACROS:
-        raise ValueError(f"{name}: dtype {dtype} not supported (float32, bfloat16, float16)")
+        raise ValueError(f"{name}: dtype {dtype_name(dtype)} not supported ({', '.join(DTYPE_NAMES)})")
 
 
 def _rows(name: str, x: torch.Tensor) -> tuple[int, int, int]:

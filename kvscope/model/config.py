@@ -1,14 +1,14 @@
 """Architecture numbers of the Llama-family decoders kvscope runs (Llama 2/3, Qwen2/Qwen2.5, Mistral): torch-free.
 
 `ModelArgs` (checked, with derived fields filled in `__post_init__`), its named presets, and its reading of a Hugging
-Face `config.json` (both the transformers-4 and -5 spellings). The `nn.Module`s are in `kvscope.model.layers`; run
+Face `config.json` (both the transformers-4 and -5 spellings; the checked reading of each value:
+`kvscope.model.config_values`). The `nn.Module`s are in `kvscope.model.layers`; run
 budgets (batch, context, dtype, device) in `kvscope.engine.plan`. This module imports no torch, so the analysis
 (kv-math, roofline) can use it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -16,6 +16,16 @@ from typing import Any
 import numpy as np
 
 from kvscope.errors import KvscopeError
+from kvscope.model.config_values import (
+    MAX_SIZE,
+    bool_key,
+    check_int,
+    check_positive,
+    int_key,
+    number_key,
+    show_value,
+    str_list,
+)
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
 _ARCHITECTURE_FAMILY = {
@@ -26,12 +36,8 @@ _ARCHITECTURE_FAMILY = {
 # transformers' own defaults for `tie_word_embeddings` when a config.json leaves it out, per family.
 _TIE_DEFAULT = {"llama": False, "qwen2": False, "mistral": False}
 _SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
-# Largest value of any integer field, and of any fused weight dimension (q + 2 kv rows, gate + up rows): torch and the
-# CUDA kernels index a dimension with 32-bit integers, and no published decoder comes within orders of magnitude.
-MAX_SIZE = 2**31 - 1
 _INT_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "vocab_size",
                "max_position_embeddings")
-_REQUIRED: Any = object()  # marks a config.json key without a default
 # RMSNorm adds eps in float32: a smaller eps is 0 there, and an all-zero row then normalises to NaN
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
@@ -77,14 +83,14 @@ class ModelArgs:
             raise KvscopeError(f"unsupported model family {self.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
         what = f"model {self.name!r}"
         for name in _INT_FIELDS:
-            object.__setattr__(self, name, _check_int(getattr(self, name), f"{what}: {name}"))
-        object.__setattr__(self, "head_dim", _check_int(self.head_dim, f"{what}: head_dim (0: dim // n_heads)",
+            object.__setattr__(self, name, check_int(getattr(self, name), f"{what}: {name}"))
+        object.__setattr__(self, "head_dim", check_int(self.head_dim, f"{what}: head_dim (0: dim // n_heads)",
                                                         minimum=0))
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise KvscopeError(f"{what}: {name} must be true or false, got {show_value(getattr(self, name))}")
-        object.__setattr__(self, "norm_eps", _check_positive(self.norm_eps, f"{what}: norm_eps", _FLOAT32_TINY))
-        object.__setattr__(self, "rope_theta", _check_positive(self.rope_theta, f"{what}: rope_theta"))
+        object.__setattr__(self, "norm_eps", check_positive(self.norm_eps, f"{what}: norm_eps", _FLOAT32_TINY))
+        object.__setattr__(self, "rope_theta", check_positive(self.rope_theta, f"{what}: rope_theta"))
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling, f"{what}: rope_scaling")
         if self.n_heads % self.n_kv_heads:
@@ -153,30 +159,30 @@ class ModelArgs:
         if config.get("hidden_act", "silu") != "silu":
             raise KvscopeError(f"{name}: hidden_act {show_value(config.get('hidden_act'))} is not supported "
                                "(only silu)")
-        if _bool_key(config, "mlp_bias", name, False):
+        if bool_key(config, "mlp_bias", name, False):
             raise KvscopeError(f"{name}: mlp_bias=true is not supported")
-        if family == "qwen2" and _bool_key(config, "use_sliding_window", name, False):
+        if family == "qwen2" and bool_key(config, "use_sliding_window", name, False):
             raise KvscopeError(f"{name}: use_sliding_window=true is not supported")
         theta, scaling = _rope_from_config(config, name)
-        n_heads = _int_key(config, "num_attention_heads", name)
-        attention_bias = _bool_key(config, "attention_bias", name, False)
+        n_heads = int_key(config, "num_attention_heads", name)
+        attention_bias = bool_key(config, "attention_bias", name, False)
         return cls(
             name=name,
             family=family,
-            dim=_int_key(config, "hidden_size", name),
-            n_layers=_int_key(config, "num_hidden_layers", name),
+            dim=int_key(config, "hidden_size", name),
+            n_layers=int_key(config, "num_hidden_layers", name),
             n_heads=n_heads,
-            n_kv_heads=_int_key(config, "num_key_value_heads", name, n_heads),
-            intermediate_size=_int_key(config, "intermediate_size", name),
-            vocab_size=_int_key(config, "vocab_size", name),
-            max_position_embeddings=_int_key(config, "max_position_embeddings", name, 2048),
-            norm_eps=_number_key(config, "rms_norm_eps", name, 1e-6, floor=_FLOAT32_TINY),
+            n_kv_heads=int_key(config, "num_key_value_heads", name, n_heads),
+            intermediate_size=int_key(config, "intermediate_size", name),
+            vocab_size=int_key(config, "vocab_size", name),
+            max_position_embeddings=int_key(config, "max_position_embeddings", name, 2048),
+            norm_eps=number_key(config, "rms_norm_eps", name, 1e-6, floor=_FLOAT32_TINY),
             rope_theta=theta,
             rope_scaling=scaling,
-            tie_word_embeddings=_bool_key(config, "tie_word_embeddings", name, _TIE_DEFAULT[family]),
+            tie_word_embeddings=bool_key(config, "tie_word_embeddings", name, _TIE_DEFAULT[family]),
             qkv_bias=True if family == "qwen2" else attention_bias,
             o_bias=attention_bias if family == "llama" else False,
-            head_dim=_int_key(config, "head_dim", name, 0),
+            head_dim=int_key(config, "head_dim", name, 0),
         )
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -205,107 +211,30 @@ class ModelArgs:
         return cfg
 
 
-# ---- checked reading of config.json values --------------------------------------------------------------------
-def show_value(value: object, limit: int = 80) -> str:
-    """A value as it reads in config.json (strings quoted, true/false/null, Infinity), cut to `limit` characters."""
-    if isinstance(value, str):
-        text = repr(value)
-    else:
-        try:
-            text = json.dumps(value)
-        except (TypeError, ValueError):
-            text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+def kv_bytes_per_token(args: ModelArgs, itemsize: int) -> int:
+    """Bytes of K and V of one token over all layers, at `itemsize` bytes per element: the one formula behind
+    `KVCache.bytes_for` (what the engine allocates) and kv-math (what it predicts)."""
+    return args.n_layers * 2 * args.n_kv_heads * args.head_dim * itemsize
 
 
-def _check_int(value: object, what: str, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
-    """`value` as an int in [minimum, maximum]: a Python/JSON int, or a finite float with no fraction (64.0);
-    never a bool, a string, null or a fraction."""
-    number: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        number = int(value)
-    if number is None:
-        raise KvscopeError(f"{what} must be an integer, got {show_value(value)}")
-    if not minimum <= number <= maximum:
-        raise KvscopeError(f"{what} must be an integer in [{minimum}, {maximum}], got {show_value(value)}")
-    return number
-
-
-def _check_positive(value: object, what: str, floor: float = 0.0) -> float:
-    """`value` as a finite float > 0 and >= `floor` (an int or a float, never a bool or a string)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise KvscopeError(f"{what} must be a number, got {show_value(value)}")
-    try:
-        number = float(value)
-    except OverflowError:  # an int beyond the float range
-        number = math.inf
-    if not (math.isfinite(number) and number > 0 and number >= floor):
-        bound = f">= {floor:.3g} (float32's smallest normal number)" if floor > 0 else "> 0"
-        raise KvscopeError(f"{what} must be a finite number {bound}, got {show_value(value)}")
-    return number
-
-
+# ---- config.json reading specific to ModelArgs ----------------------------------------------------------------
 def _check_rope_scaling(s: RopeScaling, what: str) -> None:
     """Values that would make RoPE's frequencies NaN, infinite or zero are refused (they give NaN logits)."""
     if s.rope_type not in _SUPPORTED_ROPE_TYPES or s.rope_type == "default":
         raise KvscopeError(f"{what}: unsupported rope_type {show_value(s.rope_type)} (supported: llama3, linear; "
                            "no scaling is rope_scaling=None)")
-    _check_positive(s.factor, f"{what}: factor")
+    check_positive(s.factor, f"{what}: factor")
     if s.rope_type == "llama3":
-        low = _check_positive(s.low_freq_factor, f"{what}: low_freq_factor")
-        high = _check_positive(s.high_freq_factor, f"{what}: high_freq_factor")
+        low = check_positive(s.low_freq_factor, f"{what}: low_freq_factor")
+        high = check_positive(s.high_freq_factor, f"{what}: high_freq_factor")
         if not high > low:
             raise KvscopeError(f"{what}: high_freq_factor ({high}) must be greater than low_freq_factor ({low})")
-        _check_int(s.original_max_position_embeddings, f"{what}: original_max_position_embeddings")
-
-
-def _get(config: dict[str, Any], key: str, name: str, default: Any) -> Any:
-    """config[key]; absent or null: `default`, or an error naming the key when it has none."""
-    value = config.get(key)
-    if value is not None:
-        return value
-    if default is _REQUIRED:
-        raise KvscopeError(f"{name}: config.json lacks required key {key!r}" if key not in config
-                           else f"{name}: config.json key {key!r} is null, and it is required")
-    return default
-
-
-def _int_key(config: dict[str, Any], key: str, name: str, default: Any = _REQUIRED, prefix: str = "") -> int:
-    if config.get(key) is None:
-        return _get(config, key, name, default)
-    return _check_int(config[key], f"{name}: {prefix}{key}")
-
-
-def _number_key(config: dict[str, Any], key: str, name: str, default: Any = _REQUIRED, prefix: str = "",
-                floor: float = 0.0) -> float:
-    value = _get(config, key, name, default)
-    return _check_positive(value, f"{name}: {prefix}{key}", floor)
-
-
-def _bool_key(config: dict[str, Any], key: str, name: str, default: bool) -> bool:
-    value = _get(config, key, name, default)
-    if not isinstance(value, bool):
-        raise KvscopeError(f"{name}: {key} must be true or false, got {show_value(value)}")
-    return value
-
-
-def _str_list(config: dict[str, Any], key: str, name: str) -> list[str]:
-    """A list-of-strings key; a single string counts as a list of one, absent or null as an empty list."""
-    value = config.get(key)
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise KvscopeError(f"{name}: {key} must be a list of strings, got {show_value(value)}")
-    return value
+        check_int(s.original_max_position_embeddings, f"{what}: original_max_position_embeddings")
 
 
 def _family_of(config: dict[str, Any], name: str = "config") -> str:
     model_type = config.get("model_type")
-    archs = _str_list(config, "architectures", name)
+    archs = str_list(config, "architectures", name)
     if isinstance(model_type, str) and model_type in SUPPORTED_FAMILIES:
         return model_type
     for arch in archs:
@@ -333,7 +262,7 @@ def _rope_from_config(config: dict[str, Any], name: str) -> tuple[float, RopeSca
         theta_src, theta_prefix = config, ""
         scaling_src = config.get("rope_scaling")
         prefix = "rope_scaling."
-    theta = _number_key(theta_src, "rope_theta", name, 10000.0, prefix=theta_prefix)
+    theta = number_key(theta_src, "rope_theta", name, 10000.0, prefix=theta_prefix)
     if not scaling_src:
         return theta, None
     rope_type = scaling_src.get("rope_type")
@@ -345,16 +274,16 @@ def _rope_from_config(config: dict[str, Any], name: str) -> tuple[float, RopeSca
         raise KvscopeError(f"{name}: rope_type {show_value(rope_type)} is not supported (supported: llama3, linear)")
     if scaling_src.get("factor") is None:
         raise KvscopeError(f"{name}: rope scaling {rope_type!r} lacks 'factor'")
-    factor = _number_key(scaling_src, "factor", name, prefix=prefix)
+    factor = number_key(scaling_src, "factor", name, prefix=prefix)
     if rope_type == "linear":
         return theta, RopeScaling("linear", factor)
-    low = _number_key(scaling_src, "low_freq_factor", name, 1.0, prefix=prefix)
-    high = _number_key(scaling_src, "high_freq_factor", name, 4.0, prefix=prefix)
+    low = number_key(scaling_src, "low_freq_factor", name, 1.0, prefix=prefix)
+    high = number_key(scaling_src, "high_freq_factor", name, 4.0, prefix=prefix)
     if not high > low:
         raise KvscopeError(f"{name}: {prefix}high_freq_factor ({show_value(high)}) must be greater than "
                            f"{prefix}low_freq_factor ({show_value(low)})")
     return theta, RopeScaling("llama3", factor, low, high,
-                              _int_key(scaling_src, "original_max_position_embeddings", name, 8192, prefix=prefix))
+                              int_key(scaling_src, "original_max_position_embeddings", name, 8192, prefix=prefix))
 
 
 # ---- RoPE frequencies, for the finiteness check (the engine's tables: kvscope.model.layers.rope_inv_freq) ----------

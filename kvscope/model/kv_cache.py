@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from kvscope.errors import KvscopeError
-from kvscope.model.config import ModelArgs
+from kvscope.model.config import ModelArgs, kv_bytes_per_token
+from kvscope.model.dtypes import itemsize
 
 
 class KVCache:
@@ -38,9 +39,8 @@ class KVCache:
 
     @staticmethod
     def bytes_for(args: ModelArgs, batch: int, max_seq: int, dtype: torch.dtype) -> int:
-        """Bytes a cache of this shape takes, without allocating it."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return args.n_layers * 2 * batch * args.n_kv_heads * max_seq * args.head_dim * itemsize
+        """Bytes a cache of this shape takes, without allocating it (kv-math's formula, `kv_bytes_per_token`)."""
+        return kv_bytes_per_token(args, itemsize(dtype)) * batch * max_seq
 
     @property
     def nbytes(self) -> int:
@@ -58,10 +58,6 @@ class KVCache:
     @property
     def host_lengths(self) -> list[int]:
         return list(self._host_lengths)
-
-    def reset(self) -> None:
-        self.lengths.zero_()
-        self._host_lengths = [0] * self.batch
 
     def start(self, lengths: Sequence[int]) -> None:
         """Begin new sequences of the given prompt lengths (host ints); sets the device lengths without a host sync
