@@ -50,7 +50,8 @@ from kvscope.commands.run import regions_per_rep
 from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunConfig, parse_dtype
 from kvscope.io import write_json
-from kvscope.model.weights import load_model, resolve_model
+from kvscope.model.source import resolve_model
+from kvscope.model.weights import load_model
 from kvscope.profiler.instrument import Instrument
 from kvscope.profiler.nvml import NvmlSampler
 

@@ -14,7 +14,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunConfig
-from kvscope.model.weights import load_model, resolve_model
+from kvscope.model.source import resolve_model
+from kvscope.model.weights import load_model
 from kvscope.profiler.timing import median_event_ms
 
 

@@ -13,7 +13,8 @@ import torch
 
 from kvscope.engine.loop import Engine, pad_prompts
 from kvscope.engine.plan import RunConfig, parse_dtype
-from kvscope.model.weights import load_model, resolve_model
+from kvscope.model.source import resolve_model
+from kvscope.model.weights import load_model
 from kvscope.profiler.timing import median_event_ms
 
 

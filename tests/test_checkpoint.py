@@ -13,7 +13,8 @@ from kvscope.cli import main
 from kvscope.engine.loop import Engine, pad_prompts
 from kvscope.engine.plan import RunConfig
 from kvscope.errors import KvscopeError
-from kvscope.model.weights import load_model, resolve_model
+from kvscope.model.source import resolve_model
+from kvscope.model.weights import load_model
 
 CPU = torch.device("cpu")
 

@@ -13,7 +13,8 @@ from torch.nn.attention import sdpa_kernel
 from kvscope.engine.loop import DECODE_SDPA_BACKENDS, Engine, pad_prompts
 from kvscope.engine.plan import RunConfig
 from kvscope.model.config import PRESETS, ModelArgs
-from kvscope.model.weights import empty_model, load_hf_tensors, load_model, resolve_model
+from kvscope.model.source import resolve_model
+from kvscope.model.weights import empty_model, load_hf_tensors, load_model
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

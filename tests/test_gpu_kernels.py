@@ -11,7 +11,8 @@ from kvscope.engine.plan import RunConfig
 from kvscope.kernels import ops as kops
 from kvscope.model.config import PRESETS
 from kvscope.model.layers import rope_tables
-from kvscope.model.weights import load_model, resolve_model
+from kvscope.model.source import resolve_model
+from kvscope.model.weights import load_model
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kvscope.commands.run import RunSpec, execute
+from kvscope.commands.run import execute
+from kvscope.engine.plan import RunSpec
 from kvscope.io import read_metadata
 
 pytestmark = pytest.mark.gpu

@@ -511,9 +511,7 @@ def test_analysis_imports_neither_torch_nor_pyplot() -> None:
 
 
 def test_contract_constants_match_the_profiler() -> None:
-    from kvscope.analysis.inputs import CLASSIC_COLUMNS, GRAPH_CLOCK
-    from kvscope.commands import run
+    from kvscope.analysis.inputs import GRAPH_CLOCK
     from kvscope.profiler import instrument
 
     assert instrument.GRAPH_CLOCK == GRAPH_CLOCK
-    assert run.CLASSIC_COLUMNS == CLASSIC_COLUMNS

@@ -14,6 +14,9 @@ import pytest
 from kvscope.argtypes import INT64_MAX, INT64_MIN, UINT64_MAX
 from kvscope.cli import error_line, join_dash_values, main
 from kvscope.commands import run as run_mod
+from kvscope.commands import run_output
+from kvscope.commands.run_output import OutputFolder, RunResult
+from kvscope.engine.plan import RunSpec, prepare
 from kvscope.errors import KvscopeError
 
 RUN = ["run", "--model", "tiny", "--device", "cpu", "--seq", "8", "--gen-tokens", "2", "--warmup", "0", "--reps", "1"]
@@ -172,8 +175,8 @@ def test_other_runtime_errors_are_not_taken_for_memory(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(run_mod, "measure", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # a bug stays a traceback, not "out of memory"
-        run_mod.execute(run_mod.RunSpec(model="tiny", device="cpu", seq=8, gen_tokens=2, warmup=0, reps=1,
-                                        out=str(tmp_path / "r")))
+        run_mod.execute(RunSpec(model="tiny", device="cpu", seq=8, gen_tokens=2, warmup=0, reps=1,
+                                out=str(tmp_path / "r")))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -189,9 +192,9 @@ def test_other_runtime_errors_are_not_taken_for_memory(tmp_path: Path, monkeypat
 ])
 def test_run_spec_refuses_the_same_values(field: str, value: object, message: str) -> None:
     fields: dict[str, object] = {"model": "tiny", "device": "cpu", "seq": 8, "gen_tokens": 2, "warmup": 0, "reps": 1}
-    spec = run_mod.RunSpec(**{**fields, field: value})
+    spec = RunSpec(**{**fields, field: value})
     with pytest.raises(KvscopeError) as info:
-        run_mod.prepare(spec)
+        prepare(spec)
     assert str(info.value) == message
 
 
@@ -269,9 +272,9 @@ def test_run_out_is_a_device(capsys: pytest.CaptureFixture[str]) -> None:
                               "new or empty folder")
 
 
-def _race(final: Path) -> tuple[run_mod.OutputFolder, run_mod.OutputFolder]:
+def _race(final: Path) -> tuple[OutputFolder, OutputFolder]:
     """Two runs into the same folder: both pass the check at the start, each writes its own temporary folder."""
-    a, b = run_mod.OutputFolder(final), run_mod.OutputFolder(final)
+    a, b = OutputFolder(final), OutputFolder(final)
     assert a.tmp != b.tmp
     (a.tmp / "summary.parquet").write_text("winner")
     (b.tmp / "summary.parquet").write_text("loser")
@@ -300,7 +303,7 @@ def test_race_lost_inside_a_run_is_one_line(tmp_path: Path, monkeypatch: pytest.
     out = tmp_path / "run"
     write_run = run_mod.write_run
 
-    def write_then_lose(result: run_mod.RunResult, folder: Path) -> None:
+    def write_then_lose(result: RunResult, folder: Path) -> None:
         write_run(result, folder)
         out.mkdir()  # another `kvscope run --out SAME` finished first
         (out / "summary.parquet").write_text("the other run's")
@@ -315,7 +318,7 @@ def test_race_lost_inside_a_run_is_one_line(tmp_path: Path, monkeypatch: pytest.
 
 def test_commit_onto_a_file_that_appeared_meanwhile(tmp_path: Path) -> None:
     final = tmp_path / "run"
-    folder = run_mod.OutputFolder(final)
+    folder = OutputFolder(final)
     final.write_text("appeared")
     with pytest.raises(KvscopeError) as info:
         folder.commit()
@@ -338,7 +341,7 @@ def test_disk_full_while_writing(target: str, exc: OSError, reason: str, tmp_pat
     def full(*_a: object, **_k: object) -> None:
         raise exc
 
-    monkeypatch.setattr(run_mod, target, full)
+    monkeypatch.setattr(run_output, target, full)
     out = tmp_path / "deep" / "run"
     assert main([*RUN, "--out", str(out)]) == 2
     assert _run_error(capsys) == f"kvscope: error: cannot write the run folder {out}: {reason}; nothing was kept"

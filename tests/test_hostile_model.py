@@ -17,14 +17,8 @@ from kvscope.cli import main
 from kvscope.errors import KvscopeError
 from kvscope.model.config import MAX_SIZE, ModelArgs, RopeScaling
 from kvscope.model.layers import rope_tables
-from kvscope.model.weights import (
-    _hf_targets,
-    empty_model,
-    load_hf_tensors,
-    load_model,
-    one_line,
-    resolve_model,
-)
+from kvscope.model.source import one_line, resolve_model
+from kvscope.model.weights import _hf_targets, empty_model, load_hf_tensors, load_model
 
 CPU = torch.device("cpu")
 LLAMA = TINY_CONFIGS["llama"]

@@ -27,9 +27,11 @@ from helpers import TINY_CONFIGS
 
 from kvscope.cli import main
 from kvscope.commands import sweep as sweep_mod
-from kvscope.commands.run import RunSpec
+from kvscope.commands.memory import allocation_failure
+from kvscope.commands.sweep_file import model_identity, read_table
+from kvscope.engine.plan import RunPlan, RunSpec
 from kvscope.errors import KvscopeError
-from kvscope.model.weights import resolve_model
+from kvscope.model.source import resolve_model
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = ["sweep", "--model", "tiny", "--device", "cpu", "--gen-tokens", "3", "--warmup", "0", "--reps", "2"]
@@ -71,7 +73,7 @@ def _names(folder: Path) -> list[str]:
 
 
 def _pairs(out: Path) -> list[tuple[int, int]]:
-    df = sweep_mod.read_table(out)
+    df = read_table(out)
     return list(zip(df["seq_len"].tolist(), df["batch"].tolist(), strict=True))
 
 
@@ -279,7 +281,7 @@ def test_resume_refuses_a_file_of_other_recorded_settings(made: dict[str, bytes]
     before = out.read_bytes()
     ours = {"device": "cpu", "cuda_graphs": "False", "kernels": "False", "dtype": "float32", "seed": "0",
             "model_source": "preset:tiny",
-            "model_arch": sweep_mod.model_identity(resolve_model("tiny"))[1]}[column]
+            "model_arch": model_identity(resolve_model("tiny"))[1]}[column]
     assert _sweep(out, "8,16,32", "1,2", "--resume") == 2
     assert _only_error(capsys) == f"kvscope: error: --resume: {out} is a sweep of {column}={value}, this one has " \
                                   f"{column}={ours}"
@@ -344,7 +346,7 @@ def test_resume_never_changes_finished_rows(made: dict[str, bytes], tmp_path: Pa
         assert after.column("flag").to_pylist()[:4] == odd_flags
         meta = json.loads(after.schema.metadata[b"kvscope"])["sweep"]
         assert meta["seqs"] == [8, 16, 32] and meta["collapse_factor"] == 2.0
-    assert sweep_mod.read_table(out)["flag"].tolist()[:4] == odd_flags
+    assert read_table(out)["flag"].tolist()[:4] == odd_flags
 
 
 # ---- 3. a malformed file to resume -----------------------------------------------------------------------------
@@ -494,9 +496,9 @@ def test_resume_tells_config_json_models_apart(case: str, tmp_path: Path, capsys
     first = _config(tmp_path / "a")
     out = tmp_path / "s.csv"
     assert _sweep(out, "8", "1", model=str(first)) == 0
-    assert sweep_mod.read_table(out)["model"].tolist() == ["config"]  # the name alone tells nothing apart
+    assert read_table(out)["model"].tolist() == ["config"]  # the name alone tells nothing apart
     before = out.read_bytes()
-    arch = sweep_mod.model_identity(resolve_model(str(first)))[1]
+    arch = model_identity(resolve_model(str(first)))[1]
     if case == "other-architecture":
         second = _config(tmp_path / "b", intermediate_size=128)
         setting = f"model_source=config:{first}, this one has model_source=config:{second}"
@@ -505,7 +507,7 @@ def test_resume_tells_config_json_models_apart(case: str, tmp_path: Path, capsys
         setting = f"model_source=config:{first}, this one has model_source=config:{second}"
     elif case == "edited-in-place":
         second = _config(tmp_path / "a", num_hidden_layers=3)
-        now = sweep_mod.model_identity(resolve_model(str(second)))[1]
+        now = model_identity(resolve_model(str(second)))[1]
         setting = f"model_arch={arch}, this one has model_arch={now}"
     else:
         second = Path("tiny")
@@ -565,7 +567,7 @@ def test_a_batch_too_large_for_memory_is_oom_and_the_sweep_goes_on(suffix: str, 
     peak = _peak_rss_bytes()
     assert _sweep(out, "8,16", f"1,{HUGE_BATCH},2") == 0
     assert _peak_rss_bytes() - peak < 2**30  # nothing of the 5.6 TB was ever touched
-    df = sweep_mod.read_table(out)
+    df = read_table(out)
     assert _pairs(out) == [(8, 1), (8, HUGE_BATCH), (8, 2), (16, 1), (16, HUGE_BATCH), (16, 2)]
     oom = df["batch"] == HUGE_BATCH
     assert df.loc[oom, "flag"].tolist() == ["oom", "oom"] and df.loc[oom, "decode_tok_s"].isna().all()
@@ -581,12 +583,12 @@ def test_a_failed_allocation_is_oom_on_the_cpu(batch: int, tmp_path: Path, monke
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """With no memory size to predict from, the allocator itself refuses (sizes past any address space fail at
     once, whatever the overcommit policy) and the RuntimeError it raises is taken for oom."""
-    monkeypatch.setattr(sweep_mod, "_device_memory", lambda _device: None)
+    monkeypatch.setattr(sweep_mod, "device_memory", lambda _device: None)
     out = tmp_path / "s.csv"
     peak = _peak_rss_bytes()
     assert _sweep(out, "8", f"1,{batch},2") == 0
     assert _peak_rss_bytes() - peak < 2**30
-    df = sweep_mod.read_table(out)
+    df = read_table(out)
     assert df["flag"].str.contains("oom").tolist() == [False, True, False]
     assert df["decode_tok_s"].notna().tolist() == [True, False, True]
     log = _log(capsys)
@@ -619,12 +621,12 @@ def _cpu_allocation_error() -> RuntimeError:
     (OSError(errno.ENOMEM, "Cannot allocate memory"), False),
 ])
 def test_what_counts_as_an_allocation_failure(exc: BaseException, expected: bool) -> None:
-    assert sweep_mod.is_allocation_failure(exc) is expected
+    assert allocation_failure(exc) is expected
 
 
 def test_the_cpu_allocators_own_error_counts() -> None:
     exc = _cpu_allocation_error()
-    assert "can't allocate memory" in str(exc) and sweep_mod.is_allocation_failure(exc)
+    assert "can't allocate memory" in str(exc) and allocation_failure(exc)
 
 
 @pytest.mark.parametrize("message", ["CUDA error: an illegal memory access was encountered", "shape mismatch"])
@@ -632,10 +634,10 @@ def test_other_errors_stop_the_sweep_and_keep_what_it_finished(message: str, tmp
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     real = sweep_mod.measure
 
-    def fail_second(model: object, spec: RunSpec, *a: object, **k: object) -> object:
-        if spec.batch_size == 2:
+    def fail_second(model: object, plan: RunPlan, *a: object, **k: object) -> object:
+        if plan.spec.batch_size == 2:
             raise RuntimeError(message)
-        return real(model, spec, *a, **k)
+        return real(model, plan, *a, **k)
 
     monkeypatch.setattr(sweep_mod, "measure", fail_second)
     out = tmp_path / "s.csv"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.cli import main
-from kvscope.commands.run import use_kernels
+from kvscope.engine.plan import use_kernels
 from kvscope.errors import KvscopeError
 from kvscope.kernels import ops as kops
 from kvscope.model.config import PRESETS

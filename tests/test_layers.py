@@ -70,6 +70,7 @@ def test_the_analysis_imports_no_torch() -> None:
 @pytest.mark.parametrize("argv", [
     ["kv-math", "--model", "qwen2.5-3b", "--batch-size", "8", "--seq", "4096", "--gpu-mem-gb", "80", "--json"],
     ["report", "tests/data/nsys/qwen25-05b-run", "--out", "{tmp}/rep"],
+    ["align", "tests/data/nsys/tiny.sqlite", "--timings", "tests/data/nsys/tiny-run", "--out", "{tmp}/align"],
 ])
 def test_commands_that_read_files_run_without_torch(argv: list[str], tmp_path: Path) -> None:
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -11,7 +11,8 @@ from helpers import TINY_CONFIGS
 
 from kvscope.errors import KvscopeError
 from kvscope.model.config import PRESETS, ModelArgs, RopeScaling
-from kvscope.model.weights import empty_model, resolve_model
+from kvscope.model.source import resolve_model
+from kvscope.model.weights import empty_model
 
 # Parameter counts of the published checkpoints (tied embeddings counted once).
 PUBLISHED_PARAMS = {

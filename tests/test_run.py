@@ -187,15 +187,17 @@ def test_existing_output_is_never_overwritten(run_dir: Path, capsys: pytest.Capt
 
 
 def test_failure_mid_run_leaves_no_partial_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvscope.commands import run as run_mod
+    from kvscope.commands import run_output
+    from kvscope.commands.run import execute
+    from kvscope.engine.plan import RunSpec
 
     def boom(*a: object, **k: object) -> None:
         raise RuntimeError("simulated failure while writing")
 
-    monkeypatch.setattr(run_mod, "write_json", boom)
+    monkeypatch.setattr(run_output, "write_json", boom)
     with pytest.raises(RuntimeError, match="simulated"):
-        run_mod.execute(run_mod.RunSpec(model="tiny", device="cpu", seq=8, gen_tokens=2, warmup=0, reps=1,
-                                        out=str(tmp_path / "a" / "b")))
+        execute(RunSpec(model="tiny", device="cpu", seq=8, gen_tokens=2, warmup=0, reps=1,
+                        out=str(tmp_path / "a" / "b")))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -239,7 +241,7 @@ def test_kv_prediction_matches_measured_allocation(run_dir: Path) -> None:
 
 
 def test_graphs_default_on_for_cuda_at_every_granularity() -> None:
-    from kvscope.commands.run import RunSpec, use_graphs
+    from kvscope.engine.plan import RunSpec, use_graphs
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing runs on them
     for g in ("none", "phase", "layer", "op"):

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
+from kvscope.analysis.schema import CLASSIC_COLUMNS
 from kvscope.cli import main
 from kvscope.commands import sweep as sweep_mod
-from kvscope.commands.run import CLASSIC_COLUMNS
 
 BASE = ["sweep", "--model", "tiny", "--device", "cpu", "--gen-tokens", "3", "--warmup", "0", "--reps", "2"]
 
@@ -44,10 +44,10 @@ def test_resume_skips_finished_and_rewrites_nothing(tmp_path: Path) -> None:
 def test_oom_is_recorded_and_the_sweep_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = sweep_mod.measure
 
-    def fake(model, spec, *a, **k):
-        if spec.batch_size == 2 and spec.seq == 8:
+    def fake(model, plan, *a, **k):
+        if plan.spec.batch_size == 2 and plan.spec.seq == 8:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model, spec, *a, **k)
+        return real(model, plan, *a, **k)
 
     monkeypatch.setattr(sweep_mod, "measure", fake)
     out = tmp_path / "s.csv"

@@ -118,7 +118,7 @@ def test_percentiles_only_with_enough_samples(tmp_path: Path, reps: int, p90: bo
 
 
 def test_percentile_gate_at_100_samples() -> None:
-    from kvscope.commands.run import percentile
+    from kvscope.analysis.summary import percentile
 
     assert math.isnan(percentile(list(range(99)), 99))
     assert percentile(list(range(100)), 99) == np.percentile(range(100), 99)
@@ -128,7 +128,7 @@ def test_percentile_gate_at_100_samples() -> None:
 
 
 def test_spread_flag_marks_a_host_bound_phase() -> None:
-    from kvscope.commands.run import SPREAD_FLAG_PCT, spread
+    from kvscope.analysis.summary import SPREAD_FLAG_PCT, spread
 
     tight = spread([10.0, 10.1, 10.0, 9.9, 10.05])
     assert tight["iqr_pct"] < SPREAD_FLAG_PCT and not tight["wide"]
@@ -152,7 +152,7 @@ def test_summary_table_shows_spread_and_samples(tmp_path: Path) -> None:
 
 
 def test_cuda_needs_a_warmup() -> None:
-    from kvscope.commands.run import RunSpec, check_warmup
+    from kvscope.engine.plan import RunSpec, check_warmup
 
     check_warmup(RunSpec(warmup=0), torch.device("cpu"))  # nothing to compile or capture on the CPU
     check_warmup(RunSpec(warmup=1), torch.device("cuda"))

@@ -1,4 +1,5 @@
-"""`kvscope nsys`: run `kvscope run` under Nsight Systems, turn the capture into an export, and align it.
+"""`kvscope nsys`: run `kvscope run` under Nsight Systems, turn the capture into an export, and align it, into one
+output folder (report.nsys-rep, report.sqlite, the run folder `run/`, and the tables of `kvscope align`).
 
 The capture covers the measured repetitions only (`--capture-range=cudaProfilerApi`: `kvscope run` calls
 cudaProfilerStart/Stop around them) and keeps the program alive after the range (`--capture-range-end=stop`) so
@@ -7,17 +8,44 @@ that the run folder is written. `--cuda-graph-trace=node` makes kernels inside C
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
-from kvscope.analysis.nsys import find_nsys
+from kvscope.analysis.nsys import export_rep, find_nsys
+from kvscope.analysis.report_align import analyse, write
+from kvscope.analysis.schema import NSYS_RUN_SUBFOLDER, TIMINGS_FILE
+from kvscope.commands.align import print_align
+from kvscope.commands.options import run_spec
+from kvscope.commands.run_output import OutputFolder
+from kvscope.engine.plan import prepare
 from kvscope.errors import KvscopeError
 
 NSYS_PROFILE_FLAGS = ("-t", "cuda,nvtx", "-s", "none", "--cpuctxsw=none", "--capture-range=cudaProfilerApi",
                       "--capture-range-end=stop", "--cuda-graph-trace=node")
+
+
+def command(ns: argparse.Namespace) -> int:
+    """`ns.run_args`: the arguments of `kvscope run` as given; `ns.run`: the same, parsed (`kvscope.cli`)."""
+    prepare(run_spec(ns.run))  # validate before starting nsys
+    final = Path(ns.out) if ns.out else Path("traces") / f"{datetime.now():%Y%m%d-%H%M%S}-nsys"
+    folder = OutputFolder(final)
+    try:
+        rep, run_dir = capture(ns.run_args, folder.tmp, ns.nsys)
+        sqlite = export_rep(rep, ns.nsys, out=folder.tmp / "report.sqlite")
+        result = analyse(sqlite, run_dir)
+        write(result, folder.tmp, {"command": " ".join(sys.argv), "run_args": ns.run_args})
+        done = folder.commit()
+    except BaseException:
+        folder.discard()
+        raise
+    print_align(result)
+    print(f"nsys: {done} (report.nsys-rep, report.sqlite, run/, ranges, kernels, align, steps, kernel_classes)")
+    return 0
 
 
 def find_importer(nsys: str) -> str | None:
@@ -39,7 +67,7 @@ def capture(run_args: list[str], out: Path, nsys: str | None) -> tuple[Path, Pat
     if exe is None:
         raise KvscopeError("nsys not found: pass --nsys PATH, set $NSYS, or put nsys on PATH")
     report = out / "report"
-    run_dir = out / "run"
+    run_dir = out / NSYS_RUN_SUBFOLDER
     # nsys keeps its raw capture (`nsys-report-*.qdstrm`) in its temporary folder: a private one, so that a capture
     # nsys could not import is ours, never another process's
     scratch = out / "nsys-tmp"
@@ -57,10 +85,10 @@ def capture(run_args: list[str], out: Path, nsys: str | None) -> tuple[Path, Pat
             if made.is_file():
                 shutil.move(str(made), rep)
     shutil.rmtree(scratch, ignore_errors=True)
-    if proc.returncode != 0 and not (rep.is_file() and (run_dir / "timings.parquet").is_file()):
+    if proc.returncode != 0 and not (rep.is_file() and (run_dir / TIMINGS_FILE).is_file()):
         raise KvscopeError(f"nsys profile exited with code {proc.returncode} (command: {' '.join(cmd)})")
     if not rep.is_file():
         raise KvscopeError(f"nsys wrote no report ({rep}); is the driver's profiling support available?")
-    if not (run_dir / "timings.parquet").is_file():
+    if not (run_dir / TIMINGS_FILE).is_file():
         raise KvscopeError(f"the profiled run wrote no run folder at {run_dir}")
     return rep, run_dir

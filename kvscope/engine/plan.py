@@ -1,17 +1,34 @@
-"""Run budgets: how big a batch, how long a context, which dtype, device and attention path.
+"""The plan of a run: what was asked (`RunSpec`) checked and resolved into what will run (`RunPlan`), before any
+weights load.
 
-Kept apart from `ModelArgs` (architecture) so one model can be run under many budgets.
+`prepare(spec)` makes every check that needs no weights, in this order: sizes, seed, granularity, NVML interval and
+--out (`RunSpec` values), the device, the warm-up on CUDA, --graphs, the model, the dtype, --kernels, the context
+against the model's maximum, and on CUDA the calibration cache. `kvscope run`, `sweep`, `nsys` and `generate` all
+plan through it. `RunConfig` is the budget the engine runs under (batch, context, dtype, device, attention path), kept
+apart from `ModelArgs` (architecture) so one model can be run under many budgets.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
+from kvscope.analysis.roofline import Ceilings
+from kvscope.analysis.schema import GRANULARITIES
+from kvscope.argtypes import INT64_MAX, NVML_INTERVAL_MAX_MS, UINT64_MAX
 from kvscope.errors import KvscopeError
+from kvscope.kernels.launch import nvrtc_compiler
+from kvscope.kernels.ops import supported
 from kvscope.model.attention import ATTN_IMPLS
 from kvscope.model.config import ModelArgs
+from kvscope.model.source import ModelSource, resolve_model
+from kvscope.profiler.calibrate import load_ceilings
+from kvscope.profiler.instrument import nvtx_enabled_by_env
+
+DEFAULT_MODEL_CUDA = "qwen2.5-3b"
+DEFAULT_MODEL_CPU = "tiny"
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -64,3 +81,130 @@ class RunConfig:
                 f"context of {self.max_seq} tokens exceeds {args.name}'s maximum of {args.max_position_embeddings}")
         if self.attn not in ATTN_IMPLS:
             raise KvscopeError(f"unknown attention implementation {self.attn!r}; choose from {', '.join(ATTN_IMPLS)}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a run asks for, as the command line gives it (None: the default for the device)."""
+
+    model: str | None = None
+    batch_size: int = 1
+    seq: int = 512
+    gen_tokens: int = 32
+    warmup: int = 2
+    reps: int = 5
+    granularity: str = "phase"
+    attn: str = "sdpa"
+    dtype: str | None = None
+    device: str | None = None
+    out: str | None = None
+    nvtx: bool | None = None  # None: KVSCOPE_NVTX decides
+    nvml_interval_ms: float = 20.0
+    seed: int = 0
+    graphs: bool | None = None  # decode steps replayed from a CUDA graph; None: on for CUDA
+    kernels: bool | None = None  # kvscope's CUDA kernels (RMSNorm, SiLU*up, RoPE + cache write); None: on for CUDA
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A checked `RunSpec` resolved for its device: the model source, the engine's budget, the switches as they
+    apply here, and the calibrated ceilings of the GPU (None on a CPU, for a GPU never calibrated, or a generation)."""
+
+    spec: RunSpec
+    source: ModelSource
+    cfg: RunConfig
+    device_name: str  # the GPU's name, or "cpu"
+    graphs: bool
+    kernels: bool
+    nvtx: bool
+    ceilings: Ceilings | None
+
+
+def prepare(spec: RunSpec, prompts: Sequence[Sequence[int]] | None = None) -> RunPlan:
+    """Check `spec` and resolve it (see the module docstring); KvscopeError for the first problem, before any weights
+    load. `prompts`: the prompts of `kvscope generate`, whose number is the batch and whose longest sets the sequence
+    (in place of `spec.batch_size` and `spec.seq`; their token ids are the engine's to check); a generation is not
+    timed, so it needs no warm-up and no calibrated ceilings."""
+    if prompts is not None:
+        spec = replace(spec, batch_size=len(prompts), seq=max((len(p) for p in prompts), default=0))
+    _check_spec(spec)
+    device = resolve_device(spec.device)
+    if prompts is None:
+        check_warmup(spec, device)
+    graphs = use_graphs(spec.graphs, device)
+    source = resolve_model(spec.model or (DEFAULT_MODEL_CUDA if device.type == "cuda" else DEFAULT_MODEL_CPU))
+    dtype = parse_dtype(spec.dtype, device)
+    cfg = RunConfig(spec.batch_size, spec.seq + spec.gen_tokens, dtype, device, spec.attn)
+    kernels = use_kernels(spec.kernels, device, dtype)
+    if spec.seq > source.args.max_position_embeddings:
+        what = f"prompt of {spec.seq} tokens" if prompts is not None else f"--seq {spec.seq}"
+        raise KvscopeError(f"{what} exceeds {source.args.name}'s maximum context of "
+                           f"{source.args.max_position_embeddings}")
+    cfg.check(source.args)
+    name = device_name(device)
+    ceilings = None
+    if device.type == "cuda" and prompts is None:
+        ceilings = load_ceilings(name)  # an unusable calibration cache stops the run here, not after it
+    return RunPlan(spec, source, cfg, name, graphs, kernels, _nvtx(spec.nvtx), ceilings)
+
+
+def _check_spec(spec: RunSpec) -> None:
+    for name, value, low in (("--batch-size", spec.batch_size, 1), ("--seq", spec.seq, 1),
+                             ("--gen-tokens", spec.gen_tokens, 1), ("--reps", spec.reps, 1),
+                             ("--warmup", spec.warmup, 0)):
+        if not isinstance(value, int) or value < low:
+            raise KvscopeError(f"{name} must be an integer >= {low}, got {value!r}")
+        if value > INT64_MAX:
+            raise KvscopeError(f"{name} must fit in 64 bits (at most {INT64_MAX}), got {value}")
+    if not isinstance(spec.seed, int) or not 0 <= spec.seed <= UINT64_MAX:
+        raise KvscopeError(f"--seed must be an integer from 0 to {UINT64_MAX}, got {spec.seed!r}")
+    if spec.granularity not in GRANULARITIES:
+        raise KvscopeError(f"unknown granularity {spec.granularity!r}; choose from {', '.join(GRANULARITIES)}")
+    if not spec.nvml_interval_ms > 0:
+        raise KvscopeError(f"--nvml-interval-ms must be positive, got {spec.nvml_interval_ms}")
+    if not spec.nvml_interval_ms <= NVML_INTERVAL_MAX_MS:  # also inf; nan failed above
+        raise KvscopeError(f"--nvml-interval-ms must be at most {NVML_INTERVAL_MAX_MS:,.0f} ms, got "
+                           f"{spec.nvml_interval_ms}")
+    if spec.out is not None and not str(spec.out).strip():
+        raise KvscopeError(f"--out must not be empty, got {spec.out!r} (leave it out for the default folder)")
+
+
+def check_warmup(spec: RunSpec, device: torch.device) -> None:
+    """On CUDA the first repetition would hold the kernels' compilation and the decode graph's capture: at least one
+    warm-up repetition is required there."""
+    if device.type == "cuda" and spec.warmup < 1:
+        raise KvscopeError("--warmup 0 on CUDA would time the kernels' compilation and the CUDA-graph capture in the "
+                           "first repetition; use --warmup 1 or more")
+
+
+def use_graphs(graphs: bool | None, device: torch.device) -> bool:
+    """Whether decode steps replay a CUDA graph: `--graphs on|off` (True/False), by default (None) on for CUDA. At
+    layer or op granularity the graph carries marks for those regions: timestamps the kernels write, or event-record
+    nodes with kernels off (see Engine._capture)."""
+    if graphs is None:
+        return device.type == "cuda"
+    if graphs and device.type != "cuda":
+        raise KvscopeError("--graphs on needs a CUDA device")
+    return graphs
+
+
+def use_kernels(kernels: bool | None, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the engine runs kvscope's hand-written CUDA kernels (RMSNorm, SiLU*up, RoPE fused with the cache
+    write) instead of the same maths in torch operations: `--kernels on|off`, by default (None) on for CUDA."""
+    on = device.type == "cuda" if kernels is None else kernels
+    if on and not supported(device, dtype):
+        raise KvscopeError(f"--kernels on needs a CUDA device and float32/bfloat16/float16, got {device} "
+                           f"{str(dtype).removeprefix('torch.')}")
+    if on:
+        nvrtc_compiler()  # a torch without it stops here, before the run
+    return on
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _nvtx(requested: bool | None) -> bool:
+    """NVTX ranges on or off: as requested, or by KVSCOPE_NVTX when not (on unless it says 0/false/off/no)."""
+    return nvtx_enabled_by_env() if requested is None else requested
