@@ -1,8 +1,11 @@
-"""The engine (kvscope/engine: loop, rope_kv, graphs, regions) on the CPU: overflow, static buffers, the fixed-shape
+"""The engine (kvscope/engine: loop, rope_kv, graphs, regions). On the CPU: overflow, static buffers, the fixed-shape
 decode a CUDA graph captures, both RoPE + KV-write strategies, the alternation of captured steps, and the region
-names it opens."""
+names it opens. On a GPU (marked `gpu`): a decode step captured in a CUDA graph, graphs on and off, kernels on and
+off, no hidden sync in timed work, and the large presets decoding."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -18,7 +21,8 @@ from kvscope.kernels import ops as kops
 from kvscope.model.config import PRESETS
 from kvscope.model.kv_cache import KVCache
 from kvscope.model.layers import Transformer, rope_tables
-from kvscope.model.weights import empty_model, init_random
+from kvscope.model.source import resolve_model
+from kvscope.model.weights import empty_model, init_random, load_model
 from kvscope.profiler.instrument import Instrument
 
 CPU = torch.device("cpu")
@@ -203,3 +207,134 @@ def test_two_captured_steps_alternate_and_each_is_read_before_its_replay() -> No
     for _ in range(2):
         single.replay(single.next_step())
     assert log == ["replay a"] * 2
+
+
+# ---- on a GPU (marked `gpu`, skipped without CUDA) ---------------------------------------------------------------
+CUDA = torch.device("cuda")
+PROMPT = [151, 9906, 11, 1879, 0, 374, 264, 1273, 315, 279, 12850, 13, 576, 6722, 315, 9625]
+
+
+@pytest.mark.gpu
+def test_decode_step_captures_in_a_cuda_graph() -> None:
+    """A decode step (forward + length update) replays from a CUDA graph with the same tokens as eager."""
+    model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, torch.float32, seed=1)
+    prompts = [PROMPT, PROMPT[:5], PROMPT[3:12]]
+    steps = 12
+    eager = Engine(model, RunConfig(3, 32, torch.float32, CUDA)).generate(prompts, steps)
+
+    eng = Engine(model, RunConfig(3, 32, torch.float32, CUDA))
+    eng.prefill(*pad_prompts(prompts, model.args.vocab_size, CUDA))
+    first = eng.next_tokens.clone()
+    snapshot = (eng.cache.data.clone(), eng.cache.lengths.clone())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(2):  # warm-up outside the graph
+            eng.decode_forward(static=True)
+            eng.cache.lengths.add_(1)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        eng.decode_forward(static=True)
+        eng.cache.lengths.add_(1)
+    eng.cache.data.copy_(snapshot[0])
+    eng.cache.lengths.copy_(snapshot[1])
+    eng.next_tokens.copy_(first)
+    out = [first]
+    for _ in range(steps - 1):
+        graph.replay()
+        out.append(eng.next_tokens.clone())
+    assert torch.stack(out, dim=1).tolist() == eager
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["qwen2.5-3b", "llama-3.1-8b"])
+def test_large_presets_initialise_and_decode(preset: str) -> None:
+    """The large presets load, and their greedy tokens are the same with decode steps replayed from a CUDA graph
+    and run eagerly (bf16, kvscope's kernels, flash attention over the cache in place both ways)."""
+    torch.cuda.empty_cache()
+    model, ready_s = load_model(resolve_model(preset), CUDA, torch.bfloat16, seed=0)
+    prompts = [list(range(100, 228)), list(range(7, 71))]
+    eager = Engine(model, RunConfig(2, 160, torch.bfloat16, CUDA), kernels=True)
+    t0 = time.perf_counter()
+    tokens = eager.generate(prompts, 32)
+    gen_s = time.perf_counter() - t0
+    graphed = Engine(model, RunConfig(2, 160, torch.bfloat16, CUDA), graphs=True, kernels=True)
+    print(f"{preset}: ready in {ready_s:.2f} s, prefill 128+64 and 32 eager decode steps in {gen_s:.2f} s")
+    assert ready_s < 30
+    assert graphed.generate(prompts, 32) == tokens
+    assert [len(row) for row in tokens] == [32, 32]
+    assert len({t for row in tokens for t in row}) > 1  # not one token repeated: the logits carry information
+    assert torch.isfinite(eager.logits.float()).all() and torch.isfinite(graphed.logits.float()).all()
+    del eager, graphed, model
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["none", "phase"])
+def test_timed_prefill_and_decode_have_no_hidden_sync(granularity: str) -> None:
+    """With torch's sync debug mode set to raise, a timed prefill (KVCache.start included) and graph-replayed
+    decode steps run: no operation inside them waits for the GPU."""
+    model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, torch.bfloat16, seed=3)
+    ins = Instrument(granularity, CUDA, nvtx=False)
+    eng = Engine(model, RunConfig(2, 96, torch.bfloat16, CUDA), ins, graphs=True, kernels=True)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 48), device=CUDA)
+    with ins.paused():
+        eng.prefill(tokens, [48, 48])
+        eng.decode_n(8)  # warm-up: compiles the kernels, captures the decode graph
+    ins.start_clock()
+    ins.reserve(64)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with ins.region("rep 0", "rep", rep=0):
+            eng.prefill(tokens, [48, 48])
+            out = eng.decode_n(16)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    rows = ins.collect()
+    assert out.shape == (2, 17)
+    assert len(rows) == (0 if granularity == "none" else 1 + 2 + 16)
+
+
+@pytest.mark.gpu
+def test_graphs_on_and_off_give_the_same_tokens() -> None:
+    """Greedy tokens with decode steps replayed from a CUDA graph equal the eager loop's (float32)."""
+    model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, torch.float32, seed=2)
+    prompts = [PROMPT, PROMPT[:7], PROMPT[2:]]
+    off = Engine(model, RunConfig(3, 64, torch.float32, CUDA)).generate(prompts, 24)
+    eng = Engine(model, RunConfig(3, 64, torch.float32, CUDA), graphs=True)
+    assert eng.generate(prompts, 24) == off
+    assert eng.generate(prompts, 24) == off  # the graph is reused after a new prefill
+
+
+@pytest.mark.gpu
+def test_graphs_on_and_off_give_the_same_tokens_bf16_flash() -> None:
+    """bfloat16 decode runs flash attention over the cache in place, eagerly and in the graph alike: same tokens."""
+    model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, torch.bfloat16, seed=2)
+    prompts = [PROMPT, PROMPT[:7], PROMPT[2:]]
+    off_engine = Engine(model, RunConfig(3, 64, torch.bfloat16, CUDA))
+    assert off_engine.flash_decode
+    off = off_engine.generate(prompts, 24)
+    assert Engine(model, RunConfig(3, 64, torch.bfloat16, CUDA), graphs=True).generate(prompts, 24) == off
+
+
+@pytest.mark.gpu
+def test_engine_kernels_on_and_off_agree() -> None:
+    """float32: the same greedy tokens with kernels on and off, eagerly and from the graph; bfloat16: logits of the
+    prefill and of a decode step within bf16 rounding of each other."""
+    model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, torch.float32, seed=3)
+    prompts = [list(range(10, 40)), list(range(50, 61)), list(range(3, 27))]
+    off = Engine(model, RunConfig(3, 64, torch.float32, CUDA)).generate(prompts, 20)
+    assert Engine(model, RunConfig(3, 64, torch.float32, CUDA), kernels=True).generate(prompts, 20) == off
+    assert Engine(model, RunConfig(3, 64, torch.float32, CUDA), graphs=True, kernels=True).generate(prompts, 20) == off
+    del model
+    model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, torch.bfloat16, seed=3)
+    logits = []
+    for kernels in (False, True):
+        eng = Engine(model, RunConfig(3, 64, torch.bfloat16, CUDA), kernels=kernels)
+        eng.generate(prompts, 2)
+        logits.append(eng.logits.float())
+    rel = ((logits[0] - logits[1]).norm() / logits[0].norm()).item()
+    print(f"bf16 logits, kernels on vs off: relative difference {rel:.2e}")
+    assert rel < 2e-2

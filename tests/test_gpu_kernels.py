@@ -1,30 +1,24 @@
 """kvscope's CUDA kernels against their torch references (marked `gpu`, skipped without CUDA): shapes that take
-the 16-byte and the scalar paths, three dtypes with per-dtype tolerances, and the engine with kernels on and off."""
+the 16-byte and the scalar paths, three dtypes with per-dtype tolerances (the engine with kernels on and off:
+tests/test_engine.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvscope.engine.loop import Engine
-from kvscope.engine.plan import RunConfig
 from kvscope.kernels import ops as kops
 from kvscope.model.config import PRESETS
+from kvscope.model.dtypes import DTYPES as SUPPORTED_DTYPES
 from kvscope.model.layers import rope_tables
-from kvscope.model.source import resolve_model
-from kvscope.model.weights import load_model
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# kernel vs reference: both round through the dtype at the same places; what is left is the order of float sums
-# (RMSNorm's mean) and __expf against torch's exp, at most a unit in the last place of the dtype
-TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 1e-2, "rtol": 8e-3},
-       torch.float16: {"atol": 1e-3, "rtol": 1e-3}}
+DTYPES = [d.torch_dtype for d in SUPPORTED_DTYPES]
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor) -> None:
-    torch.testing.assert_close(got, ref, **TOL[got.dtype])
+    torch.testing.assert_close(got, ref, **kops.REF_TOLERANCE[got.dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -91,23 +85,3 @@ def test_rope_kv_matches_reference(dtype: torch.dtype, b: int, s: int, heads: in
     _close(caches[0], caches[2])
     assert torch.equal(caches[1], caches[3])  # values are copied, not computed
     assert torch.equal(qkv[:, :, heads + kv_heads:], ref_qkv[:, :, heads + kv_heads:])
-
-
-def test_engine_kernels_on_and_off_agree() -> None:
-    """float32: the same greedy tokens with kernels on and off, eagerly and from the graph; bfloat16: logits of the
-    prefill and of a decode step within bf16 rounding of each other."""
-    model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, torch.float32, seed=3)
-    prompts = [list(range(10, 40)), list(range(50, 61)), list(range(3, 27))]
-    off = Engine(model, RunConfig(3, 64, torch.float32, CUDA)).generate(prompts, 20)
-    assert Engine(model, RunConfig(3, 64, torch.float32, CUDA), kernels=True).generate(prompts, 20) == off
-    assert Engine(model, RunConfig(3, 64, torch.float32, CUDA), graphs=True, kernels=True).generate(prompts, 20) == off
-    del model
-    model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, torch.bfloat16, seed=3)
-    logits = []
-    for kernels in (False, True):
-        eng = Engine(model, RunConfig(3, 64, torch.bfloat16, CUDA), kernels=kernels)
-        eng.generate(prompts, 2)
-        logits.append(eng.logits.float())
-    rel = ((logits[0] - logits[1]).norm() / logits[0].norm()).item()
-    print(f"bf16 logits, kernels on vs off: relative difference {rel:.2e}")
-    assert rel < 2e-2
