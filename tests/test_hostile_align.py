@@ -512,6 +512,6 @@ def test_analysis_imports_neither_torch_nor_pyplot() -> None:
 
 def test_contract_constants_match_the_profiler() -> None:
     from kvscope.analysis.inputs import GRAPH_CLOCK
-    from kvscope.profiler import instrument
+    from kvscope.profiler import graph
 
-    assert instrument.GRAPH_CLOCK == GRAPH_CLOCK
+    assert graph.GRAPH_CLOCK == GRAPH_CLOCK

@@ -246,7 +246,7 @@ def test_nvml_samples_come_from_a_child_process_polled(fake_gpu: Path) -> None:
 
     s, _ = _sample_for(0.4)
     assert s.available and s.reason == "" and s.mode == "polled"
-    assert s.driver == "999.1" and s.gpu_name == "Fake GPU"
+    assert s.driver == "999.1"
     df = s.samples
     assert list(df.columns) == list(COLUMNS)
     assert 10 <= len(df) <= 60  # ~40 wake-ups of 10 ms inside a 0.4 s window

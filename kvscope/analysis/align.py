@@ -24,10 +24,9 @@ import pandas as pd
 from kvscope.analysis.kernel_classes import classify
 from kvscope.analysis.nsys import NsysExport
 from kvscope.analysis.projection import Projection
-from kvscope.analysis.schema import GRAPH_CLOCK, NAME_PATTERNS, NVTX_DOMAIN
+from kvscope.analysis.schema import GRAPH_CLOCK, NAME_PATTERNS, NS_PER_MS, NVTX_DOMAIN
 from kvscope.errors import KvscopeError
 
-NS_PER_MS = 1e6
 # a step is launch-bound when its GPU is idle for more than this share of the step's GPU span: the kernels wait for
 # the host to launch them rather than for memory or math
 LAUNCH_BOUND_IDLE_FRACTION = 0.2

@@ -25,8 +25,8 @@ from kvscope.analysis.kvmath import kv_bytes_per_token
 if TYPE_CHECKING:  # for annotations only: analysis imports no torch (kvscope.model.config does)
     from kvscope.model.config import ModelArgs
 
-GB = 1e9
-TFLOP = 1e12
+BYTES_PER_GB = 1e9
+FLOPS_PER_TFLOP = 1e12
 MS_PER_S = 1e3
 
 
@@ -84,8 +84,8 @@ def roofline(timings: pd.DataFrame, a: ModelArgs, w_bytes: int, kv_bytes: int, c
     df = pd.DataFrame(out, columns=["rep", "phase", "step", "dur_ms", "bytes", "flops"])
     sec = df["dur_ms"].astype(float) / MS_PER_S
     sec = sec.where(sec > 0)  # a step timed at 0 ms (or less) has no rate: NaN, not inf
-    df["achieved_gb_s"] = df["bytes"] / sec / GB
-    df["achieved_tflop_s"] = df["flops"] / sec / TFLOP
+    df["achieved_gb_s"] = df["bytes"] / sec / BYTES_PER_GB
+    df["achieved_tflop_s"] = df["flops"] / sec / FLOPS_PER_TFLOP
     df["mbu"] = df["achieved_gb_s"] / ceilings.copy_gb_s if ceilings and ceilings.copy_gb_s > 0 else np.nan
     df["mfu"] = df["achieved_tflop_s"] / ceilings.bf16_tflop_s if ceilings and ceilings.bf16_tflop_s > 0 else np.nan
     return df

@@ -25,6 +25,8 @@ NVTX_DOMAIN = "kvscope"
 CUDA_CLOCK = "cuda"
 HOST_CLOCK = "host"
 GRAPH_CLOCK = "cuda-graph"
+# timings.parquet holds ms (float64); nsys exports and the host clock count ns (int64)
+NS_PER_MS = 1e6
 GRANULARITIES = ("none", "phase", "layer", "op")
 LEVELS = ("run", "rep", "phase", "step", "layer", "op")
 PHASES = ("prefill", "decode")
@@ -40,6 +42,13 @@ NVML_FILE = "nvml.parquet"
 TRACE_FILE = "trace.json"
 # the run folder inside a `kvscope nsys` output folder
 NSYS_RUN_SUBFOLDER = "run"
+# what `kvscope align` writes (and `kvscope nsys` beside its run folder)
+RANGES_FILE = "ranges.parquet"
+KERNELS_FILE = "kernels.parquet"
+ALIGN_FILE = "align.parquet"
+STEPS_FILE = "steps.parquet"
+KERNEL_CLASSES_FILE = "kernel_classes.parquet"
+ALIGN_OUTPUT_FILES = (RANGES_FILE, KERNELS_FILE, ALIGN_FILE, STEPS_FILE, KERNEL_CLASSES_FILE)
 # columns of summary.parquet that every sweep shares, in this order
 CLASSIC_COLUMNS = ("seq_len", "batch", "prefill_p50_ms", "prefill_ms_per_tok", "prefill_tok_s",
                    "decode_p50_ms_per_tok", "decode_tok_s", "total_tok_s", "vram_reserved_mb", "flag")

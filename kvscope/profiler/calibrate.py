@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kvscope.analysis.roofline import Ceilings
+from kvscope.analysis.roofline import BYTES_PER_GB, FLOPS_PER_TFLOP, MS_PER_S, Ceilings
 from kvscope.errors import KvscopeError
 from kvscope.io import write_json
 from kvscope.model.config import ModelArgs
@@ -101,10 +101,10 @@ def calibrate(device: torch.device, preset: ModelArgs, copy_bytes: int = COPY_BY
         "gpu": torch.cuda.get_device_name(device),
         "date": datetime.now(UTC).date().isoformat(),
         "torch": torch.__version__,
-        "copy_gb_s": 2 * copy_bytes / (copy_ms / 1e3) / 1e9,
-        "bf16_tflop_s": 2 * n**3 / (mm_ms / 1e3) / 1e12,
+        "copy_gb_s": 2 * copy_bytes / (copy_ms / MS_PER_S) / BYTES_PER_GB,
+        "bf16_tflop_s": 2 * n**3 / (mm_ms / MS_PER_S) / FLOPS_PER_TFLOP,
         "matvec_chain": {"preset": preset.name, "products": products, "weight_bytes": chain_bytes,
-                         "ms": chain_ms, "gb_s": chain_bytes / (chain_ms / 1e3) / 1e9},
+                         "ms": chain_ms, "gb_s": chain_bytes / (chain_ms / MS_PER_S) / BYTES_PER_GB},
     }
 
 

@@ -26,6 +26,8 @@ from typing import Any
 import pandas as pd
 import torch
 
+from kvscope.analysis.schema import NS_PER_MS
+
 COLUMNS = ("t_ms", "gpu_util_pct", "mem_util_pct", "mem_used_mb", "sm_clock_mhz", "mem_clock_mhz", "power_w",
            "temp_c", "clock_event_reasons")
 _STOP_TIMEOUT_S = 10.0
@@ -39,7 +41,6 @@ class NvmlSampler:
             raise ValueError(f"NVML sampling interval must be positive, got {interval_ms} ms")
         self.interval_ms = interval_ms
         self.reason = ""
-        self.gpu_name = ""
         self.driver = ""
         self.mode = ""  # buffered | polled, as the child found the driver
         self.child_pid: int | None = None
@@ -132,7 +133,6 @@ class NvmlSampler:
             last = stderr.decode(errors="replace").strip().splitlines()
             self.reason = self.reason or (f"NVML sampler exited with code {returncode}"
                                           + (f": {last[-1]}" if last else ""))
-        self.gpu_name = header.get("gpu", "")
         self.driver = header.get("driver", "")
         self.mode = header.get("mode", "")
         if rows and self._window is not None and self._origin_ns is not None:
@@ -150,7 +150,7 @@ def _wide(rows: list[tuple[int, str, float]], window: tuple[int, int], origin_ns
     wide = long.pivot_table(index="t_ns", columns="metric", values="value", aggfunc="last").sort_index().ffill()
     wide = wide.reindex(columns=list(COLUMNS[1:]))
     wide = wide[(wide.index >= window[0]) & (wide.index <= window[1])]
-    out = pd.DataFrame({"t_ms": (wide.index.to_numpy() - origin_ns) / 1e6})
+    out = pd.DataFrame({"t_ms": (wide.index.to_numpy() - origin_ns) / NS_PER_MS})
     for col in COLUMNS[1:]:
         out[col] = wide[col].to_numpy(dtype="float64")
     out["clock_event_reasons"] = out["clock_event_reasons"].round().astype("Int64")

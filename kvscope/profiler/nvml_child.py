@@ -25,8 +25,14 @@ import time
 from typing import Any, TextIO
 
 BUFFERED_WAKE_MS = 250.0
+# units NVML reports in, against the metrics' (standard library only here: kvscope's constants are not imported)
+NS_PER_US = 1000  # sample timestamps are in µs
+MW_PER_W = 1000.0  # power is in mW
+MIB_BYTES = 2**20
+MS_PER_S = 1000.0
 # buffered sample types of NVML (nvmlSamplingType_t) -> (metric, scale to the metric's unit)
-_BUFFERED = (("power_w", "NVML_TOTAL_POWER_SAMPLES", 1e-3), ("gpu_util_pct", "NVML_GPU_UTILIZATION_SAMPLES", 1.0),
+_BUFFERED = (("power_w", "NVML_TOTAL_POWER_SAMPLES", 1 / MW_PER_W),
+             ("gpu_util_pct", "NVML_GPU_UTILIZATION_SAMPLES", 1.0),
              ("mem_util_pct", "NVML_MEMORY_UTILIZATION_SAMPLES", 1.0),
              ("sm_clock_mhz", "NVML_PROCESSOR_CLK_SAMPLES", 1.0), ("mem_clock_mhz", "NVML_MEMORY_CLK_SAMPLES", 1.0))
 # how far a buffered sample's timestamp may lie from now and still be taken as on a known clock
@@ -53,7 +59,7 @@ class _Buffered:
         _, samples = self.nv.nvmlDeviceGetSamples(self.handle, self.type, 0)
         if not samples:
             return False
-        newest_ns = max(int(s.timeStamp) for s in samples) * 1000
+        newest_ns = max(int(s.timeStamp) for s in samples) * NS_PER_US
         mono, wall = time.perf_counter_ns(), time.time_ns()
         if abs(newest_ns - wall) < _CLOCK_TOLERANCE_NS:
             self.offset_ns = wall_to_mono_ns
@@ -69,7 +75,7 @@ class _Buffered:
             ts = int(s.timeStamp)
             if ts <= self.last_us:
                 continue
-            out.write(f"s,{ts * 1000 + self.offset_ns},{self.metric},"
+            out.write(f"s,{ts * NS_PER_US + self.offset_ns},{self.metric},"
                       f"{_value(self.nv, value_type, s.sampleValue) * self.scale}\n")
         if samples:
             self.last_us = max(self.last_us, *(int(s.timeStamp) for s in samples))
@@ -86,8 +92,8 @@ def _polled(nv: Any, handle: Any, metrics: set[str]) -> list[tuple[str, float]]:
     if "mem_clock_mhz" in metrics:
         out.append(("mem_clock_mhz", float(nv.nvmlDeviceGetClockInfo(handle, nv.NVML_CLOCK_MEM))))
     if "power_w" in metrics:
-        out.append(("power_w", nv.nvmlDeviceGetPowerUsage(handle) / 1000.0))
-    out.append(("mem_used_mb", nv.nvmlDeviceGetMemoryInfo(handle).used / 2**20))
+        out.append(("power_w", nv.nvmlDeviceGetPowerUsage(handle) / MW_PER_W))
+    out.append(("mem_used_mb", nv.nvmlDeviceGetMemoryInfo(handle).used / MIB_BYTES))
     out.append(("temp_c", float(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))))
     reasons = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
         nv, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
@@ -101,7 +107,7 @@ def _handle(nv: Any, uuid: str | None, index: int) -> Any:
         try:
             return nv.nvmlDeviceGetHandleByUUID(uuid)
         except nv.NVMLError:
-            pass
+            pass  # a driver that does not know the UUID: the device by its index, as torch numbers it
     return nv.nvmlDeviceGetHandleByIndex(index)
 
 
@@ -135,13 +141,13 @@ def sample(uuid: str | None, index: int, interval_ms: float, mode: str, out: Tex
                 if b.probe(wall_to_mono_ns):
                     buffered.append(b)
             except nv.NVMLError:
-                pass
+                pass  # not buffered by this driver: polled instead
     polled = {m for m, _, _ in _BUFFERED} - {b.metric for b in buffered}
-    wake_s = (max(interval_ms, BUFFERED_WAKE_MS) if buffered else interval_ms) / 1000.0
+    wake_s = (max(interval_ms, BUFFERED_WAKE_MS) if buffered else interval_ms) / MS_PER_S
     header(gpu=gpu.decode() if isinstance(gpu, bytes) else str(gpu),
            driver=driver.decode() if isinstance(driver, bytes) else str(driver),
            mode="buffered" if buffered else "polled", buffered=[b.metric for b in buffered],
-           polled=sorted(polled), wake_ms=wake_s * 1000.0)
+           polled=sorted(polled), wake_ms=wake_s * MS_PER_S)
     next_t = time.perf_counter()
     while True:
         try:
@@ -158,7 +164,9 @@ def sample(uuid: str | None, index: int, interval_ms: float, mode: str, out: Tex
             for b in buffered:  # what the driver buffered since the last wake-up
                 try:
                     b.read(out)
-                except Exception:  # the samples already written stand; the last batch is lost
+                except Exception as exc:  # the samples already written stand; the parent records the loss
+                    out.write("e," + json.dumps(f"NVML: the last buffered samples were lost: {type(exc).__name__}: "
+                                                f"{exc}") + "\n")
                     break
             return
 
