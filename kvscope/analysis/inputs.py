@@ -21,7 +21,9 @@ import pyarrow as pa
 from kvscope.analysis.schema import (  # re-exported: readers of run folders take them from here
     CLASSIC_COLUMNS,
     GRAPH_CLOCK,
+    KERNEL_CLASSES_FILE,
     NSYS_RUN_SUBFOLDER,
+    STEPS_FILE,
     SUMMARY_FILE,
     TIMINGS_FILE,
 )
@@ -185,6 +187,30 @@ def read_timings(run_dir: Path, columns: tuple[str, ...] = TIMINGS_COLUMNS) -> p
     require_rows(df, path)
     df = require_numbers(df, path, tuple(c for c in _TIMINGS_NUMBERS if c in df.columns), "kvscope timings")
     return require_ints(df, path, tuple(c for c in _TIMINGS_INTS if c in df.columns), "kvscope timings")
+
+
+# ---- align results beside a run folder ------------------------------------------------------------------------
+KERNEL_CLASSES_COLUMNS = ("phase", "kernel_class", "ops", "time_ms", "share_pct")
+STEPS_COLUMNS = ("phase", "gpu_busy_ms", "gpu_idle_ms", "launch_bound")
+
+
+def read_align_results(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """kernel_classes.parquet and steps.parquet of `kvscope nsys` (DIR/run/ + DIR/*.parquet) or `kvscope align`
+    written into the run folder, their number columns as numbers; None when there are none. Present but damaged
+    is an error."""
+    for base in (run_dir, run_dir.parent):
+        if (base / KERNEL_CLASSES_FILE).exists() and (base / STEPS_FILE).exists():
+            break
+    else:
+        return None
+    classes_path, steps_path = base / KERNEL_CLASSES_FILE, base / STEPS_FILE
+    classes = read_parquet(classes_path)
+    require_columns(classes, classes_path, KERNEL_CLASSES_COLUMNS, "kvscope align kernel classes")
+    classes = require_numbers(classes, classes_path, ("ops", "time_ms", "share_pct"), "kvscope align kernel classes")
+    steps = read_parquet(steps_path)
+    require_columns(steps, steps_path, STEPS_COLUMNS, "kvscope align steps")
+    steps = require_numbers(steps, steps_path, ("gpu_busy_ms", "gpu_idle_ms"), "kvscope align steps")
+    return classes, steps
 
 
 # ---- sweep files ------------------------------------------------------------------------------------------------

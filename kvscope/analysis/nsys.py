@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from kvscope.analysis.inputs import shown_value
+from kvscope.analysis.nsys_tables import META_TABLES, NVTX_TABLE, RUNTIME_TABLE, STRINGS_TABLE, ExportTables
 from kvscope.errors import KvscopeError
 
 # NVTX_EVENTS.eventType
@@ -46,16 +43,11 @@ KERNEL_TABLE = "CUPTI_ACTIVITY_KIND_KERNEL"
 MEMCPY_TABLE = "CUPTI_ACTIVITY_KIND_MEMCPY"
 MEMSET_TABLE = "CUPTI_ACTIVITY_KIND_MEMSET"
 GRAPH_TRACE_TABLE = "CUPTI_ACTIVITY_KIND_GRAPH_TRACE"
-RUNTIME_TABLE = "CUPTI_ACTIVITY_KIND_RUNTIME"
-NVTX_TABLE = "NVTX_EVENTS"
 _GPU_TABLES = {KERNEL_TABLE: "kernel", MEMCPY_TABLE: "memcpy", MEMSET_TABLE: "memset", GRAPH_TRACE_TABLE: "graph"}
-STRINGS_TABLE = "StringIds"
-SQLITE_MAGIC = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
-# tables of which an nsys export holds at least one
-_NSYS_MARKERS = frozenset({STRINGS_TABLE, "META_DATA_EXPORT", "EXPORT_META_DATA", NVTX_TABLE, RUNTIME_TABLE})
-_READ_ERRORS = (OSError, ValueError, pa.ArrowException, sqlite3.Error, pd.errors.DatabaseError)
 _NSYS_CANDIDATES = ("/opt/nvidia/nsight-systems", "/opt/nvidia/nsight-compute", "/usr/local/cuda/bin",
                     "/usr/local/cuda", "/opt/nvidia")
+# NVTX payload columns, in the order a range's payload is taken from them
+_PAYLOAD_COLUMNS = ("int64Value", "uint64Value", "int32Value", "uint32Value", "doubleValue")
 
 
 def pid_of(global_tid: np.ndarray | pd.Series) -> np.ndarray:
@@ -86,7 +78,6 @@ class NsysExport:
     ranges: pd.DataFrame
     calls: pd.DataFrame
     gpu_ops: pd.DataFrame
-    tables: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def nsys_version(self) -> str:
@@ -95,150 +86,6 @@ class NsysExport:
     @property
     def schema_version(self) -> str:
         return self.meta.get("EXPORT_SCHEMA_VERSION", "unknown")
-
-
-# ---- table access ----------------------------------------------------------------------------------------------
-def _reason(exc: BaseException) -> str:
-    """The first line of an exception's message (pyarrow and SQLite messages run over several lines); for pandas'
-    wrapper of an SQLite error, the SQLite error's."""
-    if isinstance(exc, pd.errors.DatabaseError) and exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _has_sqlite_header(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            return f.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
-    except OSError:
-        return False
-
-
-class _Tables:
-    """Column-selective reads from either export format. `path` is where the tables are read from, `shown` how
-    messages name the export (the path the user gave: for an .nsys-rep, not its temporary SQLite export)."""
-
-    def __init__(self, path: Path, shown: Path) -> None:
-        self.path = path
-        self.shown = shown
-        self._con: sqlite3.Connection | None = None
-        if path.is_dir():
-            self.fmt = "parquetdir"
-            try:
-                self.names = frozenset(p.name.removesuffix(".parquet") for p in path.glob("*.parquet"))
-            except OSError as exc:
-                raise KvscopeError(f"{shown}: cannot list the folder ({exc.strerror or exc})") from None
-            if not self.names & _NSYS_MARKERS:
-                raise KvscopeError(f"{shown} is not an nsys parquetdir export (none of its tables)")
-            return
-        self.fmt = "sqlite"
-        try:
-            size = path.stat().st_size
-        except OSError as exc:
-            raise KvscopeError(f"{shown}: cannot read the export ({exc.strerror or exc})") from None
-        if size == 0:
-            raise KvscopeError(f"{shown} is not an nsys export (an empty file)")
-        try:
-            self._con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-            rows = self._con.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
-        except sqlite3.Error as exc:
-            self.close()
-            if _has_sqlite_header(path):
-                raise KvscopeError(f"{shown}: a damaged SQLite database ({_reason(exc)}): a truncated or damaged "
-                                   "export") from None
-            raise KvscopeError(f"{shown} is not an nsys export (not an SQLite database: {_reason(exc)})") from None
-        self.names = frozenset(r[0] for r in rows)
-        if not self.names & _NSYS_MARKERS:
-            self.close()
-            raise KvscopeError(f"{shown} is not an nsys export (an SQLite database without any of its tables)")
-
-    def _parquet(self, table: str) -> Path:
-        file = self.path / f"{table}.parquet"
-        if not file.is_file():
-            raise KvscopeError(f"{self.shown}: table {table} ({file.name}) is not a file")
-        return file
-
-    def _damaged(self, table: str, exc: BaseException) -> KvscopeError:
-        return KvscopeError(f"{self.shown}: table {table} cannot be read ({_reason(exc)}): a truncated, damaged or "
-                            "foreign export")
-
-    def columns(self, table: str) -> list[str]:
-        try:
-            if self._con is None:
-                return pq.read_schema(self._parquet(table)).names
-            return [r[1] for r in self._con.execute(f'PRAGMA table_info("{table}")')]
-        except _READ_ERRORS as exc:
-            raise self._damaged(table, exc) from None
-
-    def read(self, table: str, wanted: list[str], required: tuple[str, ...] = ()) -> pd.DataFrame:
-        """The columns of `wanted` that the table has (missing required ones are an error); a row-id column
-        `_row` (1-based, the SQLite rowid) is added."""
-        have = set(self.columns(table))
-        missing = [c for c in required if c not in have]
-        if missing:
-            raise KvscopeError(f"{self.shown}: table {table} lacks column(s) {', '.join(missing)} (a damaged or "
-                               "foreign table)")
-        cols = [c for c in wanted if c in have]
-        try:
-            if self._con is None:
-                df = pq.read_table(self._parquet(table), columns=cols).to_pandas()
-                df.insert(0, "_row", np.arange(1, len(df) + 1, dtype=np.int64))
-                return df
-            sel = ", ".join(["rowid AS _row", *[f'"{c}"' for c in cols]])
-            return pd.read_sql_query(f'SELECT {sel} FROM "{table}"', self._con)
-        except _READ_ERRORS as exc:
-            raise self._damaged(table, exc) from None
-
-    def numbers(self, df: pd.DataFrame, table: str, col: str, empty_ok: bool = False, integer: bool = True
-                ) -> pd.Series:
-        """`df[col]` as integers (`Int64`, NA where empty), or as `Float64` when not `integer`. Text and true/false
-        are an error naming the table, the column and the row, and for integers so are fractions and infinities;
-        empty cells too unless `empty_ok`."""
-        kind = "an integer" if integer else "a number"
-        raw = df[col]
-        if pd.api.types.is_bool_dtype(raw):
-            raise KvscopeError(f"{self.shown}: table {table} column {col} holds true/false values, not numbers")
-        num = raw if pd.api.types.is_numeric_dtype(raw) else pd.to_numeric(raw, errors="coerce")
-        text = (num.isna() & raw.notna()).to_numpy()
-        if text.any():
-            i = int(np.flatnonzero(text)[0])
-            raise KvscopeError(f"{self.shown}: table {table} column {col} holds {shown_value(raw.iloc[i])} in row "
-                               f"{df['_row'].iloc[i]}, not {kind} (a damaged or foreign table)")
-        if integer and pd.api.types.is_float_dtype(num):
-            values = num.to_numpy(np.float64, na_value=np.nan)
-            bad = ~np.isnan(values) & (~np.isfinite(values) | (values != np.trunc(values)))
-            if bad.any():
-                i = int(np.flatnonzero(bad)[0])
-                raise KvscopeError(f"{self.shown}: table {table} column {col} holds {shown_value(values[i])} in row "
-                                   f"{df['_row'].iloc[i]}, not an integer (a damaged or foreign table)")
-        try:
-            out = num.astype("Int64" if integer else "Float64")
-        except (TypeError, ValueError, OverflowError) as exc:  # e.g. uint64 values beyond int64
-            raise KvscopeError(f"{self.shown}: table {table} column {col} holds values out of range ({_reason(exc)})"
-                               ) from None
-        if not empty_ok and out.isna().any():
-            first = df["_row"].iloc[int(np.flatnonzero(out.isna().to_numpy())[0])]
-            raise KvscopeError(f"{self.shown}: table {table} column {col} is empty in {int(out.isna().sum())} row(s) "
-                               f"(first: row {first}): a damaged export")
-        return out
-
-    def ints(self, df: pd.DataFrame, table: str, col: str) -> np.ndarray:
-        """`df[col]` as int64, every cell required (see `numbers`)."""
-        return self.numbers(df, table, col).to_numpy(np.int64)
-
-    def check_order(self, df: pd.DataFrame, table: str, start: np.ndarray, end: np.ndarray) -> None:
-        """Every row must end at or after its start."""
-        back = end < start
-        if back.any():
-            first = df["_row"].iloc[int(np.flatnonzero(back)[0])]
-            raise KvscopeError(f"{self.shown}: table {table} has {int(back.sum())} row(s) that end before they start "
-                               f"(first: row {first}): a damaged export")
-
-    def close(self) -> None:
-        if self._con is not None:
-            self._con.close()
-            self._con = None
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
@@ -294,14 +141,14 @@ def load_export(path: str | Path, nsys: str | None = None) -> NsysExport:
 
 
 def _read(path: Path, shown: Path) -> NsysExport:
-    tables = _Tables(path, shown)
+    tables = ExportTables(path, shown)
     try:
         return _load(tables)
     finally:
         tables.close()
 
 
-def _load(t: _Tables) -> NsysExport:
+def _load(t: ExportTables) -> NsysExport:
     names = t.names
     if NVTX_TABLE not in names:
         raise KvscopeError(f"{t.shown}: export has no NVTX_EVENTS table (no NVTX ranges: profile with -t cuda,nvtx "
@@ -317,11 +164,11 @@ def _load(t: _Tables) -> NsysExport:
     gpu_ops = _gpu_ops(t, gpu_present, strings)
     calls = _calls(t, strings)
     ranges = _ranges(t, strings, last_ns=_last_timestamp(calls, gpu_ops))
-    return NsysExport(t.shown, t.fmt, meta, ranges, calls, gpu_ops, names)
+    return NsysExport(t.shown, t.fmt, meta, ranges, calls, gpu_ops)
 
 
-def _meta(t: _Tables) -> dict[str, str]:
-    for table in ("META_DATA_EXPORT", "EXPORT_META_DATA"):
+def _meta(t: ExportTables) -> dict[str, str]:
+    for table in META_TABLES:
         if table in t.names:
             df = t.read(table, ["name", "value"], required=("name", "value"))
             return {str(k): str(v) for k, v in zip(df["name"], df["value"], strict=True)}
@@ -332,7 +179,7 @@ class _Strings:
     """The export's string table (`StringIds`), read on first use: an export whose rows refer to strings must have
     it, and every id they use must be in it."""
 
-    def __init__(self, t: _Tables) -> None:
+    def __init__(self, t: ExportTables) -> None:
         self._t = t
         self._values: pd.Series | None = None
 
@@ -368,7 +215,7 @@ class _Strings:
         return out
 
 
-def _gpu_ops(t: _Tables, tables: list[str], strings: _Strings) -> pd.DataFrame:
+def _gpu_ops(t: ExportTables, tables: list[str], strings: _Strings) -> pd.DataFrame:
     frames = []
     for table in tables:
         kind = _GPU_TABLES[table]
@@ -400,7 +247,7 @@ def _gpu_ops(t: _Tables, tables: list[str], strings: _Strings) -> pd.DataFrame:
     return ops.sort_values(["start_ns", "end_ns"], kind="stable").reset_index(drop=True)
 
 
-def _calls(t: _Tables, strings: _Strings) -> pd.DataFrame:
+def _calls(t: ExportTables, strings: _Strings) -> pd.DataFrame:
     table = RUNTIME_TABLE
     df = t.read(table, ["start", "end", "globalTid", "correlationId", "nameId"],
                 required=("start", "end", "globalTid", "correlationId"))
@@ -429,10 +276,11 @@ def _last_timestamp(calls: pd.DataFrame, ops: pd.DataFrame) -> int:
     return max(ends) if ends else 0
 
 
-def _ranges(t: _Tables, strings: _Strings, last_ns: int) -> pd.DataFrame:
+def _ranges(t: ExportTables, strings: _Strings, last_ns: int) -> pd.DataFrame:
+    """One row per NVTX range (see NsysExport.ranges); a range never closed ends at `last_ns`."""
     table = NVTX_TABLE
     want = ["start", "end", "eventType", "text", "textId", "domainId", "globalTid", "endGlobalTid", "category",
-            "int64Value", "uint64Value", "int32Value", "uint32Value", "doubleValue"]
+            *_PAYLOAD_COLUMNS]
     ev = t.read(table, want, required=("start", "eventType", "globalTid"))
     ev_type = t.ints(ev, table, "eventType")
     # only ranges and domain names are used: other events (marks, category and thread names) may lack columns
@@ -442,36 +290,22 @@ def _ranges(t: _Tables, strings: _Strings, last_ns: int) -> pd.DataFrame:
     pid = pid_of(gtid_all)
     domain_id = t.numbers(ev, table, "domainId", empty_ok=True).fillna(0).to_numpy(np.int64) if "domainId" in ev \
         else np.zeros(len(ev), np.int64)
-    text = ev["text"].astype(object).where(ev["text"].notna(), None).to_numpy() if "text" in ev else \
-        np.full(len(ev), None, dtype=object)
-    if "textId" in ev:  # registered strings: resolve through StringIds; inline text wins where both exist
-        resolved = strings.lookup(ev, table, "textId")
-        text = np.where(pd.isna(text), resolved, text)
-
-    # domain names per process, from the domain-create events
+    text = _event_text(t, strings, ev)
     is_dom = ev_type == NVTX_DOMAIN_CREATE
-    dom_map = {(int(p), int(d)): (n or "") for p, d, n in zip(pid[is_dom], domain_id[is_dom], text[is_dom],
+    domains = {(int(p), int(d)): (n or "") for p, d, n in zip(pid[is_dom], domain_id[is_dom], text[is_dom],
                                                               strict=True)}
-
     keep = np.isin(ev_type, list(_RANGE_STYLE))
     r = ev.loc[keep]
     rp, rd = pid[keep], domain_id[keep]
-    start = t.ints(r, table, "start")
-    end = t.numbers(r, table, "end", empty_ok=True) if "end" in r else pd.Series(pd.NA, index=r.index, dtype="Int64")
-    closed = end.notna().to_numpy()
-    end_ns = np.where(closed, end.fillna(0).to_numpy(np.int64), last_ns).astype(np.int64)
-    t.check_order(r.loc[closed], table, start[closed], end_ns[closed])
+    start, end_ns, closed = _range_ends(t, r, last_ns)
     gtid = gtid_all[keep]
     end_gtid = t.numbers(r, table, "endGlobalTid", empty_ok=True).fillna(-1).to_numpy(np.int64) \
         if "endGlobalTid" in r else np.full(len(r), -1, dtype=np.int64)
-    payload = pd.Series(pd.NA, index=r.index, dtype="Float64")
-    for col in ("int64Value", "uint64Value", "int32Value", "uint32Value", "doubleValue"):
-        if col in r:
-            payload = payload.fillna(t.numbers(r, table, col, empty_ok=True, integer=False))
+    payload = _payload(t, r)
     ranges = pd.DataFrame({
         "range_id": r["_row"].to_numpy(np.int64),
         "name": pd.array(text[keep], dtype="string"),
-        "domain": pd.array([dom_map.get((int(p), int(d)), "") if d else "" for p, d in zip(rp, rd, strict=True)],
+        "domain": pd.array([domains.get((int(p), int(d)), "") if d else "" for p, d in zip(rp, rd, strict=True)],
                            dtype="string"),
         "style": pd.array([_RANGE_STYLE[int(x)] for x in ev_type[keep]], dtype="string"),
         "global_tid": gtid,
@@ -485,3 +319,34 @@ def _ranges(t: _Tables, strings: _Strings, last_ns: int) -> pd.DataFrame:
         "payload": payload.to_numpy(),
     })
     return ranges.reset_index(drop=True)
+
+
+def _event_text(t: ExportTables, strings: _Strings, ev: pd.DataFrame) -> np.ndarray:
+    """Each NVTX event's text: inline, or a registered string resolved through StringIds (inline text wins where
+    both exist); None where it has neither."""
+    text = ev["text"].astype(object).where(ev["text"].notna(), None).to_numpy() if "text" in ev else \
+        np.full(len(ev), None, dtype=object)
+    if "textId" in ev:
+        resolved = strings.lookup(ev, NVTX_TABLE, "textId")
+        text = np.where(pd.isna(text), resolved, text)
+    return text
+
+
+def _range_ends(t: ExportTables, r: pd.DataFrame, last_ns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start_ns, end_ns, closed) of the ranges `r`; an open range (no end) ends at `last_ns`."""
+    table = NVTX_TABLE
+    start = t.ints(r, table, "start")
+    end = t.numbers(r, table, "end", empty_ok=True) if "end" in r else pd.Series(pd.NA, index=r.index, dtype="Int64")
+    closed = end.notna().to_numpy()
+    end_ns = np.where(closed, end.fillna(0).to_numpy(np.int64), last_ns).astype(np.int64)
+    t.check_order(r.loc[closed], table, start[closed], end_ns[closed])
+    return start, end_ns, closed
+
+
+def _payload(t: ExportTables, r: pd.DataFrame) -> pd.Series:
+    """Each range's payload (Float64, NA where none), from the first payload column that holds one."""
+    payload = pd.Series(pd.NA, index=r.index, dtype="Float64")
+    for col in _PAYLOAD_COLUMNS:
+        if col in r:
+            payload = payload.fillna(t.numbers(r, NVTX_TABLE, col, empty_ok=True, integer=False))
+    return payload

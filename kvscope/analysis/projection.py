@@ -34,12 +34,70 @@ class Projection:
     op_call: np.ndarray  # row of export.calls that launched each GPU op (-1: no API call found)
 
 
+@dataclass
+class _CallOps:
+    """The GPU operations of every API call: which call launched each op, and per call (one sentinel entry past
+    the last call, for reduceat) the first op start and last op end, with prefix sums over the calls of
+    `has ops` and `op count`."""
+
+    op_call: np.ndarray  # per op: row of export.calls, -1 when no call matches
+    first_start: np.ndarray  # per call (+ sentinel): earliest start of its ops, _BIG_NS when none
+    last_end: np.ndarray  # per call (+ sentinel): latest end of its ops, -_BIG_NS when none
+    has_prefix: np.ndarray  # calls with at least one op among calls [0, i)
+    ops_prefix: np.ndarray  # ops of calls [0, i)
+
+
 def project(exp: NsysExport) -> Projection:
     calls = exp.calls  # sorted by (global_tid, start_ns)
     ops = exp.gpu_ops
     n_calls = len(calls)
+    co = _call_ops(calls, ops)
 
-    # ---- GPU ops -> launching API call, on (process, correlation id) ----------------------------------------
+    # eligible ranges (those that end on the thread where they started) and the block of calls each encloses
+    r = exp.ranges
+    same_thread = (r["end_global_tid"].to_numpy() < 0) | (r["end_global_tid"].to_numpy() == r["global_tid"].to_numpy())
+    r = r.loc[same_thread].sort_values(["global_tid", "start_ns", "end_ns"], ascending=[True, True, False],
+                                       kind="stable").reset_index(drop=True)
+    gtid = r["global_tid"].to_numpy(np.int64)
+    rs, re = r["start_ns"].to_numpy(np.int64), r["end_ns"].to_numpy(np.int64)
+    lo, hi = _call_blocks(calls, gtid, rs, re)
+    nonempty = hi > lo
+    gpu_ops = co.has_prefix[hi] - co.has_prefix[lo]
+    n_kern = co.ops_prefix[hi] - co.ops_prefix[lo]
+    idx = np.empty(2 * len(r), dtype=np.int64)
+    idx[0::2], idx[1::2] = np.where(nonempty, lo, n_calls), np.where(nonempty, hi, n_calls)
+    g_start = np.minimum.reduceat(co.first_start, idx)[0::2] if len(r) else np.empty(0, np.int64)
+    g_end = np.maximum.reduceat(co.last_end, idx)[0::2] if len(r) else np.empty(0, np.int64)
+    has_gpu = nonempty & (gpu_ops > 0)
+
+    level, parent_pos = _nesting(gtid, rs, re)
+    range_id = r["range_id"].to_numpy(np.int64)
+    parent_id = np.where(parent_pos >= 0, range_id[np.maximum(parent_pos, 0)], -1)
+    busy, op_range_pos = _busy_time(ops, co.op_call, level, has_gpu, lo, hi, n_calls)
+
+    out = pd.DataFrame({
+        "range_id": range_id,
+        "name": r["name"], "domain": r["domain"], "style": r["style"],
+        "pid": r["pid"].to_numpy(np.int64), "tid": r["tid"].to_numpy(np.int64),
+        "level": level, "parent_id": pd.array(np.where(parent_id >= 0, parent_id, 0), dtype="Int64"),
+        "num_child": np.bincount(parent_pos[parent_pos >= 0], minlength=len(r)),
+        "range_stack": _stacks(range_id, level, parent_pos),
+        "start_ns": rs, "end_ns": re,
+        "gpu_start_ns": pd.array(np.where(has_gpu, g_start, 0), dtype="Int64"),
+        "gpu_end_ns": pd.array(np.where(has_gpu, g_end, 0), dtype="Int64"),
+        "gpu_busy_ns": busy, "gpu_ops": gpu_ops, "gpu_op_rows": n_kern,
+        "category": r["category"], "payload": r["payload"], "closed": r["closed"],
+        "global_tid": gtid,
+    })
+    out.loc[parent_id < 0, "parent_id"] = pd.NA
+    out.loc[~has_gpu, ["gpu_start_ns", "gpu_end_ns"]] = pd.NA
+    op_range = np.where(op_range_pos >= 0, range_id[np.maximum(op_range_pos, 0)], -1)
+    return Projection(out, op_range, co.op_call)
+
+
+def _call_ops(calls: pd.DataFrame, ops: pd.DataFrame) -> _CallOps:
+    """GPU ops -> launching API call, on (process, correlation id), and the per-call aggregates of their ops."""
+    n_calls = len(calls)
     call_key = pd.DataFrame({"pid": calls["pid"].to_numpy(), "corr": calls["corr"].to_numpy(),
                              "call": np.arange(n_calls)})
     op_key = pd.DataFrame({"pid": ops["pid"].to_numpy(), "corr": ops["corr"].to_numpy()})
@@ -49,8 +107,6 @@ def project(exp: NsysExport) -> Projection:
         merged = op_key.merge(call_key, on=["pid", "corr"], how="left")
     op_call = merged["call"].fillna(-1).to_numpy(np.int64)
     has_call = op_call >= 0
-
-    # per-call aggregates of their GPU ops
     c_min = np.full(n_calls + 1, _BIG_NS, dtype=np.int64)  # +1: sentinel for reduceat
     c_max = np.full(n_calls + 1, -_BIG_NS, dtype=np.int64)
     c_ops = np.zeros(n_calls + 1, dtype=np.int64)
@@ -60,14 +116,14 @@ def project(exp: NsysExport) -> Projection:
     c_has = (c_ops > 0).astype(np.int64)
     has_prefix = np.concatenate([[0], np.cumsum(c_has[:n_calls])])
     ops_prefix = np.concatenate([[0], np.cumsum(c_ops[:n_calls])])
+    return _CallOps(op_call, c_min, c_max, has_prefix, ops_prefix)
 
-    # ---- eligible ranges and their call blocks ------------------------------------------------------------------
-    r = exp.ranges
-    same_thread = (r["end_global_tid"].to_numpy() < 0) | (r["end_global_tid"].to_numpy() == r["global_tid"].to_numpy())
-    r = r.loc[same_thread].sort_values(["global_tid", "start_ns", "end_ns"], ascending=[True, True, False],
-                                       kind="stable").reset_index(drop=True)
-    gtid = r["global_tid"].to_numpy(np.int64)
-    rs, re = r["start_ns"].to_numpy(np.int64), r["end_ns"].to_numpy(np.int64)
+
+def _call_blocks(calls: pd.DataFrame, gtid: np.ndarray, rs: np.ndarray, re: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """For ranges of threads `gtid` spanning [rs, re]: the block [lo, hi) of their thread's calls that the range
+    encloses (calls sorted by (thread, start); an empty block has hi == lo)."""
+    n_calls = len(calls)
     c_gtid = calls["global_tid"].to_numpy(np.int64)
     c_start, c_end = calls["start_ns"].to_numpy(np.int64), calls["end_ns"].to_numpy(np.int64)
     t_lo = np.searchsorted(c_gtid, gtid, side="left")  # the thread's calls: [t_lo, t_hi)
@@ -86,24 +142,17 @@ def project(exp: NsysExport) -> Projection:
             break
         hi = np.where(sticks, hi - 1, hi)
         nonempty = hi > lo
+    return lo, hi
 
-    gpu_ops = has_prefix[hi] - has_prefix[lo]
-    n_kern = ops_prefix[hi] - ops_prefix[lo]
-    idx = np.empty(2 * len(r), dtype=np.int64)
-    idx[0::2], idx[1::2] = np.where(nonempty, lo, n_calls), np.where(nonempty, hi, n_calls)
-    g_start = np.minimum.reduceat(c_min, idx)[0::2] if len(r) else np.empty(0, np.int64)
-    g_end = np.maximum.reduceat(c_max, idx)[0::2] if len(r) else np.empty(0, np.int64)
-    has_gpu = nonempty & (gpu_ops > 0)
 
-    # ---- nesting ---------------------------------------------------------------------------------------------
-    level, parent_pos = _nesting(gtid, rs, re)
-    range_id = r["range_id"].to_numpy(np.int64)
-    parent_id = np.where(parent_pos >= 0, range_id[np.maximum(parent_pos, 0)], -1)
-    num_child = np.bincount(parent_pos[parent_pos >= 0], minlength=len(r))
-    stack = _stacks(range_id, level, parent_pos)
-
-    # ---- busy time (union of op intervals) and innermost range per op ----------------------------------------
-    busy = np.zeros(len(r), dtype=np.int64)
+def _busy_time(ops: pd.DataFrame, op_call: np.ndarray, level: np.ndarray, has_gpu: np.ndarray, lo: np.ndarray,
+               hi: np.ndarray, n_calls: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per range, the union of its ops' intervals (ns); per op, the position of its innermost range (-1: none).
+    Level by level: ranges of one level on one thread are disjoint, so each call has one owner at a level; blocks
+    that overlap another of their level (partly overlapping start/end ranges) take the exact, slow path."""
+    n = len(level)
+    has_call = op_call >= 0
+    busy = np.zeros(n, dtype=np.int64)
     op_range_pos = np.full(len(ops), -1, dtype=np.int64)
     op_s, op_e = ops["start_ns"].to_numpy(np.int64), ops["end_ns"].to_numpy(np.int64)
     for lvl in range(int(level.max()) + 1 if len(level) else 0):
@@ -115,31 +164,13 @@ def project(exp: NsysExport) -> Projection:
         sel = owner_of_op >= 0
         groups = at[owner_of_op[sel]]
         busy[at] = 0
-        gsum = _union_by_group(groups, op_s[sel], op_e[sel], len(r))
-        busy += gsum
+        busy += _union_by_group(groups, op_s[sel], op_e[sel], n)
         op_range_pos[sel] = groups
         for k in np.flatnonzero(overlapping):  # ranges whose block overlaps another of the level: exact, slow path
             pos = at[k]
             in_block = has_call & (op_call >= lo[pos]) & (op_call < hi[pos])
             busy[pos] = _union_length(op_s[in_block], op_e[in_block])
-
-    out = pd.DataFrame({
-        "range_id": range_id,
-        "name": r["name"], "domain": r["domain"], "style": r["style"],
-        "pid": r["pid"].to_numpy(np.int64), "tid": r["tid"].to_numpy(np.int64),
-        "level": level, "parent_id": pd.array(np.where(parent_id >= 0, parent_id, 0), dtype="Int64"),
-        "num_child": num_child, "range_stack": stack,
-        "start_ns": rs, "end_ns": re,
-        "gpu_start_ns": pd.array(np.where(has_gpu, g_start, 0), dtype="Int64"),
-        "gpu_end_ns": pd.array(np.where(has_gpu, g_end, 0), dtype="Int64"),
-        "gpu_busy_ns": busy, "gpu_ops": gpu_ops, "gpu_op_rows": n_kern,
-        "category": r["category"], "payload": r["payload"], "closed": r["closed"],
-        "global_tid": gtid,
-    })
-    out.loc[parent_id < 0, "parent_id"] = pd.NA
-    out.loc[~has_gpu, ["gpu_start_ns", "gpu_end_ns"]] = pd.NA
-    op_range = np.where(op_range_pos >= 0, range_id[np.maximum(op_range_pos, 0)], -1)
-    return Projection(out, op_range, op_call)
+    return busy, op_range_pos
 
 
 def _search_in_slices(values: np.ndarray, value_thread: np.ndarray, keys: np.ndarray, key_thread: np.ndarray,

@@ -26,6 +26,7 @@ from kvscope.analysis.inputs import ALIGN_TIMINGS_COLUMNS, TIMINGS_FILE
 from kvscope.analysis.inputs import read_timings as read_timings_file
 from kvscope.analysis.nsys import NsysExport, load_export
 from kvscope.analysis.projection import project
+from kvscope.analysis.schema import ALIGN_OUTPUT_FILES
 from kvscope.errors import KvscopeError
 from kvscope.io import AtomicFolder, write_parquet
 
@@ -33,7 +34,7 @@ US_PER_MS = 1e3
 # a region's projected GPU span matches its CUDA-event time when within either bound
 MATCH_ABS_MS = 0.010
 MATCH_REL_PCT = 2.0
-OUTPUT_FILES = ("ranges.parquet", "kernels.parquet", "align.parquet", "steps.parquet", "kernel_classes.parquet")
+OUTPUT_FILES = ALIGN_OUTPUT_FILES  # in the order of AlignResult's tables
 
 
 @dataclass
