@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis.kvmath import kv_bytes_per_token
 from kvscope.analysis.roofline import Ceilings, roofline
 from kvscope.analysis.schema import HOST_CLOCK
-
-if TYPE_CHECKING:  # for annotations only: analysis imports no torch (kvscope.model.config does)
-    from kvscope.model.config import ModelArgs
+from kvscope.model.config import ModelArgs, kv_bytes_per_token  # torch-free
 
 # fewest samples for a percentile to be reported (else NaN): a p99 of 5 samples is their maximum, not a p99
 PERCENTILE_MIN_SAMPLES = {90: 10, 99: 100}

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kvscope.analysis.report_align import OUTPUT_FILES, AlignResult, analyse, output_folder, summary_tables, write
+from kvscope.analysis.report_align import AlignResult, analyse, output_folder, summary_tables, write
+from kvscope.analysis.schema import ALIGN_OUTPUT_FILES
 
 
 def command(ns: argparse.Namespace) -> int:
@@ -19,7 +20,7 @@ def command(ns: argparse.Namespace) -> int:
     with folder as tmp:
         write(result, tmp, {"command": " ".join(sys.argv), "timings": ns.timings})
     print_align(result)
-    print(f"align: {out} ({', '.join(OUTPUT_FILES)})")
+    print(f"align: {out} ({', '.join(ALIGN_OUTPUT_FILES)})")
     return 0
 
 

@@ -14,6 +14,7 @@ from kvscope.commands.options import model_options
 from kvscope.engine.loop import Engine, check_prompts
 from kvscope.engine.plan import prepare
 from kvscope.errors import KvscopeError
+from kvscope.model.dtypes import dtype_name
 from kvscope.model.source import one_line, resolve_model
 from kvscope.model.weights import load_model
 
@@ -36,7 +37,7 @@ def command(ns: argparse.Namespace) -> int:
     check_prompts(prompts, source.args.vocab_size)
     model, ready_s = load_model(source, cfg.device, cfg.dtype, seed=plan.spec.seed)
     print(f"kvscope: {source.args.name} ({source.kind}{', random weights' if source.random_weights else ''}) "
-          f"on {cfg.device} in {str(cfg.dtype).removeprefix('torch.')}, ready in {ready_s:.2f} s", file=sys.stderr)
+          f"on {cfg.device} in {dtype_name(cfg.dtype)}, ready in {ready_s:.2f} s", file=sys.stderr)
     tokens = Engine(model, cfg, graphs=plan.graphs, kernels=plan.kernels).generate(prompts, ns.max_new_tokens)
     for row in tokens:
         print(json.dumps(row))

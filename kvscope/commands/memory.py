@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from kvscope.analysis.kvmath import kv_bytes_per_token
 from kvscope.engine.plan import RunPlan
+from kvscope.model.config import kv_bytes_per_token
+from kvscope.model.dtypes import itemsize
 from kvscope.model.kv_cache import KVCache
 
 # substrings of the messages of allocation failures raised as a plain RuntimeError (compared in lower case)
@@ -47,7 +48,7 @@ def allocation_message(exc: BaseException, plan: RunPlan) -> str:
         asked = "a tensor size beyond 64 bits was asked for"
     else:
         asked = "an allocation failed"
-    kv = kv_bytes_per_token(plan.source.args, cfg.dtype.itemsize) * spec.batch_size * cfg.max_seq
+    kv = kv_bytes_per_token(plan.source.args, itemsize(cfg.dtype)) * spec.batch_size * cfg.max_seq
     return (f"out of memory on {cfg.device} for --batch-size {spec.batch_size} --seq {spec.seq} (--gen-tokens "
             f"{spec.gen_tokens}): {asked}; the KV cache alone takes {kv:,} bytes")
 
@@ -82,7 +83,7 @@ def bytes_needed(plan: RunPlan) -> int:
     """A lower bound of the bytes one configuration needs on its device: weights, KV cache, and on the CPU the
     prompt (exact integers: a size no tensor can have is simply larger than any device)."""
     spec, cfg, args = plan.spec, plan.cfg, plan.source.args
-    need = args.param_count() * cfg.dtype.itemsize + KVCache.bytes_for(args, spec.batch_size, cfg.max_seq, cfg.dtype)
+    need = args.param_count() * itemsize(cfg.dtype) + KVCache.bytes_for(args, spec.batch_size, cfg.max_seq, cfg.dtype)
     if cfg.device.type == "cpu":
         need += spec.batch_size * spec.seq * torch.int64.itemsize
     return need

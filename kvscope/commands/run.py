@@ -28,7 +28,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kvscope.analysis.schema import CUDA_CLOCK, HOST_CLOCK, NAMED_LAYERS, OPS, PHASES, rep_name, run_name
+from kvscope.analysis.schema import CUDA_CLOCK, HOST_CLOCK, NAMED_LAYERS, NS_PER_MS, OPS, PHASES, rep_name, run_name
 from kvscope.analysis.summary import HostClock, RunFacts, summary_row
 from kvscope.commands.memory import allocation_failure, allocation_message
 from kvscope.commands.options import run_spec
@@ -44,6 +44,7 @@ from kvscope.commands.summary_table import summary_table
 from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunPlan, RunSpec, prepare
 from kvscope.errors import KvscopeError
+from kvscope.model.dtypes import dtype_name, itemsize
 from kvscope.model.weights import load_model
 from kvscope.profiler.instrument import Instrument
 from kvscope.profiler.nvml import NvmlSampler
@@ -96,8 +97,7 @@ def _load_and_measure(plan: RunPlan, out: OutputFolder, progress: ProgressFn | N
     nvml = NvmlSampler(cfg.device, plan.spec.nvml_interval_ms)  # its own process, started before the model loads
     try:
         model, ready_s = load_model(plan.source, cfg.device, cfg.dtype, seed=plan.spec.seed)
-        say(f"{plan.source.args.name} ready in {ready_s:.2f} s on {cfg.device} "
-            f"({str(cfg.dtype).removeprefix('torch.')})")
+        say(f"{plan.source.args.name} ready in {ready_s:.2f} s on {cfg.device} ({dtype_name(cfg.dtype)})")
         result = measure(model, plan, out.final.name, ready_s, progress, nvml=nvml)
     except (RuntimeError, MemoryError) as exc:
         if not allocation_failure(exc):
@@ -156,7 +156,7 @@ def _repetition(engine: Engine, prompt: Prompt, steps: int) -> tuple[float, floa
     t1 = time.perf_counter_ns()
     engine.decode_n(steps)
     _sync(engine)  # named sync: end of the repetition, stops the host clock of the decode phase
-    return (t1 - t0) / 1e6, (time.perf_counter_ns() - t1) / 1e6
+    return (t1 - t0) / NS_PER_MS, (time.perf_counter_ns() - t1) / NS_PER_MS
 
 
 def _sync(engine: Engine) -> None:
@@ -200,7 +200,7 @@ def _facts(plan: RunPlan, engine: Engine, run_id: str, host: HostClock, ready_s:
     cuda = cfg.device.type == "cuda"
     return RunFacts(
         run_id=run_id, model=plan.source.args.name, args=plan.source.args,
-        dtype=str(cfg.dtype).removeprefix("torch."), itemsize=cfg.dtype.itemsize, attn=spec.attn,
+        dtype=dtype_name(cfg.dtype), itemsize=itemsize(cfg.dtype), attn=spec.attn,
         granularity=spec.granularity, device=plan.device_name, events_clock=CUDA_CLOCK if cuda else HOST_CLOCK,
         cuda_graphs=engine.graphs, kernels=engine.kernels, batch=spec.batch_size, seq_len=spec.seq,
         gen_tokens=spec.gen_tokens, reps=spec.reps, warmup=spec.warmup, host=host,

@@ -26,6 +26,7 @@ from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunPlan, RunSpec
 from kvscope.errors import KvscopeError
 from kvscope.io import write_json, write_parquet
+from kvscope.model.dtypes import dtype_name
 from kvscope.profiler.instrument import Instrument
 from kvscope.profiler.nvml import NvmlSampler
 
@@ -168,7 +169,7 @@ def run_metadata(plan: RunPlan, ins: Instrument, nvml: NvmlSampler, ready_s: flo
         "driver": nvml.driver or None,
         "model": {"source": source.kind, "spec": source.spec, "random_weights": source.random_weights,
                   "args": source.args.as_dict()},
-        "dtype": str(cfg.dtype).removeprefix("torch."),
+        "dtype": dtype_name(cfg.dtype),
         "run": asdict(plan.spec),
         "max_seq": cfg.max_seq,
         "clock": ins.clock if ins.timing else "none",

@@ -45,6 +45,7 @@ from kvscope.argtypes import INT64_MAX
 from kvscope.engine.plan import RunPlan
 from kvscope.errors import KvscopeError
 from kvscope.io import METADATA_KEY
+from kvscope.model.dtypes import dtype_name
 from kvscope.model.source import ModelSource
 
 # the settings every row records; a resume must match them all (the order is the order of the checks)
@@ -83,7 +84,7 @@ def sweep_settings(plan: RunPlan, collapse_factor: float) -> dict[str, Any]:
     spec = plan.spec
     return {
         "model": plan.source.args.name, "model_source": model_source, "model_arch": model_arch,
-        "dtype": str(plan.cfg.dtype).removeprefix("torch."), "device": plan.device_name,
+        "dtype": dtype_name(plan.cfg.dtype), "device": plan.device_name,
         "attn": spec.attn, "granularity": spec.granularity, "gen_tokens": spec.gen_tokens,
         "warmup": spec.warmup, "reps": spec.reps, "seed": spec.seed,
         "cuda_graphs": plan.graphs, "kernels": plan.kernels, "collapse_factor": float(collapse_factor),

@@ -21,31 +21,22 @@ from kvscope.argtypes import INT64_MAX, NVML_INTERVAL_MAX_MS, UINT64_MAX
 from kvscope.errors import KvscopeError
 from kvscope.kernels.launch import nvrtc_compiler
 from kvscope.kernels.ops import supported
+from kvscope.model import dtypes
 from kvscope.model.attention import ATTN_IMPLS
 from kvscope.model.config import ModelArgs
 from kvscope.model.source import ModelSource, resolve_model
 from kvscope.profiler.calibrate import load_ceilings
-from kvscope.profiler.instrument import nvtx_enabled_by_env
+from kvscope.profiler.nvtx import nvtx_enabled_by_env
 
 DEFAULT_MODEL_CUDA = "qwen2.5-3b"
 DEFAULT_MODEL_CPU = "tiny"
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
 def parse_dtype(name: str | None, device: torch.device | None = None) -> torch.dtype:
     """A dtype by name or alias; no name: bfloat16 on a CUDA `device`, float32 elsewhere."""
     if not name:
         return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
-    key = DTYPE_ALIASES.get(name.lower(), name.lower())
-    if key not in DTYPES:
-        raise KvscopeError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
-    return DTYPES[key]
+    return dtypes.from_name(name).torch_dtype
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -123,8 +114,8 @@ class RunPlan:
 def prepare(spec: RunSpec, prompts: Sequence[Sequence[int]] | None = None) -> RunPlan:
     """Check `spec` and resolve it (see the module docstring); KvscopeError for the first problem, before any weights
     load. `prompts`: the prompts of `kvscope generate`, whose number is the batch and whose longest sets the sequence
-    (in place of `spec.batch_size` and `spec.seq`; their token ids are the engine's to check); a generation is not
-    timed, so it needs no warm-up and no calibrated ceilings."""
+    (in place of `spec.batch_size` and `spec.seq`; their token ids are not looked at here: `engine.loop.check_prompts`);
+    a generation is not timed, so it needs no warm-up and no calibrated ceilings."""
     if prompts is not None:
         spec = replace(spec, batch_size=len(prompts), seq=max((len(p) for p in prompts), default=0))
     _check_spec(spec)
@@ -193,8 +184,8 @@ def use_kernels(kernels: bool | None, device: torch.device, dtype: torch.dtype) 
     write) instead of the same maths in torch operations: `--kernels on|off`, by default (None) on for CUDA."""
     on = device.type == "cuda" if kernels is None else kernels
     if on and not supported(device, dtype):
-        raise KvscopeError(f"--kernels on needs a CUDA device and float32/bfloat16/float16, got {device} "
-                           f"{str(dtype).removeprefix('torch.')}")
+        raise KvscopeError(f"--kernels on needs a CUDA device and {'/'.join(dtypes.NAMES)}, got {device} "
+                           f"{dtypes.dtype_name(dtype)}")
     if on:
         nvrtc_compiler()  # a torch without it stops here, before the run
     return on
