@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_checks import fail, leftovers, snapshot
 
 import kvscope.analysis.report_align as report_align
 from kvscope.analysis.nsys import export_rep, load_export
@@ -27,25 +28,6 @@ from kvscope.io import AtomicFolder
 
 DATA = Path(__file__).parent / "data" / "nsys"
 ENOSPC_MESSAGE = os.strerror(errno.ENOSPC)
-
-
-def fail(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """Run the CLI, expect exit code 2 and exactly one line on stderr; return that line."""
-    rc = main(argv)
-    err = capsys.readouterr().err.splitlines()
-    assert rc == 2, err
-    assert len(err) == 1, err
-    assert err[0].startswith("kvscope: error: "), err
-    return err[0]
-
-
-def leftovers(folder: Path) -> list[str]:
-    """Temporary folders AtomicFolder might have left in `folder`."""
-    return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ---- class 1: the output folder is written whole or not at all -----------------------------------------------------

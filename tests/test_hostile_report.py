@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from cli_checks import fail, leftovers, snapshot
 from matplotlib.figure import Figure
 from rich.console import Console
 
@@ -37,24 +38,6 @@ DATA = Path(__file__).parent / "data" / "nsys"
 RUN = DATA / "qwen25-05b-run"
 ENOSPC_MESSAGE = os.strerror(errno.ENOSPC)
 INF_OR_NAN = re.compile(r"\b(inf|nan)\b", re.IGNORECASE)
-
-
-def fail(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """Run the CLI, expect exit code 2 and exactly one line on stderr; return that line."""
-    rc = main(argv)
-    err = capsys.readouterr().err.splitlines()
-    assert rc == 2, err
-    assert len(err) == 1, err
-    assert err[0].startswith("kvscope: error: "), err
-    return err[0]
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def sweep_frame() -> pd.DataFrame:
