@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from kvscope.analysis.schema import GRANULARITIES
 from kvscope.argtypes import GIB_MAX, NVML_INTERVAL_MAX_MS, UINT64_MAX, FloatArg, IntArg, TextArg
@@ -38,10 +39,25 @@ class _Parser(argparse.ArgumentParser):
         raise KvscopeError(f"{command}: {message}" if command else message)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help: `(default: X)` added unless the help already says it; an option without
+    a default of its own (None: decided later, which its help then says) or a switch gets none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class _SubParser(_Parser):
     """A subcommand's parser: arguments it does not know are an error named by the subcommand
     (`run: unrecognized arguments: --bogus`), not handed back to the top-level parser, which would report them
-    under `kvscope` alone."""
+    under `kvscope` alone. Its help shows every option's default (`_HelpFormatter`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
                          ) -> tuple[argparse.Namespace, list[str]]:
@@ -54,7 +70,8 @@ class _SubParser(_Parser):
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """The model and how it runs: every command that loads the model (`generate`, and the run options)."""
     p.add_argument("--model", type=_TEXT, default=None,
-                   help="preset name, Hugging Face checkpoint folder, or config.json (random weights)")
+                   help="preset name, Hugging Face checkpoint folder, or config.json (random weights) (default: "
+                        "qwen2.5-3b on CUDA, tiny on a CPU: engine.plan's DEFAULT_MODEL_*)")
     p.add_argument("--dtype", type=_TEXT, default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on "
                                                              "CUDA, float32 on CPU)")
     p.add_argument("--device", type=_TEXT, default=None, help="cpu | cuda (default: cuda when present)")
@@ -71,8 +88,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     runs, the new tokens, the warm-up and timed repetitions, the granularity of the timed regions."""
     _add_model_args(p)
     p.add_argument("--gen-tokens", type=_INT, default=32, help="new tokens per sequence (the first from prefill)")
-    p.add_argument("--warmup", type=_INT, default=2)
-    p.add_argument("--reps", type=_INT, default=5)
+    p.add_argument("--warmup", type=_INT, default=2, help="untimed repetitions before the timed ones")
+    p.add_argument("--reps", type=_INT, default=5, help="timed repetitions (prefill + decode each)")
     p.add_argument("--granularity", default="phase", choices=GRANULARITIES,
                    help="which regions get CUDA events (NVTX ranges are emitted at every level)")
 
@@ -90,33 +107,38 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-ids", help="comma-separated token ids; ';' separates prompts (one ragged batch)")
     src.add_argument("--prompt", action="append", help="prompt text (needs a tokenizer in the model folder); "
                                                        "repeat for a batch")
-    g.add_argument("--max-new-tokens", type=_INT, default=16)
+    g.add_argument("--max-new-tokens", type=_INT, default=16, help="new tokens per prompt")
     g.add_argument("--json", action="store_true", help='last line of stdout: {"tokens": [[...], ...]}')
 
     r = sub.add_parser("run", help="instrumented prefill + decode run; writes a run folder of Parquet files")
     add_run_options(r)
-    r.add_argument("--batch-size", type=_INT, default=1)
+    r.add_argument("--batch-size", type=_INT, default=1, help="sequences per batch")
     r.add_argument("--seq", type=_INT, default=512, help="prompt tokens per sequence")
     r.add_argument("--no-nvtx", action="store_true", help="no NVTX ranges (also KVSCOPE_NVTX=0)")
-    r.add_argument("--nvml-interval-ms", type=FloatArg(NVML_INTERVAL_MAX_MS, "ms"), default=20.0)
+    r.add_argument("--nvml-interval-ms", type=FloatArg(NVML_INTERVAL_MAX_MS, "ms"), default=20.0,
+                   help="NVML polling interval for metrics the driver does not buffer (ms)")
     r.add_argument("--out", type=_TEXT, default=None, help="run folder (default traces/<time>-<model>-bs<B>-seq<L>/)")
+    _add_json(r, "the run folder, its files and the summary's key numbers")
 
     w = sub.add_parser("sweep", help="every (seq, batch) pair as a run, one model load; appends to a CSV/Parquet")
     add_run_options(w)
     w.add_argument("--seq", required=True, help="comma-separated prompt lengths, e.g. 128,256,512")
     w.add_argument("--batch-sizes", required=True, help="comma-separated batch sizes, e.g. 1,2,4")
     w.add_argument("--out", type=_TEXT, required=True, help="FILE.csv or FILE.parquet")
-    w.add_argument("--collapse-factor", type=_FINITE, default=2.0)
+    w.add_argument("--collapse-factor", type=_FINITE, default=2.0,
+                   help="flag latency/throughput collapse beyond this factor of the best earlier configuration")
     w.add_argument("--resume", action="store_true", help="skip configurations the file already holds")
+    _add_json(w, "the sweep file and each configuration's key numbers")
 
     c = sub.add_parser("calibrate", help="measure copy bandwidth, bf16 matmul rate and the decode matvec chain")
-    c.add_argument("--device", type=_TEXT, default="cuda")
+    c.add_argument("--device", type=_TEXT, default="cuda", help="the GPU to measure")
     c.add_argument("--model", type=_TEXT, default="qwen2.5-3b", help="preset whose batch-1 matvec chain is timed")
     c.add_argument("--json", action="store_true")
 
     rp = sub.add_parser("report", help="Markdown report with PNG plots of a run folder or a sweep file")
     rp.add_argument("source", type=_TEXT, help="a run folder (or a `kvscope nsys` folder), or a sweep .csv/.parquet")
     rp.add_argument("--out", type=_TEXT, default=None, help="report folder (default: <source>-report beside it)")
+    _add_json(rp, "the report, its folder and files")
 
     _add_kv_math(sub.add_parser("kv-math", help="KV-cache memory maths: bytes per token, capacity, Little's law, "
                                                 "paging"))
@@ -127,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", type=_TEXT, required=True,
                    help="folder for ranges/kernels/align/steps/kernel_classes.parquet")
     a.add_argument("--nsys", type=_TEXT, default=None, help="nsys executable (for .nsys-rep input)")
+    _add_json(a, "the output folder, its files and the kernel time by class")
 
     n = sub.add_parser("nsys", help="profile `kvscope run` under Nsight Systems, export and align it",
                        usage="kvscope nsys [--nsys PATH] [--out DIR] -- <kvscope run arguments>")
@@ -137,9 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_json(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true", help=f"last line of stdout: one JSON object with {what}")
+
+
 def _add_kv_math(k: argparse.ArgumentParser) -> None:
     k.add_argument("--model", type=_TEXT, required=True, help="preset name, checkpoint folder, or config.json")
-    k.add_argument("--batch-size", type=_INT, default=1)
+    k.add_argument("--batch-size", type=_INT, default=1, help="sequences (requests) in the batch")
     k.add_argument("--seq", type=_INT, default=0, help="context per request (default: the model's maximum)")
     k.add_argument("--dtype", type=_TEXT, default=None,
                    help="weights/activations dtype (default: the model's, bf16 for presets)")

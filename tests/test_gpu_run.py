@@ -34,7 +34,7 @@ def test_event_sum_matches_host_clock(tmp_path: Path, batch: int, granularity: s
     assert meta["nvml"]["process"] == "child" and meta["nvml"]["mode"] in ("buffered", "polled"), meta["nvml"]
     assert s["clock"] == "cuda" and s["ttft_samples"] == 5 and s["tpot_samples"] == 5 * 63
     assert s["ttft_ms"] >= 0.99 * s["prefill_gpu_ms"]  # the host waits at least the prefill's GPU span
-    assert s["peak_reserved_mb"] > 0 and s["kv_alloc_bytes"] >= s["kv_cache_bytes"]
+    assert s["peak_reserved_mib"] > 0 and s["kv_alloc_bytes"] >= s["kv_cache_bytes"]
 
 
 @pytest.mark.parametrize("kernels", [True, False])

@@ -252,7 +252,7 @@ def test_nvml_samples_come_from_a_child_process_polled(fake_gpu: Path) -> None:
     assert 10 <= len(df) <= 60  # ~40 wake-ups of 10 ms inside a 0.4 s window
     assert df["t_ms"].is_monotonic_increasing and df["t_ms"].iloc[0] >= 0 and df["t_ms"].iloc[-1] <= 400 + 50
     assert (df["power_w"] == 123.456).all() and (df["sm_clock_mhz"] == 1980).all() and (df["temp_c"] == 41).all()
-    assert (df["mem_used_mb"] == 3 * 1024).all() and (df["clock_event_reasons"] == 4).all()
+    assert (df["mem_used_mib"] == 3 * 1024).all() and (df["clock_event_reasons"] == 4).all()
     assert df["gpu_util_pct"].is_monotonic_increasing  # the fake's counter: every row is a fresh query
     meta = s.metadata()
     assert meta["process"] == "child" and meta["mode"] == "polled" and meta["available"] is True
@@ -269,7 +269,7 @@ def test_nvml_buffered_samples_wake_the_child_rarely(fake_gpu: Path, monkeypatch
     gaps = np.diff(df["t_ms"].to_numpy())
     assert np.median(gaps) == pytest.approx(10.0, abs=1.0)
     # the polled memory reading came at a wake-up and is carried forward from there
-    assert df["mem_used_mb"].notna().sum() >= len(df) - 30
+    assert df["mem_used_mib"].notna().sum() >= len(df) - 30
 
 
 def test_nvml_failure_is_a_reason_not_an_error(fake_gpu: Path, monkeypatch: pytest.MonkeyPatch) -> None:

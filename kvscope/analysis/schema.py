@@ -54,7 +54,7 @@ CLASSIC_COLUMNS = ("seq_len", "batch", "prefill_p50_ms", "prefill_ms_per_tok", "
                    "decode_p50_ms_per_tok", "decode_tok_s", "total_tok_s", "vram_reserved_mb", "flag")
 TIMING_COLUMNS = ("run_id", "rep", "level", "phase", "step", "layer", "op", "name", "start_ms", "dur_ms",
                   "host_enqueue_ms", "clock", "batch", "seq_len", "gen_tokens", "context_len", "tokens")
-NVML_COLUMNS = ("t_ms", "gpu_util_pct", "mem_util_pct", "mem_used_mb", "sm_clock_mhz", "mem_clock_mhz", "power_w",
+NVML_COLUMNS = ("t_ms", "gpu_util_pct", "mem_util_pct", "mem_used_mib", "sm_clock_mhz", "mem_clock_mhz", "power_w",
                 "temp_c", "clock_event_reasons")
 
 

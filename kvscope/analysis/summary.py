@@ -60,8 +60,8 @@ class RunFacts:
     reps: int
     warmup: int
     host: HostClock
-    peak_allocated_mb: float  # torch allocator peaks over the measured repetitions (NaN on a CPU)
-    peak_reserved_mb: float
+    peak_allocated_mib: float  # torch allocator peaks over the measured repetitions (NaN on a CPU)
+    peak_reserved_mib: float
     kv_cache_bytes: int  # the cache tensor
     kv_alloc_bytes: int  # the allocator's growth when it was made
     ready_s: float
@@ -148,8 +148,9 @@ def summary_row(t: pd.DataFrame, facts: RunFacts) -> pd.DataFrame:
         "decode_p50_ms_per_tok": decode_p50,
         "decode_tok_s": b / (decode_p50 / 1e3),
         "total_tok_s": b * (s + g) / (rep_p50 / 1e3),
-        "vram_reserved_mb": facts.peak_reserved_mb,
+        "vram_reserved_mb": facts.peak_reserved_mib,  # the classic name (MiB), fixed by the published sweep schema
         "flag": "",
+        "vram_reserved_mib": facts.peak_reserved_mib,  # the same value under its documented name
         "run_id": facts.run_id, "model": facts.model, "dtype": facts.dtype, "attn": facts.attn,
         "granularity": facts.granularity, "device": facts.device,
         "cuda_graphs": facts.cuda_graphs, "kernels": facts.kernels,
@@ -163,7 +164,7 @@ def summary_row(t: pd.DataFrame, facts: RunFacts) -> pd.DataFrame:
         "decode_host_p50_ms": percentile(lat.host_decode, 50),
         "decode_events_p50_ms": percentile(lat.step_sums, 50),
         "decode_host_vs_events_max_pct": _host_vs_events_gap(lat),
-        "peak_allocated_mb": facts.peak_allocated_mb, "peak_reserved_mb": facts.peak_reserved_mb,
+        "peak_allocated_mib": facts.peak_allocated_mib, "peak_reserved_mib": facts.peak_reserved_mib,
         "kv_cache_bytes": facts.kv_cache_bytes, "kv_alloc_bytes": facts.kv_alloc_bytes,
         "kv_predicted_bytes": kv_bytes_per_token(facts.args, facts.itemsize) * b * (s + g),
         "weights_bytes": facts.args.param_count() * facts.itemsize, "ready_s": facts.ready_s,

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from kvscope.analysis.report_align import AlignResult, analyse, output_folder, summary_tables, write
 from kvscope.analysis.schema import ALIGN_OUTPUT_FILES
+from kvscope.commands.json_out import align_payload, json_line
 
 
 def command(ns: argparse.Namespace) -> int:
@@ -21,6 +22,8 @@ def command(ns: argparse.Namespace) -> int:
         write(result, tmp, {"command": " ".join(sys.argv), "timings": ns.timings})
     print_align(result)
     print(f"align: {out} ({', '.join(ALIGN_OUTPUT_FILES)})")
+    if getattr(ns, "json", False):
+        print(json_line(align_payload(out, result.ranges, result.kernels)))
     return 0
 
 

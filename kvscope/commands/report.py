@@ -6,10 +6,13 @@ import argparse
 from pathlib import Path
 
 from kvscope.analysis.report import make_report
+from kvscope.commands.json_out import folder_files, json_line
 
 
 def command(ns: argparse.Namespace) -> int:
     report = make_report(Path(ns.source), Path(ns.out) if ns.out else None)
-    files = sorted(p.name for p in report.parent.iterdir())
+    files = folder_files(report.parent)
     print(f"report: {report} ({', '.join(files)})")
+    if getattr(ns, "json", False):
+        print(json_line({"report": report, "folder": report.parent, "files": files}))
     return 0

@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kvscope.analysis.schema import CUDA_CLOCK, HOST_CLOCK, NAMED_LAYERS, NS_PER_MS, OPS, PHASES, rep_name, run_name
 from kvscope.analysis.summary import HostClock, RunFacts, summary_row
+from kvscope.commands.json_out import folder_files, json_line, key_numbers
 from kvscope.commands.memory import allocation_failure, allocation_message
 from kvscope.commands.options import run_spec
 from kvscope.commands.run_output import (
@@ -49,7 +50,7 @@ from kvscope.model.weights import load_model
 from kvscope.profiler.instrument import Instrument
 from kvscope.profiler.nvml import NvmlSampler
 
-MB = 2**20
+MIB_BYTES = 2**20
 ProgressFn = Callable[[str, int, int], None]
 Prompt = tuple[torch.Tensor, list[int]]  # the tokens (B, S) on the device, and each sequence's length
 
@@ -69,8 +70,10 @@ def command(ns: argparse.Namespace) -> int:
 
         result = execute(run_spec(ns), progress=progress, log=lambda msg: err.print(f"kvscope: {msg}"))
     Console().print(summary_table(result.summary))
-    files = sorted(p.name for p in result.out_dir.iterdir())
+    files = folder_files(result.out_dir)
     print(f"run folder: {result.out_dir} ({', '.join(files)})")
+    if getattr(ns, "json", False):
+        print(json_line({"run_folder": result.out_dir, "files": files, **key_numbers(result.summary.iloc[0])}))
     return 0
 
 
@@ -204,8 +207,8 @@ def _facts(plan: RunPlan, engine: Engine, run_id: str, host: HostClock, ready_s:
         granularity=spec.granularity, device=plan.device_name, events_clock=CUDA_CLOCK if cuda else HOST_CLOCK,
         cuda_graphs=engine.graphs, kernels=engine.kernels, batch=spec.batch_size, seq_len=spec.seq,
         gen_tokens=spec.gen_tokens, reps=spec.reps, warmup=spec.warmup, host=host,
-        peak_allocated_mb=torch.cuda.max_memory_allocated(cfg.device) / MB if cuda else math.nan,
-        peak_reserved_mb=torch.cuda.max_memory_reserved(cfg.device) / MB if cuda else math.nan,
+        peak_allocated_mib=torch.cuda.max_memory_allocated(cfg.device) / MIB_BYTES if cuda else math.nan,
+        peak_reserved_mib=torch.cuda.max_memory_reserved(cfg.device) / MIB_BYTES if cuda else math.nan,
         kv_cache_bytes=engine.cache.nbytes, kv_alloc_bytes=engine.kv_alloc_bytes, ready_s=ready_s,
         ceilings=plan.ceilings)
 

@@ -17,7 +17,7 @@ _ROWS = (
     ("prefill tok/s", "prefill_tok_s", "{:,.0f}"), ("decode tok/s", "decode_tok_s", "{:,.1f}"),
     ("total tok/s", "total_tok_s", "{:,.1f}"),
     ("decode: host clock vs event sum, max gap (%)", "decode_host_vs_events_max_pct", "{:.2f}"),
-    ("peak allocated / reserved (MiB)", ("peak_allocated_mb", "peak_reserved_mb"), "{:,.0f}"),
+    ("peak allocated / reserved (MiB)", ("peak_allocated_mib", "peak_reserved_mib"), "{:,.0f}"),
     ("KV cache (bytes, measured)", ("kv_cache_bytes", "kv_alloc_bytes"), "{:,}"),
 )
 

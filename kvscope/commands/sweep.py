@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kvscope.analysis.schema import CLASSIC_COLUMNS
 from kvscope.argtypes import INT64_MAX, shown
+from kvscope.commands.json_out import json_line, key_numbers
 from kvscope.commands.memory import allocation_failure, allocation_reason, bytes_needed, device_memory
 from kvscope.commands.options import run_options
 from kvscope.commands.run import measure
@@ -75,6 +76,9 @@ def command(ns: argparse.Namespace) -> int:
     cols = [c for c in CLASSIC_COLUMNS if c in rows.columns]
     print(rows[cols].to_string(index=False))
     print(f"sweep: {sw.out} ({len(rows)} configuration(s))")
+    if getattr(ns, "json", False):
+        print(json_line({"sweep_file": sw.out, "configurations": len(rows),
+                         "rows": [key_numbers(row) for _, row in rows.iterrows()]}))
     return 0
 
 

@@ -28,7 +28,7 @@ import torch
 
 from kvscope.analysis.schema import NS_PER_MS
 
-COLUMNS = ("t_ms", "gpu_util_pct", "mem_util_pct", "mem_used_mb", "sm_clock_mhz", "mem_clock_mhz", "power_w",
+COLUMNS = ("t_ms", "gpu_util_pct", "mem_util_pct", "mem_used_mib", "sm_clock_mhz", "mem_clock_mhz", "power_w",
            "temp_c", "clock_event_reasons")
 _STOP_TIMEOUT_S = 10.0
 

@@ -93,7 +93,7 @@ def _polled(nv: Any, handle: Any, metrics: set[str]) -> list[tuple[str, float]]:
         out.append(("mem_clock_mhz", float(nv.nvmlDeviceGetClockInfo(handle, nv.NVML_CLOCK_MEM))))
     if "power_w" in metrics:
         out.append(("power_w", nv.nvmlDeviceGetPowerUsage(handle) / MW_PER_W))
-    out.append(("mem_used_mb", nv.nvmlDeviceGetMemoryInfo(handle).used / MIB_BYTES))
+    out.append(("mem_used_mib", nv.nvmlDeviceGetMemoryInfo(handle).used / MIB_BYTES))
     out.append(("temp_c", float(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))))
     reasons = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
         nv, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
