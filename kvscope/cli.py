@@ -147,8 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("export", type=_TEXT, help="nsys export: .sqlite, parquetdir folder, or .nsys-rep (needs nsys)")
     a.add_argument("--timings", type=_TEXT, default=None, help="the kvscope run folder profiled in the export")
     a.add_argument("--out", type=_TEXT, required=True,
-                   help="folder for ranges/kernels/align/steps/kernel_classes.parquet")
+                   help="folder for ranges/kernels/range_summary.parquet (any export) and align/steps/"
+                        "kernel_classes.parquet (kvscope runs, or with --phase-map)")
     a.add_argument("--nsys", type=_TEXT, default=None, help="nsys executable (for .nsys-rep input)")
+    a.add_argument("--domain", default=None, help="keep the ranges of this NVTX domain only ('' for the default "
+                                                  "domain)")
+    a.add_argument("--range", default=None, metavar="RE", help="keep the ranges whose name matches RE (re.search, "
+                                                               "the name without its domain)")
+    a.add_argument("--start", default=None, metavar="T", help="keep ranges and GPU operations that end at or after T: "
+                                                              "ns on the export's clock, or seconds as 1.5s")
+    a.add_argument("--end", default=None, metavar="T", help="keep ranges and GPU operations that start at or before "
+                                                            "T (ns, or seconds as 2s)")
+    a.add_argument("--pid", type=_INT, default=None, help="keep the ranges and GPU operations of this process")
+    a.add_argument("--phase-map", default=None, metavar="KEY=RE,...",
+                   help="label another engine's ranges: prefill=RE,decode=RE,step=RE,layer=RE (any subset), so the "
+                        "step table and the kernel-class breakdown work on them")
+    a.add_argument("--classes", type=_TEXT, default=None, metavar="FILE",
+                   help="kernel-class rules (TOML or JSON) tried before the built-in ones")
     _add_json(a, "the output folder, its files and the kernel time by class")
 
     n = sub.add_parser("nsys", help="profile `kvscope run` under Nsight Systems, export and align it",

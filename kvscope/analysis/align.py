@@ -6,8 +6,10 @@ the keys of the enclosing ones (run, rep, phase, step, layer, op), so it joins `
 (run, rep, step, name).
 
 Functions return DataFrames:
-- `label_ranges`: the projection plus keys, kvscope ranges only.
-- `label_kernels`: every GPU operation with its innermost kvscope range's keys and its kernel class.
+- `label_ranges`: the projection plus keys, for the ranges of the `kvscope` domain and those a phase map
+  (phase_map.py) labels in another engine's export.
+- `label_kernels`: every GPU operation with its innermost range (any domain), its innermost labelled range's keys
+  and its kernel class.
 - `align_regions`: per timed region, CUDA-event ms against projected GPU span, kernel busy time, kernel count.
 - `step_activity`: per prefill and decode step, GPU busy vs idle within the step's span, and launch-bound or not.
 - `class_breakdown`: per phase, kernel time by kernel class.
@@ -21,8 +23,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis.kernel_classes import classify
+from kvscope.analysis.kernel_classes import Rules, classify
 from kvscope.analysis.nsys import NsysExport
+from kvscope.analysis.phase_map import PhaseMap, mapped_keys
 from kvscope.analysis.projection import Projection
 from kvscope.analysis.schema import GRAPH_CLOCK, NAME_PATTERNS, NS_PER_MS, NVTX_DOMAIN
 from kvscope.errors import KvscopeError
@@ -40,73 +43,118 @@ def ratio(num: pd.Series, den: pd.Series) -> pd.Series:
     return (num / den).where(den > 0)
 
 
-def label_ranges(proj: Projection) -> pd.DataFrame:
-    """kvscope ranges with their level name (`kind`) and the keys inherited from enclosing ranges."""
-    r = proj.ranges
-    r = r.loc[r["domain"] == KVSCOPE_DOMAIN].copy()
-    names = r["name"].fillna("")
-    kind = pd.Series(pd.NA, index=r.index, dtype="string")
-    own = {k: pd.Series(pd.NA, index=r.index, dtype="object") for k in _KEYS}
+def label_ranges(source: Projection | pd.DataFrame, phase_map: PhaseMap | None = None) -> pd.DataFrame:
+    """The labelled ranges with their level name (`kind`) and keys (run, rep, phase, step, layer, op), inherited
+    from their nearest labelled enclosing range: ranges of the NVTX domain `kvscope` by kvscope's region names, and
+    ranges of any domain that `phase_map` labels (phase_map.py). `source`: a projection or its (filtered) ranges."""
+    r = source.ranges if isinstance(source, Projection) else source
+    own = _kvscope_keys(r)
+    if phase_map is not None:
+        mapped = mapped_keys(r, phase_map)
+        free = own["kind"].isna() & mapped["kind"].notna()
+        for col in ("kind", "phase", "step", "layer"):
+            own.loc[free, col] = mapped.loc[free, col]
+    labelled = own["kind"].notna().to_numpy()
+    keys = _inherit(r, own, labelled)
+    out = r.loc[labelled].copy()
+    out["kind"] = own.loc[labelled, "kind"].astype("string")
+    for k in _KEYS:
+        out[k] = keys.loc[labelled, k].to_numpy()
+    mapped_step = (out["kind"] == "step").fillna(False) & out["phase"].isna()
+    out.loc[mapped_step, "phase"] = "decode"  # a phase-map step outside any labelled phase
+    for k in ("rep", "step", "layer"):
+        out[k] = pd.array(out[k].to_numpy(), dtype="Int64")
+    for k in ("run", "phase", "op"):
+        out[k] = out[k].astype("string")
+    return out.sort_values("start_ns", kind="stable").reset_index(drop=True)
+
+
+def _kvscope_keys(r: pd.DataFrame) -> pd.DataFrame:
+    """kind and own keys of the ranges in the `kvscope` domain by their names (NA elsewhere)."""
+    own = pd.DataFrame({"kind": pd.Series(pd.NA, index=r.index, dtype="object"),
+                        **{k: pd.Series(pd.NA, index=r.index, dtype="object") for k in _KEYS}})
+    mine = (r["domain"] == KVSCOPE_DOMAIN).fillna(False).to_numpy(bool)
+    if not mine.any():
+        return own
+    names = r.loc[mine, "name"].fillna("")
+    kind = own.loc[mine, "kind"].copy()
     for k, pat in _KIND_PATTERNS:
         m = names.str.extract(pat)
         hit = m.notna().any(axis=1) & kind.isna()
         kind[hit] = k
+        idx = hit[hit].index
         if k == "run":
-            own["run"][hit] = names[hit]
+            own.loc[idx, "run"] = names[hit]
         elif k == "rep":
-            own["rep"][hit] = m.loc[hit, 0].astype(int)
+            own.loc[idx, "rep"] = m.loc[hit, 0].astype(int)
         elif k == "phase":
-            own["phase"][hit] = m.loc[hit, 0]
-            own["step"][hit & (m[0] == "prefill")] = 0
+            own.loc[idx, "phase"] = m.loc[hit, 0]
+            own.loc[hit[hit & (m[0] == "prefill")].index, "step"] = 0
         elif k == "step":
-            own["phase"][hit] = "decode"
-            own["step"][hit] = m.loc[hit, 0].astype(int)
+            own.loc[idx, "phase"] = "decode"
+            own.loc[idx, "step"] = m.loc[hit, 0].astype(int)
         elif k == "op":
-            own["layer"][hit] = m.loc[hit, 0].astype(int)
-            own["op"][hit] = m.loc[hit, 1]
+            own.loc[idx, "layer"] = m.loc[hit, 0].astype(int)
+            own.loc[idx, "op"] = m.loc[hit, 1]
         elif k == "layer":
             numbered = hit & m[0].notna()
-            own["layer"][numbered] = m.loc[numbered, 0].astype(int)
-    r["kind"] = kind
-    # inherit keys from the parent, level by level (outer ranges first)
-    r = r.sort_values(["level", "start_ns"], kind="stable")
-    values = {k: own[k].reindex(r.index) for k in _KEYS}
+            own.loc[numbered[numbered].index, "layer"] = m.loc[numbered, 0].astype(int)
+    own.loc[mine, "kind"] = kind
+    return own
+
+
+def _inherit(r: pd.DataFrame, own: pd.DataFrame, labelled: np.ndarray) -> pd.DataFrame:
+    """Keys of every range: its own, else those of its nearest labelled enclosing range (outer levels first)."""
+    level = r["level"].to_numpy(np.int64)
     pos = pd.Series(np.arange(len(r)), index=r["range_id"].to_numpy())
-    parent_pos = r["parent_id"].map(pos)
-    for lvl in sorted(r["level"].unique()):
-        at = np.flatnonzero((r["level"] == lvl).to_numpy() & parent_pos.notna().to_numpy())
+    parent = r["parent_id"].map(pos).fillna(-1).to_numpy(np.int64)
+    anc = np.full(len(r), -1, dtype=np.int64)  # nearest labelled enclosing range
+    cols = {k: own[k].to_numpy(dtype=object, copy=True) for k in _KEYS}
+    for lvl in np.unique(level):
+        at = np.flatnonzero((level == lvl) & (parent >= 0))
         if not len(at):
             continue
-        ppos = parent_pos.iloc[at].astype(int).to_numpy()
+        par = parent[at]
+        anc[at] = np.where(labelled[par], par, anc[par])
+        fill_from = anc[at]
+        ok = fill_from >= 0
         for k in _KEYS:
-            col = values[k].to_numpy(dtype=object, copy=True)
+            col = cols[k]
             mine = col[at]
-            fill = pd.isna(mine)
-            col[at[fill]] = col[ppos[fill]]
-            values[k] = pd.Series(col, index=r.index)
-    for k in _KEYS:
-        r[k] = values[k].to_numpy()
-    for k in ("rep", "step", "layer"):
-        r[k] = pd.array(r[k].to_numpy(), dtype="Int64")
-    for k in ("run", "phase", "op"):
-        r[k] = r[k].astype("string")
-    return r.sort_values("start_ns", kind="stable").reset_index(drop=True)
+            take = ok & pd.isna(mine)
+            col[at[take]] = col[fill_from[take]]
+    return pd.DataFrame(cols, index=r.index)
 
 
-def label_kernels(exp: NsysExport, proj: Projection, labeled: pd.DataFrame) -> pd.DataFrame:
-    """Every GPU operation, its innermost kvscope range and that range's keys, its class and duration."""
+def label_kernels(exp: NsysExport, proj: Projection, labeled: pd.DataFrame, keep_ranges: np.ndarray | None = None,
+                  keep_ops: np.ndarray | None = None, rules: Rules | None = None) -> pd.DataFrame:
+    """Every GPU operation (those of `keep_ops`) with its innermost enclosing range among `keep_ranges` (rows of
+    proj.ranges; any domain): range_id, range_name, range_domain; its innermost labelled range (`region_id`) and that
+    range's keys; its stream, graph node id, names, class (`rules`: kernel_classes.load_rules) and duration."""
+    r = proj.ranges
+    keep_r = np.ones(len(r), dtype=bool) if keep_ranges is None else keep_ranges
+    inner = proj.innermost(keep_r)
+    region = proj.innermost(keep_r & r["range_id"].isin(labeled["range_id"]).to_numpy(bool))
     ops = exp.gpu_ops
     k = pd.DataFrame({
-        "kind": ops["kind"], "name": ops["name"], "start_ns": ops["start_ns"], "end_ns": ops["end_ns"],
+        "kind": ops["kind"], "name": ops["name"], "short_name": ops["short_name"],
+        "demangled_name": ops["demangled_name"], "start_ns": ops["start_ns"], "end_ns": ops["end_ns"],
         "dur_ns": ops["end_ns"] - ops["start_ns"], "device": ops["device"], "stream": ops["stream"],
         "pid": ops["pid"], "corr": ops["corr"], "graph_node_id": ops["graph_node_id"],
-        "range_id": pd.array(np.where(proj.op_range >= 0, proj.op_range, 0), dtype="Int64"),
+        "range_id": _nullable_id(inner), "region_id": _nullable_id(region),
     })
-    k.loc[proj.op_range < 0, "range_id"] = pd.NA
-    k["kernel_class"] = classify(ops["kind"], ops["name"])
-    keys = labeled[["range_id", "name", "kind", *_KEYS]].rename(columns={"name": "range_name", "kind": "range_kind"})
-    k = k.merge(keys, on="range_id", how="left")
-    return k
+    k["kernel_class"] = classify(ops["name"], rules)
+    if keep_ops is not None:
+        k = k.loc[keep_ops].reset_index(drop=True)
+    names = r[["range_id", "name", "domain"]].rename(columns={"name": "range_name", "domain": "range_domain"})
+    k = k.merge(names, on="range_id", how="left")
+    keys = labeled[["range_id", "kind", *_KEYS]].rename(columns={"range_id": "region_id", "kind": "range_kind"})
+    return k.merge(keys, on="region_id", how="left")
+
+
+def _nullable_id(ids: np.ndarray) -> pd.arrays.IntegerArray:
+    """Range ids as Int64, NA where -1 (no range)."""
+    return pd.arrays.IntegerArray(np.where(ids >= 0, ids, 0).astype(np.int64), ids < 0)
 
 
 def align_regions(labeled: pd.DataFrame, timings: pd.DataFrame | None) -> pd.DataFrame:
@@ -172,10 +220,12 @@ def step_activity(labeled: pd.DataFrame) -> pd.DataFrame:
     """Per prefill and decode step: GPU span, busy time, idle share of the span, host (CPU range) time, and
     whether it is launch-bound (idle share above LAUNCH_BOUND_IDLE_FRACTION)."""
     r = labeled
-    steps = r[(r["kind"] == "step") | ((r["kind"] == "phase") & (r["phase"] == "prefill"))]
+    is_step = (r["kind"] == "step") | ((r["kind"] == "phase") & (r["phase"] == "prefill"))
+    steps = r[is_step.fillna(False).to_numpy(bool)]
     span = (steps["gpu_end_ns"] - steps["gpu_start_ns"]).astype("Float64")
     idle = 1 - ratio(steps["gpu_busy_ns"], span)
     out = pd.DataFrame({
+        **{k: steps[k] for k in ("pid", "range_id") if k in steps},
         "run": steps["run"], "rep": steps["rep"], "phase": steps["phase"], "step": steps["step"],
         "name": steps["name"], "cpu_ms": (steps["end_ns"] - steps["start_ns"]) / NS_PER_MS,
         "gpu_span_ms": span / NS_PER_MS, "gpu_busy_ms": steps["gpu_busy_ns"] / NS_PER_MS,

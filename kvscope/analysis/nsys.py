@@ -69,7 +69,8 @@ class NsysExport:
     calls: one row per CUDA runtime/driver API call (outermost row per correlation id and process): corr, pid,
       global_tid, start_ns, end_ns, name.
     gpu_ops: one row per GPU operation: kind (kernel, memcpy, memset, graph), start_ns, end_ns, device, stream,
-      corr, pid, name, graph_node_id, bytes.
+      corr, pid, name (the demangled name, else the short one), short_name, demangled_name, graph_node_id, bytes.
+      Empty (with these columns) for an export without CUDA data; so is calls.
     """
 
     source: Path
@@ -154,16 +155,15 @@ def _load(t: ExportTables) -> NsysExport:
         raise KvscopeError(f"{t.shown}: export has no NVTX_EVENTS table (no NVTX ranges: profile with -t cuda,nvtx "
                            "and keep NVTX on)")
     gpu_present = [tab for tab in _GPU_TABLES if tab in names]
-    if not gpu_present:
-        raise KvscopeError(f"{t.shown}: export has no GPU kernels (no CUPTI_ACTIVITY_KIND_KERNEL table: profile with "
-                           "-t cuda)")
-    if RUNTIME_TABLE not in names:
-        raise KvscopeError(f"{t.shown}: export has no CUPTI_ACTIVITY_KIND_RUNTIME table (CUDA API calls)")
+    if gpu_present and RUNTIME_TABLE not in names:
+        raise KvscopeError(f"{t.shown}: export has no CUPTI_ACTIVITY_KIND_RUNTIME table (CUDA API calls), which its "
+                           "GPU operations need")
     meta = _meta(t)
     strings = _Strings(t)
-    gpu_ops = _gpu_ops(t, gpu_present, strings)
-    calls = _calls(t, strings)
-    ranges = _ranges(t, strings, last_ns=_last_timestamp(calls, gpu_ops))
+    # an export without CUDA data (a program that ran no kernel, or profiled without -t cuda) has ranges only
+    gpu_ops = _gpu_ops(t, gpu_present, strings) if gpu_present else _no_gpu_ops()
+    calls = _calls(t, strings) if RUNTIME_TABLE in names else _no_calls()
+    ranges = _ranges(t, strings)
     return NsysExport(t.shown, t.fmt, meta, ranges, calls, gpu_ops)
 
 
@@ -224,9 +224,13 @@ def _gpu_ops(t: ExportTables, tables: list[str], strings: _Strings) -> pd.DataFr
         df = t.read(table, want, required=("start", "end", "correlationId"))
         start, end = t.ints(df, table, "start"), t.ints(df, table, "end")
         t.check_order(df, table, start, end)
+        none = np.full(len(df), None, dtype=object)
+        demangled = strings.lookup(df, table, "demangledName") if kind == "kernel" and "demangledName" in df \
+            else none
+        short = strings.lookup(df, table, "shortName") if kind == "kernel" and "shortName" in df else none
         if kind == "kernel":
-            name_col = "demangledName" if "demangledName" in df else "shortName" if "shortName" in df else None
-            names = strings.lookup(df, table, name_col) if name_col else np.full(len(df), "kernel", dtype=object)
+            names = np.where(pd.isna(demangled), short, demangled)
+            names = np.where(pd.isna(names), "kernel", names)
         else:
             names = np.full(len(df), f"[CUDA {kind}]", dtype=object)
         frames.append(pd.DataFrame({
@@ -238,12 +242,15 @@ def _gpu_ops(t: ExportTables, tables: list[str], strings: _Strings) -> pd.DataFr
             "corr": t.ints(df, table, "correlationId"),
             "pid": pid_of(t.ints(df, table, "globalPid")) if "globalPid" in df else -1,
             "name": names,
+            "short_name": short,
+            "demangled_name": demangled,
             "graph_node_id": t.numbers(df, table, "graphNodeId", empty_ok=True) if "graphNodeId" in df else pd.NA,
             "bytes": t.numbers(df, table, "bytes", empty_ok=True) if "bytes" in df else pd.NA,
         }))
     ops = pd.concat(frames, ignore_index=True)
     ops["kind"] = ops["kind"].astype("string")
-    ops["name"] = ops["name"].astype("string")
+    for col in ("name", "short_name", "demangled_name"):
+        ops[col] = ops[col].astype("string")
     return ops.sort_values(["start_ns", "end_ns"], kind="stable").reset_index(drop=True)
 
 
@@ -271,13 +278,25 @@ def _calls(t: ExportTables, strings: _Strings) -> pd.DataFrame:
     return calls.sort_values(["global_tid", "start_ns"], kind="stable").reset_index(drop=True)
 
 
-def _last_timestamp(calls: pd.DataFrame, ops: pd.DataFrame) -> int:
-    ends = [int(x.max()) for x in (calls["end_ns"], ops["end_ns"]) if len(x)]
-    return max(ends) if ends else 0
+def _no_gpu_ops() -> pd.DataFrame:
+    return pd.DataFrame({
+        "kind": pd.array([], dtype="string"), "start_ns": np.empty(0, np.int64), "end_ns": np.empty(0, np.int64),
+        "device": np.empty(0, np.int64), "stream": np.empty(0, np.int64), "corr": np.empty(0, np.int64),
+        "pid": np.empty(0, np.int64), "name": pd.array([], dtype="string"),
+        "short_name": pd.array([], dtype="string"), "demangled_name": pd.array([], dtype="string"),
+        "graph_node_id": pd.array([], dtype="Int64"), "bytes": pd.array([], dtype="Int64"),
+    })
 
 
-def _ranges(t: ExportTables, strings: _Strings, last_ns: int) -> pd.DataFrame:
-    """One row per NVTX range (see NsysExport.ranges); a range never closed ends at `last_ns`."""
+def _no_calls() -> pd.DataFrame:
+    return pd.DataFrame({"corr": np.empty(0, np.int64), "pid": np.empty(0, np.int64),
+                         "global_tid": np.empty(0, np.int64), "start_ns": np.empty(0, np.int64),
+                         "end_ns": np.empty(0, np.int64), "name": pd.array([], dtype="string")})
+
+
+def _ranges(t: ExportTables, strings: _Strings) -> pd.DataFrame:
+    """One row per NVTX range (see NsysExport.ranges). A range never closed ends, as in nsys's own projection
+    report, at the latest start or end of any NVTX range of the export."""
     table = NVTX_TABLE
     want = ["start", "end", "eventType", "text", "textId", "domainId", "globalTid", "endGlobalTid", "category",
             *_PAYLOAD_COLUMNS]
@@ -297,7 +316,7 @@ def _ranges(t: ExportTables, strings: _Strings, last_ns: int) -> pd.DataFrame:
     keep = np.isin(ev_type, list(_RANGE_STYLE))
     r = ev.loc[keep]
     rp, rd = pid[keep], domain_id[keep]
-    start, end_ns, closed = _range_ends(t, r, last_ns)
+    start, end_ns, closed = _range_ends(t, r)
     gtid = gtid_all[keep]
     end_gtid = t.numbers(r, table, "endGlobalTid", empty_ok=True).fillna(-1).to_numpy(np.int64) \
         if "endGlobalTid" in r else np.full(len(r), -1, dtype=np.int64)
@@ -332,13 +351,16 @@ def _event_text(t: ExportTables, strings: _Strings, ev: pd.DataFrame) -> np.ndar
     return text
 
 
-def _range_ends(t: ExportTables, r: pd.DataFrame, last_ns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(start_ns, end_ns, closed) of the ranges `r`; an open range (no end) ends at `last_ns`."""
+def _range_ends(t: ExportTables, r: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start_ns, end_ns, closed) of the ranges `r`; an open range (no end) ends at the latest start or end of
+    the ranges (nsys's `nvtx_gpu_proj_trace` takes `max(max(start), max(end))` over the NVTX ranges)."""
     table = NVTX_TABLE
     start = t.ints(r, table, "start")
     end = t.numbers(r, table, "end", empty_ok=True) if "end" in r else pd.Series(pd.NA, index=r.index, dtype="Int64")
     closed = end.notna().to_numpy()
-    end_ns = np.where(closed, end.fillna(0).to_numpy(np.int64), last_ns).astype(np.int64)
+    ends = end.fillna(0).to_numpy(np.int64)
+    last_ns = max(int(start.max()) if len(start) else 0, int(ends[closed].max()) if closed.any() else 0)
+    end_ns = np.where(closed, ends, last_ns).astype(np.int64)
     t.check_order(r.loc[closed], table, start[closed], end_ns[closed])
     return start, end_ns, closed
 

@@ -32,6 +32,17 @@ class Projection:
     ranges: pd.DataFrame  # one row per range, with the projection columns
     op_range: np.ndarray  # innermost enclosing range_id per row of export.gpu_ops (-1: none)
     op_call: np.ndarray  # row of export.calls that launched each GPU op (-1: no API call found)
+    call_lo: np.ndarray  # per row of `ranges`: the block [call_lo, call_hi) of export.calls the range encloses
+    call_hi: np.ndarray
+
+    def innermost(self, keep: np.ndarray) -> np.ndarray:
+        """Per row of export.gpu_ops, the range_id of its innermost enclosing range among the rows of `ranges`
+        where `keep` (bool) is true; -1 where none encloses it."""
+        r = self.ranges
+        eligible = np.asarray(keep, dtype=bool) & (r["gpu_ops"].to_numpy() > 0)
+        pos = _innermost_pos(self.op_call, r["level"].to_numpy(np.int64), eligible, self.call_lo, self.call_hi)
+        range_id = r["range_id"].to_numpy(np.int64)
+        return np.where(pos >= 0, range_id[np.maximum(pos, 0)], -1)
 
 
 @dataclass
@@ -73,14 +84,17 @@ def project(exp: NsysExport) -> Projection:
     level, parent_pos = _nesting(gtid, rs, re)
     range_id = r["range_id"].to_numpy(np.int64)
     parent_id = np.where(parent_pos >= 0, range_id[np.maximum(parent_pos, 0)], -1)
-    busy, op_range_pos = _busy_time(ops, co.op_call, level, has_gpu, lo, hi, n_calls)
+    busy = _busy_time(ops, co.op_call, level, has_gpu, lo, hi, n_calls)
+    op_range_pos = _innermost_pos(co.op_call, level, has_gpu, lo, hi)
+    # nsys counts as children only the ranges its report lists: those with GPU operations
+    counted = (parent_pos >= 0) & has_gpu
 
     out = pd.DataFrame({
         "range_id": range_id,
         "name": r["name"], "domain": r["domain"], "style": r["style"],
         "pid": r["pid"].to_numpy(np.int64), "tid": r["tid"].to_numpy(np.int64),
         "level": level, "parent_id": pd.array(np.where(parent_id >= 0, parent_id, 0), dtype="Int64"),
-        "num_child": np.bincount(parent_pos[parent_pos >= 0], minlength=len(r)),
+        "num_child": np.bincount(parent_pos[counted], minlength=len(r)),
         "range_stack": _stacks(range_id, level, parent_pos),
         "start_ns": rs, "end_ns": re,
         "gpu_start_ns": pd.array(np.where(has_gpu, g_start, 0), dtype="Int64"),
@@ -92,7 +106,7 @@ def project(exp: NsysExport) -> Projection:
     out.loc[parent_id < 0, "parent_id"] = pd.NA
     out.loc[~has_gpu, ["gpu_start_ns", "gpu_end_ns"]] = pd.NA
     op_range = np.where(op_range_pos >= 0, range_id[np.maximum(op_range_pos, 0)], -1)
-    return Projection(out, op_range, co.op_call)
+    return Projection(out, op_range, co.op_call, lo, hi)
 
 
 def _call_ops(calls: pd.DataFrame, ops: pd.DataFrame) -> _CallOps:
@@ -145,15 +159,31 @@ def _call_blocks(calls: pd.DataFrame, gtid: np.ndarray, rs: np.ndarray, re: np.n
     return lo, hi
 
 
+def _innermost_pos(op_call: np.ndarray, level: np.ndarray, eligible: np.ndarray, lo: np.ndarray, hi: np.ndarray
+                   ) -> np.ndarray:
+    """Per op, the position of its innermost `eligible` range (-1: none): levels from the outermost in, each
+    overwriting the owner of the calls its blocks hold (ranges of one level on one thread are disjoint)."""
+    has_call = op_call >= 0
+    n_calls = int(hi.max()) if len(hi) else 0
+    call_owner = np.full(n_calls, -1, dtype=np.int64)
+    for lvl in np.unique(level[eligible]):
+        at = np.flatnonzero((level == lvl) & eligible)
+        owner, _ = _owner_of_calls(lo[at], hi[at], n_calls)
+        mine = owner >= 0
+        call_owner[mine] = at[owner[mine]]
+    if not n_calls:
+        return np.full(len(op_call), -1, dtype=np.int64)
+    return np.where(has_call & (op_call < n_calls), call_owner[np.clip(op_call, 0, n_calls - 1)], -1)
+
+
 def _busy_time(ops: pd.DataFrame, op_call: np.ndarray, level: np.ndarray, has_gpu: np.ndarray, lo: np.ndarray,
-               hi: np.ndarray, n_calls: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per range, the union of its ops' intervals (ns); per op, the position of its innermost range (-1: none).
-    Level by level: ranges of one level on one thread are disjoint, so each call has one owner at a level; blocks
-    that overlap another of their level (partly overlapping start/end ranges) take the exact, slow path."""
+               hi: np.ndarray, n_calls: int) -> np.ndarray:
+    """Per range, the union of its ops' intervals (ns). Level by level: ranges of one level on one thread are
+    disjoint, so each call has one owner at a level; blocks that overlap another of their level (partly overlapping
+    start/end ranges) take the exact, slow path."""
     n = len(level)
     has_call = op_call >= 0
     busy = np.zeros(n, dtype=np.int64)
-    op_range_pos = np.full(len(ops), -1, dtype=np.int64)
     op_s, op_e = ops["start_ns"].to_numpy(np.int64), ops["end_ns"].to_numpy(np.int64)
     for lvl in range(int(level.max()) + 1 if len(level) else 0):
         at = np.flatnonzero((level == lvl) & has_gpu)
@@ -165,12 +195,11 @@ def _busy_time(ops: pd.DataFrame, op_call: np.ndarray, level: np.ndarray, has_gp
         groups = at[owner_of_op[sel]]
         busy[at] = 0
         busy += _union_by_group(groups, op_s[sel], op_e[sel], n)
-        op_range_pos[sel] = groups
         for k in np.flatnonzero(overlapping):  # ranges whose block overlaps another of the level: exact, slow path
             pos = at[k]
             in_block = has_call & (op_call >= lo[pos]) & (op_call < hi[pos])
             busy[pos] = _union_length(op_s[in_block], op_e[in_block])
-    return busy, op_range_pos
+    return busy
 
 
 def _search_in_slices(values: np.ndarray, value_thread: np.ndarray, keys: np.ndarray, key_thread: np.ndarray,

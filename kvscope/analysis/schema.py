@@ -48,7 +48,8 @@ KERNELS_FILE = "kernels.parquet"
 ALIGN_FILE = "align.parquet"
 STEPS_FILE = "steps.parquet"
 KERNEL_CLASSES_FILE = "kernel_classes.parquet"
-ALIGN_OUTPUT_FILES = (RANGES_FILE, KERNELS_FILE, ALIGN_FILE, STEPS_FILE, KERNEL_CLASSES_FILE)
+RANGE_SUMMARY_FILE = "range_summary.parquet"  # per process and range name, like nsys's nvtx_gpu_proj_sum
+ALIGN_OUTPUT_FILES = (RANGES_FILE, KERNELS_FILE, RANGE_SUMMARY_FILE, ALIGN_FILE, STEPS_FILE, KERNEL_CLASSES_FILE)
 # columns of summary.parquet that every sweep shares, in this order
 CLASSIC_COLUMNS = ("seq_len", "batch", "prefill_p50_ms", "prefill_ms_per_tok", "prefill_tok_s",
                    "decode_p50_ms_per_tok", "decode_tok_s", "total_tok_s", "vram_reserved_mb", "flag")

@@ -1,5 +1,7 @@
-"""`kvscope align`: project an nsys export's NVTX ranges onto its GPU operations, align them with a run's timings,
-and write the tables into a folder written whole or not at all (torch-free)."""
+"""`kvscope align`: project any nsys export's NVTX ranges onto its GPU operations (filtered by domain, name, time
+window and process; another engine's ranges labelled by a phase map), align kvscope ranges with a run's timings,
+and write the tables into a folder written whole or not at all (torch-free). Tables that need kvscope's ranges are
+skipped, with one line saying which and why, when the export has none."""
 
 from __future__ import annotations
 
@@ -9,19 +11,25 @@ from pathlib import Path
 
 from rich.console import Console
 
+from kvscope.analysis.range_filters import parse_time_ns
 from kvscope.analysis.report_align import AlignResult, analyse, output_folder, summary_tables, write
-from kvscope.analysis.schema import ALIGN_OUTPUT_FILES
 from kvscope.commands.json_out import align_payload, json_line
 
 
 def command(ns: argparse.Namespace) -> int:
     out = Path(ns.out)
     folder = output_folder(out)  # checked before the analysis; written whole or not at all
-    result = analyse(Path(ns.export), Path(ns.timings) if ns.timings else None, nsys=ns.nsys)
+    start_ns = parse_time_ns(ns.start, "--start") if ns.start is not None else None
+    end_ns = parse_time_ns(ns.end, "--end") if ns.end is not None else None
+    result = analyse(Path(ns.export), Path(ns.timings) if ns.timings else None, nsys=ns.nsys, domain=ns.domain,
+                     range_re=ns.range, start_ns=start_ns, end_ns=end_ns, pid=ns.pid, phase_map=ns.phase_map,
+                     classes=Path(ns.classes) if ns.classes else None)
     with folder as tmp:
         write(result, tmp, {"command": " ".join(sys.argv), "timings": ns.timings})
     print_align(result)
-    print(f"align: {out} ({', '.join(ALIGN_OUTPUT_FILES)})")
+    if result.skipped:
+        print(f"align: {result.skipped}")
+    print(f"align: {out} ({', '.join(result.tables())})")
     if getattr(ns, "json", False):
         print(json_line(align_payload(out, result.ranges, result.kernels)))
     return 0
