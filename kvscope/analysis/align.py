@@ -27,14 +27,13 @@ from kvscope.analysis.kernel_classes import Rules, classify
 from kvscope.analysis.nsys import NsysExport
 from kvscope.analysis.phase_map import PhaseMap, mapped_keys
 from kvscope.analysis.projection import Projection
-from kvscope.analysis.schema import GRAPH_CLOCK, NAME_PATTERNS, NS_PER_MS, NVTX_DOMAIN
+from kvscope.analysis.schema import GRAPH_CLOCK, NS_PER_MS, NVTX_DOMAIN, parse
 from kvscope.errors import KvscopeError
 
 # a step is launch-bound when its GPU is idle for more than this share of the step's GPU span: the kernels wait for
 # the host to launch them rather than for memory or math
 LAUNCH_BOUND_IDLE_FRACTION = 0.2
 KVSCOPE_DOMAIN = NVTX_DOMAIN
-_KIND_PATTERNS = NAME_PATTERNS
 _KEYS = ("run", "rep", "phase", "step", "layer", "op")
 
 
@@ -70,37 +69,33 @@ def label_ranges(source: Projection | pd.DataFrame, phase_map: PhaseMap | None =
 
 
 def _kvscope_keys(r: pd.DataFrame) -> pd.DataFrame:
-    """kind and own keys of the ranges in the `kvscope` domain by their names (NA elsewhere)."""
+    """kind and own keys of the ranges in the `kvscope` domain by their names (NA elsewhere); each distinct name is
+    parsed once."""
     own = pd.DataFrame({"kind": pd.Series(pd.NA, index=r.index, dtype="object"),
                         **{k: pd.Series(pd.NA, index=r.index, dtype="object") for k in _KEYS}})
     mine = (r["domain"] == KVSCOPE_DOMAIN).fillna(False).to_numpy(bool)
     if not mine.any():
         return own
-    names = r.loc[mine, "name"].fillna("")
-    kind = own.loc[mine, "kind"].copy()
-    for k, pat in _KIND_PATTERNS:
-        m = names.str.extract(pat)
-        hit = m.notna().any(axis=1) & kind.isna()
-        kind[hit] = k
-        idx = hit[hit].index
-        if k == "run":
-            own.loc[idx, "run"] = names[hit]
-        elif k == "rep":
-            own.loc[idx, "rep"] = m.loc[hit, 0].astype(int)
-        elif k == "phase":
-            own.loc[idx, "phase"] = m.loc[hit, 0]
-            own.loc[hit[hit & (m[0] == "prefill")].index, "step"] = 0
-        elif k == "step":
-            own.loc[idx, "phase"] = "decode"
-            own.loc[idx, "step"] = m.loc[hit, 0].astype(int)
-        elif k == "op":
-            own.loc[idx, "layer"] = m.loc[hit, 0].astype(int)
-            own.loc[idx, "op"] = m.loc[hit, 1]
-        elif k == "layer":
-            numbered = hit & m[0].notna()
-            own.loc[numbered[numbered].index, "layer"] = m.loc[numbered, 0].astype(int)
-    own.loc[mine, "kind"] = kind
+    codes, uniques = pd.factorize(r.loc[mine, "name"].fillna("").astype(str))
+    parsed = _name_keys(pd.Series(uniques, dtype=object))
+    for col in own.columns:
+        values = own[col].to_numpy(dtype=object, copy=True)
+        values[mine] = parsed[col].to_numpy(dtype=object)[codes]
+        own[col] = values
     return own
+
+
+def _name_keys(names: pd.Series) -> pd.DataFrame:
+    """kind and own keys of distinct kvscope region names (schema.parse; NA for names kvscope does not write)."""
+    rows = []
+    for name in names:
+        keys = parse(name)
+        if keys is None:
+            rows.append((pd.NA,) * (1 + len(_KEYS)))
+            continue
+        own = (name if keys.level == "run" else pd.NA, keys.rep, keys.phase, keys.step, keys.layer, keys.op)
+        rows.append((keys.level, *(pd.NA if v is None else v for v in own)))
+    return pd.DataFrame(rows, columns=["kind", *_KEYS], index=names.index, dtype=object)
 
 
 def _inherit(r: pd.DataFrame, own: pd.DataFrame, labelled: np.ndarray) -> pd.DataFrame:
@@ -144,12 +139,30 @@ def label_kernels(exp: NsysExport, proj: Projection, labeled: pd.DataFrame, keep
         "range_id": _nullable_id(inner), "region_id": _nullable_id(region),
     })
     k["kernel_class"] = classify(ops["name"], rules)
+    at_range, at_region = _positions(r, inner), _positions(labeled, region)
+    k["range_name"] = _take(r, "name", at_range)
+    k["range_domain"] = _take(r, "domain", at_range)
+    k["range_kind"] = _take(labeled, "kind", at_region)
+    for key in _KEYS:
+        k[key] = _take(labeled, key, at_region)
     if keep_ops is not None:
         k = k.loc[keep_ops].reset_index(drop=True)
-    names = r[["range_id", "name", "domain"]].rename(columns={"name": "range_name", "domain": "range_domain"})
-    k = k.merge(names, on="range_id", how="left")
-    keys = labeled[["range_id", "kind", *_KEYS]].rename(columns={"range_id": "region_id", "kind": "range_kind"})
-    return k.merge(keys, on="region_id", how="left")
+    return k
+
+
+def _positions(table: pd.DataFrame, range_id: np.ndarray) -> np.ndarray:
+    """Row position in `table` of each of `range_id` (-1 where -1 or absent)."""
+    ids = table["range_id"].to_numpy(np.int64)
+    if not len(ids):
+        return np.full(len(range_id), -1, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    at = np.minimum(np.searchsorted(ids[order], range_id), len(ids) - 1)
+    return np.where((range_id >= 0) & (ids[order][at] == range_id), order[at], -1)
+
+
+def _take(table: pd.DataFrame, col: str, pos: np.ndarray) -> pd.Series:
+    """`table[col]` at row positions `pos` (NA where -1)."""
+    return pd.Series(pd.api.extensions.take(table[col].array, pos, allow_fill=True))
 
 
 def _nullable_id(ids: np.ndarray) -> pd.arrays.IntegerArray:

@@ -201,18 +201,18 @@ class _Strings:
     def lookup(self, df: pd.DataFrame, table: str, col: str) -> np.ndarray:
         """Text of the string ids in `df[col]`; empty ids give None, ids missing from the table are an error."""
         ids = self._t.numbers(df, table, col, empty_ok=True)
-        out = np.full(len(ids), None, dtype=object)
-        valid = ids.notna().to_numpy()
-        if not valid.any():
-            return out
+        if not ids.notna().any():
+            return np.full(len(ids), None, dtype=object)
         strings = self._table(table, col)
-        wanted = ids[valid].to_numpy(np.int64)
+        codes, uniques = pd.factorize(ids, use_na_sentinel=True)  # each distinct id looked up once
+        wanted = np.asarray(uniques, dtype=np.int64)
         known = np.isin(wanted, strings.index.to_numpy())
         if not known.all():
-            raise KvscopeError(f"{self._t.shown}: {int((~known).sum())} row(s) of {table}.{col} refer to string ids "
+            missing = np.isin(ids.to_numpy(np.int64, na_value=-1), wanted[~known])
+            raise KvscopeError(f"{self._t.shown}: {int(missing.sum())} row(s) of {table}.{col} refer to string ids "
                                f"missing from {STRINGS_TABLE} (first: {int(wanted[~known][0])}): a damaged export")
-        out[valid] = strings.reindex(wanted).to_numpy()
-        return out
+        text = np.append(strings.reindex(wanted).to_numpy(dtype=object), None)  # code -1 (no id): None
+        return text[codes]
 
 
 def _gpu_ops(t: ExportTables, tables: list[str], strings: _Strings) -> pd.DataFrame:
@@ -220,8 +220,8 @@ def _gpu_ops(t: ExportTables, tables: list[str], strings: _Strings) -> pd.DataFr
     for table in tables:
         kind = _GPU_TABLES[table]
         want = ["start", "end", "deviceId", "streamId", "correlationId", "globalPid", "demangledName", "shortName",
-                "graphNodeId", "graphId", "bytes"]
-        df = t.read(table, want, required=("start", "end", "correlationId"))
+                "graphNodeId", "bytes"]
+        df = t.read(table, want, required=("start", "end", "correlationId"), integers=True)
         start, end = t.ints(df, table, "start"), t.ints(df, table, "end")
         t.check_order(df, table, start, end)
         none = np.full(len(df), None, dtype=object)
@@ -257,7 +257,7 @@ def _gpu_ops(t: ExportTables, tables: list[str], strings: _Strings) -> pd.DataFr
 def _calls(t: ExportTables, strings: _Strings) -> pd.DataFrame:
     table = RUNTIME_TABLE
     df = t.read(table, ["start", "end", "globalTid", "correlationId", "nameId"],
-                required=("start", "end", "globalTid", "correlationId"))
+                required=("start", "end", "globalTid", "correlationId"), integers=True)
     start, end = t.ints(df, table, "start"), t.ints(df, table, "end")
     t.check_order(df, table, start, end)
     gtid = t.ints(df, table, "globalTid")
