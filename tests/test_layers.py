@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "kvscope"
 # rank of each top-level part of kvscope: a module may import its own package and any lower rank, nothing else
 RANKS = {"errors": 0, "io": 1, "argtypes": 1, "model": 2, "kernels": 3, "analysis": 3, "profiler": 4, "engine": 5,
-         "commands": 6, "cli": 7, "__main__": 8, "__init__": 8}
+         "commands": 6, "cli": 7, "__main__": 8, "__init__": 8, "api": 8}
 
 
 def _part(module: str) -> str:

@@ -1,0 +1,223 @@
+"""kvscope from Python (notebooks): the commands as functions that return DataFrames.
+
+    run(...)          `kvscope run`: measure, write the run folder, return it as a `Run`
+    load_run(dir)     a run folder's timings, summary and NVML samples as DataFrames, its metadata as a dict
+    load_export(path) an Nsight Systems export (SQLite, parquetdir, .nsys-rep) read into ranges, calls and GPU ops
+    project(export)   every NVTX range projected onto the GPU (nsys's `nvtx_gpu_proj_trace`), one row per range
+    align(export)     `kvscope align`'s tables (ranges, kernels, range summary, regions, steps, classes), unwritten
+    kv_math(model)    `kvscope kv-math --json`'s numbers as a dict
+
+The values of `run` and `kv_math` go through the command line's own parser (`kvscope.cli.parse_args`) and then the
+commands' own code, so they have the same defaults, the same checks and the same one-line `KvscopeError` messages
+as the commands (`run: argument --seq: invalid int value: 'x'`, `--batch-size must be an integer >= 1, got 0`).
+Bad input raises `KvscopeError`; nothing is printed.
+
+Torch is imported only by `run`: everything else here reads files and works where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from kvscope.analysis.inputs import find_run_folder, read_parquet
+from kvscope.analysis.kvmath import GIB_BYTES, KvQuery
+from kvscope.analysis.kvmath import kv_math as _kv_math
+from kvscope.analysis.nsys import NsysExport
+from kvscope.analysis.nsys import load_export as _load_export
+from kvscope.analysis.projection import project as _project
+from kvscope.analysis.report_align import AlignResult, analyse
+from kvscope.analysis.schema import NVML_FILE, SUMMARY_FILE, TIMINGS_FILE
+from kvscope.argtypes import TextArg
+from kvscope.cli import parse_args
+from kvscope.errors import KvscopeError
+from kvscope.io import read_metadata
+from kvscope.model.source import resolve_model
+
+if TYPE_CHECKING:  # annotations only
+    from kvscope.analysis.kernel_classes import Rules
+    from kvscope.analysis.phase_map import PhaseMap
+
+__all__ = ["AlignResult", "NsysExport", "Run", "align", "kv_math", "load_export", "load_run", "project", "run"]
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True, eq=False)
+class Run:
+    """A kvscope run folder, read.
+
+    path: the run folder (for a `kvscope nsys` output folder, its `run/` subfolder).
+    timings: `timings.parquet`, one row per timed region, as on disk.
+    summary: `summary.parquet`, one row, as on disk (columns: docs/architecture.md).
+    nvml: `nvml.parquet`, the GPU's samples; None where the run had no NVML (a CPU run).
+    metadata: the run's metadata (device, versions, the run's options, host clocks...), the JSON every file carries.
+    """
+
+    path: Path
+    timings: pd.DataFrame
+    summary: pd.DataFrame
+    nvml: pd.DataFrame | None
+    metadata: dict[str, Any]
+
+    def __repr__(self) -> str:
+        nvml = "None" if self.nvml is None else f"<{len(self.nvml)} rows>"
+        return (f"Run(path={str(self.path)!r}, timings=<{len(self.timings)} rows>, "
+                f"summary=<{len(self.summary)} rows>, nvml={nvml}, metadata=<{len(self.metadata)} keys>)")
+
+
+def run(model: PathLike | None = None, *, batch_size: int = 1, seq: int = 512, gen_tokens: int = 32, warmup: int = 2,
+        reps: int = 5, granularity: str = "phase", attn: str = "sdpa", dtype: str | None = None,
+        device: str | None = None, seed: int = 0, graphs: bool | None = None, kernels: bool | None = None,
+        nvtx: bool | None = None, nvml_interval_ms: float = 20.0, out: PathLike | None = None) -> Run:
+    """`kvscope run`: warm up, time `reps` repetitions of a prefill of `seq` tokens per sequence and `gen_tokens - 1`
+    decode steps, write the run folder, and return it read back (`load_run`).
+
+    Every argument is the flag of the same name (`batch_size` is `--batch-size`), with the same default; None leaves
+    the choice to the device as the command does (model: `qwen2.5-3b` on CUDA, `tiny` on a CPU; dtype: bfloat16 on
+    CUDA, float32 on a CPU; graphs and kernels: on for CUDA). `nvtx`: False is `--no-nvtx`, None lets
+    `KVSCOPE_NVTX` decide, True turns NVTX ranges on whatever it says. `out`: the run folder, new or empty (default
+    `traces/<time>-<model>-bs<B>-seq<L>/` under the current folder). Raises KvscopeError for bad input before
+    anything is loaded or written; a run that fails leaves no folder behind.
+    """
+    for name, value in (("graphs", graphs), ("kernels", kernels), ("nvtx", nvtx)):
+        if value is not None and not isinstance(value, bool):
+            raise KvscopeError(f"run: {name} must be True, False or None, got {value!r}")
+    argv = _argv("run", model=model, batch_size=batch_size, seq=seq, gen_tokens=gen_tokens, warmup=warmup, reps=reps,
+                 granularity=granularity, attn=attn, dtype=dtype, device=device, seed=seed, graphs=_on_off(graphs),
+                 kernels=_on_off(kernels), nvml_interval_ms=nvml_interval_ms, out=out)
+    if nvtx is False:
+        argv.append("--no-nvtx")
+    ns = parse_args(argv)
+    # the measuring side imports torch: only here
+    from kvscope.commands.options import run_spec
+    from kvscope.commands.run import execute
+
+    spec = run_spec(ns)
+    if nvtx is True:
+        spec = replace(spec, nvtx=True)
+    return load_run(execute(spec).out_dir)
+
+
+def load_run(path: PathLike) -> Run:
+    """A run folder written by `kvscope run` (or `kvscope.run`), or a `kvscope nsys` output folder (its `run/`
+    subfolder is read). The tables are returned as they are on disk. Raises KvscopeError for a folder that is not a
+    run folder or a file that cannot be read."""
+    folder = find_run_folder(_path(path, "load_run", "path"))
+    summary_path = folder / SUMMARY_FILE
+    summary = read_parquet(summary_path)
+    timings = read_parquet(folder / TIMINGS_FILE)
+    nvml = read_parquet(folder / NVML_FILE) if (folder / NVML_FILE).exists() else None
+    try:
+        metadata = read_metadata(summary_path)
+    except ValueError:
+        raise KvscopeError(f"{summary_path} has no kvscope metadata (not written by kvscope run)") from None
+    return Run(folder, timings, summary, nvml, metadata)
+
+
+def load_export(path: PathLike, *, nsys: str | None = None) -> NsysExport:
+    """An Nsight Systems export: a `.sqlite` (`nsys export --type sqlite`), a parquetdir folder, or an `.nsys-rep`
+    (exported through nsys: `nsys`, or $NSYS, PATH and the usual install folders). The result holds three DataFrames,
+    `ranges` (every NVTX range of every domain), `calls` (CUDA API calls) and `gpu_ops` (kernels, copies, memsets),
+    and the export's metadata (`nsys_version`, `schema_version`)."""
+    return _load_export(_path(path, "load_export", "path"), nsys=nsys)
+
+
+def project(export: NsysExport | PathLike, *, nsys: str | None = None) -> pd.DataFrame:
+    """Every NVTX range of `export` (a loaded export, or a path as `load_export` takes) projected onto the GPU with
+    the semantics of nsys's `nvtx_gpu_proj_trace`: one row per range, with `gpu_start_ns`, `gpu_end_ns` (NA where
+    the range launched no GPU work), `gpu_busy_ns` (the union of its operations' intervals), `gpu_ops`, its nesting
+    (`level`, `parent_id`, `range_stack`), thread, domain and name. The same table as `ranges.parquet` of
+    `kvscope align`."""
+    exp = export if isinstance(export, NsysExport) else load_export(export, nsys=nsys)
+    return _project(exp).ranges
+
+
+def align(export: NsysExport | PathLike, timings: PathLike | Run | pd.DataFrame | None = None, *,
+          phase_map: str | Mapping[str, str] | PhaseMap | None = None, domain: str | None = None,
+          range_re: str | None = None, start_ns: int | None = None, end_ns: int | None = None, pid: int | None = None,
+          classes: PathLike | Rules | None = None, nsys: str | None = None) -> AlignResult:
+    """`kvscope align EXPORT [--timings RUN] [filters]` without writing anything, on any export (a path as
+    `load_export` takes, or a loaded export).
+
+    timings: the kvscope run profiled in the export (a run folder, a `Run`, or its timings table), joined with the
+    ranges in the NVTX domain `kvscope`. Filters (`--domain`, `--range`, `--start`/`--end`, `--pid`): `domain` keeps
+    one NVTX domain ("" the default one), `range_re` the ranges whose name matches (re.search), `start_ns`/`end_ns`
+    a window on the export's clock, `pid` one process. `phase_map` (`--phase-map`: "prefill=RE,decode=RE,step=RE,
+    layer=RE" or a dict of those keys) labels another engine's ranges so the step table and the class breakdown work
+    on them; `classes` (`--classes`): a TOML/JSON file of kernel-class rules tried before the built-in ones.
+
+    The result's DataFrames are the tables the command writes: always `ranges` (ranges.parquet: every kept range
+    projected onto the GPU), `kernels` (kernels.parquet) and `range_summary` (range_summary.parquet); `regions`
+    (align.parquet: CUDA-event time vs projected GPU span per region), `steps` (steps.parquet: GPU busy and idle per
+    prefill and decode step) and `classes` (kernel_classes.parquet), each None when skipped, `skipped` saying why;
+    `tables()` maps file names to the tables; `export` is the loaded export. Raises KvscopeError with the command's
+    messages."""
+    if isinstance(timings, Run):
+        timings = timings.path  # read as the command reads --timings, with its checks
+    elif timings is not None and not isinstance(timings, pd.DataFrame):
+        timings = _path(timings, "align", "timings")
+    if classes is not None and isinstance(classes, (str, os.PathLike)):
+        classes = _path(classes, "align", "classes")
+    return analyse(export if isinstance(export, NsysExport) else _path(export, "align", "export"), timings,
+                   nsys=nsys, domain=domain, range_re=range_re, start_ns=start_ns, end_ns=end_ns, pid=pid,
+                   phase_map=phase_map, classes=classes)
+
+
+def kv_math(model: PathLike, batch_size: int = 1, seq: int = 0, dtype: str | None = None, kv_dtype: str | None = None,
+            gpu_mem_gb: float | None = None, reserve_gb: float = 1.0, rps: float | None = None,
+            latency_s: float | None = None, page_size: int | None = None) -> dict[str, Any]:
+    """`kvscope kv-math --json`: KV-cache bytes per token, per request and in total, weights, logits, the decode
+    workspace; with `gpu_mem_gb` the budget and the largest batch and context that fit it; with `rps` and
+    `latency_s` Little's-law concurrency; with `page_size` paged-cache waste. Exact integers (formulas:
+    `kvscope/analysis/kvmath.py`). `seq` 0 is the model's maximum context; `dtype` None the model's (bf16 for
+    presets); `kv_dtype` (bf16, fp16, fp8, fp32) None the same as `dtype`. Torch-free."""
+    ns = parse_args(_argv("kv-math", model=model, batch_size=batch_size, seq=seq, dtype=dtype, kv_dtype=kv_dtype,
+                          gpu_mem_gb=gpu_mem_gb, reserve_gb=reserve_gb, rps=rps, latency_s=latency_s,
+                          page_size=page_size))
+    # what `kvscope kv-math` does with its arguments (kvscope.commands.kv_math.command), in the same order
+    source = resolve_model(ns.model, need_weights=False)
+    gpu_mem = None
+    if ns.gpu_mem_gb is not None:
+        if not ns.gpu_mem_gb > 0:
+            raise KvscopeError(f"--gpu-mem-gb must be positive, got {ns.gpu_mem_gb}")
+        gpu_mem = int(ns.gpu_mem_gb * GIB_BYTES)
+    if ns.reserve_gb < 0:
+        raise KvscopeError(f"--reserve-gb must be >= 0, got {ns.reserve_gb}")
+    return _kv_math(KvQuery(source.args, batch=ns.batch_size, seq=ns.seq, dtype=ns.dtype or source.dtype_name(),
+                            kv_dtype=ns.kv_dtype, gpu_mem_bytes=gpu_mem, reserve_bytes=int(ns.reserve_gb * GIB_BYTES),
+                            rps=ns.rps, latency_s=ns.latency_s, page_size=ns.page_size))
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+def _argv(command: str, **flags: object) -> list[str]:
+    """The command line of `command` with `--flag=value` for every flag that is not None (`batch_size` ->
+    `--batch-size`). `=` keeps a value that starts with "-" a value; `str` of an int or a float reads back as the
+    same number, so the parser sees exactly what was passed."""
+    argv = [command]
+    for name, value in flags.items():
+        if value is not None:
+            argv.append(f"--{name.replace('_', '-')}={os.fspath(value) if isinstance(value, os.PathLike) else value}")
+    return argv
+
+
+def _on_off(value: bool | None) -> str | None:
+    return None if value is None else ("on" if value else "off")
+
+
+def _path(value: object, function: str, name: str) -> Path:
+    """A path argument: a str or os.PathLike, not empty, no NUL (what the command line's paths must be)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise KvscopeError(f"{function}: {name} must be a path (str or os.PathLike), got {type(value).__name__}")
+    try:
+        return Path(TextArg()(value))
+    except argparse.ArgumentTypeError as exc:
+        raise KvscopeError(f"{function}: {name} {exc}") from None
