@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from synthetic_export import Synth
 
 from kvscope.analysis.phase_map import parse_phase_map
 from kvscope.analysis.range_filters import parse_time_ns
@@ -214,3 +215,16 @@ def test_user_kernel_classes(tmp_path: Path) -> None:
     k = analyse(DATA / "plain.sqlite", classes=rules).kernels
     assert (k.loc[k["name"].str.contains("xmma_gemm"), "kernel_class"] == "communication").all()
     assert (k["kernel_class"] == "communication").sum() == 10 and not (k["kernel_class"] == "gemm").any()
+
+
+def test_range_ended_on_another_thread_is_kept_unprojected(tmp_path: Path) -> None:
+    s = Synth()
+    s.range(1, 1, 0, 100, "handoff", style=60, end_tid=2)  # started on thread 1, ended on thread 2
+    s.range(1, 1, 0, 100, "local", style=60)
+    s.launch(1, 1, 10, 20, corr=1, kernels=[(30, 40, 7)])
+    res = analyse(s.write(tmp_path / "x.sqlite"))
+    r = res.ranges.set_index("name")
+    assert r.loc["handoff", ["projected", "gpu_ops", "level"]].tolist() == [False, 0, -1]
+    assert r.loc["local", ["projected", "gpu_ops", "level"]].tolist() == [True, 1, 0]
+    assert res.kernels["range_name"].tolist() == ["local"]
+    assert res.range_summary.set_index("name").loc["handoff", ["ranges", "gpu_ranges"]].tolist() == [1, 0]

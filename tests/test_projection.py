@@ -80,8 +80,10 @@ def test_start_end_ranges_and_cross_thread_end(tmp_path: Path) -> None:
     s.range(1, 1, 0, 100, "ends elsewhere", style=60, end_tid=2)
     s.launch(1, 1, 10, 20, corr=1, kernels=[(30, 40, 7)])
     r = _by_name(project(load_export(s.write(tmp_path / "x.sqlite"))).ranges)
-    assert "ends elsewhere" not in r.index
-    assert r.loc["se", ["style", "gpu_ops"]].tolist() == ["StartEnd", 1]
+    # nsys does not project a range that ended on another thread: kept, unprojected, with no GPU work
+    assert r.loc["ends elsewhere", ["projected", "level", "gpu_ops", "style"]].tolist() == [False, -1, 0, "StartEnd"]
+    assert pd.isna(r.loc["ends elsewhere", "parent_id"]) and pd.isna(r.loc["ends elsewhere", "gpu_start_ns"])
+    assert r.loc["se", ["style", "gpu_ops", "projected", "level"]].tolist() == ["StartEnd", 1, True, 0]
 
 
 def test_cuda_graph_replay_and_two_streams(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """NVTX ranges projected onto the GPU, with the semantics of Nsight Systems' `nvtx_gpu_proj_trace` report.
 
-- Ranges: push/pop and start/end (and NVTXT) ranges that end on the thread where they started; a range never closed
-  ends at the capture's last timestamp.
+- Ranges: push/pop and start/end (and NVTXT) ranges with no end thread recorded (`endGlobalTid` empty: they end
+  on the thread where they started); a range never closed ends at the latest start or end of the export's ranges.
+  Ranges that ended on another thread are kept as rows with `projected` false, `level` -1 and no GPU work.
 - A GPU operation (kernel, memcpy, memset, graph) belongs to every range on its launching thread whose [start, end]
   encloses the launching API call's [start, end], not just the innermost one. Operations are joined to API calls on
   (process, correlation id): correlation ids repeat across processes.
@@ -64,9 +65,11 @@ def project(exp: NsysExport) -> Projection:
     n_calls = len(calls)
     co = _call_ops(calls, ops)
 
-    # eligible ranges (those that end on the thread where they started) and the block of calls each encloses
+    # eligible ranges (as nsys: those with no end thread recorded, which end where they started) and the block of
+    # calls each encloses
     r = exp.ranges
-    same_thread = (r["end_global_tid"].to_numpy() < 0) | (r["end_global_tid"].to_numpy() == r["global_tid"].to_numpy())
+    same_thread = r["end_global_tid"].to_numpy() < 0
+    elsewhere = r.loc[~same_thread]
     r = r.loc[same_thread].sort_values(["global_tid", "start_ns", "end_ns"], ascending=[True, True, False],
                                        kind="stable").reset_index(drop=True)
     gtid = r["global_tid"].to_numpy(np.int64)
@@ -101,12 +104,33 @@ def project(exp: NsysExport) -> Projection:
         "gpu_end_ns": pd.array(np.where(has_gpu, g_end, 0), dtype="Int64"),
         "gpu_busy_ns": busy, "gpu_ops": gpu_ops, "gpu_op_rows": n_kern,
         "category": r["category"], "payload": r["payload"], "closed": r["closed"],
-        "global_tid": gtid,
+        "global_tid": gtid, "projected": np.ones(len(r), dtype=bool),
     })
     out.loc[parent_id < 0, "parent_id"] = pd.NA
     out.loc[~has_gpu, ["gpu_start_ns", "gpu_end_ns"]] = pd.NA
     op_range = np.where(op_range_pos >= 0, range_id[np.maximum(op_range_pos, 0)], -1)
+    if len(elsewhere):
+        out = pd.concat([out, _unprojected(elsewhere)], ignore_index=True)
+        lo, hi = np.concatenate([lo, np.zeros(len(elsewhere), np.int64)]), np.concatenate([hi, np.zeros(
+            len(elsewhere), np.int64)])
     return Projection(out, op_range, co.op_call, lo, hi)
+
+
+def _unprojected(r: pd.DataFrame) -> pd.DataFrame:
+    """Rows for the ranges nsys does not project (start/end ranges that ended on another thread): no GPU work,
+    `level` -1, no parent, `projected` false."""
+    n = len(r)
+    return pd.DataFrame({
+        "range_id": r["range_id"].to_numpy(np.int64), "name": r["name"].to_numpy(), "domain": r["domain"].to_numpy(),
+        "style": r["style"].to_numpy(), "pid": r["pid"].to_numpy(np.int64), "tid": r["tid"].to_numpy(np.int64),
+        "level": np.full(n, -1, np.int64), "parent_id": pd.array([pd.NA] * n, dtype="Int64"),
+        "num_child": np.zeros(n, np.int64), "range_stack": np.full(n, "", dtype=object),
+        "start_ns": r["start_ns"].to_numpy(np.int64), "end_ns": r["end_ns"].to_numpy(np.int64),
+        "gpu_start_ns": pd.array([pd.NA] * n, dtype="Int64"), "gpu_end_ns": pd.array([pd.NA] * n, dtype="Int64"),
+        "gpu_busy_ns": np.zeros(n, np.int64), "gpu_ops": np.zeros(n, np.int64), "gpu_op_rows": np.zeros(n, np.int64),
+        "category": r["category"].to_numpy(), "payload": r["payload"].to_numpy(), "closed": r["closed"].to_numpy(),
+        "global_tid": r["global_tid"].to_numpy(np.int64), "projected": np.zeros(n, dtype=bool),
+    })
 
 
 def _call_ops(calls: pd.DataFrame, ops: pd.DataFrame) -> _CallOps:
