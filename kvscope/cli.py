@@ -45,7 +45,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)".strip()
 
@@ -110,35 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_INT, default=16, help="new tokens per prompt")
     g.add_argument("--json", action="store_true", help='last line of stdout: {"tokens": [[...], ...]}')
 
-    r = sub.add_parser("run", help="instrumented prefill + decode run; writes a run folder of Parquet files")
-    add_run_options(r)
-    r.add_argument("--batch-size", type=_INT, default=1, help="sequences per batch")
-    r.add_argument("--seq", type=_INT, default=512, help="prompt tokens per sequence")
-    r.add_argument("--no-nvtx", action="store_true", help="no NVTX ranges (also KVSCOPE_NVTX=0)")
-    r.add_argument("--nvml-interval-ms", type=FloatArg(NVML_INTERVAL_MAX_MS, "ms"), default=20.0,
-                   help="NVML polling interval for metrics the driver does not buffer (ms)")
-    r.add_argument("--out", type=_TEXT, default=None, help="run folder (default traces/<time>-<model>-bs<B>-seq<L>/)")
-    _add_json(r, "the run folder, its files and the summary's key numbers")
-
-    w = sub.add_parser("sweep", help="every (seq, batch) pair as a run, one model load; appends to a CSV/Parquet")
-    add_run_options(w)
-    w.add_argument("--seq", required=True, help="comma-separated prompt lengths, e.g. 128,256,512")
-    w.add_argument("--batch-sizes", required=True, help="comma-separated batch sizes, e.g. 1,2,4")
-    w.add_argument("--out", type=_TEXT, required=True, help="FILE.csv or FILE.parquet")
-    w.add_argument("--collapse-factor", type=_FINITE, default=2.0,
-                   help="flag latency/throughput collapse beyond this factor of the best earlier configuration")
-    w.add_argument("--resume", action="store_true", help="skip configurations the file already holds")
-    _add_json(w, "the sweep file and each configuration's key numbers")
+    _add_run(sub)
+    _add_sweep(sub)
 
     c = sub.add_parser("calibrate", help="measure copy bandwidth, bf16 matmul rate and the decode matvec chain")
     c.add_argument("--device", type=_TEXT, default="cuda", help="the GPU to measure")
     c.add_argument("--model", type=_TEXT, default="qwen2.5-3b", help="preset whose batch-1 matvec chain is timed")
     c.add_argument("--json", action="store_true")
 
-    rp = sub.add_parser("report", help="Markdown report with PNG plots of a run folder or a sweep file")
-    rp.add_argument("source", type=_TEXT, help="a run folder (or a `kvscope nsys` folder), or a sweep .csv/.parquet")
-    rp.add_argument("--out", type=_TEXT, default=None, help="report folder (default: <source>-report beside it)")
-    _add_json(rp, "the report, its folder and files")
+    _add_report(sub)
 
     _add_kv_math(sub.add_parser("kv-math", help="KV-cache memory maths: bytes per token, capacity, Little's law, "
                                                 "paging"))
@@ -166,14 +146,56 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel-class rules (TOML or JSON) tried before the built-in ones")
     _add_json(a, "the output folder, its files and the kernel time by class")
 
-    n = sub.add_parser("nsys", help="profile `kvscope run` under Nsight Systems, export and align it",
-                       usage="kvscope nsys [--nsys PATH] [--out DIR] -- <kvscope run arguments>")
+    _add_nsys(sub)
+    return parser
+
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("run", help="instrumented prefill + decode run; writes a run folder of Parquet files")
+    add_run_options(r)
+    r.add_argument("--batch-size", type=_INT, default=1, help="sequences per batch")
+    r.add_argument("--seq", type=_INT, default=512, help="prompt tokens per sequence")
+    r.add_argument("--no-nvtx", action="store_true", help="no NVTX ranges (also KVSCOPE_NVTX=0)")
+    r.add_argument("--nvml-interval-ms", type=FloatArg(NVML_INTERVAL_MAX_MS, "ms"), default=20.0,
+                   help="NVML polling interval for metrics the driver does not buffer (ms)")
+    r.add_argument("--out", type=_TEXT, default=None, help="run folder (default traces/<time>-<model>-bs<B>-seq<L>/)")
+    _add_json(r, "the run folder, its files and the summary's key numbers")
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    w = sub.add_parser("sweep", help="every (seq, batch) pair as a run, one model load; appends to a CSV/Parquet")
+    add_run_options(w)
+    w.add_argument("--seq", required=True, help="comma-separated prompt lengths, e.g. 128,256,512")
+    w.add_argument("--batch-sizes", required=True, help="comma-separated batch sizes, e.g. 1,2,4")
+    w.add_argument("--out", type=_TEXT, required=True, help="FILE.csv or FILE.parquet")
+    w.add_argument("--collapse-factor", type=_FINITE, default=2.0,
+                   help="flag latency/throughput collapse beyond this factor of the best earlier configuration")
+    w.add_argument("--resume", action="store_true", help="skip configurations the file already holds")
+    _add_json(w, "the sweep file and each configuration's key numbers")
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    rp = sub.add_parser("report", help="Markdown report with PNG plots of a run folder or a sweep file")
+    rp.add_argument("source", type=_TEXT, help="a run folder (or a `kvscope nsys` folder), or a sweep .csv/.parquet")
+    rp.add_argument("--out", type=_TEXT, default=None, help="report folder (default: <source>-report beside it)")
+    _add_json(rp, "the report, its folder and files")
+
+
+def _add_nsys(sub: argparse._SubParsersAction) -> None:
+    n = sub.add_parser("nsys", help="profile a command (by default `kvscope run`) under Nsight Systems, export and "
+                                    "align it",
+                       usage="kvscope nsys [--nsys PATH] [--out DIR] [--nsys-flag=FLAG ...] [--json] -- "
+                             "(<kvscope run arguments> | COMMAND [ARG ...])")
     n.add_argument("--nsys", type=_TEXT, default=None,
                    help="nsys executable (default: $NSYS, PATH, usual install folders)")
     n.add_argument("--out", type=_TEXT, default=None, help="output folder (default traces/<time>-nsys)")
-    n.add_argument("run_args", nargs=argparse.REMAINDER, help="arguments of `kvscope run`, after --")
-    return parser
-
+    n.add_argument("--nsys-flag", action="append", default=[], metavar="FLAG",
+                   help="an extra `nsys profile` flag, repeatable; write --nsys-flag=--sample=cpu (or "
+                        "--nsys-flag '-t cuda,nvtx,osrt'); it replaces kvscope's own value of the same option")
+    _add_json(n, "the output folder, its files and the kernel time by class")
+    n.add_argument("run_args", nargs=argparse.REMAINDER,
+                   help="after --: arguments of `kvscope run` (empty, or starting with -), or any command to profile")
 
 def _add_json(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--json", action="store_true", help=f"last line of stdout: one JSON object with {what}")
@@ -197,11 +219,18 @@ def _add_kv_math(k: argparse.ArgumentParser) -> None:
 
 
 def _nsys_run_args(ns: argparse.Namespace) -> None:
-    """`kvscope nsys`'s run arguments: `ns.run_args` without the leading `--`, and `ns.run`, the same parsed as
-    `kvscope run` arguments (their errors are `run:` errors)."""
+    """`kvscope nsys`'s arguments after `--`. `kvscope run` arguments (none, or starting with `-`, or `kvscope run
+    ...`): `ns.run_args` without the `--` and `ns.run`, the same parsed as `kvscope run` arguments (their errors are
+    `run:` errors). Any other command: `ns.command_args`, and `ns.run` None."""
     run_args = list(ns.run_args)
     if run_args[:1] == ["--"]:
         run_args = run_args[1:]
+    if run_args[:2] == [PROG, "run"]:
+        run_args = run_args[2:]
+    elif run_args and not run_args[0].startswith("-"):
+        ns.command_args, ns.run_args, ns.run = run_args, [], None
+        return
+    ns.command_args = []
     if any(a == "--out" or a.startswith("--out=") for a in run_args):
         raise KvscopeError("nsys: give --out before --, not among the run arguments")
     if "--no-nvtx" in run_args:
@@ -243,9 +272,26 @@ def join_dash_values(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def join_flag_values(argv: Sequence[str], flag: str) -> list[str]:
+    """`--nsys-flag --sample=cpu` -> `--nsys-flag=--sample=cpu` (before `--`): the value of such a flag is itself an
+    option, which argparse would otherwise read as one."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--":
+            return [*out, *argv[i:]]
+        if argv[i] == flag and i + 1 < len(argv) and argv[i + 1] != "--":
+            out.append(f"{flag}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The parsed command line; bad arguments raise KvscopeError (one line, naming the subcommand and the flag)."""
-    ns = build_parser().parse_args(join_dash_values(argv))
+    ns = build_parser().parse_args(join_flag_values(join_dash_values(argv), "--nsys-flag"))
     if ns.command == "nsys":
         _nsys_run_args(ns)
     return ns

@@ -97,7 +97,7 @@ def test_cli_align_writes_files(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out = tmp_path / "al"
     assert main(["align", str(DATA / "qwen25-05b.parquetdir"), "--timings", str(DATA / "qwen25-05b-run"),
                  "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES, "trace.json"])
     text = capsys.readouterr().out
     assert "GPU kernel time by class and phase" in text and "launch-bound" in text
     ranges = pd.read_parquet(out / "ranges.parquet")

@@ -96,7 +96,7 @@ def test_previous_output_is_replaced_whole(tmp_path: Path, capsys: pytest.Captur
     assert len(pd.read_parquet(out / "ranges.parquet")) == 165
     assert main(["align", str(DATA / "qwen25-05b.parquetdir"), "--out", str(out)]) == 0
     assert len(pd.read_parquet(out / "ranges.parquet")) == 1573
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES, "trace.json"])
     assert leftovers(tmp_path) == []
     capsys.readouterr()
 

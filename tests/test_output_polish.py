@@ -34,7 +34,7 @@ def test_every_help_shows_the_defaults(name: str) -> None:
     parser = _subparsers()[name]
     text = " ".join(parser.format_help().split())
     for action in parser._actions:
-        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+        if not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS):
             continue
         assert action.help, f"{name} {action.option_strings[0]} has no help"
         shown = action.default if not isinstance(action.default, (list, tuple)) else " ".join(action.default)

@@ -42,6 +42,7 @@ from kvscope.analysis.schema import (
     RANGES_FILE,
     STEPS_FILE,
 )
+from kvscope.analysis.trace_export import TRACE_FILE, write_trace
 from kvscope.errors import KvscopeError
 from kvscope.io import AtomicFolder, write_parquet
 
@@ -84,7 +85,7 @@ def read_timings(run_dir: Path) -> pd.DataFrame:
 
 def is_align_output(folder: Path) -> bool:
     """Whether `folder` holds nothing but files `kvscope align` writes (so a new output may replace it)."""
-    return all(p.name in OUTPUT_FILES and p.is_file() and not p.is_symlink() for p in folder.iterdir())
+    return all(p.name in (*OUTPUT_FILES, TRACE_FILE) and p.is_file() and not p.is_symlink() for p in folder.iterdir())
 
 
 def output_folder(out: Path) -> AtomicFolder:
@@ -158,6 +159,7 @@ def write(result: AlignResult, out: Path, meta: dict) -> None:
             "export": str(result.export.source)}
     for name, df in result.tables().items():
         write_parquet(df, out / name, meta)
+    write_trace(out / TRACE_FILE, result.ranges, result.kernels, result.export.calls, meta)  # Perfetto / HTA
 
 
 def summary_tables(result: AlignResult) -> list[Table]:

@@ -1,18 +1,28 @@
-"""`kvscope nsys`: run `kvscope run` under Nsight Systems, turn the capture into an export, and align it, into one
-output folder (report.nsys-rep, report.sqlite, the run folder `run/`, and the tables of `kvscope align`).
+"""`kvscope nsys`: profile a command under Nsight Systems, turn the capture into an export, and align it, into one
+output folder (report.nsys-rep, report.sqlite, the tables of `kvscope align` and its trace.json).
 
-The capture covers the measured repetitions only (`--capture-range=cudaProfilerApi`: `kvscope run` calls
-cudaProfilerStart/Stop around them) and keeps the program alive after the range (`--capture-range-end=stop`) so
-that the run folder is written. `--cuda-graph-trace=node` makes kernels inside CUDA graphs visible one by one.
+By default the command is `kvscope run` (the arguments after `--` are its options: none, or starting with `-`, or
+`kvscope run ...`): the capture covers the measured repetitions only (`--capture-range=cudaProfilerApi`: `kvscope
+run` calls cudaProfilerStart/Stop around them) and keeps the program alive after the range
+(`--capture-range-end=stop`) so that the run folder (`run/`) is written and aligned with the capture. Any other
+command (`kvscope nsys -- python3 serve.py ...`) is profiled whole, without a capture range, and its export is
+aligned as any export (`kvscope align EXPORT`); there is no run folder. `--cuda-graph-trace=node` makes kernels
+inside CUDA graphs visible one by one.
+
+Extra `nsys profile` flags (`--nsys-flag`, repeatable, each one option: `--sample=cpu`, `--trace=cuda,nvtx,osrt`, or
+`-t cuda,nvtx,osrt` split like a shell would) come after kvscope's and replace kvscope's own value of the same option
+(`-t` and `--trace` are one option); the output options (`-o`, `-f` and their long forms) are kvscope's.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -20,32 +30,81 @@ from kvscope.analysis.nsys import export_rep, find_nsys
 from kvscope.analysis.report_align import analyse, write
 from kvscope.analysis.schema import NSYS_RUN_SUBFOLDER, TIMINGS_FILE
 from kvscope.commands.align import print_align
+from kvscope.commands.json_out import align_payload, json_line
 from kvscope.commands.options import run_spec
 from kvscope.commands.run_output import OutputFolder
 from kvscope.engine.plan import prepare
 from kvscope.errors import KvscopeError
 
-NSYS_PROFILE_FLAGS = ("-t", "cuda,nvtx", "-s", "none", "--cpuctxsw=none", "--capture-range=cudaProfilerApi",
-                      "--capture-range-end=stop", "--cuda-graph-trace=node")
+# kvscope's own `nsys profile` options for any command, and for `kvscope run` (whose capture range it opens)
+COMMAND_PROFILE_FLAGS = ("--trace=cuda,nvtx", "--sample=none", "--cpuctxsw=none", "--cuda-graph-trace=node")
+NSYS_PROFILE_FLAGS = (*COMMAND_PROFILE_FLAGS, "--capture-range=cudaProfilerApi", "--capture-range-end=stop")
+# nsys's short options and their long names, for telling which of kvscope's options an extra flag replaces
+_SHORT = {"-t": "--trace", "-s": "--sample", "-c": "--capture-range", "-o": "--output", "-f": "--force-overwrite",
+          "-b": "--backtrace", "-w": "--show-output", "-x": "--stop-on-exit", "-d": "--duration", "-y": "--delay",
+          "-e": "--env-var", "-n": "--inherit-environment", "-p": "--nvtx-capture"}
+_OWN_OPTIONS = ("--output", "--force-overwrite")  # kvscope names and places the report
 
 
 def command(ns: argparse.Namespace) -> int:
-    """`ns.run_args`: the arguments of `kvscope run` as given; `ns.run`: the same, parsed (`kvscope.cli`)."""
-    prepare(run_spec(ns.run))  # validate before starting nsys
+    """`ns.run` (the `kvscope run` arguments parsed) and `ns.run_args`, or `ns.command_args` (any other command),
+    as `kvscope.cli` leaves them; `ns.nsys_flag`: the extra nsys flags."""
+    extra = extra_flags(getattr(ns, "nsys_flag", []))
+    if ns.run is not None:
+        prepare(run_spec(ns.run))  # validate before starting nsys
     final = Path(ns.out) if ns.out else Path("traces") / f"{datetime.now():%Y%m%d-%H%M%S}-nsys"
     folder = OutputFolder(final)
+    exit_code = 0
     try:
-        rep, run_dir = capture(ns.run_args, folder.tmp, ns.nsys)
+        if ns.run is not None:
+            rep, run_dir = capture(ns.run_args, folder.tmp, ns.nsys, extra)
+            what = {"run_args": ns.run_args}
+        else:
+            rep, exit_code = capture_command(ns.command_args, folder.tmp, ns.nsys, extra)
+            run_dir, what = None, {"profiled": ns.command_args, "exit_code": exit_code}
         sqlite = export_rep(rep, ns.nsys, out=folder.tmp / "report.sqlite")
         result = analyse(sqlite, run_dir)
-        write(result, folder.tmp, {"command": " ".join(sys.argv), "run_args": ns.run_args})
+        write(result, folder.tmp, {"command": " ".join(sys.argv), **what, "nsys_flags": extra})
         done = folder.commit()
     except BaseException:
         folder.discard()
         raise
     print_align(result)
-    print(f"nsys: {done} (report.nsys-rep, report.sqlite, run/, ranges, kernels, align, steps, kernel_classes)")
+    if exit_code:
+        print(f"nsys: the profiled command exited with code {exit_code}; its capture was aligned all the same")
+    print(f"nsys: {done} ({', '.join(sorted(p.name for p in done.iterdir()))})")
+    if getattr(ns, "json", False):
+        print(json_line({**align_payload(done, result.ranges, result.kernels), "profiled_exit_code": exit_code}))
     return 0
+
+
+def extra_flags(values: Sequence[str]) -> list[str]:
+    """The `--nsys-flag` values as `nsys profile` arguments: each value split like a shell would, each starting with
+    an option; kvscope's output options refused."""
+    out: list[str] = []
+    for value in values:
+        try:
+            parts = shlex.split(value)
+        except ValueError as exc:
+            raise KvscopeError(f"nsys: --nsys-flag {value!r}: {exc}") from None
+        if not parts or not parts[0].startswith("-"):
+            raise KvscopeError(f"nsys: --nsys-flag {value!r} is not an nsys option (write --nsys-flag=--sample=cpu)")
+        if _option(parts[0]) in _OWN_OPTIONS:
+            raise KvscopeError(f"nsys: --nsys-flag {value!r}: kvscope sets the report's name and place; give --out")
+        out += parts
+    return out
+
+
+def _option(arg: str) -> str:
+    """The long name of the option `arg` starts with: `--trace=cuda` -> `--trace`, `-t` -> `--trace`."""
+    name = arg.split("=", 1)[0]
+    return _SHORT.get(name, name) if not name.startswith("--") else name
+
+
+def profile_flags(own: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """kvscope's options without those that `extra` sets again, then `extra`."""
+    replaced = {_option(a) for a in extra if a.startswith("-")}
+    return [*(f for f in own if _option(f) not in replaced), *extra]
 
 
 def find_importer(nsys: str) -> str | None:
@@ -61,20 +120,27 @@ def find_importer(nsys: str) -> str | None:
     return str(hits[0]) if hits else None
 
 
-def capture(run_args: list[str], out: Path, nsys: str | None) -> tuple[Path, Path]:
-    """Profile `kvscope run RUN_ARGS --out OUT/run`; returns (report.nsys-rep, run folder)."""
+def _nsys(nsys: str | None) -> str:
     exe = find_nsys(nsys)
     if exe is None:
         raise KvscopeError("nsys not found: pass --nsys PATH, set $NSYS, or put nsys on PATH")
+    return exe
+
+
+def _profile(exe: str, flags: Sequence[str], program: Sequence[str], out: Path) -> tuple[int, Path, list[str]]:
+    """`nsys profile FLAGS -o OUT/report PROGRAM`: (nsys's exit code, OUT/report.nsys-rep, the command line). A raw
+    capture nsys could not import is imported here (QdstrmImporter) when exactly one is left."""
     report = out / "report"
-    run_dir = out / NSYS_RUN_SUBFOLDER
     # nsys keeps its raw capture (`nsys-report-*.qdstrm`) in its temporary folder: a private one, so that a capture
     # nsys could not import is ours, never another process's
     scratch = out / "nsys-tmp"
     scratch.mkdir(exist_ok=True)
-    cmd = [exe, "profile", *NSYS_PROFILE_FLAGS, "-o", str(report), "-f", "true",
-           sys.executable, "-m", "kvscope", "run", *run_args, "--out", str(run_dir)]
-    proc = subprocess.run(cmd, check=False, env={**os.environ, "TMPDIR": str(scratch)})
+    cmd = [exe, "profile", *flags, "-o", str(report), "-f", "true", *program]
+    try:
+        proc = subprocess.run(cmd, check=False, env={**os.environ, "TMPDIR": str(scratch)})
+    except OSError as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise KvscopeError(f"cannot run {exe}: {exc.strerror or exc}") from None
     rep = report.with_suffix(".nsys-rep")
     if not rep.is_file():
         leftovers = sorted(out.glob("*.qdstrm")) + sorted(scratch.glob("*.qdstrm"))
@@ -85,10 +151,29 @@ def capture(run_args: list[str], out: Path, nsys: str | None) -> tuple[Path, Pat
             if made.is_file():
                 shutil.move(str(made), rep)
     shutil.rmtree(scratch, ignore_errors=True)
-    if proc.returncode != 0 and not (rep.is_file() and (run_dir / TIMINGS_FILE).is_file()):
-        raise KvscopeError(f"nsys profile exited with code {proc.returncode} (command: {' '.join(cmd)})")
+    return proc.returncode, rep, cmd
+
+
+def capture(run_args: list[str], out: Path, nsys: str | None, extra: Sequence[str] = ()) -> tuple[Path, Path]:
+    """Profile `kvscope run RUN_ARGS --out OUT/run`; returns (report.nsys-rep, run folder)."""
+    exe = _nsys(nsys)
+    run_dir = out / NSYS_RUN_SUBFOLDER
+    program = [sys.executable, "-m", "kvscope", "run", *run_args, "--out", str(run_dir)]
+    code, rep, cmd = _profile(exe, profile_flags(NSYS_PROFILE_FLAGS, extra), program, out)
+    if code != 0 and not (rep.is_file() and (run_dir / TIMINGS_FILE).is_file()):
+        raise KvscopeError(f"nsys profile exited with code {code} (command: {' '.join(cmd)})")
     if not rep.is_file():
         raise KvscopeError(f"nsys wrote no report ({rep}); is the driver's profiling support available?")
     if not (run_dir / TIMINGS_FILE).is_file():
         raise KvscopeError(f"the profiled run wrote no run folder at {run_dir}")
     return rep, run_dir
+
+
+def capture_command(program: list[str], out: Path, nsys: str | None, extra: Sequence[str] = ()) -> tuple[Path, int]:
+    """Profile any command, whole; returns (report.nsys-rep, the exit code of nsys, which is the command's). A
+    command that fails after nsys wrote its report is still aligned (the caller says so)."""
+    exe = _nsys(nsys)
+    code, rep, cmd = _profile(exe, profile_flags(COMMAND_PROFILE_FLAGS, extra), program, out)
+    if not rep.is_file():
+        raise KvscopeError(f"nsys wrote no report ({rep}; exit code {code}; command: {shlex.join(cmd)})")
+    return rep, code
