@@ -200,9 +200,19 @@ class _Strings:
 
     def lookup(self, df: pd.DataFrame, table: str, col: str) -> np.ndarray:
         """Text of the string ids in `df[col]`; empty ids give None, ids missing from the table are an error."""
+        codes, text = self.codes(df, table, col)
+        return np.append(text, None)[codes]  # code -1 (no id): None
+
+    def strings(self, df: pd.DataFrame, table: str, col: str) -> pd.api.extensions.ExtensionArray:
+        """`lookup` as a string array (NA for no id), built by one take from the distinct texts."""
+        codes, text = self.codes(df, table, col)
+        return pd.array(text, dtype="string").take(codes, allow_fill=True)
+
+    def codes(self, df: pd.DataFrame, table: str, col: str) -> tuple[np.ndarray, np.ndarray]:
+        """(codes, texts): the text of row i is texts[codes[i]], none where codes[i] is -1."""
         ids = self._t.numbers(df, table, col, empty_ok=True)
         if not ids.notna().any():
-            return np.full(len(ids), None, dtype=object)
+            return np.full(len(ids), -1, dtype=np.int64), np.empty(0, dtype=object)
         strings = self._table(table, col)
         codes, uniques = pd.factorize(ids, use_na_sentinel=True)  # each distinct id looked up once
         wanted = np.asarray(uniques, dtype=np.int64)
@@ -211,8 +221,7 @@ class _Strings:
             missing = np.isin(ids.to_numpy(np.int64, na_value=-1), wanted[~known])
             raise KvscopeError(f"{self._t.shown}: {int(missing.sum())} row(s) of {table}.{col} refer to string ids "
                                f"missing from {STRINGS_TABLE} (first: {int(wanted[~known][0])}): a damaged export")
-        text = np.append(strings.reindex(wanted).to_numpy(dtype=object), None)  # code -1 (no id): None
-        return text[codes]
+        return codes.astype(np.int64), strings.reindex(wanted).to_numpy(dtype=object)
 
 
 def _gpu_ops(t: ExportTables, tables: list[str], strings: _Strings) -> pd.DataFrame:
@@ -224,17 +233,14 @@ def _gpu_ops(t: ExportTables, tables: list[str], strings: _Strings) -> pd.DataFr
         df = t.read(table, want, required=("start", "end", "correlationId"), integers=True)
         start, end = t.ints(df, table, "start"), t.ints(df, table, "end")
         t.check_order(df, table, start, end)
-        none = np.full(len(df), None, dtype=object)
-        demangled = strings.lookup(df, table, "demangledName") if kind == "kernel" and "demangledName" in df \
+        none = _same_string(None, len(df))
+        demangled = strings.strings(df, table, "demangledName") if kind == "kernel" and "demangledName" in df \
             else none
-        short = strings.lookup(df, table, "shortName") if kind == "kernel" and "shortName" in df else none
-        if kind == "kernel":
-            names = np.where(pd.isna(demangled), short, demangled)
-            names = np.where(pd.isna(names), "kernel", names)
-        else:
-            names = np.full(len(df), f"[CUDA {kind}]", dtype=object)
+        short = strings.strings(df, table, "shortName") if kind == "kernel" and "shortName" in df else none
+        names = demangled.fillna(short).fillna("kernel") if kind == "kernel" else \
+            _same_string(f"[CUDA {kind}]", len(df))
         frames.append(pd.DataFrame({
-            "kind": kind,
+            "kind": _same_string(kind, len(df)),
             "start_ns": start,
             "end_ns": end,
             "device": t.ints(df, table, "deviceId") if "deviceId" in df else 0,
@@ -247,11 +253,11 @@ def _gpu_ops(t: ExportTables, tables: list[str], strings: _Strings) -> pd.DataFr
             "graph_node_id": t.numbers(df, table, "graphNodeId", empty_ok=True) if "graphNodeId" in df else pd.NA,
             "bytes": t.numbers(df, table, "bytes", empty_ok=True) if "bytes" in df else pd.NA,
         }))
-    ops = pd.concat(frames, ignore_index=True)
-    ops["kind"] = ops["kind"].astype("string")
-    for col in ("name", "short_name", "demangled_name"):
-        ops[col] = ops[col].astype("string")
-    return ops.sort_values(["start_ns", "end_ns"], kind="stable").reset_index(drop=True)
+    ops = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    order = np.lexsort((ops["end_ns"].to_numpy(), ops["start_ns"].to_numpy()))  # stable: by start, then end
+    if (order != np.arange(len(order))).any():
+        ops = ops.take(order)
+    return ops.reset_index(drop=True)
 
 
 def _calls(t: ExportTables, strings: _Strings) -> pd.DataFrame:
@@ -276,6 +282,11 @@ def _calls(t: ExportTables, strings: _Strings) -> pd.DataFrame:
     calls = calls.drop_duplicates(["pid", "corr"], keep="first")
     calls["name"] = calls["name"].astype("string")
     return calls.sort_values(["global_tid", "start_ns"], kind="stable").reset_index(drop=True)
+
+
+def _same_string(value: str | None, n: int) -> pd.api.extensions.ExtensionArray:
+    """A string array of `n` times `value` (NA for None), made by one take."""
+    return pd.array([value], dtype="string").take(np.zeros(n, dtype=np.int64))
 
 
 def _no_gpu_ops() -> pd.DataFrame:
