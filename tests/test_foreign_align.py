@@ -174,6 +174,8 @@ def test_phase_map_gives_a_step_table() -> None:
     assert c == {"decode": 2 * 547, "outside": 1409 - 2 * 547}
     assert res.regions is None and res.skipped == ("skipped align.parquet: no ranges in the NVTX domain 'kvscope' "
                                                    "(not a kvscope run)")
+    missed = analyse(DATA / "hf.sqlite", phase_map="decode=^nothing")
+    assert missed.steps is None and missed.skipped.endswith("(not a kvscope run); --phase-map matched no range")
     # a step key with a number group, inside mapped phases
     res = analyse(DATA / "plain.sqlite", phase_map=r"prefill=^main$,step=iter (\d+)")
     s = res.steps.set_index("name")

@@ -1,7 +1,7 @@
 """`kvscope align`: read an export, project, label, align with a run's timings, write Parquet, print a summary.
 
 Output folder (`--out`): written whole or not at all (`kvscope.io.AtomicFolder`): the tables go into a temporary
-folder beside it, renamed into place when all five are written. The folder may be new, empty, or hold a previous
+folder beside it, renamed into place when all are written. The folder may be new, empty, or hold a previous
 `kvscope align` output and nothing else (then it is replaced whole, so two analyses never mix); any other folder is
 refused before the analysis starts.
 """
@@ -124,8 +124,8 @@ def analyse(export: str | Path | NsysExport, timings: str | Path | pd.DataFrame 
     steps = classes_t = None
     if len(labeled):
         steps, classes_t = step_activity(labeled), class_breakdown(kernels)
-    elif note is None:
-        note = "phase map matched no range"
+    elif pm is not None:
+        note = "; ".join(n for n in (note, "--phase-map matched no range") if n)
     skipped = None
     if note is not None:
         names = [n for n, df in ((ALIGN_FILE, regions), (STEPS_FILE, steps), (KERNEL_CLASSES_FILE, classes_t))

@@ -29,7 +29,9 @@ def command(ns: argparse.Namespace) -> int:
     print_align(result)
     if result.skipped:
         print(f"align: {result.skipped}")
-    print(f"align: {out} ({', '.join(result.tables())})")
+    tables = list(result.tables())
+    others = sorted(p.name for p in out.iterdir() if p.name not in tables)  # trace.json
+    print(f"align: {out} ({', '.join([*tables, *others])})")
     if getattr(ns, "json", False):
         print(json_line(align_payload(out, result.ranges, result.kernels)))
     return 0
