@@ -230,3 +230,20 @@ def test_range_ended_on_another_thread_is_kept_unprojected(tmp_path: Path) -> No
     assert r.loc["local", ["projected", "gpu_ops", "level"]].tolist() == [True, 1, 0]
     assert res.kernels["range_name"].tolist() == ["local"]
     assert res.range_summary.set_index("name").loc["handoff", ["ranges", "gpu_ranges"]].tolist() == [1, 0]
+
+
+def test_cli_flags_reach_the_analysis(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o"
+    assert main(["align", str(DATA / "plain.parquetdir"), "--out", str(out), "--domain", "", "--range", "iter",
+                 "--start", "4.376s", "--end", "4378000000", "--pid", "871"]) == 0
+    capsys.readouterr()
+    assert pd.read_parquet(out / "ranges.parquet")["name"].tolist() == ["worker iter 0", "worker iter 1"]
+    assert len(pd.read_parquet(out / "kernels.parquet")) == 9
+    out2 = tmp_path / "o2"
+    assert main(["align", str(DATA / "hf.sqlite"), "--out", str(out2), "--phase-map", "decode=^generate"]) == 0
+    text = capsys.readouterr().out
+    assert "align: skipped align.parquet: no ranges in the NVTX domain 'kvscope' (not a kvscope run)\n" in text
+    steps = pd.read_parquet(out2 / "steps.parquet")
+    assert steps["name"].tolist() == ["generate 0", "generate 1"] and steps["gpu_ops"].tolist() == [547, 547]
+    classes = pd.read_parquet(out2 / "kernel_classes.parquet")
+    assert int(classes.loc[classes["phase"] == "decode", "ops"].sum()) == 2 * 547
