@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+from rich.markup import escape
 from rich.table import Table
 
 _ROWS = (
@@ -63,5 +64,5 @@ def summary_table(summary: pd.DataFrame) -> Table:
             value = " / ".join(_fmt(fmt, row[c]) for c in cols)
         else:
             value = _fmt(fmt, row[cols])
-        table.add_row(label, value)
+        table.add_row(escape(label), escape(value))  # `[q1, q3]` is text, not rich markup
     return table
