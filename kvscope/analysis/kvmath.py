@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvscope.errors import KvscopeError
-from kvscope.model.config import kv_bytes_per_token  # torch-free; also KVCache.bytes_for's formula
+from kvscope.model.config import RUN_DTYPE_BYTES, kv_bytes_per_token  # torch-free; also KVCache.bytes_for's formula
 
 if TYPE_CHECKING:  # for annotations only: analysis imports no torch (kvscope.model.config does)
     from kvscope.model.config import ModelArgs
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+# the run dtypes, their short names, and fp8 for a KV cache kvscope does not run
+DTYPE_BYTES = {**RUN_DTYPE_BYTES, "fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 GIB_BYTES = 2**30
 DEFAULT_RESERVE_BYTES = GIB_BYTES
 FP32_BYTES = 4

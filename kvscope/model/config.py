@@ -211,6 +211,11 @@ class ModelArgs:
         return cfg
 
 
+# the dtypes kvscope runs a model in and their bytes per element, torch-free: kvscope.model.dtypes pairs them with
+# torch's dtypes, model.source checks config.json's `torch_dtype` against them, kv-math sizes with them
+RUN_DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
 def kv_bytes_per_token(args: ModelArgs, itemsize: int) -> int:
     """Bytes of K and V of one token over all layers, at `itemsize` bytes per element: the one formula behind
     `KVCache.bytes_for` (what the engine allocates) and kv-math (what it predicts)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvscope.errors import KvscopeError
+from kvscope.model.config import RUN_DTYPE_BYTES
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,9 @@ class DType:
 
 
 DTYPES: tuple[DType, ...] = (
-    DType("float32", torch.float32, 4, ("fp32",)),
-    DType("bfloat16", torch.bfloat16, 2, ("bf16",)),
-    DType("float16", torch.float16, 2, ("fp16", "half")),
+    DType("float32", torch.float32, RUN_DTYPE_BYTES["float32"], ("fp32",)),
+    DType("bfloat16", torch.bfloat16, RUN_DTYPE_BYTES["bfloat16"], ("bf16",)),
+    DType("float16", torch.float16, RUN_DTYPE_BYTES["float16"], ("fp16", "half")),
 )
 NAMES: tuple[str, ...] = tuple(d.name for d in DTYPES)
 _BY_NAME: dict[str, DType] = {n: d for d in DTYPES for n in (d.name, *d.aliases)}

@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kvscope.errors import KvscopeError
-from kvscope.model.config import PRESETS, ModelArgs, show_value
+from kvscope.model.config import PRESETS, RUN_DTYPE_BYTES, ModelArgs, show_value
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,10 @@ class ModelSource:
         value = self.config_dtype
         if value is None:
             return "bfloat16"
-        if isinstance(value, str) and value in _CONFIG_DTYPES:
+        if isinstance(value, str) and value in RUN_DTYPE_BYTES:
             return value
         raise KvscopeError(f"{self.spec}: config.json names torch_dtype {show_value(value)}, not one of "
-                           f"{', '.join(_CONFIG_DTYPES)}; pass --dtype")
-
-
-_CONFIG_DTYPES = ("float32", "bfloat16", "float16")
+                           f"{', '.join(RUN_DTYPE_BYTES)}; pass --dtype")
 
 
 def resolve_model(spec: str, need_weights: bool = True) -> ModelSource:

@@ -17,6 +17,7 @@ import torch
 
 from kvscope.errors import KvscopeError
 from kvscope.model.config import ModelArgs, show_value
+from kvscope.model.dtypes import dtype_name
 from kvscope.model.layers import Transformer
 from kvscope.model.source import ModelSource, one_line, safetensors_files
 
@@ -98,14 +99,14 @@ def load_hf_tensors(model: Transformer, tensors: Iterable[tuple[str, torch.Tenso
         if tuple(tensor.shape) != tuple(dst.shape):
             raise KvscopeError(f"{origin}: {name} has shape {tuple(tensor.shape)}, config implies {tuple(dst.shape)}")
         if not tensor.is_floating_point():
-            raise KvscopeError(f"{origin}: {name} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected "
+            raise KvscopeError(f"{origin}: {name} has dtype {dtype_name(tensor.dtype)}, expected "
                                "floating-point weights")
         dst.copy_(tensor)
         if not _all_finite(dst):
-            dtype = str(dst.dtype).removeprefix("torch.")
+            dtype = dtype_name(dst.dtype)
             why = ("holds NaN or infinite values" if not _all_finite(tensor)
                    else f"holds values beyond the range of {dtype} (finite in the file, as "
-                        f"{str(tensor.dtype).removeprefix('torch.')})")
+                        f"{dtype_name(tensor.dtype)})")
             raise KvscopeError(f"{origin}: tensor {name} {why}; refusing weights that make NaN logits")
         seen.add(name)
     missing = sorted(set(targets) - seen)
