@@ -27,8 +27,6 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from kvscope.analysis.inputs import find_run_folder, read_parquet
-from kvscope.analysis.kvmath import GIB_BYTES, KvQuery
-from kvscope.analysis.kvmath import kv_math as _kv_math
 from kvscope.analysis.nsys import NsysExport
 from kvscope.analysis.nsys import load_export as _load_export
 from kvscope.analysis.projection import project as _project
@@ -38,7 +36,6 @@ from kvscope.argtypes import TextArg
 from kvscope.cli import parse_args
 from kvscope.errors import KvscopeError
 from kvscope.io import read_metadata
-from kvscope.model.source import resolve_model
 
 if TYPE_CHECKING:  # annotations only
     from kvscope.analysis.kernel_classes import Rules
@@ -181,18 +178,9 @@ def kv_math(model: PathLike, batch_size: int = 1, seq: int = 0, dtype: str | Non
     ns = parse_args(_argv("kv-math", model=model, batch_size=batch_size, seq=seq, dtype=dtype, kv_dtype=kv_dtype,
                           gpu_mem_gb=gpu_mem_gb, reserve_gb=reserve_gb, rps=rps, latency_s=latency_s,
                           page_size=page_size))
-    # what `kvscope kv-math` does with its arguments (kvscope.commands.kv_math.command), in the same order
-    source = resolve_model(ns.model, need_weights=False)
-    gpu_mem = None
-    if ns.gpu_mem_gb is not None:
-        if not ns.gpu_mem_gb > 0:
-            raise KvscopeError(f"--gpu-mem-gb must be positive, got {ns.gpu_mem_gb}")
-        gpu_mem = int(ns.gpu_mem_gb * GIB_BYTES)
-    if ns.reserve_gb < 0:
-        raise KvscopeError(f"--reserve-gb must be >= 0, got {ns.reserve_gb}")
-    return _kv_math(KvQuery(source.args, batch=ns.batch_size, seq=ns.seq, dtype=ns.dtype or source.dtype_name(),
-                            kv_dtype=ns.kv_dtype, gpu_mem_bytes=gpu_mem, reserve_bytes=int(ns.reserve_gb * GIB_BYTES),
-                            rps=ns.rps, latency_s=ns.latency_s, page_size=ns.page_size))
+    from kvscope.commands import kv_math as kv_math_command
+
+    return kv_math_command.compute(ns)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------

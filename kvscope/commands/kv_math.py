@@ -17,19 +17,24 @@ from kvscope.model.source import resolve_model
 
 
 def command(ns: argparse.Namespace) -> int:
-    source = resolve_model(ns.model, need_weights=False)  # the architecture is all kv-math needs
-    gpu_mem = _budget(ns)
-    if ns.reserve_gb < 0:
-        raise KvscopeError(f"--reserve-gb must be >= 0, got {ns.reserve_gb}")
-    dtype = ns.dtype or source.dtype_name()
-    result = kv_math(KvQuery(source.args, batch=ns.batch_size, seq=ns.seq, dtype=dtype, kv_dtype=ns.kv_dtype,
-                             gpu_mem_bytes=gpu_mem, reserve_bytes=int(ns.reserve_gb * GIB_BYTES), rps=ns.rps,
-                             latency_s=ns.latency_s, page_size=ns.page_size))
+    result = compute(ns)
     if ns.json:
         print(json.dumps(result))
     else:
         Console().print(_table(result))
     return 0
+
+
+def compute(ns: argparse.Namespace) -> dict[str, Any]:
+    """The numbers of `kvscope kv-math` for its parsed arguments (also `kvscope.kv_math`'s)."""
+    source = resolve_model(ns.model, need_weights=False)  # the architecture is all kv-math needs
+    gpu_mem = _budget(ns)
+    if ns.reserve_gb < 0:
+        raise KvscopeError(f"--reserve-gb must be >= 0, got {ns.reserve_gb}")
+    dtype = ns.dtype or source.dtype_name()
+    return kv_math(KvQuery(source.args, batch=ns.batch_size, seq=ns.seq, dtype=dtype, kv_dtype=ns.kv_dtype,
+                           gpu_mem_bytes=gpu_mem, reserve_bytes=int(ns.reserve_gb * GIB_BYTES), rps=ns.rps,
+                           latency_s=ns.latency_s, page_size=ns.page_size))
 
 
 def _budget(ns: argparse.Namespace) -> int | None:
