@@ -493,7 +493,7 @@ def test_analysis_imports_neither_torch_nor_pyplot() -> None:
 
 
 def test_contract_constants_match_the_profiler() -> None:
-    from kvscope.analysis.inputs import GRAPH_CLOCK
+    from kvscope.analysis.schema import GRAPH_CLOCK
     from kvscope.profiler import graph
 
     assert graph.GRAPH_CLOCK == GRAPH_CLOCK

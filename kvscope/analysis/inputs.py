@@ -18,9 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from kvscope.analysis.schema import (  # re-exported: readers of run folders take them from here
-    CLASSIC_COLUMNS,
-    GRAPH_CLOCK,
+from kvscope.analysis.schema import (
     KERNEL_CLASSES_FILE,
     NSYS_RUN_SUBFOLDER,
     STEPS_FILE,
@@ -28,8 +26,6 @@ from kvscope.analysis.schema import (  # re-exported: readers of run folders tak
     TIMINGS_FILE,
 )
 from kvscope.errors import KvscopeError
-
-__all__ = ["CLASSIC_COLUMNS", "GRAPH_CLOCK", "NSYS_RUN_SUBFOLDER", "SUMMARY_FILE", "TIMINGS_FILE"]
 
 MISSING_SPELLINGS = frozenset({"", "nan", "na", "n/a", "null", "none"})
 _READ_ERRORS = (OSError, ValueError, pa.ArrowException)

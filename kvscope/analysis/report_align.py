@@ -24,7 +24,7 @@ from kvscope.analysis.align import (
     label_ranges,
     step_activity,
 )
-from kvscope.analysis.inputs import ALIGN_TIMINGS_COLUMNS, TIMINGS_FILE
+from kvscope.analysis.inputs import ALIGN_TIMINGS_COLUMNS
 from kvscope.analysis.inputs import read_timings as read_timings_file
 from kvscope.analysis.kernel_classes import Rules, load_rules
 from kvscope.analysis.nsys import NsysExport, load_export
@@ -41,8 +41,10 @@ from kvscope.analysis.schema import (
     RANGE_SUMMARY_FILE,
     RANGES_FILE,
     STEPS_FILE,
+    TIMINGS_FILE,
+    TRACE_FILE,
 )
-from kvscope.analysis.trace_export import TRACE_FILE, write_trace
+from kvscope.analysis.trace_export import write_trace
 from kvscope.errors import KvscopeError
 from kvscope.io import AtomicFolder, write_parquet
 

@@ -14,15 +14,14 @@ from matplotlib.figure import Figure
 
 from kvscope.analysis.align import LAUNCH_BOUND_IDLE_FRACTION
 from kvscope.analysis.inputs import (
-    CLASSIC_COLUMNS,
     KERNEL_CLASSES_COLUMNS,
-    SUMMARY_FILE,
     find_run_folder,
     read_align_results,
     read_summary,
     read_timings,
 )
 from kvscope.analysis.report_markdown import FIGURE_SIZE_IN, FIGURE_SUFFIX, Report, md_table, percent_of_total
+from kvscope.analysis.schema import CLASSIC_COLUMNS, SUMMARY_FILE
 
 LAYER_BAR_WIDTH_IN = 0.18  # decode-layer bar chart: inches of width per region
 # latency percentiles, shown for run folders written before the spread columns existed

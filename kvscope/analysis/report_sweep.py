@@ -16,8 +16,9 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from kvscope.analysis.inputs import CLASSIC_COLUMNS, numeric_column, read_sweep
+from kvscope.analysis.inputs import numeric_column, read_sweep
 from kvscope.analysis.report_markdown import FIGURE_SIZE_IN, FIGURE_SUFFIX, Report, md_table, percent_change
+from kvscope.analysis.schema import CLASSIC_COLUMNS
 
 MIB_BYTES = 2**20
 _SWEEP_PLOTS = (

@@ -34,9 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis.schema import TRACE_FILE
-
-__all__ = ["GPU_CATEGORIES", "TRACE_FILE", "TRACE_MAX_GPU_OPS", "kineto_trace", "kineto_trace_text", "trace_op_names",
+__all__ = ["GPU_CATEGORIES", "TRACE_MAX_GPU_OPS", "kineto_trace", "kineto_trace_text", "trace_op_names",
            "write_trace"]
 
 NS_PER_US = 1e3
