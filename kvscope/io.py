@@ -29,10 +29,6 @@ def write_parquet(df: pd.DataFrame, path: Path, metadata: dict[str, Any]) -> Non
     _atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def write_csv(df: pd.DataFrame, path: Path) -> None:
-    _atomic(path, lambda tmp: df.to_csv(tmp, index=False))
-
-
 def write_json(obj: Any, path: Path, indent: int | None = None) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, default=str, indent=indent)))
 

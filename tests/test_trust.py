@@ -242,7 +242,7 @@ def _sample_for(seconds: float, interval_ms: float = 10.0):
 
 
 def test_nvml_samples_come_from_a_child_process_polled(fake_gpu: Path) -> None:
-    from kvscope.profiler.nvml import COLUMNS
+    from kvscope.analysis.schema import NVML_COLUMNS as COLUMNS
 
     s, _ = _sample_for(0.4)
     assert s.available and s.reason == "" and s.mode == "polled"

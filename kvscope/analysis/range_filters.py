@@ -63,10 +63,6 @@ class RangeFilter:
         if self.start_ns is not None and self.end_ns is not None and self.end_ns < self.start_ns:
             raise KvscopeError(f"--end ({self.end_ns} ns) is before --start ({self.start_ns} ns)")
 
-    @property
-    def active(self) -> bool:
-        return any(v is not None for v in (self.domain, self.range_re, self.start_ns, self.end_ns, self.pid))
-
     def ranges(self, r: pd.DataFrame) -> np.ndarray:
         """Boolean mask of the ranges (columns domain, name, pid, start_ns, end_ns) to keep."""
         keep = self._window(r["start_ns"].to_numpy(np.int64), r["end_ns"].to_numpy(np.int64))

@@ -26,10 +26,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from kvscope.analysis.schema import NS_PER_MS
+from kvscope.analysis.schema import NS_PER_MS, NVML_COLUMNS
 
-COLUMNS = ("t_ms", "gpu_util_pct", "mem_util_pct", "mem_used_mib", "sm_clock_mhz", "mem_clock_mhz", "power_w",
-           "temp_c", "clock_event_reasons")
 _STOP_TIMEOUT_S = 10.0
 
 
@@ -82,7 +80,7 @@ class NvmlSampler:
 
     @property
     def samples(self) -> pd.DataFrame | None:
-        """The samples of the measured window (columns COLUMNS), or None when there are none."""
+        """The samples of the measured window (columns NVML_COLUMNS), or None when there are none."""
         return self._frame
 
     def start(self, origin_ns: int) -> None:
@@ -148,10 +146,10 @@ def _wide(rows: list[tuple[int, str, float]], window: tuple[int, int], origin_ns
     from its last sample."""
     long = pd.DataFrame(rows, columns=["t_ns", "metric", "value"])
     wide = long.pivot_table(index="t_ns", columns="metric", values="value", aggfunc="last").sort_index().ffill()
-    wide = wide.reindex(columns=list(COLUMNS[1:]))
+    wide = wide.reindex(columns=list(NVML_COLUMNS[1:]))
     wide = wide[(wide.index >= window[0]) & (wide.index <= window[1])]
     out = pd.DataFrame({"t_ms": (wide.index.to_numpy() - origin_ns) / NS_PER_MS})
-    for col in COLUMNS[1:]:
+    for col in NVML_COLUMNS[1:]:
         out[col] = wide[col].to_numpy(dtype="float64")
     out["clock_event_reasons"] = out["clock_event_reasons"].round().astype("Int64")
     return out.reset_index(drop=True)
