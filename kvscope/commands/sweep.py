@@ -47,7 +47,6 @@ from kvscope.model.weights import load_model
 
 DEFAULT_COLLAPSE_FACTOR = 2.0
 Say = Callable[[str], None]
-Config = tuple[int, int]  # (seq, batch)
 
 
 @dataclass(frozen=True)
