@@ -55,6 +55,23 @@ CLASSIC_COLUMNS = ("seq_len", "batch", "prefill_p50_ms", "prefill_ms_per_tok", "
                    "decode_p50_ms_per_tok", "decode_tok_s", "total_tok_s", "vram_reserved_mb", "flag")
 TIMING_COLUMNS = ("run_id", "rep", "level", "phase", "step", "layer", "op", "name", "start_ms", "dur_ms",
                   "host_enqueue_ms", "clock", "batch", "seq_len", "gen_tokens", "context_len", "tokens")
+# what `kvscope sweep --nsys` adds to each row, after every other column (kvscope.analysis.attribution computes
+# them): per phase (`decode`: per decode step, `prefill`: per prefill) the GPU span, busy time, idle share, kernels,
+# time by kernel class (kernel_classes.CLASSES, `copy/memset` as `copy`), launch-bound or not, bytes, GB/s over the
+# span and MBU; the prefill's FLOPs, TFLOP/s over the span and MFU; the capture kept for the row
+ATTRIBUTION_CLASS_WORDS = ("gemm", "attention", "norm", "elementwise", "copy", "communication", "other")
+NSYS_REPORT_COLUMN = "nsys_report"
+
+
+def attribution_phase_columns(prefix: str) -> tuple[str, ...]:
+    """The attribution columns of one phase (`decode` or `prefill`), in their order."""
+    return (f"{prefix}_span_ms", f"{prefix}_busy_ms", f"{prefix}_idle_pct", f"{prefix}_kernels",
+            *(f"{prefix}_{w}_ms" for w in ATTRIBUTION_CLASS_WORDS), f"{prefix}_launch_bound", f"{prefix}_bytes",
+            f"{prefix}_span_gb_s", f"{prefix}_mbu_pct")
+
+
+ATTRIBUTION_COLUMNS = (*attribution_phase_columns("decode"), *attribution_phase_columns("prefill"), "prefill_flops",
+                       "prefill_span_tflop_s", "prefill_mfu_pct", NSYS_REPORT_COLUMN)
 NVML_COLUMNS = ("t_ms", "gpu_util_pct", "mem_util_pct", "mem_used_mib", "sm_clock_mhz", "mem_clock_mhz", "power_w",
                 "temp_c", "clock_event_reasons")
 

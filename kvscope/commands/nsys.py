@@ -39,6 +39,8 @@ from kvscope.errors import KvscopeError
 # kvscope's own `nsys profile` options for any command, and for `kvscope run` (whose capture range it opens)
 COMMAND_PROFILE_FLAGS = ("--trace=cuda,nvtx", "--sample=none", "--cpuctxsw=none", "--cuda-graph-trace=node")
 NSYS_PROFILE_FLAGS = (*COMMAND_PROFILE_FLAGS, "--capture-range=cudaProfilerApi", "--capture-range-end=stop")
+# `kvscope sweep --nsys`: one report per cudaProfilerStart/Stop pair (one per sweep point), the sweep running on
+SWEEP_PROFILE_FLAGS = (*COMMAND_PROFILE_FLAGS, "--capture-range=cudaProfilerApi", "--capture-range-end=repeat")
 # nsys's short options and their long names, for telling which of kvscope's options an extra flag replaces
 _SHORT = {"-t": "--trace", "-s": "--sample", "-c": "--capture-range", "-o": "--output", "-f": "--force-overwrite",
           "-b": "--backtrace", "-w": "--show-output", "-x": "--stop-on-exit", "-d": "--duration", "-y": "--delay",
@@ -120,7 +122,8 @@ def find_importer(nsys: str) -> str | None:
     return str(hits[0]) if hits else None
 
 
-def _nsys(nsys: str | None) -> str:
+def require_nsys(nsys: str | None) -> str:
+    """The nsys executable (find_nsys), or a one-line error naming the ways to give it."""
     exe = find_nsys(nsys)
     if exe is None:
         raise KvscopeError("nsys not found: pass --nsys PATH, set $NSYS, or put nsys on PATH")
@@ -135,7 +138,7 @@ def _profile(exe: str, flags: Sequence[str], program: Sequence[str], out: Path) 
     # nsys could not import is ours, never another process's
     scratch = out / "nsys-tmp"
     scratch.mkdir(exist_ok=True)
-    cmd = [exe, "profile", *flags, "-o", str(report), "-f", "true", *program]
+    cmd = profile_command(exe, flags, program, report)
     try:
         proc = subprocess.run(cmd, check=False, env={**os.environ, "TMPDIR": str(scratch)})
     except OSError as exc:
@@ -154,9 +157,14 @@ def _profile(exe: str, flags: Sequence[str], program: Sequence[str], out: Path) 
     return proc.returncode, rep, cmd
 
 
+def profile_command(exe: str, flags: Sequence[str], program: Sequence[str], report: Path) -> list[str]:
+    """`nsys profile FLAGS -o REPORT -f true PROGRAM` (REPORT without its suffix)."""
+    return [exe, "profile", *flags, "-o", str(report), "-f", "true", *program]
+
+
 def capture(run_args: list[str], out: Path, nsys: str | None, extra: Sequence[str] = ()) -> tuple[Path, Path]:
     """Profile `kvscope run RUN_ARGS --out OUT/run`; returns (report.nsys-rep, run folder)."""
-    exe = _nsys(nsys)
+    exe = require_nsys(nsys)
     run_dir = out / NSYS_RUN_SUBFOLDER
     program = [sys.executable, "-m", "kvscope", "run", *run_args, "--out", str(run_dir)]
     code, rep, cmd = _profile(exe, profile_flags(NSYS_PROFILE_FLAGS, extra), program, out)
@@ -172,7 +180,7 @@ def capture(run_args: list[str], out: Path, nsys: str | None, extra: Sequence[st
 def capture_command(program: list[str], out: Path, nsys: str | None, extra: Sequence[str] = ()) -> tuple[Path, int]:
     """Profile any command, whole; returns (report.nsys-rep, the exit code of nsys, which is the command's). A
     command that fails after nsys wrote its report is still aligned (the caller says so)."""
-    exe = _nsys(nsys)
+    exe = require_nsys(nsys)
     code, rep, cmd = _profile(exe, profile_flags(COMMAND_PROFILE_FLAGS, extra), program, out)
     if not rep.is_file():
         raise KvscopeError(f"nsys wrote no report ({rep}; exit code {code}; command: {shlex.join(cmd)})")
