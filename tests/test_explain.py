@@ -35,7 +35,8 @@ def seq_sweep(engine: str | None = None) -> pd.DataFrame:
     df = pd.DataFrame({
         "seq_len": seq, "batch": 1, "gen_tokens": 2, "decode_p50_ms_per_tok": step_ms, "decode_tok_s": 1e3 / step_ms,
         "flag": "", "model": "synthetic", "weights_bytes": WEIGHTS_BYTES, "decode_bytes": decode_bytes,
-        "decode_gb_s": decode_bytes / step_ms / 1e6, "decode_mbu": decode_bytes / step_ms / 1e6 / COPY_GB_S,
+        "decode_span_gb_s": decode_bytes / step_ms / 1e6,
+        "decode_mbu_pct": decode_bytes / step_ms / 1e6 / COPY_GB_S * 100,
         "decode_gemm_ms": 10.0, "decode_attention_ms": seq / 1024, "decode_norm_ms": 0.5,
         "decode_elementwise_ms": 0.5, "decode_copy_ms": 0.1, "decode_communication_ms": 0.0, "decode_other_ms": 0.0,
         "decode_idle_pct": [40.0, 38.0, 35.0, 30.0, 20.0, 12.0, 8.0, 6.0, 5.0], "decode_kernels": 400,
@@ -103,7 +104,7 @@ def test_crossover_from_model_facts_when_bytes_columns_are_absent() -> None:
     df["kv_predicted_bytes"] = (df["seq_len"] + 2) * KV_PER_TOKEN_BYTES
     v = one(explain(df), "kv_bound")["values"]
     assert v["crossover"] == pytest.approx(5999.0)
-    assert v["kv_bytes_source"].startswith("kv_predicted_bytes")
+    assert v["kv_bytes_source"].startswith("kv_predicted_bytes") and v["weights_bytes"] == WEIGHTS_BYTES
 
 
 def test_a_step_time_that_bends_elsewhere_is_said_so() -> None:

@@ -143,22 +143,26 @@ def class_ms(rows: pd.DataFrame, phase: str) -> dict[str, np.ndarray]:
 
 
 def kv_read_bytes(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, str] | None:
-    """(KV bytes read per decode step, weight bytes, how the KV bytes were found), or None without the columns."""
-    w = column(rows, "weights_bytes")
-    if w is None or not np.isfinite(w).any():
-        return None
-    total = column(rows, "decode_bytes")
-    if total is not None and np.isfinite(total).all():
-        return total - w, w, "decode_bytes - weights_bytes"
+    """(KV bytes read per decode step, weight bytes read per step, how they were found), or None without the
+    columns. KV from the model facts (`kv_predicted_bytes` per token at the decode steps' mean context) where the
+    file has them, the weights then as `decode_bytes` less that KV (or `weights_bytes`); otherwise the KV as
+    `decode_bytes - weights_bytes`."""
+    total, w = column(rows, "decode_bytes"), column(rows, "weights_bytes")
+    has_total = total is not None and bool(np.isfinite(total).all())
     pred, gen = column(rows, "kv_predicted_bytes"), column(rows, "gen_tokens")
-    if pred is None or gen is None:
-        return None
-    seq, batch = rows["seq_len"].to_numpy(np.float64), rows["batch"].to_numpy(np.float64)
-    per_token = pred / (batch * (seq + gen))  # per token of one sequence
-    kv = batch * (seq + gen / 2) * per_token
-    if not np.isfinite(kv).all():
-        return None
-    return kv, w, "kv_predicted_bytes per token at the mean decode context seq_len + gen_tokens / 2"
+    if pred is not None and gen is not None:
+        seq, batch = rows["seq_len"].to_numpy(np.float64), rows["batch"].to_numpy(np.float64)
+        per_token = pred / (batch * (seq + gen))  # per token of one sequence
+        kv = batch * (seq + gen / 2) * per_token
+        if np.isfinite(kv).all():
+            how = "kv_predicted_bytes per token at the mean decode context seq_len + gen_tokens / 2"
+            if has_total:
+                return kv, total - kv, how + "; weights: decode_bytes less that"
+            if w is not None and np.isfinite(w).all():
+                return kv, w, how + "; weights: weights_bytes"
+    if has_total and w is not None and np.isfinite(w).all():
+        return total - w, w, "decode_bytes - weights_bytes"
+    return None
 
 
 def _need(*cols: str) -> str:
@@ -222,10 +226,10 @@ def _class_bytes(rows: pd.DataFrame, cls: str) -> np.ndarray | None:
 
 
 def calibrated_copy_gb_s(rows: pd.DataFrame, i: int) -> float | None:
-    """The calibrated copy bandwidth behind row i's MBU: `decode_gb_s / decode_mbu` (fraction) or `/ decode_mbu_pct`."""
-    gb = column(rows, "decode_gb_s")
-    for col, scale in (("decode_mbu_pct", 100.0), ("decode_mbu", 1.0)):
-        mbu = column(rows, col)
+    """The calibrated copy bandwidth behind row i's MBU: `decode_span_gb_s / decode_mbu_pct * 100`, or the run
+    summary's `decode_gb_s / decode_mbu` (a fraction)."""
+    for gb_col, col, scale in (("decode_span_gb_s", "decode_mbu_pct", 100.0), ("decode_gb_s", "decode_mbu", 1.0)):
+        gb, mbu = column(rows, gb_col), column(rows, col)
         if gb is not None and mbu is not None and np.isfinite(gb[i]) and np.isfinite(mbu[i]) and mbu[i] > 0:
             return float(gb[i] / (mbu[i] / scale))
     return None
