@@ -14,6 +14,7 @@ from typing import Any
 
 from kvscope.analysis.schema import GRANULARITIES
 from kvscope.argtypes import GIB_MAX, NVML_INTERVAL_MAX_MS, UINT64_MAX, FloatArg, IntArg, TextArg
+from kvscope.engine.engines import ENGINES, KVSCOPE_ENGINE
 from kvscope.errors import KvscopeError
 
 EXIT_BAD_INPUT = 2
@@ -81,6 +82,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="replay each decode step from a captured CUDA graph (default: on for CUDA)")
     p.add_argument("--kernels", default=None, choices=["on", "off"],
                    help="kvscope's CUDA kernels for RMSNorm, SiLU*up and RoPE + KV write (default: on for CUDA)")
+    p.add_argument("--engine", default=KVSCOPE_ENGINE, choices=ENGINES,
+                   help="the loop: kvscope's, transformers' eager forward over a DynamicCache, or transformers' "
+                        "static cache with its compiled decode step (kvscope.engine.hf)")
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -119,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
 
     _add_report(sub)
+    _add_capacity(sub)
 
     _add_kv_math(sub.add_parser("kv-math", help="KV-cache memory maths: bytes per token, capacity, Little's law, "
                                                 "paging"))
@@ -172,6 +177,15 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--collapse-factor", type=_FINITE, default=2.0,
                    help="flag latency/throughput collapse beyond this factor of the best earlier configuration")
     w.add_argument("--resume", action="store_true", help="skip configurations the file already holds")
+    w.add_argument("--nsys", nargs="?", const=True, default=None, type=_TEXT, metavar="PATH",
+                   help="also capture every configuration under Nsight Systems (one nsys process, one report each) "
+                        "and add its attribution columns; PATH: the nsys executable (default: $NSYS, PATH, usual "
+                        "install folders)")
+    w.add_argument("--nsys-flag", action="append", default=[], metavar="FLAG",
+                   help="with --nsys: an extra `nsys profile` flag, repeatable (as in `kvscope nsys`)")
+    w.add_argument("--keep-reports", default=None, choices=["on", "off"],
+                   help="with --nsys: keep each capture's .nsys-rep and SQLite export beside its Parquet tables in "
+                        "<out stem>-nsys/ (default on; off: the Parquet tables only)")
     _add_json(w, "the sweep file and each configuration's key numbers")
 
 
@@ -179,7 +193,25 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     rp = sub.add_parser("report", help="Markdown report with PNG plots of a run folder or a sweep file")
     rp.add_argument("source", type=_TEXT, help="a run folder (or a `kvscope nsys` folder), or a sweep .csv/.parquet")
     rp.add_argument("--out", type=_TEXT, default=None, help="report folder (default: <source>-report beside it)")
+    rp.add_argument("--compare", type=_TEXT, default=None, metavar="B.csv",
+                    help="a second sweep file of the same points (e.g. another engine's): adds a side-by-side section")
     _add_json(rp, "the report, its folder and files")
+
+
+def _add_capacity(sub: argparse._SubParsersAction) -> None:
+    cp = sub.add_parser("capacity", help="capacity planning from a measured batch sweep: the largest batch that fits "
+                                         "memory and meets TPOT/TTFT targets, its throughput and request rate")
+    cp.add_argument("--sweep", type=_TEXT, required=True, help="a batch sweep file (.csv/.parquet): one prompt length")
+    cp.add_argument("--gpu-mem-gb", type=_GIB, required=True, help="the GPU's memory in GiB")
+    cp.add_argument("--tpot-slo-ms", type=_FINITE, required=True, help="target time per output token (ms)")
+    cp.add_argument("--ttft-slo-ms", type=_FINITE, required=True, help="target time to first token (ms)")
+    cp.add_argument("--prompt", type=_INT, required=True, help="prompt tokens per request")
+    cp.add_argument("--output", type=_INT, required=True, help="output tokens per request")
+    cp.add_argument("--block-tokens", type=_INT, default=16, help="tokens per block of the paged cache")
+    cp.add_argument("--reserve-gb", type=_GIB, default=1.0, help="kept free for context and workspaces (GiB)")
+    cp.add_argument("--model", type=_TEXT, default=None, help="the sweep's model, when the file's cannot be resolved")
+    cp.add_argument("--out", type=_TEXT, default=None, help="also write the table to this CSV file")
+    _add_json(cp, "the table's rows (each with its source), warnings and assumptions")
 
 
 def _add_nsys(sub: argparse._SubParsersAction) -> None:

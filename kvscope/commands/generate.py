@@ -1,5 +1,6 @@
-"""`kvscope generate`: greedy generation with the hand-written loop. Prints the new token ids, one JSON list per
-prompt (`;` separates prompts, which run as one ragged batch); progress and decoded text go to stderr."""
+"""`kvscope generate`: greedy generation with the hand-written loop (or transformers' loop, `--engine`). Prints the
+new token ids, one JSON list per prompt (`;` separates prompts, which run as one ragged batch); progress and decoded
+text go to stderr."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from kvscope.commands.options import model_options
-from kvscope.engine.loop import Engine, check_prompts
+from kvscope.commands.run import load_for, make_engine
+from kvscope.engine.loop import check_prompts
 from kvscope.engine.plan import prepare
 from kvscope.errors import KvscopeError
 from kvscope.model.dtypes import dtype_name
 from kvscope.model.source import one_line, resolve_model
-from kvscope.model.weights import load_model
 
 
 def command(ns: argparse.Namespace) -> int:
@@ -35,10 +36,10 @@ def command(ns: argparse.Namespace) -> int:
     plan = prepare(replace(model_options(ns), gen_tokens=ns.max_new_tokens), prompts=prompts)
     source, cfg = plan.source, plan.cfg
     check_prompts(prompts, source.args.vocab_size)
-    model, ready_s = load_model(source, cfg.device, cfg.dtype, seed=plan.spec.seed)
+    model, ready_s = load_for(plan)
     print(f"kvscope: {source.args.name} ({source.kind}{', random weights' if source.random_weights else ''}) "
           f"on {cfg.device} in {dtype_name(cfg.dtype)}, ready in {ready_s:.2f} s", file=sys.stderr)
-    tokens = Engine(model, cfg, graphs=plan.graphs, kernels=plan.kernels).generate(prompts, ns.max_new_tokens)
+    tokens = make_engine(model, plan).generate(prompts, ns.max_new_tokens)
     for row in tokens:
         print(json.dumps(row))
         if tokenizer is not None:

@@ -16,9 +16,9 @@ def on_off(value: str | None) -> bool | None:
 
 def model_options(ns: argparse.Namespace) -> RunSpec:
     """A RunSpec of the model options every command that loads the model shares (--model, --dtype, --device, --seed,
-    --attn, --graphs, --kernels); its other fields are the defaults."""
+    --attn, --graphs, --kernels, --engine); its other fields are the defaults."""
     return RunSpec(model=ns.model, dtype=ns.dtype, device=ns.device, seed=ns.seed, attn=ns.attn,
-                   graphs=on_off(ns.graphs), kernels=on_off(ns.kernels))
+                   graphs=on_off(ns.graphs), kernels=on_off(ns.kernels), engine=ns.engine)
 
 
 def run_options(ns: argparse.Namespace) -> RunSpec:

@@ -37,11 +37,14 @@ from kvscope.commands.run_output import (
     OutputFolder,
     RunResult,
     default_out_dir,
+    kv_cache_meta,
     run_metadata,
     timings_frame,
     write_run,
 )
 from kvscope.commands.summary_table import summary_table
+from kvscope.engine.engines import HF_COMPILED_ENGINE, KVSCOPE_ENGINE
+from kvscope.engine.hf import HfEngine, load_hf_model
 from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunPlan, RunSpec, prepare
 from kvscope.errors import KvscopeError
@@ -99,7 +102,7 @@ def _load_and_measure(plan: RunPlan, out: OutputFolder, progress: ProgressFn | N
     cfg = plan.cfg
     nvml = NvmlSampler(cfg.device, plan.spec.nvml_interval_ms)  # its own process, started before the model loads
     try:
-        model, ready_s = load_model(plan.source, cfg.device, cfg.dtype, seed=plan.spec.seed)
+        model, ready_s = load_for(plan)
         say(f"{plan.source.args.name} ready in {ready_s:.2f} s on {cfg.device} ({dtype_name(cfg.dtype)})")
         result = measure(model, plan, out.final.name, ready_s, progress, nvml=nvml)
     except (RuntimeError, MemoryError) as exc:
@@ -117,16 +120,33 @@ def _load_and_measure(plan: RunPlan, out: OutputFolder, progress: ProgressFn | N
     return result
 
 
+def load_for(plan: RunPlan) -> tuple[torch.nn.Module, float]:
+    """The model the plan's engine runs (kvscope's, or transformers': kvscope.engine.hf) and its seconds to load."""
+    cfg, spec = plan.cfg, plan.spec
+    if spec.engine == KVSCOPE_ENGINE:
+        return load_model(plan.source, cfg.device, cfg.dtype, seed=spec.seed)
+    return load_hf_model(plan.source, cfg.device, cfg.dtype, seed=spec.seed, attn=spec.attn)
+
+
+def make_engine(model: torch.nn.Module, plan: RunPlan, ins: Instrument | None = None) -> Engine | HfEngine:
+    """The loop `plan.spec.engine` names over `model` (from `load_for`)."""
+    if plan.spec.engine == KVSCOPE_ENGINE:
+        return Engine(model, plan.cfg, ins, graphs=plan.graphs, kernels=plan.kernels)
+    return HfEngine(model, plan.cfg, ins, compiled=plan.spec.engine == HF_COMPILED_ENGINE, graphs=plan.graphs)
+
+
 def measure(model: torch.nn.Module, plan: RunPlan, run_id: str, ready_s: float = math.nan,
             progress: ProgressFn | None = None, nvml: NvmlSampler | None = None) -> RunResult:
     """Warm up, then time `plan.spec.reps` repetitions of prefill + decode on an already loaded model. `nvml`: a
-    sampler started earlier (before the model loaded); without one, one is started here, before the warm-up."""
+    sampler started earlier (before the model loaded); without one, one is started here, before the warm-up.
+    `model`: from `load_for(plan)`; a transformers engine's hooks are removed from it on return."""
     spec, cfg = plan.spec, plan.cfg
     if nvml is None:
         nvml = NvmlSampler(cfg.device, spec.nvml_interval_ms)
+    engine: Engine | HfEngine | None = None
     try:
         ins = Instrument(spec.granularity, cfg.device, nvtx=plan.nvtx)
-        engine = Engine(model, cfg, ins, graphs=plan.graphs, kernels=plan.kernels)
+        engine = make_engine(model, plan, ins)
         gen = torch.Generator().manual_seed(spec.seed)
         ids = torch.randint(0, plan.source.args.vocab_size, (spec.batch_size, spec.seq), generator=gen)  # (B, S)
         prompt: Prompt = (ids.to(cfg.device), [spec.seq] * spec.batch_size)
@@ -143,13 +163,16 @@ def measure(model: torch.nn.Module, plan: RunPlan, run_id: str, ready_s: float =
         host, records = _timed_repetitions(engine, ins, nvml, plan, prompt, progress)
         timings = timings_frame(records, run_id, spec)
         summary = summary_row(timings, _facts(plan, engine, run_id, host, ready_s))
+        summary.insert(summary.columns.get_loc("kernels") + 1, "engine", spec.engine)
         meta = run_metadata(plan, ins, nvml, ready_s, host, engine)
         return RunResult(Path(run_id), summary, timings, nvml.samples, meta)
     finally:
         nvml.stop()  # idempotent: also when the warm-up fails (a sweep's out-of-memory point)
+        if isinstance(engine, HfEngine):
+            engine.remove_hooks()  # a sweep measures the same model again
 
 
-def _repetition(engine: Engine, prompt: Prompt, steps: int) -> tuple[float, float]:
+def _repetition(engine: Engine | HfEngine, prompt: Prompt, steps: int) -> tuple[float, float]:
     """One measured prefill and `steps` decode steps; (host TTFT, host decode phase) in ms."""
     t0 = time.perf_counter_ns()
     first = engine.prefill(*prompt)
@@ -162,12 +185,12 @@ def _repetition(engine: Engine, prompt: Prompt, steps: int) -> tuple[float, floa
     return (t1 - t0) / NS_PER_MS, (time.perf_counter_ns() - t1) / NS_PER_MS
 
 
-def _sync(engine: Engine) -> None:
+def _sync(engine: Engine | HfEngine) -> None:
     if engine.cfg.device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def _timed_repetitions(engine: Engine, ins: Instrument, nvml: NvmlSampler, plan: RunPlan, prompt: Prompt,
+def _timed_repetitions(engine: Engine | HfEngine, ins: Instrument, nvml: NvmlSampler, plan: RunPlan, prompt: Prompt,
                        progress: ProgressFn | None) -> tuple[HostClock, list[dict[str, Any]]]:
     """The measured repetitions, between cudaProfilerStart and cudaProfilerStop, with NVML's window open: their host
     clock and the instrument's records."""
@@ -197,10 +220,11 @@ def _timed_repetitions(engine: Engine, ins: Instrument, nvml: NvmlSampler, plan:
     return host, records
 
 
-def _facts(plan: RunPlan, engine: Engine, run_id: str, host: HostClock, ready_s: float) -> RunFacts:
+def _facts(plan: RunPlan, engine: Engine | HfEngine, run_id: str, host: HostClock, ready_s: float) -> RunFacts:
     """What the summary needs besides the timings; the allocator's peaks are read here, after the repetitions."""
     spec, cfg = plan.spec, plan.cfg
     cuda = cfg.device.type == "cuda"
+    kv = kv_cache_meta(engine)
     return RunFacts(
         run_id=run_id, model=plan.source.args.name, args=plan.source.args,
         dtype=dtype_name(cfg.dtype), itemsize=itemsize(cfg.dtype), attn=spec.attn,
@@ -209,7 +233,7 @@ def _facts(plan: RunPlan, engine: Engine, run_id: str, host: HostClock, ready_s:
         gen_tokens=spec.gen_tokens, reps=spec.reps, warmup=spec.warmup, host=host,
         peak_allocated_mib=torch.cuda.max_memory_allocated(cfg.device) / MIB_BYTES if cuda else math.nan,
         peak_reserved_mib=torch.cuda.max_memory_reserved(cfg.device) / MIB_BYTES if cuda else math.nan,
-        kv_cache_bytes=engine.cache.nbytes, kv_alloc_bytes=engine.kv_alloc_bytes, ready_s=ready_s,
+        kv_cache_bytes=kv["bytes"], kv_alloc_bytes=kv["alloc_bytes"], ready_s=ready_s,
         ceilings=plan.ceilings)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from kvscope.analysis.schema import CUDA_CLOCK, NVML_FILE, SUMMARY_FILE, TIMING_COLUMNS, TIMINGS_FILE, TRACE_FILE
 from kvscope.analysis.summary import HostClock
+from kvscope.engine.hf import HfEngine
 from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunPlan, RunSpec
 from kvscope.errors import KvscopeError
@@ -152,8 +153,15 @@ def _git_revision() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def kv_cache_meta(engine: Engine | HfEngine) -> dict[str, Any]:
+    """The run's KV cache as measured: bytes, allocated bytes, shape (a transformers engine adds its cache class)."""
+    if isinstance(engine, HfEngine):
+        return engine.kv_cache_meta()
+    return {"bytes": engine.cache.nbytes, "alloc_bytes": engine.kv_alloc_bytes, "shape": list(engine.cache.data.shape)}
+
+
 def run_metadata(plan: RunPlan, ins: Instrument, nvml: NvmlSampler, ready_s: float, host: HostClock,
-                 engine: Engine) -> dict[str, Any]:
+                 engine: Engine | HfEngine) -> dict[str, Any]:
     """The run's metadata, JSON under the key `kvscope` of every Parquet file and in the trace."""
     from kvscope import __version__
 
@@ -170,6 +178,7 @@ def run_metadata(plan: RunPlan, ins: Instrument, nvml: NvmlSampler, ready_s: flo
         "model": {"source": source.kind, "spec": source.spec, "random_weights": source.random_weights,
                   "args": source.args.as_dict()},
         "dtype": dtype_name(cfg.dtype),
+        "engine": plan.spec.engine,
         "run": asdict(plan.spec),
         "max_seq": cfg.max_seq,
         "clock": ins.clock if ins.timing else "none",
@@ -178,8 +187,7 @@ def run_metadata(plan: RunPlan, ins: Instrument, nvml: NvmlSampler, ready_s: flo
         "ready_s": ready_s,
         "host_ttft_ms": host.ttft_ms,
         "host_decode_ms": host.decode_ms,
-        "kv_cache": {"bytes": engine.cache.nbytes, "alloc_bytes": engine.kv_alloc_bytes,
-                     "shape": list(engine.cache.data.shape)},
+        "kv_cache": kv_cache_meta(engine),
         "cuda_graphs": engine.graphs,
         "kernels": engine.kernels,
         # how regions inside a captured decode step are timed: global-timer stamps written by kernels, or

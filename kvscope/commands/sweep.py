@@ -15,6 +15,9 @@ wakes the OOM killer.
 F times the best earlier configuration with the same batch (the sequence axis), `throughput-collapse` when decode
 tokens/s is below the best earlier configuration with the same sequence length (the batch axis) divided by F. A
 row's flag is set once, when it is appended, against the rows before it.
+
+Under Nsight Systems (`--nsys [PATH]`, `kvscope.commands.sweep_nsys`): the same sweep runs as one program inside one
+`nsys profile`, one report per configuration, and each row gains the attribution columns afterwards.
 """
 
 from __future__ import annotations
@@ -38,12 +41,11 @@ from kvscope.argtypes import INT64_MAX, shown
 from kvscope.commands.json_out import json_line, key_numbers
 from kvscope.commands.memory import allocation_failure, allocation_reason, bytes_needed, device_memory
 from kvscope.commands.options import run_options
-from kvscope.commands.run import measure
+from kvscope.commands.run import load_for, measure
 from kvscope.commands.sweep_file import SweepFile, read_table, sweep_settings
 from kvscope.commands.sweep_out import OutputLock, check_out
 from kvscope.engine.plan import RunPlan, RunSpec, prepare
 from kvscope.errors import KvscopeError
-from kvscope.model.weights import load_model
 
 DEFAULT_COLLAPSE_FACTOR = 2.0
 Say = Callable[[str], None]
@@ -57,12 +59,22 @@ class SweepSpec:
     out: Path
     collapse_factor: float = DEFAULT_COLLAPSE_FACTOR
     resume: bool = False
+    nsys: NsysCapture | None = None  # --nsys: the sweep under Nsight Systems (kvscope.commands.sweep_nsys)
+
+
+@dataclass(frozen=True)
+class NsysCapture:
+    """`--nsys [PATH]`, `--nsys-flag`, `--keep-reports` of `kvscope sweep`."""
+
+    exe: str | None = None  # the nsys executable given; None: $NSYS, PATH, the usual install folders
+    flags: tuple[str, ...] = ()  # extra `nsys profile` flags (kvscope.commands.nsys.extra_flags)
+    keep_reports: bool = True  # keep each point's .nsys-rep and SQLite export beside its Parquet tables
 
 
 def command(ns: argparse.Namespace) -> int:
     """`kvscope sweep`: the sweep with a progress bar on stderr (when it is a terminal), then its classic columns."""
     sw = SweepSpec(run_options(ns), parse_int_list(ns.seq, "--seq"), parse_int_list(ns.batch_sizes, "--batch-sizes"),
-                   Path(ns.out), ns.collapse_factor, ns.resume)
+                   Path(ns.out), ns.collapse_factor, ns.resume, nsys_capture(ns))
     err = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
                   TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
@@ -79,6 +91,19 @@ def command(ns: argparse.Namespace) -> int:
         print(json_line({"sweep_file": sw.out, "configurations": len(rows),
                          "rows": [key_numbers(row) for _, row in rows.iterrows()]}))
     return 0
+
+
+def nsys_capture(ns: argparse.Namespace) -> NsysCapture | None:
+    """`--nsys [PATH]` (absent: None; without PATH: True), `--nsys-flag` and `--keep-reports on|off`, which need
+    `--nsys`."""
+    nsys = getattr(ns, "nsys", None)
+    flags = tuple(getattr(ns, "nsys_flag", None) or ())
+    keep = getattr(ns, "keep_reports", None)
+    if nsys is None:
+        if flags or keep is not None:
+            raise KvscopeError(f"{'--nsys-flag' if flags else '--keep-reports'} needs --nsys")
+        return None
+    return NsysCapture(nsys if isinstance(nsys, str) else None, flags, keep != "off")
 
 
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -121,6 +146,10 @@ def run_sweep(sw: SweepSpec, progress: Callable[[int, int, str], None] | None = 
               ) -> pd.DataFrame:
     """Run every configuration the sweep file does not hold yet, appending each as it finishes; the file's rows."""
     say = log or (lambda _m: None)
+    if sw.nsys is not None:
+        from kvscope.commands.sweep_nsys import run_under_nsys  # here: sweep_nsys imports this module
+
+        return run_under_nsys(sw, say)
     fmt, path = check_out(sw.out)
     if not sw.collapse_factor > 1:
         raise KvscopeError(f"--collapse-factor must be > 1, got {sw.collapse_factor}")
@@ -171,7 +200,7 @@ def _open(sw: SweepSpec, fmt: str, path: Path, settings: dict[str, Any], say: Sa
 def _load(plan: RunPlan) -> tuple[torch.nn.Module, float]:
     """The model, once for the whole sweep; out of memory here ends the sweep in one line."""
     try:
-        return load_model(plan.source, plan.cfg.device, plan.cfg.dtype, seed=plan.spec.seed)
+        return load_for(plan)  # kvscope's model, or transformers' for --engine transformers*
     except (RuntimeError, MemoryError) as exc:
         if not allocation_failure(exc):
             raise
@@ -219,7 +248,7 @@ def _union(saved: Any, values: Sequence[int]) -> list[int]:
 def _one(model: torch.nn.Module, plan: RunPlan, ready_s: float, memory: int | None, say: Say) -> pd.DataFrame:
     """The summary row of one configuration, or its `oom` row."""
     spec = plan.spec
-    run_id = f"{plan.source.args.name}-bs{spec.batch_size}-seq{spec.seq}"
+    run_id = point_id(plan)
     what = f"seq {spec.seq} batch {spec.batch_size}"
     need = bytes_needed(plan)
     if need > (memory if memory is not None else INT64_MAX):
@@ -237,6 +266,11 @@ def _one(model: torch.nn.Module, plan: RunPlan, ready_s: float, memory: int | No
         gc.collect()
         if plan.cfg.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def point_id(plan: RunPlan) -> str:
+    """The `run_id` of a configuration's row: `<model>-bs<B>-seq<S>`."""
+    return f"{plan.source.args.name}-bs{plan.spec.batch_size}-seq{plan.spec.seq}"
 
 
 def _oom_row(spec: RunSpec, run_id: str) -> pd.DataFrame:

@@ -10,6 +10,7 @@ apart from `ModelArgs` (architecture) so one model can be run under many budgets
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -18,8 +19,10 @@ import torch
 from kvscope.analysis.roofline import Ceilings
 from kvscope.analysis.schema import GRANULARITIES
 from kvscope.argtypes import INT64_MAX, NVML_INTERVAL_MAX_MS, UINT64_MAX
+from kvscope.engine.engines import ENGINES, HF_COMPILED_ENGINE, KVSCOPE_ENGINE
 from kvscope.errors import KvscopeError
-from kvscope.kernels.launch import nvrtc_compiler
+from kvscope.kernels.launch import kernels_unavailable
+from kvscope.kernels.loader import CUPY_HINT, CUPY_INSTALL
 from kvscope.kernels.ops import supported
 from kvscope.model import dtypes
 from kvscope.model.attention import ATTN_IMPLS
@@ -94,6 +97,7 @@ class RunSpec:
     seed: int = 0
     graphs: bool | None = None  # decode steps replayed from a CUDA graph; None: on for CUDA
     kernels: bool | None = None  # kvscope's CUDA kernels (RMSNorm, SiLU*up, RoPE + cache write); None: on for CUDA
+    engine: str = KVSCOPE_ENGINE  # the loop: kvscope's, or transformers' (eager or compiled): engine.engines
 
 
 @dataclass(frozen=True)
@@ -122,11 +126,11 @@ def prepare(spec: RunSpec, prompts: Sequence[Sequence[int]] | None = None) -> Ru
     device = resolve_device(spec.device)
     if prompts is None:
         check_warmup(spec, device)
-    graphs = use_graphs(spec.graphs, device)
+    graphs = use_graphs(spec.graphs, device) if spec.engine == KVSCOPE_ENGINE else hf_graphs(spec, device)
     source = resolve_model(spec.model or (DEFAULT_MODEL_CUDA if device.type == "cuda" else DEFAULT_MODEL_CPU))
     dtype = parse_dtype(spec.dtype, device)
     cfg = RunConfig(spec.batch_size, spec.seq + spec.gen_tokens, dtype, device, spec.attn)
-    kernels = use_kernels(spec.kernels, device, dtype)
+    kernels = use_kernels(spec.kernels, device, dtype) if spec.engine == KVSCOPE_ENGINE else False
     if spec.seq > source.args.max_position_embeddings:
         what = f"prompt of {spec.seq} tokens" if prompts is not None else f"--seq {spec.seq}"
         raise KvscopeError(f"{what} exceeds {source.args.name}'s maximum context of "
@@ -156,8 +160,37 @@ def _check_spec(spec: RunSpec) -> None:
     if not spec.nvml_interval_ms <= NVML_INTERVAL_MAX_MS:  # also inf; nan failed above
         raise KvscopeError(f"--nvml-interval-ms must be at most {NVML_INTERVAL_MAX_MS:,.0f} ms, got "
                            f"{spec.nvml_interval_ms}")
+    if spec.engine not in ENGINES:
+        raise KvscopeError(f"unknown engine {spec.engine!r}; choose from {', '.join(ENGINES)}")
+    if spec.engine != KVSCOPE_ENGINE:
+        _check_hf_spec(spec)
     if spec.out is not None and not str(spec.out).strip():
         raise KvscopeError(f"--out must not be empty, got {spec.out!r} (leave it out for the default folder)")
+
+
+def _check_hf_spec(spec: RunSpec) -> None:
+    """What a transformers engine cannot do (see kvscope.engine.hf): op regions, layer regions when compiled,
+    kvscope's kernels, and kvscope's CUDA graphs for the eager loop."""
+    compiled = spec.engine == HF_COMPILED_ENGINE
+    if spec.granularity == "op" or (compiled and spec.granularity == "layer"):
+        most = "phase" if compiled else "layer"
+        raise KvscopeError(f"--engine {spec.engine} times regions down to --granularity {most}, not "
+                           f"{spec.granularity} (its forward has no hook points there)")
+    if spec.kernels:
+        raise KvscopeError(f"--kernels on is kvscope's own loop; --engine {spec.engine} runs transformers' modules")
+    if spec.graphs and not compiled:
+        raise KvscopeError("--graphs on needs --engine kvscope or transformers-compiled (torch.compile's CUDA "
+                           "graphs); the eager transformers loop has none")
+
+
+def hf_graphs(spec: RunSpec, device: torch.device) -> bool:
+    """CUDA graphs of a transformers engine: torch.compile's (mode reduce-overhead) for the compiled loop on CUDA,
+    unless `--graphs off`; never for the eager loop."""
+    if spec.engine != HF_COMPILED_ENGINE:
+        return False
+    if spec.graphs and device.type != "cuda":
+        raise KvscopeError("--graphs on needs a CUDA device")
+    return device.type == "cuda" if spec.graphs is None else spec.graphs
 
 
 def check_warmup(spec: RunSpec, device: torch.device) -> None:
@@ -181,14 +214,30 @@ def use_graphs(graphs: bool | None, device: torch.device) -> bool:
 
 def use_kernels(kernels: bool | None, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the engine runs kvscope's hand-written CUDA kernels (RMSNorm, SiLU*up, RoPE fused with the cache
-    write) instead of the same maths in torch operations: `--kernels on|off`, by default (None) on for CUDA."""
+    write) instead of the same maths in torch operations: `--kernels on|off`, by default (None) on for CUDA when
+    CuPy is installed (without it the default is off, with a note on stderr; `--kernels on` is a one-line error)."""
     on = device.type == "cuda" if kernels is None else kernels
     if on and not supported(device, dtype):
         raise KvscopeError(f"--kernels on needs a CUDA device and {'/'.join(dtypes.NAMES)}, got {device} "
                            f"{dtypes.dtype_name(dtype)}")
-    if on:
-        nvrtc_compiler()  # a torch without it stops here, before the run
+    missing = kernels_unavailable() if on else None
+    if missing is not None:
+        if kernels:
+            raise KvscopeError(f"--kernels on needs CuPy ({missing}); {CUPY_HINT}")
+        _note_once(f"kvscope: note: kvscope's CUDA kernels are off, CuPy is missing ({missing}); {CUPY_INSTALL} "
+                   "to run them")
+        return False
     return on
+
+
+_NOTES_SHOWN: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    """Print `message` on stderr once per process (a sweep plans many runs)."""
+    if message not in _NOTES_SHOWN:
+        _NOTES_SHOWN.add(message)
+        print(message, file=sys.stderr)
 
 
 def device_name(device: torch.device) -> str:
