@@ -1,0 +1,127 @@
+"""`kvscope capacity`: capacity planning from a measured batch sweep (kvscope.analysis.capacity does the maths).
+
+The model is the sweep's own (`model_source`, else `model` as a preset name) unless `--model` names it; its dtype
+is the sweep's `dtype`. Output: a table (or `--json`: one JSON object on the last line) and, with `--out`, the rows as
+a CSV file. Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from kvscope.analysis.capacity import (
+    CapacityPlan,
+    CapacityQuery,
+    batch_curve,
+    check_kv_facts,
+    plan_capacity,
+    weights_from_sweep,
+)
+from kvscope.analysis.inputs import read_sweep
+from kvscope.analysis.kvmath import GIB_BYTES, dtype_bytes, kv_bytes_per_token
+from kvscope.commands.json_out import json_line, plain
+from kvscope.errors import KvscopeError
+from kvscope.model.source import ModelSource, resolve_model
+
+TABLE_WIDTH = 140  # characters: the four scenario columns side by side
+
+
+def command(ns: argparse.Namespace) -> int:
+    sweep = Path(ns.sweep)
+    if not sweep.exists():
+        raise KvscopeError(f"not found: {sweep}")
+    df = read_sweep(sweep)
+    source = _model(df, sweep, ns.model)
+    dtype = _one_text(df, "dtype") or source.dtype_name()
+    w_bytes = dtype_bytes(dtype)
+    curve = batch_curve(df, sweep)
+    check_kv_facts(df, sweep, kv_bytes_per_token(source.args, w_bytes), source.args.name)
+    query = CapacityQuery(gpu_mem_bytes=int(ns.gpu_mem_gb * GIB_BYTES), tpot_slo_ms=ns.tpot_slo_ms,
+                          ttft_slo_ms=ns.ttft_slo_ms, prompt=ns.prompt, output=ns.output,
+                          block_tokens=ns.block_tokens, reserve_bytes=int(ns.reserve_gb * GIB_BYTES))
+    plan = plan_capacity(curve, source.args, dtype, weights_from_sweep(df, sweep, source.args, w_bytes), query)
+    table = plan.table()
+    if ns.out:
+        _write_csv(table, Path(ns.out))
+    title = (f"capacity: {source.args.name} ({dtype}), prompt {ns.prompt:,} + output {ns.output:,} tokens, "
+             f"{ns.gpu_mem_gb:g} GiB, TPOT <= {ns.tpot_slo_ms:g} ms, TTFT <= {ns.ttft_slo_ms:g} ms")
+    _print(plan, title)
+    if ns.json:
+        print(json_line({"sweep": sweep, "model": source.args.name, "dtype": dtype, "rows": table.to_dict("records"),
+                         "warnings": plan.warnings, "assumptions": plan.assumptions, "out": ns.out}))
+    return 0
+
+
+def _one_text(df: pd.DataFrame, col: str) -> str | None:
+    if col not in df.columns:
+        return None
+    values = sorted({str(v).strip() for v in df[col].dropna() if str(v).strip()})
+    if len(values) > 1:
+        raise KvscopeError(f"the sweep's column {col} holds several values ({', '.join(values)}): plan from one")
+    return values[0] if values else None
+
+
+def _model(df: pd.DataFrame, sweep: Path, given: str | None) -> ModelSource:
+    """`--model`, else the sweep's `model_source` (`preset:NAME`, `checkpoint:PATH`, `config:PATH`), else its
+    `model` as a preset name."""
+    if given:
+        return resolve_model(given, need_weights=False)
+    recorded = _one_text(df, "model_source")
+    spec = recorded.split(":", 1)[1] if recorded and ":" in recorded else _one_text(df, "model")
+    if not spec:
+        raise KvscopeError(f"{sweep} names no model (no model_source or model column): pass --model")
+    try:
+        return resolve_model(spec, need_weights=False)
+    except KvscopeError as exc:
+        raise KvscopeError(f"the sweep's model {spec!r} cannot be resolved here ({exc}): pass --model") from None
+
+
+def _shown(v: object) -> str:
+    return f"{v:,}" if isinstance(v, int) else f"{v:,.3f}" if isinstance(v, float) else str(v)
+
+
+def _print(plan: CapacityPlan, title: str) -> None:
+    """One row per quantity, one column per scenario; each value with its source; the notes below."""
+    table = Table(title=title)
+    scenarios = list(dict.fromkeys(r["scenario"] for r in plan.rows))
+    quantities = list(dict.fromkeys(r["quantity"] for r in plan.rows))
+    table.add_column("quantity")
+    table.add_column("unit")
+    for sc in scenarios:
+        table.add_column(sc, justify="right")
+    cells = {(r["scenario"], r["quantity"]): f"{_shown(r['value'])} ({r['source']})" for r in plan.rows}
+    units = {r["quantity"]: r["unit"] for r in plan.rows}
+    for qty in quantities:
+        table.add_row(qty, units[qty], *(cells.get((sc, qty), "-") for sc in scenarios))
+    console = Console(width=max(Console().width, TABLE_WIDTH))
+    console.print(table)
+    for r in plan.rows:
+        if r["note"] and r["quantity"] == "max_batch_slo":
+            console.print(f"{r['scenario']}: max_batch_slo {r['value']}: {r['note']}", markup=False)
+    for w in plan.warnings:
+        console.print(f"warning: {w}", markup=False)
+    for a in plan.assumptions:
+        console.print(f"assumed: {a}", markup=False)
+
+
+def _write_csv(table: pd.DataFrame, path: Path) -> None:
+    """The rows as CSV, written to a temporary name beside `path` and renamed over it."""
+    if path.is_dir():
+        raise KvscopeError(f"--out {path} is a folder; give a .csv file")
+    if not path.parent.is_dir():
+        raise KvscopeError(f"--out {path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            table.assign(value=[plain(v) for v in table["value"]]).to_csv(f, index=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise KvscopeError(f"cannot write --out {path}: {exc.strerror or exc}") from None
