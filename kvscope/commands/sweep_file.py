@@ -31,7 +31,7 @@ import math
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +172,38 @@ class SweepFile:
         self.numbers = pd.concat([self.numbers, _numbers(*([row[c].iloc[0]] for c in REQUIRED_COLUMNS))],
                                  ignore_index=True)
 
+    def annotate(self, values: dict[tuple[int, int], dict[str, Any]], columns: Sequence[str]) -> None:
+        """Add `columns` after every column the file has (those it has already stay where they are) and set, in the
+        rows of the configurations (seq_len, batch) of `values`, the cells those rows are given; every other cell
+        of the file is kept as it is (a new column is empty in the rows not given)."""
+        rows = {key: i for i, key in enumerate(self.configs())}
+        given = {rows[key]: vals for key, vals in values.items() if key in rows}
+        if self.fmt == "csv":
+            self.header = self.header + [c for c in columns if c not in self.header]
+            self.cells = [r + [""] * (len(self.header) - len(r)) for r in self.cells]
+            for i, vals in given.items():
+                names, texts = _csv_cells(pd.DataFrame([{c: vals[c] for c in columns if c in vals}]))
+                at = {c: self.header.index(c) for c in names}
+                for name, text in zip(names, texts, strict=True):
+                    self.cells[i][at[name]] = text
+            return
+        if self.table is None:
+            return
+        n = self.table.num_rows
+        for c in columns:
+            cells = self.table.column(c).to_pylist() if c in self.table.column_names else [None] * n
+            for i, vals in given.items():
+                if c in vals:
+                    cells[i] = _arrow_value(vals[c])
+            column = pa.array(cells, from_pandas=True)
+            if c in self.table.column_names:
+                old_type = self.table.schema.field(c).type
+                if not pa.types.is_null(old_type) and column.type != old_type:
+                    column = column.cast(old_type)
+                self.table = self.table.set_column(self.table.column_names.index(c), c, column)
+            else:
+                self.table = self.table.append_column(c, column)
+
     def write(self, path: Path, meta: dict[str, Any]) -> None:
         if self.fmt == "csv":
             buf = io.StringIO()
@@ -188,6 +220,13 @@ class SweepFile:
             pq.write_table(self.table.replace_schema_metadata(schema_meta), sink)
             data = sink.getvalue().to_pybytes()
         _replace(path, data)
+
+
+def _arrow_value(value: Any) -> Any:
+    """A cell for pyarrow: None for pandas' NA, NumPy scalars as Python ones."""
+    if value is None or value is pd.NA:
+        return None
+    return value.item() if hasattr(value, "item") else value
 
 
 def _numbers(seq: list[Any], batch: list[Any], flag: list[Any], decode_ms: list[Any], decode_tok_s: list[Any]
