@@ -3,9 +3,9 @@
 
 - The model: transformers' `AutoModelForCausalLM` of the same architecture, on the run's device and dtype, with
   `--attn` as its `attn_implementation` (`sdpa` or `eager`). A checkpoint folder loads with `from_pretrained` (local
-  files only); a preset or a config.json gets kvscope's seeded random weights (`model.weights.load_model`, the same
-  seed semantics) copied into transformers' parameters under their Hugging Face names, so both engines run the same
-  weights and, in float32, give the same greedy tokens.
+  files only, onto the host, then moved); a preset or a config.json gets kvscope's seeded random weights
+  (`model.weights.load_model`, the same seed semantics) copied into transformers' parameters under their Hugging Face
+  names, so both engines run the same weights and, in float32, give the same greedy tokens.
 - `transformers` (eager): the model's forward over a `DynamicCache` (a new one per prefill), greedy argmax on the
   device, `logits_to_keep=1`. A ragged batch (`kvscope generate`) is left-padded with an attention mask, as
   transformers' `generate` expects.
@@ -70,8 +70,9 @@ def load_hf_model(source: ModelSource, device: torch.device, dtype: torch.dtype,
     t0 = time.perf_counter()
     if source.folder is not None:
         try:
+            # loaded on the host, then moved: a device_map would need the accelerate package
             model = AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=dtype, attn_implementation=attn,
-                                                         local_files_only=True, device_map=str(device))
+                                                         local_files_only=True)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) and "out of memory" in str(exc):
                 raise
@@ -83,7 +84,7 @@ def load_hf_model(source: ModelSource, device: torch.device, dtype: torch.dtype,
             model = AutoModelForCausalLM.from_config(hf_config(source.args), attn_implementation=attn, dtype=dtype)
         _copy_weights(ours, model)
         del ours
-    model.eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # named sync: the ready time includes the device work
     return model, time.perf_counter() - t0

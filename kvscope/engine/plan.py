@@ -23,7 +23,7 @@ from kvscope.engine.engines import ENGINES, HF_COMPILED_ENGINE, KVSCOPE_ENGINE
 from kvscope.errors import KvscopeError
 from kvscope.kernels.launch import kernels_unavailable
 from kvscope.kernels.loader import CUPY_HINT, CUPY_INSTALL
-from kvscope.kernels.ops import supported
+from kvscope.kernels.ops import DECODE_ATTENTION_HEAD_DIMS, DTYPE_NAMES, decode_attention_supported, supported
 from kvscope.model import dtypes
 from kvscope.model.attention import ATTN_IMPLS
 from kvscope.model.config import ModelArgs
@@ -75,6 +75,11 @@ class RunConfig:
                 f"context of {self.max_seq} tokens exceeds {args.name}'s maximum of {args.max_position_embeddings}")
         if self.attn not in ATTN_IMPLS:
             raise KvscopeError(f"unknown attention implementation {self.attn!r}; choose from {', '.join(ATTN_IMPLS)}")
+        if self.attn == "kvscope" and not (self.device.type == "cuda" and decode_attention_supported(
+                self.dtype, args.head_dim, args.n_heads, args.n_kv_heads)):
+            raise KvscopeError(f"--attn kvscope needs a CUDA device, {'/'.join(DTYPE_NAMES)} and head_dim "
+                               f"{' or '.join(map(str, DECODE_ATTENTION_HEAD_DIMS))}, got {self.device} "
+                               f"{dtypes.dtype_name(self.dtype)} head_dim {args.head_dim} (use --attn sdpa)")
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,9 @@ def prepare(spec: RunSpec, prompts: Sequence[Sequence[int]] | None = None) -> Ru
     a generation is not timed, so it needs no warm-up and no calibrated ceilings."""
     if prompts is not None:
         spec = replace(spec, batch_size=len(prompts), seq=max((len(p) for p in prompts), default=0))
+        if spec.engine == HF_COMPILED_ENGINE and len({len(p) for p in prompts}) > 1:
+            raise KvscopeError(f"--engine {HF_COMPILED_ENGINE} needs prompts of one length (a static cache and "
+                               "compiled shapes); use --engine transformers for a ragged batch")
     _check_spec(spec)
     device = resolve_device(spec.device)
     if prompts is None:
