@@ -57,14 +57,21 @@ def default_out(source: Path) -> Path:
     return named.with_name((named.name if named.is_dir() else named.stem) + "-report")
 
 
-def make_report(source: Path, out: Path | None) -> Path:
+def make_report(source: Path, out: Path | None, compare: Path | None = None) -> Path:
     """Read `source` (a run folder, a `kvscope nsys` folder, or a sweep .csv/.parquet), build the report, and write
-    it into `out` (default `default_out(source)`); returns the path of report.md."""
+    it into `out` (default `default_out(source)`); returns the path of report.md. `compare`: a second sweep file
+    whose common points are set side by side with the first's."""
     if not source.exists():
         raise KvscopeError(f"not found: {source}")
+    if compare is not None:
+        if not compare.exists():
+            raise KvscopeError(f"--compare: not found: {compare}")
+        if source.is_dir() or compare.is_dir():
+            raise KvscopeError("--compare sets two sweep files side by side; "
+                               f"{source if source.is_dir() else compare} is a folder")
     target = out if out is not None else default_out(source)
     folder = AtomicFolder(target, "--out" if out is not None else "report folder", replaceable=is_report_output)
-    report = run_report(source) if source.is_dir() else sweep_report(source)
+    report = run_report(source) if source.is_dir() else sweep_report(source, compare)
     with folder as tmp:
         report.write(tmp)
     return target / REPORT_FILE

@@ -10,7 +10,8 @@ from kvscope.commands.json_out import folder_files, json_line
 
 
 def command(ns: argparse.Namespace) -> int:
-    report = make_report(Path(ns.source), Path(ns.out) if ns.out else None)
+    compare = getattr(ns, "compare", None)
+    report = make_report(Path(ns.source), Path(ns.out) if ns.out else None, Path(compare) if compare else None)
     files = folder_files(report.parent)
     print(f"report: {report} ({', '.join(files)})")
     if getattr(ns, "json", False):
