@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.cli import main
+from kvscope.engine import plan
 from kvscope.engine.plan import use_kernels
 from kvscope.errors import KvscopeError
 from kvscope.kernels import ops as kops
@@ -94,8 +95,9 @@ def test_kernel_boundary_checks_name_the_shapes(monkeypatch: pytest.MonkeyPatch)
                       torch.ones(1, 4, 1, 8), 2, lengths=torch.zeros(1, dtype=torch.int32))
 
 
-def test_kernels_switch() -> None:
+def test_kernels_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = torch.device("cuda")
+    monkeypatch.setattr(plan, "kernels_unavailable", lambda: None)  # CuPy present (tests/test_kernel_loader.py: absent)
     assert use_kernels(None, cuda, torch.bfloat16) is True
     assert use_kernels(None, CPU, torch.float32) is False
     assert use_kernels(False, cuda, torch.bfloat16) is False
@@ -105,10 +107,10 @@ def test_kernels_switch() -> None:
         use_kernels(None, cuda, torch.float64)
 
 
-def test_kernels_need_torchs_nvrtc_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delattr(torch.cuda, "_compile_kernel", raising=False)
-    with pytest.raises(KvscopeError, match=r"torch.cuda._compile_kernel.*--kernels off"):
-        use_kernels(None, torch.device("cuda"), torch.bfloat16)
+def test_kernels_on_need_cupy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan, "kernels_unavailable", lambda: "ModuleNotFoundError: No module named 'cupy'")
+    with pytest.raises(KvscopeError, match=r"--kernels on needs CuPy.*--kernels off"):
+        use_kernels(True, torch.device("cuda"), torch.bfloat16)
     assert use_kernels(False, torch.device("cuda"), torch.bfloat16) is False
 
 
@@ -228,7 +230,8 @@ def test_marks_outside_stamped_regions_need_no_kernel(monkeypatch: pytest.Monkey
 def test_kernel_sources_ship_with_the_package() -> None:
     """Every kernel's CUDA source is package data (read through importlib.resources), with the entry points that
     `kvscope.kernels.ops` launches."""
-    from kvscope.kernels.launch import KERNEL_FILES, _source
+    from kvscope.kernels.launch import KERNEL_FILES, kernel_file
+    from kvscope.kernels.loader import nvrtc_code
 
     expected = {"kvscope_stamp": ["kvscope_stamp"],
                 "kvscope_rms_norm": ["kvscope_rms_norm_vec", "kvscope_rms_norm_scalar"],
@@ -236,7 +239,7 @@ def test_kernel_sources_ship_with_the_package() -> None:
                 "kvscope_rope_kv": ["kvscope_rope_kv_vec", "kvscope_rope_kv_scalar"]}
     assert set(KERNEL_FILES) == set(expected)
     for entry, names in expected.items():
-        src = _source(entry)
+        src = nvrtc_code(kernel_file(entry))  # the text NVRTC compiles (the CMake build: tests/test_cmake_build.py)
         assert "#if defined(KV_BF16)" in src  # the shared element-type prelude comes first
         for name in names:
             assert f'extern "C" __global__ void {name}(' in src

@@ -1,1 +1,2 @@
-"""Hand-written CUDA kernels (CUDA C++ sources compiled at run time), each with a PyTorch reference."""
+"""Hand-written CUDA kernels, each with a PyTorch reference: sources in `cuda/`, built ahead of time by the root
+CMakeLists.txt or compiled with NVRTC, loaded and launched through CuPy (`loader.py`, `launch.py`)."""

@@ -1,52 +1,52 @@
-"""Compile kvscope's CUDA sources with NVRTC (through torch) and launch them on torch's current stream.
+"""Launch kvscope's CUDA kernels on torch's current stream, over torch tensors' memory, through CuPy.
 
-Sources live next to this module (`cuda/*.cu`); each is compiled once per (kernel, dtype, device) on first use, with
-`cuda/common.cuh` prepended and the element type chosen by a macro. Launches go through the driver API with every
-argument typed explicitly (pointers as 64-bit, `int`, `long long`, `float`), so a launch inside a CUDA-graph capture
-becomes a kernel node of the graph.
+Sources live next to this module (`cuda/*.cu`, with `cuda/common.cuh` included first); the element type is chosen by
+a macro per dtype (`DTYPE_MACROS`). `kvscope.kernels.loader` finds each kernel: the fatbin of the CMake build when it
+matches, else NVRTC through CuPy (cached per architecture). A launch passes the tensors' device pointers (no copies)
+with every argument typed explicitly (`ptr`, `i32`, `i64`, `f32`), and CuPy calls `cuLaunchKernel` on torch's
+current stream, so a launch inside a CUDA-graph capture becomes a kernel node of the graph.
+
+A new kernel: put `extern "C" __global__ void kvscope_<name>[_<variant>](...)` in `cuda/<name>.cu` (found by name;
+`KERNEL_FILES` maps an entry whose file is named otherwise) and call `launch("kvscope_<name>", "<variant>", ...)`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Callable
-from importlib import resources
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvscope.errors import KvscopeError
+from kvscope.kernels import loader
 
 # the macro that picks elem_t, per dtype the kernels are built for (every dtype of kvscope.model.dtypes)
 DTYPE_MACROS = {torch.float32: "KV_F32", torch.bfloat16: "KV_BF16", torch.float16: "KV_F16"}
 KERNEL_FILES = {"kvscope_stamp": "stamp.cu", "kvscope_rms_norm": "rms_norm.cu", "kvscope_silu_mul": "silu_mul.cu",
-                "kvscope_rope_kv": "rope_kv.cu"}
+                "kvscope_rope_kv": "rope_kv.cu", "kvscope_gemv": "gemv.cu"}
+_ENTRY_PREFIX = "kvscope_"
+# ctypes values (the launcher's former argument types) as the numpy scalars CuPy passes by value
+_CTYPES_TO_NUMPY: dict[type, Any] = {ctypes.c_int: np.int32, ctypes.c_uint: np.uint32, ctypes.c_longlong: np.int64,
+                                     ctypes.c_ulonglong: np.uint64, ctypes.c_float: np.float32}
 
 
-class Ptr(ctypes.c_void_p):
-    """A device pointer argument (null for None)."""
+def ptr(t: torch.Tensor | None) -> int:
+    """A device pointer argument: the tensor's address (no copy), or 0 (nullptr) for None."""
+    return 0 if t is None else t.data_ptr()
 
 
-def ptr(t: torch.Tensor | None) -> Ptr:
-    return Ptr(None if t is None else t.data_ptr())
+def i32(v: int) -> np.int32:
+    return np.int32(v)
 
 
-def i32(v: int) -> ctypes.c_int:
-    return ctypes.c_int(v)
+def i64(v: int) -> np.int64:
+    return np.int64(v)
 
 
-def i64(v: int) -> ctypes.c_longlong:
-    return ctypes.c_longlong(v)
-
-
-def f32(v: float) -> ctypes.c_float:
-    return ctypes.c_float(v)
-
-
-def _source(entry: str) -> str:
-    base = resources.files("kvscope.kernels") / "cuda"
-    return (base / "common.cuh").read_text() + "\n" + (base / KERNEL_FILES[entry]).read_text()
+def f32(v: float) -> np.float32:
+    return np.float32(v)
 
 
 def kernel_name(entry: str, variant: str) -> str:
@@ -55,60 +55,53 @@ def kernel_name(entry: str, variant: str) -> str:
 
 
 @functools.cache
+def kernel_file(entry: str) -> str:
+    """The source of kernel `entry`: `KERNEL_FILES[entry]`, else `cuda/<entry without kvscope_>.cu`."""
+    name = KERNEL_FILES.get(entry) or f"{entry.removeprefix(_ENTRY_PREFIX)}.cu"
+    if not (loader.CUDA_DIR / name).is_file():
+        raise KvscopeError(f"no source for kernel {entry}: {loader.CUDA_DIR / name} is missing")
+    return name
+
+
+def kernels_unavailable() -> str | None:
+    """Why kvscope's kernels cannot run in this Python (CuPy missing or broken: one line), or None."""
+    return loader.cupy_missing()
+
+
+def _arg(a: Any) -> Any:
+    """One kernel argument as CuPy takes it: numpy scalars and ints (64-bit: pointers) as they are, ctypes values
+    converted; a bare float or bool is refused (its width would be a guess)."""
+    if isinstance(a, np.generic) or (isinstance(a, int) and not isinstance(a, bool)):
+        return a
+    if isinstance(a, ctypes.c_void_p):
+        return a.value or 0
+    to_numpy = _CTYPES_TO_NUMPY.get(type(a))
+    if to_numpy is not None:
+        return to_numpy(a.value)
+    raise TypeError(f"kernel argument {a!r} of type {type(a).__name__}: pass ptr(), i32(), i64() or f32() values")
+
+
+def launch(entry: str, variant: str, dtype: torch.dtype, device: torch.device, grid: tuple[int, int, int],
+           block: tuple[int, int, int], args: list[Any], shared_bytes: int = 0) -> None:
+    """Launch kernel `kernel_name(entry, variant)` built for `dtype` on the current stream of `device`, with `args`
+    in the kernel's order (`ptr`, `i32`, `i64`, `f32` values) and `shared_bytes` of dynamic shared memory."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    k = loader.kernel(kernel_file(entry), kernel_name(entry, variant), DTYPE_MACROS[dtype], index)
+    if shared_bytes > k.shared_limit_bytes:
+        loader.raise_shared_limit(k, shared_bytes, index)
+    stream = loader.external_stream(torch.cuda.current_stream(device).cuda_stream)
+    k.func(tuple(grid), tuple(block), tuple(_arg(a) for a in args), shared_mem=shared_bytes, stream=stream)
+
+
+@functools.cache
 def _driver() -> Any:
     """Our own handle on the driver library (not ctypes' shared one), with the argument types of what we call."""
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError as e:
-        raise KvscopeError(f"hand-written kernels need the CUDA driver library (libcuda.so.1): {e}") from None
-    c_uint, c_void_p = ctypes.c_uint, ctypes.c_void_p
-    lib.cuLaunchKernel.argtypes = [c_void_p, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_void_p,
-                                   c_void_p, c_void_p]
-    lib.cuMemcpyDtoHAsync_v2.argtypes = [c_void_p, ctypes.c_uint64, ctypes.c_size_t, c_void_p]
+        raise KvscopeError(f"copies through the CUDA driver need its library (libcuda.so.1): {e}") from None
+    lib.cuMemcpyDtoHAsync_v2.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
     return lib
-
-
-def nvrtc_compiler() -> Callable[..., Any]:
-    """torch's NVRTC kernel compiler (`torch.cuda._compile_kernel`, a private torch API), or a one-line
-    KvscopeError where this torch lacks it."""
-    compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
-    if compile_kernel is None:
-        raise KvscopeError(f"kvscope's CUDA kernels need torch's NVRTC compiler (torch.cuda._compile_kernel), which "
-                           f"torch {torch.__version__} lacks; run with --kernels off")
-    return compile_kernel
-
-
-@functools.cache
-def _compiled(entry: str, variant: str, dtype: torch.dtype, device_index: int) -> Any:
-    compile_kernel = nvrtc_compiler()
-    src = f"#define {DTYPE_MACROS[dtype]}\n" + _source(entry)
-    with torch.cuda.device(device_index):
-        try:
-            return compile_kernel(src, kernel_name(entry, variant))
-        except RuntimeError as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise KvscopeError(f"compiling {kernel_name(entry, variant)} for {dtype} failed: {first}") from None
-
-
-@functools.cache
-def _function(entry: str, variant: str, dtype: torch.dtype, device_index: int) -> int:
-    """The CUfunction handle of a compiled kernel, as an int."""
-    func = _compiled(entry, variant, dtype, device_index).func
-    return int(func.value if isinstance(func, ctypes.c_void_p) else func)
-
-
-def launch(entry: str, variant: str, dtype: torch.dtype, device: torch.device, grid: tuple[int, int, int],
-           block: tuple[int, int, int], args: list[Any]) -> None:
-    """Launch one kernel on the current stream of `device`; `args` are ctypes values in the kernel's order."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    func = _function(entry, variant, dtype, index)
-    stream = torch.cuda.current_stream(device).cuda_stream
-    holders = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))  # `args` keeps the values alive
-    rc = _driver().cuLaunchKernel(func, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0, stream, holders,
-                                  None)
-    if rc != 0:
-        raise RuntimeError(f"cuLaunchKernel({kernel_name(entry, variant)}, grid={grid}, block={block}) failed with "
-                           f"CUDA error {rc}")
 
 
 def memcpy_d2h_async(dst: torch.Tensor, src: torch.Tensor) -> None:
