@@ -33,7 +33,7 @@ from kvscope.analysis.explain import (
 from kvscope.analysis.inputs import numeric_column, read_sweep
 from kvscope.analysis.report_markdown import FIGURE_SIZE_IN, FIGURE_SUFFIX, Report, md_table, percent_change
 from kvscope.analysis.roofline import BYTES_PER_GB
-from kvscope.analysis.schema import CLASSIC_COLUMNS
+from kvscope.analysis.schema import ATTRIBUTION_COLUMNS, CLASSIC_COLUMNS
 from kvscope.errors import KvscopeError
 
 MIB_BYTES = 2**20
@@ -257,9 +257,10 @@ def idle_plot(g: SweepGroup, model: str) -> Figure | None:
 
 
 def prefill_plot(g: SweepGroup, model: str) -> Figure | None:
-    """Prefill GPU span (else the timed prefill) against prompt tokens, launch-bound points shaded."""
+    """Prefill GPU span (else the timed prefill) against prompt tokens, launch-bound points shaded; drawn for a
+    sweep with attribution columns (the shading is its point)."""
     found = first_of(g.rows, "prefill_span_ms", "prefill_p50_ms")
-    if found is None or g.axis != "seq_len":
+    if found is None or g.axis != "seq_len" or "prefill_launch_bound" not in g.rows.columns:
         return None
     col, t = found
     x = g.rows["seq_len"].to_numpy(np.float64)
@@ -348,10 +349,6 @@ def attribution_sections(rep: Report, df: pd.DataFrame, model: str) -> None:
     """The kernel-class, idle, prefill and roofline plots, then the "why" section."""
     ok = not_oom(df)
     groups = sweep_groups(df)
-    present = [c for c in ("decode_idle_pct", "decode_gemm_ms", "prefill_idle_pct") if c in df.columns]
-    if not present:
-        rep.note("the file has no attribution columns (decode_<class>_ms, decode_idle_pct, ...: `kvscope sweep "
-                 "--nsys`): no kernel-class, idle-share or roofline plots")
     figures: list[tuple[str, Figure, str]] = []
     for g in groups:
         for phase in ("decode", "prefill") if g.axis == "seq_len" else ("decode",):
@@ -381,18 +378,22 @@ def attribution_sections(rep: Report, df: pd.DataFrame, model: str) -> None:
 def why_section(rep: Report, df: pd.DataFrame) -> None:
     """The findings of kvscope.analysis.explain, as bullets per group; what could not be said, and why."""
     found = explain(df)
+    head = ["Every sentence is computed from the file's numbers (kvscope.analysis.explain); where a sentence lacks its "
+            "data, what it lacks is listed instead."]
+    if not any(c in df.columns for c in ATTRIBUTION_COLUMNS):
+        head.append("The file has no attribution columns (time by kernel class, idle share, bytes: `kvscope sweep "
+                    "--nsys`): no kernel-class, idle-share or roofline plots, and only the sentences that need none "
+                    "of them.")
     if not len(found):
-        rep.section("Why", "No seq sweep (two prompt lengths or more at one batch) or batch sweep (two batch sizes or "
-                           "more at one prompt length) in the file: nothing to explain.")
-        return
-    lines = ["Every sentence is computed from the file's numbers (kvscope.analysis.explain); where a sentence lacks "
-             "its data, what it lacks is listed instead."]
+        head.append("No seq sweep (two prompt lengths or more at one batch) or batch sweep (two batch sizes or more "
+                    "at one prompt length) in the file: nothing to explain.")
+    lines = []
     for (engine, axis, fixed), g in found.groupby(["engine", "axis", "fixed"], sort=False):
         label = SweepGroup(str(engine), str(axis), int(fixed), pd.DataFrame()).label
         said = [f"- {s}" for s in g["sentence"] if s]
         missing = [f"- not said ({f}): {m}" for f, m in zip(g["finding"], g["missing"], strict=True) if m]
         lines.append(f"### {label[0].upper()}{label[1:]}\n\n" + "\n".join(said + missing))
-    rep.section("Why", *lines)
+    rep.section("Why", *head, *lines)
 
 
 # ---- two sweeps side by side (`kvscope report A.csv --compare B.csv`) ---------------------------------------------
