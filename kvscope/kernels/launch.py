@@ -25,7 +25,7 @@ from kvscope.kernels import loader
 # the macro that picks elem_t, per dtype the kernels are built for (every dtype of kvscope.model.dtypes)
 DTYPE_MACROS = {torch.float32: "KV_F32", torch.bfloat16: "KV_BF16", torch.float16: "KV_F16"}
 KERNEL_FILES = {"kvscope_stamp": "stamp.cu", "kvscope_rms_norm": "rms_norm.cu", "kvscope_silu_mul": "silu_mul.cu",
-                "kvscope_rope_kv": "rope_kv.cu", "kvscope_gemv": "gemv.cu"}
+                "kvscope_rope_kv": "rope_kv.cu"}
 _ENTRY_PREFIX = "kvscope_"
 # ctypes values (the launcher's former argument types) as the numpy scalars CuPy passes by value
 _CTYPES_TO_NUMPY: dict[type, Any] = {ctypes.c_int: np.int32, ctypes.c_uint: np.uint32, ctypes.c_longlong: np.int64,

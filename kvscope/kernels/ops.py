@@ -8,6 +8,10 @@ places), on any device. Kernel names in a trace: `kvscope_rms_norm_*`, `kvscope_
 
 from __future__ import annotations
 
+import functools
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -191,3 +195,338 @@ def stamp(slot: torch.Tensor) -> None:
         raise ValueError(f"stamp: slot must be one int64 on a CUDA device, got {slot.dtype} {tuple(slot.shape)} "
                          f"on {slot.device}")
     launch("kvscope_stamp", "", torch.float32, slot.device, (1, 1, 1), (1, 1, 1), [ptr(slot)])
+
+
+# ---- GEMV: the decode step's skinny products -----------------------------------------------------------------------
+GEMV_MAX_ROWS = 16  # rows of x (a decode step's batch) the gemv kernels take
+GEMV_TILES = (1, 2, 4, 8, 16)  # x rows per kernel variant (`kvscope_gemv_m<tile>`, rows <= tile)
+GEMV_WARPS = 4  # warps per block (gemv.cu's GEMV_WARPS)
+GEMV_ROWS_PER_WARP = 2  # rows of W per warp (gemv.cu's GEMV_ROWS; SiLU*up: one gate row and its up row)
+GEMV_UNROLL = {1: 8, 2: 8, 4: 4, 8: 4, 16: 2}  # 16-byte vectors per lane per W row per trip (gemv.cu's GEMV_ENTRY)
+GEMV_SPLIT_MAX = 16  # most K splits of one product
+_GEMV_STORE, _GEMV_RESIDUAL, _GEMV_SILU_MUL = 0, 1, 2  # gemv.cu's epilogues
+# unit roundoff spacing of each dtype relative to a value (the distance to its next neighbour is at most this)
+_ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@dataclass(frozen=True)
+class GemvLaunch:
+    """The launch of one gemv, chosen from its shape on the host (see `gemv_launch`)."""
+
+    variant: str  # kernel variant: "m1" .. "m16" (x rows per tile)
+    grid: tuple[int, int, int]  # (blocks over W rows, K splits, 1)
+    block: tuple[int, int, int]
+    splits: int  # K splits: > 1 adds the `kvscope_gemv_reduce` launch
+    kv_per_split: int  # 16-byte vectors of a W row per split
+
+
+def gemv_launch(rows: int, w_rows: int, k: int, elem_bytes: int, sm_count: int) -> GemvLaunch:
+    """Launch shape of y (rows, .) = x (rows, k) @ W (w_rows, k)^T: the smallest row tile that holds `rows`; one warp
+    per GEMV_ROWS_PER_WARP rows of W; K split (deterministic two-pass reduction) only when there are fewer blocks
+    than SMs and each split still gives every lane at least one full trip of loads."""
+    if not 1 <= rows <= GEMV_MAX_ROWS or w_rows < 1 or k < 1 or sm_count < 1 or VEC_BYTES % elem_bytes \
+            or k % (VEC_BYTES // elem_bytes):
+        raise ValueError(f"gemv_launch: rows {rows} (1..{GEMV_MAX_ROWS}), W ({w_rows}, {k}) with {elem_bytes}-byte "
+                         f"elements (k a multiple of 16 bytes), {sm_count} SMs")
+    kv = k // (VEC_BYTES // elem_bytes)
+    tile = next(t for t in GEMV_TILES if t >= rows)
+    blocks = -(-w_rows // (GEMV_WARPS * GEMV_ROWS_PER_WARP))
+    splits = 1
+    if blocks < sm_count:
+        splits = max(1, min(GEMV_SPLIT_MAX, -(-2 * sm_count // blocks), kv // (32 * GEMV_UNROLL[tile])))
+    kv_per_split = -(-kv // splits)
+    splits = -(-kv // kv_per_split)  # no empty split
+    return GemvLaunch(f"m{tile}", (blocks, splits, 1), (32 * GEMV_WARPS, 1, 1), splits, kv_per_split)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _gemv_check(name: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Shapes, strides and alignment of x (M, K) and W (N, K) (and bias (N,)): ValueError with the shapes."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or not 1 <= x.shape[0] <= GEMV_MAX_ROWS:
+        raise ValueError(f"{name}: x {tuple(x.shape)} @ W {tuple(w.shape)}^T needs x (M, K) with 1 <= M <= "
+                         f"{GEMV_MAX_ROWS} and W (N, K)")
+    per_vec = VEC_BYTES // x.element_size()
+    k = x.shape[1]
+    if k == 0 or k % per_vec:
+        raise ValueError(f"{name}: K = {k} (x {tuple(x.shape)}, W {tuple(w.shape)}) must be a positive multiple of "
+                         f"{per_vec} ({VEC_BYTES} bytes of {x.dtype})")
+    if not w.is_contiguous() or w.data_ptr() % VEC_BYTES:
+        raise ValueError(f"{name}: W {tuple(w.shape)} strides {w.stride()} must be contiguous and 16-byte aligned")
+    if x.stride(1) != 1 or x.stride(0) % per_vec or x.data_ptr() % VEC_BYTES:
+        raise ValueError(f"{name}: x {tuple(x.shape)} strides {x.stride()} needs unit column stride and 16-byte "
+                         "aligned rows")
+    if bias is not None and (bias.shape != (w.shape[0],) or not bias.is_contiguous()):
+        raise ValueError(f"{name}: bias {tuple(bias.shape)} must be contiguous ({w.shape[0]},) for W "
+                         f"{tuple(w.shape)}")
+
+
+def gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `gemv(x, w)` takes these tensors (CUDA, a kernel dtype, shapes and alignment); no launch, no sync."""
+    if not supported(x.device, x.dtype) or w.device != x.device or w.dtype != x.dtype:
+        return False
+    try:
+        _gemv_check("gemv", x, w, None)
+    except ValueError:
+        return False
+    return True
+
+
+def _gemv_norm_check(name: str, x: torch.Tensor, norm_weight: torch.Tensor | None,
+                     stamp: torch.Tensor | None) -> None:
+    if norm_weight is not None and (norm_weight.shape != (x.shape[1],) or not norm_weight.is_contiguous()
+                                    or norm_weight.data_ptr() % VEC_BYTES):
+        raise ValueError(f"{name}: norm weight {tuple(norm_weight.shape)} must be contiguous, 16-byte aligned "
+                         f"({x.shape[1]},) for x {tuple(x.shape)}")
+    if stamp is not None and (stamp.dtype != torch.int64 or stamp.numel() != 1 or stamp.device != x.device):
+        raise ValueError(f"{name}: stamp must be one int64 on {x.device}, got {stamp.dtype} {tuple(stamp.shape)}")
+
+
+def _gemv_run(mode: int, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+              norm_weight: torch.Tensor | None = None, eps: float = 0.0, stamp: torch.Tensor | None = None) -> None:
+    m, k = x.shape
+    n_w = w.shape[0]
+    cfg = gemv_launch(m, n_w, k, x.element_size(), _sm_count(x.device.index if x.device.index is not None
+                                                             else torch.cuda.current_device()))
+    partial = (torch.empty(cfg.splits, m, n_w, dtype=torch.float32, device=x.device)  # (splits, M, N_w) raw sums
+               if cfg.splits > 1 else None)
+    ldo = out.stride(0)
+    launch("kvscope_gemv", cfg.variant, x.dtype, x.device, cfg.grid, cfg.block,
+           [ptr(out), ptr(x), ptr(w), ptr(bias), ptr(partial), i32(m), i32(n_w), i32(k), i64(x.stride(0)), i64(ldo),
+            i32(mode), i32(cfg.kv_per_split), ptr(norm_weight), f32(eps), ptr(stamp)])
+    if partial is not None:
+        n_out = n_w // 2 if mode == _GEMV_SILU_MUL else n_w
+        launch("kvscope_gemv", "reduce", x.dtype, x.device, (-(-(m * n_out) // _BLOCK), 1, 1), (_BLOCK, 1, 1),
+               [ptr(out), ptr(partial), ptr(bias), i32(m), i32(n_w), i32(n_out), i32(cfg.splits), i64(ldo),
+                i32(mode)])
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+         eps: float = 0.0, stamp: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K), 1 <= M <= 16, unit column stride, 16-byte aligned rows; W (N, K) contiguous (an nn.Linear weight);
+    bias (N,) or None. Returns x @ W^T + bias as a new contiguous (M, N) tensor (float accumulation, rounded once).
+
+    `norm_weight` (K,): the product takes RMSNorm(x) * norm_weight (eps `eps`, rounded as `rms_norm` rounds) in
+    place of x, computed inside the kernel. `stamp`: as in `rms_norm`."""
+    _gemv_check("gemv", x, w, bias)
+    _gemv_norm_check("gemv", x, norm_weight, stamp)
+    _need_cuda("gemv", x.dtype, x, w, *(t for t in (bias, norm_weight) if t is not None))
+    out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)  # (M, N)
+    _gemv_run(_GEMV_STORE, out, x, w, bias, norm_weight, eps, stamp)
+    return out
+
+
+def gemv_residual_(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """In place: h += x @ W^T (rounded once, as torch's addmm_), then h += bias (rounded again, as the engine's
+    `linear_residual_`). h (M, N) with unit column stride, not overlapping x; x, W, bias as in `gemv`. Returns h."""
+    _gemv_check("gemv_residual_", x, w, bias)
+    if h.dim() != 2 or h.shape != (x.shape[0], w.shape[0]) or h.stride(1) != 1:
+        raise ValueError(f"gemv_residual_: h {tuple(h.shape)} strides {h.stride()} must be ({x.shape[0]}, "
+                         f"{w.shape[0]}) with unit column stride for x {tuple(x.shape)} @ W {tuple(w.shape)}^T")
+    h_lo, x_lo = h.data_ptr(), x.data_ptr()
+    h_hi = h_lo + ((h.shape[0] - 1) * h.stride(0) + h.shape[1]) * h.element_size()
+    x_hi = x_lo + ((x.shape[0] - 1) * x.stride(0) + x.shape[1]) * x.element_size()
+    if h_lo < x_hi and x_lo < h_hi:
+        raise ValueError(f"gemv_residual_: h {tuple(h.shape)} overlaps x {tuple(x.shape)} in memory")
+    _need_cuda("gemv_residual_", x.dtype, h, x, w, *([bias] if bias is not None else []))
+    _gemv_run(_GEMV_RESIDUAL, h, x, w, bias)
+    return h
+
+
+def gemv_silu_mul(x: torch.Tensor, w13: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                  stamp: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused gate/up product and SiLU*up in one kernel: W13 (2F, K) holds the gate rows, then the up rows (the
+    engine's `w13`). Returns silu(x @ Wg^T) * (x @ Wu^T), a new contiguous (M, F) tensor, rounded where the torch
+    path rounds (the product, SiLU, the multiply). `norm_weight`, `eps`, `stamp`: as in `gemv`."""
+    _gemv_check("gemv_silu_mul", x, w13, None)
+    _gemv_norm_check("gemv_silu_mul", x, norm_weight, stamp)
+    if w13.shape[0] % 2:
+        raise ValueError(f"gemv_silu_mul: W13 {tuple(w13.shape)} must have an even number of rows (gate, then up)")
+    _need_cuda("gemv_silu_mul", x.dtype, x, w13, *([norm_weight] if norm_weight is not None else []))
+    out = torch.empty(x.shape[0], w13.shape[0] // 2, dtype=x.dtype, device=x.device)  # (M, F)
+    _gemv_run(_GEMV_SILU_MUL, out, x, w13, None, norm_weight, eps, stamp)
+    return out
+
+
+def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+             norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """Float32 product (and bias) of x (or `rms_norm_ref(x, norm_weight, eps)`), rounded once to x's dtype."""
+    if norm_weight is not None:
+        x = rms_norm_ref(x, norm_weight, eps)
+    return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def gemv_residual_ref_(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    v = (h.float() + F.linear(x.float(), w.float())).to(h.dtype)
+    if bias is not None:
+        v = v + bias
+    return h.copy_(v)
+
+
+def gemv_silu_mul_ref(x: torch.Tensor, w13: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                      eps: float = 0.0) -> torch.Tensor:
+    gate, up = gemv_ref(x, w13, None, norm_weight, eps).chunk(2, dim=-1)  # (M, F) each
+    return F.silu(gate) * up
+
+
+def gemv_tolerance(x: torch.Tensor, w: torch.Tensor, silu_mul: bool = False) -> dict[str, float]:
+    """torch.testing.assert_close's atol/rtol for a gemv kernel against its `*_ref` (one host sync: tests and
+    benchmarks only).
+
+    Both sum in float32, in different orders: the sums differ by about sqrt(K) * 2^-24 * s, where s = sqrt(K) *
+    rms(x) * rms(W) is the size of an output of zero-mean inputs. Each rounding to the dtype can then land on the
+    neighbouring value: one unit (u = 2^-7 bf16, 2^-10 fp16, 2^-23 fp32, relative) per rounding of the result, so
+    rtol = 2u (the product, then a bias or residual add), 3u with SiLU*up (gate and up are rounded before SiLU and
+    the multiply). A near-zero result of a cancelling sum gets no help from rtol: atol covers a flip of one rounding at
+    the output's scale (s; s^2 for silu(gate) * up) plus the float32 order term."""
+    k = x.shape[-1]
+    rms = float(x.float().pow(2).mean().sqrt() * w.float().pow(2).mean().sqrt())
+    scale = math.sqrt(k) * rms
+    out_scale = scale * scale if silu_mul else scale
+    u = _ULP[x.dtype]
+    return {"atol": out_scale * (u + math.sqrt(k) * 2.0**-22), "rtol": (3 if silu_mul else 2) * u}
+
+
+# ---- decode attention: split-KV flash-decoding over the token-major cache ------------------------------------------
+DECODE_ATTENTION_HEAD_DIMS = (64, 128)  # head sizes the kernel is built for (decode_attention.cu's DA_ENTRY)
+DECODE_ATTENTION_GROUPS = (1, 2, 4, 8)  # query heads per block (GP); a larger group takes several chunks of 8
+DECODE_ATTENTION_WARPS = 4  # warps per block (decode_attention.cu's DA_WARPS)
+DECODE_ATTENTION_MAX_SPLITS = 1024  # decode_attention.cu's DA_MAX_SPLITS (the merge's shared weights)
+# the split rule: enough (sequence, KV head, split) blocks for this many blocks per SM (the 128-query-head d=128
+# bf16 kernel keeps two resident per SM: 227 registers a thread, 48 KiB of shared memory), and no split shorter
+# than DECODE_ATTENTION_MIN_SPLIT_TOKENS positions of the cache (each of a block's warps then has a full tile of
+# DA_UNROLL loads at the longest length)
+DECODE_ATTENTION_BLOCKS_PER_SM = 2
+DECODE_ATTENTION_MIN_SPLIT_TOKENS = 32
+_LOG2E = 1.4426950408889634
+# kernel vs decode_attention_ref, per dtype: both sum in float32 (in other orders, the kernel through exp2 of
+# pre-scaled scores) and round the output once, so bf16/fp16 differ by at most one unit in the last place (as
+# REF_TOLERANCE); float32 keeps the order and exp2's few units of 2^-23 relative to the largest value
+DECODE_ATTENTION_TOLERANCE: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+    torch.bfloat16: REF_TOLERANCE[torch.bfloat16],
+    torch.float16: REF_TOLERANCE[torch.float16],
+}
+
+
+def decode_group_chunk(group: int) -> tuple[int, int]:
+    """(query heads per block, chunks per KV head) for `group` query heads per KV head: the smallest of
+    DECODE_ATTENTION_GROUPS that holds the group (padded heads compute zeros), else chunks of the largest."""
+    if group < 1:
+        raise ValueError(f"decode_group_chunk: {group} query heads per KV head")
+    gp = next((g for g in DECODE_ATTENTION_GROUPS if g >= group), DECODE_ATTENTION_GROUPS[-1])
+    return gp, -(-group // gp)
+
+
+def decode_splits(blocks: int, s_max: int, sm_count: int) -> int:
+    """Splits of every sequence's positions for `blocks` (sequence, KV head, head chunk) blocks over a cache of
+    `s_max` positions on `sm_count` SMs, chosen on the host from shapes alone (so a CUDA graph keeps it): enough
+    blocks for DECODE_ATTENTION_BLOCKS_PER_SM per SM, none shorter than DECODE_ATTENTION_MIN_SPLIT_TOKENS positions
+    of S_max, at most DECODE_ATTENTION_MAX_SPLITS. Each split then covers ceil(length / splits) of the device
+    length."""
+    if blocks < 1 or s_max < 1 or sm_count < 1:
+        raise ValueError(f"decode_splits: blocks {blocks}, s_max {s_max}, sm_count {sm_count} must be positive")
+    want = -(-sm_count * DECODE_ATTENTION_BLOCKS_PER_SM // blocks)
+    most = max(1, s_max // DECODE_ATTENTION_MIN_SPLIT_TOKENS)
+    return max(1, min(want, most, DECODE_ATTENTION_MAX_SPLITS))
+
+
+def decode_attention_supported(dtype: torch.dtype, head_dim: int, n_heads: int, n_kv_heads: int) -> bool:
+    """Whether `decode_attention` takes this model on a CUDA device (dtype, head size, grouping)."""
+    return (dtype in DTYPE_MACROS and head_dim in DECODE_ATTENTION_HEAD_DIMS and n_kv_heads > 0
+            and n_heads % n_kv_heads == 0)
+
+
+def _decode_workspace(b: int, h: int, splits: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each split's normalised output (B, H, splits, D) and log2-sum-exp2 (B, H, splits), float32, uninitialised
+    (every element is written before the merge reads it)."""
+    return (torch.empty(b, h, splits, d, dtype=torch.float32, device=device),
+            torch.empty(b, h, splits, dtype=torch.float32, device=device))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                     scale: float | None = None, splits: int | None = None, out: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """One query per sequence against the cache: q (B, H, D) (unit stride on D, 16-byte aligned rows), k_cache /
+    v_cache (B, S_max, H_kv, D) contiguous, lengths (B,) int64 on the device: sequence b attends to positions
+    0 .. lengths[b] - 1 (the engine passes its positions + 1: the new token's K/V included; clamped to [0, S_max] on
+    the device, length 0 gives zeros; not checked on the host, which would sync). Query head h uses KV head
+    h // (H / H_kv). Softmax scale `scale` (default D**-0.5), float32 accumulation. Returns (B, H, D) contiguous in
+    q's dtype (`out`, when given, is written and returned).
+
+    `splits`: positions split over that many blocks per (sequence, KV head), default `decode_splits` (a function
+    of the shapes only: a CUDA graph of the call stays valid for any lengths); with more than one split a second
+    small kernel, `kvscope_decode_attention_merge`, combines them."""
+    name = "decode_attention"
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"{name}: q must be (B, H, D) and the caches (B, S_max, H_kv, D), got q {tuple(q.shape)} "
+                         f"k {tuple(k_cache.shape)} v {tuple(v_cache.shape)}")
+    b, h, d = q.shape
+    _, s_max, hkv, _ = k_cache.shape
+    if k_cache.shape[0] != b or k_cache.shape[3] != d or hkv < 1 or h % hkv or s_max < 1:
+        raise ValueError(f"{name}: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)} "
+                         "(B, H, D) / (B, S_max >= 1, H_kv, D) with H a multiple of H_kv")
+    if d not in DECODE_ATTENTION_HEAD_DIMS:
+        raise ValueError(f"{name}: head size {d} (q {tuple(q.shape)}) not built; one of {DECODE_ATTENTION_HEAD_DIMS}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError(f"{name}: caches k {tuple(k_cache.shape)} strides {k_cache.stride()} and v strides "
+                         f"{v_cache.stride()} must be contiguous")
+    per_vec = VEC_BYTES // q.element_size()
+    if q.stride(2) != 1 or q.stride(0) % per_vec or q.stride(1) % per_vec or not _vec_ok(q, k_cache, v_cache):
+        raise ValueError(f"{name}: q {tuple(q.shape)} strides {q.stride()} needs a unit stride on D, row strides "
+                         f"that are multiples of {per_vec} elements and 16-byte aligned q and caches")
+    if lengths.shape != (b,) or lengths.dtype != torch.int64 or lengths.device != q.device:
+        raise ValueError(f"{name}: lengths must be int64 ({b},) on {q.device}, got {lengths.dtype} "
+                         f"{tuple(lengths.shape)} on {lengths.device}")
+    scale = d**-0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{name}: softmax scale {scale} is not finite")
+    if splits is not None and not 1 <= splits <= DECODE_ATTENTION_MAX_SPLITS:
+        raise ValueError(f"{name}: splits {splits} outside [1, {DECODE_ATTENTION_MAX_SPLITS}]")
+    if out is not None and (out.shape != (b, h, d) or out.dtype != q.dtype or out.device != q.device
+                            or not out.is_contiguous()):
+        raise ValueError(f"{name}: out must be contiguous {q.dtype} ({b}, {h}, {d}) on {q.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
+    _need_cuda(name, q.dtype, q, k_cache, v_cache)  # shapes first: they are checked without a GPU too
+    gp, chunks = decode_group_chunk(h // hkv)
+    if hkv * chunks > GRID_Y_MAX or b > GRID_Y_MAX:
+        raise ValueError(f"{name}: {b} sequences x {hkv * chunks} head groups exceed the grid ({GRID_Y_MAX} each)")
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    if splits is None:
+        splits = decode_splits(b * hkv * chunks, s_max, _sm_count(index))
+    if out is None:
+        out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
+    if b == 0:
+        return out
+    part_o, part_lse = _decode_workspace(b, h, splits, d, q.device) if splits > 1 else (None, None)
+    launch("kvscope_decode_attention", f"d{d}_g{gp}", q.dtype, q.device, (splits, hkv * chunks, b),
+           (32 * DECODE_ATTENTION_WARPS, 1, 1),
+           [ptr(out), ptr(part_o), ptr(part_lse), ptr(q), ptr(k_cache), ptr(v_cache), ptr(lengths), i64(q.stride(0)),
+            i64(q.stride(1)), i32(h), i32(hkv), i32(s_max), i32(splits), f32(scale * _LOG2E)])
+    if splits > 1:
+        launch("kvscope_decode_attention", "merge", q.dtype, q.device, (b * h, 1, 1), (128, 1, 1),
+               [ptr(out), ptr(part_o), ptr(part_lse), i32(splits), i32(d)])
+    return out
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                         scale: float | None = None) -> torch.Tensor:
+    """`decode_attention` with torch operations: scores, softmax and the weighted sum in float32 over positions
+    0 .. lengths[b] - 1 (clamped to [0, S_max]; zeros for length 0), rounded to q's dtype once. (B, H, D)."""
+    b, h, d = q.shape
+    s_max, hkv = k_cache.shape[1], k_cache.shape[2]
+    scale = d**-0.5 if scale is None else float(scale)
+    qf = q.float().reshape(b, hkv, h // hkv, d)  # (B, H_kv, G, D)
+    kf = k_cache.float().permute(0, 2, 3, 1)  # (B, H_kv, D, S_max)
+    vf = v_cache.float().transpose(1, 2)  # (B, H_kv, S_max, D)
+    scores = torch.matmul(qf, kf) * scale  # (B, H_kv, G, S_max)
+    n = lengths.clamp(0, s_max).view(b, 1, 1, 1)
+    valid = torch.arange(s_max, device=q.device).view(1, 1, 1, s_max) < n  # (B, 1, 1, S_max)
+    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+    probs = torch.where(n > 0, probs, torch.zeros_like(probs))  # no position: zeros, not NaN
+    return torch.matmul(probs, vf).reshape(b, h, d).to(q.dtype)  # (B, H, D)
