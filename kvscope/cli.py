@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", action="append", help="prompt text (needs a tokenizer in the model folder); "
                                                        "repeat for a batch")
     g.add_argument("--max-new-tokens", type=_INT, default=16, help="new tokens per prompt")
+    _add_tp(g, "generate")
     g.add_argument("--json", action="store_true", help='last line of stdout: {"tokens": [[...], ...]}')
 
     _add_run(sub)
@@ -166,6 +167,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--nvml-interval-ms", type=FloatArg(NVML_INTERVAL_MAX_MS, "ms"), default=20.0,
                    help="NVML polling interval for metrics the driver does not buffer (ms)")
     r.add_argument("--out", type=_TEXT, default=None, help="run folder (default traces/<time>-<model>-bs<B>-seq<L>/)")
+    _add_tp(r, "run")
     _add_json(r, "the run folder, its files and the summary's key numbers")
 
 
@@ -230,6 +232,12 @@ def _add_nsys(sub: argparse._SubParsersAction) -> None:
     n.add_argument("run_args", nargs=argparse.REMAINDER,
                    help="after --: arguments of `kvscope run` (empty, or starting with -), or any command to profile")
 
+def _add_tp(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--tp", type=_INT, default=None, metavar="N",
+                   help=f"tensor parallelism: {what} with the model split over N ranks (one GPU each, NCCL; gloo on "
+                        "the CPU), spawned here or started by torchrun --nproc-per-node N")
+
+
 def _add_json(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--json", action="store_true", help=f"last line of stdout: one JSON object with {what}")
 
@@ -248,6 +256,8 @@ def _add_kv_math(k: argparse.ArgumentParser) -> None:
     k.add_argument("--rps", type=_PER_S, default=None, help="arrival rate, requests per second")
     k.add_argument("--latency-s", type=_PER_S, default=None, help="time a request stays in flight, seconds")
     k.add_argument("--page-size", type=_INT, default=None, help="tokens per KV page (paged cache waste)")
+    k.add_argument("--tp", type=_INT, default=None, metavar="N",
+                   help="tensor parallelism over N GPUs: KV bytes, weights, batch and context per GPU")
     k.add_argument("--json", action="store_true", help="stdout is one JSON object")
 
 

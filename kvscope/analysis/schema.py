@@ -33,6 +33,9 @@ PHASES = ("prefill", "decode")
 # ops of a decoder layer, in the order they run (with kvscope's kernels `rope` includes the cache write and there is
 # no `kv_write`)
 OPS = ("norm", "qkv", "rope", "kv_write", "attn", "o_proj", "mlp")
+# ops of a tensor-parallel layer's collectives (kvscope.engine.tp): the all-reduce after `o_proj` and the one after
+# the MLP's down product (`L07.allreduce_attn`, `L07.allreduce_mlp`; `L*.allreduce*` matches both)
+COLLECTIVE_OPS = ("allreduce_attn", "allreduce_mlp")
 # layer-level regions that are not decoder layers
 NAMED_LAYERS = ("embed", "lm_head", "sample")
 

@@ -36,10 +36,21 @@ def command(ns: argparse.Namespace) -> int:
     plan = prepare(replace(model_options(ns), gen_tokens=ns.max_new_tokens), prompts=prompts)
     source, cfg = plan.source, plan.cfg
     check_prompts(prompts, source.args.vocab_size)
-    model, ready_s = load_for(plan)
+    tp = getattr(ns, "tp", None)
+    if tp is not None:  # the model split over `tp` ranks (kvscope.commands.tp_generate)
+        from kvscope.commands.tp_generate import generate_tp
+
+        done = generate_tp(plan, prompts, ns.max_new_tokens, tp)
+        if done is None:  # a torchrun rank other than 0: rank 0 prints
+            return 0
+        tokens, ready_s, where = done.tokens, done.ready_s, f"{tp} ranks ({cfg.device.type})"
+    else:
+        model, ready_s = load_for(plan)
+        where = str(cfg.device)
     print(f"kvscope: {source.args.name} ({source.kind}{', random weights' if source.random_weights else ''}) "
-          f"on {cfg.device} in {dtype_name(cfg.dtype)}, ready in {ready_s:.2f} s", file=sys.stderr)
-    tokens = make_engine(model, plan).generate(prompts, ns.max_new_tokens)
+          f"on {where} in {dtype_name(cfg.dtype)}, ready in {ready_s:.2f} s", file=sys.stderr)
+    if tp is None:
+        tokens = make_engine(model, plan).generate(prompts, ns.max_new_tokens)
     for row in tokens:
         print(json.dumps(row))
         if tokenizer is not None:

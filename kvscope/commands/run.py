@@ -28,7 +28,17 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kvscope.analysis.schema import CUDA_CLOCK, HOST_CLOCK, NAMED_LAYERS, NS_PER_MS, OPS, PHASES, rep_name, run_name
+from kvscope.analysis.schema import (
+    COLLECTIVE_OPS,
+    CUDA_CLOCK,
+    HOST_CLOCK,
+    NAMED_LAYERS,
+    NS_PER_MS,
+    OPS,
+    PHASES,
+    rep_name,
+    run_name,
+)
 from kvscope.analysis.summary import HostClock, RunFacts, summary_row
 from kvscope.commands.json_out import folder_files, json_line, key_numbers
 from kvscope.commands.memory import allocation_failure, allocation_message
@@ -47,6 +57,7 @@ from kvscope.engine.engines import HF_COMPILED_ENGINE, KVSCOPE_ENGINE
 from kvscope.engine.hf import HfEngine, load_hf_model
 from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunPlan, RunSpec, prepare
+from kvscope.engine.tp import TensorParallel
 from kvscope.errors import KvscopeError
 from kvscope.model.dtypes import dtype_name, itemsize
 from kvscope.model.weights import load_model
@@ -60,6 +71,10 @@ Prompt = tuple[torch.Tensor, list[int]]  # the tokens (B, S) on the device, and 
 
 def command(ns: argparse.Namespace) -> int:
     """`kvscope run`: the run with a progress bar on stderr (when it is a terminal), then its summary table."""
+    if getattr(ns, "tp", None) is not None:
+        from kvscope.commands.tp_run import command_tp  # tensor parallelism: ranks spawned or from torchrun
+
+        return command_tp(ns)
     err = Console(stderr=True)
     # no bar when stderr is not a terminal: rich would leave a blank line there, before any error line
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -128,15 +143,18 @@ def load_for(plan: RunPlan) -> tuple[torch.nn.Module, float]:
     return load_hf_model(plan.source, cfg.device, cfg.dtype, seed=spec.seed, attn=spec.attn)
 
 
-def make_engine(model: torch.nn.Module, plan: RunPlan, ins: Instrument | None = None) -> Engine | HfEngine:
-    """The loop `plan.spec.engine` names over `model` (from `load_for`)."""
+def make_engine(model: torch.nn.Module, plan: RunPlan, ins: Instrument | None = None,
+                tp: TensorParallel | None = None) -> Engine | HfEngine:
+    """The loop `plan.spec.engine` names over `model` (from `load_for`); `tp`: a tensor-parallel rank's (kvscope's
+    engine only, kvscope.commands.tp_run)."""
     if plan.spec.engine == KVSCOPE_ENGINE:
-        return Engine(model, plan.cfg, ins, graphs=plan.graphs, kernels=plan.kernels)
+        return Engine(model, plan.cfg, ins, graphs=plan.graphs, kernels=plan.kernels, tp=tp)
     return HfEngine(model, plan.cfg, ins, compiled=plan.spec.engine == HF_COMPILED_ENGINE, graphs=plan.graphs)
 
 
 def measure(model: torch.nn.Module, plan: RunPlan, run_id: str, ready_s: float = math.nan,
-            progress: ProgressFn | None = None, nvml: NvmlSampler | None = None) -> RunResult:
+            progress: ProgressFn | None = None, nvml: NvmlSampler | None = None,
+            tp: TensorParallel | None = None) -> RunResult:
     """Warm up, then time `plan.spec.reps` repetitions of prefill + decode on an already loaded model. `nvml`: a
     sampler started earlier (before the model loaded); without one, one is started here, before the warm-up.
     `model`: from `load_for(plan)`; a transformers engine's hooks are removed from it on return."""
@@ -146,9 +164,10 @@ def measure(model: torch.nn.Module, plan: RunPlan, run_id: str, ready_s: float =
     engine: Engine | HfEngine | None = None
     try:
         ins = Instrument(spec.granularity, cfg.device, nvtx=plan.nvtx)
-        engine = make_engine(model, plan, ins)
+        engine = make_engine(model, plan, ins, tp)
         gen = torch.Generator().manual_seed(spec.seed)
-        ids = torch.randint(0, plan.source.args.vocab_size, (spec.batch_size, spec.seq), generator=gen)  # (B, S)
+        vocab = tp.vocab_size if tp is not None else plan.source.args.vocab_size  # with tp, args are a rank's
+        ids = torch.randint(0, vocab, (spec.batch_size, spec.seq), generator=gen)  # (B, S)
         prompt: Prompt = (ids.to(cfg.device), [spec.seq] * spec.batch_size)
         with ins.paused():
             for w in range(spec.warmup):
@@ -159,7 +178,8 @@ def measure(model: torch.nn.Module, plan: RunPlan, run_id: str, ready_s: float =
                     progress("warm-up", w + 1, spec.warmup)
         if cfg.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(cfg.device)
-        ins.reserve(regions_per_rep(ins, plan.source.args.n_layers, spec.gen_tokens, engine.graphs) + 2)
+        n_ops = len(OPS) + (len(COLLECTIVE_OPS) if tp is not None else 0)
+        ins.reserve(regions_per_rep(ins, plan.source.args.n_layers, spec.gen_tokens, engine.graphs, n_ops) + 2)
         host, records = _timed_repetitions(engine, ins, nvml, plan, prompt, progress)
         timings = timings_frame(records, run_id, spec)
         summary = summary_row(timings, _facts(plan, engine, run_id, host, ready_s))
@@ -237,7 +257,8 @@ def _facts(plan: RunPlan, engine: Engine | HfEngine, run_id: str, host: HostCloc
         ceilings=plan.ceilings)
 
 
-def regions_per_rep(ins: Instrument, n_layers: int, gen_tokens: int, graphs: bool = False) -> int:
+def regions_per_rep(ins: Instrument, n_layers: int, gen_tokens: int, graphs: bool = False,
+                    n_ops: int = len(OPS)) -> int:
     """Timed regions one repetition opens at the instrument's granularity (to create their events ahead). With
     graphs, a decode step's layer and op regions are event nodes of the graph and take no pooled events."""
     timed = ins.timed_levels()
@@ -248,5 +269,5 @@ def regions_per_rep(ins: Instrument, n_layers: int, gen_tokens: int, graphs: boo
     if "layer" in timed:
         count += units * (n_layers + len(NAMED_LAYERS))  # the layers, and embed, lm_head, sample
     if "op" in timed:
-        count += units * n_layers * len(OPS)
+        count += units * n_layers * n_ops  # with tensor parallelism, OPS and the COLLECTIVE_OPS
     return count

@@ -31,11 +31,12 @@ from functools import partial
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kvscope.analysis.schema import OPS, step_name
+from kvscope.analysis.schema import COLLECTIVE_OPS, OPS, step_name
 from kvscope.engine.graphs import CapturedStep, DecodeGraphs
 from kvscope.engine.plan import RunConfig
 from kvscope.engine.regions import DECODE, PREFILL, EngineRegions
 from kvscope.engine.rope_kv import DecodeTables, PrefillTables, make_rope_kv
+from kvscope.engine.tp import TensorParallel
 from kvscope.errors import KvscopeError
 from kvscope.kernels import ops as kops
 from kvscope.model.attention import DecodeMeta, decode_attention, flash_decode_ok, prefill_attention
@@ -50,6 +51,9 @@ from kvscope.profiler.instrument import Instrument
 DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # attend(i, qkv): RoPE, cache write and attention of layer i, (B, S, H+2H_kv, D) -> (B*S, H*D)
 Attend = Callable[[int, torch.Tensor], torch.Tensor]
+# rows up to which the gemv kernels normalise their input themselves (RMSNorm fused into the product): each warp
+# normalises the x vectors it reads, work that grows with the rows (benchmarks/kernels.py measures both ways)
+GEMV_NORM_MAX_ROWS = 4
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device
@@ -77,8 +81,8 @@ class Engine:
     """One model, one KV cache, static decode buffers, and the attention switch of the run config."""
 
     def __init__(self, model: Transformer, cfg: RunConfig, instrument: Instrument | None = None,
-                 graphs: bool = False, kernels: bool = False) -> None:
-        args = model.args
+                 graphs: bool = False, kernels: bool = False, tp: TensorParallel | None = None) -> None:
+        args = model.args  # with `tp`: one rank's numbers (heads, KV heads, MLP width, vocabulary divided)
         cfg.check(args)
         if graphs and cfg.device.type != "cuda":
             raise KvscopeError("CUDA graphs need a CUDA device (--graphs off on the CPU)")
@@ -87,9 +91,14 @@ class Engine:
                                f"got {cfg.device} {dtype_name(cfg.dtype)} (--kernels off)")
         self.model, self.cfg, self.args = model, cfg, args
         self.graphs = graphs
+        self.tp = tp  # tensor parallelism: this rank's collectives (kvscope.engine.tp), None on one device
+        self.vocab_size = tp.vocab_size if tp is not None else args.vocab_size  # the full vocabulary
         # hand-written kernels: RMSNorm (which also writes in-graph timestamps), SiLU*up, RoPE fused with the cache
         # write; off: the same maths as torch operations
         self.kernels = kernels
+        # with kernels on: products of at most 16 rows (decode steps) run kvscope's gemv kernels, with the RMSNorm
+        # before them fused in up to GEMV_NORM_MAX_ROWS rows; False: cuBLAS (tests compare the two)
+        self.gemv = kernels
         self.ins = instrument if instrument is not None else Instrument("none", cfg.device, nvtx=False)
         self.regions = EngineRegions(args.n_layers, stamped=kernels)
         self.step = 0  # index of the token the next decode step produces (the prefill produces token 0)
@@ -102,7 +111,8 @@ class Engine:
         cos, sin_rot = rope_tables(args, cfg.max_seq, dev, dt)  # (S_max, D) each
         self.rope_kv = make_rope_kv(kernels, args, self.cache, cos, sin_rot, self.ins, self.regions)
         self._decode_buffers()
-        self.decode_graphs = (DecodeGraphs(self.ins, dev, Instrument.graph_marks_bound(args.n_layers, len(OPS)),
+        self.decode_graphs = (DecodeGraphs(self.ins, dev, Instrument.graph_marks_bound(
+            args.n_layers, len(OPS) + (len(COLLECTIVE_OPS) if tp is not None else 0)),
                                            stamps=kernels) if graphs else None)
         self.logits: torch.Tensor | None = None  # (B, V) logits of the last prefill or decode step
 
@@ -121,7 +131,12 @@ class Engine:
         """h_last: (B, dim) -> logits (B, V) in `self.logits`, greedy tokens into `next_tokens`."""
         m, ins, regions = self.model, self.ins, self.regions
         with ins.region_with(*regions.lm_head):
-            self.logits = m.output(self._norm(m.norm, h_last))  # (B, V)
+            if self._gemv_on(h_last):
+                self.logits = self._proj(m.output, h_last, m.norm)  # (B, V)
+            else:
+                self.logits = m.output(self._norm(m.norm, h_last))  # (B, V), with tp (B, V/tp)
+            if self.tp is not None:
+                self.logits = self.tp.gather_logits(self.logits)  # (B, V)
         with ins.region_with(*regions.sample):
             self.next_tokens.copy_(torch.argmax(self.logits, dim=-1))
 
@@ -137,18 +152,63 @@ class Engine:
         layer, region, ops = self.model.layers[i], self.ins.region_with, self.regions.ops[i]
         b, s, dim = h.shape
         h2 = h.view(b * s, dim)  # (B*S, dim), the residual stream, updated in place
+        gemv = self._gemv_on(h2)  # then the qkv and gate/up kernels normalise h2 themselves (see _proj)
         with region(*self.regions.layers[i]):
-            with region(*ops["norm"]):
-                x = self._norm(layer.attention_norm, h)
+            with region(*ops["norm"]):  # empty with gemv: the norm runs inside the qkv product
+                x = None if gemv else self._norm(layer.attention_norm, h)
             with region(*ops["qkv"]):
-                qkv = layer.attention.qkv(x)  # (B, S, H+2H_kv, D)
+                if gemv:
+                    a = self.args
+                    qkv = self._proj(layer.attention.wqkv, h2, layer.attention_norm).view(
+                        b, s, a.n_heads + 2 * a.n_kv_heads, a.head_dim)  # (B, S, H+2H_kv, D)
+                else:
+                    qkv = layer.attention.qkv(x)  # (B, S, H+2H_kv, D)
             y = attend(i, qkv)  # (B*S, H*D)
             with region(*ops["o_proj"]):
-                linear_residual_(h2, y, layer.attention.wo)
+                self._residual(h2, y, layer.attention.wo)
+            if self.tp is not None:
+                with region(*self.tp.regions[i]["allreduce_attn"]):
+                    self.tp.all_reduce_(h2)
             with region(*ops["mlp"]):
                 ff = layer.feed_forward
-                act = ff.hidden_act(self._norm(layer.ffn_norm, h2), kops.silu_mul if self.kernels else None)
-                linear_residual_(h2, act, ff.w2)
+                if gemv:  # norm, gate/up product and SiLU*up
+                    act = self._proj(ff.w13, h2, layer.ffn_norm, silu_mul=True)  # (B*S, F)
+                else:
+                    act = ff.hidden_act(self._norm(layer.ffn_norm, h2), kops.silu_mul if self.kernels else None)
+                self._residual(h2, act, ff.w2)
+            if self.tp is not None:
+                with region(*self.tp.regions[i]["allreduce_mlp"]):
+                    self.tp.all_reduce_(h2)
+
+    def _residual(self, h2: torch.Tensor, x: torch.Tensor, linear: torch.nn.Linear) -> None:
+        """h2 += linear(x) (N, dim); with tp, this rank's row-parallel part (the all-reduce follows)."""
+        if self.tp is None:
+            if self.gemv and kops.gemv_fits(x, linear.weight):
+                kops.gemv_residual_(h2, x, linear.weight, linear.bias)
+            else:
+                linear_residual_(h2, x, linear)
+        else:
+            self.tp.partial_residual_(h2, x, linear)
+
+    def _gemv_on(self, x2: torch.Tensor) -> bool:
+        """Whether the products reading x2 (N, dim) run the gemv kernels: gemv on, one device, N <= 16."""
+        return self.gemv and self.tp is None and kops.gemv_fits(x2, self.model.output.weight)
+
+    def _proj(self, linear: torch.nn.Linear, x2: torch.Tensor, norm: torch.nn.Module, silu_mul: bool = False
+              ) -> torch.Tensor:
+        """linear(norm(x2)) (N, out) with the gemv kernels, x2 (N, dim): up to GEMV_NORM_MAX_ROWS rows the kernel
+        normalises x2 itself (one launch, the instrument's pending timestamp written by it), else the RMSNorm kernel
+        runs first. `silu_mul`: linear is the fused gate/up product and the result silu(gate) * up (N, out / 2)."""
+        op = kops.gemv_silu_mul if silu_mul else partial(kops.gemv, bias=linear.bias)
+        if x2.shape[0] <= GEMV_NORM_MAX_ROWS:
+            return op(x2, linear.weight, norm_weight=norm.weight, eps=norm.eps, stamp=self.ins.take_stamp())
+        return op(self._norm(norm, x2), linear.weight)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, S) -> (B, S, dim); with tp, this rank's vocabulary rows summed over the ranks."""
+        if self.tp is None:
+            return self.model.tok_embeddings(tokens)
+        return self.tp.embed(self.model.tok_embeddings, tokens)
 
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -167,7 +227,7 @@ class Engine:
         ins, cache = self.ins, self.cache
         with ins.region(PREFILL, "phase", phase=PREFILL, step=0, tokens=sum(lengths), context_len=max(lengths)):
             with ins.region_with(*self.regions.prefill_embed):
-                h = self.model.tok_embeddings(tokens)  # (B, S, dim)
+                h = self._embed(tokens)  # (B, S, dim)
             for i in range(self.args.n_layers):
                 self._layer(i, h, attend)
             h_last = h[self.batch_idx, cache.lengths - 1]  # (B, dim): each sequence's last prompt position
@@ -230,7 +290,7 @@ class Engine:
             tables = self.rope_kv.decode_tables(pos)  # once per step, for all layers
             attend = partial(self._decode_attend, tables, self._decode_meta(pos, static))
             with self.ins.region_with(*self.regions.decode_embed):
-                h = self.model.tok_embeddings(self.next_tokens.view(b, 1))  # (B, 1, dim)
+                h = self._embed(self.next_tokens.view(b, 1))  # (B, 1, dim)
             for i in range(self.args.n_layers):
                 self._layer(i, h, attend)
             self._head(h[:, 0])  # (B, dim)
@@ -239,6 +299,8 @@ class Engine:
     def _decode_meta(self, pos: torch.Tensor, static: bool) -> DecodeMeta:
         """What every layer's decode attention of this step shares (see DecodeMeta); pos: (B,) on the device."""
         cache, b = self.cache, self.cfg.batch_size
+        if self.cfg.attn == "kvscope":  # kvscope's split-KV kernel: lengths on the device, fixed shapes
+            return DecodeMeta(span=cache.max_seq, kv_lengths=pos + 1)
         if self.flash_decode:
             return DecodeMeta(span=cache.max_seq, seqused=(pos + 1).to(torch.int32), cu_q=self._cu_q,
                               cu_k=self._cu_k)
@@ -254,7 +316,10 @@ class Engine:
         (B, H*D)."""
         q = self.rope_kv.decode(i, qkv, t)  # (B, H, D)
         with self.ins.region_with(*self.regions.ops[i]["attn"]):
-            y = decode_attention(q, self.cache.k(i), self.cache.v(i), meta, self.cfg.attn)  # (B, H, D)
+            if meta.kv_lengths is not None:
+                y = kops.decode_attention(q, self.cache.k(i), self.cache.v(i), meta.kv_lengths)  # (B, H, D)
+            else:
+                y = decode_attention(q, self.cache.k(i), self.cache.v(i), meta, self.cfg.attn)  # (B, H, D)
             return y.view(q.shape[0], self.args.q_size)  # (B, H*D)
 
     @torch.inference_mode()
@@ -277,6 +342,6 @@ class Engine:
             raise KvscopeError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         if len(prompts) != self.cfg.batch_size:
             raise KvscopeError(f"engine was built for {self.cfg.batch_size} prompts, got {len(prompts)}")
-        tokens, lengths = pad_prompts(prompts, self.args.vocab_size, self.cfg.device)
+        tokens, lengths = pad_prompts(prompts, self.vocab_size, self.cfg.device)
         self.prefill(tokens, lengths)
         return self.decode_n(max_new_tokens - 1).tolist()  # the one host sync

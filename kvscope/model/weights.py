@@ -20,6 +20,7 @@ from kvscope.model.config import ModelArgs, show_value
 from kvscope.model.dtypes import dtype_name
 from kvscope.model.layers import Transformer
 from kvscope.model.source import ModelSource, one_line, safetensors_files
+from kvscope.model.tp import ShardPlan, init_random_shard
 
 INIT_STD = 0.02  # standard deviation of random weights (the usual initializer_range of these families)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -45,7 +46,12 @@ def init_random(model: Transformer, seed: int) -> None:
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         else:
-            param.normal_(0.0, INIT_STD, generator=gen)
+            _draw(param, gen)
+
+
+def _draw(t: torch.Tensor, gen: torch.Generator) -> None:
+    """One random weight tensor, in place (also the full tensors a tensor-parallel rank slices: model.tp)."""
+    t.normal_(0.0, INIT_STD, generator=gen)
 
 
 def _hf_targets(model: Transformer) -> dict[str, tuple[torch.Tensor, int, int]]:
@@ -159,7 +165,9 @@ def _checkpoint_keys(files: list[Path]) -> dict[str, Path]:
     return owner
 
 
-def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_checkpoint(files: list[Path], shard: ShardPlan | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor of the shards; with a tensor-parallel `shard`, only the rank's slice of each
+    sharded tensor is read (`get_slice`)."""
     from safetensors import SafetensorError
 
     _checkpoint_keys(files)  # every header read and every name unique before any tensor is loaded
@@ -167,19 +175,27 @@ def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         with _open_shard(path) as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 try:
-                    tensor = f.get_tensor(key)
+                    part = shard.checkpoint_slice(key) if shard is not None else None
+                    if part is None:
+                        tensor = f.get_tensor(key)
+                    else:
+                        dim, lo, hi = part
+                        tensor = f.get_slice(key)[lo:hi] if dim == 0 else f.get_slice(key)[:, lo:hi]
                 except (OSError, SafetensorError, RuntimeError) as exc:  # RuntimeError: a dtype torch lacks
                     raise KvscopeError(f"{_shard_error(path, exc)} (tensor {show_value(key)})") from None
                 yield key, tensor
 
 
-def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, seed: int = 0
-               ) -> tuple[Transformer, float]:
-    """Build the model for `source` on `device` in `dtype`; returns it and the seconds it took (synchronised)."""
+def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, seed: int = 0,
+               shard: ShardPlan | None = None) -> tuple[Transformer, float]:
+    """Build the model for `source` on `device` in `dtype`; returns it and the seconds it took (synchronised).
+    `shard`: a tensor-parallel rank's part only (modules of `shard.local`, see kvscope.model.tp)."""
     t0 = time.perf_counter()
-    model = empty_model(source.args, device, dtype)
+    model = empty_model(source.args if shard is None else shard.local, device, dtype)
     if source.folder is not None:
-        load_hf_tensors(model, _iter_checkpoint(safetensors_files(source.folder)), origin=str(source.folder))
+        load_hf_tensors(model, _iter_checkpoint(safetensors_files(source.folder), shard), origin=str(source.folder))
+    elif shard is not None:
+        init_random_shard(model, shard, seed, _draw)
     else:
         init_random(model, seed)
     if device.type == "cuda":
