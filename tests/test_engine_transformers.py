@@ -141,8 +141,8 @@ def test_sweep_rows_carry_engine(tmp_path: Path) -> None:
     from kvscope.commands.sweep import SweepSpec, run_sweep
 
     base = RunSpec(model="tiny", gen_tokens=3, warmup=0, reps=1, engine="transformers")
-    rows = run_sweep(SweepSpec(base, (6, 8), (1, 2), tmp_path / "s.csv"))
-    assert len(rows) == 4
+    rows = run_sweep(SweepSpec(base, (6, 8), (1, 2**40), tmp_path / "s.csv"))  # 2**40 sequences: an oom row
+    assert rows["flag"].fillna("").str.contains("oom").tolist() == [False, True, False, True]
     assert rows["engine"].tolist() == ["transformers"] * 4
 
 

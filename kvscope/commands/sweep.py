@@ -275,5 +275,6 @@ def point_id(plan: RunPlan) -> str:
 
 def _oom_row(spec: RunSpec, run_id: str) -> pd.DataFrame:
     row: dict[str, Any] = {c: math.nan for c in CLASSIC_COLUMNS}
-    row.update({"seq_len": spec.seq, "batch": spec.batch_size, "flag": "oom", "run_id": run_id})
+    row.update({"seq_len": spec.seq, "batch": spec.batch_size, "flag": "oom", "run_id": run_id,
+                "engine": spec.engine})
     return pd.DataFrame([row])
