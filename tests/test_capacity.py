@@ -170,3 +170,18 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     assert _cli(tmp_path, df, *extra) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_capacity_runs_without_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "batch.csv"
+    batch_sweep().to_csv(path, index=False)
+    argv = ["capacity", "--sweep", str(path), "--gpu-mem-gb", "1", "--tpot-slo-ms", "14", "--ttft-slo-ms", "450",
+            "--prompt", "100", "--output", "28", "--json"]
+    code = f"import sys; sys.modules['torch'] = None\nfrom kvscope.cli import main\nraise SystemExit(main({argv!r}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["model"] == "tiny"
