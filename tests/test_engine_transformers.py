@@ -33,10 +33,13 @@ def _config_file(tmp_path: Path, family: str) -> str:
     return str(path)
 
 
-def _tokens(model: str, engine: str, prompts: list[list[int]], seed: int = 3) -> list[list[int]]:
-    plan = prepare(RunSpec(model=model, dtype="float32", device="cpu", seed=seed, gen_tokens=GEN, engine=engine),
-                   prompts=prompts)
+def _tokens(model: str, engine: str, prompts: list[list[int]], seed: int = 3, attn: str = "sdpa"
+            ) -> list[list[int]]:
+    plan = prepare(RunSpec(model=model, dtype="float32", device="cpu", seed=seed, gen_tokens=GEN, engine=engine,
+                           attn=attn), prompts=prompts)
     loaded, _ = load_for(plan)
+    if engine != "kvscope":
+        assert loaded.config._attn_implementation == attn  # --attn is transformers' attn_implementation
     return make_engine(loaded, plan).generate(prompts, GEN)
 
 
@@ -49,6 +52,11 @@ def test_eager_tokens_equal_kvscope_engine(tmp_path: Path, family: str) -> None:
         theirs = _tokens(model, "transformers", prompts)
         assert theirs == ours, f"{family}: {theirs} != {ours}"
         assert all(len(row) == GEN for row in ours)
+
+
+def test_eager_attention_tokens_equal(tmp_path: Path) -> None:
+    model = _config_file(tmp_path, "qwen2")
+    assert _tokens(model, "transformers", RAGGED, attn="eager") == _tokens(model, "kvscope", RAGGED, attn="eager")
 
 
 def test_tiny_preset_tokens_and_seed() -> None:
@@ -163,10 +171,15 @@ def test_bad_combinations_fail_in_one_line(tmp_path: Path, capsys: pytest.Captur
     assert not (tmp_path / "r").exists()
 
 
-def test_sweep_and_generate_refuse_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sweep_nsys_and_generate_refuse_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same checks where the run options are forwarded: `sweep`, `nsys --` (before looking for nsys) and
+    `generate` (a ragged batch for the compiled engine, before the model loads)."""
     line = fail(["sweep", "--model", "tiny", "--seq", "8", "--batch-sizes", "1", "--out", str(tmp_path / "s.csv"),
                  "--engine", "transformers", "--granularity", "op"], capsys)
     assert "not op" in line and not (tmp_path / "s.csv").exists()
+    line = fail(["nsys", "--out", str(tmp_path / "n"), "--", "--model", "tiny", "--engine", "transformers-compiled",
+                 "--granularity", "layer"], capsys)
+    assert "not layer" in line and not (tmp_path / "n").exists()
     line = fail(["generate", "--model", "tiny", "--prompt-ids", "1,2,3;4", "--engine", "transformers-compiled"],
                 capsys)
     assert "needs prompts of one length" in line
