@@ -84,6 +84,8 @@ def load_hf_model(source: ModelSource, device: torch.device, dtype: torch.dtype,
             model = AutoModelForCausalLM.from_config(hf_config(source.args), attn_implementation=attn, dtype=dtype)
         _copy_weights(ours, model)
         del ours
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # kvscope's copy of the weights is freed, not kept reserved (memory columns)
     model = model.to(device).eval().requires_grad_(False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # named sync: the ready time includes the device work
