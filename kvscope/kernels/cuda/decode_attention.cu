@@ -1,0 +1,316 @@
+// kvscope_decode_attention: one new query token per sequence against the KV cache, grouped-query attention,
+// split-KV ("flash-decoding"), float accumulation.
+//   q        (B, H, D): element (b, h, d) at q[b * q_stride_b + h * q_stride_h + d]
+//   k_cache, v_cache (B, S_max, H_kv, D) contiguous (one layer's views of the token-major cache)
+//   lengths  (B,) int64 on the device: sequence b attends to cache positions 0 .. lengths[b] - 1 (the new token's
+//            own K/V included); clamped to [0, S_max]; a sequence of length 0 gets a zero output
+//   out      (B, H, D) contiguous, the element type; written directly when n_splits == 1
+//   part_o   (B, H, n_splits, D) float, part_lse (B, H, n_splits) float: each split's normalised output and its
+//            log2-sum-exp2 (n_splits > 1), combined by kvscope_decode_attention_merge
+// Query head h uses KV head h / G (G = H / H_kv), as in the Hugging Face checkpoints' repeat-interleave grouping.
+//
+// Grid (n_splits, H_kv * head_chunks, B), DA_WARPS warps per block. A block takes one (sequence, KV head, split)
+// and GP query heads of that KV head's group (G <= GP: all of them, so K and V are read once per group; larger
+// groups take several chunks of GP). Each split covers ceil(len / n_splits) positions of the device length, so the
+// work follows the real length, not S_max. Inside a block, LT = D / VEC_ELEMS lanes share one cache row, each
+// loading 16 bytes of K and of V; a warp covers 32 / LT positions per load and DA_UNROLL loads of K and V are in
+// flight before the first use. Scores: per-lane partial dot products of all GP heads, reduced over the LT lanes by
+// a butterfly that halves the heads held at each step (lane l_in ends with head l_in / (LT / GP)). Softmax online
+// in base 2 (q pre-scaled by scale * log2(e)), the accumulator rescaled only when some maximum grew. Warps are
+// combined through shared memory at the end of the split.
+
+#define DA_WARPS 4
+#define DA_UNROLL 4
+#define DA_STAGES 3
+#define DA_TILE_BYTES (DA_UNROLL * 2 * 32 * 16)  // one warp's DA_UNROLL loads of K and V, 16 bytes a lane
+#define DA_MAX_SPLITS 1024
+#define DA_FULL 0xffffffffu
+#define DA_NEG_INF __int_as_float(0xff800000)  // -inf without math headers (NVRTC)
+
+// 16 bytes global -> shared without passing through registers; src_bytes 0 fills zeros and reads nothing
+__device__ __forceinline__ unsigned da_smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void da_copy16(unsigned dst, const elem_t* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void da_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void da_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ uint4 da_lds(unsigned addr) {
+    uint4 r;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr)
+                 : "memory");
+    return r;
+}
+
+__device__ __forceinline__ float da_exp2(float x) { return exp2f(x); }
+
+// x[GP] partial sums of GP heads on each of LT lanes -> the full sum of head l_in / (LT / GP) on every lane
+template <int GP, int LT>
+__device__ __forceinline__ float da_reduce_heads(float (&x)[GP], int l_in) {
+#pragma unroll
+    for (int level = 0; (GP >> level) > 1; ++level) {
+        const int h = GP >> level, off = LT >> (level + 1);
+        const bool upper = (l_in & off) != 0;
+#pragma unroll
+        for (int k = 0; k < h / 2; ++k) {
+            const float send = upper ? x[k] : x[k + h / 2];
+            const float keep = upper ? x[k + h / 2] : x[k];
+            x[k] = keep + __shfl_xor_sync(DA_FULL, send, off);
+        }
+    }
+    float s = x[0];
+#pragma unroll
+    for (int off = LT / GP / 2; off >= 1; off >>= 1) s += __shfl_xor_sync(DA_FULL, s, off);
+    return s;
+}
+
+template <int D, int GP>
+__device__ __forceinline__ void da_split(elem_t* __restrict__ out, float* __restrict__ part_o,
+                                         float* __restrict__ part_lse, const elem_t* __restrict__ q,
+                                         const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache,
+                                         const long long* __restrict__ lengths, long long q_stride_b,
+                                         long long q_stride_h, int n_heads, int n_kv_heads, int s_max,
+                                         int n_splits, float scale_log2) {
+    constexpr int V = VEC_ELEMS;
+    constexpr int LT = D / V;    // lanes per cache row
+    constexpr int TPW = 32 / LT;  // positions per warp per load
+    constexpr int HL = LT / GP;   // lanes holding the same head after the reduction
+    constexpr int STEP = DA_UNROLL * TPW;
+    static_assert(D % V == 0 && LT <= 32 && 32 % LT == 0 && GP <= LT, "unsupported head size / group");
+    // per warp, DA_STAGES tiles of DA_UNROLL loads of K and of V (each lane reads back only its own 16-byte slots);
+    // after the loop the same bytes hold the warps' partial results
+    __shared__ __align__(16) unsigned char smem[DA_WARPS * DA_STAGES * DA_TILE_BYTES];
+    static_assert(DA_WARPS * GP * (D + 2) * (int)sizeof(float) <= DA_WARPS * DA_STAGES * DA_TILE_BYTES, "smem");
+    float(*s_acc)[GP][D] = reinterpret_cast<float(*)[GP][D]>(smem);                       // [DA_WARPS][GP][D]
+    float(*s_m)[GP] = reinterpret_cast<float(*)[GP]>(smem + DA_WARPS * GP * D * sizeof(float));  // [DA_WARPS][GP]
+    float(*s_l)[GP] = s_m + DA_WARPS;                                                       // [DA_WARPS][GP]
+
+    const int split = blockIdx.x, group = blockIdx.y, b = blockIdx.z;
+    const int g_size = n_heads / n_kv_heads, n_chunks = (g_size + GP - 1) / GP;
+    const int kvh = group / n_chunks, chunk = group % n_chunks;
+    const int head0 = kvh * g_size + chunk * GP;
+    const int valid_heads = min(GP, g_size - chunk * GP);
+    long long len = lengths[b];
+    len = len < 0 ? 0 : (len > s_max ? s_max : len);
+    const long long per_split = (len + n_splits - 1) / n_splits;
+    const long long start = (long long)split * per_split;
+    const long long end = min(len, start + per_split);
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int tg = lane / LT, l_in = lane % LT;
+    const int hsel = l_in / HL;
+
+    float qf[GP][V];  // this lane's slice of every query head, scaled to base 2
+#pragma unroll
+    for (int g = 0; g < GP; ++g) {
+        if (g < valid_heads) {
+            Vec16 r;
+            r.raw = *reinterpret_cast<const uint4*>(q + b * q_stride_b + (head0 + g) * q_stride_h + l_in * V);
+#pragma unroll
+            for (int e = 0; e < V; ++e) qf[g][e] = to_f(r.e[e]) * scale_log2;
+        } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) qf[g][e] = 0.f;
+        }
+    }
+    float acc[GP][V];
+#pragma unroll
+    for (int g = 0; g < GP; ++g)
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[g][e] = 0.f;
+    float m = DA_NEG_INF, l = 0.f;  // running maximum and sum of head hsel over this lane's positions
+
+    const long long row = (long long)n_kv_heads * D;  // elements between consecutive positions
+    const elem_t* kb = k_cache + ((long long)b * s_max * n_kv_heads + kvh) * D + l_in * V;
+    const elem_t* vb = v_cache + ((long long)b * s_max * n_kv_heads + kvh) * D + l_in * V;
+
+    // tile `it` of this warp: positions start + (it * DA_WARPS + warp) * STEP + u * TPW + tg, u < DA_UNROLL
+    const long long first = start + (long long)warp * STEP;
+    const int n_tiles = first < end ? (int)((end - first + DA_WARPS * STEP - 1) / (DA_WARPS * STEP)) : 0;
+    const unsigned slots = da_smem_addr(smem) + warp * DA_STAGES * DA_TILE_BYTES + lane * 16;  // + stage, u, K|V
+    auto issue = [&](int it) {
+        const unsigned st = slots + (it % DA_STAGES) * DA_TILE_BYTES;
+        const long long t0 = first + (long long)it * DA_WARPS * STEP;
+#pragma unroll
+        for (int u = 0; u < DA_UNROLL; ++u) {
+            const long long t = t0 + u * TPW + tg;
+            const bool ok = t < end;
+            const long long off = ok ? t * row : 0;
+            da_copy16(st + (2 * u) * 512, kb + off, ok ? 16 : 0);
+            da_copy16(st + (2 * u + 1) * 512, vb + off, ok ? 16 : 0);
+        }
+    };
+#pragma unroll
+    for (int it = 0; it < DA_STAGES - 1; ++it) {
+        if (it < n_tiles) issue(it);
+        da_commit();  // one group per tile, empty ones too, so that the wait below counts tiles
+    }
+    for (int it = 0; it < n_tiles; ++it) {
+        if (it + DA_STAGES - 1 < n_tiles) issue(it + DA_STAGES - 1);
+        da_commit();
+        da_wait<DA_STAGES - 1>();  // tile `it` has landed
+        const unsigned st = slots + (it % DA_STAGES) * DA_TILE_BYTES;
+        const long long t0 = first + (long long)it * DA_WARPS * STEP;
+        float s[DA_UNROLL];
+#pragma unroll
+        for (int u = 0; u < DA_UNROLL; ++u) {
+            Vec16 kv;
+            kv.raw = da_lds(st + (2 * u) * 512);
+            float kf[V];
+#pragma unroll
+            for (int e = 0; e < V; ++e) kf[e] = to_f(kv.e[e]);
+            float part[GP];
+#pragma unroll
+            for (int g = 0; g < GP; ++g) {
+                float a = 0.f;
+#pragma unroll
+                for (int e = 0; e < V; ++e) a = fmaf(qf[g][e], kf[e], a);
+                part[g] = a;
+            }
+            const float sc = da_reduce_heads<GP, LT>(part, l_in);
+            s[u] = (t0 + u * TPW + tg < end) ? sc : DA_NEG_INF;
+        }
+        float mx = s[0];
+#pragma unroll
+        for (int u = 1; u < DA_UNROLL; ++u) mx = fmaxf(mx, s[u]);
+#pragma unroll
+        for (int off = LT; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(DA_FULL, mx, off));
+        const float m_new = fmaxf(m, mx);  // finite: position t0 is valid for every head
+        const float alpha = da_exp2(m - m_new);
+        if (__any_sync(DA_FULL, m_new > m)) {
+#pragma unroll
+            for (int g = 0; g < GP; ++g) {
+                const float a = __shfl_sync(DA_FULL, alpha, g * HL);
+#pragma unroll
+                for (int e = 0; e < V; ++e) acc[g][e] *= a;
+            }
+        }
+        float psum = 0.f;
+#pragma unroll
+        for (int u = 0; u < DA_UNROLL; ++u) {
+            const float p = da_exp2(s[u] - m_new);
+            psum += p;
+            Vec16 vv;
+            vv.raw = da_lds(st + (2 * u + 1) * 512);
+            float vf[V];
+#pragma unroll
+            for (int e = 0; e < V; ++e) vf[e] = to_f(vv.e[e]);
+#pragma unroll
+            for (int g = 0; g < GP; ++g) {
+                const float pg = __shfl_sync(DA_FULL, p, tg * LT + g * HL);
+#pragma unroll
+                for (int e = 0; e < V; ++e) acc[g][e] = fmaf(pg, vf[e], acc[g][e]);
+            }
+        }
+        l = l * alpha + psum;
+        m = m_new;
+    }
+    da_wait<0>();  // no copy may land in the bytes reused below
+
+    // the warp's positions together: sums over the lanes of other rows (same l_in); m is already shared
+#pragma unroll
+    for (int off = LT; off < 32; off <<= 1) {
+        l += __shfl_xor_sync(DA_FULL, l, off);
+#pragma unroll
+        for (int g = 0; g < GP; ++g)
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[g][e] += __shfl_xor_sync(DA_FULL, acc[g][e], off);
+    }
+    __syncthreads();  // every warp is done with its tiles: the shared bytes now hold partial results
+    if (tg == 0) {
+#pragma unroll
+        for (int g = 0; g < GP; ++g)
+#pragma unroll
+            for (int e = 0; e < V; ++e) s_acc[warp][g][l_in * V + e] = acc[g][e];
+        if (l_in % HL == 0) {
+            s_m[warp][hsel] = m;
+            s_l[warp][hsel] = l;
+        }
+    }
+    __syncthreads();
+
+    // the block's warps together, one (head, dim) per thread and step
+    for (int i = threadIdx.x; i < valid_heads * D; i += blockDim.x) {
+        const int g = i / D, d = i % D;
+        float mm = DA_NEG_INF;
+#pragma unroll
+        for (int w = 0; w < DA_WARPS; ++w) mm = fmaxf(mm, s_m[w][g]);
+        float lsum = 0.f, o = 0.f;
+        if (mm != DA_NEG_INF) {
+#pragma unroll
+            for (int w = 0; w < DA_WARPS; ++w) {
+                const float wt = da_exp2(s_m[w][g] - mm);
+                lsum += s_l[w][g] * wt;
+                o += s_acc[w][g][d] * wt;
+            }
+        }
+        const float res = lsum > 0.f ? o / lsum : 0.f;
+        const long long oh = (long long)b * n_heads + head0 + g;  // row of (b, h) in (B, H, ...)
+        if (n_splits == 1) {
+            out[oh * D + d] = from_f(res);
+        } else {
+            part_o[(oh * n_splits + split) * D + d] = res;
+            if (d == 0) part_lse[oh * n_splits + split] = lsum > 0.f ? mm + __log2f(lsum) : DA_NEG_INF;
+        }
+    }
+}
+
+#define DA_ENTRY(D, GP)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(DA_WARPS * 32) kvscope_decode_attention_d##D##_g##GP(              \
+        elem_t* out, float* part_o, float* part_lse, const elem_t* q, const elem_t* k_cache,                         \
+        const elem_t* v_cache, const long long* lengths, long long q_stride_b, long long q_stride_h, int n_heads,    \
+        int n_kv_heads, int s_max, int n_splits, float scale_log2) {                                                  \
+        da_split<D, GP>(out, part_o, part_lse, q, k_cache, v_cache, lengths, q_stride_b, q_stride_h, n_heads,        \
+                        n_kv_heads, s_max, n_splits, scale_log2);                                                     \
+    }
+
+DA_ENTRY(64, 1)
+DA_ENTRY(64, 2)
+DA_ENTRY(64, 4)
+DA_ENTRY(64, 8)
+DA_ENTRY(128, 1)
+DA_ENTRY(128, 2)
+DA_ENTRY(128, 4)
+DA_ENTRY(128, 8)
+
+// out[r, :] = sum_s 2^(lse[r, s] - M) * part_o[r, s, :] / sum_s 2^(lse[r, s] - M), one block per row r = (b, h);
+// a row whose splits all saw no position (length 0) gets zeros.
+extern "C" __global__ void kvscope_decode_attention_merge(elem_t* __restrict__ out, const float* __restrict__ part_o,
+                                                          const float* __restrict__ part_lse, int n_splits, int d) {
+    __shared__ float s_w[DA_MAX_SPLITS];
+    __shared__ float s_red[32];
+    const long long r = blockIdx.x;
+    const float* lse = part_lse + r * n_splits;
+    float mx = DA_NEG_INF;
+    for (int s = threadIdx.x; s < n_splits; s += blockDim.x) mx = fmaxf(mx, lse[s]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DA_FULL, mx, off));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+    if (lane == 0) s_red[warp] = mx;
+    __syncthreads();
+    mx = DA_NEG_INF;
+    for (int w = 0; w < n_warps; ++w) mx = fmaxf(mx, s_red[w]);
+    float wsum = 0.f;
+    for (int s = threadIdx.x; s < n_splits; s += blockDim.x) {
+        const float w = mx == DA_NEG_INF ? 0.f : exp2f(lse[s] - mx);
+        s_w[s] = w;
+        wsum += w;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) wsum += __shfl_xor_sync(DA_FULL, wsum, off);
+    __syncthreads();  // every thread has read s_red's maxima before it is reused
+    if (lane == 0) s_red[warp] = wsum;
+    __syncthreads();
+    wsum = 0.f;
+    for (int w = 0; w < n_warps; ++w) wsum += s_red[w];
+    const float* po = part_o + r * (long long)n_splits * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float o = 0.f;
+        for (int s = 0; s < n_splits; ++s) o = fmaf(s_w[s], po[(long long)s * d + i], o);
+        out[r * d + i] = from_f(wsum > 0.f ? o / wsum : 0.f);
+    }
+}

@@ -1,0 +1,173 @@
+"""kvscope's split-KV decode attention against its torch reference (marked `gpu`, skipped without CUDA): batch 1 to
+64, lengths 1 to 32k (lengths that are multiples of no tile, ragged lengths in one batch, 0 and past S_max), head
+sizes 64 and 128, 1 to 12 query heads per KV head, bfloat16 / float16 / float32, outputs and the splits' partial
+results NaN-poisoned before every launch; replayed from a CUDA graph with the lengths changed between replays; the
+engine's `--attn kvscope` switch. The host-side choices and boundary checks: tests/test_decode_attention_cpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvscope.engine.loop import Engine
+from kvscope.engine.plan import RunConfig
+from kvscope.kernels import ops as kops
+from kvscope.model.source import resolve_model
+from kvscope.model.weights import load_model
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The splits' partial outputs and log-sum-exps start as NaN: a value the merge reads but no split wrote shows."""
+    plain = kops._decode_workspace
+
+    def poisoned(b: int, h: int, splits: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        part_o, part_lse = plain(b, h, splits, d, device)
+        return part_o.fill_(float("nan")), part_lse.fill_(float("nan"))
+
+    monkeypatch.setattr(kops, "_decode_workspace", poisoned)
+
+
+def _case(b: int, s_max: int, hkv: int, group: int, d: int, dtype: torch.dtype, seed: int
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, H, D), k/v caches (B, S_max, H_kv, D) of fresh random values."""
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    q = torch.randn(b, hkv * group, d, device=CUDA, generator=g).to(dtype)
+    k = torch.randn(b, s_max, hkv, d, device=CUDA, generator=g).to(dtype)
+    v = torch.randn(b, s_max, hkv, d, device=CUDA, generator=g).to(dtype)
+    return q, k, v
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, splits: int | None = None
+           ) -> None:
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=CUDA)  # (B, H, D) poisoned
+    got = kops.decode_attention(q, k, v, lengths, splits=splits, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert not got.isnan().any(), "an output element was not written (or a NaN partial was read)"
+    torch.testing.assert_close(got, kops.decode_attention_ref(q, k, v, lengths),
+                               **kops.DECODE_ATTENTION_TOLERANCE[q.dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_dtypes_head_sizes_and_groups(dtype: torch.dtype, d: int, group: int) -> None:
+    """Three ragged sequences (1 position, one that is no multiple of any tile, the full cache), default splits."""
+    q, k, v = _case(3, 1000, 2, group, d, dtype, seed=d * group)
+    _check(q, k, v, torch.tensor([1, 517, 1000], device=CUDA))
+
+
+@pytest.mark.parametrize(("b", "s_max", "lengths"), [
+    (1, 32_768, [32_768]),
+    (1, 32_768, [32_767]),
+    (1, 32_768 + 64, [20_001]),
+    (1, 544, [1]),
+    (1, 544, [513]),
+    (2, 4133, [4133, 77]),
+    (4, 32_768, [1, 12_345, 32_768, 20_001]),
+    (16, 4096 + 64, "random"),
+    (64, 544, "random"),
+    (64, 4096, "random"),
+])
+def test_batches_and_lengths_at_qwen25_3b_shapes(b: int, s_max: int, lengths: list[int] | str) -> None:
+    """16 query heads over 2 KV heads, d=128, bfloat16 (the engine's default model)."""
+    q, k, v = _case(b, s_max, 2, 8, 128, torch.bfloat16, seed=b * s_max)
+    if lengths == "random":
+        g = torch.Generator(device=CUDA).manual_seed(b)
+        n = torch.randint(1, s_max + 1, (b,), device=CUDA, generator=g)
+    else:
+        n = torch.tensor(lengths, device=CUDA)
+    _check(q, k, v, n)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 7, 300, kops.DECODE_ATTENTION_MAX_SPLITS])
+def test_forced_split_counts_including_empty_splits(splits: int) -> None:
+    """Any split count gives the same result, also when most splits get no position (length < splits)."""
+    q, k, v = _case(3, 2000, 2, 8, 128, torch.float16, seed=splits)
+    _check(q, k, v, torch.tensor([3, 1999, 250], device=CUDA), splits=splits)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(14, 2, 64), (28, 4, 128), (24, 2, 128), (32, 8, 128)])
+def test_groups_that_pad_or_take_several_chunks(heads: int, kv_heads: int, d: int) -> None:
+    """7 heads per KV head (padded to 8), 12 (two chunks of 8, the second half full), 4 (llama-3.1-8b)."""
+    q, k, v = _case(2, 3000, kv_heads, heads // kv_heads, d, torch.bfloat16, seed=heads)
+    _check(q, k, v, torch.tensor([2999, 1234], device=CUDA))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_length_zero_and_past_the_cache(dtype: torch.dtype) -> None:
+    """Length 0: zeros; a length past S_max (or negative) is clamped on the device."""
+    q, k, v = _case(4, 300, 2, 4, 64, dtype, seed=9)
+    n = torch.tensor([0, 301, -5, 10**12], device=CUDA)
+    out = kops.decode_attention(q, k, v, n)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
+    _check(q, k, v, n)
+
+
+def test_query_as_a_view_of_the_fused_projection() -> None:
+    """The engine's q: the first H heads of a (B, 1, H + 2 H_kv, D) projection (row stride (H + 2 H_kv) * D)."""
+    g = torch.Generator(device=CUDA).manual_seed(4)
+    qkv = torch.randn(5, 1, 16 + 4, 128, device=CUDA, generator=g).bfloat16()
+    q = qkv[:, 0, :16]  # (B, H, D), strides (20 * 128, 128, 1)
+    _, k, v = _case(5, 700, 2, 8, 128, torch.bfloat16, seed=4)
+    _check(q, k, v, torch.tensor([700, 1, 64, 65, 333], device=CUDA))
+
+
+def test_inside_a_cuda_graph_with_lengths_changed_between_replays() -> None:
+    """Captured once (split count fixed by the shapes); the device lengths and the cache change between replays and
+    every replay matches the reference; the output is poisoned before each replay."""
+    b, s_max = 4, 8192
+    q, k, v = _case(b, s_max, 2, 8, 128, torch.bfloat16, seed=12)
+    lengths = torch.tensor([1, 100, 8192, 4000], device=CUDA)
+    out = torch.empty(b, 16, 128, dtype=torch.bfloat16, device=CUDA)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        kops.decode_attention(q, k, v, lengths, out=out)  # compiles before the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kops.decode_attention(q, k, v, lengths, out=out)
+    g = torch.Generator(device=CUDA).manual_seed(13)
+    for rep in range(4):
+        lengths.copy_(torch.randint(1, s_max + 1, (b,), device=CUDA, generator=g))
+        if rep == 3:
+            lengths[0] = 1
+            k.copy_(torch.randn(k.shape, device=CUDA, generator=g))
+        q.copy_(torch.randn(q.shape, device=CUDA, generator=g))
+        out.fill_(float("nan"))
+        graph.replay()
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, kops.decode_attention_ref(q, k, v, lengths),
+                                   **kops.DECODE_ATTENTION_TOLERANCE[torch.bfloat16])
+
+
+def test_tiny_grid_for_the_sanitizer() -> None:
+    """A few small launches of every path (one split, several splits with the merge, padded and chunked groups,
+    each dtype, length 0): run under compute-sanitizer's memcheck and racecheck."""
+    for dtype in DTYPES:
+        q, k, v = _case(2, 70, 2, 8, 128, dtype, seed=1)
+        for splits in (1, 3):
+            _check(q, k, v, torch.tensor([70, 9], device=CUDA), splits=splits)
+    q, k, v = _case(2, 40, 2, 6, 64, torch.bfloat16, seed=2)
+    _check(q, k, v, torch.tensor([0, 33], device=CUDA), splits=2)
+    q, k, v = _case(1, 40, 1, 12, 64, torch.float16, seed=3)
+    _check(q, k, v, torch.tensor([40], device=CUDA))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_attn_kvscope(dtype: torch.dtype) -> None:
+    """qwen2.5-0.5b (14 query heads over 2 KV heads, d=64), ragged prompts: `--attn kvscope` decode steps, eager and
+    from a CUDA graph, give the same greedy tokens; in float32 also the same as the sdpa switch."""
+    model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, dtype, seed=2)
+    prompts = [list(range(10, 47)), list(range(50, 57)), list(range(3, 27))]
+    eager = Engine(model, RunConfig(3, 96, dtype, CUDA, "kvscope"), kernels=True).generate(prompts, 24)
+    graphed = Engine(model, RunConfig(3, 96, dtype, CUDA, "kvscope"), graphs=True, kernels=True)
+    assert graphed.generate(prompts, 24) == eager
+    assert graphed.generate(prompts, 24) == eager  # the graph is reused after a new prefill
+    if dtype == torch.float32:
+        assert Engine(model, RunConfig(3, 96, dtype, CUDA, "sdpa"), kernels=True).generate(prompts, 24) == eager
