@@ -6,7 +6,8 @@ target written). Each finished configuration is appended at once and atomically:
 temporary name beside it, synced, and renamed over it, so a sweep that stops (a crash, Ctrl-C, a full disk) loses
 nothing it finished and never leaves a half-written file. Rows already in the file are never changed: a CSV's
 existing cells are copied as the text they are, a Parquet file's existing columns keep their values and types;
-a column that only new rows have is added with empty cells for the old rows.
+a column that only new rows have is added with empty cells for the old rows. The one exception: `kvscope sweep
+--nsys` fills the attribution cells of the rows it just captured (`SweepFile.annotate`), leaving every other cell.
 
 Settings. Every row records the settings that change its numbers, in these columns: `model` (the name),
 `model_source` (`preset:<name>`, or `checkpoint:` / `config:` and the resolved path), `model_arch` (the first 16 hex
