@@ -82,7 +82,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graphs", default=None, choices=["on", "off"],
                    help="replay each decode step from a captured CUDA graph (default: on for CUDA)")
     p.add_argument("--kernels", default=None, choices=["on", "off"],
-                   help="kvscope's CUDA kernels for RMSNorm, SiLU*up and RoPE + KV write (default: on for CUDA)")
+                   help="kvscope's CUDA kernels for RMSNorm, SiLU*up and RoPE + KV write (default: on for CUDA "
+                        "with CuPy installed)")
+    p.add_argument("--prefill-graphs", default=None, choices=["on", "off"],
+                   help="replay each prefill from a CUDA graph captured per length bucket, 16 to 4096 tokens "
+                        "(default: on where --graphs is on)")
     p.add_argument("--engine", default=KVSCOPE_ENGINE, choices=ENGINES,
                    help="the loop: kvscope's, transformers' eager forward over a DynamicCache, or transformers' "
                         "static cache with its compiled decode step (kvscope.engine.hf)")
@@ -212,7 +216,8 @@ def _add_capacity(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--output", type=_INT, required=True, help="output tokens per request")
     cp.add_argument("--block-tokens", type=_INT, default=16, help="tokens per block of the paged cache")
     cp.add_argument("--reserve-gb", type=_GIB, default=1.0, help="kept free for context and workspaces (GiB)")
-    cp.add_argument("--model", type=_TEXT, default=None, help="the sweep's model, when the file's cannot be resolved")
+    cp.add_argument("--model", type=_TEXT, default=argparse.SUPPRESS,
+                    help="the sweep's model, when the file's cannot be resolved (default: the sweep's own)")
     cp.add_argument("--out", type=_TEXT, default=None, help="also write the table to this CSV file")
     _add_json(cp, "the table's rows (each with its source), warnings and assumptions")
 

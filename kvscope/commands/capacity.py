@@ -38,7 +38,7 @@ def command(ns: argparse.Namespace) -> int:
     if not sweep.exists():
         raise KvscopeError(f"not found: {sweep}")
     df = read_sweep(sweep)
-    source = _model(df, sweep, ns.model)
+    source = _model(df, sweep, getattr(ns, "model", None))
     dtype = _one_text(df, "dtype") or source.dtype_name()
     w_bytes = dtype_bytes(dtype)
     curve = batch_curve(df, sweep)
