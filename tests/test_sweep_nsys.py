@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import sys
 from pathlib import Path
 
@@ -64,8 +63,6 @@ def _points(monkeypatch: pytest.MonkeyPatch, *points: tuple[int, int]) -> None:
 
 def _expected(seq: int, batch: int) -> dict[str, object]:
     """The attribution of the stand-in's export for a CPU point (float32: 4 bytes, no calibration)."""
-    with sqlite3.connect(EXPORT):  # the export is read as it is on disk
-        pass
     return attribution(aligned(EXPORT), PointFacts(PRESETS["tiny"], batch, seq, 4, "float32", None))
 
 
