@@ -148,6 +148,11 @@ def test_batching_stops_being_free() -> None:
     assert v["linear_pct_largest"] == pytest.approx((64 / 20.0) / (64 / 10.0) * 100)
     assert f["sentence"].startswith("Batching is free up to batch 8 (decode step within 10% of batch 1's 10.00 ms) "
                                     "and stops being free at batch 16: the step takes 11.50 ms (+15%)")
+    at_once = batch_sweep()
+    at_once.loc[1, "decode_p50_ms_per_tok"] = 12.0
+    assert one(explain(at_once), "batching_free")["sentence"].startswith(
+        "Batching stops being free at once (batch 1's decode step takes 10.00 ms) at batch 2: the step takes 12.00 ms "
+        "(+20%)")
     free = batch_sweep()
     free["decode_p50_ms_per_tok"] = 10.0
     assert one(explain(free), "batching_free")["sentence"].startswith("Batching stays free over the sweep")

@@ -173,8 +173,12 @@ def _pct(x: float) -> str:
     return f"{x:.0f}%" if abs(x) >= 10 else f"{x:.1f}%"
 
 
-def _unit(axis: str) -> str:
-    return "tokens" if axis == "seq_len" else ""
+def _size(n: float) -> str:
+    """Bytes in GB, MB or kB (powers of 10), whichever keeps three significant figures readable."""
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if abs(n) >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f} B"
 
 
 def _at(axis: str, x: float) -> str:
@@ -250,20 +254,19 @@ def kv_bound(g: SweepGroup) -> Finding:
     if len(over) == 0:
         vals["kv_over_weights_pct_to"] = float(read[-1] / w[-1] * 100)
         return Finding(name, f"The decode step stays weight-bound over the whole {what} range: at {_at(g.axis, x[-1])} "
-                             f"it reads {read[-1] / BYTES_PER_GB:,.2f} GB of KV cache against "
-                             f"{w[-1] / BYTES_PER_GB:,.2f} GB of weights "
+                             f"it reads {_size(read[-1])} of KV cache against "
+                             f"{_size(w[-1])} of weights "
                              f"({_pct(read[-1] / w[-1] * 100)}).", vals)
     i = int(over[0])
     if i == 0:
         vals["crossover"] = float("nan")
         return Finding(name, f"The decode step is KV-bound from the smallest point on: at {_at(g.axis, x[0])} it "
-                             f"reads {read[0] / BYTES_PER_GB:,.2f} GB of KV cache against "
-                             f"{w[0] / BYTES_PER_GB:,.2f} GB of weights.", vals)
+                             f"reads {_size(read[0])} of KV cache against {_size(w[0])} of weights.", vals)
     cross = float(x[i - 1] + (w[i] - read[i - 1]) * (x[i] - x[i - 1]) / (read[i] - read[i - 1]))
     vals["crossover"] = cross
     sentence = (f"The decode step turns from weight-bound to KV-bound at about {_at(g.axis, cross)}: there the KV "
-                f"cache read per step ({read[i] / BYTES_PER_GB:,.2f} GB at {_at(g.axis, x[i])}) passes the weights "
-                f"({w[i] / BYTES_PER_GB:,.2f} GB)")
+                f"cache read per step ({_size(read[i])} at {_at(g.axis, x[i])}) passes the weights "
+                f"({_size(w[i])})")
     st = step_ms(g.rows)
     if st is None:
         return Finding(name, sentence + "; the step time is not in the file, so no bend is looked for.", vals)
@@ -388,9 +391,12 @@ def batching_free(g: SweepGroup) -> Finding:
     k = int(over[0])
     vals.update({"stops_at": int(b[k]), "step_ms_there": float(t[k]), "growth_pct_there": float(growth[k]),
                  "linear_pct_there": float(eff[k]), "free_up_to": int(b[k - 1]) if k > 0 else 0})
-    upto = (f"Batching is free up to batch {b[k - 1]:,.0f} (decode step within {BATCH_FREE_PCT:.0f}% of batch "
-            f"{b[0]:,.0f}'s {t[0]:,.2f} ms)")
-    return Finding(name, upto + f" and stops being free at batch {b[k]:,.0f}: the step takes {t[k]:,.2f} ms "
+    if k > 1:
+        upto = (f"Batching is free up to batch {b[k - 1]:,.0f} (decode step within {BATCH_FREE_PCT:.0f}% of batch "
+                f"{b[0]:,.0f}'s {t[0]:,.2f} ms) and stops being free")
+    else:
+        upto = f"Batching stops being free at once (batch {b[0]:,.0f}'s decode step takes {t[0]:,.2f} ms)"
+    return Finding(name, upto + f" at batch {b[k]:,.0f}: the step takes {t[k]:,.2f} ms "
                                 f"(+{growth[k]:.0f}%) and decode runs at {tok[k]:,.0f} tokens/s, {_pct(eff[k])} of "
                                 "linear scaling" + (tail if k < len(b) - 1 else "") + ".", vals)
 
