@@ -16,9 +16,10 @@ def on_off(value: str | None) -> bool | None:
 
 def model_options(ns: argparse.Namespace) -> RunSpec:
     """A RunSpec of the model options every command that loads the model shares (--model, --dtype, --device, --seed,
-    --attn, --graphs, --kernels, --engine); its other fields are the defaults."""
+    --attn, --graphs, --kernels, --engine, --prefill-graphs); its other fields are the defaults."""
     return RunSpec(model=ns.model, dtype=ns.dtype, device=ns.device, seed=ns.seed, attn=ns.attn,
-                   graphs=on_off(ns.graphs), kernels=on_off(ns.kernels), engine=ns.engine)
+                   graphs=on_off(ns.graphs), kernels=on_off(ns.kernels), engine=ns.engine,
+                   prefill_graphs=on_off(ns.prefill_graphs))
 
 
 def run_options(ns: argparse.Namespace) -> RunSpec:

@@ -34,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kvscope.analysis.schema import COLLECTIVE_OPS, OPS, step_name
 from kvscope.engine.graphs import CapturedStep, DecodeGraphs
 from kvscope.engine.plan import RunConfig
+from kvscope.engine.prefill_graphs import PrefillGraphs
 from kvscope.engine.regions import DECODE, PREFILL, EngineRegions
 from kvscope.engine.rope_kv import DecodeTables, PrefillTables, make_rope_kv
 from kvscope.engine.tp import TensorParallel
@@ -114,6 +115,9 @@ class Engine:
         self.decode_graphs = (DecodeGraphs(self.ins, dev, Instrument.graph_marks_bound(
             args.n_layers, len(OPS) + (len(COLLECTIVE_OPS) if tp is not None else 0)),
                                            stamps=kernels) if graphs else None)
+        # prefills replayed from CUDA graphs per length bucket (not with tensor parallelism: eager there)
+        self.prefill_graphs = (PrefillGraphs(self.ins, dev, cfg.batch_size, cfg.max_seq)
+                               if cfg.prefill_graphs and tp is None else None)
         self.logits: torch.Tensor | None = None  # (B, V) logits of the last prefill or decode step
 
     def _decode_buffers(self) -> None:
@@ -223,16 +227,31 @@ class Engine:
             raise ValueError(f"prefill: lengths {list(lengths)} must be {b} values in [1, {s}]")
         self.cache.start(lengths)  # checks the cache can hold every prompt
         self.step = 1
-        attend = partial(self._prefill_attend, self.rope_kv.prefill_tables(b, s))  # tables once, for all layers
-        ins, cache = self.ins, self.cache
-        with ins.region(PREFILL, "phase", phase=PREFILL, step=0, tokens=sum(lengths), context_len=max(lengths)):
-            with ins.region_with(*self.regions.prefill_embed):
-                h = self._embed(tokens)  # (B, S, dim)
-            for i in range(self.args.n_layers):
-                self._layer(i, h, attend)
-            h_last = h[self.batch_idx, cache.lengths - 1]  # (B, dim): each sequence's last prompt position
-            self._head(h_last)
+        graphs = self.prefill_graphs
+        # a bucket's first prefill captures its graph here, outside the timed region
+        captured = graphs.ready(s, self._prefill_forward) if graphs is not None and graphs.usable(s) else None
+        attend = None if captured is not None else partial(self._prefill_attend, self.rope_kv.prefill_tables(b, s))
+        with self.ins.region(PREFILL, "phase", phase=PREFILL, step=0, tokens=sum(lengths), context_len=max(lengths)):
+            if captured is not None:
+                self.logits = graphs.replay(captured, tokens)  # the tokens copied in, one graph launch
+            else:
+                self._prefill_forward(tokens, attend)
         return self.next_tokens
+
+    def _prefill_forward(self, tokens: torch.Tensor, attend: Attend | None = None) -> torch.Tensor:
+        """The device work of a prefill over tokens (B, S): embedding, layers (K/V into the cache), logits at each
+        sequence's last prompt position (the cache's device lengths - 1) and the greedy token into `next_tokens`;
+        returns the logits (B, V). `attend`: the layers' attention with its RoPE tables (made here when None, as
+        for a CUDA-graph capture). No host sync and no tensor made from host data."""
+        if attend is None:
+            attend = partial(self._prefill_attend, self.rope_kv.prefill_tables(*tokens.shape))  # for all layers
+        with self.ins.region_with(*self.regions.prefill_embed):
+            h = self._embed(tokens)  # (B, S, dim)
+        for i in range(self.args.n_layers):
+            self._layer(i, h, attend)
+        h_last = h[self.batch_idx, self.cache.lengths - 1]  # (B, dim): each sequence's last prompt position
+        self._head(h_last)
+        return self.logits
 
     def _prefill_attend(self, t: PrefillTables, i: int, qkv: torch.Tensor) -> torch.Tensor:
         """Layer i of a prefill: qkv (B, S, H+2H_kv, D) -> RoPE, K/V into the cache, causal attention (B*S, H*D)."""

@@ -64,6 +64,7 @@ class RunConfig:
     dtype: torch.dtype
     device: torch.device
     attn: str = "sdpa"
+    prefill_graphs: bool = False  # prefills replayed from CUDA graphs per length bucket (engine.prefill_graphs)
 
     def check(self, args: ModelArgs) -> None:
         if self.batch_size <= 0:
@@ -102,6 +103,7 @@ class RunSpec:
     seed: int = 0
     graphs: bool | None = None  # decode steps replayed from a CUDA graph; None: on for CUDA
     kernels: bool | None = None  # kvscope's CUDA kernels (RMSNorm, SiLU*up, RoPE + cache write); None: on for CUDA
+    prefill_graphs: bool | None = None  # prefills replayed from CUDA graphs per length; None: on where graphs are
     engine: str = KVSCOPE_ENGINE  # the loop: kvscope's, or transformers' (eager or compiled): engine.engines
 
 
@@ -137,7 +139,10 @@ def prepare(spec: RunSpec, prompts: Sequence[Sequence[int]] | None = None) -> Ru
     graphs = use_graphs(spec.graphs, device) if spec.engine == KVSCOPE_ENGINE else hf_graphs(spec, device)
     source = resolve_model(spec.model or (DEFAULT_MODEL_CUDA if device.type == "cuda" else DEFAULT_MODEL_CPU))
     dtype = parse_dtype(spec.dtype, device)
-    cfg = RunConfig(spec.batch_size, spec.seq + spec.gen_tokens, dtype, device, spec.attn)
+    # a generation runs one prefill: capturing its graph would cost more than it saves, so only on request there
+    prefill_graphs = use_prefill_graphs(spec.prefill_graphs, device, graphs and prompts is None,
+                                        spec.engine == KVSCOPE_ENGINE)
+    cfg = RunConfig(spec.batch_size, spec.seq + spec.gen_tokens, dtype, device, spec.attn, prefill_graphs)
     kernels = use_kernels(spec.kernels, device, dtype) if spec.engine == KVSCOPE_ENGINE else False
     if spec.seq > source.args.max_position_embeddings:
         what = f"prompt of {spec.seq} tokens" if prompts is not None else f"--seq {spec.seq}"
@@ -218,6 +223,19 @@ def use_graphs(graphs: bool | None, device: torch.device) -> bool:
     if graphs and device.type != "cuda":
         raise KvscopeError("--graphs on needs a CUDA device")
     return graphs
+
+
+def use_prefill_graphs(prefill_graphs: bool | None, device: torch.device, graphs: bool, own_loop: bool = True
+                       ) -> bool:
+    """Whether prefills replay CUDA graphs captured per length bucket (`--prefill-graphs on|off`): by default (None)
+    where decode steps replay graphs (`graphs`, on for CUDA) in kvscope's own loop (`own_loop`); never on a CPU."""
+    if prefill_graphs is None:
+        return graphs and own_loop and device.type == "cuda"
+    if prefill_graphs and device.type != "cuda":
+        raise KvscopeError("--prefill-graphs on needs a CUDA device")
+    if prefill_graphs and not own_loop:
+        raise KvscopeError("--prefill-graphs on is kvscope's own loop (--engine kvscope)")
+    return prefill_graphs
 
 
 def use_kernels(kernels: bool | None, device: torch.device, dtype: torch.dtype) -> bool:
