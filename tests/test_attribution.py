@@ -163,8 +163,9 @@ def test_another_engines_ranges_by_hand(tmp_path: Path, domain: bool) -> None:
     assert got["decode_bytes"] == weights_read_bytes(a, 2, 2) + 2 * 5.5 * per_tok + 2 * per_tok
 
 
-def test_a_capture_without_steps_is_all_nan() -> None:
-    result = aligned(DATA / "foreign" / "plain.sqlite")
+@pytest.mark.parametrize("name", ["plain", "hf"])  # torch ranges; transformers' generate, one range per call
+def test_a_capture_without_steps_is_all_nan(name: str) -> None:
+    result = aligned(DATA / "foreign" / f"{name}.sqlite")
     got = attribution(result, PointFacts(PRESETS["tiny"], 1, 8, 2, "bfloat16", CEILINGS))
     assert run_keys(result) == []
     assert got["decode_launch_bound"] is pd.NA and got["prefill_launch_bound"] is pd.NA
@@ -186,3 +187,21 @@ def test_launch_bound_threshold_is_inclusive(tmp_path: Path) -> None:
     steps = step_table(result)
     idle = 100 * (1 - steps["busy_ms"] / steps["span_ms"])
     assert idle.round(9).tolist() == [0.0, 30.0]
+
+
+def test_replayed_graphs_count_every_node(tmp_path: Path) -> None:
+    """Decode steps replayed from a CUDA graph (`--cuda-graph-trace=node`): one cudaGraphLaunch per step, whose
+    kernels all share its correlation id and belong to the step."""
+    x = Synth()
+    x.domain(1, 1, 1, "kvscope")
+    for i, t0 in enumerate((1_000, 5_000), start=1):
+        x.range(1, 1, t0, t0 + 2_000, f"decode step {i}", 1)
+        nodes = [(t0 + 100, t0 + 400, 7), (t0 + 400, t0 + 500, 7), (t0 + 500, t0 + 800, 7)]
+        x.launch(1, 1, t0 + 10, t0 + 50, i, nodes, name="cudaGraphLaunch_v10000", kernel_name="nvjet_sm90_gemm",
+                 graph_nodes=True)
+    result = aligned(x.write(tmp_path / "g.sqlite"))
+    got = attribution(result, PointFacts(PRESETS["tiny"], 1, 8, 2, "bfloat16", None))
+    assert got["decode_kernels"] == 3.0 and got["decode_gemm_ms"] == pytest.approx(700e-6)
+    assert got["decode_span_ms"] == pytest.approx(700e-6) and got["decode_idle_pct"] == pytest.approx(0.0)
+    assert got["decode_launch_bound"] is False
+    assert math.isnan(got["prefill_span_ms"]) and got["prefill_launch_bound"] is pd.NA
