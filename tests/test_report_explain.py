@@ -146,7 +146,7 @@ def test_compare_point_by_point(tmp_path: Path) -> None:
     step = seq_sweep()["decode_p50_ms_per_tok"].iloc[2]
     idle_gain = step * 2 - step  # B's span doubles, its busy time is A's
     assert rows[0] == (f"| 512 | 1 | {step:.3f} | {step * 2:.3f} | 2.00 | 35.0 | 35.0 | 400 | 900 | "
-                       f"idle +{idle_gain:.3f} ms |")
+                       f"nothing (largest change gemm +0.000 ms) | idle +{idle_gain:.3f} ms |")
     assert not any(ln.startswith("| 128 | 1 | ") for ln in side)  # only in A
     (ax,) = axes_of(rep, "compare_step_time.png")
     np.testing.assert_allclose(ax.get_lines()[1].get_ydata(), seq_sweep()["decode_p50_ms_per_tok"].iloc[2:] * 2)

@@ -15,6 +15,10 @@ written. Percentages whose base is missing, zero or negative are printed as "n/a
 The output folder (`--out`, default `<source>-report` beside the source) may be new, empty, or an earlier report
 (only `report.md` and `.png` files), which is replaced whole; any other folder is refused before anything is read.
 
+A sweep file with the attribution columns of `kvscope sweep --nsys` also gets its time by kernel class, idle share,
+prefill and roofline plots and a "why" section computed by `kvscope.analysis.explain`; `--compare B.csv` adds the
+points both files hold side by side (mismatched models or no common point: a one-line error).
+
 Plots are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend switch).
 """
 

@@ -443,14 +443,16 @@ def compare_frame(a: pd.DataFrame, b: pd.DataFrame, la: str, lb: str) -> pd.Data
     for c, short in (("decode_idle_pct", "idle %"), ("decode_kernels", "kernels/step")):
         out[f"{short} {la}"] = m[f"{c}_a"]
         out[f"{short} {lb}"] = m[f"{c}_b"]
-    out[f"{lb} loses most"] = [_loses_most(r) for _, r in m.iterrows()]
+    out[f"{la} loses most"] = [_loses_most(r, "a", "b") for _, r in m.iterrows()]
+    out[f"{lb} loses most"] = [_loses_most(r, "b", "a") for _, r in m.iterrows()]
     return out.reset_index(drop=True)
 
 
-def _loses_most(r: pd.Series) -> str:
-    """The class (or idle time) whose ms per decode step grew most from the first sweep to the second."""
-    diffs = {c: r[f"decode_{c}_ms_b"] - r[f"decode_{c}_ms_a"] for c in KERNEL_CLASS_COLUMNS}
-    diffs["idle"] = (r["decode_span_ms_b"] - r["decode_busy_ms_b"]) - (r["decode_span_ms_a"] - r["decode_busy_ms_a"])
+def _loses_most(r: pd.Series, mine: str, theirs: str) -> str:
+    """The class (or idle time) in which sweep `mine` spends the most ms per decode step more than sweep `theirs`."""
+    diffs = {c: r[f"decode_{c}_ms_{mine}"] - r[f"decode_{c}_ms_{theirs}"] for c in KERNEL_CLASS_COLUMNS}
+    diffs["idle"] = ((r[f"decode_span_ms_{mine}"] - r[f"decode_busy_ms_{mine}"])
+                     - (r[f"decode_span_ms_{theirs}"] - r[f"decode_busy_ms_{theirs}"]))
     diffs = {k: float(v) for k, v in diffs.items() if pd.notna(v)}
     if not diffs:
         return "n/a (no attribution columns)"
@@ -490,8 +492,8 @@ def compare_section(rep: Report, a_path: Path, a: pd.DataFrame, b_path: Path, mo
                            "points left out)")
     rep.section(f"Side by side: {la} vs {lb}",
                 f"Points in both `{a_path}` and `{b_path}`: the median decode step and its ratio, the GPU idle share "
-                f"of the step's span, kernels per step, and the kernel class (or idle time) in which the step of {lb} "
-                f"grew most against that of {la}.",
+                f"of the step's span, kernels per step, and for each the kernel class (or idle time) in which its step "
+                "spends the most time more than the other's.",
                 md_table(table, formats={f"{lb} / {la}": "{:,.2f}", f"idle % {la}": "{:,.1f}",
                                          f"idle % {lb}": "{:,.1f}", f"kernels/step {la}": "{:,.0f}",
                                          f"kernels/step {lb}": "{:,.0f}"}))
