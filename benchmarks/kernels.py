@@ -11,15 +11,27 @@ operation must move (every input read once, every output written once), the same
 same work in torch operations (`torch_us`), so GB/s is effective bandwidth; `% copy` is against a device-to-device
 copy measured in the same process.
 
+Decode attention (`kvscope.kernels.ops.decode_attention`) is timed with a cold L2 instead: one call per CUDA-graph
+replay, the L2 flushed before each (`l2_flusher`), against the engine's current decode attention, at issue 16's
+shapes (batch 1 at 512 / 4k / 32k, batch 16 at 4k; qwen2.5-3b's 16 query and 2 KV heads, d=128).
+
     python3 benchmarks/kernels.py [--model qwen2.5-3b] [--seq 4096] [--dtype bfloat16] [--json out.json]
+                                  [--attn-only] [--attn-reps 50] [--attn-splits 66,132,264] [--gemv-only]
+
+The gemv section: each product of a decode step (`kvscope.kernels.ops.gemv*`) at 1 and 16 rows against cuBLAS
+(`F.linear`, the residual ones as `addmm_`), cold L2 like the attention section, then the whole step's products
+(36 layers x 4 + lm_head, each layer its own weights) back to back in one CUDA graph, cuBLAS against gemv, with and
+without the norms and SiLU*up that lie between them.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,6 +39,7 @@ import torch.nn.functional as F
 
 from kvscope.io import write_json
 from kvscope.kernels import ops as kops
+from kvscope.model.attention import DecodeMeta, decode_attention
 from kvscope.model.config import PRESETS, ModelArgs
 from kvscope.model.dtypes import NAMES, from_name, itemsize
 from kvscope.model.layers import apply_rope, rope_tables
@@ -139,6 +152,289 @@ def shape_cases(a: ModelArgs, b: int, s: int, s_max: int, tables: tuple[torch.Te
             rope_kv_case(a, b, s, s_max, tables, g)]
 
 
+# ---- decode attention: kvscope.kernels.ops.decode_attention against the engine's flash path, cold L2 ------------
+ATTN_SHAPES = ((1, 512), (1, 4096), (1, 32_768), (16, 4096))  # (batch, context) of issue 16
+ATTN_HEADS = (16, 2, 128)  # qwen2.5-3b: query heads, KV heads, head_dim
+ATTN_FLUSH_MIN_BYTES = 256 * 2**20
+
+
+def l2_flusher(dev: torch.device) -> Callable[[], None]:
+    """Evicts the L2 between repetitions: writes a buffer of four times the L2 (at least 256 MiB), then reads another
+    as large, so that the timed call finds none of its data in the L2 and no dirty line of the flush left to write
+    back."""
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0)
+    n = max(4 * l2, ATTN_FLUSH_MIN_BYTES)
+    wbuf = torch.empty(n, dtype=torch.uint8, device=dev)
+    rbuf = torch.ones(n // 4, dtype=torch.float32, device=dev)
+    sink = torch.empty((), dtype=torch.float32, device=dev)
+
+    def flush() -> None:
+        wbuf.fill_(1)
+        torch.sum(rbuf, dim=0, out=sink)
+    return flush
+
+
+def cold_us(fn: Callable[[], object], flush: Callable[[], None], reps: int) -> float:
+    """Median device time (CUDA events) of one call of `fn`, captured in a CUDA graph and replayed after an L2
+    flush; three untimed replays first. One named sync after the last repetition."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compiles and warms outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for _ in range(3):
+        flush()
+        graph.replay()
+    for start, end in events:
+        flush()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()  # named sync: every repetition is done before the events are read
+    return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3
+
+
+def decode_attention_rows(dev: torch.device, dt: torch.dtype, copy_gb_s: float, reps: int,
+                          extra_splits: list[int]) -> list[dict[str, Any]]:
+    """Per (batch, context): the kernel at its own split count (and at `extra_splits`) and the engine's current decode
+    attention (flash attention over the cache in place, `seqused_k`), each checked against `decode_attention_ref`
+    first. Bytes: K and V of the valid positions, q, the output and the lengths, each once."""
+    h, hkv, d = ATTN_HEADS
+    flush = l2_flusher(dev)
+    rows: list[dict[str, Any]] = []
+    for b, ctx in ATTN_SHAPES:
+        s_max = ctx + 64  # the engine's cache holds the prompt and the tokens still to come
+        g = torch.Generator(device=dev).manual_seed(b * ctx)
+        q = torch.randn(b, h, d, device=dev, generator=g).to(dt)  # (B, H, D)
+        k, v = (torch.randn(b, s_max, hkv, d, device=dev, generator=g).to(dt) for _ in range(2))  # (B, S, H_kv, D)
+        lengths = torch.full((b,), ctx, dtype=torch.int64, device=dev)  # (B,)
+        cu_q = torch.arange(b + 1, dtype=torch.int32, device=dev)  # (B+1,)
+        meta = DecodeMeta(span=s_max, seqused=lengths.int(), cu_q=cu_q, cu_k=cu_q * s_max)
+        out = torch.empty(b, h, d, dtype=dt, device=dev)  # (B, H, D)
+        label = f"attn bs{b} ctx{ctx}"
+        nbytes = itemsize(dt) * (2 * b * ctx * hkv * d + 2 * b * h * d) + 8 * b
+        ref = kops.decode_attention_ref(q, k, v, lengths)
+        auto = kops.decode_splits(b * hkv * kops.decode_group_chunk(h // hkv)[1], s_max,
+                                  torch.cuda.get_device_properties(dev).multi_processor_count)
+
+        torch_op = partial(decode_attention, q, k, v, meta, "sdpa")  # the engine's flash path, (B, H, D)
+        bad_t = mismatch({"torch": (torch_op(), ref)})
+        us_t = cold_us(torch_op, flush, reps) if bad_t is None else float("nan")
+        gbs_t = nbytes / (us_t / 1e6) / 1e9
+        for splits in [auto] + [n for n in extra_splits if n != auto]:
+            kernel_op = partial(kops.decode_attention, q, k, v, lengths, splits=splits, out=out)
+            kernel_op()
+            bad = mismatch({"out": (out.clone(), ref)})
+            row: dict[str, Any] = {"shape": label, "op": "decode_attention", "splits": splits, "auto": splits == auto,
+                                   "bytes": nbytes, "check": bad or bad_t or "passed"}
+            if bad is not None or bad_t is not None:
+                print(f"{label:>18} splits {splits:4} FAILED its reference check, no time reported: {bad or bad_t}")
+                rows.append(row)
+                continue
+            us_k = cold_us(kernel_op, flush, reps)
+            gbs = nbytes / (us_k / 1e6) / 1e9
+            row.update({"kernel_us": us_k, "torch_us": us_t, "kernel_gb_s": gbs, "pct_copy": 100 * gbs / copy_gb_s,
+                        "torch_gb_s": gbs_t, "torch_pct_copy": 100 * gbs_t / copy_gb_s, "speedup": us_t / us_k})
+            rows.append(row)
+            print(f"{label:>18} splits {splits:4}{'*' if splits == auto else ' '} {nbytes / 1e6:8.2f} MB  kernel "
+                  f"{us_k:7.2f} us {gbs:6.0f} GB/s ({row['pct_copy']:5.1f}% of copy)  torch {us_t:7.2f} us {gbs_t:6.0f}"
+                  f" GB/s ({row['torch_pct_copy']:5.1f}%)  {row['speedup']:5.2f}x")
+    return rows
+
+
+# ---- decode-step products: kvscope.kernels.ops.gemv* against cuBLAS ----------------------------------------------
+GEMV_BENCH_ROWS = (1, 16)
+GEMV_NORM_EPS = 1e-6
+
+
+@dataclass
+class StepWeights:
+    """Random weights of a decode step's products and norms (each W ~ N(0, 1/K): outputs of order one)."""
+
+    wqkv: list[torch.Tensor]
+    bqkv: list[torch.Tensor]
+    wo: list[torch.Tensor]
+    w13: list[torch.Tensor]
+    w2: list[torch.Tensor]
+    norm: torch.Tensor  # (dim,), shared by every norm (the values do not change the work)
+    lm_head: torch.Tensor
+
+    def nbytes(self) -> int:
+        """Weight bytes one step reads (the products' floor; activations are a few KB)."""
+        ts = [*self.wqkv, *self.bqkv, *self.wo, *self.w13, *self.w2, self.lm_head]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def step_weights(a: ModelArgs, dev: torch.device, dt: torch.dtype) -> StepWeights:
+    def w(n: int, k: int) -> torch.Tensor:
+        return torch.empty(n, k, dtype=dt, device=dev).normal_(0, k ** -0.5)
+
+    qkv_n = a.q_size + 2 * a.kv_size
+    layers = range(a.n_layers)
+    return StepWeights([w(qkv_n, a.dim) for _ in layers], [torch.randn(qkv_n, device=dev).to(dt) for _ in layers],
+                       [w(a.dim, a.q_size) for _ in layers], [w(2 * a.intermediate_size, a.dim) for _ in layers],
+                       [w(a.dim, a.intermediate_size) for _ in layers], (torch.rand(a.dim, device=dev) + 0.5).to(dt),
+                       w(a.vocab_size, a.dim))
+
+
+def gemv_product_rows(a: ModelArgs, sw: StepWeights, m: int, copy_gb_s: float, reps: int,
+                      flush: Callable[[], None]) -> list[dict[str, Any]]:
+    """Layer 0's products and the lm_head at m rows, cold L2: gemv against cuBLAS, each checked first; `+norm`: the
+    kernel's RMSNorm prologue against kvscope's RMSNorm kernel then cuBLAS (the engine's path before gemv)."""
+    dev, dt = sw.norm.device, sw.norm.dtype
+    g = torch.Generator(device=dev).manual_seed(m)
+    x = torch.randn(m, a.dim, device=dev, generator=g).to(dt)  # (M, dim), a normalised input
+    h = (torch.randn(m, a.dim, device=dev, generator=g) * 20).to(dt)  # (M, dim), the residual stream
+    y = torch.randn(m, a.q_size, device=dev, generator=g).to(dt)  # (M, H*D), the attention's output
+    act = torch.randn(m, a.intermediate_size, device=dev, generator=g).to(dt)  # (M, F)
+    nw, eps = sw.norm, GEMV_NORM_EPS
+    wqkv, bqkv, wo, w13, w2, lm = sw.wqkv[0], sw.bqkv[0], sw.wo[0], sw.w13[0], sw.w2[0], sw.lm_head
+    xn = kops.rms_norm_ref(h, nw, eps)
+    hd = h.clone()  # the residual products update this one in place, rep after rep
+
+    def nb(*ts: torch.Tensor) -> int:
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    # op: (kernel, cuBLAS path, check (got, want, x for the scale, W, silu), bytes)
+    cases: dict[str, tuple[Callable[[], object], Callable[[], object], Callable[[], tuple], int]] = {
+        "qkv": (partial(kops.gemv, x, wqkv, bqkv), partial(F.linear, x, wqkv, bqkv),
+                lambda: (kops.gemv(x, wqkv, bqkv), kops.gemv_ref(x, wqkv, bqkv), x, wqkv, False),
+                nb(wqkv, bqkv, x) + m * wqkv.shape[0] * dt.itemsize),
+        "qkv+norm": (partial(kops.gemv, h, wqkv, bqkv, nw, eps),
+                     lambda: F.linear(kops.rms_norm(h, nw, eps), wqkv, bqkv),
+                     lambda: (kops.gemv(h, wqkv, bqkv, nw, eps), kops.gemv_ref(h, wqkv, bqkv, nw, eps), xn, wqkv,
+                              False), nb(wqkv, bqkv, h, nw) + m * wqkv.shape[0] * dt.itemsize),
+        "o_proj": (partial(kops.gemv_residual_, hd, y, wo), lambda: hd.addmm_(y, wo.t()),
+                   lambda: (kops.gemv_residual_(h.clone(), y, wo), kops.gemv_residual_ref_(h.clone(), y, wo), y, wo,
+                            False), nb(wo, y) + 2 * nb(h)),
+        "w13": (partial(kops.gemv_silu_mul, x, w13), partial(F.linear, x, w13),
+                lambda: (kops.gemv_silu_mul(x, w13), kops.gemv_silu_mul_ref(x, w13), x, w13, True),
+                nb(w13, x) + m * a.intermediate_size * dt.itemsize),
+        "w13+norm": (partial(kops.gemv_silu_mul, h, w13, nw, eps),
+                     lambda: kops.silu_mul(*F.linear(kops.rms_norm(h, nw, eps), w13).split(a.intermediate_size, -1)),
+                     lambda: (kops.gemv_silu_mul(h, w13, nw, eps), kops.gemv_silu_mul_ref(h, w13, nw, eps), xn, w13,
+                              True), nb(w13, h, nw) + m * a.intermediate_size * dt.itemsize),
+        "w2": (partial(kops.gemv_residual_, hd, act, w2), lambda: hd.addmm_(act, w2.t()),
+               lambda: (kops.gemv_residual_(h.clone(), act, w2), kops.gemv_residual_ref_(h.clone(), act, w2), act, w2,
+                        False), nb(w2, act) + 2 * nb(h)),
+        "lm_head": (partial(kops.gemv, x, lm), partial(F.linear, x, lm),
+                    lambda: (kops.gemv(x, lm), kops.gemv_ref(x, lm), x, lm, False),
+                    nb(lm, x) + m * lm.shape[0] * dt.itemsize),
+        "lm_head+norm": (partial(kops.gemv, h, lm, None, nw, eps), lambda: F.linear(kops.rms_norm(h, nw, eps), lm),
+                         lambda: (kops.gemv(h, lm, None, nw, eps), kops.gemv_ref(h, lm, None, nw, eps), xn, lm, False),
+                         nb(lm, h, nw) + m * lm.shape[0] * dt.itemsize),
+    }
+    rows = []
+    for op, (kernel, cublas, check, nbytes) in cases.items():
+        got, want, xs, w, silu = check()
+        try:
+            torch.testing.assert_close(got, want, **kops.gemv_tolerance(xs, w, silu))
+            bad = None
+        except AssertionError as exc:
+            bad = " ".join(str(exc).split())[:300]
+        row: dict[str, Any] = {"shape": f"gemv bs{m}", "op": op, "bytes": nbytes, "check": bad or "passed"}
+        rows.append(row)
+        if bad is not None:
+            print(f"{'gemv bs' + str(m):>14} {op:13} FAILED its reference check, no time reported: {bad}")
+            continue
+        us_k, us_t = cold_us(kernel, flush, reps), cold_us(cublas, flush, reps)
+        gbs, gbs_t = nbytes / (us_k / 1e6) / 1e9, nbytes / (us_t / 1e6) / 1e9
+        row.update({"kernel_us": us_k, "torch_us": us_t, "kernel_gb_s": gbs, "pct_copy": 100 * gbs / copy_gb_s,
+                    "torch_gb_s": gbs_t, "torch_pct_copy": 100 * gbs_t / copy_gb_s, "speedup": us_t / us_k})
+        print(f"{'gemv bs' + str(m):>14} {op:13} {nbytes / 1e6:8.2f} MB  gemv {us_k:7.2f} us {gbs:5.0f} GB/s "
+              f"({row['pct_copy']:5.1f}% of copy)  cuBLAS{'+norm' if 'norm' in op else ''} {us_t:7.2f} us "
+              f"{gbs_t:5.0f} GB/s ({row['torch_pct_copy']:5.1f}%)  {row['speedup']:5.2f}x")
+    return rows
+
+
+def gemv_step_rows(a: ModelArgs, sw: StepWeights, m: int, copy_gb_s: float, reps: int, flush: Callable[[], None],
+                   norm_max_rows: int) -> list[dict[str, Any]]:
+    """A decode step's products back to back in one CUDA graph (every layer its own weights: no L2 reuse), at m rows:
+    `products`: the 4 products per layer and the lm_head alone, cuBLAS (F.linear / addmm_) against gemv (bias,
+    residual and SiLU*up in its epilogues); `between`: with the norms and SiLU*up of the engine's kernels-on step
+    (RMSNorm kernel, cuBLAS, silu_mul kernel) against the engine's gemv path (norm fused up to `norm_max_rows`)."""
+    dev, dt = sw.norm.device, sw.norm.dtype
+    h = torch.randn(m, a.dim, device=dev).to(dt)  # (M, dim)
+    x = torch.randn(m, a.dim, device=dev).to(dt)  # (M, dim)
+    y = torch.randn(m, a.q_size, device=dev).to(dt)  # (M, H*D)
+    act = torch.randn(m, a.intermediate_size, device=dev).to(dt)  # (M, F)
+    nw, eps, f = sw.norm, GEMV_NORM_EPS, a.intermediate_size
+
+    def cublas_products() -> None:
+        for i in range(a.n_layers):
+            F.linear(x, sw.wqkv[i], sw.bqkv[i])
+            h.addmm_(y, sw.wo[i].t())
+            F.linear(x, sw.w13[i])
+            h.addmm_(act, sw.w2[i].t())
+        F.linear(x, sw.lm_head)
+
+    def gemv_products() -> None:
+        for i in range(a.n_layers):
+            kops.gemv(x, sw.wqkv[i], sw.bqkv[i])
+            kops.gemv_residual_(h, y, sw.wo[i])
+            kops.gemv_silu_mul(x, sw.w13[i])
+            kops.gemv_residual_(h, act, sw.w2[i])
+        kops.gemv(x, sw.lm_head)
+
+    def cublas_between() -> None:
+        for i in range(a.n_layers):
+            F.linear(kops.rms_norm(h, nw, eps), sw.wqkv[i], sw.bqkv[i])
+            h.addmm_(y, sw.wo[i].t())  # linear_residual_ without a bias
+            gate, up = F.linear(kops.rms_norm(h, nw, eps), sw.w13[i]).split(f, dim=-1)
+            h.addmm_(kops.silu_mul(gate, up), sw.w2[i].t())
+        F.linear(kops.rms_norm(h, nw, eps), sw.lm_head)
+
+    def gemv_between() -> None:
+        fused = m <= norm_max_rows
+        for i in range(a.n_layers):
+            if fused:
+                kops.gemv(h, sw.wqkv[i], sw.bqkv[i], nw, eps)
+            else:
+                kops.gemv(kops.rms_norm(h, nw, eps), sw.wqkv[i], sw.bqkv[i])
+            kops.gemv_residual_(h, y, sw.wo[i])
+            a13 = kops.gemv_silu_mul(h, sw.w13[i], nw, eps) if fused else kops.gemv_silu_mul(
+                kops.rms_norm(h, nw, eps), sw.w13[i])
+            kops.gemv_residual_(h, a13, sw.w2[i])
+        if fused:
+            kops.gemv(h, sw.lm_head, None, nw, eps)
+        else:
+            kops.gemv(kops.rms_norm(h, nw, eps), sw.lm_head)
+
+    nbytes = sw.nbytes()
+    rows = []
+    for what, cublas, ours in (("products", cublas_products, gemv_products), ("between", cublas_between, gemv_between)):
+        h.normal_()
+        us_t = cold_us(cublas, flush, reps)
+        h.normal_()
+        us_k = cold_us(ours, flush, reps)
+        gbs, gbs_t = nbytes / (us_k / 1e6) / 1e9, nbytes / (us_t / 1e6) / 1e9
+        row = {"shape": f"step bs{m}", "op": f"step {what}", "bytes": nbytes, "check": "passed", "kernel_us": us_k,
+               "torch_us": us_t, "kernel_gb_s": gbs, "pct_copy": 100 * gbs / copy_gb_s, "torch_gb_s": gbs_t,
+               "torch_pct_copy": 100 * gbs_t / copy_gb_s, "speedup": us_t / us_k}
+        rows.append(row)
+        print(f"{'step bs' + str(m):>14} {what:9} {nbytes / 1e9:6.2f} GB  gemv {us_k / 1e3:6.3f} ms {gbs:5.0f} GB/s "
+              f"({row['pct_copy']:5.1f}% of copy)  cuBLAS {us_t / 1e3:6.3f} ms {gbs_t:5.0f} GB/s "
+              f"({row['torch_pct_copy']:5.1f}%)  {row['speedup']:5.2f}x")
+    return rows
+
+
+def gemv_rows(a: ModelArgs, dev: torch.device, dt: torch.dtype, copy_gb_s: float, reps: int) -> list[dict[str, Any]]:
+    from kvscope.engine.loop import GEMV_NORM_MAX_ROWS
+
+    sw = step_weights(a, dev, dt)
+    flush = l2_flusher(dev)
+    rows: list[dict[str, Any]] = []
+    for m in GEMV_BENCH_ROWS:
+        rows += gemv_product_rows(a, sw, m, copy_gb_s, reps, flush)
+    for m in GEMV_BENCH_ROWS:
+        rows += gemv_step_rows(a, sw, m, copy_gb_s, max(5, reps // 5), flush, GEMV_NORM_MAX_ROWS)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="qwen2.5-3b", choices=sorted(PRESETS))
@@ -147,6 +443,10 @@ def main() -> None:
     p.add_argument("--launches", type=int, default=50)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--attn-only", action="store_true", help="only the decode-attention section")
+    p.add_argument("--attn-reps", type=int, default=50, help="cold-L2 repetitions per decode-attention figure")
+    p.add_argument("--attn-splits", default="", help="comma-separated split counts to time besides the kernel's own")
+    p.add_argument("--gemv-only", action="store_true", help="only the gemv section (decode-step products)")
     ns = p.parse_args()
     dev, dt = torch.device("cuda"), from_name(ns.dtype)
     a = PRESETS[ns.model]
@@ -161,8 +461,14 @@ def main() -> None:
         return graph_ms(fn, calls=ns.launches, reps=ns.reps, warmup=3) * 1e3
 
     rows = []
-    for label, b, s in (("decode bs1", 1, 1), ("decode bs64", 64, 1), (f"prefill {ns.seq}", 1, ns.seq)):
+    for label, b, s in () if ns.attn_only or ns.gemv_only else (("decode bs1", 1, 1), ("decode bs64", 64, 1),
+                                                (f"prefill {ns.seq}", 1, ns.seq)):
         rows += measure(label, shape_cases(a, b, s, s_max, tables), time_us, copy_gb_s)
+    if not ns.gemv_only:
+        rows += decode_attention_rows(dev, dt.torch_dtype, copy_gb_s, ns.attn_reps,
+                                      [int(n) for n in ns.attn_splits.split(",") if n.strip()])
+    if not ns.attn_only:
+        rows += gemv_rows(a, dev, dt.torch_dtype, copy_gb_s, ns.attn_reps)
     if ns.json:
         write_json({"device": name, "date": datetime.now(UTC).date().isoformat(), "torch": torch.__version__,
                     "model": ns.model, "dtype": dt.name, "copy_gb_s": copy_gb_s, "launches": ns.launches,

@@ -155,3 +155,61 @@ def test_gemv_source_has_every_entry_the_ops_launch() -> None:
         assert f"GEMV_ENTRY({tile}, {kops.GEMV_UNROLL[tile]})" in src
     assert 'extern "C" __global__ void kvscope_gemv_reduce(' in src
     assert f"#define GEMV_WARPS {kops.GEMV_WARPS}" in src and f"#define GEMV_ROWS {kops.GEMV_ROWS_PER_WARP}" in src
+
+
+@pytest.mark.parametrize("batch", [2, 6])
+def test_engine_gemv_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
+    """The engine with kernels and gemv on, each kernel stood in for by its torch reference (float32): the same greedy
+    tokens as with kernels off; per decode step one gemv per qkv and lm_head, one gemv_silu_mul and two
+    gemv_residual_ per layer; the norm inside them up to GEMV_NORM_MAX_ROWS rows, else the RMSNorm kernel first."""
+    from kvscope.engine.loop import GEMV_NORM_MAX_ROWS, Engine
+    from kvscope.engine.plan import RunConfig
+    from kvscope.model.weights import empty_model, init_random
+
+    calls: list[tuple[str, bool]] = []
+
+    def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+             norm_weight: torch.Tensor | None = None, eps: float = 0.0, stamp: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        calls.append(("gemv", norm_weight is not None))
+        return kops.gemv_ref(x, w, bias, norm_weight, eps)
+
+    def silu(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+             stamp: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append(("silu_mul", norm_weight is not None))
+        return kops.gemv_silu_mul_ref(x, w, norm_weight, eps)
+
+    def residual(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        calls.append(("residual", False))
+        return kops.gemv_residual_ref_(h, x, w, bias)
+
+    def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, stamp: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append(("rms_norm", False))
+        return kops.rms_norm_ref(x, w, eps)
+
+    monkeypatch.setattr(kops, "supported", lambda device, dtype: True)
+    monkeypatch.setattr(kops, "rms_norm", rms_norm)
+    monkeypatch.setattr(kops, "silu_mul", kops.silu_mul_ref)
+    monkeypatch.setattr(kops, "rope_kv_", kops.rope_kv_ref_)
+    monkeypatch.setattr(kops, "gemv_fits", lambda x, w: x.dim() == 2 and x.shape[0] <= kops.GEMV_MAX_ROWS)
+    monkeypatch.setattr(kops, "gemv", gemv)
+    monkeypatch.setattr(kops, "gemv_silu_mul", silu)
+    monkeypatch.setattr(kops, "gemv_residual_", residual)
+    model = empty_model(PRESETS["tiny"], torch.device("cpu"), torch.float32)
+    init_random(model, seed=4)
+    prompts = [[7, 1, 8, 2, 8], [3, 1], [5], [9, 9, 2], [4, 4], [6, 1, 2]][:batch]
+    cfg = RunConfig(batch, 24, torch.float32, torch.device("cpu"))
+    off = Engine(model, cfg).generate(prompts, 6)
+    eng = Engine(model, cfg, kernels=True)
+    assert eng.gemv
+    eng.generate(prompts, 2)  # prefill (rows batch x 5 > 16 at batch 6: cuBLAS there) and one decode step
+    calls.clear()
+    eng.decode_step()
+    n = model.args.n_layers
+    fused = batch <= GEMV_NORM_MAX_ROWS
+    assert calls.count(("gemv", fused)) == n + 1 and calls.count(("silu_mul", fused)) == n
+    assert calls.count(("residual", False)) == 2 * n
+    assert calls.count(("rms_norm", False)) == (0 if fused else 2 * n + 1)
+    assert len(calls) == 4 * n + 1 + (0 if fused else 2 * n + 1)
+    assert Engine(model, cfg, kernels=True).generate(prompts, 6) == off

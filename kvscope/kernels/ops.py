@@ -266,7 +266,7 @@ def _gemv_check(name: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor 
 
 def gemv_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `gemv(x, w)` takes these tensors (CUDA, a kernel dtype, shapes and alignment); no launch, no sync."""
-    if not supported(x.device, x.dtype) or w.device != x.device or w.dtype != x.dtype:
+    if x.device.type != "cuda" or x.dtype not in DTYPE_MACROS or w.device != x.device or w.dtype != x.dtype:
         return False
     try:
         _gemv_check("gemv", x, w, None)
