@@ -41,7 +41,8 @@ with open(os.environ["FAKE_NSYS_LOG"], "w") as f:
 report = args[args.index("-o") + 1]
 code = subprocess.run(args[args.index("-f") + 2:]).returncode
 for i, point in enumerate(p for p in os.environ.get("FAKE_NSYS_POINTS", "").split(";") if p):
-    open(f"{{report}}.{{i + 1}}.nsys-rep", "w").write(point)
+    suffix = "qdstrm" if os.environ.get("FAKE_NSYS_RAW") else "nsys-rep"  # a raw capture nsys did not import
+    open(f"{{report}}.{{i + 1}}.{{suffix}}", "w").write(point)
 sys.exit(code)
 """
 
@@ -188,3 +189,17 @@ def test_a_sweep_that_fails_inside_nsys_is_said(nsys: Path, tmp_path: Path, monk
                  "--resume"]) == 2
     assert "not a kvscope sweep file" in capsys.readouterr().err
     assert not (tmp_path / "nsys-argv.json").exists() and not (tmp_path / "f-nsys").exists()
+
+
+def test_raw_captures_are_imported(nsys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    importer = tmp_path / "bin" / "QdstrmImporter"
+    importer.write_text(f"#!{sys.executable}\nimport shutil, sys\nq = sys.argv[2]\n"
+                        "shutil.copy(q, q[:-len('.qdstrm')] + '.nsys-rep')\n")
+    importer.chmod(0o755)
+    monkeypatch.setenv("QDSTRM_IMPORTER", str(importer))
+    monkeypatch.setenv("FAKE_NSYS_RAW", "1")
+    _points(monkeypatch, (8, 1))
+    out = tmp_path / "q.csv"
+    assert main([*BASE, "--seq", "8", "--batch-sizes", "1", "--out", str(out), "--nsys", str(nsys)]) == 0
+    row = read_table(out).iloc[0]
+    assert row["nsys_report"] == "q-nsys/tiny-bs1-seq8" and row["decode_kernels"] == 91.0

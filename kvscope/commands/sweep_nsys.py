@@ -40,7 +40,14 @@ from kvscope.analysis.attribution import PointFacts, aligned, attribution, run_k
 from kvscope.analysis.nsys import export_rep
 from kvscope.analysis.report_align import write
 from kvscope.analysis.schema import ATTRIBUTION_COLUMNS, NSYS_REPORT_COLUMN, TRACE_FILE
-from kvscope.commands.nsys import SWEEP_PROFILE_FLAGS, extra_flags, profile_command, profile_flags, require_nsys
+from kvscope.commands.nsys import (
+    SWEEP_PROFILE_FLAGS,
+    extra_flags,
+    find_importer,
+    profile_command,
+    profile_flags,
+    require_nsys,
+)
 from kvscope.commands.sweep import SweepSpec, point_id, run_sweep
 from kvscope.commands.sweep_file import SweepFile, read_table, sweep_settings
 from kvscope.commands.sweep_out import OutputLock, check_out
@@ -171,7 +178,7 @@ def _attribute_all(sw: SweepSpec, fmt: str, path: Path, plans: dict[tuple[int, i
         table = SweepFile.read(path, fmt, sw.out)
         flags = dict(zip(table.configs(), table.numbers["flag"].fillna("").astype(str), strict=True))
         values: dict[tuple[int, int], dict[str, Any]] = {}
-        reports = sorted(scratch.glob(f"{REPORT_STEM}*.nsys-rep"))
+        reports = sorted(scratch.glob(f"{REPORT_STEM}*.nsys-rep")) + _imported(scratch, exe, say)
         if not reports:
             say("nsys wrote no report (no CUDA device, or the driver's profiling support is off): no attribution")
         for i, rep in enumerate(reports):
@@ -188,6 +195,26 @@ def _attribute_all(sw: SweepSpec, fmt: str, path: Path, plans: dict[tuple[int, i
             raise KvscopeError(f"cannot write {sw.out}: {exc.strerror or exc}; its rows are as the sweep wrote "
                                "them, without attribution") from None
     return len(values)
+
+
+def _imported(scratch: Path, exe: str, say: Say) -> list[Path]:
+    """Raw captures nsys left unimported (`*.qdstrm`, in the scratch folder or nsys's temporary one), imported with
+    QdstrmImporter where it is found: the reports made."""
+    raw = sorted(scratch.glob("*.qdstrm")) + sorted((scratch / "nsys-tmp").glob("*.qdstrm"))
+    if not raw:
+        return []
+    importer = find_importer(exe)
+    if importer is None:
+        say(f"nsys left {len(raw)} raw capture(s) unimported and QdstrmImporter was not found; left out")
+        return []
+    made = []
+    for q in raw:
+        subprocess.run([importer, "-i", str(q)], check=False, capture_output=True)
+        if q.with_suffix(".nsys-rep").is_file():
+            made.append(q.with_suffix(".nsys-rep"))
+        else:
+            say(f"{q.name}: QdstrmImporter made no report; left out")
+    return made
 
 
 def _one_report(rep: Path, i: int, exe: str, plans: dict[tuple[int, int], RunPlan], flags: dict[tuple[int, int], str],
