@@ -24,6 +24,7 @@ import hashlib
 import importlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -195,8 +196,11 @@ def raise_shared_limit(k: Kernel, shared_bytes: int, device_index: int) -> None:
 
 @functools.cache
 def external_stream(ptr: int) -> Any:
-    """CuPy's view of a stream created elsewhere (torch's), by its handle (0: the legacy default stream)."""
-    return import_cupy().cuda.ExternalStream(ptr)
+    """CuPy's view of a stream created elsewhere (torch's), by its handle (0: the legacy default stream). CuPy 14
+    deprecates `ExternalStream` (kept: it is what the GPU tests ran on); its warning is silenced, once per stream."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return import_cupy().cuda.ExternalStream(ptr)
 
 
 def clear_caches() -> None:
