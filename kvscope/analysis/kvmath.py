@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvscope.errors import KvscopeError
 from kvscope.model.config import RUN_DTYPE_BYTES, kv_bytes_per_token  # torch-free; also KVCache.bytes_for's formula
+from kvscope.model.tp import local_args  # torch-free
 
 if TYPE_CHECKING:  # for annotations only: analysis imports no torch (kvscope.model.config does)
     from kvscope.model.config import ModelArgs
@@ -40,9 +41,10 @@ def weights_bytes(args: ModelArgs, w_bytes: int) -> int:
     return args.param_count() * w_bytes
 
 
-def decode_workspace_bytes(args: ModelArgs, batch: int, act_bytes: int) -> int:
+def decode_workspace_bytes(args: ModelArgs, batch: int, act_bytes: int, vocab: int | None = None) -> int:
+    """`vocab`: the logits' width when it is not `args.vocab_size` (a tensor-parallel rank gathers all of them)."""
     per_seq = (2 * args.intermediate_size + args.q_size + 2 * args.kv_size + 3 * args.dim) * act_bytes
-    return batch * (per_seq + args.vocab_size * FP32_BYTES)
+    return batch * (per_seq + (args.vocab_size if vocab is None else vocab) * FP32_BYTES)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class KvQuery:
     rps: float | None = None
     latency_s: float | None = None
     page_size: int | None = None
+    tp: int = 1  # tensor parallelism: the budget and capacity are per GPU, each holding 1/tp of the model
 
 
 def kv_math(q: KvQuery) -> dict[str, Any]:
@@ -82,11 +85,18 @@ def kv_math(q: KvQuery) -> dict[str, Any]:
         "workspace_bytes": decode_workspace_bytes(a, q.batch, w),
         "reserve_bytes": q.reserve_bytes,
     }
+    # per GPU: one rank's part of the model (kvscope.model.tp: heads, KV heads, MLP width, vocabulary / tp)
+    gpu = local_args(a, q.tp) if q.tp != 1 else a
+    if q.tp != 1:
+        out.update({"tp": q.tp, "kv_bytes_per_token_per_gpu": kv_bytes_per_token(gpu, kvb),
+                    "kv_bytes_total_per_gpu": kv_bytes_per_token(gpu, kvb) * seq * q.batch,
+                    "weights_bytes_per_gpu": weights_bytes(gpu, w),
+                    "workspace_bytes_per_gpu": decode_workspace_bytes(gpu, q.batch, w, a.vocab_size)})
     if q.gpu_mem_bytes is not None:
         if q.gpu_mem_bytes <= 0:
             raise KvscopeError(f"GPU memory budget must be positive, got {q.gpu_mem_bytes} bytes")
         out["gpu_mem_bytes"] = q.gpu_mem_bytes
-        out.update(_capacity(a, q, seq, per_token, w))
+        out.update(_capacity(gpu, q, seq, kv_bytes_per_token(gpu, kvb), w, a.vocab_size))
     if (q.rps is None) != (q.latency_s is None):
         raise KvscopeError("--rps and --latency-s go together")
     if q.rps is not None:
@@ -102,13 +112,14 @@ def kv_math(q: KvQuery) -> dict[str, Any]:
     return out
 
 
-def _capacity(a: ModelArgs, q: KvQuery, seq: int, per_token: int, w: int) -> dict[str, int]:
-    """Largest batch at `seq` and longest context at `batch` that fit the budget (0 when nothing fits)."""
+def _capacity(a: ModelArgs, q: KvQuery, seq: int, per_token: int, w: int, vocab: int) -> dict[str, int]:
+    """Largest batch at `seq` and longest context at `batch` that fit the budget of one GPU holding the model `a`
+    (all of it, or one tensor-parallel rank's part) and the `vocab` logits (0 when nothing fits)."""
     fixed = q.gpu_mem_bytes - weights_bytes(a, w) - q.reserve_bytes
-    per_seq_ws = decode_workspace_bytes(a, 1, w)
+    per_seq_ws = decode_workspace_bytes(a, 1, w, vocab)
     # batch b fits when fixed - b * (per_token * seq + per_seq_ws) >= 0
     max_batch = max(0, fixed // (per_token * seq + per_seq_ws)) if fixed > 0 else 0
-    avail_for_kv = fixed - decode_workspace_bytes(a, q.batch, w)
+    avail_for_kv = fixed - decode_workspace_bytes(a, q.batch, w, vocab)
     max_seq = max(0, avail_for_kv // (per_token * q.batch)) if avail_for_kv > 0 else 0
     return {"budget_bytes": max(0, fixed), "max_batch": int(max_batch),
             "max_seq": int(min(max_seq, a.max_position_embeddings))}

@@ -34,7 +34,8 @@ def compute(ns: argparse.Namespace) -> dict[str, Any]:
     dtype = ns.dtype or source.dtype_name()
     return kv_math(KvQuery(source.args, batch=ns.batch_size, seq=ns.seq, dtype=dtype, kv_dtype=ns.kv_dtype,
                            gpu_mem_bytes=gpu_mem, reserve_bytes=int(ns.reserve_gb * GIB_BYTES), rps=ns.rps,
-                           latency_s=ns.latency_s, page_size=ns.page_size))
+                           latency_s=ns.latency_s, page_size=ns.page_size,
+                           tp=1 if getattr(ns, "tp", None) is None else ns.tp))
 
 
 def _budget(ns: argparse.Namespace) -> int | None:

@@ -13,19 +13,20 @@ A rank's modules are the ordinary `Transformer` of `local_args(args, tp)` (the s
 size and vocabulary divided), so the KV cache of a rank holds `n_kv_heads/tp` heads. Random weights: each full tensor
 is drawn exactly as `model.weights.init_random` draws it for tp=1 and the rank keeps its slice, so tp=N holds the
 same numbers as tp=1. A checkpoint: `checkpoint_slice` names the part of each Hugging Face tensor a rank reads (read
-with safetensors' `get_slice`, never the whole tensor).
+with safetensors' `get_slice`, never the whole tensor). Torch-free (kv-math sizes a rank with `local_args`); the
+tensors are sliced with plain indexing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvscope.errors import KvscopeError
 from kvscope.model.config import ModelArgs
-from kvscope.model.layers import Transformer
+
+if TYPE_CHECKING:  # annotations only: this module imports no torch
+    import torch
 
 MAX_TP = 1024  # a bound on --tp that any host of GPUs sits far below
 
@@ -90,17 +91,17 @@ class ShardPlan:
         """The vocabulary ids [start, end) of this rank's embedding and lm_head rows."""
         return self._part(self.args.vocab_size)
 
-    def qkv_index(self) -> torch.Tensor:
-        """Rows of the full fused wqkv (q | k | v) this rank holds, in its own order [q, k, v] (int64)."""
+    def qkv_index(self) -> list[int]:
+        """Rows of the full fused wqkv (q | k | v) this rank holds, in its own order [q, k, v]."""
         a = self.args
         (q0, q1), (k0, k1) = self.q_rows, self.kv_rows
-        return torch.cat((torch.arange(q0, q1), a.q_size + torch.arange(k0, k1),
-                          a.q_size + a.kv_size + torch.arange(k0, k1)))
+        return [*range(q0, q1), *range(a.q_size + k0, a.q_size + k1),
+                *range(a.q_size + a.kv_size + k0, a.q_size + a.kv_size + k1)]
 
-    def w13_index(self) -> torch.Tensor:
-        """Rows of the full fused w13 (gate | up) this rank holds, in its own order [gate, up] (int64)."""
+    def w13_index(self) -> list[int]:
+        """Rows of the full fused w13 (gate | up) this rank holds, in its own order [gate, up]."""
         f0, f1 = self.ff_rows
-        return torch.cat((torch.arange(f0, f1), self.args.intermediate_size + torch.arange(f0, f1)))
+        return [*range(f0, f1), *range(self.args.intermediate_size + f0, self.args.intermediate_size + f1)]
 
     def param_slice(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's part of the full parameter `name` (a name of `Transformer.named_parameters()`)."""
@@ -108,9 +109,9 @@ class ShardPlan:
             lo, hi = self.vocab_rows
             return full[lo:hi]  # (V/tp, dim)
         if name.endswith(("attention.wqkv.weight", "attention.wqkv.bias")):
-            return full.index_select(0, self.qkv_index().to(full.device))  # ((H + 2 H_kv)/tp * D, ...)
+            return full[self.qkv_index()]  # ((H + 2 H_kv)/tp * D, ...), a copy
         if name.endswith("feed_forward.w13.weight"):
-            return full.index_select(0, self.w13_index().to(full.device))  # (2F/tp, dim)
+            return full[self.w13_index()]  # (2F/tp, dim), a copy
         if name.endswith("attention.wo.weight"):
             lo, hi = self.q_rows
             return full[:, lo:hi]  # (dim, H/tp * D)
@@ -136,31 +137,3 @@ class ShardPlan:
         if name.endswith(".mlp.down_proj.weight"):
             return (1, *self.ff_rows)
         return None
-
-
-@torch.no_grad()
-def init_random_shard(model: Transformer, plan: ShardPlan, seed: int,
-                      draw: Callable[[torch.Tensor, torch.Generator], None]) -> None:
-    """Fill a rank's modules (of `plan.local`) with its slices of the tp=1 random weights: every full parameter is
-    drawn in `init_random`'s order with the same generator by `draw(full, gen)` (norm weights are 1), then sliced.
-    One full tensor at a time is held on the device."""
-    device = model.tok_embeddings.weight.device
-    dtype = model.tok_embeddings.weight.dtype
-    with torch.device("meta"):
-        full_model = Transformer(plan.args)
-    if plan.args.tie_word_embeddings:
-        full_model.output.weight = full_model.tok_embeddings.weight
-    local = dict(model.named_parameters())
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, meta in sorted(full_model.named_parameters(), key=lambda kv: kv[0]):  # tied weights listed once
-        param = local[name]
-        if name.endswith("norm.weight"):
-            param.fill_(1.0)
-            continue
-        full = torch.empty(meta.shape, dtype=dtype, device=device)
-        draw(full, gen)
-        part = plan.param_slice(name, full)
-        if part.shape != param.shape:
-            raise ValueError(f"shard of {name}: {tuple(part.shape)} does not fit the rank's {tuple(param.shape)}")
-        param.copy_(part)
-        del full

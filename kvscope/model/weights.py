@@ -20,7 +20,7 @@ from kvscope.model.config import ModelArgs, show_value
 from kvscope.model.dtypes import dtype_name
 from kvscope.model.layers import Transformer
 from kvscope.model.source import ModelSource, one_line, safetensors_files
-from kvscope.model.tp import ShardPlan, init_random_shard
+from kvscope.model.tp import ShardPlan
 
 INIT_STD = 0.02  # standard deviation of random weights (the usual initializer_range of these families)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -50,8 +50,32 @@ def init_random(model: Transformer, seed: int) -> None:
 
 
 def _draw(t: torch.Tensor, gen: torch.Generator) -> None:
-    """One random weight tensor, in place (also the full tensors a tensor-parallel rank slices: model.tp)."""
+    """One random weight tensor, in place."""
     t.normal_(0.0, INIT_STD, generator=gen)
+
+
+@torch.no_grad()
+def init_random_shard(model: Transformer, shard: ShardPlan, seed: int) -> None:
+    """A tensor-parallel rank's modules (of `shard.local`) filled with its slices of the tp=1 random weights: every
+    full parameter drawn in `init_random`'s order with the same generator, then sliced (`ShardPlan.param_slice`), so
+    tp=N holds exactly the numbers of tp=1. One full tensor at a time is on the device."""
+    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
+    with torch.device("meta"):
+        full_model = Transformer(shard.args)
+    if shard.args.tie_word_embeddings:
+        full_model.output.weight = full_model.tok_embeddings.weight
+    local = dict(model.named_parameters())
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, meta in sorted(full_model.named_parameters(), key=lambda kv: kv[0]):  # tied weights listed once
+        if name.endswith("norm.weight"):
+            local[name].fill_(1.0)
+            continue
+        full = torch.empty(meta.shape, dtype=dtype, device=device)
+        _draw(full, gen)
+        part = shard.param_slice(name, full)
+        if part.shape != local[name].shape:
+            raise ValueError(f"shard of {name}: {tuple(part.shape)} does not fit the rank's {tuple(local[name].shape)}")
+        local[name].copy_(part)
 
 
 def _hf_targets(model: Transformer) -> dict[str, tuple[torch.Tensor, int, int]]:
@@ -195,7 +219,7 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, se
     if source.folder is not None:
         load_hf_tensors(model, _iter_checkpoint(safetensors_files(source.folder), shard), origin=str(source.folder))
     elif shard is not None:
-        init_random_shard(model, shard, seed, _draw)
+        init_random_shard(model, shard, seed)
     else:
         init_random(model, seed)
     if device.type == "cuda":
