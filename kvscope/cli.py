@@ -234,6 +234,9 @@ def _add_nsys(sub: argparse._SubParsersAction) -> None:
                    help="an extra `nsys profile` flag, repeatable; write --nsys-flag=--sample=cpu (or "
                         "--nsys-flag '-t cuda,nvtx,osrt'); it replaces kvscope's own value of the same option")
     _add_json(n, "the output folder, its files and the kernel time by class")
+    n.add_argument("--tp", type=_INT, default=None, metavar="N",
+                   help="profile `kvscope run --tp N`: every rank in one capture (nsys follows the spawned ranks), "
+                        "then compute, communication and idle per rank and step, and the straggler rank")
     n.add_argument("run_args", nargs=argparse.REMAINDER,
                    help="after --: arguments of `kvscope run` (empty, or starting with -), or any command to profile")
 
@@ -276,9 +279,15 @@ def _nsys_run_args(ns: argparse.Namespace) -> None:
     if run_args[:2] == [PROG, "run"]:
         run_args = run_args[2:]
     elif run_args and not run_args[0].startswith("-"):
+        if getattr(ns, "tp", None) is not None:
+            raise KvscopeError("nsys: --tp profiles `kvscope run --tp N`; another command starts its own processes")
         ns.command_args, ns.run_args, ns.run = run_args, [], None
         return
     ns.command_args = []
+    if getattr(ns, "tp", None) is not None:
+        if any(a == "--tp" or a.startswith("--tp=") for a in run_args):
+            raise KvscopeError("nsys: give --tp once, before --")
+        run_args = [*run_args, "--tp", str(ns.tp)]
     if any(a == "--out" or a.startswith("--out=") for a in run_args):
         raise KvscopeError("nsys: give --out before --, not among the run arguments")
     if "--no-nvtx" in run_args:

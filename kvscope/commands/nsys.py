@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from rich.console import Console
+
 from kvscope.analysis.nsys import export_rep, find_nsys
 from kvscope.analysis.report_align import analyse, write
 from kvscope.analysis.schema import NSYS_RUN_SUBFOLDER, TIMINGS_FILE
@@ -33,6 +35,8 @@ from kvscope.commands.align import print_align
 from kvscope.commands.json_out import align_payload, json_line
 from kvscope.commands.options import run_spec
 from kvscope.commands.run_output import OutputFolder
+from kvscope.commands.tp_align import analyse_ranks, ranks_table, write_ranks
+from kvscope.commands.tp_launch import check_plan
 from kvscope.engine.plan import prepare
 from kvscope.errors import KvscopeError
 
@@ -52,8 +56,11 @@ def command(ns: argparse.Namespace) -> int:
     """`ns.run` (the `kvscope run` arguments parsed) and `ns.run_args`, or `ns.command_args` (any other command),
     as `kvscope.cli` leaves them; `ns.nsys_flag`: the extra nsys flags."""
     extra = extra_flags(getattr(ns, "nsys_flag", []))
+    tp = getattr(ns.run, "tp", None) if ns.run is not None else None
     if ns.run is not None:
-        prepare(run_spec(ns.run))  # validate before starting nsys
+        plan = prepare(run_spec(ns.run))  # validate before starting nsys
+        if tp is not None:
+            check_plan(plan, tp)
     final = Path(ns.out) if ns.out else Path("traces") / f"{datetime.now():%Y%m%d-%H%M%S}-nsys"
     folder = OutputFolder(final)
     exit_code = 0
@@ -65,13 +72,22 @@ def command(ns: argparse.Namespace) -> int:
             rep, exit_code = capture_command(ns.command_args, folder.tmp, ns.nsys, extra)
             run_dir, what = None, {"profiled": ns.command_args, "exit_code": exit_code}
         sqlite = export_rep(rep, ns.nsys, out=folder.tmp / "report.sqlite")
-        result = analyse(sqlite, run_dir)
-        write(result, folder.tmp, {"command": " ".join(sys.argv), **what, "nsys_flags": extra})
+        meta = {"command": " ".join(sys.argv), **what, "nsys_flags": extra}
+        split = None
+        if tp is not None:  # every rank in one capture: aligned per rank (kvscope.commands.tp_align)
+            result, split = analyse_ranks(sqlite, run_dir)
+        else:
+            result = analyse(sqlite, run_dir)
+        write(result, folder.tmp, meta)
+        if split is not None:
+            write_ranks(split, folder.tmp, meta)
         done = folder.commit()
     except BaseException:
         folder.discard()
         raise
     print_align(result)
+    if split is not None:
+        Console().print(ranks_table(split[0]))
     if exit_code:
         print(f"nsys: the profiled command exited with code {exit_code}; its capture was aligned all the same")
     print(f"nsys: {done} ({', '.join(sorted(p.name for p in done.iterdir()))})")

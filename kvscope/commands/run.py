@@ -217,6 +217,9 @@ def _timed_repetitions(engine: Engine | HfEngine, ins: Instrument, nvml: NvmlSam
     spec, cuda = plan.spec, plan.cfg.device.type == "cuda"
     host = HostClock(ttft_ms=[], decode_ms=[])
     records: list[dict[str, Any]] = []
+    tp = getattr(engine, "tp", None)
+    if tp is not None:
+        tp.barrier()  # named sync: the ranks start their clocks and the capture range together
     ins.start_clock()
     nvml.start(ins.origin_host_ns)
     if cuda:
@@ -232,6 +235,8 @@ def _timed_repetitions(engine: Engine | HfEngine, ins: Instrument, nvml: NvmlSam
                 records += ins.collect()  # the rep is synchronised: resolve it, its events return to the pool
                 if progress:
                     progress("measure", r + 1, spec.reps)
+        if tp is not None:
+            tp.barrier()  # named sync: no rank ends the capture range (cudaProfilerStop) while another still works
     finally:
         if cuda:
             torch.cuda.cudart().cudaProfilerStop()

@@ -123,6 +123,10 @@ class TensorParallel:
         dist.all_reduce(h, group=self.group)
         return h
 
+    def barrier(self) -> None:
+        """Wait for every rank (a host sync: used only outside timed work, named where it is called)."""
+        dist.barrier(group=self.group)
+
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
         """Each rank's logits (B, V/tp) -> the full logits (B, V), in vocabulary order, on every rank."""
         b, v_local = local.shape
