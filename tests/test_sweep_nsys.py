@@ -203,3 +203,42 @@ def test_raw_captures_are_imported(nsys: Path, tmp_path: Path, monkeypatch: pyte
     assert main([*BASE, "--seq", "8", "--batch-sizes", "1", "--out", str(out), "--nsys", str(nsys)]) == 0
     row = read_table(out).iloc[0]
     assert row["nsys_report"] == "q-nsys/tiny-bs1-seq8" and row["decode_kernels"] == 91.0
+
+
+def test_the_sweep_inside_nsys_is_the_one_asked_for() -> None:
+    from dataclasses import replace
+
+    from kvscope.commands.sweep import SweepSpec
+    from kvscope.commands.sweep_nsys import spec_from_json, spec_json
+    from kvscope.engine.plan import RunSpec
+
+    sw = SweepSpec(RunSpec(model="qwen2.5-3b", gen_tokens=8, reps=3, seed=2**63, graphs=False, nvtx=True,
+                           engine="transformers"), (128, 4096), (1, 8), Path("/x/s.csv"), 3.5, True)
+    assert spec_from_json(json.loads(json.dumps(spec_json(sw)))) == sw
+    assert spec_from_json(json.loads(json.dumps(spec_json(replace(sw, resume=False))))).resume is False
+
+
+@pytest.mark.gpu
+def test_real_nsys_sweep_of_the_tiny_preset(tmp_path: Path) -> None:
+    """Real nsys on a GPU: one nsys process, one report per point (capture-range-end=repeat), every row attributed
+    with the kernels of its own capture."""
+    from kvscope.analysis.nsys import find_nsys
+
+    if find_nsys() is None:
+        pytest.skip("nsys not found")
+    out = tmp_path / "g.csv"
+    rc = main(["sweep", "--model", "tiny", "--seq", "32,64", "--batch-sizes", "1,2", "--gen-tokens", "4",
+               "--warmup", "1", "--reps", "2", "--out", str(out), "--nsys"])
+    assert rc == 0
+    df = read_table(out)
+    assert list(df.columns)[-len(ATTRIBUTION_COLUMNS):] == list(ATTRIBUTION_COLUMNS)
+    assert df["nsys_report"].tolist() == [f"g-nsys/tiny-bs{b}-seq{s}" for s, b in
+                                          zip(df["seq_len"], df["batch"], strict=True)]
+    for _, row in df.iterrows():
+        steps = pd.read_parquet(out.parent / row["nsys_report"] / STEPS_FILE)
+        decode = steps[steps["phase"] == "decode"]
+        assert len(decode) == 2 * 3 and row["decode_kernels"] == decode["kernels"].median() > 0
+        assert 0 < row["decode_busy_ms"] <= row["decode_span_ms"]
+        classes = [row[f"decode_{w}_ms"] for w in ("gemm", "attention", "norm", "elementwise", "copy",
+                                                     "communication", "other")]
+        assert row["decode_gemm_ms"] > 0 and sum(classes) > 0
