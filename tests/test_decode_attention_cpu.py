@@ -24,12 +24,13 @@ H200_SMS = 132
                                                (7, (8, 1)), (8, (8, 1)), (12, (8, 2)), (16, (8, 2)), (17, (8, 3))])
 def test_group_chunk(group: int, expect: tuple[int, int]) -> None:
     assert kops.decode_group_chunk(group) == expect
+    assert kops.decode_group_chunk(group, tensor_cores=True) == (16, 1 if group <= 16 else 2)  # the mma's 16 rows
 
 
 @pytest.mark.parametrize(("blocks", "s_max", "expect"), [
     (2, 32_768 + 64, 132),  # batch 1, 2 KV heads, 32k: 264 blocks, two per SM
     (32, 4096 + 64, 9),  # batch 16 at 4k: ceil(264 / 32)
-    (2, 512 + 32, 17),  # batch 1 at 512: splits of at least 32 positions (544 // 32)
+    (2, 512 + 32, 4),  # batch 1 at 512: splits of at least 128 positions (544 // 128)
     (2, 31, 1),  # shorter than one split
     (128, 544, 3),  # batch 64 at 512
     (264, 100_000, 1),  # enough blocks without splitting
@@ -88,6 +89,8 @@ def test_boundary_checks_of_the_options_and_the_device() -> None:
     for splits in (0, kops.DECODE_ATTENTION_MAX_SPLITS + 1):
         with pytest.raises(ValueError, match=f"splits {splits} outside"):
             kops.decode_attention(q, k, v, n, splits=splits)
+    with pytest.raises(ValueError, match=r"tensor-core kernel takes bfloat16/float16, got q torch\.float32"):
+        kops.decode_attention(q, k, v, n, tensor_cores=True)
     with pytest.raises(ValueError, match=r"out must be contiguous torch.float32 \(2, 8, 64\).*\(2, 8, 32\)"):
         kops.decode_attention(q, k, v, n, out=torch.empty(2, 8, 32))
     with pytest.raises(ValueError, match="needs CUDA tensors, got cpu"):  # every shape fits: only the device is wrong
@@ -113,7 +116,7 @@ def test_reference_against_a_hand_computed_softmax() -> None:
 
 def test_reference_groups_by_kv_head_exactly() -> None:
     """V constant per (sequence, KV head): every query head of that group gets exactly that constant."""
-    q, k, _, lengths = _inputs(b=3, h=8, hkv=2, d=64, s_max=20)
+    q, k, _, _ = _inputs(b=3, h=8, hkv=2, d=64, s_max=20)
     consts = torch.tensor([[0.5, -2.0], [1.25, 3.0], [-0.75, 0.25]])  # (B, H_kv)
     v = consts.view(3, 1, 2, 1).expand(3, 20, 2, 64).contiguous()  # (B, S, H_kv, D)
     got = kops.decode_attention_ref(q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.tensor([3, 20, 7]))
@@ -138,7 +141,7 @@ def test_attn_switch_kvscope_prefill_is_sdpa_and_decode_is_refused_here() -> Non
     q, k, v = (torch.randn(1, n, 6, 64, generator=g) for n in (4, 2, 2))
     torch.testing.assert_close(prefill_attention(q, k, v, "kvscope"), prefill_attention(q, k, v, "sdpa"))
     qd, kc, vc, _ = _inputs()
-    with pytest.raises(ValueError, match="kvscope switch runs kvscope.kernels.ops.decode_attention"):
+    with pytest.raises(ValueError, match=r"kvscope switch runs kvscope\.kernels\.ops\.decode_attention"):
         decode_attention(qd, kc, vc, DecodeMeta(span=16), "kvscope")
 
 

@@ -42,23 +42,27 @@ def _case(b: int, s_max: int, hkv: int, group: int, d: int, dtype: torch.dtype, 
     return q, k, v
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, splits: int | None = None
-           ) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, splits: int | None = None,
+           tensor_cores: bool | None = None) -> None:
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=CUDA)  # (B, H, D) poisoned
-    got = kops.decode_attention(q, k, v, lengths, splits=splits, out=out)
+    got = kops.decode_attention(q, k, v, lengths, splits=splits, out=out, tensor_cores=tensor_cores)
     assert got.data_ptr() == out.data_ptr()
     assert not got.isnan().any(), "an output element was not written (or a NaN partial was read)"
     torch.testing.assert_close(got, kops.decode_attention_ref(q, k, v, lengths),
                                **kops.DECODE_ATTENTION_TOLERANCE[q.dtype])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+KERNELS = [(torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False), (torch.float16, False),
+           (torch.float32, False)]  # (dtype, tensor cores): both kernels for 16-bit dtypes
+
+
+@pytest.mark.parametrize(("dtype", "tensor_cores"), KERNELS)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
-def test_dtypes_head_sizes_and_groups(dtype: torch.dtype, d: int, group: int) -> None:
+def test_dtypes_head_sizes_and_groups(dtype: torch.dtype, tensor_cores: bool, d: int, group: int) -> None:
     """Three ragged sequences (1 position, one that is no multiple of any tile, the full cache), default splits."""
     q, k, v = _case(3, 1000, 2, group, d, dtype, seed=d * group)
-    _check(q, k, v, torch.tensor([1, 517, 1000], device=CUDA))
+    _check(q, k, v, torch.tensor([1, 517, 1000], device=CUDA), tensor_cores=tensor_cores)
 
 
 @pytest.mark.parametrize(("b", "s_max", "lengths"), [
@@ -84,18 +88,22 @@ def test_batches_and_lengths_at_qwen25_3b_shapes(b: int, s_max: int, lengths: li
     _check(q, k, v, n)
 
 
+@pytest.mark.parametrize("tensor_cores", [True, False])
 @pytest.mark.parametrize("splits", [1, 2, 7, 300, kops.DECODE_ATTENTION_MAX_SPLITS])
-def test_forced_split_counts_including_empty_splits(splits: int) -> None:
+def test_forced_split_counts_including_empty_splits(splits: int, tensor_cores: bool) -> None:
     """Any split count gives the same result, also when most splits get no position (length < splits)."""
     q, k, v = _case(3, 2000, 2, 8, 128, torch.float16, seed=splits)
-    _check(q, k, v, torch.tensor([3, 1999, 250], device=CUDA), splits=splits)
+    _check(q, k, v, torch.tensor([3, 1999, 250], device=CUDA), splits=splits, tensor_cores=tensor_cores)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(14, 2, 64), (28, 4, 128), (24, 2, 128), (32, 8, 128)])
-def test_groups_that_pad_or_take_several_chunks(heads: int, kv_heads: int, d: int) -> None:
-    """7 heads per KV head (padded to 8), 12 (two chunks of 8, the second half full), 4 (llama-3.1-8b)."""
+@pytest.mark.parametrize("tensor_cores", [True, False])
+@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(14, 2, 64), (28, 4, 128), (24, 2, 128), (32, 8, 128),
+                                                      (40, 2, 64)])
+def test_groups_that_pad_or_take_several_chunks(heads: int, kv_heads: int, d: int, tensor_cores: bool) -> None:
+    """7 heads per KV head (padded to 8 / 16), 12 (two chunks of 8, the second half full), 4 (llama-3.1-8b), 20
+    (two chunks of 16 rows)."""
     q, k, v = _case(2, 3000, kv_heads, heads // kv_heads, d, torch.bfloat16, seed=heads)
-    _check(q, k, v, torch.tensor([2999, 1234], device=CUDA))
+    _check(q, k, v, torch.tensor([2999, 1234], device=CUDA), tensor_cores=tensor_cores)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -149,13 +157,13 @@ def test_inside_a_cuda_graph_with_lengths_changed_between_replays() -> None:
 def test_tiny_grid_for_the_sanitizer() -> None:
     """A few small launches of every path (one split, several splits with the merge, padded and chunked groups,
     each dtype, length 0): run under compute-sanitizer's memcheck and racecheck."""
-    for dtype in DTYPES:
+    for dtype, tensor_cores in KERNELS:
         q, k, v = _case(2, 70, 2, 8, 128, dtype, seed=1)
         for splits in (1, 3):
-            _check(q, k, v, torch.tensor([70, 9], device=CUDA), splits=splits)
-    q, k, v = _case(2, 40, 2, 6, 64, torch.bfloat16, seed=2)
-    _check(q, k, v, torch.tensor([0, 33], device=CUDA), splits=2)
-    q, k, v = _case(1, 40, 1, 12, 64, torch.float16, seed=3)
+            _check(q, k, v, torch.tensor([70, 9], device=CUDA), splits=splits, tensor_cores=tensor_cores)
+        q, k, v = _case(2, 40, 2, 6, 64, dtype, seed=2)
+        _check(q, k, v, torch.tensor([0, 33], device=CUDA), splits=2, tensor_cores=tensor_cores)
+    q, k, v = _case(1, 40, 1, 20, 64, torch.float16, seed=3)
     _check(q, k, v, torch.tensor([40], device=CUDA))
 
 

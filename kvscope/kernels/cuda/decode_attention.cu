@@ -277,23 +277,274 @@ DA_ENTRY(128, 2)
 DA_ENTRY(128, 4)
 DA_ENTRY(128, 8)
 
-// out[r, :] = sum_s 2^(lse[r, s] - M) * part_o[r, s, :] / sum_s 2^(lse[r, s] - M), one block per row r = (b, h);
-// a row whose splits all saw no position (length 0) gets zeros.
-extern "C" __global__ void kvscope_decode_attention_merge(elem_t* __restrict__ out, const float* __restrict__ part_o,
-                                                          const float* __restrict__ part_lse, int n_splits, int d) {
+// ---- tensor-core variant (bf16 / fp16): kvscope_decode_attention_mma_d<D> -------------------------------------------
+// Same arguments, grid and semantics; up to DM_ROWS query heads of a KV head's group per block (the rows of the mma,
+// padded), DM_WARPS warps, DM_STAGES * 2 * DM_TILE * D * 2 bytes of dynamic shared memory. Each warp takes tiles of
+// DM_TILE positions: K and V copied into shared memory (cp.async, 16 bytes a lane, each row's 16-byte chunks swizzled
+// by the row so that ldmatrix reads without bank conflicts), S = Q K^T and O += P V on the tensor cores
+// (mma.m16n8k16, float accumulation; P rounded to the element type as flash attention does, the softmax sum taken
+// over the rounded P so that the output stays a weighted average), the online softmax in base 2 on the scores.
+#if !defined(KV_F32)
+#define DM_WARPS 4
+#define DM_STAGES 3
+#define DM_TILE 16
+#define DM_ROWS 16
+
+__device__ __forceinline__ unsigned dm_pack(float lo, float hi) {  // two floats -> one register of two elements
+    unsigned r;
+#if defined(KV_BF16)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+
+__device__ __forceinline__ void dm_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if defined(KV_BF16)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+#endif
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void dm_ldsm(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr) : "memory");
+}
+
+__device__ __forceinline__ void dm_ldsm_t(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr) : "memory");
+}
+
+template <int D>
+__device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __restrict__ part_o,
+                                         float* __restrict__ part_lse, const elem_t* __restrict__ q,
+                                         const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache,
+                                         const long long* __restrict__ lengths, long long q_stride_b,
+                                         long long q_stride_h, int n_heads, int n_kv_heads, int s_max,
+                                         int n_splits, float scale_log2) {
+    constexpr int C = D / 8;                     // 16-byte chunks of a cache row
+    constexpr int KS = D / 16;                   // k-steps of S = Q K^T
+    constexpr int NT = D / 8;                    // n-tiles of O = P V
+    constexpr int ROW_BYTES = C * 16;
+    constexpr int TILE_BYTES = DM_TILE * ROW_BYTES;  // K (or V) of one tile
+    constexpr int STAGE_BYTES = 2 * TILE_BYTES;
+    constexpr int STEP = DM_WARPS * DM_TILE;         // positions of one round of the block's warps
+    static_assert(D % 16 == 0 && C % 2 == 0, "head size");
+    static_assert(DM_WARPS * DM_ROWS * (D + 2) * (int)sizeof(float) <= DM_WARPS * DM_STAGES * STAGE_BYTES, "smem");
+    extern __shared__ __align__(16) unsigned char dm_smem[];
+    float(*s_o)[DM_ROWS][D] = reinterpret_cast<float(*)[DM_ROWS][D]>(dm_smem);  // [DM_WARPS][DM_ROWS][D]
+    float(*s_m)[DM_ROWS] = reinterpret_cast<float(*)[DM_ROWS]>(dm_smem + DM_WARPS * DM_ROWS * D * sizeof(float));
+    float(*s_l)[DM_ROWS] = s_m + DM_WARPS;
+
+    const int split = blockIdx.x, group = blockIdx.y, b = blockIdx.z;
+    const int g_size = n_heads / n_kv_heads, n_chunks = (g_size + DM_ROWS - 1) / DM_ROWS;
+    const int kvh = group / n_chunks, chunk = group % n_chunks;
+    const int head0 = kvh * g_size + chunk * DM_ROWS;
+    const int valid_heads = min(DM_ROWS, g_size - chunk * DM_ROWS);
+    long long len = lengths[b];
+    len = len < 0 ? 0 : (len > s_max ? s_max : len);
+    const long long per_split = (len + n_splits - 1) / n_splits;
+    const long long start = (long long)split * per_split;
+    const long long end = min(len, start + per_split);
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t4 = lane & 3;  // the mma fragments' row group and column pair
+    const bool row0 = g < valid_heads, row1 = g + 8 < valid_heads;
+
+    unsigned qa[KS][4];  // Q as the A operand: rows g / g + 8 (heads), columns ks*16 + t4*2 (+8)
+    {
+        const elem_t* q0 = q + b * q_stride_b + (long long)(head0 + g) * q_stride_h + t4 * 2;
+        const elem_t* q1 = q0 + 8 * q_stride_h;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            qa[ks][0] = row0 ? *reinterpret_cast<const unsigned*>(q0 + ks * 16) : 0u;
+            qa[ks][1] = row1 ? *reinterpret_cast<const unsigned*>(q1 + ks * 16) : 0u;
+            qa[ks][2] = row0 ? *reinterpret_cast<const unsigned*>(q0 + ks * 16 + 8) : 0u;
+            qa[ks][3] = row1 ? *reinterpret_cast<const unsigned*>(q1 + ks * 16 + 8) : 0u;
+        }
+    }
+    float o[NT][4];  // O: rows g / g + 8, columns dn*8 + t4*2 + {0, 1}
+#pragma unroll
+    for (int dn = 0; dn < NT; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
+    float m0 = DA_NEG_INF, m1 = DA_NEG_INF, l0 = 0.f, l1 = 0.f;  // rows g and g + 8; l over this lane's columns
+
+    const long long row = (long long)n_kv_heads * D;
+    const elem_t* kb = k_cache + ((long long)b * s_max * n_kv_heads + kvh) * D;
+    const elem_t* vb = v_cache + ((long long)b * s_max * n_kv_heads + kvh) * D;
+    const long long first = start + (long long)warp * DM_TILE;
+    const int n_tiles = first < end ? (int)((end - first + STEP - 1) / STEP) : 0;
+    const unsigned base = da_smem_addr(dm_smem) + warp * DM_STAGES * STAGE_BYTES;
+    auto issue = [&](int it) {
+        const unsigned st = base + (it % DM_STAGES) * STAGE_BYTES;
+        const long long t0 = first + (long long)it * STEP;
+#pragma unroll
+        for (int i = 0; i < C / 2; ++i) {
+            const int j = lane + 32 * i, t = j / C, c = j % C;  // 16 rows of C chunks, consecutive lanes along a row
+            const long long pos = t0 + t;
+            const bool ok = pos < end;
+            const long long off = ok ? pos * row + c * 8 : 0;
+            const unsigned dst = st + t * ROW_BYTES + ((c ^ (t & 7)) << 4);
+            da_copy16(dst, kb + off, ok ? 16 : 0);
+            da_copy16(dst + TILE_BYTES, vb + off, ok ? 16 : 0);
+        }
+    };
+#pragma unroll
+    for (int it = 0; it < DM_STAGES - 1; ++it) {
+        if (it < n_tiles) issue(it);
+        da_commit();
+    }
+    // ldmatrix rows of this lane: S's B operand (tokens (lane/16)*8 + lane%8, chunk 2ks + (lane/8)%2) and, transposed,
+    // O's B operand (tokens ((lane/8)%2)*8 + lane%8, chunk dn + lane/16)
+    const int tk = (lane >> 4) * 8 + (lane & 7), ck = (lane >> 3) & 1;
+    const int tv = ((lane >> 3) & 1) * 8 + (lane & 7), cv = lane >> 4;
+    for (int it = 0; it < n_tiles; ++it) {
+        if (it + DM_STAGES - 1 < n_tiles) issue(it + DM_STAGES - 1);
+        da_commit();
+        da_wait<DM_STAGES - 1>();
+        const unsigned st = base + (it % DM_STAGES) * STAGE_BYTES;
+        const long long t0 = first + (long long)it * STEP;
+        float s[2][4];  // S: rows g / g + 8, tokens nt*8 + t4*2 + {0, 1}
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            unsigned r0, r1, r2, r3;
+            const int c = 2 * ks + ck;
+            dm_ldsm(st + tk * ROW_BYTES + ((c ^ (tk & 7)) << 4), r0, r1, r2, r3);
+            dm_mma(s[0], qa[ks], r0, r1);
+            dm_mma(s[1], qa[ks], r2, r3);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                s[nt][e] = (t0 + nt * 8 + t4 * 2 + (e & 1) < end) ? s[nt][e] * scale_log2 : DA_NEG_INF;
+        float mx0 = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+        float mx1 = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(DA_FULL, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(DA_FULL, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(DA_FULL, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(DA_FULL, mx1, 2));
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);  // finite: position t0 is valid
+        const float a0 = da_exp2(m0 - n0), a1 = da_exp2(m1 - n1);
+        if (__any_sync(DA_FULL, n0 > m0 || n1 > m1)) {
+#pragma unroll
+            for (int dn = 0; dn < NT; ++dn) {
+                o[dn][0] *= a0;
+                o[dn][1] *= a0;
+                o[dn][2] *= a1;
+                o[dn][3] *= a1;
+            }
+        }
+        float p[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) p[nt][e] = rnd(da_exp2(s[nt][e] - (e < 2 ? n0 : n1)));
+        l0 = l0 * a0 + ((p[0][0] + p[0][1]) + (p[1][0] + p[1][1]));
+        l1 = l1 * a1 + ((p[0][2] + p[0][3]) + (p[1][2] + p[1][3]));
+        m0 = n0;
+        m1 = n1;
+        const unsigned pa[4] = {dm_pack(p[0][0], p[0][1]), dm_pack(p[0][2], p[0][3]), dm_pack(p[1][0], p[1][1]),
+                                dm_pack(p[1][2], p[1][3])};
+#pragma unroll
+        for (int dn = 0; dn < NT; dn += 2) {
+            unsigned r0, r1, r2, r3;
+            const int c = dn + cv;
+            dm_ldsm_t(st + TILE_BYTES + tv * ROW_BYTES + ((c ^ (tv & 7)) << 4), r0, r1, r2, r3);
+            dm_mma(o[dn], pa, r0, r1);
+            dm_mma(o[dn + 1], pa, r2, r3);
+        }
+    }
+    da_wait<0>();
+    l0 += __shfl_xor_sync(DA_FULL, l0, 1);
+    l0 += __shfl_xor_sync(DA_FULL, l0, 2);
+    l1 += __shfl_xor_sync(DA_FULL, l1, 1);
+    l1 += __shfl_xor_sync(DA_FULL, l1, 2);
+    __syncthreads();  // every warp is done with its tiles: the shared bytes now hold partial results
+#pragma unroll
+    for (int dn = 0; dn < NT; ++dn) {
+        s_o[warp][g][dn * 8 + t4 * 2] = o[dn][0];
+        s_o[warp][g][dn * 8 + t4 * 2 + 1] = o[dn][1];
+        s_o[warp][g + 8][dn * 8 + t4 * 2] = o[dn][2];
+        s_o[warp][g + 8][dn * 8 + t4 * 2 + 1] = o[dn][3];
+    }
+    if (t4 == 0) {
+        s_m[warp][g] = m0;
+        s_m[warp][g + 8] = m1;
+        s_l[warp][g] = l0;
+        s_l[warp][g + 8] = l1;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < valid_heads * D; i += blockDim.x) {
+        const int h = i / D, d = i % D;
+        float mm = DA_NEG_INF;
+#pragma unroll
+        for (int w = 0; w < DM_WARPS; ++w) mm = fmaxf(mm, s_m[w][h]);
+        float lsum = 0.f, acc = 0.f;
+        if (mm != DA_NEG_INF) {
+#pragma unroll
+            for (int w = 0; w < DM_WARPS; ++w) {
+                const float wt = da_exp2(s_m[w][h] - mm);
+                lsum += s_l[w][h] * wt;
+                acc += s_o[w][h][d] * wt;
+            }
+        }
+        const float res = lsum > 0.f ? acc / lsum : 0.f;
+        const long long oh = (long long)b * n_heads + head0 + h;
+        if (n_splits == 1) {
+            out[oh * D + d] = from_f(res);
+        } else {
+            part_o[(oh * n_splits + split) * D + d] = res;
+            if (d == 0) part_lse[oh * n_splits + split] = lsum > 0.f ? mm + __log2f(lsum) : DA_NEG_INF;
+        }
+    }
+}
+
+#define DM_ENTRY(D)                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(DM_WARPS * 32) kvscope_decode_attention_mma_d##D(                  \
+        elem_t* out, float* part_o, float* part_lse, const elem_t* q, const elem_t* k_cache, const elem_t* v_cache,  \
+        const long long* lengths, long long q_stride_b, long long q_stride_h, int n_heads, int n_kv_heads,           \
+        int s_max, int n_splits, float scale_log2) {                                                                 \
+        dm_split<D>(out, part_o, part_lse, q, k_cache, v_cache, lengths, q_stride_b, q_stride_h, n_heads,            \
+                    n_kv_heads, s_max, n_splits, scale_log2);                                                        \
+    }
+
+DM_ENTRY(64)
+DM_ENTRY(128)
+#endif  // !KV_F32
+
+// out[r, :] = sum_s 2^(lse[r, s] - M) * part_o[r, s, :] / sum_s 2^(lse[r, s] - M), one block of DA_MERGE_WARPS warps
+// per row r = (b, h): the weights in shared memory, warp w sums the splits w, w + DA_MERGE_WARPS, ... for every
+// dimension (lane, lane + 32, ...: D <= 32 * DA_MERGE_DIMS), several loads in flight, then the warps' sums are added.
+// A row whose splits all saw no position (length 0) gets zeros.
+#define DA_MERGE_WARPS 8
+#define DA_MERGE_DIMS 4
+extern "C" __global__ void __launch_bounds__(DA_MERGE_WARPS * 32) kvscope_decode_attention_merge(
+    elem_t* __restrict__ out, const float* __restrict__ part_o, const float* __restrict__ part_lse, int n_splits,
+    int d) {
     __shared__ float s_w[DA_MAX_SPLITS];
-    __shared__ float s_red[32];
+    __shared__ float s_red[DA_MERGE_WARPS][32 * DA_MERGE_DIMS];
+    __shared__ float s_max[DA_MERGE_WARPS], s_sum[DA_MERGE_WARPS];
     const long long r = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const float* lse = part_lse + r * n_splits;
     float mx = DA_NEG_INF;
     for (int s = threadIdx.x; s < n_splits; s += blockDim.x) mx = fmaxf(mx, lse[s]);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DA_FULL, mx, off));
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
-    if (lane == 0) s_red[warp] = mx;
+    if (lane == 0) s_max[warp] = mx;
     __syncthreads();
     mx = DA_NEG_INF;
-    for (int w = 0; w < n_warps; ++w) mx = fmaxf(mx, s_red[w]);
+#pragma unroll
+    for (int w = 0; w < DA_MERGE_WARPS; ++w) mx = fmaxf(mx, s_max[w]);
     float wsum = 0.f;
     for (int s = threadIdx.x; s < n_splits; s += blockDim.x) {
         const float w = mx == DA_NEG_INF ? 0.f : exp2f(lse[s] - mx);
@@ -302,15 +553,31 @@ extern "C" __global__ void kvscope_decode_attention_merge(elem_t* __restrict__ o
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) wsum += __shfl_xor_sync(DA_FULL, wsum, off);
-    __syncthreads();  // every thread has read s_red's maxima before it is reused
-    if (lane == 0) s_red[warp] = wsum;
+    if (lane == 0) s_sum[warp] = wsum;
     __syncthreads();
     wsum = 0.f;
-    for (int w = 0; w < n_warps; ++w) wsum += s_red[w];
+#pragma unroll
+    for (int w = 0; w < DA_MERGE_WARPS; ++w) wsum += s_sum[w];
     const float* po = part_o + r * (long long)n_splits * d;
+    float acc[DA_MERGE_DIMS];
+#pragma unroll
+    for (int j = 0; j < DA_MERGE_DIMS; ++j) acc[j] = 0.f;
+#pragma unroll 4
+    for (int s = warp; s < n_splits; s += DA_MERGE_WARPS) {
+        const float w = s_w[s];
+#pragma unroll
+        for (int j = 0; j < DA_MERGE_DIMS; ++j) {
+            const int i = lane + 32 * j;
+            if (i < d) acc[j] = fmaf(w, po[(long long)s * d + i], acc[j]);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < DA_MERGE_DIMS; ++j) s_red[warp][lane + 32 * j] = acc[j];
+    __syncthreads();
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float o = 0.f;
-        for (int s = 0; s < n_splits; ++s) o = fmaf(s_w[s], po[(long long)s * d + i], o);
+#pragma unroll
+        for (int w = 0; w < DA_MERGE_WARPS; ++w) o += s_red[w][i];
         out[r * d + i] = from_f(wsum > 0.f ? o / wsum : 0.f);
     }
 }
