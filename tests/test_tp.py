@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import torch.distributed as dist
 
 from kvscope.analysis.schema import COLLECTIVE_OPS
 from kvscope.cli import main
@@ -68,9 +69,14 @@ def _one_device(plan: RunPlan) -> Generated:
     return Generated(torch.stack(out, dim=1).tolist(), logits, 0.0)
 
 
-def _all_families(ctx: RankContext, plans: dict[str, RunPlan]) -> dict[str, Generated]:
-    """Spawned ranks: every family's generation in one process group (one spawn per tp)."""
-    return {name: rank_generate(ctx, plan, PROMPTS, GEN, True) for name, plan in plans.items()}
+def _tp4_and_tp2(ctx: RankContext, plans: dict[str, RunPlan]) -> dict[tuple[int, str], Generated]:
+    """Four ranks: every family at tp=4 over all of them, then at tp=2 over ranks {0, 1} and {2, 3} (subgroups),
+    so one start of the ranks serves both degrees. Keys (tp, family)."""
+    out = {(4, name): rank_generate(ctx, plan, PROMPTS, GEN, True) for name, plan in plans.items()}
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank makes every group, in the same order
+    pair = RankContext(ctx.rank % 2, 2, ctx.device, pairs[ctx.rank // 2])
+    out.update({(2, name): rank_generate(pair, plan, PROMPTS, GEN, True) for name, plan in plans.items()})
+    return out
 
 
 # ---- the shard plan -----------------------------------------------------------------------------------------------
@@ -270,31 +276,41 @@ def test_tp1_in_process_is_the_one_device_run_exactly() -> None:
     assert sum(r["op"] in COLLECTIVE_OPS for r in rows if r["level"] == "op") == GEN * 2 * 2
 
 
-# ---- spawned ranks (gloo): tp=2 and tp=4 equal one device -----------------------------------------------------
-@pytest.mark.parametrize("tp", [2, 4])
-def test_tp_ranks_equal_one_device_for_every_family(tp: int) -> None:
+# ---- ranks in processes (gloo): tp=2 and tp=4 equal one device ------------------------------------------------
+def test_tp2_and_tp4_ranks_equal_one_device_for_every_family() -> None:
     plans = {name: _plan(args) for name, args in FAMILIES.items()}
-    got = run_ranks(tp, CPU, _all_families, plans).value
+    got = run_ranks(4, CPU, _tp4_and_tp2, plans, start_method="fork").value  # the CLI tests below spawn theirs
     for name, plan in plans.items():
         expect = _one_device(plan)
-        assert got[name].tokens == expect.tokens, name
-        assert len(got[name].logits) == GEN
-        for a, b in zip(got[name].logits, expect.logits, strict=True):
-            assert a.shape == b.shape == (len(PROMPTS), plan.source.args.vocab_size)
-            assert torch.allclose(a, b, rtol=0, atol=LOGITS_ATOL), (name, float((a - b).abs().max()))
+        for tp in (2, 4):
+            mine = got[(tp, name)]
+            assert mine.tokens == expect.tokens, (tp, name)
+            assert len(mine.logits) == GEN
+            for a, b in zip(mine.logits, expect.logits, strict=True):
+                assert a.shape == b.shape == (len(PROMPTS), plan.source.args.vocab_size)
+                assert torch.allclose(a, b, rtol=0, atol=LOGITS_ATOL), (tp, name, float((a - b).abs().max()))
 
 
-def test_generate_tp_cli_gives_the_tokens_of_one_device(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_generate_tp_cli_under_torchrun_gives_the_tokens_of_one_device(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process started as torchrun starts it (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): it is the
+    one rank itself, no process is spawned."""
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(FAMILIES["qwen2"].to_hf_config()))
     ids = "1,5,9,33;100,2"
     assert main(["generate", "--model", str(cfg), "--prompt-ids", ids, "--max-new-tokens", "4", "--json"]) == 0
     one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(key, value)
     assert main(["generate", "--model", str(cfg), "--prompt-ids", ids, "--max-new-tokens", "4", "--json",
-                 "--tp", "2"]) == 0
+                 "--tp", "1"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1]) == one
-    assert "on 2 ranks (cpu)" in err
+    assert "on 1 ranks (cpu)" in err
+    assert main(["generate", "--model", str(cfg), "--prompt-ids", ids, "--tp", "2"]) == 2
+    assert capsys.readouterr().err.strip() == ("kvscope: error: --tp 2 under a launcher of 1 processes "
+                                               "(WORLD_SIZE=1); they must agree")
 
 
 def test_run_tp_writes_one_folder_with_ranks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -351,7 +367,7 @@ def test_merged_summary_takes_the_slowest_rank_and_the_step_skew() -> None:
     assert math.isnan(merge_summary(ranks, no_ops)["allreduce_share_pct"].iloc[0])
 
 
-# ---- kv-math --tp, by hand ---------------------------------------------------------------------------------------------
+# ---- kv-math --tp, by hand -----------------------------------------------------------------------------------
 def test_kv_math_tp_per_gpu_by_hand(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["kv-math", "--model", "qwen2.5-7b", "--tp", "2", "--seq", "8192", "--batch-size", "2",
                  "--gpu-mem-gb", "80", "--json"]) == 0

@@ -37,11 +37,13 @@ _ERROR = "rank{}.error"
 
 @dataclass(frozen=True)
 class RankContext:
-    """Who this process is: its rank of `tp`, and its device."""
+    """Who this process is: its rank of `tp`, its device, and the process group of its tensor-parallel ranks (None:
+    the default group, every process)."""
 
     rank: int
     tp: int
     device: torch.device
+    group: Any = None  # torch.distributed.ProcessGroup
 
 
 @dataclass(frozen=True)
@@ -58,18 +60,24 @@ def check_plan(plan: RunPlan, tp: int) -> None:
     check_devices(plan.cfg.device, tp)
 
 
-def run_ranks(tp: int, device: torch.device, target: Callable[..., Any], *args: Any) -> RankValue:
+def run_ranks(tp: int, device: torch.device, target: Callable[..., Any], *args: Any,
+              start_method: str = "spawn") -> RankValue:
     """`target(RankContext, *args)` in every rank (see the module docstring). `target` and `args` are pickled for
-    spawned ranks: a module-level function and plain values."""
+    spawned ranks: a module-level function and plain values. `start_method` "fork" (CPU only, the tests: no
+    re-import in each rank) starts the ranks as copies of this process."""
+    if start_method not in ("spawn", "fork") or (start_method == "fork" and device.type != "cpu"):
+        raise KvscopeError(f"ranks start by spawn, or by fork on the CPU; got {start_method!r} on {device.type}")
     if launched_by_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != tp:
             raise KvscopeError(f"--tp {tp} under a launcher of {world} processes (WORLD_SIZE={world}); they must agree")
-        return RankValue(rank, _in_group(RankContext(rank, tp, rank_device(device, rank)), None, target, args))
+        local = int(os.environ.get("LOCAL_RANK", rank))  # its GPU on this host
+        return RankValue(rank, _in_group(RankContext(rank, tp, rank_device(device, local)), None, target, args))
     with tempfile.TemporaryDirectory(prefix="kvscope-tp-") as tmp:
         init = f"tcp://127.0.0.1:{free_port()}"
         try:
-            mp.spawn(_spawned, args=(tp, device.type, init, target, args, tmp), nprocs=tp, join=True)
+            mp.start_processes(_spawned, args=(tp, device.type, init, target, args, tmp), nprocs=tp, join=True,
+                               start_method=start_method)
         except ProcessException:
             errors = sorted(Path(tmp).glob(_ERROR.format("*")))
             if errors:
