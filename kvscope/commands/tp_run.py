@@ -32,6 +32,7 @@ from kvscope.analysis.schema import COLLECTIVE_OPS
 from kvscope.commands.json_out import folder_files, json_line, key_numbers
 from kvscope.commands.memory import allocation_failure, allocation_message
 from kvscope.commands.options import run_spec
+from kvscope.commands.run import measure
 from kvscope.commands.run_output import OutputFolder, RunResult, default_out_dir, write_run
 from kvscope.commands.summary_table import summary_table
 from kvscope.commands.tp_launch import RankContext, check_plan, run_ranks
@@ -92,8 +93,6 @@ def rank_plan(plan: RunPlan, shard: ShardPlan, device: torch.device) -> RunPlan:
 
 def rank_run(ctx: RankContext, plan: RunPlan, out_tmp: str | None, run_id: str) -> RunResult | None:
     """One rank's run; rank 0 gathers every rank's result, merges and writes them into `out_tmp`."""
-    from kvscope.commands.run import measure  # run imports this module
-
     shard = ShardPlan(plan.source.args, ctx.tp, ctx.rank)
     rplan = rank_plan(plan, shard, ctx.device)
     nvml = NvmlSampler(ctx.device, plan.spec.nvml_interval_ms)  # before the model loads, as in a one-GPU run
@@ -115,14 +114,13 @@ def rank_run(ctx: RankContext, plan: RunPlan, out_tmp: str | None, run_id: str) 
     dist.gather_object(result, results, dst=0)
     if results is None:
         return None
-    merged = merge_ranks(results, plan)
+    merged, ranks = merge_ranks(results, plan)
     if out_tmp is not None:
         try:
             write_run(merged, Path(out_tmp))
-            write_parquet(merged.metadata["rank_summary"], Path(out_tmp) / RANK_SUMMARY_FILE, merged.metadata["meta"])
+            write_parquet(ranks, Path(out_tmp) / RANK_SUMMARY_FILE, merged.metadata)
         except OSError as exc:
             raise KvscopeError(f"cannot write the run folder: {exc.strerror or exc}; nothing was kept") from None
-    merged.metadata = merged.metadata["meta"]
     return merged
 
 
@@ -134,8 +132,9 @@ def with_rank(df: pd.DataFrame, rank: int, after: str | None = None) -> pd.DataF
     return out
 
 
-def merge_ranks(results: list[RunResult], plan: RunPlan) -> RunResult:
-    """The ranks' results as one: rows with their rank, the merged summary; metadata of rank 0 with the split."""
+def merge_ranks(results: list[RunResult], plan: RunPlan) -> tuple[RunResult, pd.DataFrame]:
+    """The ranks' results as one (rows with their rank, the merged summary, rank 0's metadata with the split) and
+    the summary rows of every rank."""
     tp = len(results)
     timings = pd.concat([with_rank(r.timings, i, "run_id") for i, r in enumerate(results)], ignore_index=True)
     nvml_parts = [with_rank(r.nvml, i) for i, r in enumerate(results) if r.nvml is not None]
@@ -147,7 +146,7 @@ def merge_ranks(results: list[RunResult], plan: RunPlan) -> RunResult:
     meta["tp"] = {"tp": tp, "backend": "nccl" if plan.cfg.device.type == "cuda" else "gloo",
                   "rank_args": results[0].metadata["model"]["args"],
                   "kv_cache_bytes_per_rank": [int(r.summary["kv_cache_bytes"].iloc[0]) for r in results]}
-    return RunResult(results[0].out_dir, summary, timings, nvml, {"meta": meta, "rank_summary": ranks})
+    return RunResult(results[0].out_dir, summary, timings, nvml, meta), ranks
 
 
 def step_skew(timings: pd.DataFrame) -> pd.Series:
