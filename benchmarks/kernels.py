@@ -18,17 +18,18 @@ shapes (batch 1 at 512 / 4k / 32k, batch 16 at 4k; qwen2.5-3b's 16 query and 2 K
     python3 benchmarks/kernels.py [--model qwen2.5-3b] [--seq 4096] [--dtype bfloat16] [--json out.json]
                                   [--attn-only] [--attn-reps 50] [--attn-splits 66,132,264] [--gemv-only]
 
-The gemv section: each product of a decode step (`kvscope.kernels.ops.gemv*`) at 1 and 16 rows against cuBLAS
+The gemv section: each product of a decode step (`kvscope.kernels.ops.gemv*`) at 1 to 16 rows against cuBLAS
 (`F.linear`, the residual ones as `addmm_`), cold L2 like the attention section, then the whole step's products
 (36 layers x 4 + lm_head, each layer its own weights) back to back in one CUDA graph, cuBLAS against gemv, with and
-without the norms and SiLU*up that lie between them.
+without the norms and SiLU*up that lie between them; gemv in each launch choice of GEMV_CONFIGS.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -59,12 +60,14 @@ class Case:
     check: Callable[[], str | None]
 
 
-def mismatch(outputs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str | None:
-    """The first output whose kernel value is outside the dtype's tolerance of its reference, in one line; None when
-    every one is within it. `outputs`: name -> (kernel's, reference's)."""
+def mismatch(outputs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+             tolerance: dict[torch.dtype, dict[str, float]] | None = None) -> str | None:
+    """The first output whose kernel value is outside the dtype's tolerance of its reference (`tolerance`, default
+    `kops.REF_TOLERANCE`), in one line; None when every one is within it. `outputs`: name -> (kernel's,
+    reference's)."""
     for name, (got, want) in outputs.items():
         try:
-            torch.testing.assert_close(got, want, **kops.REF_TOLERANCE[want.dtype])
+            torch.testing.assert_close(got, want, **(tolerance or kops.REF_TOLERANCE)[want.dtype])
         except AssertionError as exc:
             return f"{name}: {' '.join(str(exc).split())[:300]}"
     return None
@@ -218,21 +221,27 @@ def decode_attention_rows(dev: torch.device, dt: torch.dtype, copy_gb_s: float, 
         label = f"attn bs{b} ctx{ctx}"
         nbytes = itemsize(dt) * (2 * b * ctx * hkv * d + 2 * b * h * d) + 8 * b
         ref = kops.decode_attention_ref(q, k, v, lengths)
-        auto = kops.decode_splits(b * hkv * kops.decode_group_chunk(h // hkv)[1], s_max,
-                                  torch.cuda.get_device_properties(dev).multi_processor_count)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        autos = {tc: kops.decode_splits(b * hkv * kops.decode_group_chunk(h // hkv, tc)[1], s_max, sms)
+                 for tc in (True, False)}
 
         torch_op = partial(decode_attention, q, k, v, meta, "sdpa")  # the engine's flash path, (B, H, D)
-        bad_t = mismatch({"torch": (torch_op(), ref)})
+        bad_t = mismatch({"torch": (torch_op(), ref)}, kops.DECODE_ATTENTION_TOLERANCE)
         us_t = cold_us(torch_op, flush, reps) if bad_t is None else float("nan")
         gbs_t = nbytes / (us_t / 1e6) / 1e9
-        for splits in [auto] + [n for n in extra_splits if n != auto]:
-            kernel_op = partial(kops.decode_attention, q, k, v, lengths, splits=splits, out=out)
+        # the tensor-core kernel at its own split count and at `extra_splits`, the CUDA-core kernel at its own
+        runs = [(autos[True], True)] + [(n, True) for n in extra_splits if n != autos[True]] + [(autos[False], False)]
+        for splits, tc in runs:
+            auto = splits == autos[tc]
+            kernel_op = partial(kops.decode_attention, q, k, v, lengths, splits=splits, out=out, tensor_cores=tc)
             kernel_op()
-            bad = mismatch({"out": (out.clone(), ref)})
-            row: dict[str, Any] = {"shape": label, "op": "decode_attention", "splits": splits, "auto": splits == auto,
+            bad = mismatch({"out": (out.clone(), ref)}, kops.DECODE_ATTENTION_TOLERANCE)
+            kind = "mma" if tc else "cuda-core"
+            row: dict[str, Any] = {"shape": label, "op": f"decode_attention {kind}", "splits": splits, "auto": auto,
                                    "bytes": nbytes, "check": bad or bad_t or "passed"}
             if bad is not None or bad_t is not None:
-                print(f"{label:>18} splits {splits:4} FAILED its reference check, no time reported: {bad or bad_t}")
+                print(f"{label:>18} {kind:9} splits {splits:4} FAILED its reference check, no time reported: "
+                      f"{bad or bad_t}")
                 rows.append(row)
                 continue
             us_k = cold_us(kernel_op, flush, reps)
@@ -240,15 +249,30 @@ def decode_attention_rows(dev: torch.device, dt: torch.dtype, copy_gb_s: float, 
             row.update({"kernel_us": us_k, "torch_us": us_t, "kernel_gb_s": gbs, "pct_copy": 100 * gbs / copy_gb_s,
                         "torch_gb_s": gbs_t, "torch_pct_copy": 100 * gbs_t / copy_gb_s, "speedup": us_t / us_k})
             rows.append(row)
-            print(f"{label:>18} splits {splits:4}{'*' if splits == auto else ' '} {nbytes / 1e6:8.2f} MB  kernel "
+            print(f"{label:>18} {kind:9} splits {splits:4}{'*' if auto else ' '} {nbytes / 1e6:7.2f} MB  kernel "
                   f"{us_k:7.2f} us {gbs:6.0f} GB/s ({row['pct_copy']:5.1f}% of copy)  torch {us_t:7.2f} us {gbs_t:6.0f}"
                   f" GB/s ({row['torch_pct_copy']:5.1f}%)  {row['speedup']:5.2f}x")
     return rows
 
 
 # ---- decode-step products: kvscope.kernels.ops.gemv* against cuBLAS ----------------------------------------------
-GEMV_BENCH_ROWS = (1, 16)
+GEMV_BENCH_ROWS = (1, 2, 4, 16)
+GEMV_STEP_ROWS = (1, 2, 4)
 GEMV_NORM_EPS = 1e-6
+# (name, pipelined, K split below this many blocks per SM): the launch choices measured side by side
+GEMV_CONFIGS = (("burst", False, 1), ("pipelined", True, 1), ("pipe+split", True, 2))
+
+
+@contextlib.contextmanager
+def gemv_config(pipelined: bool, split_blocks_per_sm: int) -> Iterator[None]:
+    """kvscope.kernels.ops' launch tables set to one choice while the block runs (captures read them)."""
+    saved = kops.GEMV_PIPELINED, kops.GEMV_SPLIT_BLOCKS_PER_SM
+    kops.GEMV_PIPELINED = dict.fromkeys(kops.GEMV_TILES, pipelined)
+    kops.GEMV_SPLIT_BLOCKS_PER_SM = split_blocks_per_sm
+    try:
+        yield
+    finally:
+        kops.GEMV_PIPELINED, kops.GEMV_SPLIT_BLOCKS_PER_SM = saved
 
 
 @dataclass
@@ -330,24 +354,29 @@ def gemv_product_rows(a: ModelArgs, sw: StepWeights, m: int, copy_gb_s: float, r
     }
     rows = []
     for op, (kernel, cublas, check, nbytes) in cases.items():
-        got, want, xs, w, silu = check()
-        try:
-            torch.testing.assert_close(got, want, **kops.gemv_tolerance(xs, w, silu))
-            bad = None
-        except AssertionError as exc:
-            bad = " ".join(str(exc).split())[:300]
-        row: dict[str, Any] = {"shape": f"gemv bs{m}", "op": op, "bytes": nbytes, "check": bad or "passed"}
-        rows.append(row)
-        if bad is not None:
-            print(f"{'gemv bs' + str(m):>14} {op:13} FAILED its reference check, no time reported: {bad}")
-            continue
-        us_k, us_t = cold_us(kernel, flush, reps), cold_us(cublas, flush, reps)
-        gbs, gbs_t = nbytes / (us_k / 1e6) / 1e9, nbytes / (us_t / 1e6) / 1e9
-        row.update({"kernel_us": us_k, "torch_us": us_t, "kernel_gb_s": gbs, "pct_copy": 100 * gbs / copy_gb_s,
-                    "torch_gb_s": gbs_t, "torch_pct_copy": 100 * gbs_t / copy_gb_s, "speedup": us_t / us_k})
-        print(f"{'gemv bs' + str(m):>14} {op:13} {nbytes / 1e6:8.2f} MB  gemv {us_k:7.2f} us {gbs:5.0f} GB/s "
-              f"({row['pct_copy']:5.1f}% of copy)  cuBLAS{'+norm' if 'norm' in op else ''} {us_t:7.2f} us "
-              f"{gbs_t:5.0f} GB/s ({row['torch_pct_copy']:5.1f}%)  {row['speedup']:5.2f}x")
+        us_t = cold_us(cublas, flush, reps)
+        gbs_t = nbytes / (us_t / 1e6) / 1e9
+        for config, pipelined, per_sm in GEMV_CONFIGS:
+            with gemv_config(pipelined, per_sm):
+                got, want, xs, w, silu = check()
+                try:
+                    torch.testing.assert_close(got, want, **kops.gemv_tolerance(xs, w, silu))
+                    bad = None
+                except AssertionError as exc:
+                    bad = " ".join(str(exc).split())[:300]
+                row: dict[str, Any] = {"shape": f"gemv bs{m}", "op": op, "config": config, "bytes": nbytes,
+                                       "check": bad or "passed"}
+                rows.append(row)
+                if bad is not None:
+                    print(f"{'gemv bs' + str(m):>14} {op:13} {config:10} FAILED its reference check, no time: {bad}")
+                    continue
+                us_k = cold_us(kernel, flush, reps)
+            gbs = nbytes / (us_k / 1e6) / 1e9
+            row.update({"kernel_us": us_k, "torch_us": us_t, "kernel_gb_s": gbs, "pct_copy": 100 * gbs / copy_gb_s,
+                        "torch_gb_s": gbs_t, "torch_pct_copy": 100 * gbs_t / copy_gb_s, "speedup": us_t / us_k})
+            print(f"{'gemv bs' + str(m):>14} {op:13} {config:10} {nbytes / 1e6:7.2f} MB  gemv {us_k:7.2f} us "
+                  f"{gbs:5.0f} GB/s ({row['pct_copy']:5.1f}%)  cuBLAS{'+norm' if 'norm' in op else ''} "
+                  f"{us_t:7.2f} us {gbs_t:5.0f} GB/s ({row['torch_pct_copy']:5.1f}%)  {row['speedup']:5.2f}x")
     return rows
 
 
@@ -409,16 +438,20 @@ def gemv_step_rows(a: ModelArgs, sw: StepWeights, m: int, copy_gb_s: float, reps
     for what, cublas, ours in (("products", cublas_products, gemv_products), ("between", cublas_between, gemv_between)):
         h.normal_()
         us_t = cold_us(cublas, flush, reps)
-        h.normal_()
-        us_k = cold_us(ours, flush, reps)
-        gbs, gbs_t = nbytes / (us_k / 1e6) / 1e9, nbytes / (us_t / 1e6) / 1e9
-        row = {"shape": f"step bs{m}", "op": f"step {what}", "bytes": nbytes, "check": "passed", "kernel_us": us_k,
-               "torch_us": us_t, "kernel_gb_s": gbs, "pct_copy": 100 * gbs / copy_gb_s, "torch_gb_s": gbs_t,
-               "torch_pct_copy": 100 * gbs_t / copy_gb_s, "speedup": us_t / us_k}
-        rows.append(row)
-        print(f"{'step bs' + str(m):>14} {what:9} {nbytes / 1e9:6.2f} GB  gemv {us_k / 1e3:6.3f} ms {gbs:5.0f} GB/s "
-              f"({row['pct_copy']:5.1f}% of copy)  cuBLAS {us_t / 1e3:6.3f} ms {gbs_t:5.0f} GB/s "
-              f"({row['torch_pct_copy']:5.1f}%)  {row['speedup']:5.2f}x")
+        gbs_t = nbytes / (us_t / 1e6) / 1e9
+        for config, pipelined, per_sm in GEMV_CONFIGS:
+            h.normal_()
+            with gemv_config(pipelined, per_sm):
+                us_k = cold_us(ours, flush, reps)
+            gbs = nbytes / (us_k / 1e6) / 1e9
+            row = {"shape": f"step bs{m}", "op": f"step {what}", "config": config, "bytes": nbytes,
+                   "check": "passed", "kernel_us": us_k, "torch_us": us_t, "kernel_gb_s": gbs,
+                   "pct_copy": 100 * gbs / copy_gb_s, "torch_gb_s": gbs_t, "torch_pct_copy": 100 * gbs_t / copy_gb_s,
+                   "speedup": us_t / us_k}
+            rows.append(row)
+            print(f"{'step bs' + str(m):>14} {what:9} {config:10} {nbytes / 1e9:5.2f} GB  gemv {us_k / 1e3:6.3f} ms "
+                  f"{gbs:5.0f} GB/s ({row['pct_copy']:5.1f}%)  cuBLAS {us_t / 1e3:6.3f} ms {gbs_t:5.0f} GB/s "
+                  f"({row['torch_pct_copy']:5.1f}%)  {row['speedup']:5.2f}x")
     return rows
 
 
@@ -430,7 +463,7 @@ def gemv_rows(a: ModelArgs, dev: torch.device, dt: torch.dtype, copy_gb_s: float
     rows: list[dict[str, Any]] = []
     for m in GEMV_BENCH_ROWS:
         rows += gemv_product_rows(a, sw, m, copy_gb_s, reps, flush)
-    for m in GEMV_BENCH_ROWS:
+    for m in GEMV_STEP_ROWS:
         rows += gemv_step_rows(a, sw, m, copy_gb_s, max(5, reps // 5), flush, GEMV_NORM_MAX_ROWS)
     return rows
 

@@ -21,31 +21,43 @@ H200_SMS = 132
 
 @pytest.mark.parametrize(("rows", "variant"), [(1, "m1"), (2, "m2"), (3, "m4"), (4, "m4"), (5, "m8"), (9, "m16"),
                                                (16, "m16")])
-def test_launch_tile_follows_rows(rows: int, variant: str) -> None:
-    cfg = kops.gemv_launch(rows, 2560, 2048, 2, H200_SMS)
-    assert cfg.variant == variant
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_launch_tile_follows_rows(rows: int, variant: str, pipelined: bool) -> None:
+    cfg = kops.gemv_launch(rows, 2560, 2048, 2, H200_SMS, pipelined=pipelined)
+    assert cfg.variant == variant + ("p" if pipelined else "")
+    tile = int(variant[1:])
+    assert kops.gemv_launch(rows, 2560, 2048, 2, H200_SMS).variant.endswith("p") == kops.GEMV_PIPELINED[tile]
     assert cfg.block == (128, 1, 1)
     assert cfg.grid == (320, 1, 1) and cfg.splits == 1 and cfg.kv_per_split == 256  # 2560 rows / 8 per block
 
 
 def test_launch_splits_k_only_for_few_blocks() -> None:
+    """One trip at a time (`pipelined=False`) and one block per SM before K is split, unless said otherwise."""
+    def launch(rows: int, w_rows: int, k: int, elem: int, per_sm: int = 1) -> kops.GemvLaunch:
+        return kops.gemv_launch(rows, w_rows, k, elem, H200_SMS, pipelined=False, split_blocks_per_sm=per_sm)
+
     # qwen2.5-3b at one row: every product has at least as many blocks as SMs, no split
     a = PRESETS["qwen2.5-3b"]
     for n, k in ((a.q_size + 2 * a.kv_size, a.dim), (a.dim, a.q_size), (2 * a.intermediate_size, a.dim),
                  (a.dim, a.intermediate_size), (a.vocab_size, a.dim)):
-        assert kops.gemv_launch(1, n, k, 2, H200_SMS).splits == 1
+        assert launch(1, n, k, 2).splits == 1
+    # its down product (256 blocks) with splits below 2 blocks per SM: ceil(528 / 256) = 3 splits of 459 vectors
+    assert launch(1, a.dim, a.intermediate_size, 2, per_sm=2).grid == (256, 3, 1)
+    assert launch(1, a.dim, a.intermediate_size, 2, per_sm=2).kv_per_split == 459
+    # pipelined trips are 4 vectors at one row: 64 rows x 4096 bf16 -> min(33, 512 // 128 = 4) splits
+    assert kops.gemv_launch(1, 64, 4096, 2, H200_SMS, pipelined=True, split_blocks_per_sm=1).splits == 4
     # 64 rows of W in 8 blocks, K = 4096 bf16 = 512 vectors: two trips of 256 vectors at one row -> 2 splits
-    assert kops.gemv_launch(1, 64, 4096, 2, H200_SMS) == kops.GemvLaunch("m1", (8, 2, 1), (128, 1, 1), 2, 256)
+    assert launch(1, 64, 4096, 2) == kops.GemvLaunch("m1", (8, 2, 1), (128, 1, 1), 2, 256)
     # one block, 8192 vectors: capped at 16 splits of 512 vectors
-    assert kops.gemv_launch(1, 8, 65536, 2, H200_SMS) == kops.GemvLaunch("m1", (1, 16, 1), (128, 1, 1), 16, 512)
+    assert launch(1, 8, 65536, 2) == kops.GemvLaunch("m1", (1, 16, 1), (128, 1, 1), 16, 512)
     # 16 rows take 64-vector trips: 8192 / 64 = 128 possible splits, capped at 16
-    assert kops.gemv_launch(16, 8, 65536, 2, H200_SMS).splits == 16
+    assert launch(16, 8, 65536, 2).splits == 16
     # 896 rows (qwen2.5-0.5b's dim) in 112 blocks < 132 SMs, but K = 896 holds less than one trip: no split
-    assert kops.gemv_launch(1, 896, 896, 2, H200_SMS).splits == 1
+    assert launch(1, 896, 896, 2).splits == 1
     # 300 vectors at 16 rows (64-vector trips): 4 splits of 75
-    assert kops.gemv_launch(16, 8, 2400, 2, H200_SMS) == kops.GemvLaunch("m16", (1, 4, 1), (128, 1, 1), 4, 75)
+    assert launch(16, 8, 2400, 2) == kops.GemvLaunch("m16", (1, 4, 1), (128, 1, 1), 4, 75)
     # float32: 4 elements per vector, 1024 vectors at one row (256-vector trips): 4 splits of 256
-    assert kops.gemv_launch(1, 8, 4096, 4, H200_SMS) == kops.GemvLaunch("m1", (1, 4, 1), (128, 1, 1), 4, 256)
+    assert launch(1, 8, 4096, 4) == kops.GemvLaunch("m1", (1, 4, 1), (128, 1, 1), 4, 256)
 
 
 @pytest.mark.parametrize(("rows", "w_rows", "k", "elem"), [(0, 8, 8, 2), (17, 8, 8, 2), (1, 0, 8, 2), (1, 8, 0, 2),
@@ -152,7 +164,8 @@ def test_gemv_source_has_every_entry_the_ops_launch() -> None:
     src = nvrtc_code(kernel_file("kvscope_gemv"))
     assert "#if defined(KV_BF16)" in src
     for tile in kops.GEMV_TILES:
-        assert f"GEMV_ENTRY({tile}, {kops.GEMV_UNROLL[tile]})" in src
+        assert f"GEMV_ENTRY({tile}, {kops.GEMV_UNROLL[tile, False]}, false, )" in src
+        assert f"GEMV_ENTRY({tile}, {kops.GEMV_UNROLL[tile, True]}, true, p)" in src
     assert 'extern "C" __global__ void kvscope_gemv_reduce(' in src
     assert f"#define GEMV_WARPS {kops.GEMV_WARPS}" in src and f"#define GEMV_ROWS {kops.GEMV_ROWS_PER_WARP}" in src
 
@@ -162,6 +175,7 @@ def test_engine_gemv_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch, batch: int
     """The engine with kernels and gemv on, each kernel stood in for by its torch reference (float32): the same greedy
     tokens as with kernels off; per decode step one gemv per qkv and lm_head, one gemv_silu_mul and two
     gemv_residual_ per layer; the norm inside them up to GEMV_NORM_MAX_ROWS rows, else the RMSNorm kernel first."""
+    from kvscope.engine import loop
     from kvscope.engine.loop import GEMV_NORM_MAX_ROWS, Engine
     from kvscope.engine.plan import RunConfig
     from kvscope.model.weights import empty_model, init_random
@@ -188,6 +202,7 @@ def test_engine_gemv_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch, batch: int
         calls.append(("rms_norm", False))
         return kops.rms_norm_ref(x, w, eps)
 
+    monkeypatch.setattr(loop, "GEMV_ENGINE_MAX_ROWS", kops.GEMV_MAX_ROWS)  # both sides of GEMV_NORM_MAX_ROWS
     monkeypatch.setattr(kops, "supported", lambda device, dtype: True)
     monkeypatch.setattr(kops, "rms_norm", rms_norm)
     monkeypatch.setattr(kops, "silu_mul", kops.silu_mul_ref)
@@ -213,3 +228,7 @@ def test_engine_gemv_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch, batch: int
     assert calls.count(("rms_norm", False)) == (0 if fused else 2 * n + 1)
     assert len(calls) == 4 * n + 1 + (0 if fused else 2 * n + 1)
     assert Engine(model, cfg, kernels=True).generate(prompts, 6) == off
+    monkeypatch.setattr(loop, "GEMV_ENGINE_MAX_ROWS", batch - 1)  # above it: cuBLAS, no gemv
+    calls.clear()
+    assert Engine(model, cfg, kernels=True).generate(prompts, 6) == off
+    assert calls and set(calls) == {("rms_norm", False)}

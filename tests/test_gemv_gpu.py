@@ -23,6 +23,13 @@ ROWS = [1, 2, 4, 8, 16]
 MODELS = ["qwen2.5-0.5b", "qwen2.5-3b", "qwen2.5-7b", "llama-3.1-8b"]
 
 
+@pytest.fixture(params=[False, True], ids=["burst", "pipelined"])
+def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every kernel test runs both variants: one trip of loads at a time, and pipelined."""
+    monkeypatch.setattr(kops, "GEMV_PIPELINED", dict.fromkeys(kops.GEMV_TILES, request.param))
+    return bool(request.param)
+
+
 def _products(a: ModelArgs) -> dict[str, tuple[int, int]]:
     """(N, K) of W for each product of a decode step."""
     return {"qkv": (a.q_size + 2 * a.kv_size, a.dim), "o_proj": (a.dim, a.q_size),
@@ -81,7 +88,7 @@ def _run_product(op: str, m: int, n: int, k: int, dtype: torch.dtype, seed: int)
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("op", ["qkv", "o_proj", "w13", "w2", "lm_head"])
 @pytest.mark.parametrize("m", ROWS)
-def test_preset_products_bf16(model: str, op: str, m: int) -> None:
+def test_preset_products_bf16(model: str, op: str, m: int, variant: bool) -> None:
     if op == "lm_head" and m not in (1, 16):
         pytest.skip("the vocabulary product at 1 and 16 rows only (1 GB weights)")
     n, k = _products(PRESETS[model])[op]
@@ -92,7 +99,7 @@ def test_preset_products_bf16(model: str, op: str, m: int) -> None:
 @pytest.mark.parametrize("model", ["qwen2.5-0.5b", "qwen2.5-3b"])
 @pytest.mark.parametrize("op", ["qkv", "o_proj", "w13", "w2"])
 @pytest.mark.parametrize("m", [1, 4, 16])
-def test_preset_products_fp16_fp32(dtype: torch.dtype, model: str, op: str, m: int) -> None:
+def test_preset_products_fp16_fp32(dtype: torch.dtype, model: str, op: str, m: int, variant: bool) -> None:
     n, k = _products(PRESETS[model])[op]
     _run_product(op, m, n, k, dtype, seed=m * 1000 + n + 7)
 
@@ -101,13 +108,13 @@ def test_preset_products_fp16_fp32(dtype: torch.dtype, model: str, op: str, m: i
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 1, 8), (3, 7, 24), (5, 33, 520), (13, 1001, 4104), (16, 2, 8),
                                            (1, 8, 65536), (7, 64, 16384), (2, 1030, 12296)])
 @pytest.mark.parametrize("op", ["store", "w13", "w2"])
-def test_odd_sizes_and_split_k(dtype: torch.dtype, m: int, n: int, k: int, op: str) -> None:
+def test_odd_sizes_and_split_k(dtype: torch.dtype, m: int, n: int, k: int, op: str, variant: bool) -> None:
     """Rows, columns and lengths that are no multiple of any tile; (1, 8, 65536) and (7, 64, 16384) split K."""
     n = 2 * n if op == "w13" else n
     _run_product(op, m, n, k, dtype, seed=m + n + k)
 
 
-def test_split_k_is_deterministic_and_used() -> None:
+def test_split_k_is_deterministic_and_used(variant: bool) -> None:
     x, w, _ = _data(3, 8, 65536, BF16, seed=11)
     cfg = kops.gemv_launch(3, 8, 65536, 2, torch.cuda.get_device_properties(CUDA).multi_processor_count)
     assert cfg.splits > 1
@@ -117,7 +124,7 @@ def test_split_k_is_deterministic_and_used() -> None:
 
 @pytest.mark.parametrize("dtype", [BF16, F16, F32])
 @pytest.mark.parametrize("m", [1, 2, 4, 16])
-def test_fused_rms_norm_prologue(dtype: torch.dtype, m: int) -> None:
+def test_fused_rms_norm_prologue(dtype: torch.dtype, m: int, variant: bool) -> None:
     """gemv / gemv_silu_mul normalising x themselves equal rms_norm_ref then the product (qwen2.5-3b shapes, the
     residual stream scaled up as in a deep layer); the stamp is written."""
     a = PRESETS["qwen2.5-3b"]
@@ -140,7 +147,7 @@ def test_fused_rms_norm_prologue(dtype: torch.dtype, m: int) -> None:
         assert int(slot) > 0
 
 
-def test_products_in_a_cuda_graph() -> None:
+def test_products_in_a_cuda_graph(variant: bool) -> None:
     """The three calls captured in one graph and replayed on new inputs give the eager results."""
     x, w, bias = _data(2, 512, 1024, BF16, seed=5)
     _, w13, _ = _data(2, 1024, 1024, BF16, seed=6)

@@ -55,6 +55,9 @@ Attend = Callable[[int, torch.Tensor], torch.Tensor]
 # rows up to which the gemv kernels normalise their input themselves (RMSNorm fused into the product): each warp
 # normalises the x vectors it reads, work that grows with the rows (benchmarks/kernels.py measures both ways)
 GEMV_NORM_MAX_ROWS = 4
+# rows up to which the engine runs the gemv kernels at all (CUDA cores; beyond, cuBLAS's tensor cores are faster:
+# docs/benchmarks.md, "Decode-step products")
+GEMV_ENGINE_MAX_ROWS = 4
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device
@@ -97,8 +100,8 @@ class Engine:
         # hand-written kernels: RMSNorm (which also writes in-graph timestamps), SiLU*up, RoPE fused with the cache
         # write; off: the same maths as torch operations
         self.kernels = kernels
-        # with kernels on: products of at most 16 rows (decode steps) run kvscope's gemv kernels, with the RMSNorm
-        # before them fused in up to GEMV_NORM_MAX_ROWS rows; False: cuBLAS (tests compare the two)
+        # with kernels on: products of at most GEMV_ENGINE_MAX_ROWS rows (decode steps) run kvscope's gemv kernels,
+        # with the RMSNorm before them fused in up to GEMV_NORM_MAX_ROWS rows; False: cuBLAS (tests compare the two)
         self.gemv = kernels
         self.ins = instrument if instrument is not None else Instrument("none", cfg.device, nvtx=False)
         self.regions = EngineRegions(args.n_layers, stamped=kernels)
@@ -187,7 +190,7 @@ class Engine:
     def _residual(self, h2: torch.Tensor, x: torch.Tensor, linear: torch.nn.Linear) -> None:
         """h2 += linear(x) (N, dim); with tp, this rank's row-parallel part (the all-reduce follows)."""
         if self.tp is None:
-            if self.gemv and kops.gemv_fits(x, linear.weight):
+            if self.gemv and x.shape[0] <= GEMV_ENGINE_MAX_ROWS and kops.gemv_fits(x, linear.weight):
                 kops.gemv_residual_(h2, x, linear.weight, linear.bias)
             else:
                 linear_residual_(h2, x, linear)
@@ -195,8 +198,10 @@ class Engine:
             self.tp.partial_residual_(h2, x, linear)
 
     def _gemv_on(self, x2: torch.Tensor) -> bool:
-        """Whether the products reading x2 (N, dim) run the gemv kernels: gemv on, one device, N <= 16."""
-        return self.gemv and self.tp is None and kops.gemv_fits(x2, self.model.output.weight)
+        """Whether the products reading x2 (N, dim) run the gemv kernels: gemv on, one device, N <=
+        GEMV_ENGINE_MAX_ROWS."""
+        return (self.gemv and self.tp is None and x2.shape[0] <= GEMV_ENGINE_MAX_ROWS
+                and kops.gemv_fits(x2, self.model.output.weight))
 
     def _proj(self, linear: torch.nn.Linear, x2: torch.Tensor, norm: torch.nn.Module, silu_mul: bool = False
               ) -> torch.Tensor:

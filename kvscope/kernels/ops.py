@@ -202,7 +202,13 @@ GEMV_MAX_ROWS = 16  # rows of x (a decode step's batch) the gemv kernels take
 GEMV_TILES = (1, 2, 4, 8, 16)  # x rows per kernel variant (`kvscope_gemv_m<tile>`, rows <= tile)
 GEMV_WARPS = 4  # warps per block (gemv.cu's GEMV_WARPS)
 GEMV_ROWS_PER_WARP = 2  # rows of W per warp (gemv.cu's GEMV_ROWS; SiLU*up: one gate row and its up row)
-GEMV_UNROLL = {1: 8, 2: 8, 4: 4, 8: 4, 16: 2}  # 16-byte vectors per lane per W row per trip (gemv.cu's GEMV_ENTRY)
+# 16-byte vectors per lane per W row per trip, per (tile, pipelined) (gemv.cu's GEMV_ENTRY)
+GEMV_UNROLL = {(1, False): 8, (2, False): 8, (4, False): 4, (8, False): 4, (16, False): 2,
+               (1, True): 4, (2, True): 4, (4, True): 2, (8, True): 2, (16, True): 1}
+# per tile: the pipelined variant (`m<tile>p`: the next trip's loads issued before this trip's arithmetic) or one trip
+# at a time (`m<tile>`)
+GEMV_PIPELINED = {1: True, 2: True, 4: True, 8: True, 16: True}
+GEMV_SPLIT_BLOCKS_PER_SM = 1  # K is split while there are fewer blocks than this many per SM
 GEMV_SPLIT_MAX = 16  # most K splits of one product
 _GEMV_STORE, _GEMV_RESIDUAL, _GEMV_SILU_MUL = 0, 1, 2  # gemv.cu's epilogues
 # unit roundoff spacing of each dtype relative to a value (the distance to its next neighbour is at most this)
@@ -213,30 +219,36 @@ _ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-1
 class GemvLaunch:
     """The launch of one gemv, chosen from its shape on the host (see `gemv_launch`)."""
 
-    variant: str  # kernel variant: "m1" .. "m16" (x rows per tile)
+    variant: str  # kernel variant: "m1" .. "m16" (x rows per tile), "p" appended when pipelined
     grid: tuple[int, int, int]  # (blocks over W rows, K splits, 1)
     block: tuple[int, int, int]
     splits: int  # K splits: > 1 adds the `kvscope_gemv_reduce` launch
     kv_per_split: int  # 16-byte vectors of a W row per split
 
 
-def gemv_launch(rows: int, w_rows: int, k: int, elem_bytes: int, sm_count: int) -> GemvLaunch:
-    """Launch shape of y (rows, .) = x (rows, k) @ W (w_rows, k)^T: the smallest row tile that holds `rows`; one warp
-    per GEMV_ROWS_PER_WARP rows of W; K split (deterministic two-pass reduction) only when there are fewer blocks
-    than SMs and each split still gives every lane at least one full trip of loads."""
+def gemv_launch(rows: int, w_rows: int, k: int, elem_bytes: int, sm_count: int, pipelined: bool | None = None,
+                split_blocks_per_sm: int | None = None) -> GemvLaunch:
+    """Launch shape of y (rows, .) = x (rows, k) @ W (w_rows, k)^T: the smallest row tile that holds `rows` (its
+    variant pipelined or not: GEMV_PIPELINED unless `pipelined` says); one warp per GEMV_ROWS_PER_WARP rows of W; K
+    split (deterministic two-pass reduction) only when there are fewer blocks than `split_blocks_per_sm` (default
+    GEMV_SPLIT_BLOCKS_PER_SM) per SM and each split still gives every lane at least one full trip of loads."""
     if not 1 <= rows <= GEMV_MAX_ROWS or w_rows < 1 or k < 1 or sm_count < 1 or VEC_BYTES % elem_bytes \
             or k % (VEC_BYTES // elem_bytes):
         raise ValueError(f"gemv_launch: rows {rows} (1..{GEMV_MAX_ROWS}), W ({w_rows}, {k}) with {elem_bytes}-byte "
                          f"elements (k a multiple of 16 bytes), {sm_count} SMs")
     kv = k // (VEC_BYTES // elem_bytes)
     tile = next(t for t in GEMV_TILES if t >= rows)
+    pipe = GEMV_PIPELINED[tile] if pipelined is None else pipelined
+    per_sm = GEMV_SPLIT_BLOCKS_PER_SM if split_blocks_per_sm is None else split_blocks_per_sm
     blocks = -(-w_rows // (GEMV_WARPS * GEMV_ROWS_PER_WARP))
     splits = 1
-    if blocks < sm_count:
-        splits = max(1, min(GEMV_SPLIT_MAX, -(-2 * sm_count // blocks), kv // (32 * GEMV_UNROLL[tile])))
+    if blocks < per_sm * sm_count:
+        splits = max(1, min(GEMV_SPLIT_MAX, -(-2 * per_sm * sm_count // blocks),
+                            kv // (32 * GEMV_UNROLL[tile, pipe])))
     kv_per_split = -(-kv // splits)
     splits = -(-kv // kv_per_split)  # no empty split
-    return GemvLaunch(f"m{tile}", (blocks, splits, 1), (32 * GEMV_WARPS, 1, 1), splits, kv_per_split)
+    return GemvLaunch(f"m{tile}{'p' if pipe else ''}", (blocks, splits, 1), (32 * GEMV_WARPS, 1, 1), splits,
+                      kv_per_split)
 
 
 @functools.cache
@@ -379,46 +391,59 @@ def gemv_tolerance(x: torch.Tensor, w: torch.Tensor, silu_mul: bool = False) -> 
     benchmarks only).
 
     Both sum in float32, in different orders: the sums differ by about sqrt(K) * 2^-24 * s, where s = sqrt(K) *
-    rms(x) * rms(W) is the size of an output of zero-mean inputs. Each rounding to the dtype can then land on the
-    neighbouring value: one unit (u = 2^-7 bf16, 2^-10 fp16, 2^-23 fp32, relative) per rounding of the result, so
-    rtol = 2u (the product, then a bias or residual add), 3u with SiLU*up (gate and up are rounded before SiLU and
-    the multiply). A near-zero result of a cancelling sum gets no help from rtol: atol covers a flip of one rounding at
-    the output's scale (s; s^2 for silu(gate) * up) plus the float32 order term."""
+    rms(x) * rms(W) is the size of an output of zero-mean inputs (allowed: 16 times that, as the tails of the inputs
+    and SiLU*up's product of two such sums go beyond s; measured on the H200: 1.05e-5 at K = 896, s^2 = 1, float32).
+    Each rounding to the dtype can then land on the neighbouring value: one unit (u = 2^-7 bf16, 2^-10 fp16, 2^-23
+    fp32, relative) per rounding of the result, so rtol = 2u (the product, then a bias or residual add), 3u with
+    SiLU*up (gate and up are rounded before SiLU and the multiply). A near-zero result of a cancelling sum gets no
+    help from rtol: atol covers a flip of one rounding at the output's scale (s; s^2 for silu(gate) * up) plus the
+    float32 order term."""
     k = x.shape[-1]
     rms = float(x.float().pow(2).mean().sqrt() * w.float().pow(2).mean().sqrt())
     scale = math.sqrt(k) * rms
     out_scale = scale * scale if silu_mul else scale
     u = _ULP[x.dtype]
-    return {"atol": out_scale * (u + math.sqrt(k) * 2.0**-22), "rtol": (3 if silu_mul else 2) * u}
+    return {"atol": out_scale * (u + math.sqrt(k) * 2.0**-20), "rtol": (3 if silu_mul else 2) * u}
 
 
 # ---- decode attention: split-KV flash-decoding over the token-major cache ------------------------------------------
-DECODE_ATTENTION_HEAD_DIMS = (64, 128)  # head sizes the kernel is built for (decode_attention.cu's DA_ENTRY)
-DECODE_ATTENTION_GROUPS = (1, 2, 4, 8)  # query heads per block (GP); a larger group takes several chunks of 8
-DECODE_ATTENTION_WARPS = 4  # warps per block (decode_attention.cu's DA_WARPS)
+DECODE_ATTENTION_HEAD_DIMS = (64, 128)  # head sizes the kernels are built for (decode_attention.cu's *_ENTRY)
+# bf16/fp16: the tensor-core kernel (`kvscope_decode_attention_mma_d<D>`), up to 16 query heads of a KV head's group
+# per block (the mma's rows); float32 (or tensor_cores=False): the CUDA-core kernel (`..._d<D>_g<GP>`), GP heads
+DECODE_ATTENTION_MMA_ROWS = 16  # DM_ROWS
+DECODE_ATTENTION_MMA_SHARED_BYTES_PER_DIM = 4 * 3 * 2 * 16 * 2  # DM_WARPS * DM_STAGES * (K, V) * DM_TILE * 2 bytes
+DECODE_ATTENTION_GROUPS = (1, 2, 4, 8)  # CUDA-core kernel: query heads per block (GP); larger groups: chunks of 8
+DECODE_ATTENTION_WARPS = 4  # warps per block (DA_WARPS, DM_WARPS)
+DECODE_ATTENTION_MERGE_THREADS = 256  # DA_MERGE_WARPS * 32
 DECODE_ATTENTION_MAX_SPLITS = 1024  # decode_attention.cu's DA_MAX_SPLITS (the merge's shared weights)
-# the split rule: enough (sequence, KV head, split) blocks for this many blocks per SM (the 128-query-head d=128
-# bf16 kernel keeps two resident per SM: 227 registers a thread, 48 KiB of shared memory), and no split shorter
-# than DECODE_ATTENTION_MIN_SPLIT_TOKENS positions of the cache (each of a block's warps then has a full tile of
-# DA_UNROLL loads at the longest length)
+# the split rule: enough (sequence, KV head, split) blocks for this many blocks per SM (the d=128 kernels keep two
+# resident per SM: the tensor-core one by its 96 KiB of shared memory, the CUDA-core one by its 227 registers a
+# thread), and no split shorter than DECODE_ATTENTION_MIN_SPLIT_TOKENS positions of the cache (two rounds of a
+# block's four warps at 16 positions a tile)
 DECODE_ATTENTION_BLOCKS_PER_SM = 2
-DECODE_ATTENTION_MIN_SPLIT_TOKENS = 32
+DECODE_ATTENTION_MIN_SPLIT_TOKENS = 128
 _LOG2E = 1.4426950408889634
-# kernel vs decode_attention_ref, per dtype: both sum in float32 (in other orders, the kernel through exp2 of
-# pre-scaled scores) and round the output once, so bf16/fp16 differ by at most one unit in the last place (as
-# REF_TOLERANCE); float32 keeps the order and exp2's few units of 2^-23 relative to the largest value
+# kernel vs decode_attention_ref, per dtype: both sum in float32 (in other orders, the kernels through exp2 of
+# pre-scaled scores); the tensor-core kernel also rounds the softmax weights P to the dtype before the P V product
+# (as flash attention does; the normaliser sums the rounded weights, so the output stays a weighted average of V),
+# which moves an output by up to one unit of the dtype relative to the spread of V, and the output is rounded once
+# more: two units (u = 2^-8 bf16, 2^-11 fp16) for 16-bit dtypes; float32 keeps the order and exp2's few units of
+# 2^-23 relative to the largest value
 DECODE_ATTENTION_TOLERANCE: dict[torch.dtype, dict[str, float]] = {
     torch.float32: {"atol": 2e-5, "rtol": 2e-5},
-    torch.bfloat16: REF_TOLERANCE[torch.bfloat16],
-    torch.float16: REF_TOLERANCE[torch.float16],
+    torch.bfloat16: {"atol": 2 * 2.0**-8 * 2, "rtol": 2 * 2.0**-8},
+    torch.float16: {"atol": 2 * 2.0**-11 * 2, "rtol": 2 * 2.0**-11},
 }
 
 
-def decode_group_chunk(group: int) -> tuple[int, int]:
-    """(query heads per block, chunks per KV head) for `group` query heads per KV head: the smallest of
-    DECODE_ATTENTION_GROUPS that holds the group (padded heads compute zeros), else chunks of the largest."""
+def decode_group_chunk(group: int, tensor_cores: bool = False) -> tuple[int, int]:
+    """(query heads per block, chunks per KV head) for `group` query heads per KV head: the tensor-core kernel's 16
+    rows (padded), or the smallest of DECODE_ATTENTION_GROUPS that holds the group (padded heads compute zeros),
+    else chunks of the largest."""
     if group < 1:
         raise ValueError(f"decode_group_chunk: {group} query heads per KV head")
+    if tensor_cores:
+        return DECODE_ATTENTION_MMA_ROWS, -(-group // DECODE_ATTENTION_MMA_ROWS)
     gp = next((g for g in DECODE_ATTENTION_GROUPS if g >= group), DECODE_ATTENTION_GROUPS[-1])
     return gp, -(-group // gp)
 
@@ -450,8 +475,8 @@ def _decode_workspace(b: int, h: int, splits: int, d: int, device: torch.device)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                     scale: float | None = None, splits: int | None = None, out: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+                     scale: float | None = None, splits: int | None = None, out: torch.Tensor | None = None,
+                     tensor_cores: bool | None = None) -> torch.Tensor:
     """One query per sequence against the cache: q (B, H, D) (unit stride on D, 16-byte aligned rows), k_cache /
     v_cache (B, S_max, H_kv, D) contiguous, lengths (B,) int64 on the device: sequence b attends to positions
     0 .. lengths[b] - 1 (the engine passes its positions + 1: the new token's K/V included; clamped to [0, S_max] on
@@ -461,7 +486,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     `splits`: positions split over that many blocks per (sequence, KV head), default `decode_splits` (a function
     of the shapes only: a CUDA graph of the call stays valid for any lengths); with more than one split a second
-    small kernel, `kvscope_decode_attention_merge`, combines them."""
+    small kernel, `kvscope_decode_attention_merge`, combines them. `tensor_cores`: the mma kernel (bf16/fp16 only;
+    default for them) or the CUDA-core one (default for float32)."""
     name = "decode_attention"
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"{name}: q must be (B, H, D) and the caches (B, S_max, H_kv, D), got q {tuple(q.shape)} "
@@ -492,8 +518,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                             or not out.is_contiguous()):
         raise ValueError(f"{name}: out must be contiguous {q.dtype} ({b}, {h}, {d}) on {q.device}, got "
                          f"{out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
+    if tensor_cores is None:
+        tensor_cores = q.dtype != torch.float32
+    elif tensor_cores and q.dtype == torch.float32:
+        raise ValueError(f"{name}: the tensor-core kernel takes bfloat16/float16, got q {q.dtype} {tuple(q.shape)}")
     _need_cuda(name, q.dtype, q, k_cache, v_cache)  # shapes first: they are checked without a GPU too
-    gp, chunks = decode_group_chunk(h // hkv)
+    gp, chunks = decode_group_chunk(h // hkv, tensor_cores)
     if hkv * chunks > GRID_Y_MAX or b > GRID_Y_MAX:
         raise ValueError(f"{name}: {b} sequences x {hkv * chunks} head groups exceed the grid ({GRID_Y_MAX} each)")
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
@@ -504,13 +534,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if b == 0:
         return out
     part_o, part_lse = _decode_workspace(b, h, splits, d, q.device) if splits > 1 else (None, None)
-    launch("kvscope_decode_attention", f"d{d}_g{gp}", q.dtype, q.device, (splits, hkv * chunks, b),
+    variant, shared = f"d{d}_g{gp}", 0
+    if tensor_cores:
+        variant, shared = f"mma_d{d}", DECODE_ATTENTION_MMA_SHARED_BYTES_PER_DIM * d
+    launch("kvscope_decode_attention", variant, q.dtype, q.device, (splits, hkv * chunks, b),
            (32 * DECODE_ATTENTION_WARPS, 1, 1),
            [ptr(out), ptr(part_o), ptr(part_lse), ptr(q), ptr(k_cache), ptr(v_cache), ptr(lengths), i64(q.stride(0)),
-            i64(q.stride(1)), i32(h), i32(hkv), i32(s_max), i32(splits), f32(scale * _LOG2E)])
+            i64(q.stride(1)), i32(h), i32(hkv), i32(s_max), i32(splits), f32(scale * _LOG2E)], shared_bytes=shared)
     if splits > 1:
-        launch("kvscope_decode_attention", "merge", q.dtype, q.device, (b * h, 1, 1), (128, 1, 1),
-               [ptr(out), ptr(part_o), ptr(part_lse), i32(splits), i32(d)])
+        launch("kvscope_decode_attention", "merge", q.dtype, q.device, (b * h, 1, 1),
+               (DECODE_ATTENTION_MERGE_THREADS, 1, 1), [ptr(out), ptr(part_o), ptr(part_lse), i32(splits), i32(d)])
     return out
 
 

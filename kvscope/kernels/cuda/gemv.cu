@@ -103,7 +103,92 @@ __device__ __forceinline__ void block_rstd(float* rstd, const elem_t* __restrict
     __syncthreads();
 }
 
-template <int MT, int U>
+// one trip of a lane: U vectors of each of its W rows at base, base + 32, ... (below kv1); a whole trip takes no
+// per-load predicate
+template <int U>
+__device__ __forceinline__ void load_trip(Vec16 (&wv)[U][GEMV_ROWS], const uint4* const (&wp)[GEMV_ROWS], int base,
+                                          int kv1) {
+    if (base + 32 * (U - 1) < kv1) {
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int q = 0; q < GEMV_ROWS; ++q) wv[u][q].raw = load_stream(wp[q] + base + 32 * u);
+    } else {
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int q = 0; q < GEMV_ROWS; ++q)
+                wv[u][q].raw = base + 32 * u < kv1 ? load_stream(wp[q] + base + 32 * u) : uint4{0u, 0u, 0u, 0u};
+    }
+}
+
+// the arithmetic of one trip: each x row's vector loaded once (normalised when NORM) and used for both W rows
+template <int MT, int U, bool NORM>
+__device__ __forceinline__ void fma_trip(float (&acc)[GEMV_ROWS][MT], const Vec16 (&wv)[U][GEMV_ROWS],
+                                         const elem_t* __restrict__ x, long long ldx, int m,
+                                         const elem_t* __restrict__ norm_w, const float* rstd, int base, int kv1) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int kv = base + 32 * u;
+        if (kv >= kv1) break;
+        float wf[GEMV_ROWS][VEC_ELEMS];
+#pragma unroll
+        for (int q = 0; q < GEMV_ROWS; ++q)
+#pragma unroll
+            for (int j = 0; j < VEC_ELEMS; ++j) wf[q][j] = to_f(wv[u][q].e[j]);
+        Vec16 nv;  // the norm weights of this vector (L1-resident, shared by the rows of x)
+        if (NORM) nv.raw = load_ro(reinterpret_cast<const uint4*>(norm_w) + kv);
+        Vec16 xv[MT];
+#pragma unroll
+        for (int r = 0; r < MT; ++r)
+            if (r < m) xv[r].raw = load_ro(reinterpret_cast<const uint4*>(x + (long long)r * ldx) + kv);
+#pragma unroll
+        for (int r = 0; r < MT; ++r) {
+            if (r < m) {
+#pragma unroll
+                for (int j = 0; j < VEC_ELEMS; ++j) {
+                    float xf = to_f(xv[r].e[j]);
+                    if (NORM) xf = rnd(rnd(xf * rstd[r]) * to_f(nv.e[j]));
+#pragma unroll
+                    for (int q = 0; q < GEMV_ROWS; ++q) acc[q][r] = fmaf(xf, wf[q][j], acc[q][r]);
+                }
+            }
+        }
+    }
+}
+
+// a warp's sums over k-vectors [kv0, kv1) of its W rows. PIPE: the next trip's W loads are issued before this trip's
+// arithmetic (two register buffers: loads stay in flight while the lane computes); else one trip at a time.
+template <int MT, int U, bool NORM, bool PIPE>
+__device__ __forceinline__ void warp_sums(float (&acc)[GEMV_ROWS][MT], const uint4* const (&wp)[GEMV_ROWS],
+                                          const elem_t* __restrict__ x, long long ldx, int m,
+                                          const elem_t* __restrict__ norm_w, const float* rstd, int kv0, int kv1) {
+    const int lane = threadIdx.x & 31;
+    int base = kv0 + lane;
+    if (!PIPE) {
+        for (; base < kv1; base += 32 * U) {
+            Vec16 wv[U][GEMV_ROWS];
+            load_trip<U>(wv, wp, base, kv1);
+            fma_trip<MT, U, NORM>(acc, wv, x, ldx, m, norm_w, rstd, base, kv1);
+        }
+        return;
+    }
+    if (base >= kv1) return;
+    Vec16 cur[U][GEMV_ROWS];
+    load_trip<U>(cur, wp, base, kv1);
+    for (; base < kv1; base += 32 * U) {
+        Vec16 nxt[U][GEMV_ROWS];
+        const int next = base + 32 * U;
+        if (next < kv1) load_trip<U>(nxt, wp, next, kv1);
+        fma_trip<MT, U, NORM>(acc, cur, x, ldx, m, norm_w, rstd, base, kv1);
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int q = 0; q < GEMV_ROWS; ++q) cur[u][q].raw = nxt[u][q].raw;
+    }
+}
+
+template <int MT, int U, bool PIPE>
 __device__ __forceinline__ void gemv_tile(elem_t* __restrict__ out, const elem_t* __restrict__ x,
                                           const elem_t* __restrict__ w, const elem_t* __restrict__ bias,
                                           float* __restrict__ partial, int m, int n_w, int k, long long ldx,
@@ -137,46 +222,9 @@ __device__ __forceinline__ void gemv_tile(elem_t* __restrict__ out, const elem_t
     for (int q = 0; q < GEMV_ROWS; ++q)
 #pragma unroll
         for (int r = 0; r < MT; ++r) acc[q][r] = 0.f;
+    if (norm_w != nullptr) warp_sums<MT, U, true, PIPE>(acc, wp, x, ldx, m, norm_w, rstd, kv0, kv1);
+    else warp_sums<MT, U, false, PIPE>(acc, wp, x, ldx, m, norm_w, rstd, kv0, kv1);
 
-    for (int base = kv0 + lane; base < kv1; base += 32 * U) {
-        Vec16 wv[U][GEMV_ROWS];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int kv = base + 32 * u;
-#pragma unroll
-            for (int q = 0; q < GEMV_ROWS; ++q) {
-                if (kv < kv1) wv[u][q].raw = load_stream(wp[q] + kv);
-                else wv[u][q].raw = uint4{0u, 0u, 0u, 0u};
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int kv = base + 32 * u;
-            if (kv >= kv1) break;
-            float wf[GEMV_ROWS][VEC_ELEMS];
-#pragma unroll
-            for (int q = 0; q < GEMV_ROWS; ++q)
-#pragma unroll
-                for (int j = 0; j < VEC_ELEMS; ++j) wf[q][j] = to_f(wv[u][q].e[j]);
-            Vec16 nv;  // the norm weights of this vector (L1-resident, shared by the rows of x)
-            nv.raw = uint4{0u, 0u, 0u, 0u};
-            if (norm_w != nullptr) nv.raw = load_ro(reinterpret_cast<const uint4*>(norm_w) + kv);
-#pragma unroll
-            for (int r = 0; r < MT; ++r) {
-                if (r < m) {
-                    Vec16 xv;
-                    xv.raw = load_ro(reinterpret_cast<const uint4*>(x + (long long)r * ldx) + kv);
-#pragma unroll
-                    for (int j = 0; j < VEC_ELEMS; ++j) {
-                        float xf = to_f(xv.e[j]);
-                        if (norm_w != nullptr) xf = rnd(rnd(xf * rstd[r]) * to_f(nv.e[j]));
-#pragma unroll
-                        for (int q = 0; q < GEMV_ROWS; ++q) acc[q][r] = fmaf(xf, wf[q][j], acc[q][r]);
-                    }
-                }
-            }
-        }
-    }
     // every lane ends with every sum; lane t keeps accumulator t = (q, r) = (t / MT, t % MT)
     float mine = 0.f;
 #pragma unroll
@@ -204,20 +252,28 @@ __device__ __forceinline__ void gemv_tile(elem_t* __restrict__ out, const elem_t
     }
 }
 
-#define GEMV_ENTRY(MT, U)                                                                                          \
+// kvscope_gemv_m<MT>: one trip at a time, U vectors per row per trip; kvscope_gemv_m<MT>p: pipelined (PIPE)
+#define GEMV_ENTRY(MT, U, PIPE, SUFFIX)                                                                            \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                  \
-        kvscope_gemv_m##MT(elem_t* __restrict__ out, const elem_t* __restrict__ x, const elem_t* __restrict__ w,   \
-                           const elem_t* __restrict__ bias, float* __restrict__ partial, int m, int n_w, int k,     \
-                           long long ldx, long long ldo, int mode, int kv_per_split,                               \
-                           const elem_t* __restrict__ norm_w, float eps, unsigned long long* stamp) {              \
-        gemv_tile<MT, U>(out, x, w, bias, partial, m, n_w, k, ldx, ldo, mode, kv_per_split, norm_w, eps, stamp);   \
+        kvscope_gemv_m##MT##SUFFIX(elem_t* __restrict__ out, const elem_t* __restrict__ x,                         \
+                                   const elem_t* __restrict__ w, const elem_t* __restrict__ bias,                  \
+                                   float* __restrict__ partial, int m, int n_w, int k, long long ldx,              \
+                                   long long ldo, int mode, int kv_per_split, const elem_t* __restrict__ norm_w,   \
+                                   float eps, unsigned long long* stamp) {                                         \
+        gemv_tile<MT, U, PIPE>(out, x, w, bias, partial, m, n_w, k, ldx, ldo, mode, kv_per_split, norm_w, eps,     \
+                               stamp);                                                                             \
     }
 
-GEMV_ENTRY(1, 8)
-GEMV_ENTRY(2, 8)
-GEMV_ENTRY(4, 4)
-GEMV_ENTRY(8, 4)
-GEMV_ENTRY(16, 2)
+GEMV_ENTRY(1, 8, false, )
+GEMV_ENTRY(2, 8, false, )
+GEMV_ENTRY(4, 4, false, )
+GEMV_ENTRY(8, 4, false, )
+GEMV_ENTRY(16, 2, false, )
+GEMV_ENTRY(1, 4, true, p)
+GEMV_ENTRY(2, 4, true, p)
+GEMV_ENTRY(4, 2, true, p)
+GEMV_ENTRY(8, 2, true, p)
+GEMV_ENTRY(16, 1, true, p)
 
 // split-K's second pass: one thread per output (r, n), splits added in order, then the epilogue
 extern "C" __global__ void kvscope_gemv_reduce(elem_t* __restrict__ out, const float* __restrict__ partial,
