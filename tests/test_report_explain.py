@@ -171,3 +171,43 @@ def test_compare_needs_two_sweep_files(tmp_path: Path, capsys: pytest.CaptureFix
     assert "--compare: not found:" in capsys.readouterr().err
     assert main(["report", str(a), "--compare", str(tmp_path)]) == 2
     assert "--compare sets two sweep files side by side" in capsys.readouterr().err
+
+
+def test_every_attribution_column_read_is_in_the_contract() -> None:
+    from kvscope.analysis.schema import ATTRIBUTION_COLUMNS
+
+    read = {"decode_idle_pct", "prefill_idle_pct", "decode_kernels", "prefill_kernels", "prefill_launch_bound",
+            "decode_bytes", "prefill_bytes", "prefill_flops", "decode_span_gb_s", "decode_mbu_pct",
+            "prefill_span_tflop_s", "prefill_mfu_pct", "decode_span_ms", "decode_busy_ms", "prefill_span_ms",
+            *(f"{p}_{c}_ms" for p in ("decode", "prefill") for c in KERNEL_CLASS_COLUMNS)}
+    assert read <= set(ATTRIBUTION_COLUMNS)
+
+
+def test_rows_of_real_captures_explain_and_report(tmp_path: Path) -> None:
+    """The attribution of the stored qwen2.5-0.5b capture (batch 1, 32 tokens: eager steps, GPU idle most of each)
+    as two rows of a seq sweep whose bytes are those of 32 and 64 tokens: every sentence that needs no second
+    measurement is written, from the columns as the sweep writes them."""
+    from kvscope.analysis.attribution import PointFacts, aligned, attribution
+    from kvscope.analysis.roofline import Ceilings
+    from kvscope.model.config import PRESETS
+
+    result = aligned(Path(__file__).parent / "data" / "nsys" / "qwen25-05b.sqlite")
+    rows = []
+    for seq in (32, 64):
+        got = attribution(result, PointFacts(PRESETS["qwen2.5-0.5b"], 1, seq, 2, "bfloat16",
+                                             Ceilings("test GPU", 2000.0, 500.0)))
+        rows.append({"seq_len": seq, "batch": 1, "flag": "", "model": "qwen2.5-0.5b", **got})
+    path = tmp_path / "seq.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    found = explain(pd.read_csv(path, keep_default_na=False, na_values=[""])).set_index("finding")
+    assert found.loc["decode_idle", "values"]["idle_pct_from"] == pytest.approx(rows[0]["decode_idle_pct"])
+    assert found.loc["prefill_launch_bound", "sentence"].startswith(
+        "The prefill is launch-bound at every measured point up to 64 tokens")
+    assert found.loc["class_growth", "values"]["share_from_pct"] == pytest.approx(
+        rows[0][f"decode_{found.loc['class_growth', 'values']['class']}_ms"]
+        / sum(rows[0][f"decode_{c}_ms"] for c in KERNEL_CLASS_COLUMNS) * 100)
+    rep = sweep_report(path)
+    assert {"decode_classes_vs_seq_len.png", "idle_vs_seq_len.png", "prefill_vs_tokens.png",
+            "roofline.png"} <= set(rep.figures)
+    dec, _ = axes_of(rep, "roofline.png")
+    np.testing.assert_allclose(dec.collections[0].get_offsets()[:, 1], [r["decode_span_gb_s"] for r in rows])
