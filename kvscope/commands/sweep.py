@@ -44,8 +44,10 @@ from kvscope.commands.options import run_options
 from kvscope.commands.run import load_for, measure
 from kvscope.commands.sweep_file import SweepFile, read_table, sweep_settings
 from kvscope.commands.sweep_out import OutputLock, check_out
+from kvscope.engine.engines import KVSCOPE_ENGINE
 from kvscope.engine.plan import RunPlan, RunSpec, prepare
 from kvscope.errors import KvscopeError
+from kvscope.model.weights import load_model
 
 DEFAULT_COLLAPSE_FACTOR = 2.0
 Say = Callable[[str], None]
@@ -200,7 +202,9 @@ def _open(sw: SweepSpec, fmt: str, path: Path, settings: dict[str, Any], say: Sa
 def _load(plan: RunPlan) -> tuple[torch.nn.Module, float]:
     """The model, once for the whole sweep; out of memory here ends the sweep in one line."""
     try:
-        return load_for(plan)  # kvscope's model, or transformers' for --engine transformers*
+        if plan.spec.engine == KVSCOPE_ENGINE:
+            return load_model(plan.source, plan.cfg.device, plan.cfg.dtype, seed=plan.spec.seed)
+        return load_for(plan)  # transformers' model (--engine transformers*)
     except (RuntimeError, MemoryError) as exc:
         if not allocation_failure(exc):
             raise
