@@ -157,6 +157,21 @@ def test_cli_refuses_an_uneven_tp_in_one_line(capsys: pytest.CaptureFixture[str]
     assert capsys.readouterr().err.strip() == "kvscope: error: --tp needs kvscope's engine, not --engine transformers"
 
 
+def _rank1_fails(ctx: RankContext) -> int:
+    if ctx.rank == 1:
+        raise KvscopeError("rank 1: a checkpoint tensor holds NaN")
+    dist.barrier()  # rank 0 waits for a rank that is gone: it is ended, not left waiting
+    return 0
+
+
+def test_an_error_in_one_rank_comes_back_as_its_line() -> None:
+    with pytest.raises(KvscopeError) as e:
+        run_ranks(2, CPU, _rank1_fails, start_method="fork")
+    assert str(e.value) == "rank 1: a checkpoint tensor holds NaN"
+    with pytest.raises(KvscopeError, match=r"^ranks start by spawn, or by fork on the CPU; got 'fork' on cuda$"):
+        run_ranks(2, torch.device("cuda"), _rank1_fails, start_method="fork")
+
+
 # ---- weights, shard by shard ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_random_shards_are_slices_of_the_one_device_weights(family: str) -> None:

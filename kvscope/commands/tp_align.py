@@ -105,10 +105,10 @@ def rank_table(per_step: pd.DataFrame, ranks: pd.DataFrame) -> pd.DataFrame:
 
 
 def rank_alignment(result: AlignResult) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """(ranks, rank_steps) of an alignment over several processes; None with fewer than two processes or no
-    steps."""
+    """(ranks, rank_steps) of an alignment: every process that ran kernels is a rank (a straggler is named among
+    two or more); None without such a process or without steps."""
     ranks = process_ranks(result.kernels)
-    if len(ranks) < 2 or result.steps is None or not len(result.steps) or "pid" not in result.steps:
+    if not len(ranks) or result.steps is None or not len(result.steps) or "pid" not in result.steps:
         return None
     per_step = rank_steps(result.steps, result.kernels, ranks)
     return rank_table(per_step, ranks), per_step
