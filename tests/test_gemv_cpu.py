@@ -216,6 +216,7 @@ def test_engine_gemv_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch, batch: int
     prompts = [[7, 1, 8, 2, 8], [3, 1], [5], [9, 9, 2], [4, 4], [6, 1, 2]][:batch]
     cfg = RunConfig(batch, 24, torch.float32, torch.device("cpu"))
     off = Engine(model, cfg).generate(prompts, 6)
+    monkeypatch.setattr(loop, "GEMV_BY_DEFAULT", True)
     eng = Engine(model, cfg, kernels=True)
     assert eng.gemv
     eng.generate(prompts, 2)  # prefill (rows batch x 5 > 16 at batch 6: cuBLAS there) and one decode step

@@ -14,7 +14,10 @@
 - `kernels=True` (CUDA): kvscope's hand-written kernels run RMSNorm, SiLU*up, and RoPE fused with the K/V cache
   write (`kvscope.kernels.ops`); otherwise the same maths runs as torch operations. The RoPE + cache-write strategy
   is chosen once, at construction (`kvscope.engine.rope_kv`). In a captured graph the RMSNorm kernel that opens each
-  layer also writes the layer's start timestamp (see Instrument).
+  layer also writes the layer's start timestamp (see Instrument). With `Engine.gemv` as well (GEMV_BY_DEFAULT), the
+  products of up to GEMV_ENGINE_MAX_ROWS rows run the gemv kernels: qkv (+bias) and gate/up (+SiLU*up) with the RMSNorm
+  before them inside (up to GEMV_NORM_MAX_ROWS rows; the kernel then writes the timestamp), o_proj and down with the
+  residual add in their epilogue, lm_head with the final norm inside.
 
 Every piece of work is opened through the engine's `Instrument`, with the names of `kvscope.analysis.schema`: phase
 (`prefill`, `decode step N`), layer (`L07`, plus `embed`, `lm_head`, `sample`) and op (`L07.norm`, `.qkv`, `.rope`,
@@ -58,6 +61,10 @@ GEMV_NORM_MAX_ROWS = 4
 # rows up to which the engine runs the gemv kernels at all (CUDA cores; beyond, cuBLAS's tensor cores are faster:
 # docs/benchmarks.md, "Decode-step products")
 GEMV_ENGINE_MAX_ROWS = 4
+# whether an engine with kernels on starts with gemv on: off until a gemv step measures faster than cuBLAS's (on the
+# H200, qwen2.5-3b batch 1 ctx 512: 2.879 ms with gemv against 2.872 ms without, docs/benchmarks.md); `Engine.gemv`
+# switches it per engine before the first decode step
+GEMV_BY_DEFAULT = False
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device
@@ -102,7 +109,7 @@ class Engine:
         self.kernels = kernels
         # with kernels on: products of at most GEMV_ENGINE_MAX_ROWS rows (decode steps) run kvscope's gemv kernels,
         # with the RMSNorm before them fused in up to GEMV_NORM_MAX_ROWS rows; False: cuBLAS (tests compare the two)
-        self.gemv = kernels
+        self.gemv = kernels and GEMV_BY_DEFAULT
         self.ins = instrument if instrument is not None else Instrument("none", cfg.device, nvtx=False)
         self.regions = EngineRegions(args.n_layers, stamped=kernels)
         self.step = 0  # index of the token the next decode step produces (the prefill produces token 0)
