@@ -184,3 +184,13 @@ def test_out_of_memory_rows_are_left_out() -> None:
     df.loc[6, "decode_p50_ms_per_tok"] = np.nan
     v = one(explain(df), "batching_free")["values"]
     assert v["largest_batch"] == 32
+
+
+def test_no_class_growing_names_the_largest() -> None:
+    df = seq_sweep()
+    df["decode_attention_ms"] = 1.0
+    f = one(explain(df), "class_growth")
+    assert f["values"]["class"] == "gemm"
+    assert f["sentence"] == ("No kernel class gains 1 point(s) of the decode step's kernel time with context; the "
+                             "largest, gemm, is 83% at 128 tokens and 83% at 32,768 tokens, where it moves the weights "
+                             "at 600 GB/s (15% of the calibrated copy bandwidth).")  # 10 of 12.1 ms; 6 GB in 10 ms

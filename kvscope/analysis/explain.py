@@ -7,8 +7,9 @@ it was computed from) or names what it lacks (`missing`); nothing is written fro
 
 Findings and their rules:
 - `class_growth`: the decode kernel class (`decode_<class>_ms`, attribution columns of `kvscope sweep --nsys`) whose
-  share of the step's kernel time grows most from the smallest to the largest point; its achieved GB/s where its
-  bytes are known (attention reads the KV cache, gemm the weights).
+  share of the step's kernel time grows most from the smallest to the largest point (by `MIN_GROWTH_PP` points at
+  least; otherwise no class is said to grow and the largest is named); its achieved GB/s where its bytes are known
+  (attention reads the KV cache, gemm the weights).
 - `kv_bound`: where the KV cache read per decode step exceeds the weights read (KV bytes: `decode_bytes -
   weights_bytes`, or from the model facts `kv_predicted_bytes / (batch * (seq_len + gen_tokens))` per token at the
   decode steps' mean context `seq_len + gen_tokens / 2`); the crossover is interpolated linearly between the two
@@ -36,6 +37,7 @@ import pandas as pd
 from kvscope.analysis.inputs import numeric_column
 
 KERNEL_CLASS_COLUMNS = ("gemm", "attention", "norm", "elementwise", "copy", "communication", "other")
+MIN_GROWTH_PP = 1.0  # a class whose share grows less than this (percentage points) is not said to grow
 BATCH_FREE_PCT = 10.0  # a step more than this much slower than the smallest batch's: batching is no longer free
 COMPUTE_BOUND_MFU_PCT = 50.0  # a prefill at or above this MFU is called compute-bound
 KV_BEND_SLOPE = 0.5  # log-log slope of step time vs the axis at which KV bytes equal weight bytes
@@ -205,10 +207,18 @@ def class_growth(g: SweepGroup) -> Finding:
     vals: dict[str, float | int | str] = {
         "class": cls, "from": int(x[i0]), "to": int(x[i1]), "share_from_pct": float(share0[k]),
         "share_to_pct": float(share1[k]), "class_ms_from": float(table[k, i0]), "class_ms_to": float(table[k, i1])}
-    growth = "grows most with" if share1[k] > share0[k] else "loses least share with"
     what = "context" if g.axis == "seq_len" else "batch"
-    sentence = (f"{cls.capitalize()} {growth} {what}: {_pct(share0[k])} of the decode step's kernel time at "
-                f"{_at(g.axis, x[i0])}, {_pct(share1[k])} at {_at(g.axis, x[i1])}")
+    if share1[k] - share0[k] < MIN_GROWTH_PP:
+        k = int(np.argmax(share1))
+        cls = list(classes)[k]
+        vals.update({"class": cls, "share_from_pct": float(share0[k]), "share_to_pct": float(share1[k]),
+                     "class_ms_from": float(table[k, i0]), "class_ms_to": float(table[k, i1])})
+        sentence = (f"No kernel class gains {MIN_GROWTH_PP:g} point(s) of the decode step's kernel time with {what}; "
+                    f"the largest, {cls}, is {_pct(share0[k])} at {_at(g.axis, x[i0])} and {_pct(share1[k])} at "
+                    f"{_at(g.axis, x[i1])}")
+    else:
+        sentence = (f"{cls.capitalize()} grows most with {what}: {_pct(share0[k])} of the decode step's kernel time "
+                    f"at {_at(g.axis, x[i0])}, {_pct(share1[k])} at {_at(g.axis, x[i1])}")
     moved = _class_bytes(g.rows, cls)
     if moved is not None and table[k, i1] > 0:
         gb_s = float(moved[i1] / (table[k, i1] / MS_PER_S) / BYTES_PER_GB)
@@ -412,7 +422,7 @@ def idle_trend(phase: str) -> Callable[[SweepGroup], Finding]:
             return Finding(name, missing=f"needs {phase}_idle_pct at two points or more")
         x = g.rows[g.axis].to_numpy()
         i0, i1 = int(ok[0]), int(ok[-1])
-        move = "falls" if idle[i1] < idle[i0] else "rises" if idle[i1] > idle[i0] else "stays"
+        move = "falls to" if idle[i1] < idle[i0] else "rises to" if idle[i1] > idle[i0] else "stays at"
         kernels = column(g.rows, f"{phase}_kernels")
         extra = ""
         vals: dict[str, float | int | str] = {"idle_pct_from": float(idle[i0]), "idle_pct_to": float(idle[i1]),
@@ -422,7 +432,7 @@ def idle_trend(phase: str) -> Callable[[SweepGroup], Finding]:
             extra = f" ({kernels[i0]:,.0f} and {kernels[i1]:,.0f} kernels{' per step' if phase == 'decode' else ''})"
         what = "decode step" if phase == "decode" else "prefill"
         return Finding(name, f"The GPU is idle {_pct(idle[i0])} of the {what}'s span at {_at(g.axis, x[i0])}; the "
-                             f"share {move} to {_pct(idle[i1])} at {_at(g.axis, x[i1])}{extra}.", vals)
+                             f"share {move} {_pct(idle[i1])} at {_at(g.axis, x[i1])}{extra}.", vals)
     return find
 
 
