@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from synthetic_export import Synth, gtid
 
 from kvscope.cli import main
 from kvscope.commands.tp_align import analyse_ranks, process_ranks, rank_steps, rank_table
@@ -80,3 +81,60 @@ def test_nsys_tp_refusals_before_nsys_runs(capsys: pytest.CaptureFixture[str], t
     assert main(["nsys", "--out", str(tmp_path / "n"), "--tp", "2", "--", "--tp", "2"]) == 2
     assert capsys.readouterr().err.strip() == "kvscope: error: nsys: give --tp once, before --"
     assert not (tmp_path / "n").exists()
+
+
+def _two_rank_run(tmp_path: Path) -> tuple[Path, Path]:
+    """A synthetic capture of `kvscope run --tp 2` (pids 22 on GPU 0 and 11 on GPU 1, so the pids do not follow the
+    ranks) and its run folder: the same region names in both processes, one decode step each with a GEMM and an NCCL
+    all-reduce; rank 1 computes longer (600 ns of GEMM against 300 ns), rank 0 waits in the all-reduce."""
+    x = Synth()
+    rows = []
+    for rank, pid, gemm_ns in ((0, 22, 300), (1, 11, 600)):
+        x.domain(pid, 1, 1, "kvscope")
+        x.range(pid, 1, 0, 20_000, "run bs=1 seq=4 gen=2", 1)
+        x.range(pid, 1, 10, 19_000, "rep 0", 1)
+        x.range(pid, 1, 100, 2_000, "prefill", 1)
+        x.launch(pid, 1, 110, 120, 1, [(200, 1_200, 7)])
+        x.range(pid, 1, 3_000, 9_000, "decode", 1)
+        x.range(pid, 1, 3_100, 8_000, "decode step 1", 1)
+        x.launch(pid, 1, 3_110, 3_120, 2, [(4_000, 4_000 + gemm_ns, 7)])
+        x.launch(pid, 1, 3_130, 3_140, 3, [(4_600, 5_000, 8)], kernel_name="ncclDevKernel_AllReduce_Sum_f32_RING_LL")
+        for level, name, rep, step, dur_ms in (("run", "run bs=1 seq=4 gen=2", None, None, 0.02),
+                                               ("rep", "rep 0", 0, None, 0.019), ("phase", "prefill", 0, 0, 0.001),
+                                               ("phase", "decode", 0, None, 0.001), ("step", "decode step 1", 0, 1,
+                                                                                     0.001)):
+            rows.append({"run_id": "r", "rank": rank, "rep": rep, "level": level, "phase": None, "step": step,
+                         "layer": None, "op": None, "name": name, "start_ms": 0.0, "dur_ms": dur_ms,
+                         "host_enqueue_ms": 0.0, "clock": "cuda", "batch": 1, "seq_len": 4, "gen_tokens": 2,
+                         "context_len": None, "tokens": None})
+    on_gpu1 = gtid(11, 0) & ~0xFFFFFF  # the kernels' globalPid of process 11
+    x.kernels = [(*k[:2], 1 if k[5] == on_gpu1 else 0, *k[3:]) for k in x.kernels]  # pid 11 ran on GPU 1
+    export = x.write(tmp_path / "tp2.sqlite")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    timings = pd.DataFrame(rows)
+    for col in ("rep", "step", "layer", "context_len", "tokens"):
+        timings[col] = timings[col].astype("Int64")
+    timings.to_parquet(run_dir / "timings.parquet")
+    return export, run_dir
+
+
+def test_tp_run_capture_split_per_rank_with_its_timings(tmp_path: Path) -> None:
+    export, run_dir = _two_rank_run(tmp_path)
+    result, split = analyse_ranks(export, run_dir)
+    assert split is not None
+    ranks, steps = split
+    assert ranks[["pid", "device", "rank"]].values.tolist() == [[22, 0, 0], [11, 1, 1]]
+    decode = steps[steps["phase"] == "decode"].set_index("rank")
+    assert decode["comm_ms"].tolist() == pytest.approx([400e-6, 400e-6])  # the NCCL kernel, 400 ns in each rank
+    assert decode["compute_ms"].tolist() == pytest.approx([300e-6, 600e-6])
+    assert decode["gpu_span_ms"].tolist() == pytest.approx([1000e-6, 1000e-6])  # 4,000 to 5,000 ns
+    assert decode["idle_ms"].tolist() == pytest.approx([300e-6, 0.0])
+    assert decode["straggler"].tolist() == [False, True]
+    assert ranks.loc[ranks["straggler"], "rank"].tolist() == [1]
+    # align.parquet: each rank's regions matched with its own timings rows
+    regions = result.regions
+    assert sorted(regions["rank"].unique()) == [0, 1]
+    assert len(regions) == 10 and regions["event_ms"].notna().all()
+    step1 = regions[regions["name"] == "decode step 1"].set_index("rank")
+    assert step1["gpu_span_ms"].tolist() == pytest.approx([1000e-6, 1000e-6])
