@@ -114,6 +114,23 @@ def test_odd_sizes_and_split_k(dtype: torch.dtype, m: int, n: int, k: int, op: s
     _run_product(op, m, n, k, dtype, seed=m + n + k)
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16, F32])
+def test_sanitizer_grid(dtype: torch.dtype, variant: bool) -> None:
+    """A small grid of every call (each epilogue, the norm prologue, split-K at (2, 8, 4096)), small
+    enough to run under `compute-sanitizer --tool memcheck|racecheck python3 -m pytest -q -m gpu
+    tests/test_gemv_gpu.py -k sanitizer_grid`."""
+    for m, n, k in ((1, 9, 24), (3, 16, 64), (16, 10, 40), (2, 8, 4096), (5, 6, 2056), (8, 4, 1032)):
+        x, w, b = _data(m, n, k, dtype, seed=m * n * k)
+        nw = (torch.rand(k, device=CUDA) + 0.5).to(dtype)
+        xn = kops.rms_norm_ref(x, nw, 1e-6)
+        _close(kops.gemv(x, w, b), kops.gemv_ref(x, w, b), x, w)
+        _close(kops.gemv(x, w, b, nw, 1e-6), kops.gemv_ref(x, w, b, nw, 1e-6), xn, w)
+        w13 = w[: n - n % 2]
+        _close(kops.gemv_silu_mul(x, w13, nw, 1e-6), kops.gemv_silu_mul_ref(x, w13, nw, 1e-6), xn, w13, True)
+        h = torch.randn(m, n, device=CUDA).to(dtype)
+        _close(kops.gemv_residual_(h.clone(), x, w, b), kops.gemv_residual_ref_(h.clone(), x, w, b), x, w)
+
+
 def test_split_k_is_deterministic_and_used(variant: bool) -> None:
     x, w, _ = _data(3, 8, 65536, BF16, seed=11)
     cfg = kops.gemv_launch(3, 8, 65536, 2, torch.cuda.get_device_properties(CUDA).multi_processor_count)
