@@ -354,6 +354,10 @@ def test_run_tp_writes_one_folder_with_ranks(tmp_path: Path, capsys: pytest.Capt
     assert summary["decode_p50_ms_per_tok"].iloc[0] == ranks["decode_p50_ms_per_tok"].max()
     assert summary["ttft_max_ms"].iloc[0] == ranks["ttft_ms"].max()
     assert 0 < summary["allreduce_share_pct"].iloc[0] < 100
+    trace = json.loads((out / "trace.json").read_text())["traceEvents"]
+    spans = [e for e in trace if e["ph"] == "X"]
+    assert sorted({e["pid"] for e in spans}) == [100, 101]  # one trace process per rank
+    assert [sum(e["pid"] == 100 + r for e in spans) for r in (0, 1)] == per_rank.tolist()
 
 
 # ---- the merged summary on synthetic rows ---------------------------------------------------------------------

@@ -200,22 +200,28 @@ def run_metadata(plan: RunPlan, ins: Instrument, nvml: NvmlSampler, ready_s: flo
 def chrome_trace(t: pd.DataFrame, nvml: pd.DataFrame | None, meta: dict[str, Any]) -> dict[str, Any]:
     """Chrome trace-event JSON of the timed regions (opens in Perfetto / chrome://tracing), NVML as counters."""
     clock = meta.get("clock", CUDA_CLOCK)
-    events: list[dict[str, Any]] = [
-        {"ph": "M", "pid": 1, "name": "process_name",
-         "args": {"name": "kvscope CUDA events (device clock)" if clock == CUDA_CLOCK else "kvscope host clock"}},
-    ]
-    for lvl, tid in (("run / rep", 0), ("phase", 1), ("decode step", 2), ("layer", 3), ("op", 4)):
-        events.append({"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": lvl}})
-    for r in t.itertuples(index=False):
+    title = "kvscope CUDA events (device clock)" if clock == CUDA_CLOCK else "kvscope host clock"
+    # a tensor-parallel run (a `rank` column): one process per rank, rank r as pid 100 + r
+    ranks = [int(x) for x in sorted(t["rank"].unique())] if "rank" in t.columns else [None]
+    events: list[dict[str, Any]] = []
+    for rank in ranks:
+        pid = 1 if rank is None else 100 + rank
+        events.append({"ph": "M", "pid": pid, "name": "process_name",
+                       "args": {"name": title if rank is None else f"{title}, rank {rank}"}})
+        for lvl, tid in (("run / rep", 0), ("phase", 1), ("decode step", 2), ("layer", 3), ("op", 4)):
+            events.append({"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": lvl}})
+    pids = t["rank"].to_numpy() + 100 if "rank" in t.columns else np.ones(len(t), dtype=np.int64)
+    for pid, r in zip(pids, t.itertuples(index=False), strict=True):
         args = {k: (None if pd.isna(v) else (int(v) if isinstance(v, (int, np.integer)) else v))
                 for k, v in (("rep", r.rep), ("step", r.step), ("layer", r.layer), ("op", r.op),
                              ("host_enqueue_ms", r.host_enqueue_ms))}
-        events.append({"ph": "X", "pid": 1, "tid": _TRACE_TIDS[r.level], "name": r.name, "cat": r.level,
+        events.append({"ph": "X", "pid": int(pid), "tid": _TRACE_TIDS[r.level], "name": r.name, "cat": r.level,
                        "ts": r.start_ms * 1e3, "dur": r.dur_ms * 1e3, "args": args})
     if nvml is not None and len(nvml):
         events.append({"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "NVML (host clock)"}})
         for row in nvml.itertuples(index=False):
             values = {"util_pct": row.gpu_util_pct, "power_w": row.power_w, "sm_clock_mhz": row.sm_clock_mhz}
-            events.append({"ph": "C", "pid": 2, "name": "gpu", "ts": row.t_ms * 1e3,
+            name = "gpu" if "rank" not in nvml.columns else f"gpu rank {int(row.rank)}"
+            events.append({"ph": "C", "pid": 2, "name": name, "ts": row.t_ms * 1e3,
                            "args": {k: float(v) for k, v in values.items() if pd.notna(v)}})
     return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"kvscope": json.dumps(meta, default=str)}}
