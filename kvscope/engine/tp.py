@@ -129,6 +129,8 @@ class TensorParallel:
 
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
         """Each rank's logits (B, V/tp) -> the full logits (B, V), in vocabulary order, on every rank."""
+        if local.dim() != 2 or local.shape[1] * self.tp != self.vocab_size:
+            raise ValueError(f"gather_logits: logits {tuple(local.shape)} are not (B, {self.vocab_size} / {self.tp})")
         b, v_local = local.shape
         out = torch.empty(self.tp * b, v_local, dtype=local.dtype, device=local.device)  # (tp*B, V/tp)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.12: the latter
