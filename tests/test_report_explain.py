@@ -211,3 +211,17 @@ def test_rows_of_real_captures_explain_and_report(tmp_path: Path) -> None:
             "roofline.png"} <= set(rep.figures)
     dec, _ = axes_of(rep, "roofline.png")
     np.testing.assert_allclose(dec.collections[0].get_offsets()[:, 1], [r["decode_span_gb_s"] for r in rows])
+
+
+def test_a_file_of_two_engines_draws_each_apart(tmp_path: Path) -> None:
+    a, b = seq_sweep(), seq_sweep("transformers")
+    b["decode_p50_ms_per_tok"] = a["decode_p50_ms_per_tok"] * 2
+    path = tmp_path / "both.csv"
+    pd.concat([a, b]).to_csv(path, index=False)
+    rep = sweep_report(path)
+    (ax,) = axes_of(rep, "decode_p50_ms_per_tok_vs_seq_len.png")
+    lines = {ln.get_label(): ln.get_ydata() for ln in ax.get_lines()}
+    assert set(lines) == {"batch 1 (kvscope)", "batch 1 (transformers)"}
+    np.testing.assert_allclose(lines["batch 1 (transformers)"], b["decode_p50_ms_per_tok"])
+    assert {"decode_classes_vs_seq_len_kvscope.png", "decode_classes_vs_seq_len_transformers.png"} <= set(rep.figures)
+    assert "### Seq sweep at batch 1 (transformers)" in rep.markdown()

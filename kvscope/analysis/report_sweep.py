@@ -74,9 +74,12 @@ def _axis_label(x: str) -> str:
 def _line_plot(df: pd.DataFrame, x: str, y: str, group: str, title: str, ylabel: str) -> Figure:
     fig = Figure(figsize=FIGURE_SIZE_IN)
     ax = fig.add_subplot()
-    for key, g in df.groupby(group):
+    eng = engines(df)
+    several = eng.nunique() > 1  # a file with several engines: a line per (engine, group value)
+    for (engine, key), g in df.groupby([eng, group], sort=True):
         g = g.sort_values(x)
-        ax.plot(g[x], g[y], marker="o", label=f"{group.replace('_len', '')} {key}")
+        label = f"{group.replace('_len', '')} {key}" + (f" ({engine})" if several else "")
+        ax.plot(g[x], g[y], marker="o", label=label)
     if _is_pow2(df[x]):
         _log2_axis(ax, df[x])
     ax.set_xlabel(_axis_label(x))
