@@ -133,7 +133,7 @@ def sweep_report(path: Path, compare: Path | None = None) -> Report:
     device, dtype = _first_text(df, "device"), _first_text(df, "dtype")
     if device is not None:
         rep.text(f"Device: {device}; dtype {dtype or 'not recorded'}.")
-    rep.section("Results", md_table(df[[c for c in CLASSIC_COLUMNS if c in df.columns]]))
+    rep.section("Results", md_table(df[[c for c in (*CLASSIC_COLUMNS, "engine") if c in df.columns]]))
     if set(_SWEEP_SPREAD_COLUMNS) <= set(df.columns):
         rep.section("Spread of TTFT (host clock) and TPOT",
                     md_table(df[list(_SWEEP_SPREAD_COLUMNS)],
