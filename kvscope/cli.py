@@ -77,8 +77,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                                              "CUDA, float32 on CPU)")
     p.add_argument("--device", type=_TEXT, default=None, help="cpu | cuda (default: cuda when present)")
     p.add_argument("--seed", type=_SEED, default=0, help="seed of random weights, 0 to 2**64-1 (default 0)")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "kvscope"],
-                   help="attention implementation (kvscope: decode steps through kvscope's split-KV kernel, CUDA)")
+    p.add_argument("--attn", default=None, choices=["sdpa", "eager", "kvscope"],
+                   help="attention implementation; kvscope: decode steps through kvscope's split-KV kernel (CUDA), "
+                        "prefills as sdpa (default: kvscope for kvscope's loop on CUDA in bfloat16/float16 with "
+                        "--kernels on, else sdpa)")
     p.add_argument("--graphs", default=None, choices=["on", "off"],
                    help="replay each decode step from a captured CUDA graph (default: on for CUDA)")
     p.add_argument("--kernels", default=None, choices=["on", "off"],

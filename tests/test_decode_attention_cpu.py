@@ -4,13 +4,15 @@ engine's own masked path, and the `--attn kvscope` switch's one-line refusal wit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from kvscope.cli import main
-from kvscope.engine.plan import RunConfig
+from kvscope.engine.engines import HF_EAGER_ENGINE, KVSCOPE_ENGINE
+from kvscope.engine.plan import RunConfig, RunSpec, default_attn, prepare
 from kvscope.errors import KvscopeError
 from kvscope.kernels import ops as kops
 from kvscope.model.attention import ATTN_IMPLS, DecodeMeta, decode_attention, prefill_attention
@@ -162,3 +164,24 @@ def test_supported_shapes() -> None:
     assert not kops.decode_attention_supported(torch.bfloat16, 96, 16, 2)
     assert not kops.decode_attention_supported(torch.float64, 128, 16, 2)
     assert not kops.decode_attention_supported(torch.bfloat16, 128, 15, 2)
+
+
+def test_default_attention_is_kvscope_only_where_it_was_measured() -> None:
+    cuda, bf16, args = torch.device("cuda"), torch.bfloat16, PRESETS["qwen2.5-3b"]
+    assert default_attn(KVSCOPE_ENGINE, cuda, bf16, True, args) == "kvscope"
+    assert default_attn(KVSCOPE_ENGINE, cuda, torch.float16, True, PRESETS["qwen2.5-0.5b"]) == "kvscope"
+    assert default_attn(KVSCOPE_ENGINE, cuda, torch.float32, True, args) == "sdpa"  # not benchmarked in float32
+    assert default_attn(KVSCOPE_ENGINE, cuda, bf16, False, args) == "sdpa"  # --kernels off: torch operations only
+    assert default_attn(KVSCOPE_ENGINE, CPU, bf16, True, args) == "sdpa"
+    assert default_attn(HF_EAGER_ENGINE, cuda, bf16, True, args) == "sdpa"
+    odd = dataclasses.replace(args, head_dim=96)
+    assert default_attn(KVSCOPE_ENGINE, cuda, bf16, True, odd) == "sdpa"
+
+
+def test_the_plan_names_the_attention_that_runs() -> None:
+    plan = prepare(RunSpec(model="tiny", device="cpu"))
+    assert plan.spec.attn == plan.cfg.attn == "sdpa"
+    assert prepare(RunSpec(model="tiny", device="cpu", attn="eager")).cfg.attn == "eager"
+    with pytest.raises(KvscopeError, match="--attn kvscope is a decode kernel of kvscope's own loop; --engine "
+                                           "transformers takes sdpa or eager"):
+        prepare(RunSpec(model="tiny", device="cpu", attn="kvscope", engine=HF_EAGER_ENGINE))

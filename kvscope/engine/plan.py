@@ -94,7 +94,7 @@ class RunSpec:
     warmup: int = 2
     reps: int = 5
     granularity: str = "phase"
-    attn: str = "sdpa"
+    attn: str | None = None  # None: default_attn decides (prepare)
     dtype: str | None = None
     device: str | None = None
     out: str | None = None
@@ -144,6 +144,12 @@ def prepare(spec: RunSpec, prompts: Sequence[Sequence[int]] | None = None) -> Ru
                                         spec.engine == KVSCOPE_ENGINE)
     cfg = RunConfig(spec.batch_size, spec.seq + spec.gen_tokens, dtype, device, spec.attn, prefill_graphs)
     kernels = use_kernels(spec.kernels, device, dtype) if spec.engine == KVSCOPE_ENGINE else False
+    if spec.attn is None:  # the plan's spec names the attention that runs (run metadata, sweep settings)
+        spec = replace(spec, attn=default_attn(spec.engine, device, dtype, kernels, source.args))
+        cfg = replace(cfg, attn=spec.attn)
+    elif spec.attn == "kvscope" and spec.engine != KVSCOPE_ENGINE:
+        raise KvscopeError(f"--attn kvscope is a decode kernel of kvscope's own loop; --engine {spec.engine} takes "
+                           "sdpa or eager")
     if spec.seq > source.args.max_position_embeddings:
         what = f"prompt of {spec.seq} tokens" if prompts is not None else f"--seq {spec.seq}"
         raise KvscopeError(f"{what} exceeds {source.args.name}'s maximum context of "
@@ -154,6 +160,17 @@ def prepare(spec: RunSpec, prompts: Sequence[Sequence[int]] | None = None) -> Ru
     if device.type == "cuda" and prompts is None:
         ceilings = load_ceilings(name)  # an unusable calibration cache stops the run here, not after it
     return RunPlan(spec, source, cfg, name, graphs, kernels, _nvtx(spec.nvtx), ceilings)
+
+
+def default_attn(engine: str, device: torch.device, dtype: torch.dtype, kernels: bool, args: ModelArgs) -> str:
+    """The attention of a run that names none: `kvscope` (its split-KV decode kernel, prefills as sdpa) for kvscope's
+    loop on CUDA in bfloat16/float16 with kernels on, where the kernel takes the model (head_dim 64 or 128); else
+    `sdpa`. On the H200 it beat sdpa's flash decode at batch 1 with 512, 4k and 32k positions and at batch 16 with 4k
+    (docs/benchmarks.md, "Decode attention")."""
+    if (engine == KVSCOPE_ENGINE and kernels and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+            and decode_attention_supported(dtype, args.head_dim, args.n_heads, args.n_kv_heads)):
+        return "kvscope"
+    return "sdpa"
 
 
 def _check_spec(spec: RunSpec) -> None:

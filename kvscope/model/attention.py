@@ -1,4 +1,6 @@
-"""The attention switch: `sdpa` (torch scaled_dot_product_attention) and `eager` (matmul, softmax, matmul).
+"""The attention switch: `sdpa` (torch scaled_dot_product_attention), `eager` (matmul, softmax, matmul) and
+`kvscope` (decode steps through kvscope's split-KV kernel, `kvscope.kernels.ops.decode_attention`, which the engine
+calls itself; prefills as `sdpa`).
 
 Grouped-query attention without copying K/V: the query heads that share one KV head are laid out as extra query
 rows of that head, `(B, H, S, D) -> (B, H_kv, n_rep * S, D)`, which matches the repeat-interleave grouping of the
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ATTN_IMPLS = ("sdpa", "eager")
+ATTN_IMPLS = ("sdpa", "eager", "kvscope")
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, where: str) -> None:
@@ -37,7 +39,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: s
     _check(q, k, v, "prefill_attention")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"prefill_attention: q{tuple(q.shape)} and k{tuple(k.shape)} differ in sequence length")
-    if impl == "sdpa":
+    if impl in ("sdpa", "kvscope"):  # kvscope's kernel is for decode steps; its prefill is torch's
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if impl != "eager":
         raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTN_IMPLS}")
@@ -60,6 +62,7 @@ class DecodeMeta:
     longest valid prefix. key_mask: (B, 1, 1, span) bool, True where a key is valid, or None when all are.
     seqused: (B,) int32 valid keys per sequence, the new token included, on the flash path (else None), with
     cu_q = [0, 1, ..., B] and cu_k = [0, S, 2S, ..., B*S] (int32) describing the cache as varlen sequences.
+    kv_lengths: (B,) int64 valid keys per sequence, the new token included, on the `kvscope` path (else None).
     """
 
     span: int
@@ -67,6 +70,7 @@ class DecodeMeta:
     seqused: torch.Tensor | None = None
     cu_q: torch.Tensor | None = None
     cu_k: torch.Tensor | None = None
+    kv_lengths: torch.Tensor | None = None
 
 
 def flash_decode_ok(impl: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -106,6 +110,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             q, k_cache.view(b * s_max, h_kv, d), v_cache.view(b * s_max, h_kv, d),  # (B*S, H_kv, D) varlen
             meta.cu_q, meta.cu_k, 1, s_max, 0.0, False, False, scale=d**-0.5, seqused_k=meta.seqused)[0]
         return out  # (B, H, D)
+    if impl == "kvscope":
+        raise ValueError("decode_attention: the kvscope switch runs kvscope.kernels.ops.decode_attention over "
+                         "meta.kv_lengths (the engine calls it), not this function")
     span = meta.span
     if not 0 < span <= s_max:
         raise ValueError(f"decode_attention: span {span} outside (0, {s_max}]")
