@@ -233,7 +233,8 @@ def plan_capacity(curve: BatchCurve, args: ModelArgs, dtype: str, weights: int, 
         f"(up to {-(-ctx // q.block_tokens):,} at the last token)",
         "fp8: one byte per K/V element; latencies are those measured with the sweep's own cache",
         f"latencies: {curve.tpot_column} as TPOT, {curve.ttft_column} as TTFT, measured at batches "
-        f"{', '.join(str(int(b)) for b in curve.batches)}, interpolated linearly in between, never extrapolated",
+        f"{', '.join(str(int(b)) for b in curve.batches)}, interpolated linearly in between, never extrapolated; "
+        "TTFT at batch b is the sweep's, b prompts prefilled together",
         "Little's law with the batch as the requests in flight: rate = batch / (TTFT + output * TPOT); a continuously "
         "refilled batch whose prefills do not stall the decode steps",
     ]
