@@ -143,10 +143,19 @@ def merge_ranks(results: list[RunResult], plan: RunPlan) -> tuple[RunResult, pd.
     summary = merge_summary(ranks, timings)
     meta = dict(results[0].metadata)
     meta["model"] = {**meta["model"], "args": plan.source.args.as_dict()}
-    meta["tp"] = {"tp": tp, "backend": "nccl" if plan.cfg.device.type == "cuda" else "gloo",
+    cuda = plan.cfg.device.type == "cuda"
+    meta["tp"] = {"tp": tp, "backend": "nccl" if cuda else "gloo",
+                  "nccl_version": _nccl_version() if cuda else None,
+                  # the NCCL settings the ranks ran under (NCCL_NVLS_ENABLE=0 keeps NVLink multicast off)
+                  "nccl_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")},
                   "rank_args": results[0].metadata["model"]["args"],
                   "kv_cache_bytes_per_rank": [int(r.summary["kv_cache_bytes"].iloc[0]) for r in results]}
     return RunResult(results[0].out_dir, summary, timings, nvml, meta), ranks
+
+
+def _nccl_version() -> str:
+    v = torch.cuda.nccl.version()  # a tuple (major, minor, patch); an int in older torch
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
 def step_skew(timings: pd.DataFrame) -> pd.Series:
