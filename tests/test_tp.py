@@ -360,6 +360,21 @@ def test_run_tp_writes_one_folder_with_ranks(tmp_path: Path, capsys: pytest.Capt
     assert [sum(e["pid"] == 100 + r for e in spans) for r in (0, 1)] == per_rank.tolist()
 
 
+def test_run_tp_under_torchrun_is_the_rank_itself(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "run"
+    assert main(["run", "--model", "tiny", "--tp", "1", "--seq", "8", "--gen-tokens", "3", "--reps", "2",
+                 "--warmup", "1", "--out", str(out)]) == 0
+    assert f"run folder: {out}" in capsys.readouterr().out
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert (int(summary["tp"].iloc[0]), int(summary["slowest_rank"].iloc[0])) == (1, 0)
+    assert summary["step_skew_max_ms"].iloc[0] == 0.0  # one rank: no spread
+    assert set(pd.read_parquet(out / "timings.parquet")["rank"]) == {0}
+
+
 # ---- the merged summary on synthetic rows ---------------------------------------------------------------------
 def test_merged_summary_takes_the_slowest_rank_and_the_step_skew() -> None:
     ranks = pd.DataFrame({"rank": [0, 1, 2], "decode_p50_ms_per_tok": [2.0, 3.5, 3.0], "ttft_ms": [9.0, 7.0, 8.0],
