@@ -4,7 +4,9 @@ Every call checks devices, dtypes, shapes and strides at the boundary and raises
 `*_ref` functions compute the same result with torch operations (rounding through the tensor dtype at the same
 places), on any device. Kernel names in a trace: `kvscope_rms_norm_*`, `kvscope_silu_mul_*`, `kvscope_rope_kv_*`,
 `kvscope_stamp` (`_vec` for 16-byte accesses, `_scalar` otherwise); `kvscope_gemv_m<rows>[p]` and
-`kvscope_gemv_reduce` (split-K's second pass) for the decode step's products.
+`kvscope_gemv_reduce` (split-K's second pass) for the decode step's products; `kvscope_decode_attention_mma_d<D>`
+(bf16/fp16, tensor cores) or `kvscope_decode_attention_d<D>_g<heads>` (CUDA cores) and
+`kvscope_decode_attention_merge` (the splits combined) for decode attention.
 """
 
 from __future__ import annotations
