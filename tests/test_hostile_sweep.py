@@ -254,6 +254,7 @@ def test_a_link_shares_the_lock_of_its_target(tmp_path: Path, capsys: pytest.Cap
     (["--attn", "eager"], "attn=sdpa, this one has attn=eager"),
     (["--dtype", "bfloat16"], "dtype=float32, this one has dtype=bfloat16"),
     (["--seed", "1"], "seed=0, this one has seed=1"),
+    (["--engine", "transformers"], "engine=kvscope, this one has engine=transformers"),
 ])
 def test_resume_refuses_other_settings(made: dict[str, bytes], tmp_path: Path, suffix: str, extra: list[str],
                                        setting: str, capsys: pytest.CaptureFixture[str]) -> None:

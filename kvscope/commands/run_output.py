@@ -189,6 +189,7 @@ def run_metadata(plan: RunPlan, ins: Instrument, nvml: NvmlSampler, ready_s: flo
         "host_decode_ms": host.decode_ms,
         "kv_cache": kv_cache_meta(engine),
         "cuda_graphs": engine.graphs,
+        "prefill_graphs": cfg.prefill_graphs,
         "kernels": engine.kernels,
         # how regions inside a captured decode step are timed: global-timer stamps written by kernels, or
         # event-record nodes (None: nothing is timed inside the graph)

@@ -50,8 +50,8 @@ from kvscope.model.dtypes import dtype_name
 from kvscope.model.source import ModelSource
 
 # the settings every row records; a resume must match them all (the order is the order of the checks)
-SETTINGS = ("model", "model_source", "model_arch", "dtype", "device", "attn", "granularity", "gen_tokens", "warmup",
-            "reps", "seed", "cuda_graphs", "kernels", "collapse_factor")
+SETTINGS = ("model", "model_source", "model_arch", "dtype", "device", "engine", "attn", "granularity", "gen_tokens",
+            "warmup", "reps", "seed", "cuda_graphs", "prefill_graphs", "kernels", "collapse_factor")
 REQUIRED_COLUMNS = ("seq_len", "batch", "flag", "decode_p50_ms_per_tok", "decode_tok_s")
 TMP_NAME_EXTRA = ".." + "0" * 12 + ".tmp"  # what a temporary file's name adds to the sweep file's: .NAME.<12 hex>.tmp
 
@@ -88,7 +88,8 @@ def sweep_settings(plan: RunPlan, collapse_factor: float) -> dict[str, Any]:
         "dtype": dtype_name(plan.cfg.dtype), "device": plan.device_name,
         "attn": spec.attn, "granularity": spec.granularity, "gen_tokens": spec.gen_tokens,
         "warmup": spec.warmup, "reps": spec.reps, "seed": spec.seed,
-        "cuda_graphs": plan.graphs, "kernels": plan.kernels, "collapse_factor": float(collapse_factor),
+        "engine": spec.engine, "cuda_graphs": plan.graphs, "prefill_graphs": plan.cfg.prefill_graphs,
+        "kernels": plan.kernels, "collapse_factor": float(collapse_factor),
     }
 
 
