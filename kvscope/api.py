@@ -70,25 +70,29 @@ class Run:
 
 
 def run(model: PathLike | None = None, *, batch_size: int = 1, seq: int = 512, gen_tokens: int = 32, warmup: int = 2,
-        reps: int = 5, granularity: str = "phase", attn: str = "sdpa", dtype: str | None = None,
+        reps: int = 5, granularity: str = "phase", attn: str | None = None, dtype: str | None = None,
         device: str | None = None, seed: int = 0, graphs: bool | None = None, kernels: bool | None = None,
-        nvtx: bool | None = None, nvml_interval_ms: float = 20.0, out: PathLike | None = None) -> Run:
+        prefill_graphs: bool | None = None, engine: str = "kvscope", nvtx: bool | None = None,
+        nvml_interval_ms: float = 20.0, out: PathLike | None = None) -> Run:
     """`kvscope run`: warm up, time `reps` repetitions of a prefill of `seq` tokens per sequence and `gen_tokens - 1`
     decode steps, write the run folder, and return it read back (`load_run`).
 
     Every argument is the flag of the same name (`batch_size` is `--batch-size`), with the same default; None leaves
     the choice to the device as the command does (model: `qwen2.5-3b` on CUDA, `tiny` on a CPU; dtype: bfloat16 on
-    CUDA, float32 on a CPU; graphs and kernels: on for CUDA). `nvtx`: False is `--no-nvtx`, None lets
+    CUDA, float32 on a CPU; graphs, prefill graphs and kernels: on for CUDA; attn: kvscope's split-KV decode
+    attention where kvscope's kernels run, else sdpa). `engine`: "kvscope", "transformers" or
+    "transformers-compiled" (`--engine`). `nvtx`: False is `--no-nvtx`, None lets
     `KVSCOPE_NVTX` decide, True turns NVTX ranges on whatever it says. `out`: the run folder, new or empty (default
     `traces/<time>-<model>-bs<B>-seq<L>/` under the current folder). Raises KvscopeError for bad input before
     anything is loaded or written; a run that fails leaves no folder behind.
     """
-    for name, value in (("graphs", graphs), ("kernels", kernels), ("nvtx", nvtx)):
+    for name, value in (("graphs", graphs), ("kernels", kernels), ("prefill_graphs", prefill_graphs), ("nvtx", nvtx)):
         if value is not None and not isinstance(value, bool):
             raise KvscopeError(f"run: {name} must be True, False or None, got {value!r}")
     argv = _argv("run", model=model, batch_size=batch_size, seq=seq, gen_tokens=gen_tokens, warmup=warmup, reps=reps,
                  granularity=granularity, attn=attn, dtype=dtype, device=device, seed=seed, graphs=_on_off(graphs),
-                 kernels=_on_off(kernels), nvml_interval_ms=nvml_interval_ms, out=out)
+                 kernels=_on_off(kernels), prefill_graphs=_on_off(prefill_graphs), engine=engine,
+                 nvml_interval_ms=nvml_interval_ms, out=out)
     if nvtx is False:
         argv.append("--no-nvtx")
     ns = parse_args(argv)

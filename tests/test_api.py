@@ -390,3 +390,19 @@ def test_run_refuses_a_filled_folder_and_odd_switches(tmp_path: Path, capsys: py
         assert _api_error(kvscope.run, "tiny", device="cpu", **{name: "on"}) == (
             f"kvscope: error: run: {name} must be True, False or None, got 'on'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["filled"]
+
+
+def test_run_takes_the_engine_and_prefill_graphs(tmp_path: Path) -> None:
+    """`kvscope.run(engine=...)` runs transformers' loop as `--engine` does; prefill graphs on a CPU are refused as the
+    flag is; the attention is left to the plan (sdpa on a CPU), not fixed by the API."""
+    r = kvscope.run("tiny", seq=8, gen_tokens=3, warmup=1, reps=1, device="cpu", engine="transformers",
+                    out=tmp_path / "hf")
+    assert r.metadata["engine"] == "transformers"
+    assert r.metadata["run"]["attn"] == "sdpa"
+    assert set(r.summary["engine"]) == {"transformers"}
+    with pytest.raises(KvscopeError, match="prefill"):
+        kvscope.run("tiny", seq=8, gen_tokens=3, warmup=1, reps=1, device="cpu", prefill_graphs=True,
+                    out=tmp_path / "pg")
+    assert not (tmp_path / "pg").exists()
+    with pytest.raises(KvscopeError, match="run: prefill_graphs must be True, False or None"):
+        kvscope.run("tiny", prefill_graphs="on", out=tmp_path / "bad")  # type: ignore[arg-type]
