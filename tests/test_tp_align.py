@@ -11,7 +11,7 @@ import pytest
 from synthetic_export import Synth, gtid
 
 from kvscope.cli import main
-from kvscope.commands.tp_align import analyse_ranks, process_ranks, rank_steps, rank_table
+from kvscope.commands.tp_align import RANK_STEPS_FILE, RANKS_FILE, analyse_ranks, process_ranks, rank_steps, rank_table
 
 MULTIPROC = Path(__file__).parent / "data" / "foreign" / "multiproc.sqlite"
 
@@ -138,3 +138,20 @@ def test_tp_run_capture_split_per_rank_with_its_timings(tmp_path: Path) -> None:
     assert len(regions) == 10 and regions["event_ms"].notna().all()
     step1 = regions[regions["name"] == "decode step 1"].set_index("rank")
     assert step1["gpu_span_ms"].tolist() == pytest.approx([1000e-6, 1000e-6])
+
+
+def test_align_command_splits_a_tp_run_per_rank(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`kvscope align EXPORT --timings TP_RUN` aligns each rank with its own timings and writes the rank tables (as
+    `kvscope nsys --tp` does); filters that would cut ranks apart are refused in one line."""
+    export, run_dir = _two_rank_run(tmp_path)
+    out = tmp_path / "aligned"
+    assert main(["align", str(export), "--timings", str(run_dir), "--out", str(out)]) == 0
+    ranks = pd.read_parquet(out / RANKS_FILE)
+    assert ranks[["pid", "rank", "straggler"]].values.tolist() == [[22, 0, False], [11, 1, True]]
+    assert sorted(pd.read_parquet(out / "align.parquet")["rank"].unique()) == [0, 1]
+    assert (out / RANK_STEPS_FILE).exists()
+    capsys.readouterr()
+    assert main(["align", str(export), "--timings", str(run_dir), "--pid", "22", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--pid cannot be combined with the timings of a tensor-parallel run" in err
+    assert not (tmp_path / "x").exists()

@@ -12,8 +12,10 @@ from pathlib import Path
 from rich.console import Console
 
 from kvscope.analysis.range_filters import parse_time_ns
-from kvscope.analysis.report_align import AlignResult, analyse, output_folder, summary_tables, write
+from kvscope.analysis.report_align import AlignResult, analyse, output_folder, read_timings, summary_tables, write
 from kvscope.commands.json_out import align_payload, json_line
+from kvscope.commands.tp_align import analyse_ranks, ranks_table, write_ranks
+from kvscope.errors import KvscopeError
 
 
 def command(ns: argparse.Namespace) -> int:
@@ -21,12 +23,26 @@ def command(ns: argparse.Namespace) -> int:
     folder = output_folder(out)  # checked before the analysis; written whole or not at all
     start_ns = parse_time_ns(ns.start, "--start") if ns.start is not None else None
     end_ns = parse_time_ns(ns.end, "--end") if ns.end is not None else None
-    result = analyse(Path(ns.export), Path(ns.timings) if ns.timings else None, nsys=ns.nsys, domain=ns.domain,
-                     range_re=ns.range, start_ns=start_ns, end_ns=end_ns, pid=ns.pid, phase_map=ns.phase_map,
-                     classes=Path(ns.classes) if ns.classes else None)
+    split = None
+    if ns.timings and "rank" in read_timings(Path(ns.timings)):  # a tensor-parallel run: each rank on its own
+        used = [f for f, v in (("--domain", ns.domain), ("--range", ns.range), ("--start", ns.start),
+                               ("--end", ns.end), ("--pid", ns.pid), ("--classes", ns.classes)) if v is not None]
+        if used:
+            raise KvscopeError(f"align: {', '.join(used)} cannot be combined with the timings of a tensor-parallel run "
+                               f"({ns.timings}: one process per rank, each aligned whole)")
+        result, split = analyse_ranks(Path(ns.export), Path(ns.timings), nsys=ns.nsys, phase_map=ns.phase_map)
+    else:
+        result = analyse(Path(ns.export), Path(ns.timings) if ns.timings else None, nsys=ns.nsys, domain=ns.domain,
+                         range_re=ns.range, start_ns=start_ns, end_ns=end_ns, pid=ns.pid, phase_map=ns.phase_map,
+                         classes=Path(ns.classes) if ns.classes else None)
     with folder as tmp:
-        write(result, tmp, {"command": " ".join(sys.argv), "timings": ns.timings})
+        meta = {"command": " ".join(sys.argv), "timings": ns.timings}
+        write(result, tmp, meta)
+        if split is not None:
+            write_ranks(split, tmp, meta)
     print_align(result)
+    if split is not None:
+        Console().print(ranks_table(split[0]))
     if result.skipped:
         print(f"align: {result.skipped}")
     tables = list(result.tables())
