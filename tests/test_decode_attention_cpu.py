@@ -56,6 +56,41 @@ def test_split_choice_bounds() -> None:
         kops.decode_group_chunk(0)
 
 
+@pytest.mark.parametrize(("blocks", "s_max", "expect"), [
+    (2, 32_768 + 64, 64),  # batch 1, 2 KV heads, 32k: 32_832 // 512 (one wave would be 132)
+    (2, 4096 + 64, 8),  # batch 1 at 4k
+    (32, 4096 + 64, 8),  # batch 16 at 4k: 4160 // 512 (ceil(264 / 32) = 9)
+    (2, 512 + 64, 1),  # batch 1 at 512: one split, no merge
+    (128, 544, 1),  # batch 64 at 512
+    (1, 10**6, 264),  # one wave
+])
+def test_long_split_choice_on_an_h200(blocks: int, s_max: int, expect: int) -> None:
+    assert kops.decode_splits_long(blocks, s_max, H200_SMS) == expect
+    assert kops.decode_splits_long(blocks, s_max, H200_SMS) <= kops.decode_splits(blocks, s_max, H200_SMS)
+
+
+def test_long_split_choice_bounds() -> None:
+    assert kops.decode_splits_long(1, 10**7, 4096) == kops.DECODE_ATTENTION_MAX_SPLITS
+    assert kops.decode_splits_long(2, 32_832, H200_SMS, min_split_tokens=1024) == 32
+    for blocks in (1, 3, 7, 64, 1000):
+        for s_max in (1, 33, 4096, 40_000):
+            n = kops.decode_splits_long(blocks, s_max, H200_SMS)
+            assert 1 <= n <= max(1, s_max // kops.DECODE_ATTENTION_LONG_MIN_SPLIT_TOKENS)
+            assert n == 1 or blocks * (n - 1) < (H200_SMS * kops.DECODE_ATTENTION_BLOCKS_PER_SM
+                                                 * kops.DECODE_ATTENTION_LONG_WAVES)
+    for bad in ((0, 10, 1), (1, 0, 1), (1, 10, 0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            kops.decode_splits_long(*bad)
+    with pytest.raises(ValueError, match="min_split_tokens 0 must be positive"):
+        kops.decode_splits_long(1, 10, 1, min_split_tokens=0)
+
+
+def test_defaults_keep_the_separate_merge_and_the_first_rule() -> None:
+    """Until the H200 says otherwise the engine gets the measured path: separate merge, `decode_splits`."""
+    assert kops.DECODE_ATTENTION_FUSED_MERGE is False
+    assert kops.DECODE_ATTENTION_LONG_SPLITS is False
+
+
 def _inputs(b: int = 2, h: int = 8, hkv: int = 2, d: int = 64, s_max: int = 16, dtype: torch.dtype = torch.float32
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(b * h * d + s_max)
@@ -97,6 +132,34 @@ def test_boundary_checks_of_the_options_and_the_device() -> None:
         kops.decode_attention(q, k, v, n, out=torch.empty(2, 8, 32))
     with pytest.raises(ValueError, match="needs CUDA tensors, got cpu"):  # every shape fits: only the device is wrong
         kops.decode_attention(q, k, v, n)
+
+
+@pytest.mark.parametrize(("counters", "match"), [
+    (torch.zeros(4, dtype=torch.int64), r"counters must be contiguous int32 with at least 4 elements on cpu \(2 "
+                                        r"sequences x 2 head groups\), got torch.int64 \(4,\)"),
+    (torch.zeros(3, dtype=torch.int32), r"at least 4 elements.*got torch.int32 \(3,\)"),
+    (torch.zeros(8, dtype=torch.int32)[::2], r"at least 4 elements.*\(4,\)"),  # not contiguous
+    (torch.zeros(4, dtype=torch.int32, device="meta"), r"on cpu .* on meta"),
+])
+def test_counters_checked_at_the_boundary(counters: torch.Tensor, match: str) -> None:
+    """The fused merge's counters: int32, contiguous, on q's device, one per (sequence, head group); checked before
+    the device (so here, on the CPU)."""
+    q, k, v, n = _inputs()  # 2 sequences, 8 heads over 2 KV heads: CUDA-core kernel, one chunk of 4 heads each
+    with pytest.raises(ValueError, match=match):
+        kops.decode_attention(q, k, v, n, fused_merge=True, counters=counters)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):  # enough counters: only the device is wrong
+        kops.decode_attention(q, k, v, n, fused_merge=True, counters=torch.zeros(4, dtype=torch.int32))
+
+
+def test_kept_counters_zeroed_once_per_device_and_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One zeroed buffer per (device, size), returned again on later calls; another size gets its own."""
+    monkeypatch.setattr(kops, "_DECODE_COUNTERS", {})
+    a = kops._decode_counters(6, CPU, 0)
+    assert a.dtype == torch.int32 and a.shape == (6,) and int(a.count_nonzero()) == 0
+    assert kops._decode_counters(6, CPU, 0) is a
+    b = kops._decode_counters(7, CPU, 0)
+    assert b is not a and b.shape == (7,)
+    assert set(kops._DECODE_COUNTERS) == {(0, 6), (0, 7)}
 
 
 def test_reference_against_a_hand_computed_softmax() -> None:

@@ -2,7 +2,10 @@
 64, lengths 1 to 32k (lengths that are multiples of no tile, ragged lengths in one batch, 0 and past S_max), head
 sizes 64 and 128, 1 to 12 query heads per KV head, bfloat16 / float16 / float32, outputs and the splits' partial
 results NaN-poisoned before every launch; replayed from a CUDA graph with the lengths changed between replays; the
-engine's `--attn kvscope` switch. The host-side choices and boundary checks: tests/test_decode_attention_cpu.py."""
+engine's `--attn kvscope` switch. Every test runs twice: with the separate merge kernel and with the merge fused
+into the main kernel (DECODE_ATTENTION_FUSED_MERGE, which the engine's calls also take), whose arrival counters must
+be zero again after every launch and replay. The host-side choices and boundary checks:
+tests/test_decode_attention_cpu.py."""
 
 from __future__ import annotations
 
@@ -18,6 +21,20 @@ from kvscope.model.weights import load_model
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["merge-kernel", "fused-merge"])
+def fused(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The default merge of every call in the test (the engine's too), and a fresh set of kept counters."""
+    monkeypatch.setattr(kops, "DECODE_ATTENTION_FUSED_MERGE", request.param)
+    monkeypatch.setattr(kops, "_DECODE_COUNTERS", {})
+    return request.param
+
+
+def _counters_zero() -> None:
+    """Every kept counter is back at zero (the kernel's contract; a named sync reads them)."""
+    for key, c in kops._DECODE_COUNTERS.items():
+        assert int(c.count_nonzero()) == 0, f"counters {key} left non-zero: {c.tolist()}"
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +67,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Ten
     assert not got.isnan().any(), "an output element was not written (or a NaN partial was read)"
     torch.testing.assert_close(got, kops.decode_attention_ref(q, k, v, lengths),
                                **kops.DECODE_ATTENTION_TOLERANCE[q.dtype])
+    _counters_zero()
 
 
 KERNELS = [(torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False), (torch.float16, False),
@@ -152,6 +170,82 @@ def test_inside_a_cuda_graph_with_lengths_changed_between_replays() -> None:
         assert not out.isnan().any()
         torch.testing.assert_close(out, kops.decode_attention_ref(q, k, v, lengths),
                                    **kops.DECODE_ATTENTION_TOLERANCE[torch.bfloat16])
+        _counters_zero()
+
+
+@pytest.mark.parametrize("long_splits", [False, True])
+def test_graph_captured_before_any_counters_are_kept(fused: bool, long_splits: bool) -> None:
+    """The first fused call inside a capture: the graph zeroes its own counters (not kept); eager calls after the
+    replays keep a zeroed set of their own. Replays with changed lengths (1 split's worth to the full cache) and
+    lengths 0 in the batch; both split rules."""
+    b, s_max = 3, 6000
+    q, k, v = _case(b, s_max, 2, 8, 128, torch.bfloat16, seed=21)
+    lengths = torch.tensor([6000, 1, 0], device=CUDA)
+    out = torch.empty(b, 16, 128, dtype=torch.bfloat16, device=CUDA)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        kops.decode_attention(q, k, v, lengths, out=out, fused_merge=False, long_splits=long_splits)  # compiles
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kops.decode_attention(q, k, v, lengths, out=out, long_splits=long_splits)
+    assert kops._DECODE_COUNTERS == {}
+    g = torch.Generator(device=CUDA).manual_seed(22)
+    for rep in range(5):
+        lengths.copy_(torch.randint(0 if rep % 2 else 1, s_max + 1, (b,), device=CUDA, generator=g))
+        out.fill_(float("nan"))
+        graph.replay()
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, kops.decode_attention_ref(q, k, v, lengths),
+                                   **kops.DECODE_ATTENTION_TOLERANCE[torch.bfloat16])
+    _check(q, k, v, lengths)
+    assert bool(kops._DECODE_COUNTERS) == (fused and kops.decode_splits(b * 2, s_max, _sms()) > 1)  # the eager call
+
+
+def _sms() -> int:
+    return torch.cuda.get_device_properties(CUDA).multi_processor_count
+
+
+@pytest.mark.parametrize(("b", "s_max", "lengths"), [
+    (1, 32_768 + 64, [32_768]),
+    (1, 4096 + 64, [4096]),
+    (1, 512 + 64, [512]),
+    (16, 4096 + 64, "random"),
+    (64, 544, "random"),
+    (5, 9000, [0, 1, 8999, 513, 9000]),
+])
+def test_long_split_rule(b: int, s_max: int, lengths: list[int] | str) -> None:
+    """The long split rule (fewer, longer splits) at the benchmark's shapes and ragged ones, both kernels."""
+    q, k, v = _case(b, s_max, 2, 8, 128, torch.bfloat16, seed=b + s_max)
+    if lengths == "random":
+        g = torch.Generator(device=CUDA).manual_seed(b + 1)
+        n = torch.randint(1, s_max + 1, (b,), device=CUDA, generator=g)
+    else:
+        n = torch.tensor(lengths, device=CUDA)
+    for tc in (True, False):
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=CUDA)  # (B, H, D) poisoned
+        got = kops.decode_attention(q, k, v, n, out=out, tensor_cores=tc, long_splits=True)
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, kops.decode_attention_ref(q, k, v, n),
+                                   **kops.DECODE_ATTENTION_TOLERANCE[q.dtype])
+        _counters_zero()
+
+
+def test_caller_counters_and_shared_buffer_across_shapes(fused: bool) -> None:
+    """Counters the caller passes (larger than needed) are used and left zero; one buffer serves calls of
+    different shapes and split counts one after another on a stream."""
+    counters = torch.zeros(1000, dtype=torch.int32, device=CUDA)
+    for b, s_max, group, splits in ((2, 3000, 8, 40), (7, 700, 4, 3), (1, 20_000, 12, 1024), (3, 64, 1, 2)):
+        q, k, v = _case(b, s_max, 2, group, 128, torch.float16, seed=b * splits)
+        n = torch.randint(0, s_max + 1, (b,), device=CUDA)
+        for tc in (True, False):
+            out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=CUDA)
+            got = kops.decode_attention(q, k, v, n, splits=splits, out=out, tensor_cores=tc, counters=counters)
+            torch.testing.assert_close(got, kops.decode_attention_ref(q, k, v, n),
+                                       **kops.DECODE_ATTENTION_TOLERANCE[q.dtype])
+    assert int(counters.count_nonzero()) == 0
+    assert kops._DECODE_COUNTERS == {}  # the caller's counters were used, none kept
 
 
 def test_tiny_grid_for_the_sanitizer() -> None:

@@ -425,6 +425,16 @@ DECODE_ATTENTION_MAX_SPLITS = 1024  # decode_attention.cu's DA_MAX_SPLITS (the m
 # block's four warps at 16 positions a tile)
 DECODE_ATTENTION_BLOCKS_PER_SM = 2
 DECODE_ATTENTION_MIN_SPLIT_TOKENS = 128
+# the "long" split rule (`decode_splits_long`): fewer, longer splits, so that a block's pipeline fill and drain and
+# the merge's partials weigh less: no split shorter than DECODE_ATTENTION_LONG_MIN_SPLIT_TOKENS positions of S_max,
+# at most DECODE_ATTENTION_LONG_WAVES waves of DECODE_ATTENTION_BLOCKS_PER_SM blocks per SM
+DECODE_ATTENTION_LONG_MIN_SPLIT_TOKENS = 512
+DECODE_ATTENTION_LONG_WAVES = 1
+# defaults of `decode_attention` (what the engine gets): the split rule (False: `decode_splits`, True:
+# `decode_splits_long`) and the merge (False: the separate `kvscope_decode_attention_merge` launch, True: fused into
+# the main kernel, the last split block of each (sequence, head group) merging)
+DECODE_ATTENTION_LONG_SPLITS = False
+DECODE_ATTENTION_FUSED_MERGE = False
 _LOG2E = 1.4426950408889634
 # kernel vs decode_attention_ref, per dtype: both sum in float32 (in other orders, the kernels through exp2 of
 # pre-scaled scores); the tensor-core kernel also rounds the softmax weights P to the dtype before the P V product
@@ -464,6 +474,19 @@ def decode_splits(blocks: int, s_max: int, sm_count: int) -> int:
     return max(1, min(want, most, DECODE_ATTENTION_MAX_SPLITS))
 
 
+def decode_splits_long(blocks: int, s_max: int, sm_count: int,
+                       min_split_tokens: int = DECODE_ATTENTION_LONG_MIN_SPLIT_TOKENS) -> int:
+    """`decode_splits`' alternative with longer splits: at most DECODE_ATTENTION_LONG_WAVES waves of
+    DECODE_ATTENTION_BLOCKS_PER_SM blocks per SM, none shorter than `min_split_tokens` positions of S_max, at most
+    DECODE_ATTENTION_MAX_SPLITS (shapes only, as `decode_splits`)."""
+    if blocks < 1 or s_max < 1 or sm_count < 1 or min_split_tokens < 1:
+        raise ValueError(f"decode_splits_long: blocks {blocks}, s_max {s_max}, sm_count {sm_count}, min_split_tokens "
+                         f"{min_split_tokens} must be positive")
+    want = -(-sm_count * DECODE_ATTENTION_BLOCKS_PER_SM * DECODE_ATTENTION_LONG_WAVES // blocks)
+    most = max(1, s_max // min_split_tokens)
+    return max(1, min(want, most, DECODE_ATTENTION_MAX_SPLITS))
+
+
 def decode_attention_supported(dtype: torch.dtype, head_dim: int, n_heads: int, n_kv_heads: int) -> bool:
     """Whether `decode_attention` takes this model on a CUDA device (dtype, head size, grouping)."""
     return (dtype in DTYPE_MACROS and head_dim in DECODE_ATTENTION_HEAD_DIMS and n_kv_heads > 0
@@ -477,9 +500,29 @@ def _decode_workspace(b: int, h: int, splits: int, d: int, device: torch.device)
             torch.empty(b, h, splits, dtype=torch.float32, device=device))
 
 
+# the fused merge's arrival counters, int32 and zeroed once, by (device index, count); the kernel leaves them zero
+_DECODE_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _decode_counters(n: int, device: torch.device, index: int) -> torch.Tensor:
+    """`n` zeroed int32 counters for the fused merge, kept per (device, n) and reused by every later call on that
+    device. Inside a CUDA-graph capture with none kept yet, a fresh zeroed buffer (a memset node of the graph,
+    which zeroes it at every replay) that is not kept: the first use outside a capture must find memory that is
+    already zero."""
+    key = (index, n)
+    kept = _DECODE_COUNTERS.get(key)
+    if kept is not None:
+        return kept
+    fresh = torch.zeros(n, dtype=torch.int32, device=device)  # (B * head groups,)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _DECODE_COUNTERS[key] = fresh
+    return fresh
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                      scale: float | None = None, splits: int | None = None, out: torch.Tensor | None = None,
-                     tensor_cores: bool | None = None) -> torch.Tensor:
+                     tensor_cores: bool | None = None, fused_merge: bool | None = None,
+                     long_splits: bool | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence against the cache: q (B, H, D) (unit stride on D, 16-byte aligned rows), k_cache /
     v_cache (B, S_max, H_kv, D) contiguous, lengths (B,) int64 on the device: sequence b attends to positions
     0 .. lengths[b] - 1 (the engine passes its positions + 1: the new token's K/V included; clamped to [0, S_max] on
@@ -490,7 +533,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     `splits`: positions split over that many blocks per (sequence, KV head), default `decode_splits` (a function
     of the shapes only: a CUDA graph of the call stays valid for any lengths); with more than one split a second
     small kernel, `kvscope_decode_attention_merge`, combines them. `tensor_cores`: the mma kernel (bf16/fp16 only;
-    default for them) or the CUDA-core one (default for float32)."""
+    default for them) or the CUDA-core one (default for float32). `long_splits` (default
+    DECODE_ATTENTION_LONG_SPLITS): the default split count from `decode_splits_long` instead.
+
+    `fused_merge` (default DECODE_ATTENTION_FUSED_MERGE): no merge launch; the last of each (sequence, head group)'s
+    split blocks to finish merges, counted in `counters`: int32, contiguous, at least B * H_kv * head chunks
+    elements on q's device, zero at the call; the kernel leaves them zero, so one buffer serves every later call
+    and CUDA-graph replay (not checked on the host, which would sync). Default: a buffer kept per device and size,
+    zeroed once; two calls running at the same time on different streams need their own `counters`."""
     name = "decode_attention"
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"{name}: q must be (B, H, D) and the caches (B, S_max, H_kv, D), got q {tuple(q.shape)} "
@@ -525,26 +575,39 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         tensor_cores = q.dtype != torch.float32
     elif tensor_cores and q.dtype == torch.float32:
         raise ValueError(f"{name}: the tensor-core kernel takes bfloat16/float16, got q {q.dtype} {tuple(q.shape)}")
-    _need_cuda(name, q.dtype, q, k_cache, v_cache)  # shapes first: they are checked without a GPU too
     gp, chunks = decode_group_chunk(h // hkv, tensor_cores)
+    n_groups = b * hkv * chunks  # (sequence, head group) pairs: the fused merge's counters
+    if counters is not None and (counters.dtype != torch.int32 or counters.device != q.device
+                                 or not counters.is_contiguous() or counters.numel() < n_groups):
+        raise ValueError(f"{name}: counters must be contiguous int32 with at least {n_groups} elements on "
+                         f"{q.device} ({b} sequences x {hkv * chunks} head groups), got {counters.dtype} "
+                         f"{tuple(counters.shape)} on {counters.device}")
+    _need_cuda(name, q.dtype, q, k_cache, v_cache)  # shapes first: they are checked without a GPU too
     if hkv * chunks > GRID_Y_MAX or b > GRID_Y_MAX:
         raise ValueError(f"{name}: {b} sequences x {hkv * chunks} head groups exceed the grid ({GRID_Y_MAX} each)")
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    if fused_merge is None:
+        fused_merge = DECODE_ATTENTION_FUSED_MERGE
     if splits is None:
-        splits = decode_splits(b * hkv * chunks, s_max, _sm_count(index))
+        long_rule = DECODE_ATTENTION_LONG_SPLITS if long_splits is None else long_splits
+        splits = (decode_splits_long if long_rule else decode_splits)(n_groups, s_max, _sm_count(index))
     if out is None:
         out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
     if b == 0:
         return out
     part_o, part_lse = _decode_workspace(b, h, splits, d, q.device) if splits > 1 else (None, None)
+    fused = fused_merge and splits > 1
+    if fused and counters is None:
+        counters = _decode_counters(n_groups, q.device, index)
     variant, shared = f"d{d}_g{gp}", 0
     if tensor_cores:
         variant, shared = f"mma_d{d}", DECODE_ATTENTION_MMA_SHARED_BYTES_PER_DIM * d
     launch("kvscope_decode_attention", variant, q.dtype, q.device, (splits, hkv * chunks, b),
            (32 * DECODE_ATTENTION_WARPS, 1, 1),
-           [ptr(out), ptr(part_o), ptr(part_lse), ptr(q), ptr(k_cache), ptr(v_cache), ptr(lengths), i64(q.stride(0)),
-            i64(q.stride(1)), i32(h), i32(hkv), i32(s_max), i32(splits), f32(scale * _LOG2E)], shared_bytes=shared)
-    if splits > 1:
+           [ptr(out), ptr(part_o), ptr(part_lse), ptr(counters if fused else None), ptr(q), ptr(k_cache),
+            ptr(v_cache), ptr(lengths), i64(q.stride(0)), i64(q.stride(1)), i32(h), i32(hkv), i32(s_max),
+            i32(splits), f32(scale * _LOG2E)], shared_bytes=shared)
+    if splits > 1 and not fused:
         launch("kvscope_decode_attention", "merge", q.dtype, q.device, (b * h, 1, 1),
                (DECODE_ATTENTION_MERGE_THREADS, 1, 1), [ptr(out), ptr(part_o), ptr(part_lse), i32(splits), i32(d)])
     return out

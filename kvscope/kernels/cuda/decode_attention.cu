@@ -6,7 +6,11 @@
 //            own K/V included); clamped to [0, S_max]; a sequence of length 0 gets a zero output
 //   out      (B, H, D) contiguous, the element type; written directly when n_splits == 1
 //   part_o   (B, H, n_splits, D) float, part_lse (B, H, n_splits) float: each split's normalised output and its
-//            log2-sum-exp2 (n_splits > 1), combined by kvscope_decode_attention_merge
+//            log2-sum-exp2 (n_splits > 1), combined by kvscope_decode_attention_merge, or, when `counters` is not
+//            null, by the kernel itself (fused merge, see da_fused_merge)
+//   counters (B, gridDim.y) int32 or null: the fused merge's arrival counts; must be zero at launch, and the kernel
+//            leaves them zero (the merging block resets its count), so one zeroed buffer serves every later launch
+//            and CUDA-graph replay on the same stream
 // Query head h uses KV head h / G (G = H / H_kv), as in the Hugging Face checkpoints' repeat-interleave grouping.
 //
 // Grid (n_splits, H_kv * head_chunks, B), DA_WARPS warps per block. A block takes one (sequence, KV head, split)
@@ -68,9 +72,114 @@ __device__ __forceinline__ float da_reduce_heads(float (&x)[GP], int l_in) {
     return s;
 }
 
+// ---- fused merge: the last of a (sequence, head group)'s n_splits blocks to finish combines their partials ---------
+// Every block has written its heads' part_o / part_lse rows (n_splits > 1). Each thread fences its own stores, the
+// block meets, then one thread counts the block in counters[b * gridDim.y + group] (atomicAdd); the block that sees
+// n_splits - 1 before its own count is the last one: every other block's partials are then visible (their fences came
+// before their counts), it fences again (no load below moves above the observed count), sets the count back to zero
+// for the next launch and merges, reading the partials from the L2 (ld.global.cg, never a stale L1 line).
+// `sf`: the block's shared memory (smem_floats floats, free by now). Merge: the weights 2^(lse - max) of up to `hp`
+// heads in shared memory, one warp per head; then every thread takes DA_FM_ITEMS (head, 4 dimensions) items at once
+// and sums over the splits, DA_FM_ITEMS float4 loads in flight per split step.
+#define DA_FM_ITEMS 4
+__device__ __forceinline__ float4 da_ldcg4(const float* p) {
+    float4 r;
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ float da_ldcg(const float* p) {
+    float r;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(r) : "l"(p));
+    return r;
+}
+
+template <int D>
+__device__ __forceinline__ void da_fused_merge(elem_t* __restrict__ out, const float* part_o, const float* part_lse,
+                                               int* counters, float* sf, int smem_floats, long long row0,
+                                               int valid_heads, int n_splits) {
+    constexpr int Q = D / 4;  // float4 columns of a row
+    static_assert(D % 4 == 0, "head size");
+    int* counter = counters + (long long)blockIdx.z * gridDim.y + blockIdx.y;
+    __threadfence();  // this thread's partials reach the device scope before the block is counted
+    __syncthreads();  // every thread has fenced (and the shared bytes are free)
+    int prev = 0;
+    if (threadIdx.x == 0) prev = atomicAdd(counter, 1);
+    if (!__syncthreads_or(threadIdx.x == 0 && prev == n_splits - 1)) return;
+    __threadfence();  // the loads below come after the observed count
+    if (threadIdx.x == 0) atomicExch(counter, 0);  // every block of the group has counted: zero for the next launch
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const int hp = min(valid_heads, smem_floats / (n_splits + 1));  // >= 1: n_splits <= DA_MAX_SPLITS
+    float* s_w = sf;                   // [hp][n_splits] weights
+    float* s_inv = sf + hp * n_splits;  // [hp] 1 / sum of the weights (0: no position)
+    for (int h0 = 0; h0 < valid_heads; h0 += hp) {
+        const int nh = min(hp, valid_heads - h0);
+        for (int hh = warp; hh < nh; hh += n_warps) {
+            const float* lse = part_lse + (row0 + h0 + hh) * n_splits;
+            float mx = DA_NEG_INF;
+            for (int s = lane; s < n_splits; s += 32) mx = fmaxf(mx, da_ldcg(lse + s));
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DA_FULL, mx, off));
+            float sum = 0.f;
+            for (int s = lane; s < n_splits; s += 32) {
+                const float w = mx == DA_NEG_INF ? 0.f : exp2f(da_ldcg(lse + s) - mx);
+                s_w[hh * n_splits + s] = w;
+                sum += w;
+            }
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(DA_FULL, sum, off);
+            if (lane == 0) s_inv[hh] = sum > 0.f ? 1.f / sum : 0.f;
+        }
+        __syncthreads();
+        const int items = nh * Q;
+        for (int i0 = threadIdx.x; i0 < items; i0 += DA_FM_ITEMS * blockDim.x) {
+            const float* src[DA_FM_ITEMS];
+            const float* wrow[DA_FM_ITEMS];
+            float4 acc[DA_FM_ITEMS];
+            int n_ok = 0;
+#pragma unroll
+            for (int k = 0; k < DA_FM_ITEMS; ++k) {
+                const int i = i0 + k * blockDim.x;
+                const int hh = i < items ? i / Q : 0, c = i < items ? i % Q : 0;
+                n_ok += i < items;
+                src[k] = part_o + (row0 + h0 + hh) * n_splits * D + c * 4;
+                wrow[k] = s_w + hh * n_splits;
+                acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+#pragma unroll 2
+            for (int s = 0; s < n_splits; ++s) {
+#pragma unroll
+                for (int k = 0; k < DA_FM_ITEMS; ++k) {
+                    if (k < n_ok) {  // the items valid for this thread are a prefix
+                        const float4 v = da_ldcg4(src[k] + (long long)s * D);
+                        const float w = wrow[k][s];
+                        acc[k].x = fmaf(w, v.x, acc[k].x);
+                        acc[k].y = fmaf(w, v.y, acc[k].y);
+                        acc[k].z = fmaf(w, v.z, acc[k].z);
+                        acc[k].w = fmaf(w, v.w, acc[k].w);
+                    }
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < DA_FM_ITEMS; ++k) {
+                if (k < n_ok) {
+                    const int i = i0 + k * blockDim.x, hh = i / Q, c = i % Q;
+                    const float inv = s_inv[hh];
+                    elem_t* o = out + (row0 + h0 + hh) * D + c * 4;
+                    o[0] = from_f(acc[k].x * inv);
+                    o[1] = from_f(acc[k].y * inv);
+                    o[2] = from_f(acc[k].z * inv);
+                    o[3] = from_f(acc[k].w * inv);
+                }
+            }
+        }
+        __syncthreads();  // the weights of these heads are read: the next heads may overwrite them
+    }
+}
+
 template <int D, int GP>
 __device__ __forceinline__ void da_split(elem_t* __restrict__ out, float* __restrict__ part_o,
-                                         float* __restrict__ part_lse, const elem_t* __restrict__ q,
+                                         float* __restrict__ part_lse, int* counters, const elem_t* __restrict__ q,
                                          const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache,
                                          const long long* __restrict__ lengths, long long q_stride_b,
                                          long long q_stride_h, int n_heads, int n_kv_heads, int s_max,
@@ -257,15 +366,18 @@ __device__ __forceinline__ void da_split(elem_t* __restrict__ out, float* __rest
             if (d == 0) part_lse[oh * n_splits + split] = lsum > 0.f ? mm + __log2f(lsum) : DA_NEG_INF;
         }
     }
+    if (counters != nullptr && n_splits > 1)
+        da_fused_merge<D>(out, part_o, part_lse, counters, reinterpret_cast<float*>(smem),
+                          (int)(sizeof(smem) / sizeof(float)), (long long)b * n_heads + head0, valid_heads, n_splits);
 }
 
 #define DA_ENTRY(D, GP)                                                                                              \
     extern "C" __global__ void __launch_bounds__(DA_WARPS * 32) kvscope_decode_attention_d##D##_g##GP(              \
-        elem_t* out, float* part_o, float* part_lse, const elem_t* q, const elem_t* k_cache,                         \
+        elem_t* out, float* part_o, float* part_lse, int* counters, const elem_t* q, const elem_t* k_cache,          \
         const elem_t* v_cache, const long long* lengths, long long q_stride_b, long long q_stride_h, int n_heads,    \
         int n_kv_heads, int s_max, int n_splits, float scale_log2) {                                                  \
-        da_split<D, GP>(out, part_o, part_lse, q, k_cache, v_cache, lengths, q_stride_b, q_stride_h, n_heads,        \
-                        n_kv_heads, s_max, n_splits, scale_log2);                                                     \
+        da_split<D, GP>(out, part_o, part_lse, counters, q, k_cache, v_cache, lengths, q_stride_b, q_stride_h,       \
+                        n_heads, n_kv_heads, s_max, n_splits, scale_log2);                                  \
     }
 
 DA_ENTRY(64, 1)
@@ -324,7 +436,7 @@ __device__ __forceinline__ void dm_ldsm_t(unsigned addr, unsigned& r0, unsigned&
 
 template <int D>
 __device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __restrict__ part_o,
-                                         float* __restrict__ part_lse, const elem_t* __restrict__ q,
+                                         float* __restrict__ part_lse, int* counters, const elem_t* __restrict__ q,
                                          const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache,
                                          const long long* __restrict__ lengths, long long q_stride_b,
                                          long long q_stride_h, int n_heads, int n_kv_heads, int s_max,
@@ -506,15 +618,20 @@ __device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __rest
             if (d == 0) part_lse[oh * n_splits + split] = lsum > 0.f ? mm + __log2f(lsum) : DA_NEG_INF;
         }
     }
+    if (counters != nullptr && n_splits > 1)
+        da_fused_merge<D>(out, part_o, part_lse, counters, reinterpret_cast<float*>(dm_smem),
+                          DM_WARPS * DM_STAGES * STAGE_BYTES / (int)sizeof(float), (long long)b * n_heads + head0,
+                          valid_heads, n_splits);
 }
 
 #define DM_ENTRY(D)                                                                                                  \
     extern "C" __global__ void __launch_bounds__(DM_WARPS * 32) kvscope_decode_attention_mma_d##D(                  \
-        elem_t* out, float* part_o, float* part_lse, const elem_t* q, const elem_t* k_cache, const elem_t* v_cache,  \
+        elem_t* out, float* part_o, float* part_lse, int* counters, const elem_t* q, const elem_t* k_cache,          \
+        const elem_t* v_cache,                                                                                       \
         const long long* lengths, long long q_stride_b, long long q_stride_h, int n_heads, int n_kv_heads,           \
         int s_max, int n_splits, float scale_log2) {                                                                 \
-        dm_split<D>(out, part_o, part_lse, q, k_cache, v_cache, lengths, q_stride_b, q_stride_h, n_heads,            \
-                    n_kv_heads, s_max, n_splits, scale_log2);                                                        \
+        dm_split<D>(out, part_o, part_lse, counters, q, k_cache, v_cache, lengths, q_stride_b, q_stride_h,           \
+                    n_heads, n_kv_heads, s_max, n_splits, scale_log2);                                                        \
     }
 
 DM_ENTRY(64)
