@@ -79,9 +79,11 @@ __device__ __forceinline__ float da_reduce_heads(float (&x)[GP], int l_in) {
 // before their counts), it fences again (no load below moves above the observed count), sets the count back to zero
 // for the next launch and merges, reading the partials from the L2 (ld.global.cg, never a stale L1 line).
 // `sf`: the block's shared memory (smem_floats floats, free by now). Merge: the weights 2^(lse - max) of up to `hp`
-// heads in shared memory, one warp per head; then every thread takes DA_FM_ITEMS (head, 4 dimensions) items at once
-// and sums over the splits, DA_FM_ITEMS float4 loads in flight per split step.
-#define DA_FM_ITEMS 4
+// heads in shared memory (one coalesced copy of their log-sum-exps, then one warp per head); then every thread takes
+// DA_FM_ITEMS (head, 4 dimensions) items at once and sums over the splits, DA_FM_ITEMS * DA_FM_SPLITS float4 loads
+// in flight per step.
+#define DA_FM_ITEMS 4   // (head, 4 dimensions) items a thread sums at once
+#define DA_FM_SPLITS 4  // splits a thread loads per item before using them
 __device__ __forceinline__ float4 da_ldcg4(const float* p) {
     float4 r;
     asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));
@@ -114,17 +116,32 @@ __device__ __forceinline__ void da_fused_merge(elem_t* __restrict__ out, const f
     float* s_inv = sf + hp * n_splits;  // [hp] 1 / sum of the weights (0: no position)
     for (int h0 = 0; h0 < valid_heads; h0 += hp) {
         const int nh = min(hp, valid_heads - h0);
-        for (int hh = warp; hh < nh; hh += n_warps) {
-            const float* lse = part_lse + (row0 + h0 + hh) * n_splits;
+        // the heads' log-sum-exps, consecutive rows of part_lse: one coalesced copy, DA_FM_SPLITS loads in flight
+        const float* lse0 = part_lse + (row0 + h0) * n_splits;
+        const int n_w = nh * n_splits;
+        for (int i0 = threadIdx.x; i0 < n_w; i0 += DA_FM_SPLITS * blockDim.x) {
+            float x[DA_FM_SPLITS];
+#pragma unroll
+            for (int j = 0; j < DA_FM_SPLITS; ++j) {
+                const int i = i0 + j * blockDim.x;
+                x[j] = i < n_w ? da_ldcg(lse0 + i) : 0.f;
+            }
+#pragma unroll
+            for (int j = 0; j < DA_FM_SPLITS; ++j)
+                if (i0 + j * blockDim.x < n_w) s_w[i0 + j * blockDim.x] = x[j];
+        }
+        __syncthreads();
+        for (int hh = warp; hh < nh; hh += n_warps) {  // in place: 2^(lse - max), each lane on its own splits
+            float* w = s_w + hh * n_splits;
             float mx = DA_NEG_INF;
-            for (int s = lane; s < n_splits; s += 32) mx = fmaxf(mx, da_ldcg(lse + s));
+            for (int s = lane; s < n_splits; s += 32) mx = fmaxf(mx, w[s]);
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(DA_FULL, mx, off));
             float sum = 0.f;
             for (int s = lane; s < n_splits; s += 32) {
-                const float w = mx == DA_NEG_INF ? 0.f : exp2f(da_ldcg(lse + s) - mx);
-                s_w[hh * n_splits + s] = w;
-                sum += w;
+                const float e = mx == DA_NEG_INF ? 0.f : exp2f(w[s] - mx);
+                w[s] = e;
+                sum += e;
             }
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(DA_FULL, sum, off);
@@ -146,19 +163,26 @@ __device__ __forceinline__ void da_fused_merge(elem_t* __restrict__ out, const f
                 wrow[k] = s_w + hh * n_splits;
                 acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
             }
-#pragma unroll 2
-            for (int s = 0; s < n_splits; ++s) {
+            for (int s0 = 0; s0 < n_splits; s0 += DA_FM_SPLITS) {
+                float4 v[DA_FM_ITEMS][DA_FM_SPLITS];  // every load of the step issued before the first use
 #pragma unroll
-                for (int k = 0; k < DA_FM_ITEMS; ++k) {
-                    if (k < n_ok) {  // the items valid for this thread are a prefix
-                        const float4 v = da_ldcg4(src[k] + (long long)s * D);
-                        const float w = wrow[k][s];
-                        acc[k].x = fmaf(w, v.x, acc[k].x);
-                        acc[k].y = fmaf(w, v.y, acc[k].y);
-                        acc[k].z = fmaf(w, v.z, acc[k].z);
-                        acc[k].w = fmaf(w, v.w, acc[k].w);
+                for (int k = 0; k < DA_FM_ITEMS; ++k)
+#pragma unroll
+                    for (int j = 0; j < DA_FM_SPLITS; ++j)
+                        v[k][j] = (k < n_ok && s0 + j < n_splits) ? da_ldcg4(src[k] + (long long)(s0 + j) * D)
+                                                                  : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+                for (int k = 0; k < DA_FM_ITEMS; ++k)
+#pragma unroll
+                    for (int j = 0; j < DA_FM_SPLITS; ++j) {
+                        if (k < n_ok && s0 + j < n_splits) {  // the items valid for this thread are a prefix
+                            const float w = wrow[k][s0 + j];
+                            acc[k].x = fmaf(w, v[k][j].x, acc[k].x);
+                            acc[k].y = fmaf(w, v[k][j].y, acc[k].y);
+                            acc[k].z = fmaf(w, v[k][j].z, acc[k].z);
+                            acc[k].w = fmaf(w, v[k][j].w, acc[k].w);
+                        }
                     }
-                }
             }
 #pragma unroll
             for (int k = 0; k < DA_FM_ITEMS; ++k) {
