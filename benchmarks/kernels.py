@@ -12,8 +12,9 @@ same work in torch operations (`torch_us`), so GB/s is effective bandwidth; `% c
 copy measured in the same process.
 
 Decode attention (`kvscope.kernels.ops.decode_attention`) is timed with a cold L2 instead: one call per CUDA-graph
-replay, the L2 flushed before each (`l2_flusher`), against the engine's current decode attention, at issue 16's
-shapes (batch 1 at 512 / 4k / 32k, batch 16 at 4k; qwen2.5-3b's 16 query and 2 KV heads, d=128).
+replay, the L2 flushed before each (`l2_flusher`), against the engine's current decode attention and torch's SDPA
+on the cuDNN backend, at issue 16's shapes (batch 1 at 512 / 4k / 32k, batch 16 at 4k, batch 64 at 512; qwen2.5-3b's
+16 query and 2 KV heads, d=128); the tensor-core kernel with each split rule and each merge (separate or fused).
 
     python3 benchmarks/kernels.py [--model qwen2.5-3b] [--seq 4096] [--dtype bfloat16] [--json out.json]
                                   [--attn-only] [--attn-reps 50] [--attn-splits 66,132,264] [--gemv-only]
@@ -156,7 +157,7 @@ def shape_cases(a: ModelArgs, b: int, s: int, s_max: int, tables: tuple[torch.Te
 
 
 # ---- decode attention: kvscope.kernels.ops.decode_attention against the engine's flash path, cold L2 ------------
-ATTN_SHAPES = ((1, 512), (1, 4096), (1, 32_768), (16, 4096))  # (batch, context) of issue 16
+ATTN_SHAPES = ((1, 512), (1, 4096), (1, 32_768), (16, 4096), (64, 512))  # (batch, context) of issue 16
 ATTN_HEADS = (16, 2, 128)  # qwen2.5-3b: query heads, KV heads, head_dim
 ATTN_FLUSH_MIN_BYTES = 256 * 2**20
 
@@ -201,11 +202,42 @@ def cold_us(fn: Callable[[], object], flush: Callable[[], None], reps: int) -> f
     return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3
 
 
+def cudnn_sdpa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int
+                  ) -> tuple[Callable[[], torch.Tensor], str]:
+    """torch's SDPA restricted to the cuDNN backend over a (B, H_kv, ctx, D) copy of the cache's valid positions,
+    query (B, H, 1, D): with `enable_gqa` where this torch takes it there, else over K/V expanded to H heads. Returns
+    the call ((B, H, D) out) and the layout used ("gqa" / "expanded"); RuntimeError when cuDNN takes neither."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, h, d = q.shape
+    hkv = k.shape[2]
+    q4 = q.view(b, h, 1, d)  # (B, H, 1, D)
+    kc, vc = (t[:, :ctx].transpose(1, 2).contiguous() for t in (k, v))  # (B, H_kv, ctx, D)
+
+    def gqa() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q4, kc, vc, enable_gqa=True).view(b, h, d)
+    try:
+        gqa()
+        return gqa, "gqa"
+    except RuntimeError:
+        ke, ve = (t.repeat_interleave(h // hkv, dim=1) for t in (kc, vc))  # (B, H, ctx, D)
+
+        def expanded() -> torch.Tensor:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q4, ke, ve).view(b, h, d)
+        expanded()
+        return expanded, "expanded"
+
+
 def decode_attention_rows(dev: torch.device, dt: torch.dtype, copy_gb_s: float, reps: int,
                           extra_splits: list[int]) -> list[dict[str, Any]]:
-    """Per (batch, context): the kernel at its own split count (and at `extra_splits`) and the engine's current decode
-    attention (flash attention over the cache in place, `seqused_k`), each checked against `decode_attention_ref`
-    first. Bytes: K and V of the valid positions, q, the output and the lengths, each once."""
+    """Per (batch, context): the tensor-core kernel in four variants, each split rule (`decode_splits`,
+    `decode_splits_long`) with the separate merge kernel and with the merge fused (and at `extra_splits`, separate
+    merge), the CUDA-core kernel at its own split count, the engine's current decode attention (flash attention over
+    the cache in place, `seqused_k`) and torch's SDPA on the cuDNN backend over a (B, H_kv, ctx, D) copy
+    (`cudnn_sdpa_op`), each checked against `decode_attention_ref` first. Bytes: K and V of the valid positions, q,
+    the output and the lengths, each once."""
     h, hkv, d = ATTN_HEADS
     flush = l2_flusher(dev)
     rows: list[dict[str, Any]] = []
@@ -224,21 +256,37 @@ def decode_attention_rows(dev: torch.device, dt: torch.dtype, copy_gb_s: float, 
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         autos = {tc: kops.decode_splits(b * hkv * kops.decode_group_chunk(h // hkv, tc)[1], s_max, sms)
                  for tc in (True, False)}
+        longs = kops.decode_splits_long(b * hkv * kops.decode_group_chunk(h // hkv, True)[1], s_max, sms)
+        us_c, layout_c = float("nan"), "unavailable"
+        try:
+            cudnn_op, layout_c = cudnn_sdpa_op(q, k, v, ctx)
+            bad_c = mismatch({"cudnn": (cudnn_op(), ref)}, kops.DECODE_ATTENTION_TOLERANCE)
+            us_c = cold_us(cudnn_op, flush, reps) if bad_c is None else float("nan")
+            print(f"{label:>18} cudnn sdpa ({layout_c}) {us_c:7.2f} us  {bad_c or 'check passed'}")
+        except RuntimeError as e:  # this torch / dtype has no cuDNN SDPA: no figure, said so
+            print(f"{label:>18} cudnn sdpa unavailable: {str(e).splitlines()[0]}")
 
         torch_op = partial(decode_attention, q, k, v, meta, "sdpa")  # the engine's flash path, (B, H, D)
         bad_t = mismatch({"torch": (torch_op(), ref)}, kops.DECODE_ATTENTION_TOLERANCE)
         us_t = cold_us(torch_op, flush, reps) if bad_t is None else float("nan")
         gbs_t = nbytes / (us_t / 1e6) / 1e9
-        # the tensor-core kernel at its own split count and at `extra_splits`, the CUDA-core kernel at its own
-        runs = [(autos[True], True)] + [(n, True) for n in extra_splits if n != autos[True]] + [(autos[False], False)]
-        for splits, tc in runs:
-            auto = splits == autos[tc]
-            kernel_op = partial(kops.decode_attention, q, k, v, lengths, splits=splits, out=out, tensor_cores=tc)
+        # the tensor-core kernel: each split rule with the separate and the fused merge, then `extra_splits`
+        # (separate merge); the CUDA-core kernel at its own split count. (splits, tensor cores, fused, rule)
+        runs = ([(autos[True], True, False, "waves"), (autos[True], True, True, "waves"),
+                 (longs, True, False, "long"), (longs, True, True, "long")]
+                + [(n, True, False, "forced") for n in extra_splits if n not in (autos[True], longs)]
+                + [(autos[False], False, False, "waves")])
+        for splits, tc, fused, rule in runs:
+            auto = rule != "forced"
+            kernel_op = partial(kops.decode_attention, q, k, v, lengths, splits=splits, out=out, tensor_cores=tc,
+                                fused_merge=fused)
+            out.fill_(float("nan"))
             kernel_op()
             bad = mismatch({"out": (out.clone(), ref)}, kops.DECODE_ATTENTION_TOLERANCE)
-            kind = "mma" if tc else "cuda-core"
+            kind = ("mma" if tc else "cuda-core") + (" long" if rule == "long" else "") + (" fused" if fused else "")
             row: dict[str, Any] = {"shape": label, "op": f"decode_attention {kind}", "splits": splits, "auto": auto,
-                                   "bytes": nbytes, "check": bad or bad_t or "passed"}
+                                   "split_rule": rule, "merge": "fused" if fused else "kernel", "bytes": nbytes,
+                                   "check": bad or bad_t or "passed"}
             if bad is not None or bad_t is not None:
                 print(f"{label:>18} {kind:9} splits {splits:4} FAILED its reference check, no time reported: "
                       f"{bad or bad_t}")
@@ -247,11 +295,13 @@ def decode_attention_rows(dev: torch.device, dt: torch.dtype, copy_gb_s: float, 
             us_k = cold_us(kernel_op, flush, reps)
             gbs = nbytes / (us_k / 1e6) / 1e9
             row.update({"kernel_us": us_k, "torch_us": us_t, "kernel_gb_s": gbs, "pct_copy": 100 * gbs / copy_gb_s,
-                        "torch_gb_s": gbs_t, "torch_pct_copy": 100 * gbs_t / copy_gb_s, "speedup": us_t / us_k})
+                        "torch_gb_s": gbs_t, "torch_pct_copy": 100 * gbs_t / copy_gb_s, "speedup": us_t / us_k,
+                        "cudnn_us": us_c, "cudnn_layout": layout_c, "vs_cudnn": us_c / us_k})
             rows.append(row)
-            print(f"{label:>18} {kind:9} splits {splits:4}{'*' if auto else ' '} {nbytes / 1e6:7.2f} MB  kernel "
+            print(f"{label:>18} {kind:20} splits {splits:4}{'*' if auto else ' '} {nbytes / 1e6:7.2f} MB  kernel "
                   f"{us_k:7.2f} us {gbs:6.0f} GB/s ({row['pct_copy']:5.1f}% of copy)  torch {us_t:7.2f} us {gbs_t:6.0f}"
-                  f" GB/s ({row['torch_pct_copy']:5.1f}%)  {row['speedup']:5.2f}x")
+                  f" GB/s ({row['torch_pct_copy']:5.1f}%)  {row['speedup']:5.2f}x  cudnn {us_c:7.2f} us "
+                  f"{row['vs_cudnn']:5.2f}x")
     return rows
 
 
