@@ -82,8 +82,8 @@ __device__ __forceinline__ float da_reduce_heads(float (&x)[GP], int l_in) {
 // heads in shared memory (one coalesced copy of their log-sum-exps, then one warp per head); then every thread takes
 // DA_FM_ITEMS (head, 4 dimensions) items at once and sums over the splits, DA_FM_ITEMS * DA_FM_SPLITS float4 loads
 // in flight per step.
-#define DA_FM_ITEMS 4   // (head, 4 dimensions) items a thread sums at once
-#define DA_FM_SPLITS 4  // splits a thread loads per item before using them
+#define DA_FM_ITEMS 1   // (head, 4 dimensions) items a thread sums at once
+#define DA_FM_SPLITS 32 // splits a thread loads per item before using them
 __device__ __forceinline__ float4 da_ldcg4(const float* p) {
     float4 r;
     asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));
@@ -124,7 +124,7 @@ __device__ __forceinline__ void da_fused_merge(elem_t* __restrict__ out, const f
 #pragma unroll
             for (int j = 0; j < DA_FM_SPLITS; ++j) {
                 const int i = i0 + j * blockDim.x;
-                x[j] = i < n_w ? da_ldcg(lse0 + i) : 0.f;
+                x[j] = da_ldcg(lse0 + min(i, n_w - 1));  // unconditional (a valid address): loads batch up
             }
 #pragma unroll
             for (int j = 0; j < DA_FM_SPLITS; ++j)
@@ -164,13 +164,14 @@ __device__ __forceinline__ void da_fused_merge(elem_t* __restrict__ out, const f
                 acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
             }
             for (int s0 = 0; s0 < n_splits; s0 += DA_FM_SPLITS) {
-                float4 v[DA_FM_ITEMS][DA_FM_SPLITS];  // every load of the step issued before the first use
+                // every load of the step issued before the first use, unconditionally (a split past the last
+                // reads the last again, an item past this thread's reads row 0; neither is added)
+                float4 v[DA_FM_ITEMS][DA_FM_SPLITS];
 #pragma unroll
                 for (int k = 0; k < DA_FM_ITEMS; ++k)
 #pragma unroll
                     for (int j = 0; j < DA_FM_SPLITS; ++j)
-                        v[k][j] = (k < n_ok && s0 + j < n_splits) ? da_ldcg4(src[k] + (long long)(s0 + j) * D)
-                                                                  : make_float4(0.f, 0.f, 0.f, 0.f);
+                        v[k][j] = da_ldcg4(src[k] + (long long)min(s0 + j, n_splits - 1) * D);
 #pragma unroll
                 for (int k = 0; k < DA_FM_ITEMS; ++k)
 #pragma unroll
