@@ -256,7 +256,9 @@ def decode_attention_rows(dev: torch.device, dt: torch.dtype, copy_gb_s: float, 
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         autos = {tc: kops.decode_splits(b * hkv * kops.decode_group_chunk(h // hkv, tc)[1], s_max, sms)
                  for tc in (True, False)}
-        longs = kops.decode_splits_long(b * hkv * kops.decode_group_chunk(h // hkv, True)[1], s_max, sms)
+        mma_groups = b * hkv * kops.decode_group_chunk(h // hkv, True)[1]
+        longs = kops.decode_splits_long(mma_groups, s_max, sms)
+        longs_2x = kops.decode_splits_long(mma_groups, s_max, sms, 2 * kops.DECODE_ATTENTION_LONG_MIN_SPLIT_TOKENS)
         us_c, layout_c = float("nan"), "unavailable"
         try:
             cudnn_op, layout_c = cudnn_sdpa_op(q, k, v, ctx)
@@ -270,10 +272,12 @@ def decode_attention_rows(dev: torch.device, dt: torch.dtype, copy_gb_s: float, 
         bad_t = mismatch({"torch": (torch_op(), ref)}, kops.DECODE_ATTENTION_TOLERANCE)
         us_t = cold_us(torch_op, flush, reps) if bad_t is None else float("nan")
         gbs_t = nbytes / (us_t / 1e6) / 1e9
-        # the tensor-core kernel: each split rule with the separate and the fused merge, then `extra_splits`
+        # the tensor-core kernel: each split rule (and the long one at twice its shortest split) with the separate
+        # and the fused merge, then `extra_splits`
         # (separate merge); the CUDA-core kernel at its own split count. (splits, tensor cores, fused, rule)
         runs = ([(autos[True], True, False, "waves"), (autos[True], True, True, "waves"),
-                 (longs, True, False, "long"), (longs, True, True, "long")]
+                 (longs, True, False, "long"), (longs, True, True, "long"),
+                 (longs_2x, True, False, "long2x"), (longs_2x, True, True, "long2x")]
                 + [(n, True, False, "forced") for n in extra_splits if n not in (autos[True], longs)]
                 + [(autos[False], False, False, "waves")])
         for splits, tc, fused, rule in runs:
@@ -283,7 +287,8 @@ def decode_attention_rows(dev: torch.device, dt: torch.dtype, copy_gb_s: float, 
             out.fill_(float("nan"))
             kernel_op()
             bad = mismatch({"out": (out.clone(), ref)}, kops.DECODE_ATTENTION_TOLERANCE)
-            kind = ("mma" if tc else "cuda-core") + (" long" if rule == "long" else "") + (" fused" if fused else "")
+            kind = ("mma" if tc else "cuda-core") + (f" {rule}" if rule.startswith("long") else "") + (
+                " fused" if fused else "")
             row: dict[str, Any] = {"shape": label, "op": f"decode_attention {kind}", "splits": splits, "auto": auto,
                                    "split_rule": rule, "merge": "fused" if fused else "kernel", "bytes": nbytes,
                                    "check": bad or bad_t or "passed"}
