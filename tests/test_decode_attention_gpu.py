@@ -232,6 +232,14 @@ def test_long_split_rule(b: int, s_max: int, lengths: list[int] | str) -> None:
         _counters_zero()
 
 
+@pytest.mark.parametrize("splits", [700, kops.DECODE_ATTENTION_MAX_SPLITS])
+def test_fused_merge_in_several_passes_of_heads(splits: int) -> None:
+    """d=64 on the tensor cores, 16 query heads a block: the fused merge's weights of all 16 heads at 700 or 1024
+    splits exceed the block's 24 KiB of shared memory, so it merges them in passes (8 + 8, and 5 + 5 + 5 + 1)."""
+    q, k, v = _case(2, 3000, 2, 16, 64, torch.bfloat16, seed=splits)
+    _check(q, k, v, torch.tensor([2999, 1500], device=CUDA), splits=splits, tensor_cores=True)
+
+
 def test_caller_counters_and_shared_buffer_across_shapes(fused: bool) -> None:
     """Counters the caller passes (larger than needed) are used and left zero; one buffer serves calls of
     different shapes and split counts one after another on a stream."""
