@@ -1,7 +1,9 @@
 """Issue 16's end-to-end figures in one process, configurations interleaved: qwen2.5-3b (random weights), bf16, CUDA
 graphs and kvscope's kernels on.
 
-Decode: at each (batch, context) point, the decode step with `--attn kvscope` (the split-KV kernel) against
+Decode: at each (batch, context) point, the decode step with `--attn kvscope` (the split-KV kernel) in each of its
+variants (`ATTN_VARIANTS`: separate merge kernel or the merge fused into the last split block, the split rule of
+`decode_splits` or `decode_splits_long`; set through `Engine.attn_options` before the step is captured) against
 `--attn sdpa` (flash attention over the cache in place); `--rounds` rounds, every engine once per round (a prefill,
 then `--steps` graph-replayed steps between two CUDA events, one named sync per round); median ms per step, tokens/s
 and MBU (bytes of `analysis.roofline.decode_cost` over the calibrated copy bandwidth).
@@ -35,7 +37,14 @@ from kvscope.profiler.calibrate import load_ceilings
 DT = torch.bfloat16
 W_BYTES = KV_BYTES = 2  # bf16 weights and cache
 MS_PER_S = 1e3
-NS_PER_MS = 1e6
+# label: (attn, kops.decode_attention options)
+ATTN_VARIANTS: dict[str, tuple[str, dict[str, bool]]] = {
+    "kvscope": ("kvscope", {"fused_merge": False, "long_splits": False}),
+    "kvscope fused": ("kvscope", {"fused_merge": True, "long_splits": False}),
+    "kvscope long": ("kvscope", {"fused_merge": False, "long_splits": True}),
+    "kvscope fused long": ("kvscope", {"fused_merge": True, "long_splits": True}),
+    "sdpa": ("sdpa", {}),
+}
 
 
 def _points(text: str) -> list[tuple[int, int]]:
@@ -70,11 +79,12 @@ def decode_ab(model: torch.nn.Module, points: list[tuple[int, int]], steps: int,
     engines: dict[tuple[int, int, str], tuple[Engine, torch.Tensor]] = {}
     for b, s in points:
         tokens = torch.randint(0, a.vocab_size, (b, s), device=dev)
-        for attn in ("kvscope", "sdpa"):
+        for label, (attn, options) in ATTN_VARIANTS.items():
             eng = Engine(model, RunConfig(b, s + steps + 8, DT, dev, attn=attn), graphs=True, kernels=True)
+            eng.attn_options = dict(options)
             eng.prefill(tokens, [s] * b)
             eng.decode_n(3)  # captures the step
-            engines[(b, s, attn)] = (eng, tokens)
+            engines[(b, s, label)] = (eng, tokens)
     times: dict[tuple[int, int, str], list[float]] = {k: [] for k in engines}
     for _ in range(rounds):
         for key, (eng, tokens) in engines.items():

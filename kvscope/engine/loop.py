@@ -110,6 +110,9 @@ class Engine:
         # with kernels on: products of at most GEMV_ENGINE_MAX_ROWS rows (decode steps) run kvscope's gemv kernels,
         # with the RMSNorm before them fused in up to GEMV_NORM_MAX_ROWS rows; False: cuBLAS (tests compare the two)
         self.gemv = kernels and GEMV_BY_DEFAULT
+        # with --attn kvscope: keyword options of kops.decode_attention (`fused_merge`, `long_splits`); empty: its
+        # defaults. Set before the first decode step (a captured graph keeps the choice); benchmarks compare them
+        self.attn_options: dict[str, bool] = {}
         self.ins = instrument if instrument is not None else Instrument("none", cfg.device, nvtx=False)
         self.regions = EngineRegions(args.n_layers, stamped=kernels)
         self.step = 0  # index of the token the next decode step produces (the prefill produces token 0)
@@ -348,7 +351,8 @@ class Engine:
         q = self.rope_kv.decode(i, qkv, t)  # (B, H, D)
         with self.ins.region_with(*self.regions.ops[i]["attn"]):
             if meta.kv_lengths is not None:
-                y = kops.decode_attention(q, self.cache.k(i), self.cache.v(i), meta.kv_lengths)  # (B, H, D)
+                y = kops.decode_attention(q, self.cache.k(i), self.cache.v(i), meta.kv_lengths,
+                                          **self.attn_options)  # (B, H, D)
             else:
                 y = decode_attention(q, self.cache.k(i), self.cache.v(i), meta, self.cfg.attn)  # (B, H, D)
             return y.view(q.shape[0], self.args.q_size)  # (B, H*D)
