@@ -14,7 +14,7 @@ this is what TTFT measures) and the CUDA-event time; GPU busy time (the union of
 one profiled prefill (torch profiler, CUPTI) per configuration; MFU from `prefill_cost` over the calibrated matmul rate.
 
     python3 benchmarks/issue16_end_to_end.py [--decode 1x512,1x32000,16x4096,64x512] [--prefill 512,4096]
-        [--steps 32] [--rounds 7] [--json out.json]
+        [--steps 32] [--rounds 7] [--variants "kvscope default,sdpa"] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ W_BYTES = KV_BYTES = 2  # bf16 weights and cache
 MS_PER_S = 1e3
 # label: (attn, kops.decode_attention options)
 ATTN_VARIANTS: dict[str, tuple[str, dict[str, bool]]] = {
+    "kvscope default": ("kvscope", {}),  # the kernel's own defaults (kops.DECODE_ATTENTION_*)
     "kvscope": ("kvscope", {"fused_merge": False, "long_splits": False}),
     "kvscope fused": ("kvscope", {"fused_merge": True, "long_splits": False}),
     "kvscope long": ("kvscope", {"fused_merge": False, "long_splits": True}),
@@ -73,13 +74,14 @@ def busy_ms(fn: object) -> float:
 
 
 def decode_ab(model: torch.nn.Module, points: list[tuple[int, int]], steps: int, rounds: int,
-              copy_gb_s: float | None) -> list[dict]:
+              copy_gb_s: float | None, variants: list[str]) -> list[dict]:
     dev = torch.device("cuda")
     a = model.args
     engines: dict[tuple[int, int, str], tuple[Engine, torch.Tensor]] = {}
     for b, s in points:
         tokens = torch.randint(0, a.vocab_size, (b, s), device=dev)
-        for label, (attn, options) in ATTN_VARIANTS.items():
+        for label in variants:
+            attn, options = ATTN_VARIANTS[label]
             eng = Engine(model, RunConfig(b, s + steps + 8, DT, dev, attn=attn), graphs=True, kernels=True)
             eng.attn_options = dict(options)
             eng.prefill(tokens, [s] * b)
@@ -154,14 +156,20 @@ def main() -> None:
     p.add_argument("--prefill", default="512,4096")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--variants", default=",".join(ATTN_VARIANTS), help="decode attention variants (ATTN_VARIANTS)")
     p.add_argument("--json", default=None)
     ns = p.parse_args()
     dev = torch.device("cuda")
     model, _ = load_model(resolve_model(ns.model), dev, DT, seed=0)
     ceilings = load_ceilings(torch.cuda.get_device_name(dev))
+    variants = [v for v in ns.variants.split(",") if v]
+    unknown = [v for v in variants if v not in ATTN_VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {list(ATTN_VARIANTS)}")
     rows = prefill_ab(model, [int(x) for x in ns.prefill.split(",") if x], ns.rounds,
                       ceilings.bf16_tflop_s if ceilings else None)
-    rows += decode_ab(model, _points(ns.decode), ns.steps, ns.rounds, ceilings.copy_gb_s if ceilings else None)
+    rows += decode_ab(model, _points(ns.decode), ns.steps, ns.rounds, ceilings.copy_gb_s if ceilings else None,
+                      variants)
     head = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "model": ns.model,
             "copy_gb_s": ceilings.copy_gb_s if ceilings else None,
             "bf16_tflop_s": ceilings.bf16_tflop_s if ceilings else None, "rows": rows}

@@ -85,10 +85,19 @@ def test_long_split_choice_bounds() -> None:
         kops.decode_splits_long(1, 10, 1, min_split_tokens=0)
 
 
-def test_defaults_keep_the_separate_merge_and_the_first_rule() -> None:
-    """Until the H200 says otherwise the engine gets the measured path: separate merge, `decode_splits`."""
+def test_defaults_are_the_measured_choices() -> None:
+    """What the H200 measured in the decode step (docs/benchmarks.md): the separate merge everywhere; the long split
+    rule from 16 blocks or 16,384 positions, the first rule below (batch 1 at 512 and 4,096 positions)."""
     assert kops.DECODE_ATTENTION_FUSED_MERGE is False
-    assert kops.DECODE_ATTENTION_LONG_SPLITS is False
+    assert kops.DECODE_ATTENTION_LONG_SPLITS is None
+    # qwen2.5-3b: 2 KV heads, one block of 16 query rows each
+    assert kops.prefers_long_splits(1 * 2, 512 + 40) is False
+    assert kops.prefers_long_splits(1 * 2, 4096 + 40) is False
+    assert kops.prefers_long_splits(1 * 2, 32000 + 40) is True
+    assert kops.prefers_long_splits(16 * 2, 4096 + 40) is True
+    assert kops.prefers_long_splits(64 * 2, 512 + 40) is True
+    assert kops.prefers_long_splits(8 * 2, 1024) is True
+    assert kops.prefers_long_splits(7 * 2, 16383) is False
 
 
 def _inputs(b: int = 2, h: int = 8, hkv: int = 2, d: int = 64, s_max: int = 16, dtype: torch.dtype = torch.float32

@@ -431,10 +431,16 @@ DECODE_ATTENTION_MIN_SPLIT_TOKENS = 128
 DECODE_ATTENTION_LONG_MIN_SPLIT_TOKENS = 512
 DECODE_ATTENTION_LONG_WAVES = 1
 # defaults of `decode_attention` (what the engine gets): the split rule (False: `decode_splits`, True:
-# `decode_splits_long`) and the merge (False: the separate `kvscope_decode_attention_merge` launch, True: fused into
-# the main kernel, the last split block of each (sequence, head group) merging)
-DECODE_ATTENTION_LONG_SPLITS = False
+# `decode_splits_long`, None: `prefers_long_splits` picks by shape) and the merge (False: the separate
+# `kvscope_decode_attention_merge` launch, True: fused into the main kernel, the last split block of each (sequence,
+# head group) merging). Measured on the H200 in one call (docs/benchmarks.md, "Decode attention: the variants in the
+# decode step"): the fused merge lost at every shape; the long rule won from 32 blocks or a 32k cache and lost at
+# batch 1 with 512 and 4,096 positions
+DECODE_ATTENTION_LONG_SPLITS: bool | None = None
 DECODE_ATTENTION_FUSED_MERGE = False
+# `prefers_long_splits`: the long rule from this many (sequence, head group) blocks, or from this many cache positions
+DECODE_ATTENTION_LONG_RULE_MIN_BLOCKS = 16
+DECODE_ATTENTION_LONG_RULE_MIN_POSITIONS = 16384
 _LOG2E = 1.4426950408889634
 # kernel vs decode_attention_ref, per dtype: both sum in float32 (in other orders, the kernels through exp2 of
 # pre-scaled scores); the tensor-core kernel also rounds the softmax weights P to the dtype before the P V product
@@ -487,6 +493,14 @@ def decode_splits_long(blocks: int, s_max: int, sm_count: int,
     return max(1, min(want, most, DECODE_ATTENTION_MAX_SPLITS))
 
 
+def prefers_long_splits(blocks: int, s_max: int) -> bool:
+    """The split rule by shape (what the H200 measured): `decode_splits_long` when the blocks alone nearly fill the
+    GPU (DECODE_ATTENTION_LONG_RULE_MIN_BLOCKS or more) or the cache is long (DECODE_ATTENTION_LONG_RULE_MIN_POSITIONS
+    or more), where a block's pipeline fill and the merge weigh most; else `decode_splits`, whose many short splits
+    keep a small batch's few blocks from leaving SMs idle."""
+    return blocks >= DECODE_ATTENTION_LONG_RULE_MIN_BLOCKS or s_max >= DECODE_ATTENTION_LONG_RULE_MIN_POSITIONS
+
+
 def decode_attention_supported(dtype: torch.dtype, head_dim: int, n_heads: int, n_kv_heads: int) -> bool:
     """Whether `decode_attention` takes this model on a CUDA device (dtype, head size, grouping)."""
     return (dtype in DTYPE_MACROS and head_dim in DECODE_ATTENTION_HEAD_DIMS and n_kv_heads > 0
@@ -534,7 +548,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     of the shapes only: a CUDA graph of the call stays valid for any lengths); with more than one split a second
     small kernel, `kvscope_decode_attention_merge`, combines them. `tensor_cores`: the mma kernel (bf16/fp16 only;
     default for them) or the CUDA-core one (default for float32). `long_splits` (default
-    DECODE_ATTENTION_LONG_SPLITS): the default split count from `decode_splits_long` instead.
+    DECODE_ATTENTION_LONG_SPLITS; None: `prefers_long_splits` by shape): True, the default split count from
+    `decode_splits_long`; False, from `decode_splits`.
 
     `fused_merge` (default DECODE_ATTENTION_FUSED_MERGE): no merge launch; the last of each (sequence, head group)'s
     split blocks to finish merges, counted in `counters`: int32, contiguous, at least B * H_kv * head chunks
@@ -590,6 +605,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         fused_merge = DECODE_ATTENTION_FUSED_MERGE
     if splits is None:
         long_rule = DECODE_ATTENTION_LONG_SPLITS if long_splits is None else long_splits
+        if long_rule is None:
+            long_rule = prefers_long_splits(n_groups, s_max)
         splits = (decode_splits_long if long_rule else decode_splits)(n_groups, s_max, _sm_count(index))
     if out is None:
         out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)

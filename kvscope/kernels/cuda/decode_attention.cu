@@ -542,9 +542,14 @@ __device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __rest
     const int tk = (lane >> 4) * 8 + (lane & 7), ck = (lane >> 3) & 1;
     const int tv = ((lane >> 3) & 1) * 8 + (lane & 7), cv = lane >> 4;
     for (int it = 0; it < n_tiles; ++it) {
+        // ldmatrix reads rows that other lanes copied, so the warp meets twice a tile: before the copies into the
+        // stage that the previous tile's ldmatrix read (write after read), and after the wait, so that every lane's
+        // copies of this tile have landed before any lane reads them (cp.async.wait_group covers the lane's own)
+        __syncwarp();
         if (it + DM_STAGES - 1 < n_tiles) issue(it + DM_STAGES - 1);
         da_commit();
         da_wait<DM_STAGES - 1>();
+        __syncwarp();
         const unsigned st = base + (it % DM_STAGES) * STAGE_BYTES;
         const long long t0 = first + (long long)it * STEP;
         float s[2][4];  // S: rows g / g + 8, tokens nt*8 + t4*2 + {0, 1}
