@@ -78,6 +78,10 @@ KERNEL_CLASS_RULES: tuple[tuple[str, str, str], ...] = (
            r"|set_kv_buffer",
      "KV-cache writes (vLLM reshape_and_cache_flash_kernel, FlashInfer AppendPagedKVCacheKernel): before attention, "
      "since 'reshape_and_cache_flash' holds 'flash'"),
+    ("elementwise", r"^triton_poi_fused\w*(scaled_dot_product|attention|attn|sdpa|flash)",
+     "Inductor pointwise kernels named after an attention op whose inputs they prepare (mask, RoPE, cache update "
+     "fused: triton_poi_fused__scaled_dot_product_cudnn_attention_..._where_4 of transformers' compiled decode "
+     "step): pointwise work, not attention; before attention"),
     ("attention", r"flash(?!infer)|fmha|(?<![a-z])mha|sdpa|attention|attn|softmax|(prefill|decode|pod)with\w*kvcache"
                   r"|mergestates?|^_fwd_(grouped_)?kernel",
      "FlashAttention 2/3 (flash_fwd_kernel, flash_fwd_splitkv[_combine]_kernel, flash::, pytorch_flash::), cuDNN "
