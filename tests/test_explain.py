@@ -194,3 +194,13 @@ def test_no_class_growing_names_the_largest() -> None:
     assert f["sentence"] == ("No kernel class gains 1 point(s) of the decode step's kernel time with context; the "
                              "largest, gemm, is 83% at 128 tokens and 83% at 32,768 tokens, where it moves the weights "
                              "at 600 GB/s (15% of the calibrated copy bandwidth).")  # 10 of 12.1 ms; 6 GB in 10 ms
+
+
+def test_prefill_compute_bound_from_the_first_point_is_said_so() -> None:
+    """A sweep whose shortest prompt already passes the MFU threshold is not said to 'turn' compute-bound there."""
+    rows = pd.DataFrame({"seq_len": [8192, 32768, 131000], "batch": [1, 1, 1], "decode_p50_ms_per_tok": [5.0, 6.0, 9.0],
+                         "decode_tok_s": [200.0, 166.0, 111.0], "prefill_mfu_pct": [83.6, 77.7, 73.6]})
+    found = explain(rows).set_index("finding")
+    assert found.loc["prefill_mfu", "sentence"] == ("The prefill is compute-bound from the smallest measured point, "
+                                                    "8,192 tokens: its MFU is 84% there (threshold 50%) and 74% at "
+                                                    "131,000 tokens.")

@@ -350,6 +350,10 @@ def prefill_mfu(g: SweepGroup) -> Finding:
                              f"{_at(g.axis, x[0])} to {_pct(mfu[-1])} at {_at(g.axis, x[-1])}).", vals)
     k = int(hit[0])
     vals.update({"reaches_at": int(x[k]), "mfu_pct_there": float(mfu[k])})
+    if k == 0:
+        return Finding(name, f"The prefill is compute-bound from the smallest measured point, {_at(g.axis, x[0])}: "
+                             f"its MFU is {_pct(mfu[0])} there (threshold {COMPUTE_BOUND_MFU_PCT:.0f}%) and "
+                             f"{_pct(mfu[-1])} at {_at(g.axis, x[-1])}.", vals)
     return Finding(name, f"The prefill turns compute-bound at {_at(g.axis, x[k])}: its MFU reaches "
                          f"{_pct(mfu[k])} there (threshold {COMPUTE_BOUND_MFU_PCT:.0f}%; {_pct(mfu[0])} at "
                          f"{_at(g.axis, x[0])}).", vals)
