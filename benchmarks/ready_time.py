@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from kvscope.engine.loop import Engine, pad_prompts
+from kvscope.engine.greedy import pad_prompts
+from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunConfig, parse_dtype
 from kvscope.model.source import resolve_model
 from kvscope.model.weights import load_model

@@ -10,7 +10,8 @@ import torch
 from helpers import TINY_CONFIGS, hf_last_logits, hf_model, rel_err
 
 from kvscope.cli import main
-from kvscope.engine.loop import Engine, pad_prompts
+from kvscope.engine.greedy import pad_prompts
+from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunConfig
 from kvscope.errors import KvscopeError
 from kvscope.model.source import resolve_model

@@ -13,7 +13,8 @@ import torch
 import kvscope.engine.rope_kv as rope_kv
 from kvscope.analysis.schema import NAMED_LAYERS, OPS, parse
 from kvscope.engine.graphs import CapturedStep, DecodeGraphs
-from kvscope.engine.loop import Engine, pad_prompts
+from kvscope.engine.greedy import pad_prompts
+from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunConfig
 from kvscope.engine.regions import EngineRegions
 from kvscope.errors import KvscopeError

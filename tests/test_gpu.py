@@ -9,7 +9,8 @@ import torch
 from helpers import hf_model, hf_to, ours_from_hf, rel_err
 from torch.nn.attention import sdpa_kernel
 
-from kvscope.engine.loop import DECODE_SDPA_BACKENDS, Engine, pad_prompts
+from kvscope.engine.greedy import pad_prompts
+from kvscope.engine.loop import DECODE_SDPA_BACKENDS, Engine
 from kvscope.engine.plan import RunConfig
 from kvscope.model.config import PRESETS, ModelArgs
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import TINY_CONFIGS, hf_last_logits, hf_model, ours_from_hf, rel_err
 
-from kvscope.engine.loop import Engine, pad_prompts
+from kvscope.engine.greedy import pad_prompts
+from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunConfig
 from kvscope.model.config import ModelArgs
 

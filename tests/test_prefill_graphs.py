@@ -14,7 +14,8 @@ import torch
 from kvscope.analysis.schema import CUDA_CLOCK
 from kvscope.cli import build_parser, main
 from kvscope.commands.options import run_spec
-from kvscope.engine.loop import Engine, pad_prompts
+from kvscope.engine.greedy import pad_prompts
+from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunConfig, use_prefill_graphs
 from kvscope.engine.prefill_graphs import DEFAULT_BUCKETS, PrefillGraph, PrefillGraphs, bucket_for, check_buckets
 from kvscope.errors import KvscopeError

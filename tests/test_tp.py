@@ -19,7 +19,8 @@ from kvscope.cli import main
 from kvscope.commands.tp_generate import Generated, rank_generate
 from kvscope.commands.tp_launch import RankContext, run_ranks
 from kvscope.commands.tp_run import MERGED_COLUMNS, merge_summary, step_skew
-from kvscope.engine.loop import Engine, pad_prompts
+from kvscope.engine.greedy import pad_prompts
+from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunConfig, RunPlan, RunSpec
 from kvscope.engine.tp import TensorParallel, check_devices, free_port, init_group, leave_group
 from kvscope.errors import KvscopeError

@@ -14,7 +14,8 @@ import torch
 from kvscope.analysis.schema import COLLECTIVE_OPS
 from kvscope.cli import main
 from kvscope.commands.tp_generate import generate_tp
-from kvscope.engine.loop import Engine, pad_prompts
+from kvscope.engine.greedy import pad_prompts
+from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunSpec, prepare
 from kvscope.model.weights import load_model
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from kvscope.commands.options import model_options
 from kvscope.commands.run import load_for, make_engine
-from kvscope.engine.loop import check_prompts
+from kvscope.engine.greedy import check_prompts
 from kvscope.engine.plan import prepare
 from kvscope.errors import KvscopeError
 from kvscope.model.dtypes import dtype_name

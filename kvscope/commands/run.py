@@ -87,12 +87,17 @@ def command(ns: argparse.Namespace) -> int:
             bar.update(tasks[kind], completed=done)
 
         result = execute(run_spec(ns), progress=progress, log=lambda msg: err.print(f"kvscope: {msg}"))
+    print_result(result, getattr(ns, "json", False))
+    return 0
+
+
+def print_result(result: RunResult, as_json: bool) -> None:
+    """A finished run on stdout: its summary table, its folder and files, and with `--json` one JSON line."""
     Console().print(summary_table(result.summary))
     files = folder_files(result.out_dir)
     print(f"run folder: {result.out_dir} ({', '.join(files)})")
-    if getattr(ns, "json", False):
+    if as_json:
         print(json_line({"run_folder": result.out_dir, "files": files, **key_numbers(result.summary.iloc[0])}))
-    return 0
 
 
 def execute(spec: RunSpec, progress: ProgressFn | None = None, log: Callable[[str], None] | None = None

@@ -8,7 +8,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from kvscope.commands.tp_launch import RankContext, check_plan, run_ranks
-from kvscope.engine.loop import Engine, pad_prompts
+from kvscope.engine.greedy import pad_prompts
+from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunPlan
 from kvscope.engine.tp import TensorParallel
 from kvscope.model.tp import ShardPlan

@@ -26,15 +26,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from rich.console import Console
 
 from kvscope.analysis.schema import COLLECTIVE_OPS
-from kvscope.commands.json_out import folder_files, json_line, key_numbers
 from kvscope.commands.memory import allocation_failure, allocation_message
 from kvscope.commands.options import run_spec
-from kvscope.commands.run import measure
+from kvscope.commands.run import measure, print_result
 from kvscope.commands.run_output import OutputFolder, RunResult, default_out_dir, write_run
-from kvscope.commands.summary_table import summary_table
 from kvscope.commands.tp_launch import RankContext, check_plan, run_ranks
 from kvscope.engine.plan import RunPlan, RunSpec, prepare
 from kvscope.engine.tp import TensorParallel, launched_by_torchrun
@@ -55,11 +52,7 @@ def command_tp(ns: argparse.Namespace) -> int:
     result = execute_tp(run_spec(ns), ns.tp, log=lambda msg: print(f"kvscope: {msg}", file=sys.stderr))
     if result is None:  # a torchrun rank other than 0
         return 0
-    Console().print(summary_table(result.summary))
-    files = folder_files(result.out_dir)
-    print(f"run folder: {result.out_dir} ({', '.join(files)})")
-    if getattr(ns, "json", False):
-        print(json_line({"run_folder": result.out_dir, "files": files, **key_numbers(result.summary.iloc[0])}))
+    print_result(result, getattr(ns, "json", False))
     return 0
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from kvscope.analysis.schema import step_name
-from kvscope.engine.loop import pad_prompts
+from kvscope.engine.greedy import GreedyLoop
 from kvscope.engine.plan import RunConfig
 from kvscope.engine.regions import DECODE, PREFILL, EngineRegions, RegionSpec
 from kvscope.errors import KvscopeError
@@ -105,9 +105,11 @@ def _copy_weights(ours: torch.nn.Module, hf: torch.nn.Module) -> None:
         params[name].copy_(src[lo:hi])
 
 
-class HfEngine:
+class HfEngine(GreedyLoop):
     """transformers' model driven greedily over its own cache, with the surface `kvscope run` uses of `Engine`:
     `prefill`, `decode_step`, `decode_n`, `generate`, `cfg`, `graphs`, `kernels`, the KV-cache bytes."""
+
+    GRAD_MODE = torch.no_grad
 
     def __init__(self, model: torch.nn.Module, cfg: RunConfig, instrument: Instrument | None = None,
                  compiled: bool = False, graphs: bool = False) -> None:
@@ -118,6 +120,7 @@ class HfEngine:
                 "the transformers engine times phases, decode steps and layers, not ops"
             raise KvscopeError(f"--granularity {self.ins.granularity}: {what}")
         self.model, self.cfg, self.compiled = model, cfg, compiled
+        self.vocab_size = int(model.config.vocab_size)
         self.graphs = compiled and graphs  # torch.compile's CUDA graphs (mode reduce-overhead)
         self.kernels = False
         self.n_layers = int(model.config.num_hidden_layers)
@@ -259,29 +262,6 @@ class HfEngine:
         if self.context + n > self.cfg.max_seq:
             raise KvscopeError(f"{n} more token(s) after {self.context} exceed the cache's {self.cfg.max_seq}")
 
-    @torch.no_grad()
-    def decode_n(self, n: int) -> torch.Tensor:
-        """n decode steps after a prefill; returns (B, n+1): the prefill's token, then one per step."""
-        if n < 0:
-            raise KvscopeError(f"number of decode steps must be >= 0, got {n}")
-        self._check_room(n)
-        b = self.cfg.batch_size
-        out = torch.empty(b, n + 1, dtype=torch.int64, device=self.cfg.device)  # (B, n+1)
-        out[:, 0] = self.next_tokens
-        with self.ins.region(DECODE, "phase", phase=DECODE, tokens=b * n):
-            for i in range(n):
-                out[:, i + 1] = self.decode_step()
-        return out
-
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy generation of `max_new_tokens` per prompt; one host sync at the end (the `.tolist()`)."""
-        if max_new_tokens < 1:
-            raise KvscopeError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-        if len(prompts) != self.cfg.batch_size:
-            raise KvscopeError(f"engine was built for {self.cfg.batch_size} prompts, got {len(prompts)}")
-        tokens, lengths = pad_prompts(prompts, int(self.model.config.vocab_size), self.cfg.device)
-        self.prefill(tokens, lengths)
-        return self.decode_n(max_new_tokens - 1).tolist()  # the one host sync
 
     # ---- the cache's bytes --------------------------------------------------------------------------------
     def _cache_tensors(self) -> list[torch.Tensor]:

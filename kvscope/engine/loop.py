@@ -36,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvscope.analysis.schema import COLLECTIVE_OPS, OPS, step_name
 from kvscope.engine.graphs import CapturedStep, DecodeGraphs
+from kvscope.engine.greedy import GreedyLoop
 from kvscope.engine.plan import RunConfig
 from kvscope.engine.prefill_graphs import PrefillGraphs
 from kvscope.engine.regions import DECODE, PREFILL, EngineRegions
@@ -67,28 +68,7 @@ GEMV_ENGINE_MAX_ROWS = 4
 GEMV_BY_DEFAULT = False
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device
-                ) -> tuple[torch.Tensor, list[int]]:
-    """Right-pad host token lists into `(B, S_max)` int64 on `device`; validates ids on the host."""
-    check_prompts(prompts, vocab_size)
-    lengths = [len(p) for p in prompts]
-    rows = [list(p) + [0] * (max(lengths) - len(p)) for p in prompts]
-    return torch.tensor(rows, dtype=torch.int64, device=device), lengths  # (B, S_max)
-
-
-def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
-    """Every prompt non-empty, every id an int inside the vocabulary (host-side, before any device work)."""
-    if not prompts:
-        raise KvscopeError("no prompt given")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise KvscopeError(f"prompt {i} is empty")
-        bad = [t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
-        if bad:
-            raise KvscopeError(f"prompt {i}: token id {bad[0]!r} outside the vocabulary [0, {vocab_size})")
-
-
-class Engine:
+class Engine(GreedyLoop):
     """One model, one KV cache, static decode buffers, and the attention switch of the run config."""
 
     def __init__(self, model: Transformer, cfg: RunConfig, instrument: Instrument | None = None,
@@ -357,26 +337,5 @@ class Engine:
                 y = decode_attention(q, self.cache.k(i), self.cache.v(i), meta, self.cfg.attn)  # (B, H, D)
             return y.view(q.shape[0], self.args.q_size)  # (B, H*D)
 
-    @torch.inference_mode()
-    def decode_n(self, n: int) -> torch.Tensor:
-        """Run n decode steps after a prefill; returns (B, n+1): the prefill's token, then one per step."""
-        if n < 0:
-            raise KvscopeError(f"number of decode steps must be >= 0, got {n}")
+    def _check_room(self, n: int) -> None:
         self.cache.check_room(n)
-        b = self.cfg.batch_size
-        out = torch.empty(b, n + 1, dtype=torch.int64, device=self.cfg.device)  # (B, n+1)
-        out[:, 0] = self.next_tokens
-        with self.ins.region(DECODE, "phase", phase=DECODE, tokens=b * n):
-            for i in range(n):
-                out[:, i + 1] = self.decode_step()
-        return out
-
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy generation of `max_new_tokens` per prompt; one host sync at the end (the `.tolist()`)."""
-        if max_new_tokens < 1:
-            raise KvscopeError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-        if len(prompts) != self.cfg.batch_size:
-            raise KvscopeError(f"engine was built for {self.cfg.batch_size} prompts, got {len(prompts)}")
-        tokens, lengths = pad_prompts(prompts, self.vocab_size, self.cfg.device)
-        self.prefill(tokens, lengths)
-        return self.decode_n(max_new_tokens - 1).tolist()  # the one host sync
