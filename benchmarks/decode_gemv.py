@@ -16,7 +16,6 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from kvscope.engine import loop
 from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunConfig
 from kvscope.kernels import ops as kops
@@ -49,17 +48,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     ns = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
-    loop.GEMV_ENGINE_MAX_ROWS = kops.GEMV_MAX_ROWS  # measure every batch the kernels take
     model, _ = load_model(resolve_model(ns.model), dev, dt, seed=0)
     tokens = torch.randint(0, model.args.vocab_size, (ns.batch, ns.seq), device=dev)
     lengths = [ns.seq] * ns.batch
     engines: dict[str, Engine] = {}
     counts: dict[str, int] = {}
     for label, (kernels, gemv, pipelined, per_sm) in CONFIGS.items():
-        kops.GEMV_PIPELINED = dict.fromkeys(kops.GEMV_TILES, pipelined)
-        kops.GEMV_SPLIT_BLOCKS_PER_SM = per_sm
         eng = Engine(model, RunConfig(ns.batch, ns.seq + ns.steps + 16, dt, dev), graphs=True, kernels=kernels)
         eng.gemv = gemv
+        eng.gemv_max_rows = kops.GEMV_MAX_ROWS  # measure every batch the kernels take
+        eng.gemv_options = {"pipelined": pipelined, "split_blocks_per_sm": per_sm}
         eng.prefill(tokens, lengths)
         eng.decode_n(3)  # captures the step, this launch choice baked in
         counts[label] = kernels_per_step(eng)

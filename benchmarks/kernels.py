@@ -28,9 +28,8 @@ without the norms and SiLU*up that lie between them; gemv in each launch choice 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -318,18 +317,6 @@ GEMV_NORM_EPS = 1e-6
 GEMV_CONFIGS = (("burst", False, 1), ("pipelined", True, 1), ("pipe+split", True, 2))
 
 
-@contextlib.contextmanager
-def gemv_config(pipelined: bool, split_blocks_per_sm: int) -> Iterator[None]:
-    """kvscope.kernels.ops' launch tables set to one choice while the block runs (captures read them)."""
-    saved = kops.GEMV_PIPELINED, kops.GEMV_SPLIT_BLOCKS_PER_SM
-    kops.GEMV_PIPELINED = dict.fromkeys(kops.GEMV_TILES, pipelined)
-    kops.GEMV_SPLIT_BLOCKS_PER_SM = split_blocks_per_sm
-    try:
-        yield
-    finally:
-        kops.GEMV_PIPELINED, kops.GEMV_SPLIT_BLOCKS_PER_SM = saved
-
-
 @dataclass
 class StepWeights:
     """Random weights of a decode step's products and norms (each W ~ N(0, 1/K): outputs of order one)."""
@@ -379,32 +366,33 @@ def gemv_product_rows(a: ModelArgs, sw: StepWeights, m: int, copy_gb_s: float, r
         return sum(t.numel() * t.element_size() for t in ts)
 
     # op: (kernel, cuBLAS path, check (got, want, x for the scale, W, silu), bytes)
-    cases: dict[str, tuple[Callable[[], object], Callable[[], object], Callable[[], tuple], int]] = {
+    cases: dict[str, tuple[Callable[..., object], Callable[[], object], Callable[..., tuple], int]] = {
         "qkv": (partial(kops.gemv, x, wqkv, bqkv), partial(F.linear, x, wqkv, bqkv),
-                lambda: (kops.gemv(x, wqkv, bqkv), kops.gemv_ref(x, wqkv, bqkv), x, wqkv, False),
+                lambda **o: (kops.gemv(x, wqkv, bqkv, **o), kops.gemv_ref(x, wqkv, bqkv), x, wqkv, False),
                 nb(wqkv, bqkv, x) + m * wqkv.shape[0] * dt.itemsize),
         "qkv+norm": (partial(kops.gemv, h, wqkv, bqkv, nw, eps),
                      lambda: F.linear(kops.rms_norm(h, nw, eps), wqkv, bqkv),
-                     lambda: (kops.gemv(h, wqkv, bqkv, nw, eps), kops.gemv_ref(h, wqkv, bqkv, nw, eps), xn, wqkv,
-                              False), nb(wqkv, bqkv, h, nw) + m * wqkv.shape[0] * dt.itemsize),
+                     lambda **o: (kops.gemv(h, wqkv, bqkv, nw, eps, **o), kops.gemv_ref(h, wqkv, bqkv, nw, eps), xn,
+                                  wqkv, False), nb(wqkv, bqkv, h, nw) + m * wqkv.shape[0] * dt.itemsize),
         "o_proj": (partial(kops.gemv_residual_, hd, y, wo), lambda: hd.addmm_(y, wo.t()),
-                   lambda: (kops.gemv_residual_(h.clone(), y, wo), kops.gemv_residual_ref_(h.clone(), y, wo), y, wo,
-                            False), nb(wo, y) + 2 * nb(h)),
+                   lambda **o: (kops.gemv_residual_(h.clone(), y, wo, **o), kops.gemv_residual_ref_(h.clone(), y, wo),
+                                y, wo, False), nb(wo, y) + 2 * nb(h)),
         "w13": (partial(kops.gemv_silu_mul, x, w13), partial(F.linear, x, w13),
-                lambda: (kops.gemv_silu_mul(x, w13), kops.gemv_silu_mul_ref(x, w13), x, w13, True),
+                lambda **o: (kops.gemv_silu_mul(x, w13, **o), kops.gemv_silu_mul_ref(x, w13), x, w13, True),
                 nb(w13, x) + m * a.intermediate_size * dt.itemsize),
         "w13+norm": (partial(kops.gemv_silu_mul, h, w13, nw, eps),
                      lambda: kops.silu_mul(*F.linear(kops.rms_norm(h, nw, eps), w13).split(a.intermediate_size, -1)),
-                     lambda: (kops.gemv_silu_mul(h, w13, nw, eps), kops.gemv_silu_mul_ref(h, w13, nw, eps), xn, w13,
-                              True), nb(w13, h, nw) + m * a.intermediate_size * dt.itemsize),
+                     lambda **o: (kops.gemv_silu_mul(h, w13, nw, eps, **o), kops.gemv_silu_mul_ref(h, w13, nw, eps),
+                                  xn, w13, True), nb(w13, h, nw) + m * a.intermediate_size * dt.itemsize),
         "w2": (partial(kops.gemv_residual_, hd, act, w2), lambda: hd.addmm_(act, w2.t()),
-               lambda: (kops.gemv_residual_(h.clone(), act, w2), kops.gemv_residual_ref_(h.clone(), act, w2), act, w2,
-                        False), nb(w2, act) + 2 * nb(h)),
+               lambda **o: (kops.gemv_residual_(h.clone(), act, w2, **o), kops.gemv_residual_ref_(h.clone(), act, w2),
+                            act, w2, False), nb(w2, act) + 2 * nb(h)),
         "lm_head": (partial(kops.gemv, x, lm), partial(F.linear, x, lm),
-                    lambda: (kops.gemv(x, lm), kops.gemv_ref(x, lm), x, lm, False),
+                    lambda **o: (kops.gemv(x, lm, **o), kops.gemv_ref(x, lm), x, lm, False),
                     nb(lm, x) + m * lm.shape[0] * dt.itemsize),
         "lm_head+norm": (partial(kops.gemv, h, lm, None, nw, eps), lambda: F.linear(kops.rms_norm(h, nw, eps), lm),
-                         lambda: (kops.gemv(h, lm, None, nw, eps), kops.gemv_ref(h, lm, None, nw, eps), xn, lm, False),
+                         lambda **o: (kops.gemv(h, lm, None, nw, eps, **o), kops.gemv_ref(h, lm, None, nw, eps), xn,
+                                      lm, False),
                          nb(lm, h, nw) + m * lm.shape[0] * dt.itemsize),
     }
     rows = []
@@ -412,20 +400,20 @@ def gemv_product_rows(a: ModelArgs, sw: StepWeights, m: int, copy_gb_s: float, r
         us_t = cold_us(cublas, flush, reps)
         gbs_t = nbytes / (us_t / 1e6) / 1e9
         for config, pipelined, per_sm in GEMV_CONFIGS:
-            with gemv_config(pipelined, per_sm):
-                got, want, xs, w, silu = check()
-                try:
-                    torch.testing.assert_close(got, want, **kops.gemv_tolerance(xs, w, silu))
-                    bad = None
-                except AssertionError as exc:
-                    bad = " ".join(str(exc).split())[:300]
-                row: dict[str, Any] = {"shape": f"gemv bs{m}", "op": op, "config": config, "bytes": nbytes,
-                                       "check": bad or "passed"}
-                rows.append(row)
-                if bad is not None:
-                    print(f"{'gemv bs' + str(m):>14} {op:13} {config:10} FAILED its reference check, no time: {bad}")
-                    continue
-                us_k = cold_us(kernel, flush, reps)
+            opts = {"pipelined": pipelined, "split_blocks_per_sm": per_sm}  # the launch choice, passed to each call
+            got, want, xs, w, silu = check(**opts)
+            try:
+                torch.testing.assert_close(got, want, **kops.gemv_tolerance(xs, w, silu))
+                bad = None
+            except AssertionError as exc:
+                bad = " ".join(str(exc).split())[:300]
+            row: dict[str, Any] = {"shape": f"gemv bs{m}", "op": op, "config": config, "bytes": nbytes,
+                                   "check": bad or "passed"}
+            rows.append(row)
+            if bad is not None:
+                print(f"{'gemv bs' + str(m):>14} {op:13} {config:10} FAILED its reference check, no time: {bad}")
+                continue
+            us_k = cold_us(partial(kernel, **opts), flush, reps)
             gbs = nbytes / (us_k / 1e6) / 1e9
             row.update({"kernel_us": us_k, "torch_us": us_t, "kernel_gb_s": gbs, "pct_copy": 100 * gbs / copy_gb_s,
                         "torch_gb_s": gbs_t, "torch_pct_copy": 100 * gbs_t / copy_gb_s, "speedup": us_t / us_k})
@@ -456,13 +444,13 @@ def gemv_step_rows(a: ModelArgs, sw: StepWeights, m: int, copy_gb_s: float, reps
             h.addmm_(act, sw.w2[i].t())
         F.linear(x, sw.lm_head)
 
-    def gemv_products() -> None:
+    def gemv_products(**o: Any) -> None:
         for i in range(a.n_layers):
-            kops.gemv(x, sw.wqkv[i], sw.bqkv[i])
-            kops.gemv_residual_(h, y, sw.wo[i])
-            kops.gemv_silu_mul(x, sw.w13[i])
-            kops.gemv_residual_(h, act, sw.w2[i])
-        kops.gemv(x, sw.lm_head)
+            kops.gemv(x, sw.wqkv[i], sw.bqkv[i], **o)
+            kops.gemv_residual_(h, y, sw.wo[i], **o)
+            kops.gemv_silu_mul(x, sw.w13[i], **o)
+            kops.gemv_residual_(h, act, sw.w2[i], **o)
+        kops.gemv(x, sw.lm_head, **o)
 
     def cublas_between() -> None:
         for i in range(a.n_layers):
@@ -472,21 +460,21 @@ def gemv_step_rows(a: ModelArgs, sw: StepWeights, m: int, copy_gb_s: float, reps
             h.addmm_(kops.silu_mul(gate, up), sw.w2[i].t())
         F.linear(kops.rms_norm(h, nw, eps), sw.lm_head)
 
-    def gemv_between() -> None:
+    def gemv_between(**o: Any) -> None:
         fused = m <= norm_max_rows
         for i in range(a.n_layers):
             if fused:
-                kops.gemv(h, sw.wqkv[i], sw.bqkv[i], nw, eps)
+                kops.gemv(h, sw.wqkv[i], sw.bqkv[i], nw, eps, **o)
             else:
-                kops.gemv(kops.rms_norm(h, nw, eps), sw.wqkv[i], sw.bqkv[i])
-            kops.gemv_residual_(h, y, sw.wo[i])
-            a13 = kops.gemv_silu_mul(h, sw.w13[i], nw, eps) if fused else kops.gemv_silu_mul(
-                kops.rms_norm(h, nw, eps), sw.w13[i])
-            kops.gemv_residual_(h, a13, sw.w2[i])
+                kops.gemv(kops.rms_norm(h, nw, eps), sw.wqkv[i], sw.bqkv[i], **o)
+            kops.gemv_residual_(h, y, sw.wo[i], **o)
+            a13 = kops.gemv_silu_mul(h, sw.w13[i], nw, eps, **o) if fused else kops.gemv_silu_mul(
+                kops.rms_norm(h, nw, eps), sw.w13[i], **o)
+            kops.gemv_residual_(h, a13, sw.w2[i], **o)
         if fused:
-            kops.gemv(h, sw.lm_head, None, nw, eps)
+            kops.gemv(h, sw.lm_head, None, nw, eps, **o)
         else:
-            kops.gemv(kops.rms_norm(h, nw, eps), sw.lm_head)
+            kops.gemv(kops.rms_norm(h, nw, eps), sw.lm_head, **o)
 
     nbytes = sw.nbytes()
     rows = []
@@ -496,8 +484,7 @@ def gemv_step_rows(a: ModelArgs, sw: StepWeights, m: int, copy_gb_s: float, reps
         gbs_t = nbytes / (us_t / 1e6) / 1e9
         for config, pipelined, per_sm in GEMV_CONFIGS:
             h.normal_()
-            with gemv_config(pipelined, per_sm):
-                us_k = cold_us(ours, flush, reps)
+            us_k = cold_us(partial(ours, pipelined=pipelined, split_blocks_per_sm=per_sm), flush, reps)
             gbs = nbytes / (us_k / 1e6) / 1e9
             row = {"shape": f"step bs{m}", "op": f"step {what}", "config": config, "bytes": nbytes,
                    "check": "passed", "kernel_us": us_k, "torch_us": us_t, "kernel_gb_s": gbs,

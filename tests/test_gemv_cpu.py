@@ -181,21 +181,25 @@ def test_engine_gemv_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch, batch: int
     from kvscope.model.weights import empty_model, init_random
 
     calls: list[tuple[str, bool]] = []
+    options: list[dict] = []  # the launch choice each gemv call was given
 
     def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-             norm_weight: torch.Tensor | None = None, eps: float = 0.0, stamp: torch.Tensor | None = None
+             norm_weight: torch.Tensor | None = None, eps: float = 0.0, stamp: torch.Tensor | None = None, **o: object
              ) -> torch.Tensor:
         calls.append(("gemv", norm_weight is not None))
+        options.append(o)
         return kops.gemv_ref(x, w, bias, norm_weight, eps)
 
     def silu(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-             stamp: torch.Tensor | None = None) -> torch.Tensor:
+             stamp: torch.Tensor | None = None, **o: object) -> torch.Tensor:
         calls.append(("silu_mul", norm_weight is not None))
+        options.append(o)
         return kops.gemv_silu_mul_ref(x, w, norm_weight, eps)
 
-    def residual(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    def residual(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, **o: object
                  ) -> torch.Tensor:
         calls.append(("residual", False))
+        options.append(o)
         return kops.gemv_residual_ref_(h, x, w, bias)
 
     def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, stamp: torch.Tensor | None = None) -> torch.Tensor:
@@ -229,6 +233,17 @@ def test_engine_gemv_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch, batch: int
     assert calls.count(("rms_norm", False)) == (0 if fused else 2 * n + 1)
     assert len(calls) == 4 * n + 1 + (0 if fused else 2 * n + 1)
     assert Engine(model, cfg, kernels=True).generate(prompts, 6) == off
+    assert options and all(o == {} for o in options)  # no launch choice given: the kernels' defaults
+    chosen = Engine(model, cfg, kernels=True)
+    chosen.gemv_options = {"pipelined": True, "split_blocks_per_sm": 2}  # what benchmarks/decode_gemv.py sets
+    options.clear()
+    assert chosen.generate(prompts, 3) == [t[:3] for t in off]
+    assert len(options) >= 4 * n + 1 and all(o == chosen.gemv_options for o in options)
+    small = Engine(model, cfg, kernels=True)
+    small.gemv_max_rows = batch - 1  # the engine's own bound, as a benchmark sets it
+    calls.clear()
+    assert small.generate(prompts, 6) == off
+    assert calls and set(calls) == {("rms_norm", False)}
     monkeypatch.setattr(loop, "GEMV_ENGINE_MAX_ROWS", batch - 1)  # above it: cuBLAS, no gemv
     calls.clear()
     assert Engine(model, cfg, kernels=True).generate(prompts, 6) == off

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -90,6 +91,10 @@ class Engine(GreedyLoop):
         # with kernels on: products of at most GEMV_ENGINE_MAX_ROWS rows (decode steps) run kvscope's gemv kernels,
         # with the RMSNorm before them fused in up to GEMV_NORM_MAX_ROWS rows; False: cuBLAS (tests compare the two)
         self.gemv = kernels and GEMV_BY_DEFAULT
+        self.gemv_max_rows = GEMV_ENGINE_MAX_ROWS  # rows up to which products run the gemv kernels (with `gemv`)
+        # launch choice of the gemv kernels (`pipelined`, `split_blocks_per_sm` of kops.gemv); empty: its defaults.
+        # Set before the first decode step (a captured graph keeps the choice); benchmarks compare them
+        self.gemv_options: dict[str, Any] = {}
         # with --attn kvscope: keyword options of kops.decode_attention (`fused_merge`, `long_splits`); empty: its
         # defaults. Set before the first decode step (a captured graph keeps the choice); benchmarks compare them
         self.attn_options: dict[str, bool] = {}
@@ -180,8 +185,8 @@ class Engine(GreedyLoop):
     def _residual(self, h2: torch.Tensor, x: torch.Tensor, linear: torch.nn.Linear) -> None:
         """h2 += linear(x) (N, dim); with tp, this rank's row-parallel part (the all-reduce follows)."""
         if self.tp is None:
-            if self.gemv and x.shape[0] <= GEMV_ENGINE_MAX_ROWS and kops.gemv_fits(x, linear.weight):
-                kops.gemv_residual_(h2, x, linear.weight, linear.bias)
+            if self.gemv and x.shape[0] <= self.gemv_max_rows and kops.gemv_fits(x, linear.weight):
+                kops.gemv_residual_(h2, x, linear.weight, linear.bias, **self.gemv_options)
             else:
                 linear_residual_(h2, x, linear)
         else:
@@ -189,8 +194,8 @@ class Engine(GreedyLoop):
 
     def _gemv_on(self, x2: torch.Tensor) -> bool:
         """Whether the products reading x2 (N, dim) run the gemv kernels: gemv on, one device, N <=
-        GEMV_ENGINE_MAX_ROWS."""
-        return (self.gemv and self.tp is None and x2.shape[0] <= GEMV_ENGINE_MAX_ROWS
+        `gemv_max_rows` (GEMV_ENGINE_MAX_ROWS unless a benchmark sets it)."""
+        return (self.gemv and self.tp is None and x2.shape[0] <= self.gemv_max_rows
                 and kops.gemv_fits(x2, self.model.output.weight))
 
     def _proj(self, linear: torch.nn.Linear, x2: torch.Tensor, norm: torch.nn.Module, silu_mul: bool = False
@@ -198,7 +203,8 @@ class Engine(GreedyLoop):
         """linear(norm(x2)) (N, out) with the gemv kernels, x2 (N, dim): up to GEMV_NORM_MAX_ROWS rows the kernel
         normalises x2 itself (one launch, the instrument's pending timestamp written by it), else the RMSNorm kernel
         runs first. `silu_mul`: linear is the fused gate/up product and the result silu(gate) * up (N, out / 2)."""
-        op = kops.gemv_silu_mul if silu_mul else partial(kops.gemv, bias=linear.bias)
+        op = partial(kops.gemv_silu_mul, **self.gemv_options) if silu_mul else partial(
+            kops.gemv, bias=linear.bias, **self.gemv_options)
         if x2.shape[0] <= GEMV_NORM_MAX_ROWS:
             return op(x2, linear.weight, norm_weight=norm.weight, eps=norm.eps, stamp=self.ins.take_stamp())
         return op(self._norm(norm, x2), linear.weight)

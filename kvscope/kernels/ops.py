@@ -301,11 +301,13 @@ def _gemv_norm_check(name: str, x: torch.Tensor, norm_weight: torch.Tensor | Non
 
 
 def _gemv_run(mode: int, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-              norm_weight: torch.Tensor | None = None, eps: float = 0.0, stamp: torch.Tensor | None = None) -> None:
+              norm_weight: torch.Tensor | None = None, eps: float = 0.0, stamp: torch.Tensor | None = None,
+              pipelined: bool | None = None, split_blocks_per_sm: int | None = None) -> None:
     m, k = x.shape
     n_w = w.shape[0]
     cfg = gemv_launch(m, n_w, k, x.element_size(), _sm_count(x.device.index if x.device.index is not None
-                                                             else torch.cuda.current_device()))
+                                                             else torch.cuda.current_device()),
+                      pipelined=pipelined, split_blocks_per_sm=split_blocks_per_sm)
     partial = (torch.empty(cfg.splits, m, n_w, dtype=torch.float32, device=x.device)  # (splits, M, N_w) raw sums
                if cfg.splits > 1 else None)
     ldo = out.stride(0)
@@ -320,24 +322,27 @@ def _gemv_run(mode: int, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bi
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-         eps: float = 0.0, stamp: torch.Tensor | None = None) -> torch.Tensor:
+         eps: float = 0.0, stamp: torch.Tensor | None = None, pipelined: bool | None = None,
+         split_blocks_per_sm: int | None = None) -> torch.Tensor:
     """x (M, K), 1 <= M <= 16, unit column stride, 16-byte aligned rows; W (N, K) contiguous (an nn.Linear weight);
     bias (N,) or None. Returns x @ W^T + bias as a new contiguous (M, N) tensor (float accumulation, rounded once).
 
     `norm_weight` (K,): the product takes RMSNorm(x) * norm_weight (eps `eps`, rounded as `rms_norm` rounds) in
-    place of x, computed inside the kernel. `stamp`: as in `rms_norm`."""
+    place of x, computed inside the kernel. `stamp`: as in `rms_norm`. `pipelined`, `split_blocks_per_sm`: the
+    launch choice of `gemv_launch` (None: its defaults, GEMV_PIPELINED and GEMV_SPLIT_BLOCKS_PER_SM)."""
     _gemv_check("gemv", x, w, bias)
     _gemv_norm_check("gemv", x, norm_weight, stamp)
     _need_cuda("gemv", x.dtype, x, w, *(t for t in (bias, norm_weight) if t is not None))
     out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)  # (M, N)
-    _gemv_run(_GEMV_STORE, out, x, w, bias, norm_weight, eps, stamp)
+    _gemv_run(_GEMV_STORE, out, x, w, bias, norm_weight, eps, stamp, pipelined, split_blocks_per_sm)
     return out
 
 
-def gemv_residual_(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+def gemv_residual_(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                   pipelined: bool | None = None, split_blocks_per_sm: int | None = None) -> torch.Tensor:
     """In place: h += x @ W^T (rounded once, as torch's addmm_), then h += bias (rounded again, as the engine's
-    `linear_residual_`). h (M, N) with unit column stride, not overlapping x; x, W, bias as in `gemv`. Returns h."""
+    `linear_residual_`). h (M, N) with unit column stride, not overlapping x; x, W, bias and the launch choice as in
+    `gemv`. Returns h."""
     _gemv_check("gemv_residual_", x, w, bias)
     if h.dim() != 2 or h.shape != (x.shape[0], w.shape[0]) or h.stride(1) != 1:
         raise ValueError(f"gemv_residual_: h {tuple(h.shape)} strides {h.stride()} must be ({x.shape[0]}, "
@@ -348,22 +353,24 @@ def gemv_residual_(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torc
     if h_lo < x_hi and x_lo < h_hi:
         raise ValueError(f"gemv_residual_: h {tuple(h.shape)} overlaps x {tuple(x.shape)} in memory")
     _need_cuda("gemv_residual_", x.dtype, h, x, w, *([bias] if bias is not None else []))
-    _gemv_run(_GEMV_RESIDUAL, h, x, w, bias)
+    _gemv_run(_GEMV_RESIDUAL, h, x, w, bias, pipelined=pipelined, split_blocks_per_sm=split_blocks_per_sm)
     return h
 
 
 def gemv_silu_mul(x: torch.Tensor, w13: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                  stamp: torch.Tensor | None = None) -> torch.Tensor:
+                  stamp: torch.Tensor | None = None, pipelined: bool | None = None,
+                  split_blocks_per_sm: int | None = None) -> torch.Tensor:
     """The fused gate/up product and SiLU*up in one kernel: W13 (2F, K) holds the gate rows, then the up rows (the
     engine's `w13`). Returns silu(x @ Wg^T) * (x @ Wu^T), a new contiguous (M, F) tensor, rounded where the torch
-    path rounds (the product, SiLU, the multiply). `norm_weight`, `eps`, `stamp`: as in `gemv`."""
+    path rounds (the product, SiLU, the multiply). `norm_weight`, `eps`, `stamp` and the launch choice: as in
+    `gemv`."""
     _gemv_check("gemv_silu_mul", x, w13, None)
     _gemv_norm_check("gemv_silu_mul", x, norm_weight, stamp)
     if w13.shape[0] % 2:
         raise ValueError(f"gemv_silu_mul: W13 {tuple(w13.shape)} must have an even number of rows (gate, then up)")
     _need_cuda("gemv_silu_mul", x.dtype, x, w13, *([norm_weight] if norm_weight is not None else []))
     out = torch.empty(x.shape[0], w13.shape[0] // 2, dtype=x.dtype, device=x.device)  # (M, F)
-    _gemv_run(_GEMV_SILU_MUL, out, x, w13, None, norm_weight, eps, stamp)
+    _gemv_run(_GEMV_SILU_MUL, out, x, w13, None, norm_weight, eps, stamp, pipelined, split_blocks_per_sm)
     return out
 
 
