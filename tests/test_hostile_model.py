@@ -18,7 +18,7 @@ from kvscope.errors import KvscopeError
 from kvscope.model.config import MAX_SIZE, ModelArgs, RopeScaling
 from kvscope.model.layers import rope_tables
 from kvscope.model.source import one_line, resolve_model
-from kvscope.model.weights import _hf_targets, empty_model, load_hf_tensors, load_model
+from kvscope.model.weights import empty_model, hf_targets, load_hf_tensors, load_model
 
 CPU = torch.device("cpu")
 LLAMA = TINY_CONFIGS["llama"]
@@ -53,7 +53,7 @@ def random_state(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Tenso
     model = empty_model(ModelArgs.from_hf_config(config), "cpu", torch.float32)
     gen = torch.Generator().manual_seed(seed)
     return {name: torch.randn(hi - lo, *p.shape[1:], generator=gen) * 0.05
-            for name, (p, lo, hi) in sorted(_hf_targets(model).items())}
+            for name, (p, lo, hi) in sorted(hf_targets(model).items())}
 
 
 def write_checkpoint(folder: Path, config: dict[str, Any] = LLAMA, shards: int = 1,

@@ -33,10 +33,9 @@ from kvscope.analysis.explain import (
 from kvscope.analysis.inputs import numeric_column, read_sweep
 from kvscope.analysis.report_markdown import FIGURE_SIZE_IN, FIGURE_SUFFIX, Report, md_table, percent_change
 from kvscope.analysis.roofline import BYTES_PER_GB
-from kvscope.analysis.schema import ATTRIBUTION_COLUMNS, CLASSIC_COLUMNS
+from kvscope.analysis.schema import ATTRIBUTION_COLUMNS, CLASSIC_COLUMNS, MIB_BYTES
 from kvscope.errors import KvscopeError
 
-MIB_BYTES = 2**20
 _SWEEP_PLOTS = (
     ("prefill_ms_per_tok", "prefill latency per prompt token (ms)", "prefill ms per token"),
     ("prefill_tok_s", "prefill throughput (tokens/s)", "prefill tokens/s"),

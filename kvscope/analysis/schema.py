@@ -27,6 +27,7 @@ HOST_CLOCK = "host"
 GRAPH_CLOCK = "cuda-graph"
 # timings.parquet holds ms (float64); nsys exports and the host clock count ns (int64)
 NS_PER_MS = 1e6
+MIB_BYTES = 2**20  # bytes in a MiB (memory columns named *_mib / *_mb)
 GRANULARITIES = ("none", "phase", "layer", "op")
 LEVELS = ("run", "rep", "phase", "step", "layer", "op")
 PHASES = ("prefill", "decode")

@@ -32,6 +32,7 @@ from kvscope.analysis.schema import (
     COLLECTIVE_OPS,
     CUDA_CLOCK,
     HOST_CLOCK,
+    MIB_BYTES,
     NAMED_LAYERS,
     NS_PER_MS,
     OPS,
@@ -64,7 +65,6 @@ from kvscope.model.weights import load_model
 from kvscope.profiler.instrument import Instrument
 from kvscope.profiler.nvml import NvmlSampler
 
-MIB_BYTES = 2**20
 ProgressFn = Callable[[str, int, int], None]
 Prompt = tuple[torch.Tensor, list[int]]  # the tokens (B, S) on the device, and each sequence's length
 

@@ -47,7 +47,7 @@ from kvscope.engine.regions import DECODE, PREFILL, EngineRegions, RegionSpec
 from kvscope.errors import KvscopeError
 from kvscope.model.config import ModelArgs
 from kvscope.model.source import ModelSource, one_line
-from kvscope.model.weights import _hf_targets, load_model
+from kvscope.model.weights import hf_targets, load_model
 from kvscope.profiler.instrument import Instrument
 
 
@@ -95,7 +95,7 @@ def load_hf_model(source: ModelSource, device: torch.device, dtype: torch.dtype,
 @torch.no_grad()
 def _copy_weights(ours: torch.nn.Module, hf: torch.nn.Module) -> None:
     """kvscope's (fused) parameters into transformers' parameters of the same Hugging Face names."""
-    targets = _hf_targets(ours)
+    targets = hf_targets(ours)
     params = dict(hf.named_parameters())  # tied weights listed once, as in kvscope's table
     if set(params) != set(targets):
         odd = sorted(set(params) ^ set(targets))

@@ -78,7 +78,7 @@ def init_random_shard(model: Transformer, shard: ShardPlan, seed: int) -> None:
         local[name].copy_(part)
 
 
-def _hf_targets(model: Transformer) -> dict[str, tuple[torch.Tensor, int, int]]:
+def hf_targets(model: Transformer) -> dict[str, tuple[torch.Tensor, int, int]]:
     """Hugging Face parameter name -> (our parameter, first row, end row) of the slice it fills."""
     a = model.args
     q, kv, ff = a.q_size, a.kv_size, a.intermediate_size
@@ -115,7 +115,7 @@ def load_hf_tensors(model: Transformer, tensors: Iterable[tuple[str, torch.Tenso
                     ) -> None:
     """Copy Hugging Face-named tensors into the model's (fused) parameters; every parameter must be filled once, from
     a floating-point tensor whose values are finite in the model's dtype."""
-    targets = _hf_targets(model)
+    targets = hf_targets(model)
     seen: set[str] = set()
     for name, tensor in tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and model.args.tie_word_embeddings):

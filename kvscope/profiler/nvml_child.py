@@ -28,7 +28,7 @@ BUFFERED_WAKE_MS = 250.0
 # units NVML reports in, against the metrics' (standard library only here: kvscope's constants are not imported)
 NS_PER_US = 1000  # sample timestamps are in µs
 MW_PER_W = 1000.0  # power is in mW
-MIB_BYTES = 2**20
+MIB_BYTES = 2**20  # as kvscope.analysis.schema.MIB_BYTES: this child imports nothing of kvscope
 MS_PER_S = 1000.0
 # buffered sample types of NVML (nvmlSamplingType_t) -> (metric, scale to the metric's unit)
 _BUFFERED = (("power_w", "NVML_TOTAL_POWER_SAMPLES", 1 / MW_PER_W),
