@@ -1,4 +1,4 @@
-"""The per-rank split of an alignment (kvscope.commands.tp_align): ranks by GPU then pid, compute / communication /
+"""The per-rank split of an alignment (kvscope.analysis.ranks): ranks by GPU then pid, compute / communication /
 idle per step, the straggler named; on the real two-process export of tests/data/foreign (multiproc: two spawned
 processes on one H200, ranges `rank0 iter 0..1` and `rank1 iter 0..2`) and on synthetic tables with known answers."""
 
@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from synthetic_export import Synth, gtid
 
+from kvscope.analysis.ranks import RANK_STEPS_FILE, RANKS_FILE, analyse_ranks, process_ranks, rank_steps, rank_table
 from kvscope.cli import main
-from kvscope.commands.tp_align import RANK_STEPS_FILE, RANKS_FILE, analyse_ranks, process_ranks, rank_steps, rank_table
 
 MULTIPROC = Path(__file__).parent / "data" / "foreign" / "multiproc.sqlite"
 

@@ -29,13 +29,13 @@ from pathlib import Path
 from rich.console import Console
 
 from kvscope.analysis.nsys import export_rep, find_nsys
+from kvscope.analysis.ranks import analyse_ranks, ranks_table, write_ranks
 from kvscope.analysis.report_align import analyse, write
 from kvscope.analysis.schema import NSYS_RUN_SUBFOLDER, TIMINGS_FILE
 from kvscope.commands.align import print_align
 from kvscope.commands.json_out import align_payload, json_line
 from kvscope.commands.options import run_spec
 from kvscope.commands.run_output import OutputFolder
-from kvscope.commands.tp_align import analyse_ranks, ranks_table, write_ranks
 from kvscope.commands.tp_launch import check_plan
 from kvscope.engine.plan import prepare
 from kvscope.errors import KvscopeError
@@ -74,7 +74,7 @@ def command(ns: argparse.Namespace) -> int:
         sqlite = export_rep(rep, ns.nsys, out=folder.tmp / "report.sqlite")
         meta = {"command": " ".join(sys.argv), **what, "nsys_flags": extra}
         split = None
-        if tp is not None:  # every rank in one capture: aligned per rank (kvscope.commands.tp_align)
+        if tp is not None:  # every rank in one capture: aligned per rank (kvscope.analysis.ranks)
             result, split = analyse_ranks(sqlite, run_dir)
         else:
             result = analyse(sqlite, run_dir)
