@@ -24,10 +24,13 @@ import json
 import statistics
 import time
 
+import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from kvscope.analysis.projection import union_length
 from kvscope.analysis.roofline import decode_cost, prefill_cost
+from kvscope.analysis.schema import NS_PER_MS
 from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunConfig
 from kvscope.model.source import resolve_model
@@ -58,19 +61,11 @@ def busy_ms(fn: object) -> float:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()  # type: ignore[operator]
         torch.cuda.synchronize()  # named sync: every kernel recorded before the window closes
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
-    total_us, cur_s, cur_e = 0.0, None, None
-    for s, e in spans:
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                total_us += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        total_us += cur_e - cur_s
-    return total_us / 1e3
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # the profiler's times are µs with ns resolution: whole ns for the union
+    starts = np.array([round(e.time_range.start * 1e3) for e in kernels], dtype=np.int64)
+    ends = np.array([round(e.time_range.end * 1e3) for e in kernels], dtype=np.int64)
+    return union_length(starts, ends) / NS_PER_MS
 
 
 def decode_ab(model: torch.nn.Module, points: list[tuple[int, int]], steps: int, rounds: int,
@@ -105,9 +100,7 @@ def decode_ab(model: torch.nn.Module, points: list[tuple[int, int]], steps: int,
         rows.append({"phase": "decode", "batch": b, "context": s, "attn": attn, "step_ms": ms,
                      "step_ms_min": min(ts), "step_ms_max": max(ts), "tok_s": b / (ms / MS_PER_S),
                      "gb_s": gb_s, "mbu_pct": 100 * gb_s / copy_gb_s if copy_gb_s else None})
-    for eng, _ in engines.values():
-        del eng
-    engines.clear()
+    engines.clear()  # the engines' caches and graphs, freed before the next measurement
     torch.cuda.empty_cache()
     return rows
 

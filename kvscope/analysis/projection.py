@@ -222,7 +222,7 @@ def _busy_time(ops: pd.DataFrame, op_call: np.ndarray, level: np.ndarray, has_gp
         for k in np.flatnonzero(overlapping):  # ranges whose block overlaps another of the level: exact, slow path
             pos = at[k]
             in_block = has_call & (op_call >= lo[pos]) & (op_call < hi[pos])
-            busy[pos] = _union_length(op_s[in_block], op_e[in_block])
+            busy[pos] = union_length(op_s[in_block], op_e[in_block])
     return busy
 
 
@@ -333,7 +333,9 @@ def _union_by_group(groups: np.ndarray, s: np.ndarray, e: np.ndarray, n_groups: 
     return out
 
 
-def _union_length(s: np.ndarray, e: np.ndarray) -> int:
+def union_length(s: np.ndarray, e: np.ndarray) -> int:
+    """Length of the union of the intervals [s, e) (integer times, e.g. ns): the busy time of overlapping
+    operations."""
     if not len(s):
         return 0
     order = np.argsort(s, kind="stable")
