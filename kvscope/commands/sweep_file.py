@@ -32,7 +32,7 @@ import math
 import os
 import secrets
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -296,22 +296,18 @@ def _validate(sf: SweepFile) -> SweepFile:
     for col in REQUIRED_COLUMNS:
         if col not in columns:
             raise KvscopeError(f"{sf.shown} is not a kvscope sweep file: no column {col}")
-    ints: dict[str, list[int]] = {}
-    for col in ("seq_len", "batch"):
-        ints[col] = []
+    def values(col: str, read: Callable[[Any], Any], what: str) -> list[Any]:
+        """Every cell of `col` read by `read` (None: not readable), or a one-line error naming the cell."""
+        out = []
         for i, v in enumerate(sf._column(col)):
-            n = _positive_int(v)
-            if n is None:
-                raise KvscopeError(f"{sf.shown}: column {col}, {sf._where(i)}: {v!r} is not a positive integer")
-            ints[col].append(n)
-    floats: dict[str, list[float]] = {}
-    for col in ("decode_p50_ms_per_tok", "decode_tok_s"):
-        floats[col] = []
-        for i, v in enumerate(sf._column(col)):
-            x = _number(v)
+            x = read(v)
             if x is None:
-                raise KvscopeError(f"{sf.shown}: column {col}, {sf._where(i)}: {v!r} is not a number")
-            floats[col].append(x)
+                raise KvscopeError(f"{sf.shown}: column {col}, {sf._where(i)}: {v!r} is not {what}")
+            out.append(x)
+        return out
+
+    ints = {col: values(col, _positive_int, "a positive integer") for col in ("seq_len", "batch")}
+    floats = {col: values(col, _number, "a number") for col in ("decode_p50_ms_per_tok", "decode_tok_s")}
     flags = []
     for i, v in enumerate(sf._column("flag")):
         if v is not None and not isinstance(v, str):
