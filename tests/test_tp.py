@@ -5,8 +5,11 @@ the merged summary's columns on synthetic rows."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +21,7 @@ from kvscope.analysis.schema import COLLECTIVE_OPS
 from kvscope.cli import main
 from kvscope.commands.tp_generate import Generated, rank_generate
 from kvscope.commands.tp_launch import RankContext, run_ranks
-from kvscope.commands.tp_run import MERGED_COLUMNS, merge_summary, step_skew
+from kvscope.commands.tp_run import MERGED_COLUMNS, merge_summary, rank_run, step_skew
 from kvscope.engine.greedy import pad_prompts
 from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunConfig, RunPlan, RunSpec
@@ -359,6 +362,45 @@ def test_run_tp_writes_one_folder_with_ranks(tmp_path: Path, capsys: pytest.Capt
     spans = [e for e in trace if e["ph"] == "X"]
     assert sorted({e["pid"] for e in spans}) == [100, 101]  # one trace process per rank
     assert [sum(e["pid"] == 100 + r for e in spans) for r in (0, 1)] == per_rank.tolist()
+
+
+def _socket_fds() -> int:
+    """Sockets this process holds open (a gloo group holds one per peer pair and its store's)."""
+    n = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+            n += fd.readlink().as_posix().startswith("socket:")
+    return n
+
+
+def _run_then_leave(ctx: RankContext, plan: RunPlan) -> tuple[int, int]:
+    """A whole rank's run (model built, measured, results gathered), then the group left: (sockets in the group,
+    sockets after leaving it)."""
+    inside = _socket_fds()
+    rank_run(ctx, plan, None, "sockets")
+    leave_group()
+    return inside, _socket_fds()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts sockets through /proc")
+def test_a_rank_leaves_its_group_closed_after_a_run() -> None:
+    # CI once aborted a rank at exit ("terminate called without an active exception"): the group outlived
+    # destroy_process_group and a gloo thread dropped the gather's tensor while the interpreter was finalising.
+    plan = _plan(FAMILIES["llama"])
+    inside, after = run_ranks(2, CPU, _run_then_leave, plan).value
+    assert inside > 0
+    assert after == 0
+
+
+def test_building_a_model_imports_no_meta_kernels() -> None:
+    # a random draw on the meta device imports torch._dynamo and its ~800 modules, which held the process group
+    code = ("import sys, torch\n"
+            "from kvscope.model.config import ModelArgs\n"
+            "from kvscope.model.weights import empty_model\n"
+            "empty_model(ModelArgs.from_preset('tiny'), 'cpu', torch.float32)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "False"
 
 
 def test_run_tp_under_torchrun_is_the_rank_itself(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -151,13 +151,23 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
 
 
+class Embedding(nn.Embedding):
+    """`nn.Embedding` without its random draw at construction: kvscope builds the modules on the meta device and
+    fills every weight itself (`kvscope.model.weights`). A normal draw on a meta tensor would import torch's Python
+    meta kernels (torch._dynamo among some 800 modules); imported inside a tensor-parallel rank, they hold the
+    process group alive past `destroy_process_group`, and its gloo threads then abort the exiting interpreter."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class Transformer(nn.Module):
     """Embedding, decoder blocks, final norm and lm_head. The engine walks `layers` itself."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
