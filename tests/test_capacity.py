@@ -164,6 +164,8 @@ def test_cli_warns_when_the_prompt_differs_from_the_sweep(tmp_path: Path, capsys
     (batch_sweep(engine=["kvscope", "transformers"] * 3), (), "holds the rows of several engines"),
     (batch_sweep(), ("--output", "4000"), "exceeds tiny's maximum context of 2,048"),
     (batch_sweep(), ("--block-tokens", "0"), "--block-tokens must be >= 1, got 0"),
+    (batch_sweep(), ("--gpu-mem-gb", "-1"), "--gpu-mem-gb must be positive, got -1 GiB (-1,073,741,824 bytes)"),
+    (batch_sweep(), ("--reserve-gb", "-0.5"), "--reserve-gb must be >= 0, got -0.5 GiB (-536,870,912 bytes)"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], df: pd.DataFrame,
                                       extra: tuple[str, ...], message: str) -> None:

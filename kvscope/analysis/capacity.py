@@ -288,9 +288,11 @@ def _check_query(q: CapacityQuery, args: ModelArgs) -> None:
         if n < 1:
             raise KvscopeError(f"{name} must be >= 1, got {n}")
     if q.gpu_mem_bytes <= 0:
-        raise KvscopeError(f"--gpu-mem-gb must be positive, got {q.gpu_mem_bytes} bytes")
+        raise KvscopeError(f"--gpu-mem-gb must be positive, got {q.gpu_mem_bytes / GIB_BYTES:g} GiB "
+                           f"({q.gpu_mem_bytes:,} bytes)")
     if q.reserve_bytes < 0:
-        raise KvscopeError(f"--reserve-gb must be >= 0, got {q.reserve_bytes} bytes")
+        raise KvscopeError(f"--reserve-gb must be >= 0, got {q.reserve_bytes / GIB_BYTES:g} GiB "
+                           f"({q.reserve_bytes:,} bytes)")
     if q.prompt + q.output > args.max_position_embeddings:
         raise KvscopeError(f"--prompt + --output = {q.prompt + q.output:,} exceeds {args.name}'s maximum context of "
                            f"{args.max_position_embeddings:,}")
