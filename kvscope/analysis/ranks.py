@@ -114,15 +114,18 @@ def rank_alignment(result: AlignResult) -> tuple[pd.DataFrame, pd.DataFrame] | N
     return rank_table(per_step, ranks), per_step
 
 
-def analyse_ranks(export: str | Path | NsysExport, run_dir: Path | None = None, nsys: str | None = None,
-                  phase_map: str | None = None) -> tuple[AlignResult, tuple[pd.DataFrame, pd.DataFrame] | None]:
-    """`kvscope align` over every process (no timings: the ranks' region names repeat), then with a run folder whose
-    timings have a `rank` column, each rank's regions against its own rows (align.parquet with `rank`)."""
+def analyse_ranks(export: str | Path | NsysExport, timings: str | Path | pd.DataFrame | None = None,
+                  nsys: str | None = None, phase_map: str | None = None
+                  ) -> tuple[AlignResult, tuple[pd.DataFrame, pd.DataFrame] | None]:
+    """`kvscope align` over every process (no timings: the ranks' region names repeat), then with timings (a run
+    folder or its table, as `read_timings` gives it) that have a `rank` column, each rank's regions against its own
+    rows (align.parquet with `rank`)."""
     exp = export if isinstance(export, NsysExport) else load_export(export, nsys=nsys)
     result = analyse(exp, None, phase_map=phase_map)
     split = rank_alignment(result)
-    if run_dir is not None and split is not None:
-        timings = read_timings(run_dir)
+    if timings is not None and split is not None:
+        if isinstance(timings, (str, Path)):
+            timings = read_timings(Path(timings))
         if "rank" in timings:
             parts = []
             for row in split[0].itertuples(index=False):

@@ -24,15 +24,16 @@ def command(ns: argparse.Namespace) -> int:
     start_ns = parse_time_ns(ns.start, "--start") if ns.start is not None else None
     end_ns = parse_time_ns(ns.end, "--end") if ns.end is not None else None
     split = None
-    if ns.timings and "rank" in read_timings(Path(ns.timings)):  # a tensor-parallel run: each rank on its own
+    timings = read_timings(Path(ns.timings)) if ns.timings else None  # read once, for either path
+    if timings is not None and "rank" in timings:  # a tensor-parallel run: each rank on its own
         used = [f for f, v in (("--domain", ns.domain), ("--range", ns.range), ("--start", ns.start),
                                ("--end", ns.end), ("--pid", ns.pid), ("--classes", ns.classes)) if v is not None]
         if used:
             raise KvscopeError(f"align: {', '.join(used)} cannot be combined with the timings of a tensor-parallel run "
                                f"({ns.timings}: one process per rank, each aligned whole)")
-        result, split = analyse_ranks(Path(ns.export), Path(ns.timings), nsys=ns.nsys, phase_map=ns.phase_map)
+        result, split = analyse_ranks(Path(ns.export), timings, nsys=ns.nsys, phase_map=ns.phase_map)
     else:
-        result = analyse(Path(ns.export), Path(ns.timings) if ns.timings else None, nsys=ns.nsys, domain=ns.domain,
+        result = analyse(Path(ns.export), timings, nsys=ns.nsys, domain=ns.domain,
                          range_re=ns.range, start_ns=start_ns, end_ns=end_ns, pid=ns.pid, phase_map=ns.phase_map,
                          classes=Path(ns.classes) if ns.classes else None)
     with folder as tmp:
