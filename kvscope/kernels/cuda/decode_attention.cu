@@ -202,6 +202,64 @@ __device__ __forceinline__ void da_fused_merge(elem_t* __restrict__ out, const f
     }
 }
 
+// Which block this is, shared by both kernels: grid (split, (KV head, chunk of ROWS query heads of its group), sequence).
+// Its KV head, its first query head and how many of its ROWS are real heads, and the positions [start, end) of its
+// split of the sequence's length (clamped to [0, s_max]; an empty range when the split lies past the length).
+struct DaBlock {
+    int split, b, kvh, head0, valid_heads;
+    long long start, end;
+};
+
+template <int ROWS>
+__device__ __forceinline__ DaBlock da_block(const long long* __restrict__ lengths, int n_heads, int n_kv_heads,
+                                            int s_max, int n_splits) {
+    const int split = blockIdx.x, group = blockIdx.y, b = blockIdx.z;
+    const int g_size = n_heads / n_kv_heads, n_chunks = (g_size + ROWS - 1) / ROWS;
+    const int kvh = group / n_chunks, chunk = group % n_chunks;
+    const int head0 = kvh * g_size + chunk * ROWS;
+    const int valid_heads = min(ROWS, g_size - chunk * ROWS);
+    long long len = lengths[b];
+    len = len < 0 ? 0 : (len > s_max ? s_max : len);
+    const long long per_split = (len + n_splits - 1) / n_splits;
+    const long long start = (long long)split * per_split;
+    const long long end = min(len, start + per_split);
+    return DaBlock{split, b, kvh, head0, valid_heads, start, end};
+}
+
+// The end of a split block, shared by both kernels: each of the block's WARPS left, per head row of ROWS, its running
+// max m (log2 units), its sum l and its unnormalised output o[D] in shared memory; one (head, dim) per thread and
+// step, they are combined into the block's result for positions [start, end): the output itself when there is one
+// split, else the split's partial output and log-sum-exp for the merge. Rows (b, h) of (B, H, ...) from head0.
+template <int WARPS, int ROWS, int D>
+__device__ __forceinline__ void da_combine_warps(elem_t* __restrict__ out, float* __restrict__ part_o,
+                                                 float* __restrict__ part_lse, const float (*s_o)[ROWS][D],
+                                                 const float (*s_m)[ROWS], const float (*s_l)[ROWS], int valid_heads,
+                                                 int b, int n_heads, int head0, int n_splits, int split) {
+    for (int i = threadIdx.x; i < valid_heads * D; i += blockDim.x) {
+        const int h = i / D, d = i % D;
+        float mm = DA_NEG_INF;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) mm = fmaxf(mm, s_m[w][h]);
+        float lsum = 0.f, acc = 0.f;
+        if (mm != DA_NEG_INF) {
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) {
+                const float wt = da_exp2(s_m[w][h] - mm);
+                lsum += s_l[w][h] * wt;
+                acc += s_o[w][h][d] * wt;
+            }
+        }
+        const float res = lsum > 0.f ? acc / lsum : 0.f;
+        const long long oh = (long long)b * n_heads + head0 + h;  // row of (b, h) in (B, H, ...)
+        if (n_splits == 1) {
+            out[oh * D + d] = from_f(res);
+        } else {
+            part_o[(oh * n_splits + split) * D + d] = res;
+            if (d == 0) part_lse[oh * n_splits + split] = lsum > 0.f ? mm + __log2f(lsum) : DA_NEG_INF;
+        }
+    }
+}
+
 template <int D, int GP>
 __device__ __forceinline__ void da_split(elem_t* __restrict__ out, float* __restrict__ part_o,
                                          float* __restrict__ part_lse, int* counters, const elem_t* __restrict__ q,
@@ -223,16 +281,9 @@ __device__ __forceinline__ void da_split(elem_t* __restrict__ out, float* __rest
     float(*s_m)[GP] = reinterpret_cast<float(*)[GP]>(smem + DA_WARPS * GP * D * sizeof(float));  // [DA_WARPS][GP]
     float(*s_l)[GP] = s_m + DA_WARPS;                                                       // [DA_WARPS][GP]
 
-    const int split = blockIdx.x, group = blockIdx.y, b = blockIdx.z;
-    const int g_size = n_heads / n_kv_heads, n_chunks = (g_size + GP - 1) / GP;
-    const int kvh = group / n_chunks, chunk = group % n_chunks;
-    const int head0 = kvh * g_size + chunk * GP;
-    const int valid_heads = min(GP, g_size - chunk * GP);
-    long long len = lengths[b];
-    len = len < 0 ? 0 : (len > s_max ? s_max : len);
-    const long long per_split = (len + n_splits - 1) / n_splits;
-    const long long start = (long long)split * per_split;
-    const long long end = min(len, start + per_split);
+    const DaBlock blk = da_block<GP>(lengths, n_heads, n_kv_heads, s_max, n_splits);
+    const int split = blk.split, b = blk.b, kvh = blk.kvh, head0 = blk.head0, valid_heads = blk.valid_heads;
+    const long long start = blk.start, end = blk.end;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int tg = lane / LT, l_in = lane % LT;
@@ -367,30 +418,9 @@ __device__ __forceinline__ void da_split(elem_t* __restrict__ out, float* __rest
     }
     __syncthreads();
 
-    // the block's warps together, one (head, dim) per thread and step
-    for (int i = threadIdx.x; i < valid_heads * D; i += blockDim.x) {
-        const int g = i / D, d = i % D;
-        float mm = DA_NEG_INF;
-#pragma unroll
-        for (int w = 0; w < DA_WARPS; ++w) mm = fmaxf(mm, s_m[w][g]);
-        float lsum = 0.f, o = 0.f;
-        if (mm != DA_NEG_INF) {
-#pragma unroll
-            for (int w = 0; w < DA_WARPS; ++w) {
-                const float wt = da_exp2(s_m[w][g] - mm);
-                lsum += s_l[w][g] * wt;
-                o += s_acc[w][g][d] * wt;
-            }
-        }
-        const float res = lsum > 0.f ? o / lsum : 0.f;
-        const long long oh = (long long)b * n_heads + head0 + g;  // row of (b, h) in (B, H, ...)
-        if (n_splits == 1) {
-            out[oh * D + d] = from_f(res);
-        } else {
-            part_o[(oh * n_splits + split) * D + d] = res;
-            if (d == 0) part_lse[oh * n_splits + split] = lsum > 0.f ? mm + __log2f(lsum) : DA_NEG_INF;
-        }
-    }
+    // the block's warps together
+    da_combine_warps<DA_WARPS, GP, D>(out, part_o, part_lse, s_acc, s_m, s_l, valid_heads, b, n_heads, head0,
+                                      n_splits, split);
     if (counters != nullptr && n_splits > 1)
         da_fused_merge<D>(out, part_o, part_lse, counters, reinterpret_cast<float*>(smem),
                           (int)(sizeof(smem) / sizeof(float)), (long long)b * n_heads + head0, valid_heads, n_splits);
@@ -480,16 +510,9 @@ __device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __rest
     float(*s_m)[DM_ROWS] = reinterpret_cast<float(*)[DM_ROWS]>(dm_smem + DM_WARPS * DM_ROWS * D * sizeof(float));
     float(*s_l)[DM_ROWS] = s_m + DM_WARPS;
 
-    const int split = blockIdx.x, group = blockIdx.y, b = blockIdx.z;
-    const int g_size = n_heads / n_kv_heads, n_chunks = (g_size + DM_ROWS - 1) / DM_ROWS;
-    const int kvh = group / n_chunks, chunk = group % n_chunks;
-    const int head0 = kvh * g_size + chunk * DM_ROWS;
-    const int valid_heads = min(DM_ROWS, g_size - chunk * DM_ROWS);
-    long long len = lengths[b];
-    len = len < 0 ? 0 : (len > s_max ? s_max : len);
-    const long long per_split = (len + n_splits - 1) / n_splits;
-    const long long start = (long long)split * per_split;
-    const long long end = min(len, start + per_split);
+    const DaBlock blk = da_block<DM_ROWS>(lengths, n_heads, n_kv_heads, s_max, n_splits);
+    const int split = blk.split, b = blk.b, kvh = blk.kvh, head0 = blk.head0, valid_heads = blk.valid_heads;
+    const long long start = blk.start, end = blk.end;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t4 = lane & 3;  // the mma fragments' row group and column pair
@@ -625,29 +648,8 @@ __device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __rest
         s_l[warp][g + 8] = l1;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < valid_heads * D; i += blockDim.x) {
-        const int h = i / D, d = i % D;
-        float mm = DA_NEG_INF;
-#pragma unroll
-        for (int w = 0; w < DM_WARPS; ++w) mm = fmaxf(mm, s_m[w][h]);
-        float lsum = 0.f, acc = 0.f;
-        if (mm != DA_NEG_INF) {
-#pragma unroll
-            for (int w = 0; w < DM_WARPS; ++w) {
-                const float wt = da_exp2(s_m[w][h] - mm);
-                lsum += s_l[w][h] * wt;
-                acc += s_o[w][h][d] * wt;
-            }
-        }
-        const float res = lsum > 0.f ? acc / lsum : 0.f;
-        const long long oh = (long long)b * n_heads + head0 + h;
-        if (n_splits == 1) {
-            out[oh * D + d] = from_f(res);
-        } else {
-            part_o[(oh * n_splits + split) * D + d] = res;
-            if (d == 0) part_lse[oh * n_splits + split] = lsum > 0.f ? mm + __log2f(lsum) : DA_NEG_INF;
-        }
-    }
+    da_combine_warps<DM_WARPS, DM_ROWS, D>(out, part_o, part_lse, s_o, s_m, s_l, valid_heads, b, n_heads, head0,
+                                           n_splits, split);
     if (counters != nullptr && n_splits > 1)
         da_fused_merge<D>(out, part_o, part_lse, counters, reinterpret_cast<float*>(dm_smem),
                           DM_WARPS * DM_STAGES * STAGE_BYTES / (int)sizeof(float), (long long)b * n_heads + head0,
