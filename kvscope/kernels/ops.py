@@ -482,9 +482,7 @@ def decode_splits(blocks: int, s_max: int, sm_count: int) -> int:
     length."""
     if blocks < 1 or s_max < 1 or sm_count < 1:
         raise ValueError(f"decode_splits: blocks {blocks}, s_max {s_max}, sm_count {sm_count} must be positive")
-    want = -(-sm_count * DECODE_ATTENTION_BLOCKS_PER_SM // blocks)
-    most = max(1, s_max // DECODE_ATTENTION_MIN_SPLIT_TOKENS)
-    return max(1, min(want, most, DECODE_ATTENTION_MAX_SPLITS))
+    return _split_count(blocks, s_max, sm_count, 1, DECODE_ATTENTION_MIN_SPLIT_TOKENS)
 
 
 def decode_splits_long(blocks: int, s_max: int, sm_count: int,
@@ -495,7 +493,14 @@ def decode_splits_long(blocks: int, s_max: int, sm_count: int,
     if blocks < 1 or s_max < 1 or sm_count < 1 or min_split_tokens < 1:
         raise ValueError(f"decode_splits_long: blocks {blocks}, s_max {s_max}, sm_count {sm_count}, min_split_tokens "
                          f"{min_split_tokens} must be positive")
-    want = -(-sm_count * DECODE_ATTENTION_BLOCKS_PER_SM * DECODE_ATTENTION_LONG_WAVES // blocks)
+    return _split_count(blocks, s_max, sm_count, DECODE_ATTENTION_LONG_WAVES, min_split_tokens)
+
+
+def _split_count(blocks: int, s_max: int, sm_count: int, waves: int, min_split_tokens: int) -> int:
+    """The split rules' count (arguments checked by the caller): enough splits for `waves` waves of
+    DECODE_ATTENTION_BLOCKS_PER_SM blocks per SM, none shorter than `min_split_tokens` positions of S_max, at most
+    DECODE_ATTENTION_MAX_SPLITS, at least one."""
+    want = -(-sm_count * DECODE_ATTENTION_BLOCKS_PER_SM * waves // blocks)
     most = max(1, s_max // min_split_tokens)
     return max(1, min(want, most, DECODE_ATTENTION_MAX_SPLITS))
 
