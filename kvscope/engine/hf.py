@@ -262,7 +262,6 @@ class HfEngine(GreedyLoop):
         if self.context + n > self.cfg.max_seq:
             raise KvscopeError(f"{n} more token(s) after {self.context} exceed the cache's {self.cfg.max_seq}")
 
-
     # ---- the cache's bytes --------------------------------------------------------------------------------
     def _cache_tensors(self) -> list[torch.Tensor]:
         found = []
