@@ -10,8 +10,8 @@ import sys
 
 import pandas as pd
 
-from kvscope.analysis.nsys import load_export
-from kvscope.analysis.projection import project
+from kvscope.analysis.nsys.export import load_export
+from kvscope.analysis.nsys.projection import project
 
 
 def main() -> None:

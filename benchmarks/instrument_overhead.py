@@ -46,10 +46,10 @@ from typing import Any
 
 import torch
 
-from kvscope.commands.run import regions_per_rep
 from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunConfig, parse_dtype
 from kvscope.io import write_json
+from kvscope.measure.run import regions_per_rep
 from kvscope.model.source import resolve_model
 from kvscope.model.weights import load_model
 from kvscope.profiler.instrument import Instrument

@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from kvscope.analysis.projection import union_length
+from kvscope.analysis.nsys.projection import union_length
 from kvscope.analysis.roofline import decode_cost, prefill_cost
-from kvscope.analysis.schema import NS_PER_MS
 from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunConfig
 from kvscope.model.source import resolve_model
 from kvscope.model.weights import load_model
 from kvscope.profiler.calibrate import load_ceilings
+from kvscope.schema import NS_PER_MS
 
 DT = torch.bfloat16
 W_BYTES = KV_BYTES = 2  # bf16 weights and cache

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kvscope.analysis.align import label_ranges
-from kvscope.analysis.nsys import load_export
-from kvscope.analysis.projection import project
+from kvscope.analysis.align.join import label_ranges
+from kvscope.analysis.nsys.export import load_export
+from kvscope.analysis.nsys.projection import project
 
 
 def generate(path: Path, n_ranges: int, n_kernels: int, threads: int = 2) -> None:

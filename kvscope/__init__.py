@@ -4,7 +4,7 @@ The Python API (`kvscope.api`; docs/api.md): `run`, `load_run`, `load_export`, `
 `Run` they return and `KvscopeError`, the one exception bad input raises. They are imported on first use, so
 `import kvscope` stays light: it imports neither torch nor pandas, and only `kvscope.run` ever imports torch.
 Type checkers and editors read the names' types from `__init__.pyi`. Nothing here imports `kvscope.api` itself (it
-ranks with this module in tests/test_layers.py): `__getattr__` does, on first use.
+ranks with this module in tests/test_import_rules.py): `__getattr__` does, on first use.
 """
 
 from __future__ import annotations

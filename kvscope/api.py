@@ -26,20 +26,20 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from kvscope.analysis.align.pipeline import AlignResult, analyse
 from kvscope.analysis.inputs import find_run_folder, read_parquet
-from kvscope.analysis.nsys import NsysExport
-from kvscope.analysis.nsys import load_export as _load_export
-from kvscope.analysis.projection import project as _project
-from kvscope.analysis.report_align import AlignResult, analyse
-from kvscope.analysis.schema import NVML_FILE, SUMMARY_FILE, TIMINGS_FILE
+from kvscope.analysis.nsys.export import NsysExport
+from kvscope.analysis.nsys.export import load_export as _load_export
+from kvscope.analysis.nsys.projection import project as _project
 from kvscope.argtypes import TextArg
 from kvscope.cli import parse_args
 from kvscope.errors import KvscopeError
 from kvscope.io import read_metadata
+from kvscope.schema import NVML_FILE, SUMMARY_FILE, TIMINGS_FILE
 
 if TYPE_CHECKING:  # annotations only
-    from kvscope.analysis.kernel_classes import Rules
-    from kvscope.analysis.phase_map import PhaseMap
+    from kvscope.analysis.align.kernel_classes import Rules
+    from kvscope.analysis.align.phase_map import PhaseMap
 
 __all__ = ["AlignResult", "NsysExport", "Run", "align", "kv_math", "load_export", "load_run", "project", "run"]
 
@@ -97,8 +97,8 @@ def run(model: PathLike | None = None, *, batch_size: int = 1, seq: int = 512, g
         argv.append("--no-nvtx")
     ns = parse_args(argv)
     # the measuring side imports torch: only here
-    from kvscope.commands.options import run_spec
-    from kvscope.commands.run import execute
+    from kvscope.measure.options import run_spec
+    from kvscope.measure.run import execute
 
     spec = run_spec(ns)
     if nvtx is True:
@@ -182,9 +182,9 @@ def kv_math(model: PathLike, batch_size: int = 1, seq: int = 0, dtype: str | Non
     ns = parse_args(_argv("kv-math", model=model, batch_size=batch_size, seq=seq, dtype=dtype, kv_dtype=kv_dtype,
                           gpu_mem_gb=gpu_mem_gb, reserve_gb=reserve_gb, rps=rps, latency_s=latency_s,
                           page_size=page_size))
-    from kvscope.commands import kv_math as kv_math_command
+    from kvscope.measure.kv_math import compute
 
-    return kv_math_command.compute(ns)
+    return compute(ns)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------

@@ -12,10 +12,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from kvscope.analysis.schema import GRANULARITIES
 from kvscope.argtypes import GIB_MAX, NVML_INTERVAL_MAX_MS, UINT64_MAX, FloatArg, IntArg, TextArg
-from kvscope.engine.engines import ENGINES, KVSCOPE_ENGINE
 from kvscope.errors import KvscopeError
+from kvscope.schema import ENGINES, GRANULARITIES, KVSCOPE_ENGINE
 
 EXIT_BAD_INPUT = 2
 PROG = "kvscope"

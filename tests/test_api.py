@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 
 import kvscope
-from kvscope.analysis.schema import ALIGN_OUTPUT_FILES
 from kvscope.cli import error_line, main
 from kvscope.errors import KvscopeError
 from kvscope.io import read_metadata, write_parquet
+from kvscope.schema import ALIGN_OUTPUT_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 NSYS = ROOT / "tests" / "data" / "nsys"

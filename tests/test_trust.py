@@ -242,7 +242,7 @@ def _sample_for(seconds: float, interval_ms: float = 10.0):
 
 
 def test_nvml_samples_come_from_a_child_process_polled(fake_gpu: Path) -> None:
-    from kvscope.analysis.schema import NVML_COLUMNS as COLUMNS
+    from kvscope.schema import NVML_COLUMNS as COLUMNS
 
     s, _ = _sample_for(0.4)
     assert s.available and s.reason == "" and s.mode == "polled"
@@ -291,7 +291,7 @@ def test_nvml_on_cpu_starts_nothing() -> None:
 
 # ---- nsys capture hygiene -------------------------------------------------------------------------------------
 def test_importer_search_stays_inside_the_nsys_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvscope.commands.nsys import find_importer
+    from kvscope.measure.nsys import find_importer
 
     monkeypatch.delenv("QDSTRM_IMPORTER", raising=False)
     install = tmp_path / "nsight" / "target-linux-x64"
@@ -320,7 +320,7 @@ def test_importer_search_stays_inside_the_nsys_install(tmp_path: Path, monkeypat
 def test_capture_never_takes_another_process_raw_capture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stand-in nsys that leaves its raw capture unimported (as nsys does without libdw) in its TMPDIR: capture()
     imports that one, not the newer one another process left in /tmp."""
-    from kvscope.commands import nsys as nsys_capture
+    from kvscope.measure import nsys as nsys_capture
 
     fake = tmp_path / "bin"
     fake.mkdir()
@@ -369,7 +369,7 @@ def test_run_report_shows_the_spread_of_ttft_and_tpot(tmp_path: Path) -> None:
 def test_sweep_plots_hold_the_data_they_show(tmp_path: Path) -> None:
     from matplotlib.image import imread
 
-    from kvscope.analysis.report import FIGURE_DPI, FIGURE_SIZE_IN, sweep_report
+    from kvscope.analysis.report.build import FIGURE_DPI, FIGURE_SIZE_IN, sweep_report
 
     sweep = tmp_path / "s.csv"
     assert main(["sweep", "--model", "tiny", "--device", "cpu", "--seq", "8,16,32", "--batch-sizes", "1,2",

@@ -35,15 +35,15 @@ import pandas as pd
 
 from kvscope.analysis.explain import engines, not_oom
 from kvscope.analysis.inputs import numeric_column, shown_value
-from kvscope.analysis.kvmath import GIB_BYTES, decode_workspace_bytes, dtype_bytes, kv_bytes_per_token
+from kvscope.analysis.kvmath import decode_workspace_bytes, dtype_bytes, kv_bytes_per_token
 from kvscope.errors import KvscopeError
 from kvscope.model.config import ModelArgs
+from kvscope.schema import GIB_BYTES, MS_PER_S
 
 MEASURED, INTERPOLATED, COMPUTED = "measured", "interpolated", "computed"
 SOURCES = (MEASURED, INTERPOLATED, COMPUTED)
 DEFAULT_BLOCK_TOKENS = 16
 FP8_BYTES = 1
-MS_PER_S = 1e3
 TPOT_COLUMNS = ("tpot_p50_ms", "decode_p50_ms_per_tok")
 TTFT_COLUMNS = ("ttft_ms", "prefill_p50_ms")
 ROW_COLUMNS = ("scenario", "quantity", "value", "unit", "source", "note")

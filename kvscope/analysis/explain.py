@@ -35,16 +35,13 @@ import numpy as np
 import pandas as pd
 
 from kvscope.analysis.inputs import numeric_column
+from kvscope.schema import ATTRIBUTION_CLASS_WORDS, BYTES_PER_GB, KVSCOPE_ENGINE, MS_PER_S
 
-KERNEL_CLASS_COLUMNS = ("gemm", "attention", "norm", "elementwise", "copy", "communication", "other")
 MIN_GROWTH_PP = 1.0  # a class whose share grows less than this (percentage points) is not said to grow
 BATCH_FREE_PCT = 10.0  # a step more than this much slower than the smallest batch's: batching is no longer free
 COMPUTE_BOUND_MFU_PCT = 50.0  # a prefill at or above this MFU is called compute-bound
 KV_BEND_SLOPE = 0.5  # log-log slope of step time vs the axis at which KV bytes equal weight bytes
 BEND_MATCH_FACTOR = 2.0  # the bend is "at" the crossover when within this factor of it
-BYTES_PER_GB = 1e9
-MS_PER_S = 1e3
-DEFAULT_ENGINE = "kvscope"
 NSYS_HINT = "(attribution columns of `kvscope sweep --nsys`)"
 FINDING_COLUMNS = ("engine", "axis", "fixed", "finding", "sentence", "values", "missing")
 
@@ -76,9 +73,9 @@ class SweepGroup:
 def engines(df: pd.DataFrame) -> pd.Series:
     """The engine of every row (`kvscope` where the column is absent or empty)."""
     if "engine" not in df.columns:
-        return pd.Series(DEFAULT_ENGINE, index=df.index)
+        return pd.Series(KVSCOPE_ENGINE, index=df.index)
     e = df["engine"].astype("string").fillna("").str.strip()
-    return e.where(e != "", DEFAULT_ENGINE).astype(str)
+    return e.where(e != "", KVSCOPE_ENGINE).astype(str)
 
 
 def not_oom(df: pd.DataFrame) -> pd.DataFrame:
@@ -140,7 +137,7 @@ def step_ms(rows: pd.DataFrame) -> tuple[str, np.ndarray] | None:
 
 def class_ms(rows: pd.DataFrame, phase: str) -> dict[str, np.ndarray]:
     """The kernel-class time columns of `phase` that the rows have (NaN as 0 where another class is present)."""
-    found = {c: column(rows, f"{phase}_{c}_ms") for c in KERNEL_CLASS_COLUMNS}
+    found = {c: column(rows, f"{phase}_{c}_ms") for c in ATTRIBUTION_CLASS_WORDS}
     return {c: v for c, v in found.items() if v is not None}
 
 
@@ -192,7 +189,7 @@ def class_growth(g: SweepGroup) -> Finding:
     name = "class_growth"
     classes = class_ms(g.rows, "decode")
     if not classes:
-        return Finding(name, missing=_need(*(f"decode_{c}_ms" for c in KERNEL_CLASS_COLUMNS)) + " " + NSYS_HINT)
+        return Finding(name, missing=_need(*(f"decode_{c}_ms" for c in ATTRIBUTION_CLASS_WORDS)) + " " + NSYS_HINT)
     table = np.vstack([np.nan_to_num(v, nan=0.0) for v in classes.values()])  # (classes, points)
     present = np.vstack([np.isfinite(v) for v in classes.values()]).any(axis=0)
     total = table.sum(axis=0)

@@ -18,14 +18,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from kvscope.analysis.schema import (
+from kvscope.errors import KvscopeError
+from kvscope.schema import (
     KERNEL_CLASSES_FILE,
     NSYS_RUN_SUBFOLDER,
     STEPS_FILE,
     SUMMARY_FILE,
     TIMINGS_FILE,
 )
-from kvscope.errors import KvscopeError
 
 MISSING_SPELLINGS = frozenset({"", "nan", "na", "n/a", "null", "none"})
 _READ_ERRORS = (OSError, ValueError, pa.ArrowException)

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 from kvscope.errors import KvscopeError
 from kvscope.model.config import RUN_DTYPE_BYTES, kv_bytes_per_token  # torch-free; also KVCache.bytes_for's formula
 from kvscope.model.tp import local_args  # torch-free
+from kvscope.schema import GIB_BYTES
 
 if TYPE_CHECKING:  # for annotations only: analysis imports no torch (kvscope.model.config does)
     from kvscope.model.config import ModelArgs
 
 # the run dtypes, their short names, and fp8 for a KV cache kvscope does not run
 DTYPE_BYTES = {**RUN_DTYPE_BYTES, "fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-GIB_BYTES = 2**30
 DEFAULT_RESERVE_BYTES = GIB_BYTES
 FP32_BYTES = 4
 

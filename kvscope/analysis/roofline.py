@@ -14,20 +14,17 @@ Counting rules (exact integers from `ModelArgs`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from kvscope.analysis.kvmath import kv_bytes_per_token
+from kvscope.schema import BYTES_PER_GB, FLOPS_PER_TFLOP, MS_PER_S, Ceilings
 
 if TYPE_CHECKING:  # for annotations only: analysis imports no torch (kvscope.model.config does)
     from kvscope.model.config import ModelArgs
 
-BYTES_PER_GB = 1e9
-FLOPS_PER_TFLOP = 1e12
-MS_PER_S = 1e3
 
 
 def layer_matmul_params(a: ModelArgs) -> int:
@@ -57,15 +54,6 @@ def prefill_cost(a: ModelArgs, batch: int, seq: int, w_bytes: int, kv_bytes: int
     flops = 2 * batch * seq * a.n_layers * layer_matmul_params(a) + 2 * batch * a.dim * a.vocab_size
     flops += a.n_layers * 4 * batch * a.n_heads * a.head_dim * (seq * (seq + 1) // 2)
     return moved, flops
-
-
-@dataclass(frozen=True)
-class Ceilings:
-    """Measured ceilings of one GPU (kvscope calibrate)."""
-
-    gpu: str
-    copy_gb_s: float  # device-to-device copy, bytes read + written per second / 1e9
-    bf16_tflop_s: float  # dense bf16 matmul
 
 
 def roofline(timings: pd.DataFrame, a: ModelArgs, w_bytes: int, kv_bytes: int, ceilings: Ceilings | None

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis.roofline import Ceilings, roofline
-from kvscope.analysis.schema import HOST_CLOCK
+from kvscope.analysis.roofline import roofline
 from kvscope.model.config import ModelArgs, kv_bytes_per_token  # torch-free
+from kvscope.schema import HOST_CLOCK, Ceilings
 
 # fewest samples for a percentile to be reported (else NaN): a p99 of 5 samples is their maximum, not a p99
 PERCENTILE_MIN_SAMPLES = {90: 10, 99: 100}

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kvscope.analysis.range_filters import parse_time_ns
-from kvscope.analysis.ranks import analyse_ranks, ranks_table, write_ranks
-from kvscope.analysis.report_align import AlignResult, analyse, output_folder, read_timings, summary_tables, write
+from kvscope.analysis.align.pipeline import AlignResult, analyse, output_folder, read_timings, summary_tables, write
+from kvscope.analysis.align.ranks import analyse_ranks, ranks_table, write_ranks
+from kvscope.analysis.nsys.filters import parse_time_ns
 from kvscope.commands.json_out import align_payload, json_line
 from kvscope.errors import KvscopeError
 

@@ -25,10 +25,11 @@ from kvscope.analysis.capacity import (
     weights_from_sweep,
 )
 from kvscope.analysis.inputs import read_sweep
-from kvscope.analysis.kvmath import GIB_BYTES, dtype_bytes, kv_bytes_per_token
+from kvscope.analysis.kvmath import dtype_bytes, kv_bytes_per_token
 from kvscope.commands.json_out import json_line, plain
 from kvscope.errors import KvscopeError
 from kvscope.model.source import ModelSource, resolve_model
+from kvscope.schema import GIB_BYTES
 
 TABLE_WIDTH = 140  # characters: the four scenario columns side by side
 

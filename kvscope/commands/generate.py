@@ -11,11 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kvscope.commands.options import model_options
-from kvscope.commands.run import load_for, make_engine
 from kvscope.engine.greedy import check_prompts
 from kvscope.engine.plan import prepare
 from kvscope.errors import KvscopeError
+from kvscope.measure.options import model_options
+from kvscope.measure.run import load_for, make_engine
 from kvscope.model.dtypes import dtype_name
 from kvscope.model.source import one_line, resolve_model
 
@@ -37,8 +37,8 @@ def command(ns: argparse.Namespace) -> int:
     source, cfg = plan.source, plan.cfg
     check_prompts(prompts, source.args.vocab_size)
     tp = getattr(ns, "tp", None)
-    if tp is not None:  # the model split over `tp` ranks (kvscope.commands.tp_generate)
-        from kvscope.commands.tp_generate import generate_tp
+    if tp is not None:  # the model split over `tp` ranks (kvscope.measure.tp_generate)
+        from kvscope.measure.tp_generate import generate_tp
 
         done = generate_tp(plan, prompts, ns.max_new_tokens, tp)
         if done is None:  # a torchrun rank other than 0: rank 0 prints

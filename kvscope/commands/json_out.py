@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis.schema import NS_PER_MS
+from kvscope.schema import NS_PER_MS
 
 # the summary's key numbers that `kvscope run --json` and `kvscope sweep --json` report
 RUN_KEY_COLUMNS = ("seq_len", "batch", "gen_tokens", "clock", "ttft_ms", "prefill_p50_ms", "prefill_tok_s",

@@ -17,39 +17,19 @@ Extra `nsys profile` flags (`--nsys-flag`, repeatable, each one option: `--sampl
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
-import shutil
-import subprocess
 import sys
-from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
 
-from kvscope.analysis.nsys import export_rep, find_nsys
-from kvscope.analysis.ranks import analyse_ranks, ranks_table, write_ranks
-from kvscope.analysis.report_align import analyse, write
-from kvscope.analysis.schema import NSYS_RUN_SUBFOLDER, TIMINGS_FILE
+from kvscope.analysis.align.ranks import ranks_table
 from kvscope.commands.align import print_align
 from kvscope.commands.json_out import align_payload, json_line
-from kvscope.commands.options import run_spec
-from kvscope.commands.run_output import OutputFolder
-from kvscope.commands.tp_launch import check_plan
 from kvscope.engine.plan import prepare
-from kvscope.errors import KvscopeError
-
-# kvscope's own `nsys profile` options for any command, and for `kvscope run` (whose capture range it opens)
-COMMAND_PROFILE_FLAGS = ("--trace=cuda,nvtx", "--sample=none", "--cpuctxsw=none", "--cuda-graph-trace=node")
-NSYS_PROFILE_FLAGS = (*COMMAND_PROFILE_FLAGS, "--capture-range=cudaProfilerApi", "--capture-range-end=stop")
-# `kvscope sweep --nsys`: one report per cudaProfilerStart/Stop pair (one per sweep point), the sweep running on
-SWEEP_PROFILE_FLAGS = (*COMMAND_PROFILE_FLAGS, "--capture-range=cudaProfilerApi", "--capture-range-end=repeat")
-# nsys's short options and their long names, for telling which of kvscope's options an extra flag replaces
-_SHORT = {"-t": "--trace", "-s": "--sample", "-c": "--capture-range", "-o": "--output", "-f": "--force-overwrite",
-          "-b": "--backtrace", "-w": "--show-output", "-x": "--stop-on-exit", "-d": "--duration", "-y": "--delay",
-          "-e": "--env-var", "-n": "--inherit-environment", "-p": "--nvtx-capture"}
-_OWN_OPTIONS = ("--output", "--force-overwrite")  # kvscope names and places the report
+from kvscope.measure.nsys import extra_flags, profile
+from kvscope.measure.options import run_spec
+from kvscope.measure.tp_launch import check_plan
 
 
 def command(ns: argparse.Namespace) -> int:
@@ -62,142 +42,16 @@ def command(ns: argparse.Namespace) -> int:
         if tp is not None:
             check_plan(plan, tp)
     final = Path(ns.out) if ns.out else Path("traces") / f"{datetime.now():%Y%m%d-%H%M%S}-nsys"
-    folder = OutputFolder(final)
-    exit_code = 0
-    try:
-        if ns.run is not None:
-            rep, run_dir = capture(ns.run_args, folder.tmp, ns.nsys, extra)
-            what = {"run_args": ns.run_args}
-        else:
-            rep, exit_code = capture_command(ns.command_args, folder.tmp, ns.nsys, extra)
-            run_dir, what = None, {"profiled": ns.command_args, "exit_code": exit_code}
-        sqlite = export_rep(rep, ns.nsys, out=folder.tmp / "report.sqlite")
-        meta = {"command": " ".join(sys.argv), **what, "nsys_flags": extra}
-        split = None
-        if tp is not None:  # every rank in one capture: aligned per rank (kvscope.analysis.ranks)
-            result, split = analyse_ranks(sqlite, run_dir)
-        else:
-            result = analyse(sqlite, run_dir)
-        write(result, folder.tmp, meta)
-        if split is not None:
-            write_ranks(split, folder.tmp, meta)
-        done = folder.commit()
-    except BaseException:
-        folder.discard()
-        raise
-    print_align(result)
-    if split is not None:
-        Console().print(ranks_table(split[0]))
-    if exit_code:
-        print(f"nsys: the profiled command exited with code {exit_code}; its capture was aligned all the same")
-    print(f"nsys: {done} ({', '.join(sorted(p.name for p in done.iterdir()))})")
+    run_args = ns.run_args if ns.run is not None else None
+    done = profile(final, run_args, None if ns.run is not None else ns.command_args, ns.nsys, extra, tp,
+                   {"command": " ".join(sys.argv)})
+    print_align(done.result)
+    if done.split is not None:
+        Console().print(ranks_table(done.split[0]))
+    if done.exit_code:
+        print(f"nsys: the profiled command exited with code {done.exit_code}; its capture was aligned all the same")
+    print(f"nsys: {done.folder} ({', '.join(sorted(p.name for p in done.folder.iterdir()))})")
     if getattr(ns, "json", False):
-        print(json_line({**align_payload(done, result.ranges, result.kernels), "profiled_exit_code": exit_code}))
+        print(json_line({**align_payload(done.folder, done.result.ranges, done.result.kernels),
+                         "profiled_exit_code": done.exit_code}))
     return 0
-
-
-def extra_flags(values: Sequence[str]) -> list[str]:
-    """The `--nsys-flag` values as `nsys profile` arguments: each value split like a shell would, each starting with
-    an option; kvscope's output options refused."""
-    out: list[str] = []
-    for value in values:
-        try:
-            parts = shlex.split(value)
-        except ValueError as exc:
-            raise KvscopeError(f"nsys: --nsys-flag {value!r}: {exc}") from None
-        if not parts or not parts[0].startswith("-"):
-            raise KvscopeError(f"nsys: --nsys-flag {value!r} is not an nsys option (write --nsys-flag=--sample=cpu)")
-        if _option(parts[0]) in _OWN_OPTIONS:
-            raise KvscopeError(f"nsys: --nsys-flag {value!r}: kvscope sets the report's name and place; give --out")
-        out += parts
-    return out
-
-
-def _option(arg: str) -> str:
-    """The long name of the option `arg` starts with: `--trace=cuda` -> `--trace`, `-t` -> `--trace`."""
-    name = arg.split("=", 1)[0]
-    return _SHORT.get(name, name) if not name.startswith("--") else name
-
-
-def profile_flags(own: Sequence[str], extra: Sequence[str]) -> list[str]:
-    """kvscope's options without those that `extra` sets again, then `extra`."""
-    replaced = {_option(a) for a in extra if a.startswith("-")}
-    return [*(f for f in own if _option(f) not in replaced), *extra]
-
-
-def find_importer(nsys: str) -> str | None:
-    """QdstrmImporter: `$QDSTRM_IMPORTER`, or inside the nsys install: beside the nsys executable or in a sibling
-    `host-*` folder of the one that holds it (the layout of Nsight Systems and of the copy inside Nsight Compute).
-    Never a recursive search: nsys on PATH as /usr/bin/nsys would otherwise walk the whole filesystem."""
-    env = os.environ.get("QDSTRM_IMPORTER")
-    if env and Path(env).is_file():
-        return env
-    folder = Path(nsys).resolve().parent
-    candidates = [folder / "QdstrmImporter", *sorted(folder.parent.glob("host-*/QdstrmImporter"))]
-    hits = [c for c in candidates if c.is_file()]
-    return str(hits[0]) if hits else None
-
-
-def require_nsys(nsys: str | None) -> str:
-    """The nsys executable (find_nsys), or a one-line error naming the ways to give it."""
-    exe = find_nsys(nsys)
-    if exe is None:
-        raise KvscopeError("nsys not found: pass --nsys PATH, set $NSYS, or put nsys on PATH")
-    return exe
-
-
-def _profile(exe: str, flags: Sequence[str], program: Sequence[str], out: Path) -> tuple[int, Path, list[str]]:
-    """`nsys profile FLAGS -o OUT/report PROGRAM`: (nsys's exit code, OUT/report.nsys-rep, the command line). A raw
-    capture nsys could not import is imported here (QdstrmImporter) when exactly one is left."""
-    report = out / "report"
-    # nsys keeps its raw capture (`nsys-report-*.qdstrm`) in its temporary folder: a private one, so that a capture
-    # nsys could not import is ours, never another process's
-    scratch = out / "nsys-tmp"
-    scratch.mkdir(exist_ok=True)
-    cmd = profile_command(exe, flags, program, report)
-    try:
-        proc = subprocess.run(cmd, check=False, env={**os.environ, "TMPDIR": str(scratch)})
-    except OSError as exc:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise KvscopeError(f"cannot run {exe}: {exc.strerror or exc}") from None
-    rep = report.with_suffix(".nsys-rep")
-    if not rep.is_file():
-        leftovers = sorted(out.glob("*.qdstrm")) + sorted(scratch.glob("*.qdstrm"))
-        importer = find_importer(exe)
-        if len(leftovers) == 1 and importer:
-            subprocess.run([importer, "-i", str(leftovers[0])], check=False)
-            made = leftovers[0].with_suffix(".nsys-rep")
-            if made.is_file():
-                shutil.move(str(made), rep)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return proc.returncode, rep, cmd
-
-
-def profile_command(exe: str, flags: Sequence[str], program: Sequence[str], report: Path) -> list[str]:
-    """`nsys profile FLAGS -o REPORT -f true PROGRAM` (REPORT without its suffix)."""
-    return [exe, "profile", *flags, "-o", str(report), "-f", "true", *program]
-
-
-def capture(run_args: list[str], out: Path, nsys: str | None, extra: Sequence[str] = ()) -> tuple[Path, Path]:
-    """Profile `kvscope run RUN_ARGS --out OUT/run`; returns (report.nsys-rep, run folder)."""
-    exe = require_nsys(nsys)
-    run_dir = out / NSYS_RUN_SUBFOLDER
-    program = [sys.executable, "-m", "kvscope", "run", *run_args, "--out", str(run_dir)]
-    code, rep, cmd = _profile(exe, profile_flags(NSYS_PROFILE_FLAGS, extra), program, out)
-    if code != 0 and not (rep.is_file() and (run_dir / TIMINGS_FILE).is_file()):
-        raise KvscopeError(f"nsys profile exited with code {code} (command: {' '.join(cmd)})")
-    if not rep.is_file():
-        raise KvscopeError(f"nsys wrote no report ({rep}); is the driver's profiling support available?")
-    if not (run_dir / TIMINGS_FILE).is_file():
-        raise KvscopeError(f"the profiled run wrote no run folder at {run_dir}")
-    return rep, run_dir
-
-
-def capture_command(program: list[str], out: Path, nsys: str | None, extra: Sequence[str] = ()) -> tuple[Path, int]:
-    """Profile any command, whole; returns (report.nsys-rep, the exit code of nsys, which is the command's). A
-    command that fails after nsys wrote its report is still aligned (the caller says so)."""
-    exe = require_nsys(nsys)
-    code, rep, cmd = _profile(exe, profile_flags(COMMAND_PROFILE_FLAGS, extra), program, out)
-    if not rep.is_file():
-        raise KvscopeError(f"nsys wrote no report ({rep}; exit code {code}; command: {shlex.join(cmd)})")
-    return rep, code

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvscope.analysis.report import make_report
+from kvscope.analysis.report.build import make_report
 from kvscope.commands.json_out import folder_files, json_line
 
 

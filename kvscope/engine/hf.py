@@ -16,7 +16,7 @@
   compiled code of an earlier one (`torch._dynamo.reset()`, named: a sweep's points have other cache shapes, and
   would otherwise exhaust dynamo's recompile limit); the compilation falls in the warm-up.
 
-Regions (the names of `kvscope.analysis.schema`, opened through the same `Instrument` as kvscope's loop): phase
+Regions (the names of `kvscope.schema`, opened through the same `Instrument` as kvscope's loop): phase
 `prefill` and `decode`, `decode step N`, `sample` (the argmax); with the eager engine also, from forward pre/post
 hooks, `embed` (the embedding), `L07` (each decoder layer) and `lm_head` (the final norm to the output projection).
 
@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 
-from kvscope.analysis.schema import step_name
 from kvscope.engine.greedy import GreedyLoop
 from kvscope.engine.plan import RunConfig
 from kvscope.engine.regions import DECODE, PREFILL, EngineRegions, RegionSpec
@@ -49,6 +48,7 @@ from kvscope.model.config import ModelArgs
 from kvscope.model.source import ModelSource, one_line
 from kvscope.model.weights import hf_targets, load_model
 from kvscope.profiler.instrument import Instrument
+from kvscope.schema import step_name
 
 
 def hf_config(args: ModelArgs) -> Any:

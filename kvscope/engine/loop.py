@@ -19,7 +19,7 @@
   before them inside (up to GEMV_NORM_MAX_ROWS rows; the kernel then writes the timestamp), o_proj and down with the
   residual add in their epilogue, lm_head with the final norm inside.
 
-Every piece of work is opened through the engine's `Instrument`, with the names of `kvscope.analysis.schema`: phase
+Every piece of work is opened through the engine's `Instrument`, with the names of `kvscope.schema`: phase
 (`prefill`, `decode step N`), layer (`L07`, plus `embed`, `lm_head`, `sample`) and op (`L07.norm`, `.qkv`, `.rope`,
 `.kv_write`, `.attn`, `.o_proj`, `.mlp`; `norm` is the input norm, `mlp` holds the post-attention norm, the MLP and
 its residual add, `o_proj` the attention output projection and its residual add; with kernels on, `rope` includes the
@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kvscope.analysis.schema import COLLECTIVE_OPS, OPS, step_name
 from kvscope.engine.graphs import CapturedStep, DecodeGraphs
 from kvscope.engine.greedy import GreedyLoop
 from kvscope.engine.plan import RunConfig
@@ -50,6 +49,7 @@ from kvscope.model.dtypes import dtype_name
 from kvscope.model.kv_cache import KVCache
 from kvscope.model.layers import Transformer, linear_residual_, rope_tables
 from kvscope.profiler.instrument import Instrument
+from kvscope.schema import COLLECTIVE_OPS, OPS, step_name
 
 # SDPA backends for decode steps. cuDNN's attention (torch's first choice on Hopper) builds a plan for every new key
 # length, which an eager decode step over the growing cache meets at every step (see benchmarks/

@@ -16,10 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kvscope.analysis.roofline import Ceilings
-from kvscope.analysis.schema import GRANULARITIES
 from kvscope.argtypes import INT64_MAX, NVML_INTERVAL_MAX_MS, UINT64_MAX
-from kvscope.engine.engines import ENGINES, HF_COMPILED_ENGINE, KVSCOPE_ENGINE
 from kvscope.errors import KvscopeError
 from kvscope.kernels.launch import kernels_unavailable
 from kvscope.kernels.loader import CUPY_HINT, CUPY_INSTALL
@@ -30,6 +27,7 @@ from kvscope.model.config import ModelArgs
 from kvscope.model.source import ModelSource, resolve_model
 from kvscope.profiler.calibrate import load_ceilings
 from kvscope.profiler.nvtx import nvtx_enabled_by_env
+from kvscope.schema import ENGINES, GRANULARITIES, HF_COMPILED_ENGINE, KVSCOPE_ENGINE, Ceilings
 
 DEFAULT_MODEL_CUDA = "qwen2.5-3b"
 DEFAULT_MODEL_CPU = "tiny"

@@ -1,5 +1,5 @@
 """The regions one engine opens, as `(name, level, keys)` built once per engine from the names of
-`kvscope.analysis.schema`, so the hot loop only looks them up.
+`kvscope.schema`, so the hot loop only looks them up.
 
 Keys the instrument reads inside a CUDA-graph capture: `chain`: the region follows its sibling with no GPU work
 between (inside a captured graph it reuses the sibling's end mark as its start, see Instrument); `stamped`: its first
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from kvscope.analysis.schema import NAMED_LAYERS, OPS, PHASES, layer_name, op_name
+from kvscope.schema import NAMED_LAYERS, OPS, PHASES, layer_name, op_name
 
 EMBED, LM_HEAD, SAMPLE = NAMED_LAYERS
 PREFILL, DECODE = PHASES

@@ -27,11 +27,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kvscope.analysis.schema import COLLECTIVE_OPS, op_name
 from kvscope.engine.regions import RegionSpec
 from kvscope.errors import KvscopeError
 from kvscope.model.layers import linear_residual_
 from kvscope.model.tp import ShardPlan
+from kvscope.schema import COLLECTIVE_OPS, op_name
 
 # how long a rank waits in a collective for the others before failing (a rank that died leaves the rest waiting)
 COLLECTIVE_TIMEOUT_S = 600

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from kvscope.analysis.roofline import BYTES_PER_GB, FLOPS_PER_TFLOP, MS_PER_S, Ceilings
 from kvscope.errors import KvscopeError
 from kvscope.io import write_json
 from kvscope.model.config import ModelArgs
 from kvscope.profiler.timing import graph_ms, median_event_ms
+from kvscope.schema import BYTES_PER_GB, FLOPS_PER_TFLOP, MS_PER_S, Ceilings
 
 COPY_BYTES = 2**30
 MATMUL_N = 8192

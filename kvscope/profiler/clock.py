@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from kvscope.analysis.schema import CUDA_CLOCK, HOST_CLOCK, NS_PER_MS
 from kvscope.profiler.scope import RegionRecord, row
+from kvscope.schema import CUDA_CLOCK, HOST_CLOCK, NS_PER_MS
 
 
 class Clock:

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from kvscope.analysis.schema import GRAPH_CLOCK, NS_PER_MS
 from kvscope.kernels import ops as kops
 from kvscope.kernels.launch import memcpy_d2h_async
 from kvscope.profiler.scope import RegionRecord, Scope, row
+from kvscope.schema import GRAPH_CLOCK, NS_PER_MS
 
 # what one replay left, as read before the next one: (start ms on the run's clock, duration ms) per region from event
 # nodes, or the timestamps (ns) copied to the host

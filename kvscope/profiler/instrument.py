@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 
-from kvscope.analysis.schema import CUDA_CLOCK, GRANULARITIES, NAMED_LAYERS, OPS
 from kvscope.errors import KvscopeError
 from kvscope.profiler.clock import clock_for
 from kvscope.profiler.graph import GraphReadback, GraphTimer
 from kvscope.profiler.nvtx import nvtx_enabled_by_env, nvtx_ranges
 from kvscope.profiler.scope import RegionRecord, Scope, ScopeStack
+from kvscope.schema import CUDA_CLOCK, GRANULARITIES, NAMED_LAYERS, OPS
 
-# kvscope.commands.run and the engine take these from here
+# kvscope.measure.run and the engine take these from here
 __all__ = ["GRANULARITIES", "GraphTimer", "Instrument", "RegionRecord"]
 
 # the granularity from which a level gets a timer

@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from kvscope.analysis.schema import NS_PER_MS, NVML_COLUMNS
+from kvscope.schema import NS_PER_MS, NVML_COLUMNS
 
 _STOP_TIMEOUT_S = 10.0
 

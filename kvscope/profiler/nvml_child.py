@@ -1,8 +1,9 @@
 """The NVML sampling process: `python3 -m kvscope.profiler.nvml_child --uuid U --interval-ms X --out FILE`.
 
-It runs beside the measured process with its own interpreter, so its wake-ups never take the measured process's GIL
-(a sampling thread inside it delayed a launch-bound prefill by several percent). It imports only the standard library
-and nvidia-ml-py. Stop it by closing its standard input (the parent does; a parent that dies closes it too).
+It runs beside the measured process with its own interpreter, so its wake-ups never take the measured process's GIL (a
+sampling thread inside it delayed a launch-bound prefill by several percent). It imports only the standard library,
+nvidia-ml-py and `kvscope.schema` (names only). Stop it by closing its standard input (the parent does; a parent that
+dies closes it too).
 
 Where the driver keeps buffered samples (`nvmlDeviceGetSamples`: utilisation, SM and memory clocks, power), the child
 collects them at its rare wake-ups (every `max(interval, BUFFERED_WAKE_MS)`); what the driver does not buffer
@@ -24,12 +25,11 @@ import sys
 import time
 from typing import Any, TextIO
 
+from kvscope.schema import MIB_BYTES, MS_PER_S, NS_PER_US
+
 BUFFERED_WAKE_MS = 250.0
-# units NVML reports in, against the metrics' (standard library only here: kvscope's constants are not imported)
-NS_PER_US = 1000  # sample timestamps are in µs
-MW_PER_W = 1000.0  # power is in mW
-MIB_BYTES = 2**20  # as kvscope.analysis.schema.MIB_BYTES: this child imports nothing of kvscope
-MS_PER_S = 1000.0
+# NVML reports power in mW and sample timestamps in µs (NS_PER_US); the other units are the metrics' own
+MW_PER_W = 1000.0
 # buffered sample types of NVML (nvmlSamplingType_t) -> (metric, scale to the metric's unit)
 _BUFFERED = (("power_w", "NVML_TOTAL_POWER_SAMPLES", 1 / MW_PER_W),
              ("gpu_util_pct", "NVML_GPU_UTILIZATION_SAMPLES", 1.0),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from kvscope.analysis.schema import NVTX_DOMAIN
+from kvscope.schema import NVTX_DOMAIN
 
 NVTX_ENV = "KVSCOPE_NVTX"
 _ENV_OFF = ("0", "false", "off", "no")

@@ -1,0 +1,196 @@
+"""The profiled run behind `kvscope nsys` (and the nsys flags of `kvscope sweep --nsys`): profile a command under Nsight
+Systems, turn the capture into an export, and align it, into one output folder (report.nsys-rep, report.sqlite, the
+tables of `kvscope align` and its trace.json).
+
+By default the command is `kvscope run` (the arguments after `--` are its options: none, or starting with `-`, or
+`kvscope run ...`): the capture covers the measured repetitions only (`--capture-range=cudaProfilerApi`: `kvscope
+run` calls cudaProfilerStart/Stop around them) and keeps the program alive after the range
+(`--capture-range-end=stop`) so that the run folder (`run/`) is written and aligned with the capture. Any other
+command (`kvscope nsys -- python3 serve.py ...`) is profiled whole, without a capture range, and its export is
+aligned as any export (`kvscope align EXPORT`); there is no run folder. `--cuda-graph-trace=node` makes kernels
+inside CUDA graphs visible one by one.
+
+Extra `nsys profile` flags (`--nsys-flag`, repeatable, each one option: `--sample=cpu`, `--trace=cuda,nvtx,osrt`, or
+`-t cuda,nvtx,osrt` split like a shell would) come after kvscope's and replace kvscope's own value of the same option
+(`-t` and `--trace` are one option); the output options (`-o`, `-f` and their long forms) are kvscope's.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kvscope.analysis.align.pipeline import AlignResult, analyse, write
+from kvscope.analysis.align.ranks import analyse_ranks, write_ranks
+from kvscope.analysis.nsys.export import export_rep, find_nsys
+from kvscope.errors import KvscopeError
+from kvscope.measure.output import OutputFolder
+from kvscope.schema import NSYS_RUN_SUBFOLDER, TIMINGS_FILE
+
+# kvscope's own `nsys profile` options for any command, and for `kvscope run` (whose capture range it opens)
+COMMAND_PROFILE_FLAGS = ("--trace=cuda,nvtx", "--sample=none", "--cpuctxsw=none", "--cuda-graph-trace=node")
+NSYS_PROFILE_FLAGS = (*COMMAND_PROFILE_FLAGS, "--capture-range=cudaProfilerApi", "--capture-range-end=stop")
+# `kvscope sweep --nsys`: one report per cudaProfilerStart/Stop pair (one per sweep point), the sweep running on
+SWEEP_PROFILE_FLAGS = (*COMMAND_PROFILE_FLAGS, "--capture-range=cudaProfilerApi", "--capture-range-end=repeat")
+# nsys's short options and their long names, for telling which of kvscope's options an extra flag replaces
+_SHORT = {"-t": "--trace", "-s": "--sample", "-c": "--capture-range", "-o": "--output", "-f": "--force-overwrite",
+          "-b": "--backtrace", "-w": "--show-output", "-x": "--stop-on-exit", "-d": "--duration", "-y": "--delay",
+          "-e": "--env-var", "-n": "--inherit-environment", "-p": "--nvtx-capture"}
+_OWN_OPTIONS = ("--output", "--force-overwrite")  # kvscope names and places the report
+
+
+@dataclass
+class Profiled:
+    """A profiled and aligned command: the folder written, the alignment, the per-rank split (`run --tp`), and the
+    profiled command's exit code (0 for `kvscope run`)."""
+
+    folder: Path
+    result: AlignResult
+    split: tuple[pd.DataFrame, Any] | None
+    exit_code: int
+
+
+def profile(out: Path, run_args: list[str] | None, command_args: list[str] | None, nsys: str | None,
+            extra: Sequence[str], tp: int | None, meta: dict[str, Any]) -> Profiled:
+    """Profile `kvscope run RUN_ARGS` (or any `COMMAND_ARGS`), export, align, and write it all into `out`, whole or
+    not at all."""
+    folder = OutputFolder(out)
+    exit_code = 0
+    try:
+        if run_args is not None:
+            rep, run_dir = capture(run_args, folder.tmp, nsys, extra)
+            what: dict[str, Any] = {"run_args": run_args}
+        else:
+            rep, exit_code = capture_command(list(command_args or []), folder.tmp, nsys, extra)
+            run_dir, what = None, {"profiled": command_args, "exit_code": exit_code}
+        sqlite = export_rep(rep, nsys, out=folder.tmp / "report.sqlite")
+        meta = {**meta, **what, "nsys_flags": list(extra)}
+        split = None
+        if tp is not None:  # every rank in one capture: aligned per rank (kvscope.analysis.align.ranks)
+            result, split = analyse_ranks(sqlite, run_dir)
+        else:
+            result = analyse(sqlite, run_dir)
+        write(result, folder.tmp, meta)
+        if split is not None:
+            write_ranks(split, folder.tmp, meta)
+        done = folder.commit()
+    except BaseException:
+        folder.discard()
+        raise
+    return Profiled(done, result, split, exit_code)
+
+
+def extra_flags(values: Sequence[str]) -> list[str]:
+    """The `--nsys-flag` values as `nsys profile` arguments: each value split like a shell would, each starting with
+    an option; kvscope's output options refused."""
+    out: list[str] = []
+    for value in values:
+        try:
+            parts = shlex.split(value)
+        except ValueError as exc:
+            raise KvscopeError(f"nsys: --nsys-flag {value!r}: {exc}") from None
+        if not parts or not parts[0].startswith("-"):
+            raise KvscopeError(f"nsys: --nsys-flag {value!r} is not an nsys option (write --nsys-flag=--sample=cpu)")
+        if _option(parts[0]) in _OWN_OPTIONS:
+            raise KvscopeError(f"nsys: --nsys-flag {value!r}: kvscope sets the report's name and place; give --out")
+        out += parts
+    return out
+
+
+def _option(arg: str) -> str:
+    """The long name of the option `arg` starts with: `--trace=cuda` -> `--trace`, `-t` -> `--trace`."""
+    name = arg.split("=", 1)[0]
+    return _SHORT.get(name, name) if not name.startswith("--") else name
+
+
+def profile_flags(own: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """kvscope's options without those that `extra` sets again, then `extra`."""
+    replaced = {_option(a) for a in extra if a.startswith("-")}
+    return [*(f for f in own if _option(f) not in replaced), *extra]
+
+
+def find_importer(nsys: str) -> str | None:
+    """QdstrmImporter: `$QDSTRM_IMPORTER`, or inside the nsys install: beside the nsys executable or in a sibling
+    `host-*` folder of the one that holds it (the layout of Nsight Systems and of the copy inside Nsight Compute).
+    Never a recursive search: nsys on PATH as /usr/bin/nsys would otherwise walk the whole filesystem."""
+    env = os.environ.get("QDSTRM_IMPORTER")
+    if env and Path(env).is_file():
+        return env
+    folder = Path(nsys).resolve().parent
+    candidates = [folder / "QdstrmImporter", *sorted(folder.parent.glob("host-*/QdstrmImporter"))]
+    hits = [c for c in candidates if c.is_file()]
+    return str(hits[0]) if hits else None
+
+
+def require_nsys(nsys: str | None) -> str:
+    """The nsys executable (find_nsys), or a one-line error naming the ways to give it."""
+    exe = find_nsys(nsys)
+    if exe is None:
+        raise KvscopeError("nsys not found: pass --nsys PATH, set $NSYS, or put nsys on PATH")
+    return exe
+
+
+def _profile(exe: str, flags: Sequence[str], program: Sequence[str], out: Path) -> tuple[int, Path, list[str]]:
+    """`nsys profile FLAGS -o OUT/report PROGRAM`: (nsys's exit code, OUT/report.nsys-rep, the command line). A raw
+    capture nsys could not import is imported here (QdstrmImporter) when exactly one is left."""
+    report = out / "report"
+    # nsys keeps its raw capture (`nsys-report-*.qdstrm`) in its temporary folder: a private one, so that a capture
+    # nsys could not import is ours, never another process's
+    scratch = out / "nsys-tmp"
+    scratch.mkdir(exist_ok=True)
+    cmd = profile_command(exe, flags, program, report)
+    try:
+        proc = subprocess.run(cmd, check=False, env={**os.environ, "TMPDIR": str(scratch)})
+    except OSError as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise KvscopeError(f"cannot run {exe}: {exc.strerror or exc}") from None
+    rep = report.with_suffix(".nsys-rep")
+    if not rep.is_file():
+        leftovers = sorted(out.glob("*.qdstrm")) + sorted(scratch.glob("*.qdstrm"))
+        importer = find_importer(exe)
+        if len(leftovers) == 1 and importer:
+            subprocess.run([importer, "-i", str(leftovers[0])], check=False)
+            made = leftovers[0].with_suffix(".nsys-rep")
+            if made.is_file():
+                shutil.move(str(made), rep)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return proc.returncode, rep, cmd
+
+
+def profile_command(exe: str, flags: Sequence[str], program: Sequence[str], report: Path) -> list[str]:
+    """`nsys profile FLAGS -o REPORT -f true PROGRAM` (REPORT without its suffix)."""
+    return [exe, "profile", *flags, "-o", str(report), "-f", "true", *program]
+
+
+def capture(run_args: list[str], out: Path, nsys: str | None, extra: Sequence[str] = ()) -> tuple[Path, Path]:
+    """Profile `kvscope run RUN_ARGS --out OUT/run`; returns (report.nsys-rep, run folder)."""
+    exe = require_nsys(nsys)
+    run_dir = out / NSYS_RUN_SUBFOLDER
+    program = [sys.executable, "-m", "kvscope", "run", *run_args, "--out", str(run_dir)]
+    code, rep, cmd = _profile(exe, profile_flags(NSYS_PROFILE_FLAGS, extra), program, out)
+    if code != 0 and not (rep.is_file() and (run_dir / TIMINGS_FILE).is_file()):
+        raise KvscopeError(f"nsys profile exited with code {code} (command: {' '.join(cmd)})")
+    if not rep.is_file():
+        raise KvscopeError(f"nsys wrote no report ({rep}); is the driver's profiling support available?")
+    if not (run_dir / TIMINGS_FILE).is_file():
+        raise KvscopeError(f"the profiled run wrote no run folder at {run_dir}")
+    return rep, run_dir
+
+
+def capture_command(program: list[str], out: Path, nsys: str | None, extra: Sequence[str] = ()) -> tuple[Path, int]:
+    """Profile any command, whole; returns (report.nsys-rep, the exit code of nsys, which is the command's). A
+    command that fails after nsys wrote its report is still aligned (the caller says so)."""
+    exe = require_nsys(nsys)
+    code, rep, cmd = _profile(exe, profile_flags(COMMAND_PROFILE_FLAGS, extra), program, out)
+    if not rep.is_file():
+        raise KvscopeError(f"nsys wrote no report ({rep}; exit code {code}; command: {shlex.join(cmd)})")
+    return rep, code

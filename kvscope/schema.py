@@ -1,0 +1,172 @@
+"""The contract between what kvscope writes and what its analysis reads: region names, level and op names, file and
+column names, clock names. Torch-free; the engine, the instruments and the commands import it (downward), the
+analysis reads by it.
+
+Region names (the NVTX range message and the `name` column of timings.parquet):
+
+| level | name | keys |
+| --- | --- | --- |
+| run | `run bs=B seq=S gen=G` | |
+| rep | `rep R` | rep |
+| phase | `prefill`, `decode` | phase (the prefill is step 0) |
+| step | `decode step N` | phase=decode, step |
+| layer | `L07` (two digits at least), `embed`, `lm_head`, `sample` | layer (numbered ones) |
+| op | `L07.attn` (an op of OPS) | layer, op |
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+NVTX_DOMAIN = "kvscope"
+# `clock` of timings rows: CUDA events, the host clock (a CPU run), or marks inside a replayed CUDA graph (such a
+# region has no NVTX range of its own)
+CUDA_CLOCK = "cuda"
+HOST_CLOCK = "host"
+GRAPH_CLOCK = "cuda-graph"
+# units: timings.parquet holds ms (float64); nsys exports and the host clock count ns (int64); rates are decimal
+# (GB/s, TFLOP/s), memory sizes binary (MiB columns named *_mib / *_mb, GiB budgets)
+NS_PER_US = 1_000  # an int: NVML's µs timestamps stay integers in ns
+NS_PER_MS = 1e6
+NS_PER_S = 1_000_000_000
+US_PER_MS = 1e3
+MS_PER_S = 1e3
+MIB_BYTES = 2**20
+GIB_BYTES = 2**30
+BYTES_PER_GB = 1e9
+FLOPS_PER_TFLOP = 1e12
+# the loops `--engine` chooses between (torch-free, so the command line lists them without importing torch):
+# `kvscope` (the hand-written loop, kvscope.engine.loop), `transformers` (transformers' model and its forward over a
+# DynamicCache) and `transformers-compiled` (a StaticCache and the decode forward transformers' `generate` compiles);
+# the two transformers loops are kvscope.engine.hf. A row without an `engine` column is kvscope's.
+KVSCOPE_ENGINE = "kvscope"
+HF_EAGER_ENGINE = "transformers"
+HF_COMPILED_ENGINE = "transformers-compiled"
+ENGINES = (KVSCOPE_ENGINE, HF_EAGER_ENGINE, HF_COMPILED_ENGINE)
+GRANULARITIES = ("none", "phase", "layer", "op")
+LEVELS = ("run", "rep", "phase", "step", "layer", "op")
+PHASES = ("prefill", "decode")
+# ops of a decoder layer, in the order they run (with kvscope's kernels `rope` includes the cache write and there is
+# no `kv_write`)
+OPS = ("norm", "qkv", "rope", "kv_write", "attn", "o_proj", "mlp")
+# ops of a tensor-parallel layer's collectives (kvscope.engine.tp): the all-reduce after `o_proj` and the one after
+# the MLP's down product (`L07.allreduce_attn`, `L07.allreduce_mlp`; `L*.allreduce*` matches both)
+COLLECTIVE_OPS = ("allreduce_attn", "allreduce_mlp")
+# layer-level regions that are not decoder layers
+NAMED_LAYERS = ("embed", "lm_head", "sample")
+
+SUMMARY_FILE = "summary.parquet"
+TIMINGS_FILE = "timings.parquet"
+NVML_FILE = "nvml.parquet"
+TRACE_FILE = "trace.json"
+# the run folder inside a `kvscope nsys` output folder
+NSYS_RUN_SUBFOLDER = "run"
+# what `kvscope align` writes (and `kvscope nsys` beside its run folder)
+RANGES_FILE = "ranges.parquet"
+KERNELS_FILE = "kernels.parquet"
+ALIGN_FILE = "align.parquet"
+STEPS_FILE = "steps.parquet"
+KERNEL_CLASSES_FILE = "kernel_classes.parquet"
+RANGE_SUMMARY_FILE = "range_summary.parquet"  # per process and range name, like nsys's nvtx_gpu_proj_sum
+ALIGN_OUTPUT_FILES = (RANGES_FILE, KERNELS_FILE, RANGE_SUMMARY_FILE, ALIGN_FILE, STEPS_FILE, KERNEL_CLASSES_FILE)
+# columns of summary.parquet that every sweep shares, in this order
+CLASSIC_COLUMNS = ("seq_len", "batch", "prefill_p50_ms", "prefill_ms_per_tok", "prefill_tok_s",
+                   "decode_p50_ms_per_tok", "decode_tok_s", "total_tok_s", "vram_reserved_mb", "flag")
+TIMING_COLUMNS = ("run_id", "rep", "level", "phase", "step", "layer", "op", "name", "start_ms", "dur_ms",
+                  "host_enqueue_ms", "clock", "batch", "seq_len", "gen_tokens", "context_len", "tokens")
+# what `kvscope sweep --nsys` adds to each row, after every other column (kvscope.analysis.align.attribution computes
+# them): per phase (`decode`: per decode step, `prefill`: per prefill) the GPU span, busy time, idle share, kernels,
+# time by kernel class (kernel_classes.CLASSES, `copy/memset` as `copy`), launch-bound or not, bytes, GB/s over the
+# span and MBU; the prefill's FLOPs, TFLOP/s over the span and MFU; the capture kept for the row
+ATTRIBUTION_CLASS_WORDS = ("gemm", "attention", "norm", "elementwise", "copy", "communication", "other")
+NSYS_REPORT_COLUMN = "nsys_report"
+
+
+def attribution_phase_columns(prefix: str) -> tuple[str, ...]:
+    """The attribution columns of one phase (`decode` or `prefill`), in their order."""
+    return (f"{prefix}_span_ms", f"{prefix}_busy_ms", f"{prefix}_idle_pct", f"{prefix}_kernels",
+            *(f"{prefix}_{w}_ms" for w in ATTRIBUTION_CLASS_WORDS), f"{prefix}_launch_bound", f"{prefix}_bytes",
+            f"{prefix}_span_gb_s", f"{prefix}_mbu_pct")
+
+
+ATTRIBUTION_COLUMNS = (*attribution_phase_columns("decode"), *attribution_phase_columns("prefill"), "prefill_flops",
+                       "prefill_span_tflop_s", "prefill_mfu_pct", NSYS_REPORT_COLUMN)
+NVML_COLUMNS = ("t_ms", "gpu_util_pct", "mem_util_pct", "mem_used_mib", "sm_clock_mhz", "mem_clock_mhz", "power_w",
+                "temp_c", "clock_event_reasons")
+
+
+# ---- region names --------------------------------------------------------------------------------------------------
+def run_name(batch: int, seq: int, gen_tokens: int) -> str:
+    return f"run bs={batch} seq={seq} gen={gen_tokens}"
+
+
+def rep_name(rep: int) -> str:
+    return f"rep {rep}"
+
+
+def step_name(step: int) -> str:
+    return f"decode step {step}"
+
+
+def layer_name(layer: int, n_layers: int) -> str:
+    """`L07`: zero-padded to the width of the last layer's index, two digits at least, so names sort."""
+    width = max(2, len(str(n_layers - 1)))
+    return f"L{layer:0{width}d}"
+
+
+def op_name(layer: int, n_layers: int, op: str) -> str:
+    return f"{layer_name(layer, n_layers)}.{op}"
+
+
+# (level, pattern) in the order a name is tried; the groups are read by `parse` and by vectorised readers
+# (kvscope.analysis.align.join.label_ranges)
+NAME_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("run", re.compile(r"^run bs=(\d+) seq=(\d+) gen=(\d+)$")),
+    ("rep", re.compile(r"^rep (\d+)$")),
+    ("phase", re.compile(r"^(prefill|decode)$")),
+    ("step", re.compile(r"^decode step (\d+)$")),
+    ("op", re.compile(r"^L(\d+)\.(\w+)$")),
+    ("layer", re.compile(r"^L(\d+)$|^(embed|lm_head|sample)$")),
+)
+
+
+@dataclass(frozen=True)
+class RegionKeys:
+    """What a region name says by itself (keys it inherits from enclosing regions are not in its name)."""
+
+    level: str
+    rep: int | None = None
+    phase: str | None = None
+    step: int | None = None
+    layer: int | None = None
+    op: str | None = None
+
+
+def parse(name: str) -> RegionKeys | None:
+    """The level and keys of a kvscope region name, or None for a name kvscope does not write."""
+    for level, pattern in NAME_PATTERNS:
+        m = pattern.match(name)
+        if m is None:
+            continue
+        if level == "rep":
+            return RegionKeys(level, rep=int(m[1]))
+        if level == "phase":
+            return RegionKeys(level, phase=m[1], step=0 if m[1] == "prefill" else None)
+        if level == "step":
+            return RegionKeys(level, phase="decode", step=int(m[1]))
+        if level == "op":
+            return RegionKeys(level, layer=int(m[1]), op=m[2])
+        if level == "layer":
+            return RegionKeys(level, layer=int(m[1]) if m[1] is not None else None)
+        return RegionKeys(level)
+    return None
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """Measured ceilings of one GPU (`kvscope calibrate` measures them; the roofline and the summary divide by them)."""
+
+    gpu: str
+    copy_gb_s: float  # device-to-device copy, bytes read + written per second / 1e9
+    bf16_tflop_s: float  # dense bf16 matmul
