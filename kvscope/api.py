@@ -177,7 +177,7 @@ def kv_math(model: PathLike, batch_size: int = 1, seq: int = 0, dtype: str | Non
     """`kvscope kv-math --json`: KV-cache bytes per token, per request and in total, weights, logits, the decode
     workspace; with `gpu_mem_gb` the budget and the largest batch and context that fit it; with `rps` and
     `latency_s` Little's-law concurrency; with `page_size` paged-cache waste. Exact integers (formulas:
-    `kvscope/analysis/kvmath.py`). `seq` 0 is the model's maximum context; `dtype` None the model's (bf16 for
+    `kvscope/analysis/kv_math.py`). `seq` 0 is the model's maximum context; `dtype` None the model's (bf16 for
     presets); `kv_dtype` (bf16, fp16, fp8, fp32) None the same as `dtype`. Torch-free."""
     ns = parse_args(_argv("kv-math", model=model, batch_size=batch_size, seq=seq, dtype=dtype, kv_dtype=kv_dtype,
                           gpu_mem_gb=gpu_mem_gb, reserve_gb=reserve_gb, rps=rps, latency_s=latency_s,

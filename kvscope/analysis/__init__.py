@@ -1,1 +1,4 @@
-"""Analysis of kvscope runs and Nsight Systems exports (parsing apart from analysis, one analysis per module)."""
+"""The reading side: files only (Parquet, nsys exports, sweep files), never torch; works on any program's export.
+Three rooms and the run maths: `nsys/` (reading exports, projecting ranges), `align/` (the alignment pipeline,
+kernel classes, attribution, traces), `report/` (Markdown reports and plots); at the top `inputs` (run folders,
+timings, sweep files read and checked), `kv_math`, `roofline`, `capacity`, `summary`, `explain`."""

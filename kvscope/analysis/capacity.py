@@ -8,7 +8,7 @@ dtype, `weights_bytes`).
 Rules, each number labelled with its source (`SOURCES`):
 - latency at a batch: `measured` at a swept batch, `interpolated` (linearly in the batch) between two swept batches;
   never extrapolated: beyond the largest swept batch nothing is claimed, and the output says so;
-- memory (`computed`, kvmath's budget): a batch b fits when weights + reserve + b * (decode workspace of one sequence
+- memory (`computed`, kv_math's budget): a batch b fits when weights + reserve + b * (decode workspace of one sequence
   + KV bytes of one request) <= the GPU's memory. KV bytes of one request:
   - `contiguous`: its whole context, prompt + output tokens, reserved from its start (kvscope's own cache);
   - `paged`: the blocks of the tokens it holds (prompt + tokens generated so far, rounded up to whole blocks of
@@ -35,7 +35,7 @@ import pandas as pd
 
 from kvscope.analysis.explain import engines, not_oom
 from kvscope.analysis.inputs import numeric_column, shown_value
-from kvscope.analysis.kvmath import decode_workspace_bytes, dtype_bytes, kv_bytes_per_token
+from kvscope.analysis.kv_math import decode_workspace_bytes, dtype_bytes, kv_bytes_per_token
 from kvscope.errors import KvscopeError
 from kvscope.model.config import ModelArgs
 from kvscope.schema import GIB_BYTES, MS_PER_S

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis.kvmath import kv_bytes_per_token
+from kvscope.analysis.kv_math import kv_bytes_per_token
 from kvscope.schema import BYTES_PER_GB, FLOPS_PER_TFLOP, MS_PER_S, Ceilings
 
 if TYPE_CHECKING:  # for annotations only: analysis imports no torch (kvscope.model.config does)

@@ -25,7 +25,7 @@ from kvscope.analysis.capacity import (
     weights_from_sweep,
 )
 from kvscope.analysis.inputs import read_sweep
-from kvscope.analysis.kvmath import dtype_bytes, kv_bytes_per_token
+from kvscope.analysis.kv_math import dtype_bytes, kv_bytes_per_token
 from kvscope.commands.json_out import json_line, plain
 from kvscope.errors import KvscopeError
 from kvscope.model.source import ModelSource, resolve_model

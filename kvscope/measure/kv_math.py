@@ -1,5 +1,5 @@
 """The numbers of `kvscope kv-math` (and `kvscope.kv_math`) for its parsed arguments: the model's architecture, the
-memory budget (given, or with `--device cuda` the GPU's), and `kvscope.analysis.kvmath`'s maths. Torch-free, except
+memory budget (given, or with `--device cuda` the GPU's), and `kvscope.analysis.kv_math`'s maths. Torch-free, except
 that `--device cuda` asks torch for the GPU's memory."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kvscope.analysis.kvmath import KvQuery, kv_math
+from kvscope.analysis.kv_math import KvQuery, kv_math
 from kvscope.errors import KvscopeError
 from kvscope.model.source import resolve_model
 from kvscope.schema import GIB_BYTES

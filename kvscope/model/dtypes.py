@@ -1,7 +1,7 @@
 """The dtypes kvscope runs a model in, in one table: name, torch dtype, bytes per element, aliases.
 
 Everything that names, sizes or accepts a run dtype reads it from here. kv-math's what-if sizes
-(`kvscope.analysis.kvmath.DTYPE_BYTES`, torch-free, with fp8 for a KV cache kvscope does not run) are checked
+(`kvscope.analysis.kv_math.DTYPE_BYTES`, torch-free, with fp8 for a KV cache kvscope does not run) are checked
 against this table in the tests.
 """
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvscope.analysis.kvmath import DTYPE_BYTES
+from kvscope.analysis.kv_math import DTYPE_BYTES
 from kvscope.errors import KvscopeError
 from kvscope.kernels import ops as kops
 from kvscope.kernels.launch import DTYPE_MACROS

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvscope.analysis.kvmath import KvQuery, kv_math
+from kvscope.analysis.kv_math import KvQuery, kv_math
 from kvscope.errors import KvscopeError
 from kvscope.model.config import PRESETS, kv_bytes_per_token
 from kvscope.model.dtypes import DTYPES

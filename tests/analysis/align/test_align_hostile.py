@@ -484,7 +484,7 @@ def test_nsys_that_cannot_run(tmp_path: Path) -> None:
 def test_analysis_imports_neither_torch_nor_pyplot() -> None:
     code = ("import sys\n"
             "import kvscope.analysis.align.join, kvscope.analysis.inputs, kvscope.analysis.align.kernel_classes\n"
-            "import kvscope.analysis.kvmath, kvscope.analysis.nsys.export, kvscope.analysis.nsys.projection\n"
+            "import kvscope.analysis.kv_math, kvscope.analysis.nsys.export, kvscope.analysis.nsys.projection\n"
             "import kvscope.analysis.report.build, kvscope.analysis.align.pipeline, kvscope.analysis.roofline\n"
             "import kvscope.io\n"
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'kvscope.profiler'))\n"

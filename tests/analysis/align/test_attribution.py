@@ -23,7 +23,7 @@ from kvscope.analysis.align.attribution import (
     run_keys,
     step_table,
 )
-from kvscope.analysis.kvmath import kv_bytes_per_token
+from kvscope.analysis.kv_math import kv_bytes_per_token
 from kvscope.analysis.roofline import layer_matmul_params, weights_read_bytes
 from kvscope.model.config import PRESETS
 from kvscope.schema import ATTRIBUTION_CLASS_WORDS, ATTRIBUTION_COLUMNS, NSYS_REPORT_COLUMN, Ceilings

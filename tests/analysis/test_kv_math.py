@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY_CONFIGS
 
-from kvscope.analysis.kvmath import KvQuery, kv_math
+from kvscope.analysis.kv_math import KvQuery, kv_math
 from kvscope.cli import main
 from kvscope.model.config import PRESETS
 from kvscope.schema import GIB_BYTES
