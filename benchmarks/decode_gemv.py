@@ -17,8 +17,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kvscope.engine.loop import Engine
+from kvscope.engine.options import EngineOptions, GemvLaunchOptions
 from kvscope.engine.plan import RunConfig
-from kvscope.kernels import ops as kops
+from kvscope.kernels import gemv as k_gemv
 from kvscope.model.config import PRESETS
 from kvscope.model.source import resolve_model
 from kvscope.model.weights import load_model
@@ -54,10 +55,10 @@ def main() -> None:
     engines: dict[str, Engine] = {}
     counts: dict[str, int] = {}
     for label, (kernels, gemv, pipelined, per_sm) in CONFIGS.items():
-        eng = Engine(model, RunConfig(ns.batch, ns.seq + ns.steps + 16, dt, dev), graphs=True, kernels=kernels)
-        eng.gemv = gemv
-        eng.gemv_max_rows = kops.GEMV_MAX_ROWS  # measure every batch the kernels take
-        eng.gemv_options = {"pipelined": pipelined, "split_blocks_per_sm": per_sm}
+        options = EngineOptions(graphs=True, kernels=kernels, gemv=gemv,
+                                gemv_max_rows=k_gemv.GEMV_MAX_ROWS,  # measure every batch the kernels take
+                                gemv_launch=GemvLaunchOptions(pipelined=pipelined, split_blocks_per_sm=per_sm))
+        eng = Engine(model, RunConfig(ns.batch, ns.seq + ns.steps + 16, dt, dev), options=options)
         eng.prefill(tokens, lengths)
         eng.decode_n(3)  # captures the step, this launch choice baked in
         counts[label] = kernels_per_step(eng)

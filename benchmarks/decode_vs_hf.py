@@ -28,6 +28,7 @@ import torch
 
 from kvscope.analysis.roofline import decode_cost
 from kvscope.engine.loop import Engine
+from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunConfig
 from kvscope.io import write_json
 from kvscope.model.config import ModelArgs
@@ -130,8 +131,8 @@ def main() -> None:
                     ms = hf_static_ms(hf, prompt, ns.steps)
                 else:
                     cfg = RunConfig(batch, ctx + ns.steps + 8, torch.bfloat16, CUDA)
-                    ms = kvscope_ms(Engine(ours, cfg, graphs=impl == "kvscope-graphs", kernels=ns.kernels == "on"),
-                                    prompt, ns.steps)
+                    options = EngineOptions(graphs=impl == "kvscope-graphs", kernels=ns.kernels == "on")
+                    ms = kvscope_ms(Engine(ours, cfg, options=options), prompt, ns.steps)
                 moved, _ = decode_cost(args, batch, ctx + ns.steps // 2, 2, 2)
                 mbu = moved / (ms / 1e3) / 1e9 / ceilings.copy_gb_s if ceilings else None
                 rows.append({"impl": impl, "batch": batch, "context": ctx, "decode_ms_per_step": ms,

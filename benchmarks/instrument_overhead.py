@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from kvscope.engine.loop import Engine
+from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunConfig, parse_dtype
 from kvscope.io import write_json
 from kvscope.measure.run import regions_per_rep
@@ -158,6 +159,71 @@ def reanalyse(path: str) -> None:
                   f"{cells[1]} | {r['rounds']} |")
 
 
+def _rounds(ns: argparse.Namespace, dev: torch.device, names: list[str], seqs: list[int], steps: int,
+            engines: dict[str, Any], instruments: dict[str, Instrument], prompts: dict[int, torch.Tensor]
+            ) -> tuple[dict[tuple[str, int], Sample], int]:
+    """Every configuration at every prompt length, round-robin (the order rotated each round), after two warm-up
+    rounds; the host-clock samples per (configuration, length), and the NVML thread's sample count."""
+    samples = {(n, s): Sample([], []) for n in names for s in seqs}
+    thread_samples = 0
+    for r in range(-2, ns.rounds):  # two warm-up rounds (compiles, graph captures), not kept
+        order = names[r % len(names):] + names[:r % len(names)]
+        for s in seqs:
+            for n in order:
+                ins, nvml_kind = instruments[n], CONFIGS[n][2]
+                sampler: Any = None
+                if nvml_kind == "child":
+                    sampler = NvmlSampler(dev, ns.nvml_interval_ms)
+                    time.sleep(0.15)  # the child starts (a run starts it before the model loads)
+                    sampler.start(time.perf_counter_ns())
+                elif nvml_kind == "thread":
+                    sampler = ThreadSampler(ns.nvml_interval_ms)
+                    sampler.start()
+                try:
+                    engines[n].ins = ins
+                    with ins.paused():
+                        for _ in range(ns.prime):
+                            _one(engines[n], ins, prompts[s], [s] * ns.batch, steps)
+                    ttft, tpot = _one(engines[n], ins, prompts[s], [s] * ns.batch, steps)
+                finally:
+                    if sampler is not None:
+                        sampler.stop()
+                if nvml_kind == "thread":
+                    thread_samples += sampler.samples
+                ins.collect()
+                if r >= 0:
+                    samples[(n, s)].ttft_ms.append(ttft)
+                    samples[(n, s)].tpot_ms.append(tpot)
+    return samples, thread_samples
+
+
+def _table(names: list[str], seqs: list[int], samples: dict[tuple[str, int], Sample], graphs: bool, steps: int
+           ) -> list[dict[str, Any]]:
+    """The Markdown table of one mode (graphs on or off), each configuration against `bare`; its JSON rows."""
+    rows: list[dict[str, Any]] = []
+    print("| seq | configuration | TTFT ms | TTFT vs bare % [95% CI] | TPOT ms | TPOT vs bare % [95% CI] | n |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for s in seqs:
+        base = samples[("bare", s)] if "bare" in names else None
+        for n in names:
+            smp = samples[(n, s)]
+            med_t, med_d = statistics.median(smp.ttft_ms), statistics.median(smp.tpot_ms)
+            row: dict[str, Any] = {"graphs": graphs, "seq": s, "config": n, "granularity": CONFIGS[n][0],
+                                   "nvtx": CONFIGS[n][1], "nvml": CONFIGS[n][2], "ttft_ms": med_t,
+                                   "tpot_ms": med_d, "rounds": len(smp.ttft_ms), "decode_steps": steps,
+                                   "ttft_samples_ms": smp.ttft_ms, "tpot_samples_ms": smp.tpot_ms}
+            cells = ["", ""]
+            if base is not None and n != "bare":
+                for i, (key, a, b) in enumerate((("ttft", smp.ttft_ms, base.ttft_ms),
+                                                 ("tpot", smp.tpot_ms, base.tpot_ms))):
+                    pct, lo, hi = paired_ratio(a, b)
+                    row |= {f"{key}_vs_bare_pct": pct, f"{key}_vs_bare_ci95_pct": [lo, hi]}
+                    cells[i] = f"{pct:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+            rows.append(row)
+            print(f"| {s} | {n} | {med_t:.3f} | {cells[0]} | {med_d:.4f} | {cells[1]} | {len(smp.ttft_ms)} |")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="qwen2.5-3b")
@@ -191,64 +257,16 @@ def main() -> None:
         steps = ns.steps if graphs else ns.eager_steps
         cfg = RunConfig(ns.batch, max(seqs) + steps + 2, dtype, dev, "sdpa")
         instruments = {n: Instrument(CONFIGS[n][0], dev, nvtx=CONFIGS[n][1]) for n in names}
-        shared = Engine(model, cfg, Instrument("none", dev, nvtx=False), graphs=graphs, kernels=True)
-        engines = {n: (Engine(model, cfg, instruments[n], graphs=True, kernels=True)
+        shared = Engine(model, cfg, Instrument("none", dev, nvtx=False), EngineOptions(graphs=graphs, kernels=True))
+        engines = {n: (Engine(model, cfg, instruments[n], options=EngineOptions(graphs=True, kernels=True))
                        if graphs and instruments[n].graph_timed() else shared) for n in names}
         for n in names:
             instruments[n].start_clock()
             instruments[n].reserve(regions_per_rep(instruments[n], src.args.n_layers, steps + 1, graphs) + 2)
         prompts = {s: torch.randint(0, src.args.vocab_size, (ns.batch, s), device=dev) for s in seqs}
-        samples = {(n, s): Sample([], []) for n in names for s in seqs}
-        thread_samples = 0
-        for r in range(-2, ns.rounds):  # two warm-up rounds (compiles, graph captures), not kept
-            order = names[r % len(names):] + names[:r % len(names)]
-            for s in seqs:
-                for n in order:
-                    ins, nvml_kind = instruments[n], CONFIGS[n][2]
-                    sampler: Any = None
-                    if nvml_kind == "child":
-                        sampler = NvmlSampler(dev, ns.nvml_interval_ms)
-                        time.sleep(0.15)  # the child starts (a run starts it before the model loads)
-                        sampler.start(time.perf_counter_ns())
-                    elif nvml_kind == "thread":
-                        sampler = ThreadSampler(ns.nvml_interval_ms)
-                        sampler.start()
-                    try:
-                        engines[n].ins = ins
-                        with ins.paused():
-                            for _ in range(ns.prime):
-                                _one(engines[n], ins, prompts[s], [s] * ns.batch, steps)
-                        ttft, tpot = _one(engines[n], ins, prompts[s], [s] * ns.batch, steps)
-                    finally:
-                        if sampler is not None:
-                            sampler.stop()
-                    if nvml_kind == "thread":
-                        thread_samples += sampler.samples
-                    ins.collect()
-                    if r >= 0:
-                        samples[(n, s)].ttft_ms.append(ttft)
-                        samples[(n, s)].tpot_ms.append(tpot)
+        samples, thread_samples = _rounds(ns, dev, names, seqs, steps, engines, instruments, prompts)
         print(f"\n### CUDA graphs {mode} ({steps} decode steps a round)\n")
-        print("| seq | configuration | TTFT ms | TTFT vs bare % [95% CI] | TPOT ms | TPOT vs bare % [95% CI] | n |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        for s in seqs:
-            base = samples[("bare", s)] if "bare" in names else None
-            for n in names:
-                smp = samples[(n, s)]
-                med_t, med_d = statistics.median(smp.ttft_ms), statistics.median(smp.tpot_ms)
-                row: dict[str, Any] = {"graphs": graphs, "seq": s, "config": n, "granularity": CONFIGS[n][0],
-                                       "nvtx": CONFIGS[n][1], "nvml": CONFIGS[n][2], "ttft_ms": med_t,
-                                       "tpot_ms": med_d, "rounds": len(smp.ttft_ms), "decode_steps": steps,
-                                       "ttft_samples_ms": smp.ttft_ms, "tpot_samples_ms": smp.tpot_ms}
-                cells = ["", ""]
-                if base is not None and n != "bare":
-                    for i, (key, a, b) in enumerate((("ttft", smp.ttft_ms, base.ttft_ms),
-                                                     ("tpot", smp.tpot_ms, base.tpot_ms))):
-                        pct, lo, hi = paired_ratio(a, b)
-                        row |= {f"{key}_vs_bare_pct": pct, f"{key}_vs_bare_ci95_pct": [lo, hi]}
-                        cells[i] = f"{pct:+.2f} [{lo:+.2f}, {hi:+.2f}]"
-                rows.append(row)
-                print(f"| {s} | {n} | {med_t:.3f} | {cells[0]} | {med_d:.4f} | {cells[1]} | {len(smp.ttft_ms)} |")
+        rows += _table(names, seqs, samples, graphs, steps)
         if thread_samples:
             print(f"\n(the in-process NVML thread took {thread_samples} samples in all)")
         if ns.json:  # after each mode, so a run stopped later keeps what it measured

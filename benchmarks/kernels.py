@@ -2,8 +2,8 @@
 decode step (batch 1 and 64) and of a long prefill.
 
 Before a kernel is timed at a shape, its output there is checked against its torch reference (the `*_ref` functions
-of `kvscope.kernels.ops`) within the dtype's tolerance (`kvscope.kernels.ops.REF_TOLERANCE`); a kernel that fails the
-check gets no time: its row says why, and the script exits with status 1 after the other rows.
+of the modules of `kvscope.kernels`) within the dtype's tolerance (`kvscope.kernels.common.REF_TOLERANCE`); a kernel
+that fails the check gets no time: its row says why, and the script exits with status 1 after the other rows.
 
 Each figure is the median over `--reps` CUDA-event timings of a CUDA graph of `--launches` back-to-back calls
 (graph replay keeps the launch cost of the host out of it), divided by the launch count. Bytes are the least each
@@ -11,15 +11,16 @@ operation must move (every input read once, every output written once), the same
 same work in torch operations (`torch_us`), so GB/s is effective bandwidth; `% copy` is against a device-to-device
 copy measured in the same process.
 
-Decode attention (`kvscope.kernels.ops.decode_attention`) is timed with a cold L2 instead: one call per CUDA-graph
-replay, the L2 flushed before each (`l2_flusher`), against the engine's current decode attention and torch's SDPA
-on the cuDNN backend, at issue 16's shapes (batch 1 at 512 / 4k / 32k, batch 16 at 4k, batch 64 at 512; qwen2.5-3b's
-16 query and 2 KV heads, d=128); the tensor-core kernel with each split rule and each merge (separate or fused).
+Decode attention (`kvscope.kernels.decode_attention.split_kv_decode`) is timed with a cold L2 instead: one call per
+CUDA-graph replay, the L2 flushed before each (`l2_flusher`), against the engine's current decode attention and
+torch's SDPA on the cuDNN backend, at issue 16's shapes (batch 1 at 512 / 4k / 32k, batch 16 at 4k, batch 64 at
+512; qwen2.5-3b's 16 query and 2 KV heads, d=128); the tensor-core kernel with each split rule and each merge
+(separate or fused).
 
     python3 benchmarks/kernels.py [--model qwen2.5-3b] [--seq 4096] [--dtype bfloat16] [--json out.json]
                                   [--attn-only] [--attn-reps 50] [--attn-splits 66,132,264] [--gemv-only]
 
-The gemv section: each product of a decode step (`kvscope.kernels.ops.gemv*`) at 1 to 16 rows against cuBLAS
+The gemv section: each product of a decode step (`kvscope.kernels.gemv.gemv*`) at 1 to 16 rows against cuBLAS
 (`F.linear`, the residual ones as `addmm_`), cold L2 like the attention section, then the whole step's products
 (36 layers x 4 + lm_head, each layer its own weights) back to back in one CUDA graph, cuBLAS against gemv, with and
 without the norms and SiLU*up that lie between them; gemv in each launch choice of GEMV_CONFIGS.
@@ -39,7 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.io import write_json
-from kvscope.kernels import ops as kops
+from kvscope.kernels import common as k_common
+from kvscope.kernels import decode_attention as k_decode_attention
+from kvscope.kernels import gemv as k_gemv
+from kvscope.kernels import rms_norm as k_rms_norm
+from kvscope.kernels import rope_kv as k_rope_kv
+from kvscope.kernels import silu_mul as k_silu_mul
 from kvscope.model.attention import DecodeMeta, decode_attention
 from kvscope.model.config import PRESETS, ModelArgs
 from kvscope.model.dtypes import NAMES, from_name, itemsize
@@ -63,11 +69,11 @@ class Case:
 def mismatch(outputs: dict[str, tuple[torch.Tensor, torch.Tensor]],
              tolerance: dict[torch.dtype, dict[str, float]] | None = None) -> str | None:
     """The first output whose kernel value is outside the dtype's tolerance of its reference (`tolerance`, default
-    `kops.REF_TOLERANCE`), in one line; None when every one is within it. `outputs`: name -> (kernel's,
+    `k_common.REF_TOLERANCE`), in one line; None when every one is within it. `outputs`: name -> (kernel's,
     reference's)."""
     for name, (got, want) in outputs.items():
         try:
-            torch.testing.assert_close(got, want, **(tolerance or kops.REF_TOLERANCE)[want.dtype])
+            torch.testing.assert_close(got, want, **(tolerance or k_common.REF_TOLERANCE)[want.dtype])
         except AssertionError as exc:
             return f"{name}: {' '.join(str(exc).split())[:300]}"
     return None
@@ -77,17 +83,17 @@ def rms_norm_case(n: int, dim: int, dt: torch.dtype, g: torch.Generator) -> Case
     dev = g.device
     x = torch.randn(n, dim, device=dev, generator=g).to(dt)  # (N, dim)
     w = (torch.rand(dim, device=dev, generator=g) + 0.5).to(dt)  # (dim,)
-    return Case("rms_norm", lambda: kops.rms_norm(x, w, 1e-6), lambda: F.rms_norm(x, (dim,), w, 1e-6),
+    return Case("rms_norm", lambda: k_rms_norm.rms_norm(x, w, 1e-6), lambda: F.rms_norm(x, (dim,), w, 1e-6),
                 itemsize(dt) * (2 * n * dim + dim),
-                lambda: mismatch({"out": (kops.rms_norm(x, w, 1e-6), kops.rms_norm_ref(x, w, 1e-6))}))
+                lambda: mismatch({"out": (k_rms_norm.rms_norm(x, w, 1e-6), k_rms_norm.rms_norm_ref(x, w, 1e-6))}))
 
 
 def silu_mul_case(n: int, ff: int, fused: bool, dt: torch.dtype, g: torch.Generator) -> Case:
     """fused: gate and up are the strided halves of one (N, 2F) product (decode); else two contiguous (N, F)."""
     w13 = (torch.randn(n, 2 * ff, device=g.device, generator=g) * 3).to(dt)  # (N, 2F)
     gate, up = w13.split(ff, dim=-1) if fused else (w13[:, :ff].contiguous(), w13[:, ff:].contiguous())  # (N, F)
-    return Case("silu_mul", lambda: kops.silu_mul(gate, up), lambda: F.silu(gate) * up, itemsize(dt) * 3 * n * ff,
-                lambda: mismatch({"out": (kops.silu_mul(gate, up), kops.silu_mul_ref(gate, up))}))
+    return Case("silu_mul", lambda: k_silu_mul.silu_mul(gate, up), lambda: F.silu(gate) * up, itemsize(dt) * 3 * n * ff,
+                lambda: mismatch({"out": (k_silu_mul.silu_mul(gate, up), k_silu_mul.silu_mul_ref(gate, up))}))
 
 
 def rope_kv_case(a: ModelArgs, b: int, s: int, s_max: int, tables: tuple[torch.Tensor, torch.Tensor],
@@ -112,12 +118,12 @@ def rope_kv_case(a: ModelArgs, b: int, s: int, s_max: int, tables: tuple[torch.T
     def check() -> str | None:
         ours, ref = qkv.clone(), qkv.clone()
         caches = [torch.zeros_like(kc) for _ in range(4)]
-        kops.rope_kv_(ours, cos, sin_rot, caches[0], caches[1], h, lengths)
-        kops.rope_kv_ref_(ref, cos, sin_rot, caches[2], caches[3], h, lengths)
+        k_rope_kv.rope_kv_(ours, cos, sin_rot, caches[0], caches[1], h, lengths)
+        k_rope_kv.rope_kv_ref_(ref, cos, sin_rot, caches[2], caches[3], h, lengths)
         return mismatch({"qkv": (ours, ref), "k_cache": (caches[0], caches[2]), "v_cache": (caches[1], caches[3])})
 
     nbytes = itemsize(dt) * b * s * ((h + 2 * hkv) * d + (h + hkv) * d + 2 * hkv * d + 2 * d)
-    return Case("rope_kv", lambda: kops.rope_kv_(qkv, cos, sin_rot, kc, vc, h, lengths), torch_op, nbytes, check)
+    return Case("rope_kv", lambda: k_rope_kv.rope_kv_(qkv, cos, sin_rot, kc, vc, h, lengths), torch_op, nbytes, check)
 
 
 def measure(label: str, cases: list[Case], time_us: Callable[[Callable[[], object]], float], copy_gb_s: float
@@ -155,7 +161,7 @@ def shape_cases(a: ModelArgs, b: int, s: int, s_max: int, tables: tuple[torch.Te
             rope_kv_case(a, b, s, s_max, tables, g)]
 
 
-# ---- decode attention: kvscope.kernels.ops.decode_attention against the engine's flash path, cold L2 ------------
+# ---- decode attention: kvscope.kernels.decode_attention.split_kv_decode against the engine's flash path, cold L2 ---
 ATTN_SHAPES = ((1, 512), (1, 4096), (1, 32_768), (16, 4096), (64, 512))  # (batch, context) of issue 16
 ATTN_HEADS = (16, 2, 128)  # qwen2.5-3b: query heads, KV heads, head_dim
 ATTN_FLUSH_MIN_BYTES = 256 * 2**20
@@ -235,7 +241,7 @@ def decode_attention_rows(dev: torch.device, dt: torch.dtype, copy_gb_s: float, 
     `decode_splits_long`) with the separate merge kernel and with the merge fused (and at `extra_splits`, separate
     merge), the CUDA-core kernel at its own split count, the engine's current decode attention (flash attention over
     the cache in place, `seqused_k`) and torch's SDPA on the cuDNN backend over a (B, H_kv, ctx, D) copy
-    (`cudnn_sdpa_op`), each checked against `decode_attention_ref` first. Bytes: K and V of the valid positions, q,
+    (`cudnn_sdpa_op`), each checked against `split_kv_decode_ref` first. Bytes: K and V of the valid positions, q,
     the output and the lengths, each once."""
     h, hkv, d = ATTN_HEADS
     flush = l2_flusher(dev)
@@ -251,24 +257,26 @@ def decode_attention_rows(dev: torch.device, dt: torch.dtype, copy_gb_s: float, 
         out = torch.empty(b, h, d, dtype=dt, device=dev)  # (B, H, D)
         label = f"attn bs{b} ctx{ctx}"
         nbytes = itemsize(dt) * (2 * b * ctx * hkv * d + 2 * b * h * d) + 8 * b
-        ref = kops.decode_attention_ref(q, k, v, lengths)
+        ref = k_decode_attention.split_kv_decode_ref(q, k, v, lengths)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        autos = {tc: kops.decode_splits(b * hkv * kops.decode_group_chunk(h // hkv, tc)[1], s_max, sms)
+        autos = {tc: k_decode_attention.decode_splits(
+                     b * hkv * k_decode_attention.decode_group_chunk(h // hkv, tc)[1], s_max, sms)
                  for tc in (True, False)}
-        mma_groups = b * hkv * kops.decode_group_chunk(h // hkv, True)[1]
-        longs = kops.decode_splits_long(mma_groups, s_max, sms)
-        longs_2x = kops.decode_splits_long(mma_groups, s_max, sms, 2 * kops.DECODE_ATTENTION_LONG_MIN_SPLIT_TOKENS)
+        mma_groups = b * hkv * k_decode_attention.decode_group_chunk(h // hkv, True)[1]
+        longs = k_decode_attention.decode_splits_long(mma_groups, s_max, sms)
+        longs_2x = k_decode_attention.decode_splits_long(
+            mma_groups, s_max, sms, 2 * k_decode_attention.DECODE_ATTENTION_LONG_MIN_SPLIT_TOKENS)
         us_c, layout_c = float("nan"), "unavailable"
         try:
             cudnn_op, layout_c = cudnn_sdpa_op(q, k, v, ctx)
-            bad_c = mismatch({"cudnn": (cudnn_op(), ref)}, kops.DECODE_ATTENTION_TOLERANCE)
+            bad_c = mismatch({"cudnn": (cudnn_op(), ref)}, k_decode_attention.DECODE_ATTENTION_TOLERANCE)
             us_c = cold_us(cudnn_op, flush, reps) if bad_c is None else float("nan")
             print(f"{label:>18} cudnn sdpa ({layout_c}) {us_c:7.2f} us  {bad_c or 'check passed'}")
         except RuntimeError as e:  # this torch / dtype has no cuDNN SDPA: no figure, said so
             print(f"{label:>18} cudnn sdpa unavailable: {str(e).splitlines()[0]}")
 
         torch_op = partial(decode_attention, q, k, v, meta, "sdpa")  # the engine's flash path, (B, H, D)
-        bad_t = mismatch({"torch": (torch_op(), ref)}, kops.DECODE_ATTENTION_TOLERANCE)
+        bad_t = mismatch({"torch": (torch_op(), ref)}, k_decode_attention.DECODE_ATTENTION_TOLERANCE)
         us_t = cold_us(torch_op, flush, reps) if bad_t is None else float("nan")
         gbs_t = nbytes / (us_t / 1e6) / 1e9
         # the tensor-core kernel: each split rule (and the long one at twice its shortest split) with the separate
@@ -281,11 +289,11 @@ def decode_attention_rows(dev: torch.device, dt: torch.dtype, copy_gb_s: float, 
                 + [(autos[False], False, False, "waves")])
         for splits, tc, fused, rule in runs:
             auto = rule != "forced"
-            kernel_op = partial(kops.decode_attention, q, k, v, lengths, splits=splits, out=out, tensor_cores=tc,
-                                fused_merge=fused)
+            kernel_op = partial(k_decode_attention.split_kv_decode, q, k, v, lengths, splits=splits, out=out,
+                                tensor_cores=tc, fused_merge=fused)
             out.fill_(float("nan"))
             kernel_op()
-            bad = mismatch({"out": (out.clone(), ref)}, kops.DECODE_ATTENTION_TOLERANCE)
+            bad = mismatch({"out": (out.clone(), ref)}, k_decode_attention.DECODE_ATTENTION_TOLERANCE)
             kind = ("mma" if tc else "cuda-core") + (f" {rule}" if rule.startswith("long") else "") + (
                 " fused" if fused else "")
             row: dict[str, Any] = {"shape": label, "op": f"decode_attention {kind}", "splits": splits, "auto": auto,
@@ -309,7 +317,7 @@ def decode_attention_rows(dev: torch.device, dt: torch.dtype, copy_gb_s: float, 
     return rows
 
 
-# ---- decode-step products: kvscope.kernels.ops.gemv* against cuBLAS ----------------------------------------------
+# ---- decode-step products: kvscope.kernels.gemv.gemv* against cuBLAS ---------------------------------------------
 GEMV_BENCH_ROWS = (1, 2, 4, 16)
 GEMV_STEP_ROWS = (1, 2, 4)
 GEMV_NORM_EPS = 1e-6
@@ -359,7 +367,7 @@ def gemv_product_rows(a: ModelArgs, sw: StepWeights, m: int, copy_gb_s: float, r
     act = torch.randn(m, a.intermediate_size, device=dev, generator=g).to(dt)  # (M, F)
     nw, eps = sw.norm, GEMV_NORM_EPS
     wqkv, bqkv, wo, w13, w2, lm = sw.wqkv[0], sw.bqkv[0], sw.wo[0], sw.w13[0], sw.w2[0], sw.lm_head
-    xn = kops.rms_norm_ref(h, nw, eps)
+    xn = k_rms_norm.rms_norm_ref(h, nw, eps)
     hd = h.clone()  # the residual products update this one in place, rep after rep
 
     def nb(*ts: torch.Tensor) -> int:
@@ -367,31 +375,33 @@ def gemv_product_rows(a: ModelArgs, sw: StepWeights, m: int, copy_gb_s: float, r
 
     # op: (kernel, cuBLAS path, check (got, want, x for the scale, W, silu), bytes)
     cases: dict[str, tuple[Callable[..., object], Callable[[], object], Callable[..., tuple], int]] = {
-        "qkv": (partial(kops.gemv, x, wqkv, bqkv), partial(F.linear, x, wqkv, bqkv),
-                lambda **o: (kops.gemv(x, wqkv, bqkv, **o), kops.gemv_ref(x, wqkv, bqkv), x, wqkv, False),
+        "qkv": (partial(k_gemv.gemv, x, wqkv, bqkv), partial(F.linear, x, wqkv, bqkv),
+                lambda **o: (k_gemv.gemv(x, wqkv, bqkv, **o), k_gemv.gemv_ref(x, wqkv, bqkv), x, wqkv, False),
                 nb(wqkv, bqkv, x) + m * wqkv.shape[0] * dt.itemsize),
-        "qkv+norm": (partial(kops.gemv, h, wqkv, bqkv, nw, eps),
-                     lambda: F.linear(kops.rms_norm(h, nw, eps), wqkv, bqkv),
-                     lambda **o: (kops.gemv(h, wqkv, bqkv, nw, eps, **o), kops.gemv_ref(h, wqkv, bqkv, nw, eps), xn,
+        "qkv+norm": (partial(k_gemv.gemv, h, wqkv, bqkv, nw, eps),
+                     lambda: F.linear(k_rms_norm.rms_norm(h, nw, eps), wqkv, bqkv),
+                     lambda **o: (k_gemv.gemv(h, wqkv, bqkv, nw, eps, **o), k_gemv.gemv_ref(h, wqkv, bqkv, nw, eps), xn,
                                   wqkv, False), nb(wqkv, bqkv, h, nw) + m * wqkv.shape[0] * dt.itemsize),
-        "o_proj": (partial(kops.gemv_residual_, hd, y, wo), lambda: hd.addmm_(y, wo.t()),
-                   lambda **o: (kops.gemv_residual_(h.clone(), y, wo, **o), kops.gemv_residual_ref_(h.clone(), y, wo),
-                                y, wo, False), nb(wo, y) + 2 * nb(h)),
-        "w13": (partial(kops.gemv_silu_mul, x, w13), partial(F.linear, x, w13),
-                lambda **o: (kops.gemv_silu_mul(x, w13, **o), kops.gemv_silu_mul_ref(x, w13), x, w13, True),
+        "o_proj": (partial(k_gemv.gemv_residual_, hd, y, wo), lambda: hd.addmm_(y, wo.t()),
+                   lambda **o: (k_gemv.gemv_residual_(h.clone(), y, wo, **o),
+                                k_gemv.gemv_residual_ref_(h.clone(), y, wo), y, wo, False), nb(wo, y) + 2 * nb(h)),
+        "w13": (partial(k_gemv.gemv_silu_mul, x, w13), partial(F.linear, x, w13),
+                lambda **o: (k_gemv.gemv_silu_mul(x, w13, **o), k_gemv.gemv_silu_mul_ref(x, w13), x, w13, True),
                 nb(w13, x) + m * a.intermediate_size * dt.itemsize),
-        "w13+norm": (partial(kops.gemv_silu_mul, h, w13, nw, eps),
-                     lambda: kops.silu_mul(*F.linear(kops.rms_norm(h, nw, eps), w13).split(a.intermediate_size, -1)),
-                     lambda **o: (kops.gemv_silu_mul(h, w13, nw, eps, **o), kops.gemv_silu_mul_ref(h, w13, nw, eps),
+        "w13+norm": (partial(k_gemv.gemv_silu_mul, h, w13, nw, eps),
+                     lambda: k_silu_mul.silu_mul(
+                         *F.linear(k_rms_norm.rms_norm(h, nw, eps), w13).split(a.intermediate_size, -1)),
+                     lambda **o: (k_gemv.gemv_silu_mul(h, w13, nw, eps, **o), k_gemv.gemv_silu_mul_ref(h, w13, nw, eps),
                                   xn, w13, True), nb(w13, h, nw) + m * a.intermediate_size * dt.itemsize),
-        "w2": (partial(kops.gemv_residual_, hd, act, w2), lambda: hd.addmm_(act, w2.t()),
-               lambda **o: (kops.gemv_residual_(h.clone(), act, w2, **o), kops.gemv_residual_ref_(h.clone(), act, w2),
-                            act, w2, False), nb(w2, act) + 2 * nb(h)),
-        "lm_head": (partial(kops.gemv, x, lm), partial(F.linear, x, lm),
-                    lambda **o: (kops.gemv(x, lm, **o), kops.gemv_ref(x, lm), x, lm, False),
+        "w2": (partial(k_gemv.gemv_residual_, hd, act, w2), lambda: hd.addmm_(act, w2.t()),
+               lambda **o: (k_gemv.gemv_residual_(h.clone(), act, w2, **o),
+                            k_gemv.gemv_residual_ref_(h.clone(), act, w2), act, w2, False), nb(w2, act) + 2 * nb(h)),
+        "lm_head": (partial(k_gemv.gemv, x, lm), partial(F.linear, x, lm),
+                    lambda **o: (k_gemv.gemv(x, lm, **o), k_gemv.gemv_ref(x, lm), x, lm, False),
                     nb(lm, x) + m * lm.shape[0] * dt.itemsize),
-        "lm_head+norm": (partial(kops.gemv, h, lm, None, nw, eps), lambda: F.linear(kops.rms_norm(h, nw, eps), lm),
-                         lambda **o: (kops.gemv(h, lm, None, nw, eps, **o), kops.gemv_ref(h, lm, None, nw, eps), xn,
+        "lm_head+norm": (partial(k_gemv.gemv, h, lm, None, nw, eps),
+                         lambda: F.linear(k_rms_norm.rms_norm(h, nw, eps), lm),
+                         lambda **o: (k_gemv.gemv(h, lm, None, nw, eps, **o), k_gemv.gemv_ref(h, lm, None, nw, eps), xn,
                                       lm, False),
                          nb(lm, h, nw) + m * lm.shape[0] * dt.itemsize),
     }
@@ -403,7 +413,7 @@ def gemv_product_rows(a: ModelArgs, sw: StepWeights, m: int, copy_gb_s: float, r
             opts = {"pipelined": pipelined, "split_blocks_per_sm": per_sm}  # the launch choice, passed to each call
             got, want, xs, w, silu = check(**opts)
             try:
-                torch.testing.assert_close(got, want, **kops.gemv_tolerance(xs, w, silu))
+                torch.testing.assert_close(got, want, **k_gemv.gemv_tolerance(xs, w, silu))
                 bad = None
             except AssertionError as exc:
                 bad = " ".join(str(exc).split())[:300]
@@ -446,35 +456,35 @@ def gemv_step_rows(a: ModelArgs, sw: StepWeights, m: int, copy_gb_s: float, reps
 
     def gemv_products(**o: Any) -> None:
         for i in range(a.n_layers):
-            kops.gemv(x, sw.wqkv[i], sw.bqkv[i], **o)
-            kops.gemv_residual_(h, y, sw.wo[i], **o)
-            kops.gemv_silu_mul(x, sw.w13[i], **o)
-            kops.gemv_residual_(h, act, sw.w2[i], **o)
-        kops.gemv(x, sw.lm_head, **o)
+            k_gemv.gemv(x, sw.wqkv[i], sw.bqkv[i], **o)
+            k_gemv.gemv_residual_(h, y, sw.wo[i], **o)
+            k_gemv.gemv_silu_mul(x, sw.w13[i], **o)
+            k_gemv.gemv_residual_(h, act, sw.w2[i], **o)
+        k_gemv.gemv(x, sw.lm_head, **o)
 
     def cublas_between() -> None:
         for i in range(a.n_layers):
-            F.linear(kops.rms_norm(h, nw, eps), sw.wqkv[i], sw.bqkv[i])
+            F.linear(k_rms_norm.rms_norm(h, nw, eps), sw.wqkv[i], sw.bqkv[i])
             h.addmm_(y, sw.wo[i].t())  # linear_residual_ without a bias
-            gate, up = F.linear(kops.rms_norm(h, nw, eps), sw.w13[i]).split(f, dim=-1)
-            h.addmm_(kops.silu_mul(gate, up), sw.w2[i].t())
-        F.linear(kops.rms_norm(h, nw, eps), sw.lm_head)
+            gate, up = F.linear(k_rms_norm.rms_norm(h, nw, eps), sw.w13[i]).split(f, dim=-1)
+            h.addmm_(k_silu_mul.silu_mul(gate, up), sw.w2[i].t())
+        F.linear(k_rms_norm.rms_norm(h, nw, eps), sw.lm_head)
 
     def gemv_between(**o: Any) -> None:
         fused = m <= norm_max_rows
         for i in range(a.n_layers):
             if fused:
-                kops.gemv(h, sw.wqkv[i], sw.bqkv[i], nw, eps, **o)
+                k_gemv.gemv(h, sw.wqkv[i], sw.bqkv[i], nw, eps, **o)
             else:
-                kops.gemv(kops.rms_norm(h, nw, eps), sw.wqkv[i], sw.bqkv[i], **o)
-            kops.gemv_residual_(h, y, sw.wo[i], **o)
-            a13 = kops.gemv_silu_mul(h, sw.w13[i], nw, eps, **o) if fused else kops.gemv_silu_mul(
-                kops.rms_norm(h, nw, eps), sw.w13[i], **o)
-            kops.gemv_residual_(h, a13, sw.w2[i], **o)
+                k_gemv.gemv(k_rms_norm.rms_norm(h, nw, eps), sw.wqkv[i], sw.bqkv[i], **o)
+            k_gemv.gemv_residual_(h, y, sw.wo[i], **o)
+            a13 = k_gemv.gemv_silu_mul(h, sw.w13[i], nw, eps, **o) if fused else k_gemv.gemv_silu_mul(
+                k_rms_norm.rms_norm(h, nw, eps), sw.w13[i], **o)
+            k_gemv.gemv_residual_(h, a13, sw.w2[i], **o)
         if fused:
-            kops.gemv(h, sw.lm_head, None, nw, eps, **o)
+            k_gemv.gemv(h, sw.lm_head, None, nw, eps, **o)
         else:
-            kops.gemv(kops.rms_norm(h, nw, eps), sw.lm_head, **o)
+            k_gemv.gemv(k_rms_norm.rms_norm(h, nw, eps), sw.lm_head, **o)
 
     nbytes = sw.nbytes()
     rows = []
@@ -498,7 +508,7 @@ def gemv_step_rows(a: ModelArgs, sw: StepWeights, m: int, copy_gb_s: float, reps
 
 
 def gemv_rows(a: ModelArgs, dev: torch.device, dt: torch.dtype, copy_gb_s: float, reps: int) -> list[dict[str, Any]]:
-    from kvscope.engine.loop import GEMV_NORM_MAX_ROWS
+    from kvscope.engine.layer_ops import GEMV_NORM_MAX_ROWS
 
     sw = step_weights(a, dev, dt)
     flush = l2_flusher(dev)

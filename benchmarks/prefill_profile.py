@@ -13,6 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kvscope.engine.loop import Engine
+from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunConfig
 from kvscope.model.source import resolve_model
 from kvscope.model.weights import load_model
@@ -29,7 +30,7 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     model, _ = load_model(resolve_model(ns.model), dev, dt, seed=0)
     p_kernels = ns.kernels == "on"
-    eng = Engine(model, RunConfig(1, ns.seq + 8, dt, dev), kernels=p_kernels)
+    eng = Engine(model, RunConfig(1, ns.seq + 8, dt, dev), options=EngineOptions(kernels=p_kernels))
     tokens = torch.randint(0, 1000, (1, ns.seq), device=dev)  # (1, S)
     ms = median_event_ms(lambda: eng.prefill(tokens, [ns.seq]), reps=5, warmup=3)
     print(f"{torch.cuda.get_device_name()}: {ns.model} prefill of {ns.seq} tokens (kernels {ns.kernels}), "

@@ -1,11 +1,16 @@
-"""Parquet and JSON output: atomic writes (temporary file, then rename), atomic output folders (`AtomicFolder`:
-temporary folder, then rename) and run metadata under the key `kvscope`."""
+"""Output, written whole or not at all: the one atomic file write (`_atomic`: temporary file, sync, rename; used by
+`write_parquet`, `write_json`, `write_bytes`), the one atomic output folder (`AtomicFolder`: temporary folder, then
+rename), and run metadata under the key `kvscope`."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +23,8 @@ import pyarrow.parquet as pq
 from kvscope.errors import KvscopeError
 
 METADATA_KEY = b"kvscope"
+# what the temporary file of an atomic write adds to the file's name: .NAME.<12 hex>.tmp
+TMP_NAME_EXTRA = ".." + "0" * 12 + ".tmp"
 
 
 def write_parquet(df: pd.DataFrame, path: Path, metadata: dict[str, Any]) -> None:
@@ -41,6 +48,11 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return json.loads(meta[METADATA_KEY])
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `_atomic`)."""
+    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def _umask() -> int:
     """The process umask, read without changing it (os.umask can only be read by setting it)."""
     try:
@@ -53,64 +65,87 @@ def _umask() -> int:
 
 
 def _atomic(path: Path, write: Callable[[str], object]) -> None:
+    """The one atomic file write: `write(tmp)` fills a new file beside `path` (`.NAME.<12 hex>.tmp`, see
+    TMP_NAME_EXTRA), which is synced and renamed over `path`, so `path` either is as it was or holds all of it. A
+    file that is replaced keeps its permission bits; a new one gets those open() gives (the umask). On any error the
+    temporary file is removed and the error raised."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
-        write(tmp)
+        try:
+            if path.exists():
+                os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
+            write(str(tmp))
+            os.fsync(fd)  # the file's data, whichever descriptor `write` used
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the error being raised is the one to report
+            tmp.unlink()
         raise
 
 
 class AtomicFolder:
-    """An output folder written whole or not at all (torch-free, for the analysis commands).
+    """An output folder written whole or not at all: the one used by every command that writes a folder (`kvscope
+    run`, `kvscope nsys`, `kvscope align`, `kvscope report`).
 
-    Files go into a temporary sibling folder (`.NAME.partial-*`, the path `with` yields), which is renamed to `final`
-    only when the `with` block ends without an error. On an error (a `KvscopeError`, a full disk, Ctrl-C, SIGTERM)
-    the temporary folder is removed, and with it every parent folder this made, so `final` is as it was before.
+    Files go into a temporary sibling folder (`.NAME.partial-*`, made by `open()`, which `with` yields), renamed to
+    `final` by `commit()` (at the end of a `with` block without an error). `discard()` (on an error in the `with`
+    block: a `KvscopeError`, a full disk, Ctrl-C, SIGTERM) removes the temporary folder, and with it every parent
+    folder `open()` made, so `final` is as it was before.
 
-    What `final` may be: absent (made, with its parents), an empty folder (filled), or a folder that `replaceable`
-    accepts, typically one holding only files this same command writes (replaced whole at the end: the old folder is
-    renamed aside, the new one renamed into place, the old one removed). Anything else (a file, a link, a folder with
-    other content) is refused with a one-line `KvscopeError` at construction, before any work is done, and checked
-    again when the `with` block starts.
+    The policy, `replaceable`: which existing folder `final` may be. Always: absent (made, with its parents) or an
+    empty folder (filled). None (a run folder): nothing else. A predicate (typically "holds only files this same
+    command writes", its own earlier output recognised by its file names): a folder it accepts is replaced whole at
+    the commit (the old folder renamed aside, the new one renamed into place, the old one removed). Anything else (a
+    file, a link, a folder with other content) is refused with a one-line `KvscopeError` at construction, before any
+    work is done, and checked again by `open()`. A folder that another process fills while this one works is never
+    replaced unless the policy accepts it: the commit then fails, and says so.
 
-    An `OSError` raised inside the block (a write that fails) becomes a `KvscopeError` naming `final` and the
-    system's reason (e.g. "No space left on device"); the temporary path is never named.
+    In a `with` block, an `OSError` raised inside (a write that fails) becomes a `KvscopeError` naming `final` and the
+    system's reason (e.g. "No space left on device"); the temporary path is never named. `label` is how messages
+    name the folder, e.g. "--out", "report folder", "output folder".
     """
 
     def __init__(self, final: Path, label: str, replaceable: Callable[[Path], bool] | None = None) -> None:
         self.final = Path(final)
-        self.label = label  # how messages name the folder, e.g. "--out" or "report folder"
+        self.label = label
         self.replaceable = replaceable
         self.tmp: Path | None = None
         self._created: list[Path] = []
         self._check()
 
+    def _name(self) -> str:
+        return f"{self.label} {self.final}"
+
     def _check(self) -> None:
         final = self.final
-        if final.is_symlink():
-            raise KvscopeError(f"{self.label} {final} is a symbolic link; give a folder path")
+        if final.is_symlink():  # the final rename would replace the link, not fill the folder it points to
+            raise KvscopeError(f"{self._name()} is a symbolic link; give the folder's own path")
         if final.exists():
             if not final.is_dir():
-                raise KvscopeError(f"{self.label} {final} is not a folder")
+                what = "a file" if final.is_file() else "not a folder"
+                raise KvscopeError(f"{self._name()} already exists and is {what}; give a new or empty folder")
             try:
-                refused = any(final.iterdir()) and not (self.replaceable is not None and self.replaceable(final))
+                refused = any(final.iterdir()) and not self._replaceable()
             except OSError as exc:
-                raise KvscopeError(f"{self.label} {final} cannot be read: {exc.strerror or exc}") from None
+                raise KvscopeError(f"{self._name()} cannot be read: {exc.strerror or exc}") from None
             if refused:
-                raise KvscopeError(f"{self.label} {final} already exists and holds other files; give an empty or "
-                                   "new folder")
+                held = "is not empty" if self.replaceable is None else "holds other files"
+                raise KvscopeError(f"{self._name()} already exists and {held}; give a new or empty folder")
         ancestor = final.parent
         while not ancestor.exists() and ancestor != ancestor.parent:
             ancestor = ancestor.parent
         if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-            raise KvscopeError(f"{self.label} {final} cannot be written ({ancestor} is not a writable folder)")
+            raise KvscopeError(f"{self._name()} cannot be written ({ancestor} is not a writable folder)")
 
-    def __enter__(self) -> Path:
+    def _replaceable(self) -> bool:
+        return self.replaceable is not None and self.replaceable(self.final)
+
+    def open(self) -> Path:
+        """Check `final` again and make the temporary folder (and the parents `final` lacks); its path."""
         self._check()
         ancestor = self.final.parent
         while not ancestor.exists():
@@ -121,35 +156,55 @@ class AtomicFolder:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
             os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the mode of a plain mkdir
         except OSError as exc:
-            self._discard()
-            raise KvscopeError(f"{self.label} {self.final} cannot be written: {exc.strerror or exc}") from None
+            self.discard()
+            raise KvscopeError(f"{self._name()} cannot be written: {exc.strerror or exc}") from None
         return self.tmp
+
+    def __enter__(self) -> Path:
+        return self.open()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
         if exc_type is None:
-            try:
-                self._commit()
-                return False
-            except OSError as err:  # a rename failed: `final` is as it was
-                self._discard()
-                raise KvscopeError(f"cannot write {self.label} {self.final}: {err.strerror or err}") from None
-        self._discard()
+            self.commit()
+            return False
+        self.discard()
         if isinstance(exc, OSError):
-            raise KvscopeError(f"cannot write {self.label} {self.final}: {exc.strerror or exc}") from None
+            raise KvscopeError(f"cannot write {self._name()}: {exc.strerror or exc}") from None
         return False
 
-    def _commit(self) -> None:
+    def commit(self) -> Path:
+        """Rename the temporary folder to `final` (replacing a previous output the policy accepts); `final`. On a
+        failure the temporary folder is discarded, `final` is as it was, and a KvscopeError says why."""
         if self.tmp is None:
-            raise RuntimeError("AtomicFolder committed outside its with block")
-        final = self.final
-        if not final.exists() or not any(final.iterdir()):
-            os.replace(self.tmp, final)  # rename(2) replaces an empty folder in one step
+            raise RuntimeError("AtomicFolder.commit() before open()")
+        try:
+            self._place()
+        except OSError as exc:
+            self.discard()
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise KvscopeError(f"{self._name()} was filled by another run while this one ran; that folder is kept "
+                                   "and this run's files were discarded") from None
+            raise KvscopeError(f"cannot write {self._name()}: {exc.strerror or exc}") from None
+        return self.final
+
+    def _place(self) -> None:
+        tmp, final = self.tmp, self.final
+        try:
+            os.replace(tmp, final)  # rename(2) replaces an absent or empty folder in one step, and refuses others
             self.tmp = None
             return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self._replaceable():
+                raise
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, old)  # `old` is an empty folder: replaced by the previous output
         try:
-            os.replace(self.tmp, final)
+            os.replace(final, old)  # `old` is an empty folder: replaced by the previous output
+        except OSError:
+            with contextlib.suppress(OSError):
+                old.rmdir()
+            raise
+        try:
+            os.replace(tmp, final)
         except OSError:
             os.replace(old, final)
             raise
@@ -157,10 +212,11 @@ class AtomicFolder:
         try:
             shutil.rmtree(old)
         except OSError as exc:
-            raise KvscopeError(f"{self.label} {final} is written, but its previous content, moved to {old}, could not "
-                               f"be removed: {exc.strerror or exc}") from None
+            raise KvscopeError(f"{self._name()} is written, but its previous content, moved to {old}, could not be "
+                               f"removed: {exc.strerror or exc}") from None
 
-    def _discard(self) -> None:
+    def discard(self) -> None:
+        """Remove the temporary folder and the parents `open()` made (those still empty); never raises."""
         if self.tmp is not None:  # cleanup after an error that is being raised: that error is the one to report
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None

@@ -1,8 +1,9 @@
-"""The files the analysis commands read besides nsys exports: a run folder's Parquet files and a sweep file, read and
-checked without torch (the profiler writes them; analysis only reads them).
+"""The files the analysis commands read besides nsys exports and sweep files (`kvscope.analysis.sweep_file`): a run
+folder's Parquet files and the align results beside it, read and checked without torch (the profiler writes them;
+analysis only reads them).
 
 Every problem ends in a one-line `KvscopeError` naming the path as the user gave it: a file that is missing, empty,
-truncated or not Parquet/CSV, a table without rows, a missing column, text where numbers belong.
+truncated or not Parquet, a table without rows, a missing column, text where numbers belong.
 
 Numbers in a CSV: a cell that is empty or spells a missing value (`nan`, `NaN`, `NA`, `n/a`, `null`, `None`, any
 case) is missing; any other text is not a number. `numeric_column` says which, so that a caller can refuse the file
@@ -31,7 +32,8 @@ MISSING_SPELLINGS = frozenset({"", "nan", "na", "n/a", "null", "none"})
 _READ_ERRORS = (OSError, ValueError, pa.ArrowException)
 
 
-def _reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
+    """Why `exc` happened, in one line: the system's reason for an OSError, else the first line of its text."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = str(exc).strip()
@@ -56,7 +58,7 @@ def read_parquet(path: Path) -> pd.DataFrame:
             raise KvscopeError(f"{path} is empty (0 bytes)")
         return pd.read_parquet(path)
     except _READ_ERRORS as exc:
-        raise KvscopeError(f"cannot read {path} ({_reason(exc)}): truncated or not a Parquet file") from None
+        raise KvscopeError(f"cannot read {path} ({error_reason(exc)}): truncated or not a Parquet file") from None
 
 
 def require_columns(df: pd.DataFrame, path: Path, columns: tuple[str, ...], what: str) -> None:
@@ -207,31 +209,3 @@ def read_align_results(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame] | Non
     require_columns(steps, steps_path, STEPS_COLUMNS, "kvscope align steps")
     steps = require_numbers(steps, steps_path, ("gpu_busy_ms", "gpu_idle_ms"), "kvscope align steps")
     return classes, steps
-
-
-# ---- sweep files ------------------------------------------------------------------------------------------------
-SWEEP_KEYS = ("seq_len", "batch")
-
-
-def read_sweep(path: Path) -> pd.DataFrame:
-    """A sweep file (CSV, or Parquet by its suffix) with its keys `seq_len` and `batch` as whole numbers >= 1 and
-    `flag` as text (empty where nothing is flagged). Other columns are as read: see `numeric_column`."""
-    if path.suffix == ".parquet":
-        df = read_parquet(path)
-    else:
-        if not path.is_file():
-            raise KvscopeError(f"{path} is not a file")
-        try:
-            if path.stat().st_size == 0:
-                raise KvscopeError(f"{path} is empty (0 bytes), not a kvscope sweep file")
-            df = pd.read_csv(path, keep_default_na=False, na_values=[""])
-        except pd.errors.EmptyDataError:
-            raise KvscopeError(f"{path} holds no table, not a kvscope sweep file") from None
-        except _READ_ERRORS as exc:
-            raise KvscopeError(f"cannot read {path} ({_reason(exc)}): not a CSV sweep file") from None
-    if not set(SWEEP_KEYS) <= set(df.columns) or not len(df):
-        raise KvscopeError(f"{path} is not a kvscope sweep file (no rows with seq_len and batch)")
-    df = require_positive_ints(df, path, SWEEP_KEYS, "a kvscope sweep file")
-    if "flag" in df.columns:
-        df["flag"] = df["flag"].astype("string").fillna("").astype(str)
-    return df

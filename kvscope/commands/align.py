@@ -11,8 +11,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kvscope.analysis.align.pipeline import AlignResult, analyse, output_folder, read_timings, summary_tables, write
+from kvscope.analysis.align.pipeline import AlignResult, analyse, output_folder, summary_tables, write
 from kvscope.analysis.align.ranks import analyse_ranks, ranks_table, write_ranks
+from kvscope.analysis.inputs import ALIGN_TIMINGS_COLUMNS, read_timings
 from kvscope.analysis.nsys.filters import parse_time_ns
 from kvscope.commands.json_out import align_payload, json_line
 from kvscope.errors import KvscopeError
@@ -24,7 +25,7 @@ def command(ns: argparse.Namespace) -> int:
     start_ns = parse_time_ns(ns.start, "--start") if ns.start is not None else None
     end_ns = parse_time_ns(ns.end, "--end") if ns.end is not None else None
     split = None
-    timings = read_timings(Path(ns.timings)) if ns.timings else None  # read once, for either path
+    timings = read_timings(Path(ns.timings), ALIGN_TIMINGS_COLUMNS) if ns.timings else None  # once, for either path
     if timings is not None and "rank" in timings:  # a tensor-parallel run: each rank on its own
         used = [f for f, v in (("--domain", ns.domain), ("--range", ns.range), ("--start", ns.start),
                                ("--end", ns.end), ("--pid", ns.pid), ("--classes", ns.classes)) if v is not None]

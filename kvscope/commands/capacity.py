@@ -24,8 +24,8 @@ from kvscope.analysis.capacity import (
     plan_capacity,
     weights_from_sweep,
 )
-from kvscope.analysis.inputs import read_sweep
 from kvscope.analysis.kv_math import dtype_bytes, kv_bytes_per_token
+from kvscope.analysis.sweep_file import read_sweep
 from kvscope.commands.json_out import json_line, plain
 from kvscope.errors import KvscopeError
 from kvscope.model.source import ModelSource, resolve_model

@@ -1,18 +1,6 @@
-"""`kvscope nsys`: profile a command under Nsight Systems, turn the capture into an export, and align it, into one
-output folder (report.nsys-rep, report.sqlite, the tables of `kvscope align` and its trace.json).
-
-By default the command is `kvscope run` (the arguments after `--` are its options: none, or starting with `-`, or
-`kvscope run ...`): the capture covers the measured repetitions only (`--capture-range=cudaProfilerApi`: `kvscope
-run` calls cudaProfilerStart/Stop around them) and keeps the program alive after the range
-(`--capture-range-end=stop`) so that the run folder (`run/`) is written and aligned with the capture. Any other
-command (`kvscope nsys -- python3 serve.py ...`) is profiled whole, without a capture range, and its export is
-aligned as any export (`kvscope align EXPORT`); there is no run folder. `--cuda-graph-trace=node` makes kernels
-inside CUDA graphs visible one by one.
-
-Extra `nsys profile` flags (`--nsys-flag`, repeatable, each one option: `--sample=cpu`, `--trace=cuda,nvtx,osrt`, or
-`-t cuda,nvtx,osrt` split like a shell would) come after kvscope's and replace kvscope's own value of the same option
-(`-t` and `--trace` are one option); the output options (`-o`, `-f` and their long forms) are kvscope's.
-"""
+"""`kvscope nsys`: parse, then profile a command under Nsight Systems, export and align it into one output folder
+(`kvscope.measure.nsys`, which says what the capture holds and how extra `--nsys-flag`s combine with kvscope's), and
+print the alignment's summary, the per-rank table with `run --tp`, the folder and its files."""
 
 from __future__ import annotations
 

@@ -18,9 +18,10 @@ import torch
 
 from kvscope.argtypes import INT64_MAX, NVML_INTERVAL_MAX_MS, UINT64_MAX
 from kvscope.errors import KvscopeError
+from kvscope.kernels.common import DTYPE_NAMES, supported
+from kvscope.kernels.decode_attention import DECODE_ATTENTION_HEAD_DIMS, split_kv_decode_supported
 from kvscope.kernels.launch import kernels_unavailable
 from kvscope.kernels.loader import CUPY_HINT, CUPY_INSTALL
-from kvscope.kernels.ops import DECODE_ATTENTION_HEAD_DIMS, DTYPE_NAMES, decode_attention_supported, supported
 from kvscope.model import dtypes
 from kvscope.model.attention import ATTN_IMPLS
 from kvscope.model.config import ModelArgs
@@ -74,7 +75,7 @@ class RunConfig:
                 f"context of {self.max_seq} tokens exceeds {args.name}'s maximum of {args.max_position_embeddings}")
         if self.attn not in ATTN_IMPLS:
             raise KvscopeError(f"unknown attention implementation {self.attn!r}; choose from {', '.join(ATTN_IMPLS)}")
-        if self.attn == "kvscope" and not (self.device.type == "cuda" and decode_attention_supported(
+        if self.attn == "kvscope" and not (self.device.type == "cuda" and split_kv_decode_supported(
                 self.dtype, args.head_dim, args.n_heads, args.n_kv_heads)):
             raise KvscopeError(f"--attn kvscope needs a CUDA device, {'/'.join(DTYPE_NAMES)} and head_dim "
                                f"{' or '.join(map(str, DECODE_ATTENTION_HEAD_DIMS))}, got {self.device} "
@@ -166,7 +167,7 @@ def default_attn(engine: str, device: torch.device, dtype: torch.dtype, kernels:
     `sdpa`. On the H200 it beat sdpa's flash decode at batch 1 with 512, 4k and 32k positions and at batch 16 with 4k
     (docs/benchmarks.md, "Decode attention")."""
     if (engine == KVSCOPE_ENGINE and kernels and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-            and decode_attention_supported(dtype, args.head_dim, args.n_heads, args.n_kv_heads)):
+            and split_kv_decode_supported(dtype, args.head_dim, args.n_heads, args.n_kv_heads)):
         return "kvscope"
     return "sdpa"
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from kvscope.engine.regions import EngineRegions
-from kvscope.kernels import ops as kops
+from kvscope.kernels import rope_kv as k_rope_kv
 from kvscope.model.config import ModelArgs
 from kvscope.model.kv_cache import KVCache
 from kvscope.model.layers import apply_rope
@@ -160,7 +160,7 @@ class FusedRopeKV(RopeKV):
     def prefill(self, i: int, qkv: torch.Tensor, t: PrefillTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hq, hkv, cache = self.hq, self.hkv, self.cache
         with self.ins.region_with(*self.regions.ops[i]["rope"]):  # RoPE on q and k in place, K and V into the cache
-            kops.rope_kv_(qkv, self.cos, self.sin_rot, cache.k(i), cache.v(i), hq)
+            k_rope_kv.rope_kv_(qkv, self.cos, self.sin_rot, cache.k(i), cache.v(i), hq)
         return qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]  # (B, S, H|H_kv, D)
 
     def decode_tables(self, pos: torch.Tensor) -> DecodeTables:
@@ -169,7 +169,7 @@ class FusedRopeKV(RopeKV):
     def decode(self, i: int, qkv: torch.Tensor, t: DecodeTables) -> torch.Tensor:
         cache = self.cache
         with self.ins.region_with(*self.regions.ops[i]["rope"]):  # RoPE on q and k in place, K/V at each position
-            kops.rope_kv_(qkv, self.cos, self.sin_rot, cache.k(i), cache.v(i), self.hq, lengths=t.pos)
+            k_rope_kv.rope_kv_(qkv, self.cos, self.sin_rot, cache.k(i), cache.v(i), self.hq, lengths=t.pos)
         return qkv[:, 0, :self.hq]  # (B, H, D)
 
 

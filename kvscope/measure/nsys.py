@@ -33,7 +33,8 @@ from kvscope.analysis.align.pipeline import AlignResult, analyse, write
 from kvscope.analysis.align.ranks import analyse_ranks, write_ranks
 from kvscope.analysis.nsys.export import export_rep, find_nsys
 from kvscope.errors import KvscopeError
-from kvscope.measure.output import OutputFolder
+from kvscope.io import AtomicFolder
+from kvscope.measure.output import OUT_LABEL
 from kvscope.schema import NSYS_RUN_SUBFOLDER, TIMINGS_FILE
 
 # kvscope's own `nsys profile` options for any command, and for `kvscope run` (whose capture range it opens)
@@ -63,9 +64,10 @@ def profile(out: Path, run_args: list[str] | None, command_args: list[str] | Non
             extra: Sequence[str], tp: int | None, meta: dict[str, Any]) -> Profiled:
     """Profile `kvscope run RUN_ARGS` (or any `COMMAND_ARGS`), export, align, and write it all into `out`, whole or
     not at all."""
-    folder = OutputFolder(out)
+    folder = AtomicFolder(out, OUT_LABEL)
     exit_code = 0
     try:
+        folder.open()
         if run_args is not None:
             rep, run_dir = capture(run_args, folder.tmp, nsys, extra)
             what: dict[str, Any] = {"run_args": run_args}

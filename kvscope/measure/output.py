@@ -1,14 +1,10 @@
-"""A run's folder: its files (timings.parquet, summary.parquet, nvml.parquet when NVML is present, trace.json), the
-metadata they carry, and the temporary folder they are written into, renamed into place only when all are written.
+"""A run's folder: its files (timings.parquet, summary.parquet, nvml.parquet when NVML is present, trace.json) and
+the metadata they carry. (The folder is written whole or not at all by `kvscope.io.AtomicFolder`.)
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import secrets
-import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -24,13 +20,13 @@ from kvscope.analysis.summary import HostClock
 from kvscope.engine.hf import HfEngine
 from kvscope.engine.loop import Engine
 from kvscope.engine.plan import RunPlan, RunSpec
-from kvscope.errors import KvscopeError
 from kvscope.io import write_json, write_parquet
 from kvscope.model.dtypes import dtype_name
 from kvscope.profiler.instrument import Instrument
 from kvscope.profiler.nvml import NvmlSampler
 from kvscope.schema import CUDA_CLOCK, NVML_FILE, SUMMARY_FILE, TIMING_COLUMNS, TIMINGS_FILE, TRACE_FILE
 
+OUT_LABEL = "output folder"  # how messages name the folder of a run (its AtomicFolder label)
 _TRACE_TIDS = {"run": 0, "rep": 0, "phase": 1, "step": 2, "layer": 3, "op": 4}
 
 
@@ -47,65 +43,6 @@ def default_out_dir(plan: RunPlan) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     name = plan.source.args.name.replace("/", "_")
     return Path("traces") / f"{stamp}-{name}-bs{plan.spec.batch_size}-seq{plan.spec.seq}"
-
-
-class OutputFolder:
-    """A temporary sibling folder that becomes `final` on `commit()`, and is removed (with any parent folders it
-    created) otherwise, so a failed run leaves nothing behind."""
-
-    def __init__(self, final: Path) -> None:
-        self.final = final
-        if final.is_symlink():  # the final rename would replace the link, not fill the folder it points to
-            raise KvscopeError(f"output folder {final} is a symbolic link; give the folder's own path")
-        if final.exists() and not final.is_dir():
-            what = "a file" if final.is_file() else "not a folder"
-            raise KvscopeError(f"output folder {final} already exists and is {what}; give a new or empty folder")
-        try:
-            filled = final.exists() and any(final.iterdir())
-        except OSError as exc:
-            raise KvscopeError(f"output folder {final} cannot be read: {exc.strerror or exc}") from None
-        if filled:
-            raise KvscopeError(f"output folder {final} already exists and is not empty")
-        ancestor = final.parent
-        self.created: list[Path] = []
-        while not ancestor.exists():
-            self.created.append(ancestor)
-            ancestor = ancestor.parent
-        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-            raise KvscopeError(f"output folder {final} cannot be written ({ancestor} is not a writable folder)")
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            # unique per folder object, not only per process: two runs (or two OutputFolders) never share one
-            self.tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-            self.tmp.mkdir()
-        except OSError as exc:
-            self.discard()
-            raise KvscopeError(f"output folder {final} cannot be written: {exc.strerror or exc}") from None
-
-    def commit(self) -> Path:
-        """Rename the temporary folder to `final`. rename(2) replaces an empty folder and refuses any other, so when
-        another run filled `final` meanwhile (two `kvscope run --out SAME` at once) its folder stays as it is, this
-        run's temporary folder is removed, and a KvscopeError says so."""
-        try:
-            os.replace(self.tmp, self.final)
-        except OSError as exc:
-            self.discard()
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise KvscopeError(f"output folder {self.final} was filled by another run while this one ran; "
-                                   "that folder is kept and this run's files were discarded") from None
-            raise KvscopeError(f"output folder {self.final} cannot be written: {exc.strerror or exc}; this run's "
-                               "files were discarded") from None
-        return self.final
-
-    def discard(self) -> None:
-        tmp = getattr(self, "tmp", None)
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        for folder in self.created:  # innermost first
-            try:
-                folder.rmdir()
-            except OSError:
-                break
 
 
 def write_run(result: RunResult, folder: Path) -> None:

@@ -28,12 +28,14 @@ import torch
 from kvscope.analysis.summary import HostClock, RunFacts, summary_row
 from kvscope.engine.hf import HfEngine, load_hf_model
 from kvscope.engine.loop import Engine
+from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunPlan, RunSpec, prepare
 from kvscope.engine.tp import TensorParallel
 from kvscope.errors import KvscopeError
+from kvscope.io import AtomicFolder
 from kvscope.measure.memory import allocation_failure, allocation_message
 from kvscope.measure.output import (
-    OutputFolder,
+    OUT_LABEL,
     RunResult,
     default_out_dir,
     kv_cache_meta,
@@ -68,11 +70,12 @@ def execute(spec: RunSpec, progress: ProgressFn | None = None, log: Callable[[st
             ) -> RunResult:
     """Validate, run and write one configuration. Raises KvscopeError for bad input before any file is made."""
     plan = prepare(spec)
-    out = OutputFolder(Path(spec.out) if spec.out else default_out_dir(plan))
+    out = AtomicFolder(Path(spec.out) if spec.out else default_out_dir(plan), OUT_LABEL)  # checked now
     say = log or (lambda _msg: None)
     if spec.model is None:
         say(f"no --model given: using the {plan.source.spec} preset (random weights) on {plan.cfg.device.type}")
     try:
+        out.open()
         result = _load_and_measure(plan, out, progress, say)
         result.out_dir = out.commit()
         return result
@@ -81,7 +84,7 @@ def execute(spec: RunSpec, progress: ProgressFn | None = None, log: Callable[[st
         raise
 
 
-def _load_and_measure(plan: RunPlan, out: OutputFolder, progress: ProgressFn | None, say: Callable[[str], None]
+def _load_and_measure(plan: RunPlan, out: AtomicFolder, progress: ProgressFn | None, say: Callable[[str], None]
                       ) -> RunResult:
     cfg = plan.cfg
     nvml = NvmlSampler(cfg.device, plan.spec.nvml_interval_ms)  # its own process, started before the model loads
@@ -117,7 +120,7 @@ def make_engine(model: torch.nn.Module, plan: RunPlan, ins: Instrument | None = 
     """The loop `plan.spec.engine` names over `model` (from `load_for`); `tp`: a tensor-parallel rank's (kvscope's
     engine only, kvscope.measure.tp_run)."""
     if plan.spec.engine == KVSCOPE_ENGINE:
-        return Engine(model, plan.cfg, ins, graphs=plan.graphs, kernels=plan.kernels, tp=tp)
+        return Engine(model, plan.cfg, ins, options=EngineOptions(graphs=plan.graphs, kernels=plan.kernels), tp=tp)
     return HfEngine(model, plan.cfg, ins, compiled=plan.spec.engine == HF_COMPILED_ENGINE, graphs=plan.graphs)
 
 

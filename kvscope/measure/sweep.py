@@ -33,12 +33,13 @@ from typing import Any
 import pandas as pd
 import torch
 
+from kvscope.analysis.sweep_file import read_sweep
 from kvscope.argtypes import INT64_MAX
 from kvscope.engine.plan import RunPlan, RunSpec, prepare
 from kvscope.errors import KvscopeError
 from kvscope.measure.memory import allocation_failure, allocation_reason, bytes_needed, device_memory
 from kvscope.measure.run import load_for, measure
-from kvscope.measure.sweep_file import SweepFile, read_table, sweep_settings
+from kvscope.measure.sweep_file import SweepFile, sweep_settings
 from kvscope.measure.sweep_out import OutputLock, check_out
 from kvscope.model.weights import load_model
 from kvscope.schema import CLASSIC_COLUMNS, KVSCOPE_ENGINE
@@ -105,7 +106,7 @@ def run_sweep(sw: SweepSpec, progress: Callable[[int, int, str], None] | None = 
         todo = [c for c in plans if c not in finished]
         if not todo:
             say("every configuration is already in the file")
-            return read_table(path)
+            return read_sweep(path)
         meta = {"sweep": {**settings, "seqs": _union(table.meta.get("seqs"), seqs),
                           "batches": _union(table.meta.get("batches"), batches),
                           "model_args": first.source.args.as_dict()}}
@@ -119,7 +120,7 @@ def run_sweep(sw: SweepSpec, progress: Callable[[int, int, str], None] | None = 
             _append(table, row, settings, sw, path, meta)
             if progress:
                 progress(i + 1, len(todo), f"seq {s} batch {b}")
-        return read_table(path)
+        return read_sweep(path)
 
 
 def _open(sw: SweepSpec, fmt: str, path: Path, settings: dict[str, Any], say: Say) -> SweepFile:
@@ -129,7 +130,7 @@ def _open(sw: SweepSpec, fmt: str, path: Path, settings: dict[str, Any], say: Sa
             raise KvscopeError(f"{sw.out} exists; pass --resume to continue that sweep, or choose another file")
         if not os.access(path, os.R_OK | os.W_OK):
             raise KvscopeError(f"--resume: {sw.out} is not readable and writable")
-        table = SweepFile.read(path, fmt, sw.out)
+        table = SweepFile.read(path, sw.out)
         table.check_settings(settings)
         return table
     if sw.resume:

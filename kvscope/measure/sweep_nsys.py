@@ -39,6 +39,7 @@ import pandas as pd
 from kvscope.analysis.align.attribution import PointFacts, aligned, attribution, run_keys
 from kvscope.analysis.align.pipeline import write
 from kvscope.analysis.nsys.export import export_rep
+from kvscope.analysis.sweep_file import read_sweep
 from kvscope.engine.plan import RunPlan, RunSpec, prepare
 from kvscope.errors import KvscopeError
 from kvscope.measure.nsys import (
@@ -50,7 +51,7 @@ from kvscope.measure.nsys import (
     require_nsys,
 )
 from kvscope.measure.sweep import SweepSpec, point_id, run_sweep
-from kvscope.measure.sweep_file import SweepFile, read_table, sweep_settings
+from kvscope.measure.sweep_file import SweepFile, sweep_settings
 from kvscope.measure.sweep_out import OutputLock, check_out
 from kvscope.model.dtypes import dtype_name, itemsize
 from kvscope.schema import ATTRIBUTION_COLUMNS, NSYS_REPORT_COLUMN, TRACE_FILE
@@ -74,7 +75,7 @@ def run_under_nsys(sw: SweepSpec, say: Say) -> pd.DataFrame:
     """The sweep `sw` (with `sw.nsys` set) under one nsys process, then each row's attribution; the file's rows."""
     if sw.nsys is None:
         raise ValueError("run_under_nsys needs sw.nsys")
-    fmt, path = check_out(sw.out)
+    _, path = check_out(sw.out)
     exe = require_nsys(sw.nsys.exe)
     extra = extra_flags(sw.nsys.flags)
     if not sw.collapse_factor > 1:
@@ -82,9 +83,9 @@ def run_under_nsys(sw: SweepSpec, say: Say) -> pd.DataFrame:
     plans = {(s, b): prepare(replace(sw.base, seq=s, batch_size=b, out=None))
              for s in dict.fromkeys(sw.seqs) for b in dict.fromkeys(sw.batches)}
     settings = sweep_settings(next(iter(plans.values())), sw.collapse_factor)
-    if not _todo(sw, fmt, path, settings, plans):
+    if not _todo(sw, path, settings, plans):
         say("every configuration is already in the file")
-        return read_table(path)
+        return read_sweep(path)
     captures = captures_folder(path)
     try:
         captures.mkdir(exist_ok=True)
@@ -95,7 +96,7 @@ def run_under_nsys(sw: SweepSpec, say: Say) -> pd.DataFrame:
         code = _profile(sw, exe, extra, path, scratch)
         if not path.exists():
             raise KvscopeError(f"the sweep under nsys stopped (exit code {code}) before its first configuration")
-        done = _attribute_all(sw, fmt, path, plans, exe, captures, scratch, say)
+        done = _attribute_all(sw, path, plans, exe, captures, scratch, say)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -104,10 +105,10 @@ def run_under_nsys(sw: SweepSpec, say: Say) -> pd.DataFrame:
     if code != 0:
         raise KvscopeError(f"the sweep under nsys stopped with exit code {code} (its error is above); the "
                            f"configurations it finished are in {sw.out}, {done} of them attributed")
-    return read_table(path)
+    return read_sweep(path)
 
 
-def _todo(sw: SweepSpec, fmt: str, path: Path, settings: dict[str, Any], plans: dict[tuple[int, int], RunPlan]
+def _todo(sw: SweepSpec, path: Path, settings: dict[str, Any], plans: dict[tuple[int, int], RunPlan]
           ) -> list[tuple[int, int]]:
     """The configurations the file does not hold yet; the file's own problems (it exists without --resume, its
     settings differ) as the sweep would say them, before nsys starts."""
@@ -115,7 +116,7 @@ def _todo(sw: SweepSpec, fmt: str, path: Path, settings: dict[str, Any], plans: 
         return list(plans)
     if not sw.resume:
         raise KvscopeError(f"{sw.out} exists; pass --resume to continue that sweep, or choose another file")
-    table = SweepFile.read(path, fmt, sw.out)
+    table = SweepFile.read(path, sw.out)
     table.check_settings(settings)
     finished = set(table.configs())
     return [c for c in plans if c not in finished]
@@ -169,13 +170,13 @@ def child(spec_file: str) -> int:
     return code
 
 
-def _attribute_all(sw: SweepSpec, fmt: str, path: Path, plans: dict[tuple[int, int], RunPlan], exe: str,
+def _attribute_all(sw: SweepSpec, path: Path, plans: dict[tuple[int, int], RunPlan], exe: str,
                    captures: Path, scratch: Path, say: Say) -> int:
     """Export, align and attribute every report; add the columns to the rows of the sweep file. The number of rows
     attributed."""
     keep = sw.nsys is not None and sw.nsys.keep_reports
     with OutputLock(path, sw.out, say):
-        table = SweepFile.read(path, fmt, sw.out)
+        table = SweepFile.read(path, sw.out)
         flags = dict(zip(table.configs(), table.numbers["flag"].fillna("").astype(str), strict=True))
         values: dict[tuple[int, int], dict[str, Any]] = {}
         reports = sorted(scratch.glob(f"{REPORT_STEM}*.nsys-rep")) + _imported(scratch, exe, say)

@@ -14,10 +14,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from kvscope.analysis.sweep_file import SWEEP_FORMATS
 from kvscope.errors import KvscopeError
-from kvscope.measure.sweep_file import TMP_NAME_EXTRA
-
-FORMATS = {".csv": "csv", ".parquet": "parquet"}
+from kvscope.io import TMP_NAME_EXTRA
 
 
 def check_out(out: Path) -> tuple[str, Path]:
@@ -36,7 +35,7 @@ def check_out(out: Path) -> tuple[str, Path]:
 def _check_out(out: Path) -> tuple[str, Path]:
     if out.is_dir():
         raise KvscopeError(f"--out {out} is a folder: give a FILE.csv or FILE.parquet")
-    if out.suffix.lower() not in FORMATS:
+    if out.suffix.lower() not in SWEEP_FORMATS:
         raise KvscopeError(f"--out {out}: the sweep file must end in .csv or .parquet")
     try:
         path = out.resolve()
@@ -59,7 +58,7 @@ def _check_out(out: Path) -> tuple[str, Path]:
     if len(path.name.encode()) > longest:
         raise KvscopeError(f"--out {out}: the file name takes {len(path.name.encode())} bytes, at most {longest} here "
                            "(the sweep writes .NAME.<random>.tmp beside it)")
-    return FORMATS[path.suffix.lower()], path
+    return SWEEP_FORMATS[path.suffix.lower()], path
 
 
 class OutputLock:

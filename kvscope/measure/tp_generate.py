@@ -9,6 +9,7 @@ import torch
 
 from kvscope.engine.greedy import pad_prompts
 from kvscope.engine.loop import Engine
+from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunPlan
 from kvscope.engine.tp import TensorParallel
 from kvscope.measure.tp_launch import RankContext, check_plan, run_ranks
@@ -41,7 +42,8 @@ def rank_generate(ctx: RankContext, plan: RunPlan, prompts: list[list[int]], max
     shard = ShardPlan(plan.source.args, ctx.tp, ctx.rank)
     cfg = replace(plan.cfg, device=ctx.device)
     model, ready_s = load_model(plan.source, ctx.device, cfg.dtype, seed=plan.spec.seed, shard=shard)
-    engine = Engine(model, cfg, graphs=plan.graphs, kernels=plan.kernels, tp=TensorParallel(shard, ctx.group))
+    engine = Engine(model, cfg, options=EngineOptions(graphs=plan.graphs, kernels=plan.kernels),
+                    tp=TensorParallel(shard, ctx.group))
     if not keep_logits:
         return Generated(engine.generate(prompts, max_new_tokens), [], ready_s)
     tokens, lengths = pad_prompts(prompts, engine.vocab_size, ctx.device)

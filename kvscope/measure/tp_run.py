@@ -29,9 +29,9 @@ import torch.distributed as dist
 from kvscope.engine.plan import RunPlan, RunSpec, prepare
 from kvscope.engine.tp import TensorParallel, launched_by_torchrun
 from kvscope.errors import KvscopeError
-from kvscope.io import write_parquet
+from kvscope.io import AtomicFolder, write_parquet
 from kvscope.measure.memory import allocation_failure, allocation_message
-from kvscope.measure.output import OutputFolder, RunResult, default_out_dir, write_run
+from kvscope.measure.output import OUT_LABEL, RunResult, default_out_dir, write_run
 from kvscope.measure.run import measure
 from kvscope.measure.tp_launch import RankContext, check_plan, run_ranks
 from kvscope.model.tp import ShardPlan
@@ -50,12 +50,12 @@ def execute_tp(spec: RunSpec, tp: int, log: Callable[[str], None] | None = None)
     plan = prepare(spec)
     check_plan(plan, tp)
     writer = not launched_by_torchrun() or os.environ.get("RANK") == "0"
-    out = OutputFolder(Path(spec.out) if spec.out else default_out_dir(plan)) if writer else None
+    out = AtomicFolder(Path(spec.out) if spec.out else default_out_dir(plan), OUT_LABEL) if writer else None
     say = log or (lambda _msg: None)
     if writer and spec.model is None:
         say(f"no --model given: using the {plan.source.spec} preset (random weights) on {plan.cfg.device.type}")
     try:
-        ranked = run_ranks(tp, plan.cfg.device, rank_run, plan, str(out.tmp) if out else None,
+        ranked = run_ranks(tp, plan.cfg.device, rank_run, plan, str(out.open()) if out else None,
                            out.final.name if out else "")
         if out is None:
             return None

@@ -1,6 +1,6 @@
 """The attention switch: `sdpa` (torch scaled_dot_product_attention), `eager` (matmul, softmax, matmul) and
-`kvscope` (decode steps through kvscope's split-KV kernel, `kvscope.kernels.ops.decode_attention`, which the engine
-calls itself; prefills as `sdpa`).
+`kvscope` (decode steps through kvscope's split-KV kernel, `kvscope.kernels.decode_attention.split_kv_decode`, which
+the engine calls itself; prefills as `sdpa`).
 
 Grouped-query attention without copying K/V: the query heads that share one KV head are laid out as extra query
 rows of that head, `(B, H, S, D) -> (B, H_kv, n_rep * S, D)`, which matches the repeat-interleave grouping of the
@@ -111,8 +111,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             meta.cu_q, meta.cu_k, 1, s_max, 0.0, False, False, scale=d**-0.5, seqused_k=meta.seqused)[0]
         return out  # (B, H, D)
     if impl == "kvscope":
-        raise ValueError("decode_attention: the kvscope switch runs kvscope.kernels.ops.decode_attention over "
-                         "meta.kv_lengths (the engine calls it), not this function")
+        raise ValueError("decode_attention: the kvscope switch runs kvscope.kernels.decode_attention.split_kv_decode "
+                         "over meta.kv_lengths (the engine calls it), not this function")
     span = meta.span
     if not 0 < span <= s_max:
         raise ValueError(f"decode_attention: span {span} outside (0, {s_max}]")

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from kvscope.kernels import ops as kops
+from kvscope.kernels import stamp as k_stamp
 from kvscope.kernels.launch import memcpy_d2h_async
 from kvscope.profiler.scope import RegionRecord, Scope, row
 from kvscope.schema import GRAPH_CLOCK, NS_PER_MS
@@ -73,7 +73,7 @@ class GraphTimer:
     def flush(self) -> None:
         """Write the pending slot's timestamp with a one-thread kernel."""
         if self.pending is not None:
-            kops.stamp(self.stamps[self.pending:self.pending + 1])
+            k_stamp.stamp(self.stamps[self.pending:self.pending + 1])
             self.pending = None
 
     def take_stamp(self) -> torch.Tensor | None:

@@ -1,7 +1,8 @@
-"""The CLI: output format, and bad input as one line on stderr with exit code 2."""
+"""The CLI: output format, the defaults in every `--help`, and bad input as one line on stderr with exit code 2."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import TINY_CONFIGS
 
-from kvscope.cli import main
+from kvscope.cli import build_parser, main
+from kvscope.engine.plan import DEFAULT_MODEL_CPU, DEFAULT_MODEL_CUDA
 
 
 def test_generate_prints_one_list_per_prompt_and_json_last(capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,3 +92,22 @@ def test_graphs_need_cuda(cmd: str, tmp_path: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--graphs on needs a CUDA device" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+@pytest.mark.parametrize("name", sorted(_subparsers()))
+def test_every_help_shows_the_defaults(name: str) -> None:
+    parser = _subparsers()[name]
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS):
+            continue
+        assert action.help, f"{name} {action.option_strings[0]} has no help"
+        shown = action.default if not isinstance(action.default, (list, tuple)) else " ".join(action.default)
+        assert f"default: {shown})" in text or f"(default {shown})" in text, (name, action.option_strings)
+    if any("--model" in a.option_strings and a.default is None and not a.required for a in parser._actions):
+        assert f"{DEFAULT_MODEL_CUDA} on CUDA, {DEFAULT_MODEL_CPU} on a CPU" in text

@@ -16,9 +16,10 @@ from kvscope.argtypes import INT64_MAX, INT64_MIN, UINT64_MAX
 from kvscope.cli import error_line, join_dash_values, main
 from kvscope.engine.plan import RunSpec, prepare
 from kvscope.errors import KvscopeError
+from kvscope.io import AtomicFolder
 from kvscope.measure import output as run_output
 from kvscope.measure import run as run_mod
-from kvscope.measure.output import OutputFolder, RunResult
+from kvscope.measure.output import OUT_LABEL, RunResult
 
 RUN = ["run", "--model", "tiny", "--device", "cpu", "--seq", "8", "--gen-tokens", "2", "--warmup", "0", "--reps", "1"]
 GEN = ["generate", "--model", "tiny", "--device", "cpu"]
@@ -273,12 +274,13 @@ def test_run_out_is_a_device(capsys: pytest.CaptureFixture[str]) -> None:
                               "new or empty folder")
 
 
-def _race(final: Path) -> tuple[OutputFolder, OutputFolder]:
+def _race(final: Path) -> tuple[AtomicFolder, AtomicFolder]:
     """Two runs into the same folder: both pass the check at the start, each writes its own temporary folder."""
-    a, b = OutputFolder(final), OutputFolder(final)
-    assert a.tmp != b.tmp
-    (a.tmp / "summary.parquet").write_text("winner")
-    (b.tmp / "summary.parquet").write_text("loser")
+    a, b = AtomicFolder(final, OUT_LABEL), AtomicFolder(final, OUT_LABEL)
+    a_tmp, b_tmp = a.open(), b.open()
+    assert a_tmp != b_tmp
+    (a_tmp / "summary.parquet").write_text("winner")
+    (b_tmp / "summary.parquet").write_text("loser")
     return a, b
 
 
@@ -288,6 +290,7 @@ def test_two_runs_into_the_same_folder(layout: str, tmp_path: Path) -> None:
     if layout == "empty folder":
         final.mkdir()
     a, b = _race(final)
+    b_tmp = b.tmp
     assert a.commit() == final
     with pytest.raises(KvscopeError) as info:
         b.commit()
@@ -295,7 +298,7 @@ def test_two_runs_into_the_same_folder(layout: str, tmp_path: Path) -> None:
                                "is kept and this run's files were discarded")
     assert [p.name for p in final.iterdir()] == ["summary.parquet"]
     assert (final / "summary.parquet").read_text() == "winner"
-    assert not b.tmp.exists()
+    assert b.tmp is None and b_tmp is not None and not b_tmp.exists()
     assert [p.name for p in final.parent.iterdir()] == ["run"]  # no temporary folder left beside it
 
 
@@ -319,12 +322,12 @@ def test_race_lost_inside_a_run_is_one_line(tmp_path: Path, monkeypatch: pytest.
 
 def test_commit_onto_a_file_that_appeared_meanwhile(tmp_path: Path) -> None:
     final = tmp_path / "run"
-    folder = OutputFolder(final)
+    folder = AtomicFolder(final, OUT_LABEL)
+    folder.open()
     final.write_text("appeared")
     with pytest.raises(KvscopeError) as info:
         folder.commit()
-    assert str(info.value) == (f"output folder {final} cannot be written: Not a directory; this run's files were "
-                               "discarded")
+    assert str(info.value) == f"cannot write output folder {final}: Not a directory"
     assert final.read_text() == "appeared" and [p.name for p in tmp_path.iterdir()] == ["run"]
 
 

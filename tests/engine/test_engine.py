@@ -14,10 +14,14 @@ import kvscope.engine.rope_kv as rope_kv
 from kvscope.engine.graphs import CapturedStep, DecodeGraphs
 from kvscope.engine.greedy import pad_prompts
 from kvscope.engine.loop import Engine
+from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunConfig
 from kvscope.engine.regions import EngineRegions
 from kvscope.errors import KvscopeError
-from kvscope.kernels import ops as kops
+from kvscope.kernels import common as k_common
+from kvscope.kernels import rms_norm as k_rms_norm
+from kvscope.kernels import rope_kv as k_rope_kv
+from kvscope.kernels import silu_mul as k_silu_mul
 from kvscope.model.config import PRESETS
 from kvscope.model.kv_cache import KVCache
 from kvscope.model.layers import Transformer, rope_tables
@@ -92,9 +96,9 @@ def test_the_strategy_is_chosen_at_construction() -> None:
     assert type(eng.rope_kv) is rope_kv.TorchRopeKV and eng.decode_graphs is None
     with pytest.raises(KvscopeError, match=r"kernels need a CUDA device and float32/bfloat16/float16, got cpu "
                                            r"float32 \(--kernels off\)"):
-        Engine(_tiny(0), RunConfig(1, 8, torch.float32, CPU), kernels=True)
+        Engine(_tiny(0), RunConfig(1, 8, torch.float32, CPU), options=EngineOptions(kernels=True))
     with pytest.raises(KvscopeError, match="CUDA graphs need a CUDA device"):
-        Engine(_tiny(0), RunConfig(1, 8, torch.float32, CPU), graphs=True)
+        Engine(_tiny(0), RunConfig(1, 8, torch.float32, CPU), options=EngineOptions(graphs=True))
 
 
 def _strategies(b: int, s_max: int) -> tuple[rope_kv.RopeKV, rope_kv.RopeKV]:
@@ -111,7 +115,7 @@ def test_fused_strategy_equals_the_torch_one(monkeypatch: pytest.MonkeyPatch) ->
     """With the kernel replaced by its torch reference (the GPU tests check the kernel against it), the fused
     strategy returns the same q, k, v and writes the same cache as the torch one, in prefill and at ragged decode
     positions; it builds no tables."""
-    monkeypatch.setattr(kops, "rope_kv_", kops.rope_kv_ref_)
+    monkeypatch.setattr(k_rope_kv, "rope_kv_", k_rope_kv.rope_kv_ref_)
     args = PRESETS["tiny"]
     h, hkv, d = args.n_heads, args.n_kv_heads, args.head_dim
     torch_way, fused = _strategies(3, 16)
@@ -136,15 +140,15 @@ def test_fused_strategy_equals_the_torch_one(monkeypatch: pytest.MonkeyPatch) ->
 def test_kernels_path_of_the_loop_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine with kernels on, each kernel stood in for by its torch reference: the same greedy tokens as with
     kernels off (float32), and no `kv_write` region (the fused kernel's `rope` covers the cache write)."""
-    monkeypatch.setattr(kops, "supported", lambda device, dtype: True)
-    monkeypatch.setattr(kops, "rms_norm", lambda x, w, eps, stamp=None: kops.rms_norm_ref(x, w, eps))
-    monkeypatch.setattr(kops, "silu_mul", kops.silu_mul_ref)
-    monkeypatch.setattr(kops, "rope_kv_", kops.rope_kv_ref_)
+    monkeypatch.setattr(k_common, "supported", lambda device, dtype: True)
+    monkeypatch.setattr(k_rms_norm, "rms_norm", lambda x, w, eps, stamp=None: k_rms_norm.rms_norm_ref(x, w, eps))
+    monkeypatch.setattr(k_silu_mul, "silu_mul", k_silu_mul.silu_mul_ref)
+    monkeypatch.setattr(k_rope_kv, "rope_kv_", k_rope_kv.rope_kv_ref_)
     model = _tiny(4)
     prompts = [[7, 1, 8, 2, 8], [3, 1]]
     off = Engine(model, RunConfig(2, 16, torch.float32, CPU)).generate(prompts, 6)
     ins = Instrument("op", CPU, nvtx=False)
-    eng = Engine(model, RunConfig(2, 16, torch.float32, CPU), ins, kernels=True)
+    eng = Engine(model, RunConfig(2, 16, torch.float32, CPU), ins, options=EngineOptions(kernels=True))
     assert type(eng.rope_kv) is rope_kv.FusedRopeKV
     ins.start_clock()
     assert eng.generate(prompts, 6) == off
@@ -256,11 +260,11 @@ def test_large_presets_initialise_and_decode(preset: str) -> None:
     torch.cuda.empty_cache()
     model, ready_s = load_model(resolve_model(preset), CUDA, torch.bfloat16, seed=0)
     prompts = [list(range(100, 228)), list(range(7, 71))]
-    eager = Engine(model, RunConfig(2, 160, torch.bfloat16, CUDA), kernels=True)
+    eager = Engine(model, RunConfig(2, 160, torch.bfloat16, CUDA), options=EngineOptions(kernels=True))
     t0 = time.perf_counter()
     tokens = eager.generate(prompts, 32)
     gen_s = time.perf_counter() - t0
-    graphed = Engine(model, RunConfig(2, 160, torch.bfloat16, CUDA), graphs=True, kernels=True)
+    graphed = Engine(model, RunConfig(2, 160, torch.bfloat16, CUDA), options=EngineOptions(graphs=True, kernels=True))
     print(f"{preset}: ready in {ready_s:.2f} s, prefill 128+64 and 32 eager decode steps in {gen_s:.2f} s")
     assert ready_s < 30
     assert graphed.generate(prompts, 32) == tokens
@@ -278,7 +282,7 @@ def test_timed_prefill_and_decode_have_no_hidden_sync(granularity: str) -> None:
     decode steps run: no operation inside them waits for the GPU."""
     model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, torch.bfloat16, seed=3)
     ins = Instrument(granularity, CUDA, nvtx=False)
-    eng = Engine(model, RunConfig(2, 96, torch.bfloat16, CUDA), ins, graphs=True, kernels=True)
+    eng = Engine(model, RunConfig(2, 96, torch.bfloat16, CUDA), ins, options=EngineOptions(graphs=True, kernels=True))
     tokens = torch.randint(0, model.args.vocab_size, (2, 48), device=CUDA)
     with ins.paused():
         eng.prefill(tokens, [48, 48])
@@ -304,7 +308,7 @@ def test_graphs_on_and_off_give_the_same_tokens() -> None:
     model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, torch.float32, seed=2)
     prompts = [PROMPT, PROMPT[:7], PROMPT[2:]]
     off = Engine(model, RunConfig(3, 64, torch.float32, CUDA)).generate(prompts, 24)
-    eng = Engine(model, RunConfig(3, 64, torch.float32, CUDA), graphs=True)
+    eng = Engine(model, RunConfig(3, 64, torch.float32, CUDA), options=EngineOptions(graphs=True))
     assert eng.generate(prompts, 24) == off
     assert eng.generate(prompts, 24) == off  # the graph is reused after a new prefill
 
@@ -317,7 +321,8 @@ def test_graphs_on_and_off_give_the_same_tokens_bf16_flash() -> None:
     off_engine = Engine(model, RunConfig(3, 64, torch.bfloat16, CUDA))
     assert off_engine.flash_decode
     off = off_engine.generate(prompts, 24)
-    assert Engine(model, RunConfig(3, 64, torch.bfloat16, CUDA), graphs=True).generate(prompts, 24) == off
+    graphed = Engine(model, RunConfig(3, 64, torch.bfloat16, CUDA), options=EngineOptions(graphs=True))
+    assert graphed.generate(prompts, 24) == off
 
 
 @pytest.mark.gpu
@@ -327,13 +332,14 @@ def test_engine_kernels_on_and_off_agree() -> None:
     model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, torch.float32, seed=3)
     prompts = [list(range(10, 40)), list(range(50, 61)), list(range(3, 27))]
     off = Engine(model, RunConfig(3, 64, torch.float32, CUDA)).generate(prompts, 20)
-    assert Engine(model, RunConfig(3, 64, torch.float32, CUDA), kernels=True).generate(prompts, 20) == off
-    assert Engine(model, RunConfig(3, 64, torch.float32, CUDA), graphs=True, kernels=True).generate(prompts, 20) == off
+    for graphs in (False, True):
+        on = Engine(model, RunConfig(3, 64, torch.float32, CUDA), options=EngineOptions(graphs=graphs, kernels=True))
+        assert on.generate(prompts, 20) == off
     del model
     model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, torch.bfloat16, seed=3)
     logits = []
     for kernels in (False, True):
-        eng = Engine(model, RunConfig(3, 64, torch.bfloat16, CUDA), kernels=kernels)
+        eng = Engine(model, RunConfig(3, 64, torch.bfloat16, CUDA), options=EngineOptions(kernels=kernels))
         eng.generate(prompts, 2)
         logits.append(eng.logits.float())
     rel = ((logits[0] - logits[1]).norm() / logits[0].norm()).item()

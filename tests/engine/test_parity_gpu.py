@@ -11,6 +11,7 @@ from torch.nn.attention import sdpa_kernel
 
 from kvscope.engine.greedy import pad_prompts
 from kvscope.engine.loop import DECODE_SDPA_BACKENDS, Engine
+from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunConfig
 from kvscope.model.config import PRESETS, ModelArgs
 
@@ -27,7 +28,8 @@ def _hf_of(args: ModelArgs, attn: str = "eager") -> torch.nn.Module:
 
 def _ours_from(hf: torch.nn.Module, args: ModelArgs, dtype: torch.dtype, max_seq: int, kernels: bool = False
                ) -> Engine:
-    return Engine(ours_from_hf(hf, args, CUDA, dtype), RunConfig(1, max_seq, dtype, CUDA, "sdpa"), kernels=kernels)
+    return Engine(ours_from_hf(hf, args, CUDA, dtype), RunConfig(1, max_seq, dtype, CUDA, "sdpa"),
+                  options=EngineOptions(kernels=kernels))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import torch
 from kvscope.cli import build_parser, main
 from kvscope.engine.greedy import pad_prompts
 from kvscope.engine.loop import Engine
+from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunConfig, use_prefill_graphs
 from kvscope.engine.prefill_graphs import DEFAULT_BUCKETS, PrefillGraph, PrefillGraphs, bucket_for, check_buckets
 from kvscope.errors import KvscopeError
@@ -169,8 +170,9 @@ def test_prompts_longer_than_every_bucket_and_finer_timing_run_eagerly() -> None
 # ---- GPU ------------------------------------------------------------------------------------------------------
 def _gpu_engines(dtype: torch.dtype, kernels: bool, batch: int, max_seq: int) -> tuple[Engine, Engine]:
     model = _tiny(CUDA, dtype)
-    graphs = Engine(model, RunConfig(batch, max_seq, dtype, CUDA, prefill_graphs=True), kernels=kernels)
-    eager = Engine(model, RunConfig(batch, max_seq, dtype, CUDA), kernels=kernels)
+    options = EngineOptions(kernels=kernels)
+    graphs = Engine(model, RunConfig(batch, max_seq, dtype, CUDA, prefill_graphs=True), options=options)
+    eager = Engine(model, RunConfig(batch, max_seq, dtype, CUDA), options=options)
     return graphs, eager
 
 

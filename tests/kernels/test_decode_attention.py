@@ -13,7 +13,7 @@ import torch
 from kvscope.cli import main
 from kvscope.engine.plan import RunConfig, RunSpec, default_attn, prepare
 from kvscope.errors import KvscopeError
-from kvscope.kernels import ops as kops
+from kvscope.kernels import decode_attention as k_decode_attention
 from kvscope.model.attention import ATTN_IMPLS, DecodeMeta, decode_attention, prefill_attention
 from kvscope.model.config import PRESETS
 from kvscope.schema import HF_EAGER_ENGINE, KVSCOPE_ENGINE
@@ -25,8 +25,9 @@ H200_SMS = 132
 @pytest.mark.parametrize(("group", "expect"), [(1, (1, 1)), (2, (2, 1)), (3, (4, 1)), (4, (4, 1)), (5, (8, 1)),
                                                (7, (8, 1)), (8, (8, 1)), (12, (8, 2)), (16, (8, 2)), (17, (8, 3))])
 def test_group_chunk(group: int, expect: tuple[int, int]) -> None:
-    assert kops.decode_group_chunk(group) == expect
-    assert kops.decode_group_chunk(group, tensor_cores=True) == (16, 1 if group <= 16 else 2)  # the mma's 16 rows
+    assert k_decode_attention.decode_group_chunk(group) == expect
+    # the mma's 16 rows
+    assert k_decode_attention.decode_group_chunk(group, tensor_cores=True) == (16, 1 if group <= 16 else 2)
 
 
 @pytest.mark.parametrize(("blocks", "s_max", "expect"), [
@@ -39,21 +40,22 @@ def test_group_chunk(group: int, expect: tuple[int, int]) -> None:
     (1, 10**6, 264),
 ])
 def test_split_choice_on_an_h200(blocks: int, s_max: int, expect: int) -> None:
-    assert kops.decode_splits(blocks, s_max, H200_SMS) == expect
+    assert k_decode_attention.decode_splits(blocks, s_max, H200_SMS) == expect
 
 
 def test_split_choice_bounds() -> None:
-    assert kops.decode_splits(1, 10**7, 4096) == kops.DECODE_ATTENTION_MAX_SPLITS
+    assert k_decode_attention.decode_splits(1, 10**7, 4096) == k_decode_attention.DECODE_ATTENTION_MAX_SPLITS
     for blocks in (1, 3, 7, 64, 1000):
         for s_max in (1, 33, 4096, 40_000):
-            n = kops.decode_splits(blocks, s_max, H200_SMS)
-            assert 1 <= n <= max(1, s_max // kops.DECODE_ATTENTION_MIN_SPLIT_TOKENS)
-            assert n == 1 or blocks * (n - 1) < H200_SMS * kops.DECODE_ATTENTION_BLOCKS_PER_SM  # no more than needed
+            n = k_decode_attention.decode_splits(blocks, s_max, H200_SMS)
+            assert 1 <= n <= max(1, s_max // k_decode_attention.DECODE_ATTENTION_MIN_SPLIT_TOKENS)
+            # no more than needed
+            assert n == 1 or blocks * (n - 1) < H200_SMS * k_decode_attention.DECODE_ATTENTION_BLOCKS_PER_SM
     for bad in ((0, 10, 1), (1, 0, 1), (1, 10, 0)):
         with pytest.raises(ValueError, match="must be positive"):
-            kops.decode_splits(*bad)
+            k_decode_attention.decode_splits(*bad)
     with pytest.raises(ValueError, match="0 query heads"):
-        kops.decode_group_chunk(0)
+        k_decode_attention.decode_group_chunk(0)
 
 
 @pytest.mark.parametrize(("blocks", "s_max", "expect"), [
@@ -65,39 +67,40 @@ def test_split_choice_bounds() -> None:
     (1, 10**6, 264),  # one wave
 ])
 def test_long_split_choice_on_an_h200(blocks: int, s_max: int, expect: int) -> None:
-    assert kops.decode_splits_long(blocks, s_max, H200_SMS) == expect
-    assert kops.decode_splits_long(blocks, s_max, H200_SMS) <= kops.decode_splits(blocks, s_max, H200_SMS)
+    assert k_decode_attention.decode_splits_long(blocks, s_max, H200_SMS) == expect
+    assert (k_decode_attention.decode_splits_long(blocks, s_max, H200_SMS)
+            <= k_decode_attention.decode_splits(blocks, s_max, H200_SMS))
 
 
 def test_long_split_choice_bounds() -> None:
-    assert kops.decode_splits_long(1, 10**7, 4096) == kops.DECODE_ATTENTION_MAX_SPLITS
-    assert kops.decode_splits_long(2, 32_832, H200_SMS, min_split_tokens=1024) == 32
+    assert k_decode_attention.decode_splits_long(1, 10**7, 4096) == k_decode_attention.DECODE_ATTENTION_MAX_SPLITS
+    assert k_decode_attention.decode_splits_long(2, 32_832, H200_SMS, min_split_tokens=1024) == 32
     for blocks in (1, 3, 7, 64, 1000):
         for s_max in (1, 33, 4096, 40_000):
-            n = kops.decode_splits_long(blocks, s_max, H200_SMS)
-            assert 1 <= n <= max(1, s_max // kops.DECODE_ATTENTION_LONG_MIN_SPLIT_TOKENS)
-            assert n == 1 or blocks * (n - 1) < (H200_SMS * kops.DECODE_ATTENTION_BLOCKS_PER_SM
-                                                 * kops.DECODE_ATTENTION_LONG_WAVES)
+            n = k_decode_attention.decode_splits_long(blocks, s_max, H200_SMS)
+            assert 1 <= n <= max(1, s_max // k_decode_attention.DECODE_ATTENTION_LONG_MIN_SPLIT_TOKENS)
+            assert n == 1 or blocks * (n - 1) < (H200_SMS * k_decode_attention.DECODE_ATTENTION_BLOCKS_PER_SM
+                                                 * k_decode_attention.DECODE_ATTENTION_LONG_WAVES)
     for bad in ((0, 10, 1), (1, 0, 1), (1, 10, 0)):
         with pytest.raises(ValueError, match="must be positive"):
-            kops.decode_splits_long(*bad)
+            k_decode_attention.decode_splits_long(*bad)
     with pytest.raises(ValueError, match="min_split_tokens 0 must be positive"):
-        kops.decode_splits_long(1, 10, 1, min_split_tokens=0)
+        k_decode_attention.decode_splits_long(1, 10, 1, min_split_tokens=0)
 
 
 def test_defaults_are_the_measured_choices() -> None:
     """What the H200 measured in the decode step (docs/benchmarks.md): the separate merge everywhere; the long split
     rule from 16 blocks or 16,384 positions, the first rule below (batch 1 at 512 and 4,096 positions)."""
-    assert kops.DECODE_ATTENTION_FUSED_MERGE is False
-    assert kops.DECODE_ATTENTION_LONG_SPLITS is None
+    assert k_decode_attention.DECODE_ATTENTION_FUSED_MERGE is False
+    assert k_decode_attention.DECODE_ATTENTION_LONG_SPLITS is None
     # qwen2.5-3b: 2 KV heads, one block of 16 query rows each
-    assert kops.prefers_long_splits(1 * 2, 512 + 40) is False
-    assert kops.prefers_long_splits(1 * 2, 4096 + 40) is False
-    assert kops.prefers_long_splits(1 * 2, 32000 + 40) is True
-    assert kops.prefers_long_splits(16 * 2, 4096 + 40) is True
-    assert kops.prefers_long_splits(64 * 2, 512 + 40) is True
-    assert kops.prefers_long_splits(8 * 2, 1024) is True
-    assert kops.prefers_long_splits(7 * 2, 16383) is False
+    assert k_decode_attention.prefers_long_splits(1 * 2, 512 + 40) is False
+    assert k_decode_attention.prefers_long_splits(1 * 2, 4096 + 40) is False
+    assert k_decode_attention.prefers_long_splits(1 * 2, 32000 + 40) is True
+    assert k_decode_attention.prefers_long_splits(16 * 2, 4096 + 40) is True
+    assert k_decode_attention.prefers_long_splits(64 * 2, 512 + 40) is True
+    assert k_decode_attention.prefers_long_splits(8 * 2, 1024) is True
+    assert k_decode_attention.prefers_long_splits(7 * 2, 16383) is False
 
 
 def _inputs(b: int = 2, h: int = 8, hkv: int = 2, d: int = 64, s_max: int = 16, dtype: torch.dtype = torch.float32
@@ -125,22 +128,22 @@ def _inputs(b: int = 2, h: int = 8, hkv: int = 2, d: int = 64, s_max: int = 16, 
 ])
 def test_boundary_checks_with_the_shapes(change, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        kops.decode_attention(*change(*_inputs()))
+        k_decode_attention.split_kv_decode(*change(*_inputs()))
 
 
 def test_boundary_checks_of_the_options_and_the_device() -> None:
     q, k, v, n = _inputs()
     with pytest.raises(ValueError, match="softmax scale nan is not finite"):
-        kops.decode_attention(q, k, v, n, scale=math.nan)
-    for splits in (0, kops.DECODE_ATTENTION_MAX_SPLITS + 1):
+        k_decode_attention.split_kv_decode(q, k, v, n, scale=math.nan)
+    for splits in (0, k_decode_attention.DECODE_ATTENTION_MAX_SPLITS + 1):
         with pytest.raises(ValueError, match=f"splits {splits} outside"):
-            kops.decode_attention(q, k, v, n, splits=splits)
+            k_decode_attention.split_kv_decode(q, k, v, n, splits=splits)
     with pytest.raises(ValueError, match=r"tensor-core kernel takes bfloat16/float16, got q torch\.float32"):
-        kops.decode_attention(q, k, v, n, tensor_cores=True)
+        k_decode_attention.split_kv_decode(q, k, v, n, tensor_cores=True)
     with pytest.raises(ValueError, match=r"out must be contiguous torch.float32 \(2, 8, 64\).*\(2, 8, 32\)"):
-        kops.decode_attention(q, k, v, n, out=torch.empty(2, 8, 32))
+        k_decode_attention.split_kv_decode(q, k, v, n, out=torch.empty(2, 8, 32))
     with pytest.raises(ValueError, match="needs CUDA tensors, got cpu"):  # every shape fits: only the device is wrong
-        kops.decode_attention(q, k, v, n)
+        k_decode_attention.split_kv_decode(q, k, v, n)
 
 
 @pytest.mark.parametrize(("counters", "match"), [
@@ -155,27 +158,27 @@ def test_counters_checked_at_the_boundary(counters: torch.Tensor, match: str) ->
     the device (so here, on the CPU)."""
     q, k, v, n = _inputs()  # 2 sequences, 8 heads over 2 KV heads: CUDA-core kernel, one chunk of 4 heads each
     with pytest.raises(ValueError, match=match):
-        kops.decode_attention(q, k, v, n, fused_merge=True, counters=counters)
+        k_decode_attention.split_kv_decode(q, k, v, n, fused_merge=True, counters=counters)
     with pytest.raises(ValueError, match="needs CUDA tensors"):  # enough counters: only the device is wrong
-        kops.decode_attention(q, k, v, n, fused_merge=True, counters=torch.zeros(4, dtype=torch.int32))
+        k_decode_attention.split_kv_decode(q, k, v, n, fused_merge=True, counters=torch.zeros(4, dtype=torch.int32))
 
 
 def test_kept_counters_zeroed_once_per_device_and_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """One zeroed buffer per (device, size), returned again on later calls; another size gets its own."""
-    monkeypatch.setattr(kops, "_DECODE_COUNTERS", {})
-    a = kops._decode_counters(6, CPU, 0)
+    monkeypatch.setattr(k_decode_attention, "_DECODE_COUNTERS", {})
+    a = k_decode_attention._decode_counters(6, CPU, 0)
     assert a.dtype == torch.int32 and a.shape == (6,) and int(a.count_nonzero()) == 0
-    assert kops._decode_counters(6, CPU, 0) is a
-    b = kops._decode_counters(7, CPU, 0)
+    assert k_decode_attention._decode_counters(6, CPU, 0) is a
+    b = k_decode_attention._decode_counters(7, CPU, 0)
     assert b is not a and b.shape == (7,)
-    assert set(kops._DECODE_COUNTERS) == {(0, 6), (0, 7)}
+    assert set(k_decode_attention._DECODE_COUNTERS) == {(0, 6), (0, 7)}
 
 
 def test_reference_against_a_hand_computed_softmax() -> None:
     """Ragged lengths (0, 1, a middle one, past S_max: clamped), GQA grouping h -> h // G, float64 by hand."""
     q, k, v, _ = _inputs(b=4, h=6, hkv=2, d=64, s_max=9)
     lengths = torch.tensor([0, 1, 5, 12])
-    got = kops.decode_attention_ref(q, k, v, lengths, scale=0.3)
+    got = k_decode_attention.split_kv_decode_ref(q, k, v, lengths, scale=0.3)
     assert got.shape == (4, 6, 64) and got.dtype == torch.float32
     for b in range(4):
         n = min(int(lengths[b]), 9)
@@ -193,7 +196,7 @@ def test_reference_groups_by_kv_head_exactly() -> None:
     q, k, _, _ = _inputs(b=3, h=8, hkv=2, d=64, s_max=20)
     consts = torch.tensor([[0.5, -2.0], [1.25, 3.0], [-0.75, 0.25]])  # (B, H_kv)
     v = consts.view(3, 1, 2, 1).expand(3, 20, 2, 64).contiguous()  # (B, S, H_kv, D)
-    got = kops.decode_attention_ref(q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.tensor([3, 20, 7]))
+    got = k_decode_attention.split_kv_decode_ref(q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.tensor([3, 20, 7]))
     want = consts.repeat_interleave(4, dim=1).view(3, 8, 1).expand(3, 8, 64).bfloat16()
     assert torch.equal(got, want)
 
@@ -206,7 +209,7 @@ def test_reference_matches_the_engines_masked_path(impl: str) -> None:
     pos = torch.tensor([0, 9, 23])
     mask = (torch.arange(24).view(1, 24) <= pos.view(3, 1)).view(3, 1, 1, 24)
     theirs = decode_attention(q, k, v, DecodeMeta(span=24, key_mask=mask), impl)
-    torch.testing.assert_close(kops.decode_attention_ref(q, k, v, pos + 1), theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_decode_attention.split_kv_decode_ref(q, k, v, pos + 1), theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_attn_switch_kvscope_prefill_is_sdpa_and_decode_is_refused_here() -> None:
@@ -215,7 +218,7 @@ def test_attn_switch_kvscope_prefill_is_sdpa_and_decode_is_refused_here() -> Non
     q, k, v = (torch.randn(1, n, 6, 64, generator=g) for n in (4, 2, 2))
     torch.testing.assert_close(prefill_attention(q, k, v, "kvscope"), prefill_attention(q, k, v, "sdpa"))
     qd, kc, vc, _ = _inputs()
-    with pytest.raises(ValueError, match=r"kvscope switch runs kvscope\.kernels\.ops\.decode_attention"):
+    with pytest.raises(ValueError, match=r"kvscope switch runs kvscope\.kernels\.decode_attention\.split_kv_decode "):
         decode_attention(qd, kc, vc, DecodeMeta(span=16), "kvscope")
 
 
@@ -231,11 +234,11 @@ def test_attn_kvscope_needs_cuda_one_line(tmp_path, capsys: pytest.CaptureFixtur
 
 
 def test_supported_shapes() -> None:
-    assert kops.decode_attention_supported(torch.bfloat16, 128, 16, 2)
-    assert kops.decode_attention_supported(torch.float32, 64, 14, 2)
-    assert not kops.decode_attention_supported(torch.bfloat16, 96, 16, 2)
-    assert not kops.decode_attention_supported(torch.float64, 128, 16, 2)
-    assert not kops.decode_attention_supported(torch.bfloat16, 128, 15, 2)
+    assert k_decode_attention.split_kv_decode_supported(torch.bfloat16, 128, 16, 2)
+    assert k_decode_attention.split_kv_decode_supported(torch.float32, 64, 14, 2)
+    assert not k_decode_attention.split_kv_decode_supported(torch.bfloat16, 96, 16, 2)
+    assert not k_decode_attention.split_kv_decode_supported(torch.float64, 128, 16, 2)
+    assert not k_decode_attention.split_kv_decode_supported(torch.bfloat16, 128, 15, 2)
 
 
 def test_default_attention_is_kvscope_only_where_it_was_measured() -> None:

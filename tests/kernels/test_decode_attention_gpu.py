@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from kvscope.engine.loop import Engine
+from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunConfig
-from kvscope.kernels import ops as kops
+from kvscope.kernels import decode_attention as k_decode_attention
 from kvscope.model.source import resolve_model
 from kvscope.model.weights import load_model
 
@@ -26,27 +27,27 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 @pytest.fixture(autouse=True, params=[False, True], ids=["merge-kernel", "fused-merge"])
 def fused(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """The default merge of every call in the test (the engine's too), and a fresh set of kept counters."""
-    monkeypatch.setattr(kops, "DECODE_ATTENTION_FUSED_MERGE", request.param)
-    monkeypatch.setattr(kops, "_DECODE_COUNTERS", {})
+    monkeypatch.setattr(k_decode_attention, "DECODE_ATTENTION_FUSED_MERGE", request.param)
+    monkeypatch.setattr(k_decode_attention, "_DECODE_COUNTERS", {})
     return request.param
 
 
 def _counters_zero() -> None:
     """Every kept counter is back at zero (the kernel's contract; a named sync reads them)."""
-    for key, c in kops._DECODE_COUNTERS.items():
+    for key, c in k_decode_attention._DECODE_COUNTERS.items():
         assert int(c.count_nonzero()) == 0, f"counters {key} left non-zero: {c.tolist()}"
 
 
 @pytest.fixture(autouse=True)
 def _poisoned_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
     """The splits' partial outputs and log-sum-exps start as NaN: a value the merge reads but no split wrote shows."""
-    plain = kops._decode_workspace
+    plain = k_decode_attention._decode_workspace
 
     def poisoned(b: int, h: int, splits: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         part_o, part_lse = plain(b, h, splits, d, device)
         return part_o.fill_(float("nan")), part_lse.fill_(float("nan"))
 
-    monkeypatch.setattr(kops, "_decode_workspace", poisoned)
+    monkeypatch.setattr(k_decode_attention, "_decode_workspace", poisoned)
 
 
 def _case(b: int, s_max: int, hkv: int, group: int, d: int, dtype: torch.dtype, seed: int
@@ -62,11 +63,11 @@ def _case(b: int, s_max: int, hkv: int, group: int, d: int, dtype: torch.dtype, 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, splits: int | None = None,
            tensor_cores: bool | None = None) -> None:
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=CUDA)  # (B, H, D) poisoned
-    got = kops.decode_attention(q, k, v, lengths, splits=splits, out=out, tensor_cores=tensor_cores)
+    got = k_decode_attention.split_kv_decode(q, k, v, lengths, splits=splits, out=out, tensor_cores=tensor_cores)
     assert got.data_ptr() == out.data_ptr()
     assert not got.isnan().any(), "an output element was not written (or a NaN partial was read)"
-    torch.testing.assert_close(got, kops.decode_attention_ref(q, k, v, lengths),
-                               **kops.DECODE_ATTENTION_TOLERANCE[q.dtype])
+    torch.testing.assert_close(got, k_decode_attention.split_kv_decode_ref(q, k, v, lengths),
+                               **k_decode_attention.DECODE_ATTENTION_TOLERANCE[q.dtype])
     _counters_zero()
 
 
@@ -107,7 +108,7 @@ def test_batches_and_lengths_at_qwen25_3b_shapes(b: int, s_max: int, lengths: li
 
 
 @pytest.mark.parametrize("tensor_cores", [True, False])
-@pytest.mark.parametrize("splits", [1, 2, 7, 300, kops.DECODE_ATTENTION_MAX_SPLITS])
+@pytest.mark.parametrize("splits", [1, 2, 7, 300, k_decode_attention.DECODE_ATTENTION_MAX_SPLITS])
 def test_forced_split_counts_including_empty_splits(splits: int, tensor_cores: bool) -> None:
     """Any split count gives the same result, also when most splits get no position (length < splits)."""
     q, k, v = _case(3, 2000, 2, 8, 128, torch.float16, seed=splits)
@@ -129,7 +130,7 @@ def test_length_zero_and_past_the_cache(dtype: torch.dtype) -> None:
     """Length 0: zeros; a length past S_max (or negative) is clamped on the device."""
     q, k, v = _case(4, 300, 2, 4, 64, dtype, seed=9)
     n = torch.tensor([0, 301, -5, 10**12], device=CUDA)
-    out = kops.decode_attention(q, k, v, n)
+    out = k_decode_attention.split_kv_decode(q, k, v, n)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
     _check(q, k, v, n)
 
@@ -153,11 +154,11 @@ def test_inside_a_cuda_graph_with_lengths_changed_between_replays() -> None:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        kops.decode_attention(q, k, v, lengths, out=out)  # compiles before the capture
+        k_decode_attention.split_kv_decode(q, k, v, lengths, out=out)  # compiles before the capture
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        kops.decode_attention(q, k, v, lengths, out=out)
+        k_decode_attention.split_kv_decode(q, k, v, lengths, out=out)
     g = torch.Generator(device=CUDA).manual_seed(13)
     for rep in range(4):
         lengths.copy_(torch.randint(1, s_max + 1, (b,), device=CUDA, generator=g))
@@ -168,8 +169,8 @@ def test_inside_a_cuda_graph_with_lengths_changed_between_replays() -> None:
         out.fill_(float("nan"))
         graph.replay()
         assert not out.isnan().any()
-        torch.testing.assert_close(out, kops.decode_attention_ref(q, k, v, lengths),
-                                   **kops.DECODE_ATTENTION_TOLERANCE[torch.bfloat16])
+        torch.testing.assert_close(out, k_decode_attention.split_kv_decode_ref(q, k, v, lengths),
+                                   **k_decode_attention.DECODE_ATTENTION_TOLERANCE[torch.bfloat16])
         _counters_zero()
 
 
@@ -185,22 +186,24 @@ def test_graph_captured_before_any_counters_are_kept(fused: bool, long_splits: b
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        kops.decode_attention(q, k, v, lengths, out=out, fused_merge=False, long_splits=long_splits)  # compiles
+        # compiles before the capture
+        k_decode_attention.split_kv_decode(q, k, v, lengths, out=out, fused_merge=False, long_splits=long_splits)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        kops.decode_attention(q, k, v, lengths, out=out, long_splits=long_splits)
-    assert kops._DECODE_COUNTERS == {}
+        k_decode_attention.split_kv_decode(q, k, v, lengths, out=out, long_splits=long_splits)
+    assert k_decode_attention._DECODE_COUNTERS == {}
     g = torch.Generator(device=CUDA).manual_seed(22)
     for rep in range(5):
         lengths.copy_(torch.randint(0 if rep % 2 else 1, s_max + 1, (b,), device=CUDA, generator=g))
         out.fill_(float("nan"))
         graph.replay()
         assert not out.isnan().any()
-        torch.testing.assert_close(out, kops.decode_attention_ref(q, k, v, lengths),
-                                   **kops.DECODE_ATTENTION_TOLERANCE[torch.bfloat16])
+        torch.testing.assert_close(out, k_decode_attention.split_kv_decode_ref(q, k, v, lengths),
+                                   **k_decode_attention.DECODE_ATTENTION_TOLERANCE[torch.bfloat16])
     _check(q, k, v, lengths)
-    assert bool(kops._DECODE_COUNTERS) == (fused and kops.decode_splits(b * 2, s_max, _sms()) > 1)  # the eager call
+    eager_splits = k_decode_attention.decode_splits(b * 2, s_max, _sms())
+    assert bool(k_decode_attention._DECODE_COUNTERS) == (fused and eager_splits > 1)  # the eager call
 
 
 def _sms() -> int:
@@ -225,14 +228,14 @@ def test_long_split_rule(b: int, s_max: int, lengths: list[int] | str) -> None:
         n = torch.tensor(lengths, device=CUDA)
     for tc in (True, False):
         out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=CUDA)  # (B, H, D) poisoned
-        got = kops.decode_attention(q, k, v, n, out=out, tensor_cores=tc, long_splits=True)
+        got = k_decode_attention.split_kv_decode(q, k, v, n, out=out, tensor_cores=tc, long_splits=True)
         assert not got.isnan().any()
-        torch.testing.assert_close(got, kops.decode_attention_ref(q, k, v, n),
-                                   **kops.DECODE_ATTENTION_TOLERANCE[q.dtype])
+        torch.testing.assert_close(got, k_decode_attention.split_kv_decode_ref(q, k, v, n),
+                                   **k_decode_attention.DECODE_ATTENTION_TOLERANCE[q.dtype])
         _counters_zero()
 
 
-@pytest.mark.parametrize("splits", [700, kops.DECODE_ATTENTION_MAX_SPLITS])
+@pytest.mark.parametrize("splits", [700, k_decode_attention.DECODE_ATTENTION_MAX_SPLITS])
 def test_fused_merge_in_several_passes_of_heads(splits: int) -> None:
     """d=64 on the tensor cores, 16 query heads a block: the fused merge's weights of all 16 heads at 700 or 1024
     splits exceed the block's 24 KiB of shared memory, so it merges them in passes (8 + 8, and 5 + 5 + 5 + 1)."""
@@ -249,11 +252,12 @@ def test_caller_counters_and_shared_buffer_across_shapes(fused: bool) -> None:
         n = torch.randint(0, s_max + 1, (b,), device=CUDA)
         for tc in (True, False):
             out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=CUDA)
-            got = kops.decode_attention(q, k, v, n, splits=splits, out=out, tensor_cores=tc, counters=counters)
-            torch.testing.assert_close(got, kops.decode_attention_ref(q, k, v, n),
-                                       **kops.DECODE_ATTENTION_TOLERANCE[q.dtype])
+            got = k_decode_attention.split_kv_decode(q, k, v, n, splits=splits, out=out, tensor_cores=tc,
+                                                     counters=counters)
+            torch.testing.assert_close(got, k_decode_attention.split_kv_decode_ref(q, k, v, n),
+                                       **k_decode_attention.DECODE_ATTENTION_TOLERANCE[q.dtype])
     assert int(counters.count_nonzero()) == 0
-    assert kops._DECODE_COUNTERS == {}  # the caller's counters were used, none kept
+    assert k_decode_attention._DECODE_COUNTERS == {}  # the caller's counters were used, none kept
 
 
 def test_tiny_grid_for_the_sanitizer() -> None:
@@ -275,9 +279,10 @@ def test_engine_attn_kvscope(dtype: torch.dtype) -> None:
     from a CUDA graph, give the same greedy tokens; in float32 also the same as the sdpa switch."""
     model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, dtype, seed=2)
     prompts = [list(range(10, 47)), list(range(50, 57)), list(range(3, 27))]
-    eager = Engine(model, RunConfig(3, 96, dtype, CUDA, "kvscope"), kernels=True).generate(prompts, 24)
-    graphed = Engine(model, RunConfig(3, 96, dtype, CUDA, "kvscope"), graphs=True, kernels=True)
+    kernels = EngineOptions(kernels=True)
+    eager = Engine(model, RunConfig(3, 96, dtype, CUDA, "kvscope"), options=kernels).generate(prompts, 24)
+    graphed = Engine(model, RunConfig(3, 96, dtype, CUDA, "kvscope"), options=EngineOptions(graphs=True, kernels=True))
     assert graphed.generate(prompts, 24) == eager
     assert graphed.generate(prompts, 24) == eager  # the graph is reused after a new prefill
     if dtype == torch.float32:
-        assert Engine(model, RunConfig(3, 96, dtype, CUDA, "sdpa"), kernels=True).generate(prompts, 24) == eager
+        assert Engine(model, RunConfig(3, 96, dtype, CUDA, "sdpa"), options=kernels).generate(prompts, 24) == eager

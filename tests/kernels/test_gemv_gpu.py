@@ -9,9 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvscope.engine.layer_ops import GemvOps, KernelOps
 from kvscope.engine.loop import Engine
+from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunConfig
-from kvscope.kernels import ops as kops
+from kvscope.kernels import gemv as k_gemv
+from kvscope.kernels import rms_norm as k_rms_norm
 from kvscope.model.config import PRESETS, ModelArgs
 from kvscope.model.source import resolve_model
 from kvscope.model.weights import load_model
@@ -26,7 +29,7 @@ MODELS = ["qwen2.5-0.5b", "qwen2.5-3b", "qwen2.5-7b", "llama-3.1-8b"]
 @pytest.fixture(params=[False, True], ids=["burst", "pipelined"])
 def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Every kernel test runs both variants: one trip of loads at a time, and pipelined."""
-    monkeypatch.setattr(kops, "GEMV_PIPELINED", dict.fromkeys(kops.GEMV_TILES, request.param))
+    monkeypatch.setattr(k_gemv, "GEMV_PIPELINED", dict.fromkeys(k_gemv.GEMV_TILES, request.param))
     return bool(request.param)
 
 
@@ -57,7 +60,7 @@ def _poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 def _close(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, w: torch.Tensor, silu_mul: bool = False) -> None:
     assert torch.isfinite(got).all(), "an output was left unwritten (NaN poison) or overflowed"
-    torch.testing.assert_close(got, want, **kops.gemv_tolerance(x, w, silu_mul))
+    torch.testing.assert_close(got, want, **k_gemv.gemv_tolerance(x, w, silu_mul))
 
 
 def _run_product(op: str, m: int, n: int, k: int, dtype: torch.dtype, seed: int) -> None:
@@ -65,22 +68,22 @@ def _run_product(op: str, m: int, n: int, k: int, dtype: torch.dtype, seed: int)
     if op in ("qkv", "lm_head", "store"):
         b = bias if op == "qkv" else None
         poison = _poisoned((m, n), dtype)
-        got = kops.gemv(x, w, b)
+        got = k_gemv.gemv(x, w, b)
         assert got.data_ptr() == poison
-        _close(got, kops.gemv_ref(x, w, b), x, w)
+        _close(got, k_gemv.gemv_ref(x, w, b), x, w)
     elif op == "w13":
         poison = _poisoned((m, n // 2), dtype)
-        got = kops.gemv_silu_mul(x, w)
+        got = k_gemv.gemv_silu_mul(x, w)
         assert got.data_ptr() == poison
-        _close(got, kops.gemv_silu_mul_ref(x, w), x, w, silu_mul=True)
+        _close(got, k_gemv.gemv_silu_mul_ref(x, w), x, w, silu_mul=True)
     else:  # residual: h is a strided view whose gap columns must stay untouched
         g = torch.Generator(device=CUDA).manual_seed(seed + 1)
         base = torch.full((m, n + 8), 7.0, dtype=dtype, device=CUDA)  # (M, N+8)
         h = base[:, :n]  # (M, N), row stride N + 8
         h.copy_(torch.randn(m, n, device=CUDA, generator=g).to(dtype))
         ref = h.clone()
-        kops.gemv_residual_(h, x, w)
-        kops.gemv_residual_ref_(ref, x, w)
+        k_gemv.gemv_residual_(h, x, w)
+        k_gemv.gemv_residual_ref_(ref, x, w)
         _close(h, ref, x, w)
         assert (base[:, n:] == 7.0).all()
 
@@ -122,21 +125,21 @@ def test_sanitizer_grid(dtype: torch.dtype, variant: bool) -> None:
     for m, n, k in ((1, 9, 24), (3, 16, 64), (16, 10, 40), (2, 8, 4096), (5, 6, 2056), (8, 4, 1032)):
         x, w, b = _data(m, n, k, dtype, seed=m * n * k)
         nw = (torch.rand(k, device=CUDA) + 0.5).to(dtype)
-        xn = kops.rms_norm_ref(x, nw, 1e-6)
-        _close(kops.gemv(x, w, b), kops.gemv_ref(x, w, b), x, w)
-        _close(kops.gemv(x, w, b, nw, 1e-6), kops.gemv_ref(x, w, b, nw, 1e-6), xn, w)
+        xn = k_rms_norm.rms_norm_ref(x, nw, 1e-6)
+        _close(k_gemv.gemv(x, w, b), k_gemv.gemv_ref(x, w, b), x, w)
+        _close(k_gemv.gemv(x, w, b, nw, 1e-6), k_gemv.gemv_ref(x, w, b, nw, 1e-6), xn, w)
         w13 = w[: n - n % 2]
-        _close(kops.gemv_silu_mul(x, w13, nw, 1e-6), kops.gemv_silu_mul_ref(x, w13, nw, 1e-6), xn, w13, True)
+        _close(k_gemv.gemv_silu_mul(x, w13, nw, 1e-6), k_gemv.gemv_silu_mul_ref(x, w13, nw, 1e-6), xn, w13, True)
         h = torch.randn(m, n, device=CUDA).to(dtype)
-        _close(kops.gemv_residual_(h.clone(), x, w, b), kops.gemv_residual_ref_(h.clone(), x, w, b), x, w)
+        _close(k_gemv.gemv_residual_(h.clone(), x, w, b), k_gemv.gemv_residual_ref_(h.clone(), x, w, b), x, w)
 
 
 def test_split_k_is_deterministic_and_used(variant: bool) -> None:
     x, w, _ = _data(3, 8, 65536, BF16, seed=11)
-    cfg = kops.gemv_launch(3, 8, 65536, 2, torch.cuda.get_device_properties(CUDA).multi_processor_count)
+    cfg = k_gemv.gemv_launch(3, 8, 65536, 2, torch.cuda.get_device_properties(CUDA).multi_processor_count)
     assert cfg.splits > 1
-    first = kops.gemv(x, w)
-    assert all(torch.equal(kops.gemv(x, w), first) for _ in range(5))
+    first = k_gemv.gemv(x, w)
+    assert all(torch.equal(k_gemv.gemv(x, w), first) for _ in range(5))
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16, F32])
@@ -148,18 +151,18 @@ def test_fused_rms_norm_prologue(dtype: torch.dtype, m: int, variant: bool) -> N
     g = torch.Generator(device=CUDA).manual_seed(m)
     h = (torch.randn(m, a.dim, device=CUDA, generator=g) * 30).to(dtype)
     nw = (torch.rand(a.dim, device=CUDA, generator=g) + 0.5).to(dtype)
-    xn = kops.rms_norm_ref(h, nw, 1e-6)
+    xn = k_rms_norm.rms_norm_ref(h, nw, 1e-6)
     for n, bias, silu in ((a.q_size + 2 * a.kv_size, True, False), (2 * a.intermediate_size, False, True),
                           (a.vocab_size, False, False)):
         _, w, b = _data(m, n, a.dim, dtype, seed=n + m)
         b = b if bias else None
         slot = torch.zeros(1, dtype=torch.int64, device=CUDA)
         if silu:
-            got = kops.gemv_silu_mul(h, w, nw, 1e-6, stamp=slot)
-            want = kops.gemv_silu_mul_ref(h, w, nw, 1e-6)
+            got = k_gemv.gemv_silu_mul(h, w, nw, 1e-6, stamp=slot)
+            want = k_gemv.gemv_silu_mul_ref(h, w, nw, 1e-6)
         else:
-            got = kops.gemv(h, w, b, nw, 1e-6, stamp=slot)
-            want = kops.gemv_ref(h, w, b, nw, 1e-6)
+            got = k_gemv.gemv(h, w, b, nw, 1e-6, stamp=slot)
+            want = k_gemv.gemv_ref(h, w, b, nw, 1e-6)
         _close(got, want, xn, w, silu)
         assert int(slot) > 0
 
@@ -170,23 +173,23 @@ def test_products_in_a_cuda_graph(variant: bool) -> None:
     _, w13, _ = _data(2, 1024, 1024, BF16, seed=6)
     h = torch.randn(2, 1024, device=CUDA).to(BF16)
     h0 = h.clone()
-    kops.gemv(x, w, bias)  # compile outside the capture
-    kops.gemv_silu_mul(x, w13)
-    kops.gemv_residual_(h0.clone(), x[:, :512].contiguous(), w13[:, :512].contiguous())
+    k_gemv.gemv(x, w, bias)  # compile outside the capture
+    k_gemv.gemv_silu_mul(x, w13)
+    k_gemv.gemv_residual_(h0.clone(), x[:, :512].contiguous(), w13[:, :512].contiguous())
     xr = x[:, :512].contiguous()
     w_r = w13[:, :512].contiguous()  # (1024, 512)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = kops.gemv(x, w, bias)
-        act = kops.gemv_silu_mul(x, w13)
-        kops.gemv_residual_(h, xr, w_r)
+        y = k_gemv.gemv(x, w, bias)
+        act = k_gemv.gemv_silu_mul(x, w13)
+        k_gemv.gemv_residual_(h, xr, w_r)
     x.copy_(torch.randn_like(x))
     xr.copy_(x[:, :512])
     h.copy_(h0)
     graph.replay()
-    torch.testing.assert_close(y, kops.gemv(x, w, bias), rtol=0, atol=0)
-    torch.testing.assert_close(act, kops.gemv_silu_mul(x, w13), rtol=0, atol=0)
-    torch.testing.assert_close(h, kops.gemv_residual_(h0.clone(), xr, w_r), rtol=0, atol=0)
+    torch.testing.assert_close(y, k_gemv.gemv(x, w, bias), rtol=0, atol=0)
+    torch.testing.assert_close(act, k_gemv.gemv_silu_mul(x, w13), rtol=0, atol=0)
+    torch.testing.assert_close(h, k_gemv.gemv_residual_(h0.clone(), xr, w_r), rtol=0, atol=0)
 
 
 # ---- the engine -----------------------------------------------------------------------------------------------
@@ -198,10 +201,10 @@ def test_engine_gemv_on_and_off_agree_in_a_graph() -> None:
     model, _ = load_model(resolve_model("qwen2.5-0.5b"), CUDA, BF16, seed=4)
     engines = []
     for gemv in (False, True):
-        eng = Engine(model, RunConfig(2, 96, BF16, CUDA), graphs=True, kernels=True)
-        eng.gemv = gemv
+        eng = Engine(model, RunConfig(2, 96, BF16, CUDA), options=EngineOptions(graphs=True, kernels=True, gemv=gemv))
         engines.append(eng)
     ref, ours = engines
+    assert type(ref.step_ops) is KernelOps and type(ours.step_ops) is GemvOps  # the model's products fit the kernels
     tokens = torch.randint(0, model.args.vocab_size, (2, 40), device=CUDA, generator=torch.Generator(
         device=CUDA).manual_seed(0))
     for eng in engines:
@@ -224,7 +227,6 @@ def test_engine_gemv_on_and_off_agree_in_a_graph() -> None:
     prompts = [list(range(10, 40)), list(range(50, 61))]
     outs = []
     for gemv in (False, True):
-        eng = Engine(model, RunConfig(2, 64, F32, CUDA), graphs=True, kernels=True)
-        eng.gemv = gemv
+        eng = Engine(model, RunConfig(2, 64, F32, CUDA), options=EngineOptions(graphs=True, kernels=True, gemv=gemv))
         outs.append(eng.generate(prompts, 16))
     assert outs[0] == outs[1]

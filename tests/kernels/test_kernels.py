@@ -5,6 +5,7 @@ the kernels that write the timestamps)."""
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -14,7 +15,10 @@ from kvscope.cli import main
 from kvscope.engine import plan
 from kvscope.engine.plan import use_kernels
 from kvscope.errors import KvscopeError
-from kvscope.kernels import ops as kops
+from kvscope.kernels import rms_norm as k_rms_norm
+from kvscope.kernels import rope_kv as k_rope_kv
+from kvscope.kernels import silu_mul as k_silu_mul
+from kvscope.kernels import stamp as k_stamp
 from kvscope.model.config import PRESETS
 from kvscope.model.layers import apply_rope, rope_tables
 from kvscope.profiler.instrument import GraphTimer, Instrument, RegionRecord
@@ -33,7 +37,7 @@ def test_rope_kv_reference_matches_the_engine_torch_path() -> None:
         qkv = torch.randn(b, s, h + 2 * hkv, d, generator=g)
         k_cache, v_cache = torch.full((b, 32, hkv, d), 7.0), torch.full((b, 32, hkv, d), 7.0)
         ref = qkv.clone()
-        kops.rope_kv_ref_(qkv, cos, sin_rot, k_cache, v_cache, h, lengths)
+        k_rope_kv.rope_kv_ref_(qkv, cos, sin_rot, k_cache, v_cache, h, lengths)
         start = torch.zeros(b, dtype=torch.int64) if lengths is None else lengths
         pos = start.view(b, 1) + torch.arange(s).view(1, s)  # (B, S)
         rotated = apply_rope(ref[:, :, :h + hkv], cos[pos].unsqueeze(2), sin_rot[pos].unsqueeze(2))
@@ -52,22 +56,22 @@ def test_rope_kv_reference_matches_the_engine_torch_path() -> None:
 def test_rms_norm_and_silu_mul_references() -> None:
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(4, 64, generator=g), torch.rand(64, generator=g) + 0.5
-    torch.testing.assert_close(kops.rms_norm_ref(x, w, 1e-6), F.rms_norm(x, (64,), w, 1e-6))
+    torch.testing.assert_close(k_rms_norm.rms_norm_ref(x, w, 1e-6), F.rms_norm(x, (64,), w, 1e-6))
     xb, wb = x.bfloat16(), w.bfloat16()
     # bf16: the normalised row is rounded once before the weight multiplies it, as transformers does
     xf = xb.float()
     expect = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16() * wb
-    assert torch.equal(kops.rms_norm_ref(xb, wb, 1e-6), expect)
+    assert torch.equal(k_rms_norm.rms_norm_ref(xb, wb, 1e-6), expect)
     gate, up = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
-    torch.testing.assert_close(kops.silu_mul_ref(gate, up), gate * torch.sigmoid(gate) * up)
+    torch.testing.assert_close(k_silu_mul.silu_mul_ref(gate, up), gate * torch.sigmoid(gate) * up)
 
 
 @pytest.mark.parametrize("call", [
-    lambda: kops.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6),
-    lambda: kops.silu_mul(torch.ones(2, 8), torch.ones(2, 8)),
-    lambda: kops.rope_kv_(torch.ones(1, 1, 4, 8), torch.ones(4, 8), torch.ones(4, 8), torch.ones(1, 4, 1, 8),
-                          torch.ones(1, 4, 1, 8), 2),
-    lambda: kops.stamp(torch.zeros(1, dtype=torch.int64)),
+    lambda: k_rms_norm.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6),
+    lambda: k_silu_mul.silu_mul(torch.ones(2, 8), torch.ones(2, 8)),
+    lambda: k_rope_kv.rope_kv_(torch.ones(1, 1, 4, 8), torch.ones(4, 8), torch.ones(4, 8), torch.ones(1, 4, 1, 8),
+                               torch.ones(1, 4, 1, 8), 2),
+    lambda: k_stamp.stamp(torch.zeros(1, dtype=torch.int64)),
 ])
 def test_kernel_calls_refuse_cpu_tensors(call) -> None:
     with pytest.raises(ValueError, match="CUDA"):
@@ -76,23 +80,24 @@ def test_kernel_calls_refuse_cpu_tensors(call) -> None:
 
 def test_kernel_boundary_checks_name_the_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shape checks run before any launch; the device check is bypassed here to reach them on the CPU."""
-    monkeypatch.setattr(kops, "_need_cuda", lambda *a: None)
+    for module in (k_rms_norm, k_silu_mul, k_rope_kv):
+        monkeypatch.setattr(module, "need_cuda", lambda *a: None)
     with pytest.raises(ValueError, match=r"weight \(7,\).*\(8,\) for x \(2, 8\)"):
-        kops.rms_norm(torch.ones(2, 8), torch.ones(7), 1e-6)
+        k_rms_norm.rms_norm(torch.ones(2, 8), torch.ones(7), 1e-6)
     with pytest.raises(ValueError, match=r"gate \(2, 8\).*up \(2, 4\)"):
-        kops.silu_mul(torch.ones(2, 8), torch.ones(2, 4))
+        k_silu_mul.silu_mul(torch.ones(2, 8), torch.ones(2, 4))
     with pytest.raises(ValueError, match=r"qkv \(1, 1, 5, 8\) does not split into 2 query heads"):
-        kops.rope_kv_(torch.ones(1, 1, 5, 8), torch.ones(4, 8), torch.ones(4, 8), torch.ones(1, 4, 1, 8),
-                      torch.ones(1, 4, 1, 8), 2)
+        k_rope_kv.rope_kv_(torch.ones(1, 1, 5, 8), torch.ones(4, 8), torch.ones(4, 8), torch.ones(1, 4, 1, 8),
+                           torch.ones(1, 4, 1, 8), 2)
     with pytest.raises(ValueError, match=r"caches k \(1, 4, 2, 8\)"):
-        kops.rope_kv_(torch.ones(1, 1, 4, 8), torch.ones(4, 8), torch.ones(4, 8), torch.ones(1, 4, 2, 8),
-                      torch.ones(1, 4, 2, 8), 2)
+        k_rope_kv.rope_kv_(torch.ones(1, 1, 4, 8), torch.ones(4, 8), torch.ones(4, 8), torch.ones(1, 4, 2, 8),
+                           torch.ones(1, 4, 2, 8), 2)
     with pytest.raises(ValueError, match=r"tables cos \(3, 8\)"):
-        kops.rope_kv_(torch.ones(1, 1, 4, 8), torch.ones(3, 8), torch.ones(3, 8), torch.ones(1, 4, 1, 8),
-                      torch.ones(1, 4, 1, 8), 2)
+        k_rope_kv.rope_kv_(torch.ones(1, 1, 4, 8), torch.ones(3, 8), torch.ones(3, 8), torch.ones(1, 4, 1, 8),
+                           torch.ones(1, 4, 1, 8), 2)
     with pytest.raises(ValueError, match=r"lengths must be int64 \(1,\)"):
-        kops.rope_kv_(torch.ones(1, 1, 4, 8), torch.ones(4, 8), torch.ones(4, 8), torch.ones(1, 4, 1, 8),
-                      torch.ones(1, 4, 1, 8), 2, lengths=torch.zeros(1, dtype=torch.int32))
+        k_rope_kv.rope_kv_(torch.ones(1, 1, 4, 8), torch.ones(4, 8), torch.ones(4, 8), torch.ones(1, 4, 1, 8),
+                           torch.ones(1, 4, 1, 8), 2, lengths=torch.zeros(1, dtype=torch.int32))
 
 
 def test_kernels_switch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,7 +167,7 @@ def test_graph_timestamps_are_written_by_the_norm_kernels(monkeypatch: pytest.Mo
         slot.fill_(next(clock))
         standalone.append(slot.data_ptr())
 
-    monkeypatch.setattr(kops, "stamp", fake_stamp)
+    monkeypatch.setattr(k_stamp, "stamp", fake_stamp)
     ins = Instrument(granularity, "cpu", nvtx=False)
     kernel_writes: list[int] = []
     timer = _capture_step(ins, 3, clock, kernel_writes)
@@ -190,10 +195,10 @@ def test_graph_timestamps_are_written_by_the_norm_kernels(monkeypatch: pytest.Mo
 def test_graph_timestamps_resolve_on_the_step_anchor(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows of a stamped graph: durations from the timestamps (ns), start offsets from the step's start event,
     the graph's first timestamp taken as that instant."""
-    from test_instrument import _FakeEvent
+    from profiler.test_instrument import _FakeEvent
 
     clock = itertools.count(0, 250_000)  # every timestamp 0.25 ms after the previous one
-    monkeypatch.setattr(kops, "stamp", lambda slot: slot.fill_(next(clock)))
+    monkeypatch.setattr(k_stamp, "stamp", lambda slot: slot.fill_(next(clock)))
     ins = Instrument("layer", "cpu", nvtx=False)
     timer = _capture_step(ins, 2, clock, [])
     timer.done = type("Done", (), {"record": lambda self: None})()
@@ -215,7 +220,7 @@ def test_marks_outside_stamped_regions_need_no_kernel(monkeypatch: pytest.Monkey
     """A pending timestamp never outlives a region entry that is not `stamped`: it is written before that region's
     GPU work; and nothing is left pending when the capture closes."""
     writes: list[str] = []
-    monkeypatch.setattr(kops, "stamp", lambda slot: writes.append("stamp"))
+    monkeypatch.setattr(k_stamp, "stamp", lambda slot: writes.append("stamp"))
     ins = Instrument("layer", "cpu", nvtx=False)
     with ins.capturing(torch.zeros(8, dtype=torch.int64)) as timer:
         with ins.region("a", "layer", chain=True):
@@ -229,7 +234,7 @@ def test_marks_outside_stamped_regions_need_no_kernel(monkeypatch: pytest.Monkey
 
 def test_kernel_sources_ship_with_the_package() -> None:
     """Every kernel's CUDA source is package data (read through importlib.resources), with the entry points that
-    `kvscope.kernels.ops` launches."""
+    the kernel modules of `kvscope.kernels` launch."""
     from kvscope.kernels.launch import KERNEL_FILES, kernel_file
     from kvscope.kernels.loader import nvrtc_code
 
@@ -245,11 +250,27 @@ def test_kernel_sources_ship_with_the_package() -> None:
             assert f'extern "C" __global__ void {name}(' in src
 
 
+def test_one_module_per_kernel_source() -> None:
+    """`cuda/<stem>.cu` is called through `kvscope/kernels/<stem>.py`, which launches that source's entries and no
+    other's; the package's other modules (common, launch, loader) launch none."""
+    from kvscope.kernels.launch import kernel_file
+    from kvscope.kernels.loader import CUDA_DIR
+
+    package = CUDA_DIR.parent
+    sources = {p.stem for p in CUDA_DIR.glob("*.cu")}
+    modules = {p.stem for p in package.glob("*.py")} - {"__init__"}
+    assert sources <= modules, sorted(sources - modules)
+    for stem in sorted(modules):
+        launched = set(re.findall(r'\blaunch\(\s*"(kvscope_\w+)"', (package / f"{stem}.py").read_text()))
+        assert launched == ({f"kvscope_{stem}"} if stem in sources else set()), (stem, launched)
+    assert all(kernel_file(f"kvscope_{stem}") == f"{stem}.cu" for stem in sources)
+
+
 def test_capture_that_fails_writes_no_closing_timestamp(monkeypatch: pytest.MonkeyPatch) -> None:
     """An error inside the capture propagates as it is: no closing timestamp or copy is launched into a capture
     that has already failed, and the instrument leaves capture mode."""
     writes: list[int] = []
-    monkeypatch.setattr(kops, "stamp", lambda slot: writes.append(1))
+    monkeypatch.setattr(k_stamp, "stamp", lambda slot: writes.append(1))
     ins = Instrument("layer", "cpu", nvtx=False)
     stamps = torch.zeros(4, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="boom"), ins.capturing(stamps), ins.region("a", "layer", chain=True):

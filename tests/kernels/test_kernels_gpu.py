@@ -7,7 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvscope.kernels import ops as kops
+from kvscope.kernels import common as k_common
+from kvscope.kernels import rms_norm as k_rms_norm
+from kvscope.kernels import rope_kv as k_rope_kv
+from kvscope.kernels import silu_mul as k_silu_mul
+from kvscope.kernels import stamp as k_stamp
 from kvscope.model.config import PRESETS
 from kvscope.model.dtypes import DTYPES as SUPPORTED_DTYPES
 from kvscope.model.layers import rope_tables
@@ -18,7 +22,7 @@ DTYPES = [d.torch_dtype for d in SUPPORTED_DTYPES]
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor) -> None:
-    torch.testing.assert_close(got, ref, **kops.REF_TOLERANCE[got.dtype])
+    torch.testing.assert_close(got, ref, **k_common.REF_TOLERANCE[got.dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -29,7 +33,7 @@ def test_rms_norm_matches_reference(dtype: torch.dtype, rows: int, dim: int, str
     base = torch.randn(rows, dim + (8 if strided else 0), device=CUDA, generator=g).to(dtype)
     x = base[:, :dim]  # (rows, dim), row stride dim + 8 when strided
     w = (torch.rand(dim, device=CUDA, generator=g) + 0.5).to(dtype)
-    _close(kops.rms_norm(x, w, 1e-6), kops.rms_norm_ref(x, w, 1e-6))
+    _close(k_rms_norm.rms_norm(x, w, 1e-6), k_rms_norm.rms_norm_ref(x, w, 1e-6))
 
 
 def test_rms_norm_three_dims_and_stamp() -> None:
@@ -37,11 +41,11 @@ def test_rms_norm_three_dims_and_stamp() -> None:
     w = torch.ones(256, device=CUDA, dtype=torch.bfloat16)
     slot = torch.zeros(1, dtype=torch.int64, device=CUDA)
     before = torch.zeros(1, dtype=torch.int64, device=CUDA)
-    kops.stamp(before)
-    out = kops.rms_norm(x, w, 1e-5, stamp=slot)
+    k_stamp.stamp(before)
+    out = k_rms_norm.rms_norm(x, w, 1e-5, stamp=slot)
     after = torch.zeros(1, dtype=torch.int64, device=CUDA)
-    kops.stamp(after)
-    _close(out, kops.rms_norm_ref(x, w, 1e-5))
+    k_stamp.stamp(after)
+    _close(out, k_rms_norm.rms_norm_ref(x, w, 1e-5))
     t0, t1, t2 = int(before), int(slot), int(after)
     assert 0 < t0 <= t1 <= t2 and t2 - t0 < 10_000_000  # global timer in ns, in launch order, within 10 ms
 
@@ -56,7 +60,7 @@ def test_silu_mul_matches_reference(dtype: torch.dtype, rows: int, f: int, fused
     else:
         gate = (torch.randn(rows, f, device=CUDA, generator=g) * 3).to(dtype)
         up = torch.randn(rows, f, device=CUDA, generator=g).to(dtype)
-    _close(kops.silu_mul(gate, up), kops.silu_mul_ref(gate, up))
+    _close(k_silu_mul.silu_mul(gate, up), k_silu_mul.silu_mul_ref(gate, up))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -79,8 +83,8 @@ def test_rope_kv_matches_reference(dtype: torch.dtype, b: int, s: int, heads: in
     lengths = torch.randint(0, s_max - s, (b,), device=CUDA, generator=g) if decode else None
     caches = [torch.zeros(b, s_max, kv_heads, d, device=CUDA, dtype=dtype) for _ in range(4)]
     ref_qkv = qkv.clone()
-    kops.rope_kv_(qkv, cos, sin_rot, caches[0], caches[1], heads, lengths)
-    kops.rope_kv_ref_(ref_qkv, cos, sin_rot, caches[2], caches[3], heads, lengths)
+    k_rope_kv.rope_kv_(qkv, cos, sin_rot, caches[0], caches[1], heads, lengths)
+    k_rope_kv.rope_kv_ref_(ref_qkv, cos, sin_rot, caches[2], caches[3], heads, lengths)
     _close(qkv, ref_qkv)
     _close(caches[0], caches[2])
     assert torch.equal(caches[1], caches[3])  # values are copied, not computed

@@ -301,11 +301,11 @@ def test_gpu_kernels_come_from_the_build_when_it_matches() -> None:
     """Where each kernel came from, as the loader says and as `choose` predicts: the CMake build's fatbin when one
     matches this device (run after `cmake --build build`), else NVRTC."""
     _need_gpu_and_cupy()
-    from kvscope.kernels import ops as kops
+    from kvscope.kernels import rms_norm as k_rms_norm
 
     loader.clear_caches()
     x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
-    kops.rms_norm(x, torch.ones(256, device="cuda", dtype=torch.bfloat16), 1e-6)
+    k_rms_norm.rms_norm(x, torch.ones(256, device="cuda", dtype=torch.bfloat16), 1e-6)
     chosen = loader.choose("rms_norm.cu", "KV_BF16", loader.device_arch(0), loader.kernels_dir())
     origin = loader.kernel("rms_norm.cu", "kvscope_rms_norm_vec", "KV_BF16", 0).origin
     print(f"rms_norm bf16: {origin}")
@@ -316,21 +316,22 @@ def test_gpu_kernels_come_from_the_build_when_it_matches() -> None:
 def test_gpu_a_launch_inside_a_capture_is_a_kernel_node() -> None:
     """Captured once, replayed over new input in place: the replay recomputes from what the input holds then."""
     _need_gpu_and_cupy()
-    from kvscope.kernels import ops as kops
+    from kvscope.kernels import common as k_common
+    from kvscope.kernels import rms_norm as k_rms_norm
 
     x = torch.randn(8, 512, device="cuda", dtype=torch.float16)
     w = torch.rand(512, device="cuda", dtype=torch.float16) + 0.5
-    kops.rms_norm(x, w, 1e-6)  # loads the kernel before the capture
+    k_rms_norm.rms_norm(x, w, 1e-6)  # loads the kernel before the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = kops.rms_norm(x, w, 1e-6)  # (8, 512) in the graph's pool
+        out = k_rms_norm.rms_norm(x, w, 1e-6)  # (8, 512) in the graph's pool
     for seed in (1, 2):
         x.copy_(torch.randn(8, 512, generator=torch.Generator("cuda").manual_seed(seed), device="cuda",
                             dtype=torch.float16))
         out.fill_(float("nan"))
         graph.replay()
-        torch.testing.assert_close(out, kops.rms_norm_ref(x, w, 1e-6), **kops.REF_TOLERANCE[torch.float16])
+        torch.testing.assert_close(out, k_rms_norm.rms_norm_ref(x, w, 1e-6), **k_common.REF_TOLERANCE[torch.float16])
 
 
 @pytest.mark.gpu
@@ -338,16 +339,16 @@ def test_gpu_launches_go_to_torchs_current_stream() -> None:
     """On a side stream held busy by a sleep, the input is rewritten and then normalised: launched anywhere but on
     that stream, the kernel would read the old input."""
     _need_gpu_and_cupy()
-    from kvscope.kernels import ops as kops
+    from kvscope.kernels import rms_norm as k_rms_norm
 
     x = torch.zeros(2, 256, device="cuda", dtype=torch.float32)
     w = torch.ones(256, device="cuda", dtype=torch.float32)
-    kops.rms_norm(x, w, 1e-6)
+    k_rms_norm.rms_norm(x, w, 1e-6)
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         torch.cuda._sleep(50_000_000)  # ~25 ms of GPU time on this stream before the fill
         x.fill_(3.0)
-        out = kops.rms_norm(x, w, 1e-6)
+        out = k_rms_norm.rms_norm(x, w, 1e-6)
     side.synchronize()
     torch.testing.assert_close(out, torch.ones(2, 256, device="cuda"), atol=1e-5, rtol=1e-5)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_run import tiny_run
 
 from kvscope.cli import main
 from kvscope.errors import KvscopeError
@@ -250,3 +252,46 @@ def test_graphs_default_on_for_cuda_at_every_granularity() -> None:
         assert use_graphs(RunSpec(granularity=g).graphs, cpu) is False
     with pytest.raises(KvscopeError, match="--graphs on needs a CUDA device"):
         use_graphs(RunSpec(graphs=True).graphs, cpu)
+
+
+# ---- the summary says what it measured: the clock, two TTFT columns, percentiles only with enough samples ----
+def test_granularity_none_reports_host_clock_not_nan(tmp_path: Path) -> None:
+    s, t = tiny_run(tmp_path, "--reps", "3", "--granularity", "none")
+    assert len(t) == 0
+    assert s["clock"] == "host"
+    for col in ("ttft_ms", "prefill_p50_ms", "decode_p50_ms_per_tok", "tpot_p50_ms", "decode_tok_s",
+                "prefill_tok_s", "total_tok_s"):
+        assert math.isfinite(s[col]) and s[col] > 0, col
+    assert math.isnan(s["prefill_gpu_ms"])  # no events at granularity none
+    meta = read_metadata(tmp_path / "r" / "summary.parquet")
+    host_steps = np.asarray(meta["host_decode_ms"]) / 3  # 3 decode steps a repetition
+    assert s["tpot_p50_ms"] == pytest.approx(np.median(host_steps), rel=1e-12)
+    assert s["tpot_samples"] == 3 and s["ttft_samples"] == 3
+    assert s["flag"] == ""
+
+
+def test_two_ttft_columns_and_their_clocks(tmp_path: Path) -> None:
+    s, t = tiny_run(tmp_path, "--reps", "4", "--granularity", "phase")
+    meta = read_metadata(tmp_path / "r" / "summary.parquet")
+    prefill = t[(t["level"] == "phase") & (t["phase"] == "prefill")]["dur_ms"]
+    assert s["prefill_gpu_ms"] == np.median(prefill)  # the event (here: host-clock region) time
+    assert s["prefill_p50_ms"] == s["prefill_gpu_ms"]  # the classic column stays the timed region
+    ttft = np.asarray(meta["host_ttft_ms"])
+    assert len(ttft) == 4 and s["ttft_ms"] == np.median(ttft)
+    assert s["ttft_q1_ms"] == np.percentile(ttft, 25) and s["ttft_q3_ms"] == np.percentile(ttft, 75)
+    # the host waits for the token: TTFT covers the timed prefill region
+    assert (ttft >= prefill.to_numpy() - 1e-3).all()
+    assert s["clock"] == "host"  # a CPU run: every region is on the host clock
+
+
+@pytest.mark.parametrize(("reps", "p90", "p99"), [(5, False, False), (9, False, False), (10, True, False)])
+def test_percentiles_only_with_enough_samples(tmp_path: Path, reps: int, p90: bool, p99: bool) -> None:
+    s, t = tiny_run(tmp_path, "--reps", str(reps), "--granularity", "phase")
+    assert s["ttft_samples"] == reps and s["prefill_gpu_samples"] == reps
+    assert math.isfinite(s["ttft_p90_ms"]) is p90 and math.isfinite(s["ttft_p99_ms"]) is p99
+    steps = t[t["level"] == "step"]["dur_ms"]
+    assert s["tpot_samples"] == reps * 3
+    assert math.isfinite(s["tpot_p90_ms"]) is (reps * 3 >= 10)
+    assert math.isfinite(s["tpot_p99_ms"]) is (reps * 3 >= 100)
+    if reps * 3 >= 10:
+        assert s["tpot_p90_ms"] == np.percentile(steps, 90)

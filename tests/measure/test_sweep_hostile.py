@@ -26,12 +26,13 @@ import torch
 from helpers import TINY_CONFIGS
 from paths import ROOT
 
+from kvscope.analysis.sweep_file import read_sweep
 from kvscope.cli import main
 from kvscope.engine.plan import RunPlan, RunSpec
 from kvscope.errors import KvscopeError
 from kvscope.measure import sweep as sweep_mod
 from kvscope.measure.memory import allocation_failure
-from kvscope.measure.sweep_file import model_identity, read_table
+from kvscope.measure.sweep_file import model_identity
 from kvscope.model.source import resolve_model
 
 REPO = ROOT
@@ -74,7 +75,7 @@ def _names(folder: Path) -> list[str]:
 
 
 def _pairs(out: Path) -> list[tuple[int, int]]:
-    df = read_table(out)
+    df = read_sweep(out)
     return list(zip(df["seq_len"].tolist(), df["batch"].tolist(), strict=True))
 
 
@@ -348,7 +349,7 @@ def test_resume_never_changes_finished_rows(made: dict[str, bytes], tmp_path: Pa
         assert after.column("flag").to_pylist()[:4] == odd_flags
         meta = json.loads(after.schema.metadata[b"kvscope"])["sweep"]
         assert meta["seqs"] == [8, 16, 32] and meta["collapse_factor"] == 2.0
-    assert read_table(out)["flag"].tolist()[:4] == odd_flags
+    assert read_sweep(out)["flag"].tolist()[:4] == odd_flags
 
 
 # ---- 3. a malformed file to resume -----------------------------------------------------------------------------
@@ -378,8 +379,10 @@ def _drop_column(name: str) -> Callable[[list[list[str]]], list[list[str]]]:
 @pytest.mark.parametrize(("edit", "message"), [
     (_drop_column("seq_len"), "{out} is not a kvscope sweep file: no column seq_len"),
     (_drop_column("batch"), "{out} is not a kvscope sweep file: no column batch"),
-    (_drop_column("flag"), "{out} is not a kvscope sweep file: no column flag"),
-    (_drop_column("decode_tok_s"), "{out} is not a kvscope sweep file: no column decode_tok_s"),
+    (_drop_column("flag"), "--resume: {out} has no column flag (written by an older kvscope, or not by kvscope "
+                           "sweep); start a new file"),
+    (_drop_column("decode_tok_s"), "--resume: {out} has no column decode_tok_s (written by an older kvscope, or not "
+                                   "by kvscope sweep); start a new file"),
     (lambda rows: [rows[0][:1] + rows[0], *[r[:1] + r for r in rows[1:]]],
      "{out} is not a kvscope sweep file: column seq_len appears twice"),
     (lambda rows: [*rows, rows[1]], "{out}: line 6 repeats seq_len=8, batch=1 of line 2; a sweep file holds each "
@@ -498,7 +501,7 @@ def test_resume_tells_config_json_models_apart(case: str, tmp_path: Path, capsys
     first = _config(tmp_path / "a")
     out = tmp_path / "s.csv"
     assert _sweep(out, "8", "1", model=str(first)) == 0
-    assert read_table(out)["model"].tolist() == ["config"]  # the name alone tells nothing apart
+    assert read_sweep(out)["model"].tolist() == ["config"]  # the name alone tells nothing apart
     before = out.read_bytes()
     arch = model_identity(resolve_model(str(first)))[1]
     if case == "other-architecture":
@@ -569,7 +572,7 @@ def test_a_batch_too_large_for_memory_is_oom_and_the_sweep_goes_on(suffix: str, 
     peak = _peak_rss_bytes()
     assert _sweep(out, "8,16", f"1,{HUGE_BATCH},2") == 0
     assert _peak_rss_bytes() - peak < 2**30  # nothing of the 5.6 TB was ever touched
-    df = read_table(out)
+    df = read_sweep(out)
     assert _pairs(out) == [(8, 1), (8, HUGE_BATCH), (8, 2), (16, 1), (16, HUGE_BATCH), (16, 2)]
     oom = df["batch"] == HUGE_BATCH
     assert df.loc[oom, "flag"].tolist() == ["oom", "oom"] and df.loc[oom, "decode_tok_s"].isna().all()
@@ -590,7 +593,7 @@ def test_a_failed_allocation_is_oom_on_the_cpu(batch: int, tmp_path: Path, monke
     peak = _peak_rss_bytes()
     assert _sweep(out, "8", f"1,{batch},2") == 0
     assert _peak_rss_bytes() - peak < 2**30
-    df = read_table(out)
+    df = read_sweep(out)
     assert df["flag"].str.contains("oom").tolist() == [False, True, False]
     assert df["decode_tok_s"].notna().tolist() == [True, False, True]
     log = _log(capsys)

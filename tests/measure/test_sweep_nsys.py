@@ -14,8 +14,8 @@ import pytest
 from paths import DATA
 
 from kvscope.analysis.align.attribution import PointFacts, aligned, attribution
+from kvscope.analysis.sweep_file import read_sweep
 from kvscope.cli import main
-from kvscope.measure.sweep_file import read_table
 from kvscope.model.config import PRESETS
 from kvscope.schema import ATTRIBUTION_COLUMNS, CLASSIC_COLUMNS, KERNELS_FILE, STEPS_FILE
 
@@ -85,7 +85,7 @@ def test_every_point_is_captured_and_attributed(nsys: Path, tmp_path: Path, monk
     for flag in ("--capture-range=cudaProfilerApi", "--capture-range-end=repeat", "--cuda-graph-trace=node",
                  "--trace=cuda,nvtx"):
         assert flag in argv
-    df = read_table(out)
+    df = read_sweep(out)
     cols = list(df.columns)
     assert cols[:len(CLASSIC_COLUMNS)] == list(CLASSIC_COLUMNS)
     assert cols[-len(ATTRIBUTION_COLUMNS):] == list(ATTRIBUTION_COLUMNS)  # after every other column
@@ -154,7 +154,7 @@ def test_resume_keeps_rows_and_attributes_the_new_ones(nsys: Path, tmp_path: Pat
     header = lines[0].split(",")
     assert header[:len(first[0].split(","))] == first[0].split(",")
     assert lines[1].split(",")[:len(first[1].split(","))] == first[1].split(",")  # the old row's cells as they were
-    df = read_table(out)
+    df = read_sweep(out)
     old, new = df.iloc[0], df.iloc[1]
     assert all(pd.isna(old[c]) for c in ATTRIBUTION_COLUMNS)  # valid, without attribution
     assert new["nsys_report"] == "r-nsys/tiny-bs1-seq16" and new["decode_kernels"] == 91.0
@@ -174,7 +174,7 @@ def test_oom_and_foreign_reports_get_no_attribution(nsys: Path, tmp_path: Path, 
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "seq 99 batch 1 is not a configuration of this sweep; left out" in err
     assert f"seq 8 batch {huge}: out of memory; no attribution" in err
-    df = read_table(out)
+    df = read_sweep(out)
     ok, oom = df.iloc[0], df.iloc[1]
     assert oom["flag"] == "oom" and all(pd.isna(oom[c]) for c in ATTRIBUTION_COLUMNS)
     assert ok["decode_kernels"] == 91.0
@@ -202,7 +202,7 @@ def test_raw_captures_are_imported(nsys: Path, tmp_path: Path, monkeypatch: pyte
     _points(monkeypatch, (8, 1))
     out = tmp_path / "q.csv"
     assert main([*BASE, "--seq", "8", "--batch-sizes", "1", "--out", str(out), "--nsys", str(nsys)]) == 0
-    row = read_table(out).iloc[0]
+    row = read_sweep(out).iloc[0]
     assert row["nsys_report"] == "q-nsys/tiny-bs1-seq8" and row["decode_kernels"] == 91.0
 
 
@@ -231,7 +231,7 @@ def test_real_nsys_sweep_of_the_tiny_preset(tmp_path: Path) -> None:
     rc = main(["sweep", "--model", "tiny", "--seq", "32,64", "--batch-sizes", "1,2", "--gen-tokens", "4",
                "--warmup", "1", "--reps", "2", "--out", str(out), "--nsys"])
     assert rc == 0
-    df = read_table(out)
+    df = read_sweep(out)
     assert list(df.columns)[-len(ATTRIBUTION_COLUMNS):] == list(ATTRIBUTION_COLUMNS)
     assert df["nsys_report"].tolist() == [f"g-nsys/tiny-bs{b}-seq{s}" for s, b in
                                           zip(df["seq_len"], df["batch"], strict=True)]

@@ -14,6 +14,7 @@ import torch
 from kvscope.cli import main
 from kvscope.engine.greedy import pad_prompts
 from kvscope.engine.loop import Engine
+from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunSpec, prepare
 from kvscope.measure.tp_generate import generate_tp
 from kvscope.model.weights import load_model
@@ -27,8 +28,8 @@ GEN = 6
 def _one_gpu(spec: RunSpec, gemv: bool) -> tuple[list[list[int]], list[torch.Tensor]]:
     plan = prepare(spec, prompts=PROMPTS)
     model, _ = load_model(plan.source, plan.cfg.device, plan.cfg.dtype, seed=plan.spec.seed)
-    engine = Engine(model, plan.cfg, graphs=plan.graphs, kernels=plan.kernels)
-    engine.gemv = gemv  # the tensor-parallel path runs cuBLAS products, never the gemv kernels
+    # gemv as the tensor-parallel path runs it: cuBLAS products, never the gemv kernels
+    engine = Engine(model, plan.cfg, options=EngineOptions(graphs=plan.graphs, kernels=plan.kernels, gemv=gemv))
     out = [engine.prefill(*pad_prompts(PROMPTS, plan.source.args.vocab_size, plan.cfg.device)).clone()]
     logits = [engine.logits.float().cpu()]
     for _ in range(GEN - 1):

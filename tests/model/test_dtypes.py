@@ -8,7 +8,7 @@ import torch
 
 from kvscope.analysis.kv_math import DTYPE_BYTES
 from kvscope.errors import KvscopeError
-from kvscope.kernels import ops as kops
+from kvscope.kernels import common as k_common
 from kvscope.kernels.launch import DTYPE_MACROS
 from kvscope.model import dtypes
 
@@ -22,8 +22,8 @@ def test_table_agrees_with_torch_kernels_and_kv_math() -> None:
         for alias in (d.name, *d.aliases):
             assert dtypes.from_name(alias.upper()) is d
             assert DTYPE_BYTES.get(alias, d.nbytes) == d.nbytes
-    assert set(DTYPE_MACROS) == set(kops.REF_TOLERANCE) == {d.torch_dtype for d in dtypes.DTYPES}
-    assert kops.DTYPE_NAMES == dtypes.NAMES
+    assert set(DTYPE_MACROS) == set(k_common.REF_TOLERANCE) == {d.torch_dtype for d in dtypes.DTYPES}
+    assert k_common.DTYPE_NAMES == dtypes.NAMES
 
 
 def test_names_of_other_dtypes_and_refusals() -> None:

@@ -27,8 +27,7 @@ from kvscope.analysis.align.join import (
 from kvscope.analysis.align.kernel_classes import Rules, load_rules
 from kvscope.analysis.align.phase_map import PhaseMap, parse_phase_map
 from kvscope.analysis.align.trace_export import write_trace
-from kvscope.analysis.inputs import ALIGN_TIMINGS_COLUMNS
-from kvscope.analysis.inputs import read_timings as read_timings_file
+from kvscope.analysis.inputs import ALIGN_TIMINGS_COLUMNS, read_timings
 from kvscope.analysis.nsys.export import NsysExport, load_export
 from kvscope.analysis.nsys.filters import RangeFilter
 from kvscope.analysis.nsys.projection import project
@@ -44,7 +43,6 @@ from kvscope.schema import (
     RANGE_SUMMARY_FILE,
     RANGES_FILE,
     STEPS_FILE,
-    TIMINGS_FILE,
     TRACE_FILE,
     US_PER_MS,
 )
@@ -79,12 +77,6 @@ class AlignResult:
         return {name: df for name, df in frames.items() if df is not None}
 
 
-def read_timings(run_dir: Path) -> pd.DataFrame:
-    if not (run_dir / TIMINGS_FILE).exists():
-        raise KvscopeError(f"--timings {run_dir}: no {TIMINGS_FILE} there (expected a kvscope run folder)")
-    return read_timings_file(run_dir, ALIGN_TIMINGS_COLUMNS)
-
-
 def is_align_output(folder: Path) -> bool:
     """Whether `folder` holds nothing but files `kvscope align` writes (so a new output may replace it)."""
     return all(p.name in (*OUTPUT_FILES, TRACE_FILE) and p.is_file() and not p.is_symlink() for p in folder.iterdir())
@@ -102,14 +94,15 @@ def analyse(export: str | Path | NsysExport, timings: str | Path | pd.DataFrame 
             phase_map: str | Mapping[str, str] | PhaseMap | None = None, classes: str | Path | Rules | None = None
             ) -> AlignResult:
     """`kvscope align` on any export: `export` a path (SQLite, parquetdir, .nsys-rep) or a loaded export;
-    `timings` a kvscope run folder or its timings table; the filters of range_filters.RangeFilter; `phase_map`
-    (phase_map.parse_phase_map); `classes` a kernel-class rules file or loaded rules (kernel_classes.load_rules).
+    `timings` a kvscope run folder or its timings table (as `read_timings(folder, ALIGN_TIMINGS_COLUMNS)` reads
+    it); the filters of range_filters.RangeFilter; `phase_map` (phase_map.parse_phase_map); `classes` a
+    kernel-class rules file or loaded rules (kernel_classes.load_rules).
     Bad values are a KvscopeError before the export is read."""
     flt = RangeFilter(domain, range_re, start_ns, end_ns, pid)
     pm = parse_phase_map(phase_map) if phase_map is not None else None
     rules = load_rules(classes) if isinstance(classes, (str, Path)) else classes
     if isinstance(timings, (str, Path)):
-        timings = read_timings(Path(timings))  # the cheaper input first
+        timings = read_timings(Path(timings), ALIGN_TIMINGS_COLUMNS)  # the cheaper input first
     exp = export if isinstance(export, NsysExport) else load_export(export, nsys=nsys)
     if not len(exp.ranges):
         raise KvscopeError(f"{exp.source}: export has no NVTX ranges (was NVTX on while profiling?)")

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from rich.table import Table
 
-from kvscope.analysis.align.pipeline import AlignResult, analyse, read_timings
+from kvscope.analysis.align.pipeline import AlignResult, analyse
+from kvscope.analysis.inputs import ALIGN_TIMINGS_COLUMNS, read_timings
 from kvscope.analysis.nsys.export import NsysExport, load_export
 from kvscope.io import write_parquet
 from kvscope.schema import NS_PER_MS
@@ -118,14 +119,14 @@ def analyse_ranks(export: str | Path | NsysExport, timings: str | Path | pd.Data
                   nsys: str | None = None, phase_map: str | None = None
                   ) -> tuple[AlignResult, tuple[pd.DataFrame, pd.DataFrame] | None]:
     """`kvscope align` over every process (no timings: the ranks' region names repeat), then with timings (a run
-    folder or its table, as `read_timings` gives it) that have a `rank` column, each rank's regions against its own
-    rows (align.parquet with `rank`)."""
+    folder or its table, as `read_timings(folder, ALIGN_TIMINGS_COLUMNS)` gives it) that have a `rank` column, each
+    rank's regions against its own rows (align.parquet with `rank`)."""
     exp = export if isinstance(export, NsysExport) else load_export(export, nsys=nsys)
     result = analyse(exp, None, phase_map=phase_map)
     split = rank_alignment(result)
     if timings is not None and split is not None:
         if isinstance(timings, (str, Path)):
-            timings = read_timings(Path(timings))
+            timings = read_timings(Path(timings), ALIGN_TIMINGS_COLUMNS)
         if "rank" in timings:
             parts = []
             for row in split[0].itertuples(index=False):

@@ -29,8 +29,9 @@ from kvscope.analysis.explain import (
     not_oom,
     sweep_groups,
 )
-from kvscope.analysis.inputs import numeric_column, read_sweep
+from kvscope.analysis.inputs import numeric_column
 from kvscope.analysis.report.markdown import FIGURE_SIZE_IN, FIGURE_SUFFIX, Report, md_table, percent_change
+from kvscope.analysis.sweep_file import read_sweep
 from kvscope.errors import KvscopeError
 from kvscope.schema import ATTRIBUTION_CLASS_WORDS, ATTRIBUTION_COLUMNS, BYTES_PER_GB, CLASSIC_COLUMNS, MIB_BYTES
 

@@ -116,7 +116,7 @@ def test_cli_align_without_timings(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["align", str(DATA / "tiny.sqlite"), "--timings", str(DATA / "qwen25-05b-run")], "timings do not match"),
-    (["align", str(DATA / "tiny.sqlite"), "--timings", str(DATA)], "no timings.parquet there"),
+    (["align", str(DATA / "tiny.sqlite"), "--timings", str(DATA)], f"{DATA / 'timings.parquet'} is missing"),
     (["align", str(DATA.parent / "README.md")], "not an nsys export"),
     (["align", str(DATA / "tiny-run")], "not an nsys parquetdir export"),
     (["align", str(DATA / "absent.sqlite")], "export not found"),

@@ -103,11 +103,11 @@ def test_previous_output_is_replaced_whole(tmp_path: Path, capsys: pytest.Captur
 
 
 @pytest.mark.parametrize(("setup", "message"), [
-    ("other-file", "already exists and holds other files; give an empty or new folder"),
-    ("align-and-other", "already exists and holds other files; give an empty or new folder"),
-    ("subfolder", "already exists and holds other files; give an empty or new folder"),
-    ("file", "is not a folder"),
-    ("symlink", "is a symbolic link; give a folder path"),
+    ("other-file", "already exists and holds other files; give a new or empty folder"),
+    ("align-and-other", "already exists and holds other files; give a new or empty folder"),
+    ("subfolder", "already exists and holds other files; give a new or empty folder"),
+    ("file", "already exists and is a file; give a new or empty folder"),
+    ("symlink", "is a symbolic link; give the folder's own path"),
 ])
 def test_out_that_is_not_ours_is_refused_before_the_analysis(setup: str, message: str, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str],

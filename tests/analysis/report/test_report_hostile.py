@@ -190,28 +190,32 @@ def test_nsys_folder_report_has_align_sections(tmp_path: Path, capsys: pytest.Ca
 
 # ---- class 3: damaged sweep files ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(("content", "message"), [
-    (b"", "{path} is empty (0 bytes), not a kvscope sweep file"),
-    (b"\n\n", "{path} holds no table, not a kvscope sweep file"),
-    (b"seq_len,batch,decode_tok_s\n", "{path} is not a kvscope sweep file (no rows with seq_len and batch)"),
-    (b"a,b\n1,2\n", "{path} is not a kvscope sweep file (no rows with seq_len and batch)"),
-    (b"seq_len,decode_tok_s\n8,1.0\n", "{path} is not a kvscope sweep file (no rows with seq_len and batch)"),
-    (b"seq_len,batch\neight,1\n", "{path}: column seq_len holds 'eight' in row 1, not a number (not a kvscope sweep "
-                                  "file, or a damaged one)"),
-    (b"seq_len,batch\n8,1\n16,NaN\n", "{path}: column batch holds an empty cell in row 2; it takes whole numbers >= 1"),
-    (b"seq_len,batch\n8,1\n16,\n", "{path}: column batch holds an empty cell in row 2; it takes whole numbers >= 1"),
-    (b"seq_len,batch\n8,0\n", "{path}: column batch holds 0 in row 1; it takes whole numbers >= 1"),
-    (b"seq_len,batch\n8,1\n-16,1\n", "{path}: column seq_len holds -16 in row 2; it takes whole numbers >= 1"),
-    (b"seq_len,batch\n8,1.5\n", "{path}: column batch holds 1.5 in row 1; it takes whole numbers >= 1"),
-    (b"seq_len,batch\ninf,1\n", "{path}: column seq_len holds inf in row 1; it takes whole numbers >= 1"),
-    (b"seq_len,batch\n8,true\n", "{path}: column batch holds true/false values, not numbers"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "cannot read {path} ("),
+    (b"", "{path} is empty: not a kvscope sweep file"),
+    (b"\n\n", "{path} is empty: not a kvscope sweep file"),
+    (b"seq_len,batch,decode_tok_s\n", "{path} has no rows"),
+    (b"a,b\n1,2\n", "{path} is not a kvscope sweep file: no column seq_len"),
+    (b"seq_len,decode_tok_s\n8,1.0\n", "{path} is not a kvscope sweep file: no column batch"),
+    (b"seq_len,batch,batch\n8,1,1\n", "{path} is not a kvscope sweep file: column batch appears twice"),
+    (b"seq_len,batch\neight,1\n", "{path}: column seq_len, line 2: 'eight' is not a positive integer"),
+    (b"seq_len,batch\n8,1\n16,NaN\n", "{path}: column batch, line 3: 'NaN' is not a positive integer"),
+    (b"seq_len,batch\n8,1\n16,\n", "{path}: column batch, line 3: '' is not a positive integer"),
+    (b"seq_len,batch\n8,0\n", "{path}: column batch, line 2: '0' is not a positive integer"),
+    (b"seq_len,batch\n8,1\n-16,1\n", "{path}: column seq_len, line 3: '-16' is not a positive integer"),
+    (b"seq_len,batch\n8,1.5\n", "{path}: column batch, line 2: '1.5' is not a positive integer"),
+    (b"seq_len,batch\ninf,1\n", "{path}: column seq_len, line 2: 'inf' is not a positive integer"),
+    (b"seq_len,batch\n8,true\n", "{path}: column batch, line 2: 'true' is not a positive integer"),
+    (b"seq_len,batch\n8,1\n\n8,1\n", "{path}: line 4 repeats seq_len=8, batch=1 of line 2; a sweep file holds "
+                                     "each configuration once"),
+    (b"seq_len,batch\n8,1\n16\n", "{path}: line 3 has 1 fields, the header has 2"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "cannot read {path}: not a CSV file ('utf-8' codec can't decode byte "
+                                          "0x89 in position 0: invalid start byte)"),
 ])
 def test_damaged_sweep_csv(content: bytes, message: str, tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "seq.csv"
     path.write_bytes(content)
     line = fail(["report", str(path)], capsys)
-    assert line.startswith("kvscope: error: " + message.format(path=path)), line
+    assert line == "kvscope: error: " + message.format(path=path)
     assert not (tmp_path / "seq-report").exists() and leftovers(tmp_path) == []
 
 
@@ -221,19 +225,19 @@ def test_damaged_sweep_parquet(how: str, tmp_path: Path, capsys: pytest.CaptureF
     sweep_frame().to_parquet(path)
     _damage(path, how)
     line = fail(["report", str(path)], capsys)
-    expected = {"truncate": f"cannot read {path} (", "empty": f"{path} is empty (0 bytes)",
-                "wrong-columns": f"{path} is not a kvscope sweep file (no rows with seq_len and batch)"}[how]
+    expected = {"truncate": f"cannot read {path}: not a Parquet file (", "empty": f"{path} is empty: not a kvscope "
+                "sweep file", "wrong-columns": f"{path} is not a kvscope sweep file: no column seq_len"}[how]
     assert line.startswith("kvscope: error: " + expected), line
     assert not (tmp_path / "seq-report").exists()
 
 
 # ---- class 3: output folders it cannot write ---------------------------------------------------------------------
 @pytest.mark.parametrize(("setup", "message"), [
-    ("file", "--out {out} is not a folder"),
+    ("file", "--out {out} already exists and is a file; give a new or empty folder"),
     ("under-a-file", "--out {out} cannot be written ({tmp}/blocker is not a writable folder)"),
-    ("other-content", "--out {out} already exists and holds other files; give an empty or new folder"),
-    ("report-and-other", "--out {out} already exists and holds other files; give an empty or new folder"),
-    ("source-itself", "--out {out} already exists and holds other files; give an empty or new folder"),
+    ("other-content", "--out {out} already exists and holds other files; give a new or empty folder"),
+    ("report-and-other", "--out {out} already exists and holds other files; give a new or empty folder"),
+    ("source-itself", "--out {out} already exists and holds other files; give a new or empty folder"),
 ])
 def test_out_it_cannot_write(setup: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = write_sweep(tmp_path)
@@ -260,7 +264,8 @@ def test_default_folder_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFix
     source = write_sweep(tmp_path)
     (tmp_path / "seq-report").write_text("mine")
     line = fail(["report", str(source)], capsys)
-    assert line == f"kvscope: error: report folder {tmp_path / 'seq-report'} is not a folder"
+    assert line == (f"kvscope: error: report folder {tmp_path / 'seq-report'} already exists and is a file; give a "
+                    "new or empty folder")
     assert (tmp_path / "seq-report").read_text() == "mine"
 
 
@@ -356,7 +361,7 @@ def test_sections_without_data_are_not_written(tmp_path: Path) -> None:
 
 def test_one_configuration_per_axis_has_no_axis_section(tmp_path: Path) -> None:
     df = sweep_frame()
-    df["batch"] = 1
+    df = df[df["batch"] == 1]  # seq 8 and 16, batch 1 only
     rep = sweep_report(write_sweep(tmp_path, df))
     assert "## Against sequence length" in rep.markdown() and "## Against batch size" not in rep.markdown()
 

@@ -1,19 +1,19 @@
-"""Output polish: `--json` (one JSON object on the last line of stdout), defaults in every `--help`, MiB columns named
-`_mib` (the classic sweep column `vram_reserved_mb` kept beside `vram_reserved_mib`)."""
+"""`--json` (commands.json_out): one JSON object on the last line of stdout, with the paths a command wrote and its key
+numbers; and the MiB columns it reports named `_mib` (the classic sweep column `vram_reserved_mb` kept beside
+`vram_reserved_mib`)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from paths import DATA
 
-from kvscope.cli import build_parser, main
-from kvscope.engine.plan import DEFAULT_MODEL_CPU, DEFAULT_MODEL_CUDA
+from kvscope.cli import main
 
-DATA = Path(__file__).parent / "data" / "nsys"
+DATA = DATA / "nsys"
 TINY = ["--model", "tiny", "--device", "cpu", "--gen-tokens", "3", "--warmup", "0", "--reps", "2"]
 
 
@@ -22,25 +22,6 @@ def _last_json(out: str) -> dict:
     payload = json.loads(lines[-1])
     assert isinstance(payload, dict)
     return payload
-
-
-def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(sub.choices)
-
-
-@pytest.mark.parametrize("name", sorted(_subparsers()))
-def test_every_help_shows_the_defaults(name: str) -> None:
-    parser = _subparsers()[name]
-    text = " ".join(parser.format_help().split())
-    for action in parser._actions:
-        if not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS):
-            continue
-        assert action.help, f"{name} {action.option_strings[0]} has no help"
-        shown = action.default if not isinstance(action.default, (list, tuple)) else " ".join(action.default)
-        assert f"default: {shown})" in text or f"(default {shown})" in text, (name, action.option_strings)
-    if any("--model" in a.option_strings and a.default is None and not a.required for a in parser._actions):
-        assert f"{DEFAULT_MODEL_CUDA} on CUDA, {DEFAULT_MODEL_CPU} on a CPU" in text
 
 
 def test_run_json_and_mib_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,7 +3,7 @@ graphs and kvscope's kernels on.
 
 Decode: at each (batch, context) point, the decode step with `--attn kvscope` (the split-KV kernel) in each of its
 variants (`ATTN_VARIANTS`: separate merge kernel or the merge fused into the last split block, the split rule of
-`decode_splits` or `decode_splits_long`; set through `Engine.attn_options` before the step is captured) against
+`decode_splits` or `decode_splits_long`; each engine built with its `EngineOptions.attention`) against
 `--attn sdpa` (flash attention over the cache in place); `--rounds` rounds, every engine once per round (a prefill,
 then `--steps` graph-replayed steps between two CUDA events, one named sync per round); median ms per step, tokens/s
 and MBU (bytes of `analysis.roofline.decode_cost` over the calibrated copy bandwidth).
@@ -13,8 +13,8 @@ prefill; per round the host time from the call to the logits on the device (`tor
 this is what TTFT measures) and the CUDA-event time; GPU busy time (the union of the prefill's kernel intervals) from
 one profiled prefill (torch profiler, CUPTI) per configuration; MFU from `prefill_cost` over the calibrated matmul rate.
 
-    python3 benchmarks/issue16_end_to_end.py [--decode 1x512,1x32000,16x4096,64x512] [--prefill 512,4096]
-        [--steps 32] [--rounds 7] [--variants "kvscope default,sdpa"] [--json out.json]
+    python3 benchmarks/decode_step_attention_and_prefill_graphs.py [--decode 1x512,1x32000,16x4096,64x512]
+        [--prefill 512,4096] [--steps 32] [--rounds 7] [--variants "kvscope default,sdpa"] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 from kvscope.analysis.nsys.projection import union_length
 from kvscope.analysis.roofline import decode_cost, prefill_cost
 from kvscope.engine.loop import Engine
+from kvscope.engine.options import AttentionOptions, EngineOptions
 from kvscope.engine.plan import RunConfig
 from kvscope.model.source import resolve_model
 from kvscope.model.weights import load_model
@@ -40,9 +41,9 @@ from kvscope.schema import NS_PER_MS
 DT = torch.bfloat16
 W_BYTES = KV_BYTES = 2  # bf16 weights and cache
 MS_PER_S = 1e3
-# label: (attn, kops.decode_attention options)
+# label: (attn, options of kvscope.kernels.decode_attention.split_kv_decode)
 ATTN_VARIANTS: dict[str, tuple[str, dict[str, bool]]] = {
-    "kvscope default": ("kvscope", {}),  # the kernel's own defaults (kops.DECODE_ATTENTION_*)
+    "kvscope default": ("kvscope", {}),  # the kernel's own defaults (DECODE_ATTENTION_* of kernels.decode_attention)
     "kvscope": ("kvscope", {"fused_merge": False, "long_splits": False}),
     "kvscope fused": ("kvscope", {"fused_merge": True, "long_splits": False}),
     "kvscope long": ("kvscope", {"fused_merge": False, "long_splits": True}),
@@ -77,8 +78,8 @@ def decode_ab(model: torch.nn.Module, points: list[tuple[int, int]], steps: int,
         tokens = torch.randint(0, a.vocab_size, (b, s), device=dev)
         for label in variants:
             attn, options = ATTN_VARIANTS[label]
-            eng = Engine(model, RunConfig(b, s + steps + 8, DT, dev, attn=attn), graphs=True, kernels=True)
-            eng.attn_options = dict(options)
+            eng = Engine(model, RunConfig(b, s + steps + 8, DT, dev, attn=attn),
+                         options=EngineOptions(graphs=True, kernels=True, attention=AttentionOptions(**options)))
             eng.prefill(tokens, [s] * b)
             eng.decode_n(3)  # captures the step
             engines[(b, s, label)] = (eng, tokens)
@@ -112,7 +113,8 @@ def prefill_ab(model: torch.nn.Module, lengths: list[int], rounds: int, tflop_s:
     for s in lengths:
         tokens = torch.randint(0, a.vocab_size, (1, s), device=dev)
         for graphs in (True, False):
-            eng = Engine(model, RunConfig(1, s + 8, DT, dev, prefill_graphs=graphs), graphs=True, kernels=True)
+            eng = Engine(model, RunConfig(1, s + 8, DT, dev, prefill_graphs=graphs),
+                         options=EngineOptions(graphs=True, kernels=True))
             for _ in range(3):  # warm-up; the graph of the bucket is captured here
                 eng.prefill(tokens, [s])
             torch.cuda.synchronize()  # named sync: warm-up done
