@@ -8,8 +8,6 @@ a CSV file. Torch-free.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +26,7 @@ from kvscope.analysis.kv_math import dtype_bytes, kv_bytes_per_token
 from kvscope.analysis.sweep_file import read_sweep
 from kvscope.commands.json_out import json_line, plain
 from kvscope.errors import KvscopeError
+from kvscope.io import write_bytes
 from kvscope.model.source import ModelSource, resolve_model
 from kvscope.schema import GIB_BYTES
 
@@ -113,16 +112,14 @@ def _print(plan: CapacityPlan, title: str) -> None:
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    """The rows as CSV, written to a temporary name beside `path` and renamed over it."""
+    """The rows as CSV, written atomically (`kvscope.io.write_bytes`: a temporary name beside `path`, renamed over
+    it)."""
     if path.is_dir():
         raise KvscopeError(f"--out {path} is a folder; give a .csv file")
     if not path.parent.is_dir():
         raise KvscopeError(f"--out {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    text = table.assign(value=[plain(v) for v in table["value"]]).to_csv(index=False)
     try:
-        with os.fdopen(fd, "w") as f:
-            table.assign(value=[plain(v) for v in table["value"]]).to_csv(f, index=False)
-        os.replace(tmp, path)
+        write_bytes(path, text.encode())
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise KvscopeError(f"cannot write --out {path}: {exc.strerror or exc}") from None

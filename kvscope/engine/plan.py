@@ -103,7 +103,7 @@ class RunSpec:
     graphs: bool | None = None  # decode steps replayed from a CUDA graph; None: on for CUDA
     kernels: bool | None = None  # kvscope's CUDA kernels (RMSNorm, SiLU*up, RoPE + cache write); None: on for CUDA
     prefill_graphs: bool | None = None  # prefills replayed from CUDA graphs per length; None: on where graphs are
-    engine: str = KVSCOPE_ENGINE  # the loop: kvscope's, or transformers' (eager or compiled): engine.engines
+    engine: str = KVSCOPE_ENGINE  # the loop: kvscope's, or transformers' (eager or compiled): schema.ENGINES
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,8 @@ class RunPlan:
 def prepare(spec: RunSpec, prompts: Sequence[Sequence[int]] | None = None) -> RunPlan:
     """Check `spec` and resolve it (see the module docstring); KvscopeError for the first problem, before any weights
     load. `prompts`: the prompts of `kvscope generate`, whose number is the batch and whose longest sets the sequence
-    (in place of `spec.batch_size` and `spec.seq`; their token ids are not looked at here: `engine.loop.check_prompts`);
-    a generation is not timed, so it needs no warm-up and no calibrated ceilings."""
+    (in place of `spec.batch_size` and `spec.seq`; their token ids are not looked at here:
+    `engine.greedy.check_prompts`); a generation is not timed, so it needs no warm-up and no calibrated ceilings."""
     if prompts is not None:
         spec = replace(spec, batch_size=len(prompts), seq=max((len(p) for p in prompts), default=0))
         if spec.engine == HF_COMPILED_ENGINE and len({len(p) for p in prompts}) > 1:

@@ -195,7 +195,7 @@ def test_graph_timestamps_are_written_by_the_norm_kernels(monkeypatch: pytest.Mo
 def test_graph_timestamps_resolve_on_the_step_anchor(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows of a stamped graph: durations from the timestamps (ns), start offsets from the step's start event,
     the graph's first timestamp taken as that instant."""
-    from profiler.test_instrument import _FakeEvent
+    from fakes import FakeEvent
 
     clock = itertools.count(0, 250_000)  # every timestamp 0.25 ms after the previous one
     monkeypatch.setattr(k_stamp, "stamp", lambda slot: slot.fill_(next(clock)))
@@ -203,13 +203,13 @@ def test_graph_timestamps_resolve_on_the_step_anchor(monkeypatch: pytest.MonkeyP
     timer = _capture_step(ins, 2, clock, [])
     timer.done = type("Done", (), {"record": lambda self: None})()
     ins.start_clock()
-    ins._clock.origin_event = _FakeEvent(0.0)
+    ins._clock.origin_event = FakeEvent(0.0)
     with ins.region("rep 0", "rep", rep=0), ins.region("decode step 5", "step", phase="decode", step=5):
         ins.replayed(timer)
     (_, where), = ins._graphs.pending.values()
     assert where.anchor.name == "decode step 5"  # the step region the replay ran in
     where.anchor = RegionRecord("decode step 5", "step", 0, "decode", 5, None, None, None, None, 0,
-                                start=_FakeEvent(10.0))  # its start event, on the fake device clock
+                                start=FakeEvent(10.0))  # its start event, on the fake device clock
     rows = [r for r in ins.collect() if r["clock"] == "cuda-graph"]
     got = [(r["name"], r["step"], r["start_ms"], r["dur_ms"]) for r in rows]
     assert got == [("embed", 5, 10.0, 0.25), ("L0", 5, 10.25, 0.25), ("L1", 5, 10.5, 0.25),

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from fakes import FakeEvent
 
 from kvscope.errors import KvscopeError
 from kvscope.profiler.instrument import Instrument
@@ -114,31 +115,17 @@ def test_nvtx_ranges_nest_close_on_error_and_reuse_attributes() -> None:
     assert ins.collect() == []  # granularity none: nothing timed
 
 
-class _FakeEvent:
-    """Stands in for a CUDA timing event: a time in ms, `elapsed_time` and `synchronize`."""
-
-    def __init__(self, t_ms: float) -> None:
-        self.t_ms = t_ms
-        self.synced = 0
-
-    def elapsed_time(self, other: _FakeEvent) -> float:
-        return other.t_ms - self.t_ms
-
-    def synchronize(self) -> None:
-        self.synced += 1
-
-
 def test_graph_event_records_resolve_with_the_step_they_ran_in() -> None:
     from kvscope.profiler.instrument import GraphTimer, RegionRecord
 
     ins = Instrument("layer", "cpu", nvtx=False)
     ins.start_clock()
-    ins._clock.origin_event = _FakeEvent(0.0)  # the run's origin on the device clock
+    ins._clock.origin_event = FakeEvent(0.0)  # the run's origin on the device clock
     timer = GraphTimer()
     timer.marks = [RegionRecord("L00", "layer", None, None, None, 0, None, None, None, 0,
-                                start=_FakeEvent(1.0), end=_FakeEvent(1.5)),
+                                start=FakeEvent(1.0), end=FakeEvent(1.5)),
                    RegionRecord("L01", "layer", None, None, None, 1, None, None, None, 0,
-                                start=_FakeEvent(1.5), end=_FakeEvent(2.25))]
+                                start=FakeEvent(1.5), end=FakeEvent(2.25))]
     with ins.region("rep 0", "rep", rep=0), ins.region("decode step 3", "step", phase="decode", step=3):
         ins.replayed(timer)
     ins.before_replay(timer)  # the graph is about to run again: its events are read now
@@ -159,7 +146,7 @@ def test_regions_inside_graph_capture_become_marks_even_while_paused(monkeypatch
     event-record nodes, and the untimed ones (op regions at layer granularity) nothing."""
     import kvscope.profiler.graph as graph
 
-    monkeypatch.setattr(graph, "_graph_event", lambda: _FakeEvent(0.0))
+    monkeypatch.setattr(graph, "_graph_event", lambda: FakeEvent(0.0))
     ins = Instrument("layer", "cpu", nvtx=False)
     with ins.paused(), ins.capturing() as timer:
         with ins.region_with("L00", "layer", {"layer": 0}), ins.region_with("L00.qkv", "op", {"layer": 0, "op": "qkv"}):
@@ -179,7 +166,7 @@ def test_chained_regions_share_the_boundary_event_inside_a_capture(monkeypatch: 
     import kvscope.profiler.graph as graph
 
     clock = itertools.count()
-    monkeypatch.setattr(graph, "_graph_event", lambda: _FakeEvent(float(next(clock))))
+    monkeypatch.setattr(graph, "_graph_event", lambda: FakeEvent(float(next(clock))))
     ins = Instrument("op", "cpu", nvtx=False)
     with ins.capturing() as timer:
         with ins.region("embed", "layer"):
