@@ -36,8 +36,10 @@ import pandas as pd
 from kvscope.analysis.explain import engines, not_oom
 from kvscope.analysis.inputs import numeric_column, shown_value
 from kvscope.analysis.kv_math import decode_workspace_bytes, dtype_bytes, kv_bytes_per_token
+from kvscope.analysis.sweep_file import read_sweep
 from kvscope.errors import KvscopeError
 from kvscope.model.config import ModelArgs
+from kvscope.model.source import ModelSource, resolve_model
 from kvscope.schema import GIB_BYTES, MS_PER_S
 
 MEASURED, INTERPOLATED, COMPUTED = "measured", "interpolated", "computed"
@@ -296,3 +298,52 @@ def _check_query(q: CapacityQuery, args: ModelArgs) -> None:
     if q.prompt + q.output > args.max_position_embeddings:
         raise KvscopeError(f"--prompt + --output = {q.prompt + q.output:,} exceeds {args.name}'s maximum context of "
                            f"{args.max_position_embeddings:,}")
+
+
+@dataclass(frozen=True)
+class SweepCapacity:
+    """A capacity plan made from a sweep file, with the model and dtype it was made for."""
+
+    plan: CapacityPlan
+    model: str
+    dtype: str
+
+
+def plan_from_sweep(sweep: Path, q: CapacityQuery, model: str | None = None) -> SweepCapacity:
+    """Read `sweep` (`kvscope.analysis.sweep_file.read_sweep`), find its model (`model`, else the sweep's
+    `model_source`, else its `model` as a preset name) and dtype (the sweep's `dtype`, else the model's), check the
+    sweep's KV facts against the model, and plan."""
+    if not sweep.exists():
+        raise KvscopeError(f"not found: {sweep}")
+    df = read_sweep(sweep)
+    source = _model(df, sweep, model)
+    dtype = _one_text(df, "dtype") or source.dtype_name()
+    w_bytes = dtype_bytes(dtype)
+    curve = batch_curve(df, sweep)
+    check_kv_facts(df, sweep, kv_bytes_per_token(source.args, w_bytes), source.args.name)
+    plan = plan_capacity(curve, source.args, dtype, weights_from_sweep(df, sweep, source.args, w_bytes), q)
+    return SweepCapacity(plan, source.args.name, dtype)
+
+
+def _one_text(df: pd.DataFrame, col: str) -> str | None:
+    if col not in df.columns:
+        return None
+    values = sorted({str(v).strip() for v in df[col].dropna() if str(v).strip()})
+    if len(values) > 1:
+        raise KvscopeError(f"the sweep's column {col} holds several values ({', '.join(values)}): plan from one")
+    return values[0] if values else None
+
+
+def _model(df: pd.DataFrame, sweep: Path, given: str | None) -> ModelSource:
+    """`--model`, else the sweep's `model_source` (`preset:NAME`, `checkpoint:PATH`, `config:PATH`), else its
+    `model` as a preset name."""
+    if given:
+        return resolve_model(given, need_weights=False)
+    recorded = _one_text(df, "model_source")
+    spec = recorded.split(":", 1)[1] if recorded and ":" in recorded else _one_text(df, "model")
+    if not spec:
+        raise KvscopeError(f"{sweep} names no model (no model_source or model column): pass --model")
+    try:
+        return resolve_model(spec, need_weights=False)
+    except KvscopeError as exc:
+        raise KvscopeError(f"the sweep's model {spec!r} cannot be resolved here ({exc}): pass --model") from None

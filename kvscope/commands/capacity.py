@@ -1,8 +1,6 @@
-"""`kvscope capacity`: capacity planning from a measured batch sweep (kvscope.analysis.capacity does the maths).
-
-The model is the sweep's own (`model_source`, else `model` as a preset name) unless `--model` names it; its dtype
-is the sweep's `dtype`. Output: a table (or `--json`: one JSON object on the last line) and, with `--out`, the rows as
-a CSV file. Torch-free.
+"""`kvscope capacity`: capacity planning from a measured batch sweep (`kvscope.analysis.capacity.plan_from_sweep` reads
+the sweep, finds its model and does the maths). Output: a table (or `--json`: one JSON object on the last line) and,
+with `--out`, the rows as a CSV file. Torch-free.
 """
 
 from __future__ import annotations
@@ -14,20 +12,10 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from kvscope.analysis.capacity import (
-    CapacityPlan,
-    CapacityQuery,
-    batch_curve,
-    check_kv_facts,
-    plan_capacity,
-    weights_from_sweep,
-)
-from kvscope.analysis.kv_math import dtype_bytes, kv_bytes_per_token
-from kvscope.analysis.sweep_file import read_sweep
+from kvscope.analysis.capacity import CapacityPlan, CapacityQuery, plan_from_sweep
 from kvscope.commands.json_out import json_line, plain
 from kvscope.errors import KvscopeError
 from kvscope.io import write_bytes
-from kvscope.model.source import ModelSource, resolve_model
 from kvscope.schema import GIB_BYTES
 
 TABLE_WIDTH = 140  # characters: the four scenario columns side by side
@@ -35,52 +23,21 @@ TABLE_WIDTH = 140  # characters: the four scenario columns side by side
 
 def command(ns: argparse.Namespace) -> int:
     sweep = Path(ns.sweep)
-    if not sweep.exists():
-        raise KvscopeError(f"not found: {sweep}")
-    df = read_sweep(sweep)
-    source = _model(df, sweep, getattr(ns, "model", None))
-    dtype = _one_text(df, "dtype") or source.dtype_name()
-    w_bytes = dtype_bytes(dtype)
-    curve = batch_curve(df, sweep)
-    check_kv_facts(df, sweep, kv_bytes_per_token(source.args, w_bytes), source.args.name)
     query = CapacityQuery(gpu_mem_bytes=int(ns.gpu_mem_gb * GIB_BYTES), tpot_slo_ms=ns.tpot_slo_ms,
                           ttft_slo_ms=ns.ttft_slo_ms, prompt=ns.prompt, output=ns.output,
                           block_tokens=ns.block_tokens, reserve_bytes=int(ns.reserve_gb * GIB_BYTES))
-    plan = plan_capacity(curve, source.args, dtype, weights_from_sweep(df, sweep, source.args, w_bytes), query)
+    found = plan_from_sweep(sweep, query, getattr(ns, "model", None))
+    plan, name, dtype = found.plan, found.model, found.dtype
     table = plan.table()
     if ns.out:
         _write_csv(table, Path(ns.out))
-    title = (f"capacity: {source.args.name} ({dtype}), prompt {ns.prompt:,} + output {ns.output:,} tokens, "
+    title = (f"capacity: {name} ({dtype}), prompt {ns.prompt:,} + output {ns.output:,} tokens, "
              f"{ns.gpu_mem_gb:g} GiB, TPOT <= {ns.tpot_slo_ms:g} ms, TTFT <= {ns.ttft_slo_ms:g} ms")
     _print(plan, title)
     if ns.json:
-        print(json_line({"sweep": sweep, "model": source.args.name, "dtype": dtype, "rows": table.to_dict("records"),
+        print(json_line({"sweep": sweep, "model": name, "dtype": dtype, "rows": table.to_dict("records"),
                          "warnings": plan.warnings, "assumptions": plan.assumptions, "out": ns.out}))
     return 0
-
-
-def _one_text(df: pd.DataFrame, col: str) -> str | None:
-    if col not in df.columns:
-        return None
-    values = sorted({str(v).strip() for v in df[col].dropna() if str(v).strip()})
-    if len(values) > 1:
-        raise KvscopeError(f"the sweep's column {col} holds several values ({', '.join(values)}): plan from one")
-    return values[0] if values else None
-
-
-def _model(df: pd.DataFrame, sweep: Path, given: str | None) -> ModelSource:
-    """`--model`, else the sweep's `model_source` (`preset:NAME`, `checkpoint:PATH`, `config:PATH`), else its
-    `model` as a preset name."""
-    if given:
-        return resolve_model(given, need_weights=False)
-    recorded = _one_text(df, "model_source")
-    spec = recorded.split(":", 1)[1] if recorded and ":" in recorded else _one_text(df, "model")
-    if not spec:
-        raise KvscopeError(f"{sweep} names no model (no model_source or model column): pass --model")
-    try:
-        return resolve_model(spec, need_weights=False)
-    except KvscopeError as exc:
-        raise KvscopeError(f"the sweep's model {spec!r} cannot be resolved here ({exc}): pass --model") from None
 
 
 def _shown(v: object) -> str:
