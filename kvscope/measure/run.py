@@ -94,8 +94,12 @@ def _load_and_measure(plan: RunPlan, out: AtomicFolder, progress: ProgressFn | N
         result = measure(model, plan, out.final.name, ready_s, progress, nvml=nvml)
     except (RuntimeError, MemoryError) as exc:
         if not allocation_failure(exc):
+            raise_guard_reason(nvml)
             raise
         raise KvscopeError(allocation_message(exc, plan)) from None
+    except BaseException:
+        raise_guard_reason(nvml)  # a SIGTERM from the NVML child's memory guard (the load can fill the host too)
+        raise
     finally:
         nvml.stop()
     try:
@@ -158,10 +162,21 @@ def measure(model: torch.nn.Module, plan: RunPlan, run_id: str, ready_s: float =
         summary.insert(summary.columns.get_loc("kernels") + 1, "engine", spec.engine)
         meta = run_metadata(plan, ins, nvml, ready_s, host, engine)
         return RunResult(Path(run_id), summary, timings, nvml.samples, meta)
+    except BaseException:
+        raise_guard_reason(nvml)
+        raise
     finally:
         nvml.stop()  # idempotent: also when the warm-up fails (a sweep's out-of-memory point)
         if isinstance(engine, HfEngine):
             engine.remove_hooks()  # a sweep measures the same model again
+
+
+def raise_guard_reason(nvml: NvmlSampler) -> None:
+    """After an error or a signal: when the NVML child stopped this run because host memory ran out (SIGTERM, its
+    reason written; `kvscope.profiler.host_memory`), that reason is the run's error, in one line. Else nothing."""
+    nvml.stop()
+    if nvml.stopped_run:
+        raise KvscopeError(nvml.stopped_run) from None
 
 
 def _repetition(engine: Engine | HfEngine, prompt: Prompt, steps: int) -> tuple[float, float]:

@@ -5,6 +5,9 @@ measured process: a Python thread shares the GIL, and each of its wake-ups delay
 that the host's launches bound. Start it (`NvmlSampler(...)`) before the model loads, mark the measured window with
 `start(origin_ns)` and `stop()`; `stop()` ends the child and reads what it wrote.
 
+The child also guards the run's host memory (`kvscope.profiler.host_memory`): when the host has almost none left it
+sends this process SIGTERM and writes why; after `stop()`, `stopped_run` holds that reason, for the run to say.
+
 Timestamps are on the run's clock: `t_ms` is host time since the origin the run gives (`origin_ns`, a
 `time.perf_counter_ns()` value; on Linux CLOCK_MONOTONIC, the same in both processes). Rows cover the measured
 window; each row holds the value of every metric as last sampled at or before `t_ms` (the driver's buffered samples
@@ -42,6 +45,7 @@ class NvmlSampler:
         self.driver = ""
         self.mode = ""  # buffered | polled, as the child found the driver
         self.child_pid: int | None = None
+        self.stopped_run = ""  # why the child stopped this process (host memory ran out), else empty
         self._frame: pd.DataFrame | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._path: Path | None = None
@@ -56,7 +60,7 @@ class NvmlSampler:
         os.close(fd)
         self._path = Path(path)
         cmd = [sys.executable, "-m", "kvscope.profiler.nvml_child", "--index", str(index), "--interval-ms",
-               str(interval_ms), "--mode", mode, "--out", path]
+               str(interval_ms), "--mode", mode, "--out", path, "--guard-pid", str(os.getpid())]
         if uuid is not None:
             cmd += ["--uuid", f"GPU-{uuid}"]
         env = dict(os.environ)
@@ -125,6 +129,8 @@ class NvmlSampler:
                 rows.append((int(t), metric, float(value)))
             elif kind == "e" and not self.reason:
                 self.reason = json.loads(rest)
+            elif kind == "g":
+                self.stopped_run = json.loads(rest)
         if "error" in header:
             self.reason = header["error"]
         elif not header:

@@ -18,13 +18,16 @@ of the machine), so the parent places them on its run's clock without any exchan
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
+import signal
 import sys
 import time
 from typing import Any, TextIO
 
+from kvscope.profiler.host_memory import low_memory_reason, read_host_memory
 from kvscope.schema import MIB_BYTES, MS_PER_S, NS_PER_US
 
 BUFFERED_WAKE_MS = 250.0
@@ -117,7 +120,43 @@ def _stopped(timeout_s: float) -> bool:
     return bool(ready) and os.read(sys.stdin.fileno(), 4096) == b""
 
 
-def sample(uuid: str | None, index: int, interval_ms: float, mode: str, out: TextIO) -> None:
+class _Guard:
+    """The run's host-memory guard (`kvscope.profiler.host_memory`): at each wake-up, when the host (or the cgroup)
+    has less than the floor left, write the reason (`g,` line) and send the run SIGTERM, once."""
+
+    def __init__(self, pid: int | None, floor_bytes: int | None, out: TextIO) -> None:
+        self.pid, self.floor, self.out, self.fired = pid, floor_bytes, out, False
+        self.next_s = 0.0
+
+    def check(self) -> None:
+        """At most every BUFFERED_WAKE_MS, whatever the sampling interval (a few /proc reads each time)."""
+        now = time.perf_counter()
+        if self.pid is None or self.fired or now < self.next_s:
+            return
+        self.next_s = now + BUFFERED_WAKE_MS / MS_PER_S
+        reason = low_memory_reason(read_host_memory(self.pid), self.floor)
+        if reason is None:
+            return
+        self.fired = True
+        self.out.write("g," + json.dumps(reason) + "\n")
+        self.out.flush()
+        with contextlib.suppress(ProcessLookupError):  # the run ended by itself meanwhile: nothing to stop
+            os.kill(self.pid, signal.SIGTERM)
+
+    def watch(self) -> None:
+        """Without NVML: the guard alone, until the parent closes standard input."""
+        if self.pid is None:
+            return
+        while True:
+            self.check()
+            if _stopped(BUFFERED_WAKE_MS / MS_PER_S):
+                return
+
+
+def sample(uuid: str | None, index: int, interval_ms: float, mode: str, out: TextIO,
+           guard: _Guard | None = None) -> None:
+    guard = guard or _Guard(None, None, out)
+
     def header(**fields: Any) -> None:
         out.write("h," + json.dumps(fields) + "\n")
         out.flush()
@@ -131,6 +170,7 @@ def sample(uuid: str | None, index: int, interval_ms: float, mode: str, out: Tex
         driver = nv.nvmlSystemGetDriverVersion()
     except Exception as exc:  # no driver or no library: the parent records the reason, the run goes on
         header(error=f"NVML unavailable: {type(exc).__name__}: {exc}")
+        guard.watch()
         return
     buffered: list[_Buffered] = []
     if mode != "polled":
@@ -156,9 +196,11 @@ def sample(uuid: str | None, index: int, interval_ms: float, mode: str, out: Tex
             t = time.perf_counter_ns()
             for metric, value in _polled(nv, handle, polled):
                 out.write(f"s,{t},{metric},{value}\n")
-        except Exception as exc:  # a failing query ends sampling; the parent records why
+        except Exception as exc:  # a failing query ends sampling (the parent records why); the guard goes on
             out.write("e," + json.dumps(f"NVML sampling stopped: {type(exc).__name__}: {exc}") + "\n")
+            guard.watch()
             return
+        guard.check()
         next_t += wake_s
         if _stopped(next_t - time.perf_counter()):
             for b in buffered:  # what the driver buffered since the last wake-up
@@ -178,9 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval-ms", type=float, required=True)
     p.add_argument("--mode", choices=["auto", "buffered", "polled"], default="auto")
     p.add_argument("--out", required=True)
+    p.add_argument("--guard-pid", type=int, default=None, help="the run's process: stopped when host memory runs out")
+    p.add_argument("--guard-floor-mib", type=float, default=None, help="the guard's floor (default: host_memory's)")
     ns = p.parse_args(argv)
+    floor = None if ns.guard_floor_mib is None else int(ns.guard_floor_mib * MIB_BYTES)
     with open(ns.out, "w", buffering=1 << 16) as out:
-        sample(ns.uuid, ns.index, ns.interval_ms, ns.mode, out)
+        sample(ns.uuid, ns.index, ns.interval_ms, ns.mode, out, _Guard(ns.guard_pid, floor, out))
     return 0
 
 
