@@ -9,7 +9,10 @@
 
 The values of `run` and `kv_math` go through the command line's own parser (`kvscope.cli.parse_args`) and then the
 commands' own code, so they have the same defaults, the same checks and the same one-line `KvscopeError` messages
-as the commands (`run: argument --seq: invalid int value: 'x'`, `--batch-size must be an integer >= 1, got 0`).
+as the commands (`run: argument --seq: invalid int value: 'x'`, `--batch-size must be an integer >= 1, got 0`); a
+value is its flag's type or the flag's text, anything else (bytes, a list, None for a flag with a default) is refused
+by its argument's name. The files and tables the other functions take get the checks of the commands that read them
+(`kvscope report` for a run folder, `kvscope align` for timings, exports, filters, phase maps and class rules).
 Bad input raises `KvscopeError`; nothing is printed.
 
 Torch is imported only by `run`: everything else here reads files and works where torch is not installed.
@@ -22,28 +25,51 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from kvscope.analysis.align.kernel_classes import Rules
+from kvscope.analysis.align.phase_map import PhaseMap
 from kvscope.analysis.align.pipeline import AlignResult, analyse
-from kvscope.analysis.inputs import find_run_folder, read_parquet
+from kvscope.analysis.align.ranks import analyse_ranks, refuse_rank_filters
+from kvscope.analysis.inputs import ALIGN_TIMINGS_COLUMNS, checked_timings, read_run, read_timings
 from kvscope.analysis.nsys.export import NsysExport
 from kvscope.analysis.nsys.export import load_export as _load_export
 from kvscope.analysis.nsys.projection import project as _project
 from kvscope.argtypes import TextArg
 from kvscope.cli import parse_args
 from kvscope.errors import KvscopeError
-from kvscope.io import read_metadata
+from kvscope.io import check_path
 from kvscope.schema import NVML_FILE, SUMMARY_FILE, TIMINGS_FILE
-
-if TYPE_CHECKING:  # annotations only
-    from kvscope.analysis.align.kernel_classes import Rules
-    from kvscope.analysis.align.phase_map import PhaseMap
 
 __all__ = ["AlignResult", "NsysExport", "Run", "align", "kv_math", "load_export", "load_run", "project", "run"]
 
 PathLike = str | os.PathLike[str]
+# what a flag's argument may be, by the name messages give it: a value whose str() is its flag's text, which the
+# command's parser reads (a number of either kind for a number, so that 1.5 for an integer gets the parser's message)
+_PATH, _INT, _NUMBER, _TEXT = "a path (str or os.PathLike)", "an integer", "a number", "a str"
+_NUMBERS = (int, float, np.integer, np.floating, str)
+_TYPES: dict[str, tuple[type, ...]] = {_PATH: (str, os.PathLike), _INT: _NUMBERS, _NUMBER: _NUMBERS, _TEXT: (str,)}
+_RUN_FLAGS = {"model": (_PATH, True), "batch_size": (_INT, False), "seq": (_INT, False), "gen_tokens": (_INT, False),
+              "warmup": (_INT, False), "reps": (_INT, False), "granularity": (_TEXT, False), "attn": (_TEXT, True),
+              "dtype": (_TEXT, True), "device": (_TEXT, True), "seed": (_INT, False), "engine": (_TEXT, False),
+              "nvml_interval_ms": (_NUMBER, False), "out": (_PATH, True)}  # name: (type, None allowed)
+_KV_MATH_FLAGS = {"model": (_PATH, False), "batch_size": (_INT, False), "seq": (_INT, False), "dtype": (_TEXT, True),
+                  "kv_dtype": (_TEXT, True), "gpu_mem_gb": (_NUMBER, True), "reserve_gb": (_NUMBER, False),
+                  "rps": (_NUMBER, True), "latency_s": (_NUMBER, True), "page_size": (_INT, True)}
+# the tables of a loaded export (kvscope.analysis.nsys.export.NsysExport), and those of their columns that hold ids
+# and times (integers without gaps)
+_EXPORT_COLUMNS = {
+    "ranges": ("range_id", "name", "domain", "style", "global_tid", "end_global_tid", "pid", "tid", "start_ns",
+               "end_ns", "closed", "category", "payload"),
+    "calls": ("corr", "pid", "global_tid", "start_ns", "end_ns", "name"),
+    "gpu_ops": ("kind", "start_ns", "end_ns", "device", "stream", "corr", "pid", "name", "short_name",
+                "demangled_name", "graph_node_id", "bytes"),
+}
+_EXPORT_INTS = frozenset({"range_id", "global_tid", "end_global_tid", "pid", "tid", "start_ns", "end_ns", "corr",
+                          "device", "stream"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,10 +115,11 @@ def run(model: PathLike | None = None, *, batch_size: int = 1, seq: int = 512, g
     for name, value in (("graphs", graphs), ("kernels", kernels), ("prefill_graphs", prefill_graphs), ("nvtx", nvtx)):
         if value is not None and not isinstance(value, bool):
             raise KvscopeError(f"run: {name} must be True, False or None, got {value!r}")
-    argv = _argv("run", model=model, batch_size=batch_size, seq=seq, gen_tokens=gen_tokens, warmup=warmup, reps=reps,
-                 granularity=granularity, attn=attn, dtype=dtype, device=device, seed=seed, graphs=_on_off(graphs),
-                 kernels=_on_off(kernels), prefill_graphs=_on_off(prefill_graphs), engine=engine,
-                 nvml_interval_ms=nvml_interval_ms, out=out)
+    flags = _flags("run", _RUN_FLAGS, model=model, batch_size=batch_size, seq=seq, gen_tokens=gen_tokens,
+                   warmup=warmup, reps=reps, granularity=granularity, attn=attn, dtype=dtype, device=device, seed=seed,
+                   engine=engine, nvml_interval_ms=nvml_interval_ms, out=out)
+    argv = _argv("run", **flags, graphs=_on_off(graphs), kernels=_on_off(kernels),
+                 prefill_graphs=_on_off(prefill_graphs))
     if nvtx is False:
         argv.append("--no-nvtx")
     ns = parse_args(argv)
@@ -108,18 +135,16 @@ def run(model: PathLike | None = None, *, batch_size: int = 1, seq: int = 512, g
 
 def load_run(path: PathLike) -> Run:
     """A run folder written by `kvscope run` (or `kvscope.run`), or a `kvscope nsys` output folder (its `run/`
-    subfolder is read). The tables are returned as they are on disk. Raises KvscopeError for a folder that is not a
-    run folder or a file that cannot be read."""
-    folder = find_run_folder(_path(path, "load_run", "path"))
-    summary_path = folder / SUMMARY_FILE
-    summary = read_parquet(summary_path)
-    timings = read_parquet(folder / TIMINGS_FILE)
-    nvml = read_parquet(folder / NVML_FILE) if (folder / NVML_FILE).exists() else None
-    try:
-        metadata = read_metadata(summary_path)
-    except ValueError:
-        raise KvscopeError(f"{summary_path} has no kvscope metadata (not written by kvscope run)") from None
-    return Run(folder, timings, summary, nvml, metadata)
+    subfolder is read). The tables are returned as they are on disk, after `kvscope report`'s checks: each file is
+    the one its name says, the timings are physical (finite start times, durations finite and >= 0, each region
+    once), and every file (summary, timings, nvml, rank_summary) is of the same run (its `run_id` and metadata).
+    Raises KvscopeError for a folder that is not a run folder, a file that cannot be read or fails those checks, or a
+    summary without kvscope's metadata."""
+    run = read_run(_path(path, "load_run", "path"))
+    if run.metadata is None:
+        raise KvscopeError(f"{run.path / SUMMARY_FILE} has no kvscope metadata (not written by kvscope run)")
+    files = run.files
+    return Run(run.path, files[TIMINGS_FILE], files[SUMMARY_FILE], files.get(NVML_FILE), run.metadata)
 
 
 def load_export(path: PathLike, *, nsys: str | None = None) -> NsysExport:
@@ -127,7 +152,7 @@ def load_export(path: PathLike, *, nsys: str | None = None) -> NsysExport:
     (exported through nsys: `nsys`, or $NSYS, PATH and the usual install folders). The result holds three DataFrames,
     `ranges` (every NVTX range of every domain), `calls` (CUDA API calls) and `gpu_ops` (kernels, copies, memsets),
     and the export's metadata (`nsys_version`, `schema_version`)."""
-    return _load_export(_path(path, "load_export", "path"), nsys=nsys)
+    return _load_export(_path(path, "load_export", "path"), nsys=_nsys(nsys, "load_export"))
 
 
 def project(export: NsysExport | PathLike, *, nsys: str | None = None) -> pd.DataFrame:
@@ -136,8 +161,8 @@ def project(export: NsysExport | PathLike, *, nsys: str | None = None) -> pd.Dat
     the range launched no GPU work), `gpu_busy_ns` (the union of its operations' intervals), `gpu_ops`, its nesting
     (`level`, `parent_id`, `range_stack`), thread, domain and name. The same table as `ranges.parquet` of
     `kvscope align`."""
-    exp = export if isinstance(export, NsysExport) else load_export(export, nsys=nsys)
-    return _project(exp).ranges
+    exp, exe = _export(export, "project"), _nsys(nsys, "project")
+    return _project(exp if isinstance(exp, NsysExport) else _load_export(exp, nsys=exe)).ranges
 
 
 def align(export: NsysExport | PathLike, timings: PathLike | Run | pd.DataFrame | None = None, *,
@@ -160,14 +185,21 @@ def align(export: NsysExport | PathLike, timings: PathLike | Run | pd.DataFrame 
     prefill and decode step) and `classes` (kernel_classes.parquet), each None when skipped, `skipped` saying why;
     `tables()` maps file names to the tables; `export` is the loaded export. Raises KvscopeError with the command's
     messages."""
-    if isinstance(timings, Run):
-        timings = timings.path  # read as the command reads --timings, with its checks
-    elif timings is not None and not isinstance(timings, pd.DataFrame):
-        timings = _path(timings, "align", "timings")
-    if classes is not None and isinstance(classes, (str, os.PathLike)):
-        classes = _path(classes, "align", "classes")
-    return analyse(export if isinstance(export, NsysExport) else _path(export, "align", "export"), timings,
-                   nsys=nsys, domain=domain, range_re=range_re, start_ns=start_ns, end_ns=end_ns, pid=pid,
+    exp, exe = _export(export, "align"), _nsys(nsys, "align")
+    for name, value in (("domain", domain), ("range_re", range_re)):
+        if value is not None and not isinstance(value, str):
+            raise KvscopeError(f"align: {name} must be a str or None, got {_type_name(value)}")
+    _check_phase_map(phase_map)
+    if classes is not None and not isinstance(classes, Rules):
+        classes = _path(classes, "align", "classes", "or loaded rules (kernel_classes.load_rules)")
+    table = _timings(timings)
+    if table is not None and "rank" in table:  # a tensor-parallel run: each rank on its own, as the command does
+        used = [f for f, v in (("--domain", domain), ("--range", range_re), ("--start", start_ns), ("--end", end_ns),
+                               ("--pid", pid), ("--classes", classes)) if v is not None]
+        refuse_rank_filters(used, timings.path if isinstance(timings, Run) else
+                            "the timings DataFrame" if isinstance(timings, pd.DataFrame) else timings)
+        return analyse_ranks(exp, table, nsys=exe, phase_map=phase_map)[0]
+    return analyse(exp, table, nsys=exe, domain=domain, range_re=range_re, start_ns=start_ns, end_ns=end_ns, pid=pid,
                    phase_map=phase_map, classes=classes)
 
 
@@ -179,9 +211,10 @@ def kv_math(model: PathLike, batch_size: int = 1, seq: int = 0, dtype: str | Non
     `latency_s` Little's-law concurrency; with `page_size` paged-cache waste. Exact integers (formulas:
     `kvscope/analysis/kv_math.py`). `seq` 0 is the model's maximum context; `dtype` None the model's (bf16 for
     presets); `kv_dtype` (bf16, fp16, fp8, fp32) None the same as `dtype`. Torch-free."""
-    ns = parse_args(_argv("kv-math", model=model, batch_size=batch_size, seq=seq, dtype=dtype, kv_dtype=kv_dtype,
-                          gpu_mem_gb=gpu_mem_gb, reserve_gb=reserve_gb, rps=rps, latency_s=latency_s,
-                          page_size=page_size))
+    ns = parse_args(_argv("kv-math", **_flags("kv_math", _KV_MATH_FLAGS, model=model, batch_size=batch_size, seq=seq,
+                                              dtype=dtype, kv_dtype=kv_dtype, gpu_mem_gb=gpu_mem_gb,
+                                              reserve_gb=reserve_gb, rps=rps, latency_s=latency_s,
+                                              page_size=page_size)))
     from kvscope.measure.kv_math import compute
 
     return compute(ns)
@@ -203,13 +236,94 @@ def _on_off(value: bool | None) -> str | None:
     return None if value is None else ("on" if value else "off")
 
 
-def _path(value: object, function: str, name: str) -> Path:
-    """A path argument: a str or os.PathLike, not empty, no NUL (what the command line's paths must be)."""
+def _type_name(value: object) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def _flags(function: str, kinds: dict[str, tuple[str, bool]], **values: object) -> dict[str, object]:
+    """`values` checked against `kinds` (name: (type, None allowed)): each its flag's type or its text (a str, which
+    the command's parser reads as it reads the command line); anything else is a KvscopeError naming the argument."""
+    for name, value in values.items():
+        kind, optional = kinds[name]
+        if value is None and optional:
+            continue
+        text = os.fspath(value) if isinstance(value, os.PathLike) else value
+        if value is None or not isinstance(text, _TYPES[kind]) or isinstance(text, bytes):
+            raise KvscopeError(f"{function}: {name} must be {kind}{' or None' if optional else ''}, got "
+                               f"{_type_name(text if isinstance(text, bytes) else value)}")
+    return values
+
+
+def _path(value: object, function: str, name: str, also: str = "") -> Path:
+    """A path argument: a str or os.PathLike, not empty, no NUL (what the command line's paths must be); `also` names
+    what else the argument may be, for the message."""
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str):
-        raise KvscopeError(f"{function}: {name} must be a path (str or os.PathLike), got {type(value).__name__}")
+        raise KvscopeError(f"{function}: {name} must be a path (str or os.PathLike){' ' + also if also else ''}, got "
+                           f"{_type_name(value)}")
     try:
-        return Path(TextArg()(value))
+        path = Path(TextArg()(value))
     except argparse.ArgumentTypeError as exc:
         raise KvscopeError(f"{function}: {name} {exc}") from None
+    check_path(path, f"{function}: {name}")  # a name too long, a loop of links...: one line, as the command's
+    return path
+
+
+def _nsys(value: object, function: str) -> str | None:
+    """The `nsys` argument (`--nsys`): None, or the nsys executable's path or name, as given (`./nsys` is not
+    `nsys` on PATH)."""
+    if value is None:
+        return None
+    _path(value, function, "nsys", "or None")
+    return str(os.fspath(value) if isinstance(value, os.PathLike) else value)
+
+
+def _export(value: object, function: str) -> NsysExport | Path:
+    """An export argument: a path (as `load_export` takes it), or a loaded export whose tables still have the columns
+    `load_export` gave them, ids and times as integers without gaps (a table changed after loading is refused)."""
+    if not isinstance(value, NsysExport):
+        return _path(value, function, "export", "or a loaded export (kvscope.load_export)")
+    for table, columns in _EXPORT_COLUMNS.items():
+        df = getattr(value, table)
+        if not isinstance(df, pd.DataFrame):
+            raise KvscopeError(f"{function}: export.{table} must be a DataFrame (as load_export made it), got "
+                               f"{_type_name(df)}")
+        missing = [c for c in columns if c not in df.columns]
+        if missing:
+            raise KvscopeError(f"{function}: export.{table} lacks column(s) {', '.join(missing)} (changed after "
+                               "load_export?)")
+        for col in (c for c in columns if c in _EXPORT_INTS):
+            if not pd.api.types.is_integer_dtype(df[col]) or pd.api.types.is_bool_dtype(df[col]) or df[col].hasnans:
+                raise KvscopeError(f"{function}: export.{table} column {col} holds {df[col].dtype} values"
+                                   f"{' with gaps' if df[col].hasnans else ''}, not whole numbers (changed after "
+                                   "load_export?)")
+    return value
+
+
+def _check_phase_map(value: object) -> None:
+    """`phase_map`: None, the `--phase-map` text, a PhaseMap, or a mapping of str keys to str expressions (the keys
+    and expressions themselves are checked by the analysis, with the command's messages)."""
+    if value is None or isinstance(value, (str, PhaseMap)):
+        return
+    if not isinstance(value, Mapping):
+        raise KvscopeError(f"align: phase_map must be a str (as --phase-map), a dict of str to str or None, got "
+                           f"{_type_name(value)}")
+    for key, pattern in value.items():
+        if not isinstance(key, str):
+            raise KvscopeError(f"align: phase_map's keys must be str (as --phase-map's), got {key!r}")
+        if not isinstance(pattern, str):
+            raise KvscopeError(f"align: phase_map's {key} must be a str (a regular expression), got "
+                               f"{_type_name(pattern)}")
+
+
+def _timings(value: object) -> pd.DataFrame | None:
+    """The `timings` argument read and checked as `kvscope align --timings` reads a run folder: a folder (or a Run,
+    read from its folder) or a timings table (checked alike, named "the timings DataFrame")."""
+    if value is None:
+        return None
+    if isinstance(value, pd.DataFrame):
+        return checked_timings(value, "the timings DataFrame", ALIGN_TIMINGS_COLUMNS)
+    folder = value.path if isinstance(value, Run) else _path(value, "align", "timings",
+                                                             "or a Run, a DataFrame or None")
+    return read_timings(folder, ALIGN_TIMINGS_COLUMNS)

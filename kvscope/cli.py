@@ -4,25 +4,47 @@ ends in one line on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import re
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from kvscope.argtypes import GIB_MAX, NVML_INTERVAL_MAX_MS, UINT64_MAX, FloatArg, IntArg, TextArg
 from kvscope.errors import KvscopeError
+from kvscope.io import check_path, os_reason
 from kvscope.schema import ENGINES, GRANULARITIES, KVSCOPE_ENGINE
 
 EXIT_BAD_INPUT = 2
 PROG = "kvscope"
 ERROR_PREFIX = f"{PROG}: error: "
 
+
+
+class _InputPath(TextArg):
+    """A path the command reads (or a name that may be one, as `--model`): a `TextArg`, and what the system says of
+    it checked now (`kvscope.io.check_path`), so that a name too long, a loop of links or a file where a folder is
+    expected is one line naming the flag (`align: argument export: <path>: File name too long`) before any work. A
+    path that does not exist passes: its reader says so in its own words."""
+
+    def __call__(self, text: str) -> str:
+        text = super().__call__(text)
+        try:
+            check_path(text)
+        except KvscopeError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+
 _INT = IntArg()  # any int flag: 64 bits; its domain (>= 1, ...) is checked where the value is used
 _SEED = IntArg(0, UINT64_MAX)  # what torch.Generator.manual_seed takes, negatives excluded
 _TEXT = TextArg()  # any path or name: not empty
+_INPUT = _InputPath()  # a path read (an output path is checked by its writer: kvscope.io)
 _GIB = FloatArg(GIB_MAX, "GiB")  # memory sizes: their bytes fit in 64 bits
 _PER_S = FloatArg(1e9)  # --rps and --latency-s: their product (the concurrency) fits in 64 bits
 _FINITE = FloatArg()
@@ -69,7 +91,7 @@ class _SubParser(_Parser):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """The model and how it runs: every command that loads the model (`generate`, and the run options)."""
-    p.add_argument("--model", type=_TEXT, default=None,
+    p.add_argument("--model", type=_INPUT, default=None,
                    help="preset name, Hugging Face checkpoint folder, or config.json (random weights) (default: "
                         "qwen2.5-3b on CUDA, tiny on a CPU: engine.plan's DEFAULT_MODEL_*)")
     p.add_argument("--dtype", type=_TEXT, default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on "
@@ -136,12 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "paging"))
 
     a = sub.add_parser("align", help="project an nsys export's NVTX ranges onto kernels and align with timings")
-    a.add_argument("export", type=_TEXT, help="nsys export: .sqlite, parquetdir folder, or .nsys-rep (needs nsys)")
-    a.add_argument("--timings", type=_TEXT, default=None, help="the kvscope run folder profiled in the export")
+    a.add_argument("export", type=_INPUT, help="nsys export: .sqlite, parquetdir folder, or .nsys-rep (needs nsys)")
+    a.add_argument("--timings", type=_INPUT, default=None, help="the kvscope run folder profiled in the export")
     a.add_argument("--out", type=_TEXT, required=True,
                    help="folder for ranges/kernels/range_summary.parquet (any export) and align/steps/"
                         "kernel_classes.parquet (kvscope runs, or with --phase-map)")
-    a.add_argument("--nsys", type=_TEXT, default=None, help="nsys executable (for .nsys-rep input)")
+    a.add_argument("--nsys", type=_INPUT, default=None, help="nsys executable (for .nsys-rep input)")
     a.add_argument("--domain", default=None, help="keep the ranges of this NVTX domain only ('' for the default "
                                                   "domain)")
     a.add_argument("--range", default=None, metavar="RE", help="keep the ranges whose name matches RE (re.search, "
@@ -154,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--phase-map", default=None, metavar="KEY=RE,...",
                    help="label another engine's ranges: prefill=RE,decode=RE,step=RE,layer=RE (any subset), so the "
                         "step table and the kernel-class breakdown work on them")
-    a.add_argument("--classes", type=_TEXT, default=None, metavar="FILE",
+    a.add_argument("--classes", type=_INPUT, default=None, metavar="FILE",
                    help="kernel-class rules (TOML or JSON) tried before the built-in ones")
     _add_json(a, "the output folder, its files and the kernel time by class")
 
@@ -185,7 +207,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--collapse-factor", type=_FINITE, default=2.0,
                    help="flag latency/throughput collapse beyond this factor of the best earlier configuration")
     w.add_argument("--resume", action="store_true", help="skip configurations the file already holds")
-    w.add_argument("--nsys", nargs="?", const=True, default=None, type=_TEXT, metavar="PATH",
+    w.add_argument("--nsys", nargs="?", const=True, default=None, type=_INPUT, metavar="PATH",
                    help="also capture every configuration under Nsight Systems (one nsys process, one report each) "
                         "and add its attribution columns; PATH: the nsys executable (default: $NSYS, PATH, usual "
                         "install folders)")
@@ -199,9 +221,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
     rp = sub.add_parser("report", help="Markdown report with PNG plots of a run folder or a sweep file")
-    rp.add_argument("source", type=_TEXT, help="a run folder (or a `kvscope nsys` folder), or a sweep .csv/.parquet")
+    rp.add_argument("source", type=_INPUT, help="a run folder (or a `kvscope nsys` folder), or a sweep .csv/.parquet")
     rp.add_argument("--out", type=_TEXT, default=None, help="report folder (default: <source>-report beside it)")
-    rp.add_argument("--compare", type=_TEXT, default=None, metavar="B.csv",
+    rp.add_argument("--compare", type=_INPUT, default=None, metavar="B.csv",
                     help="a second sweep file of the same points (e.g. another engine's): adds a side-by-side section")
     _add_json(rp, "the report, its folder and files")
 
@@ -209,7 +231,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _add_capacity(sub: argparse._SubParsersAction) -> None:
     cp = sub.add_parser("capacity", help="capacity planning from a measured batch sweep: the largest batch that fits "
                                          "memory and meets TPOT/TTFT targets, its throughput and request rate")
-    cp.add_argument("--sweep", type=_TEXT, required=True, help="a batch sweep file (.csv/.parquet): one prompt length")
+    cp.add_argument("--sweep", type=_INPUT, required=True, help="a batch sweep file (.csv/.parquet): one prompt length")
     cp.add_argument("--gpu-mem-gb", type=_GIB, required=True, help="the GPU's memory in GiB")
     cp.add_argument("--tpot-slo-ms", type=_FINITE, required=True, help="target time per output token (ms)")
     cp.add_argument("--ttft-slo-ms", type=_FINITE, required=True, help="target time to first token (ms)")
@@ -217,7 +239,7 @@ def _add_capacity(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--output", type=_INT, required=True, help="output tokens per request")
     cp.add_argument("--block-tokens", type=_INT, default=16, help="tokens per block of the paged cache")
     cp.add_argument("--reserve-gb", type=_GIB, default=1.0, help="kept free for context and workspaces (GiB)")
-    cp.add_argument("--model", type=_TEXT, default=argparse.SUPPRESS,
+    cp.add_argument("--model", type=_INPUT, default=argparse.SUPPRESS,
                     help="the sweep's model, when the file's cannot be resolved (default: the sweep's own)")
     cp.add_argument("--out", type=_TEXT, default=None, help="also write the table to this CSV file")
     _add_json(cp, "the table's rows (each with its source), warnings and assumptions")
@@ -228,7 +250,7 @@ def _add_nsys(sub: argparse._SubParsersAction) -> None:
                                     "align it",
                        usage="kvscope nsys [--nsys PATH] [--out DIR] [--nsys-flag=FLAG ...] [--json] -- "
                              "(<kvscope run arguments> | COMMAND [ARG ...])")
-    n.add_argument("--nsys", type=_TEXT, default=None,
+    n.add_argument("--nsys", type=_INPUT, default=None,
                    help="nsys executable (default: $NSYS, PATH, usual install folders)")
     n.add_argument("--out", type=_TEXT, default=None, help="output folder (default traces/<time>-nsys)")
     n.add_argument("--nsys-flag", action="append", default=[], metavar="FLAG",
@@ -252,7 +274,7 @@ def _add_json(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_kv_math(k: argparse.ArgumentParser) -> None:
-    k.add_argument("--model", type=_TEXT, required=True, help="preset name, checkpoint folder, or config.json")
+    k.add_argument("--model", type=_INPUT, required=True, help="preset name, checkpoint folder, or config.json")
     k.add_argument("--batch-size", type=_INT, default=1, help="sequences (requests) in the batch")
     k.add_argument("--seq", type=_INT, default=0, help="context per request (default: the model's maximum)")
     k.add_argument("--dtype", type=_TEXT, default=None,
@@ -372,15 +394,45 @@ def error_line(exc: KvscopeError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: the command's exit code; bad input is one line on stderr and exit code 2.
+
+    Last resorts, so that no input ends in a traceback or in noise before its one error line: an OSError that a
+    command did not turn into a KvscopeError (an unexpected file-system error) is one line too, naming the file and
+    the system's reason; the warnings a command raises (a library's overflow warning on values near 2**63) are held
+    until it ends, shown after its output when it succeeds, and dropped when it ends in an error line, which is
+    then the only line. Ctrl-C and SIGTERM keep their behaviour."""
     # SIGTERM (sent by `timeout`, by job schedulers, by nsys at the end of a capture range) unwinds like an error,
     # so a run folder in the making is removed instead of left half-written. Set here, in the CLI, not on import.
-    if threading.current_thread() is threading.main_thread():
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
         signal.signal(signal.SIGTERM, _terminate)
+    held: list[warnings.WarningMessage] = []
+    shown = True
     try:
-        return run_command(parse_args(sys.argv[1:] if argv is None else argv))
+        # the warnings machinery is process-wide and not thread-safe: held only from the main thread
+        with warnings.catch_warnings(record=True) if main_thread else contextlib.nullcontext(held) as held:
+            return run_command(parse_args(sys.argv[1:] if argv is None else argv))
     except KvscopeError as exc:
+        shown = False
         print(error_line(exc), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        shown = False
+        if isinstance(exc, BrokenPipeError):  # stdout closed early (`| head`): nothing more can be printed there
+            with contextlib.suppress(OSError, ValueError):  # a stdout without a file descriptor: nothing to do
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(error_line(KvscopeError(os_error_message(exc))), file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("kvscope: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if shown:
+            for w in held or ():
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
+def os_error_message(exc: OSError) -> str:
+    """An OSError as one line: the file (and the second file of a rename) and the system's reason."""
+    files = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    return f"{files}: {os_reason(exc)}" if files else os_reason(exc)

@@ -59,6 +59,7 @@ NAMED_LAYERS = ("embed", "lm_head", "sample")
 SUMMARY_FILE = "summary.parquet"
 TIMINGS_FILE = "timings.parquet"
 NVML_FILE = "nvml.parquet"
+RANK_SUMMARY_FILE = "rank_summary.parquet"  # `kvscope run --tp N`: one summary row per rank
 TRACE_FILE = "trace.json"
 # the run folder inside a `kvscope nsys` output folder
 NSYS_RUN_SUBFOLDER = "run"

@@ -42,6 +42,14 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "head_dim": 8, "vocab_size": 280, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
         "rope_theta": 1000000.0, "hidden_act": "silu", "sliding_window": None, "tie_word_embeddings": False,
     },
+    # Mistral v0.1's sliding window, small: every query sees its last 8 positions (itself included), so the parity
+    # tests' prompts and decodes run past it
+    "mistral-window": {
+        "model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 112, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+        "head_dim": 8, "vocab_size": 280, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0, "hidden_act": "silu", "sliding_window": 8, "tie_word_embeddings": False,
+    },
 }
 
 

@@ -205,6 +205,10 @@ def test_load_run_errors(tmp_path: Path) -> None:
     foreign.mkdir()
     pd.DataFrame({"a": [1]}).to_parquet(foreign / "summary.parquet")
     shutil.copy(RUN_DIR / "timings.parquet", foreign)
+    assert message(foreign) == (f"{foreign / 'summary.parquet'} lacks column(s) run_id, model, device, dtype, attn, "
+                                "granularity, batch, seq_len, gen_tokens, reps, warmup (not a kvscope summary, or a "
+                                "damaged one)")  # the message of `kvscope report`
+    pd.read_parquet(RUN_DIR / "summary.parquet").to_parquet(foreign / "summary.parquet")  # pandas keeps no metadata
     assert message(foreign) == f"{foreign / 'summary.parquet'} has no kvscope metadata (not written by kvscope run)"
 
 
@@ -313,7 +317,7 @@ def test_align_errors_are_the_commands(tmp_path: Path, capsys: pytest.CaptureFix
         assert _api_error(kvscope.align, export, **kwargs) == cli, (kwargs, cli)
     assert _api_error(kvscope.align, "") == "kvscope: error: align: export must not be empty, got ''"
     assert _api_error(kvscope.align, NSYS / "tiny.sqlite", 3) == (
-        "kvscope: error: align: timings must be a path (str or os.PathLike), got int")
+        "kvscope: error: align: timings must be a path (str or os.PathLike) or a Run, a DataFrame or None, got int")
     assert not (tmp_path / "out").exists()
 
 

@@ -16,6 +16,9 @@ Rules, each number labelled with its source (`SOURCES`):
     batch of requests all at their last token needs up to ceil((prompt + output) / block) blocks each;
   - `fp8`: one byte per K/V element instead of the run's dtype; latencies are those measured with the run's
     cache (fp8's own step time is not measured);
+  - `window` (a model with a sliding window W only): a ring cache of each request's last min(context, W)
+    positions, the most attention reads; kvscope's own cache keeps every position (`contiguous`), and the
+    latencies are those it measured;
 - the batch meeting the targets: the largest b from the smallest swept batch on such that every batch up to b has
   TPOT <= target and TTFT <= target; the operating batch is the smaller of that and the memory limit;
 - at the operating batch b (`computed`): decode tokens/s = b / TPOT; request latency = TTFT + output * TPOT; by
@@ -213,7 +216,8 @@ def slo_batch(curve: BatchCurve, q: CapacityQuery) -> tuple[int, str]:
 
 
 def plan_capacity(curve: BatchCurve, args: ModelArgs, dtype: str, weights: int, q: CapacityQuery) -> CapacityPlan:
-    """The capacity table of the four scenarios ({run dtype, fp8} x {contiguous, paged}); see the module docstring."""
+    """The capacity table of the four scenarios ({run dtype, fp8} x {contiguous, paged}), six under a sliding window
+    (and `window`, a ring cache of its positions); see the module docstring."""
     _check_query(q, args)
     plan = CapacityPlan()
     w_bytes = dtype_bytes(dtype)
@@ -240,17 +244,27 @@ def plan_capacity(curve: BatchCurve, args: ModelArgs, dtype: str, weights: int, 
         "Little's law with the batch as the requests in flight: rate = batch / (TTFT + output * TPOT); a continuously "
         "refilled batch whose prefills do not stall the decode steps",
     ]
+    window = args.sliding_window
+    layouts = ("contiguous", "paged") + (("window",) if window is not None else ())
+    if window is not None:
+        plan.assumptions.append(
+            f"sliding window: {args.name} attends each token's last {window:,} positions; contiguous and paged keep "
+            f"every position (as kvscope's cache does); window: a ring cache of the last {min(ctx, window):,} "
+            "positions per request (kvscope has none: its latencies are those measured with the sweep's own cache)")
     slo_b, slo_why = slo_batch(curve, q)
     for kv_name, kvb in ((dtype, w_bytes), ("fp8", FP8_BYTES)):
         per_token = kv_bytes_per_token(args, kvb)
-        for layout in ("contiguous", "paged"):
+        for layout in layouts:
             scenario = f"{layout} {kv_name} KV"
             if layout == "contiguous":
                 num, den = per_token * ctx, 1
+            elif layout == "window":
+                num, den = per_token * min(ctx, window), 1
             else:
                 num, den = per_token * q.block_tokens * blocks, q.output
             plan.add(scenario, "kv_bytes_per_request", num / den, "B", COMPUTED,
-                     "whole context" if layout == "contiguous" else "mean over the decode")
+                     {"contiguous": "whole context", "window": "the window's positions"}.get(layout,
+                                                                                            "mean over the decode"))
             mem_b = max_batch_memory(fixed, num, den, workspace)
             plan.add(scenario, "max_batch_memory", mem_b, "requests", COMPUTED)
             _operating_point(plan, scenario, curve, q, mem_b, slo_b, slo_why)
@@ -310,9 +324,9 @@ class SweepCapacity:
 
 
 def plan_from_sweep(sweep: Path, q: CapacityQuery, model: str | None = None) -> SweepCapacity:
-    """Read `sweep` (`kvscope.analysis.sweep_file.read_sweep`), find its model (`model`, else the sweep's
-    `model_source`, else its `model` as a preset name) and dtype (the sweep's `dtype`, else the model's), check the
-    sweep's KV facts against the model, and plan."""
+    """Read `sweep` (`kvscope.analysis.sweep_file.read_sweep`: one model, dtype and device in every row, numbers
+    checked), find its model (`model`, else the sweep's `model_source`, else its `model` as a preset name) and dtype
+    (the sweep's `dtype`, else the model's), check the sweep's KV facts against the model, and plan."""
     if not sweep.exists():
         raise KvscopeError(f"not found: {sweep}")
     df = read_sweep(sweep)
@@ -326,11 +340,11 @@ def plan_from_sweep(sweep: Path, q: CapacityQuery, model: str | None = None) -> 
 
 
 def _one_text(df: pd.DataFrame, col: str) -> str | None:
+    """The one value of setting `col` (the reader refuses a file whose rows differ in it: rows of two models), or
+    None where the file does not record it."""
     if col not in df.columns:
         return None
-    values = sorted({str(v).strip() for v in df[col].dropna() if str(v).strip()})
-    if len(values) > 1:
-        raise KvscopeError(f"the sweep's column {col} holds several values ({', '.join(values)}): plan from one")
+    values = [str(v).strip() for v in df[col].dropna() if str(v).strip()]
     return values[0] if values else None
 
 

@@ -12,20 +12,27 @@ or leave the column out with a note; it never turns text into a category or a si
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from kvscope.errors import KvscopeError
+from kvscope.io import read_metadata
 from kvscope.schema import (
     KERNEL_CLASSES_FILE,
     NSYS_RUN_SUBFOLDER,
+    NVML_FILE,
+    RANK_SUMMARY_FILE,
     STEPS_FILE,
     SUMMARY_FILE,
     TIMINGS_FILE,
+    run_name,
 )
 
 MISSING_SPELLINGS = frozenset({"", "nan", "na", "n/a", "null", "none"})
@@ -154,6 +161,11 @@ ALIGN_TIMINGS_COLUMNS = ("level", "name", "rep", "step", "batch", "seq_len", "ge
                          "host_enqueue_ms")
 _TIMINGS_NUMBERS = ("start_ms", "dur_ms", "host_enqueue_ms")
 _TIMINGS_INTS = ("rep", "step", "layer", "batch", "seq_len", "gen_tokens")
+RUN_ID_COLUMN = "run_id"
+# the metadata entries that tell one run from another (every file of a run carries the same metadata)
+RUN_IDENTITY_KEYS = ("created_utc", "command", "device", "model", "dtype", "engine", "run", "git_revision")
+_SHOWN_CHARS = 60  # of a metadata value in a message
+NO_REGIONS = "none"  # the granularity of a run that times no region (its timings have no rows)
 
 
 def find_run_folder(source: Path) -> Path:
@@ -168,9 +180,8 @@ def find_run_folder(source: Path) -> Path:
                        f"{NSYS_RUN_SUBFOLDER}/ subfolder)")
 
 
-def read_summary(run_dir: Path) -> pd.DataFrame:
-    path = run_dir / SUMMARY_FILE
-    df = read_parquet(path)
+def checked_summary(df: pd.DataFrame, path: Path | str) -> pd.DataFrame:
+    """A summary table (as read from `path`) checked: its columns, a row, its shape as whole numbers >= 1."""
     require_columns(df, path, SUMMARY_COLUMNS, "a kvscope summary")
     require_rows(df, path)
     return require_positive_ints(df, path, ("batch", "seq_len", "gen_tokens", "reps"), "a kvscope summary")
@@ -178,13 +189,160 @@ def read_summary(run_dir: Path) -> pd.DataFrame:
 
 def read_timings(run_dir: Path, columns: tuple[str, ...] = TIMINGS_COLUMNS) -> pd.DataFrame:
     """timings.parquet with at least `columns`; its time columns as numbers, its keys (rep, step, ...) as
-    integers."""
+    integers; checked as `checked_timings` checks."""
     path = run_dir / TIMINGS_FILE
-    df = read_parquet(path)
+    return checked_timings(read_parquet(path), path, columns)
+
+
+def checked_timings(df: pd.DataFrame, path: Path | str, columns: tuple[str, ...] = TIMINGS_COLUMNS,
+                    rows: bool = True) -> pd.DataFrame:
+    """A timings table (as read from `path`, or a DataFrame a caller names by `path`) with at least `columns` (and
+    rows, unless `rows` is False: a run at `--granularity none` times no region), its time columns as numbers and its
+    keys as integers, checked to be one run's: one `run_id`, start times finite, durations finite and >= 0, each
+    region (rank, run, rep, step, name) once. The error names the first bad row."""
     require_columns(df, path, columns, "kvscope timings")
-    require_rows(df, path)
-    df = require_numbers(df, path, tuple(c for c in _TIMINGS_NUMBERS if c in df.columns), "kvscope timings")
-    return require_ints(df, path, tuple(c for c in _TIMINGS_INTS if c in df.columns), "kvscope timings")
+    if rows:
+        require_rows(df, path)
+    out = require_numbers(df, path, tuple(c for c in _TIMINGS_NUMBERS if c in df.columns), "kvscope timings")
+    out = require_ints(out, path, tuple(c for c in _TIMINGS_INTS if c in df.columns), "kvscope timings")
+    for col, rule in (("start_ms", "a start time is a finite number"),
+                      ("dur_ms", "a duration is a finite number >= 0")):
+        if col in out.columns:
+            v = out[col].to_numpy(np.float64, na_value=np.nan)
+            bad = ~np.isfinite(v) | ((v < 0) if col == "dur_ms" else False)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raw = df[col].iloc[i]
+                shown = "an empty cell" if raw is None or raw is pd.NA else shown_value(raw)
+                raise KvscopeError(f"{path}: column {col} holds {shown} in row {i + 1}; {rule}")
+    if RUN_ID_COLUMN in out.columns:
+        _one_run_id(out, path)
+    _regions_once(out, path)
+    return out
+
+
+def _one_run_id(df: pd.DataFrame, path: Path | str) -> None:
+    ids = df[RUN_ID_COLUMN]
+    present = ids.notna().to_numpy(bool)
+    if not present.any():
+        return
+    first = int(np.flatnonzero(present)[0])
+    other = _differs(ids, ids.iloc[first])
+    if other.any():
+        i = int(np.flatnonzero(other)[0])
+        raise KvscopeError(f"{path}: row {i + 1} is of run {shown_value(ids.iloc[i])} and row {first + 1} of run "
+                           f"{shown_value(ids.iloc[first])}: the timings of one run hold one run_id (two runs' "
+                           "timings in one file?)")
+
+
+def _differs(values: pd.Series, value: object) -> np.ndarray:
+    """Where `values` (text) holds something other than `value`; missing cells never differ."""
+    text = values.astype("string")
+    return (text.notna() & (text != str(value))).fillna(False).to_numpy(bool)
+
+
+def _regions_once(df: pd.DataFrame, path: Path | str) -> None:
+    """Each region once: no two rows with the same (rank, run shape, rep, step, name)."""
+    if not {"rep", "step", "name"} <= set(df.columns):
+        return  # not enough keys to tell regions apart
+    key = [c for c in ("rank", "batch", "seq_len", "gen_tokens", "rep", "step", "name") if c in df.columns]
+    repeated = df.duplicated(key, keep="first").to_numpy(bool)
+    if not repeated.any():
+        return
+    i = int(np.flatnonzero(repeated)[0])
+    same = (df[key].astype(object).fillna(-1) == df[key].astype(object).fillna(-1).iloc[i]).all(axis=1)
+    j = int(np.flatnonzero(same.to_numpy(bool))[0])
+    row = df.iloc[i]
+    where = ", ".join(f"{k} {row[k]}" for k in ("rank", "rep", "step") if k in df.columns and pd.notna(row[k]))
+    raise KvscopeError(f"{path}: rows {j + 1} and {i + 1} are the same region ({shown_value(str(row['name']))}"
+                       f"{', ' + where if where else ''}): a run's timings hold each region once (rows repeated, "
+                       "or two runs' timings in one file?)")
+
+
+# ---- one run's files --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """A run folder read and checked (`read_run`): `files`, its Parquet files as on disk by file name (summary,
+    timings, and nvml and rank_summary where present); `summary` and `timings` checked, their numbers as numbers;
+    `metadata`, the run's (the summary's `kvscope` metadata; None where the summary has none)."""
+
+    path: Path
+    files: dict[str, pd.DataFrame]
+    summary: pd.DataFrame
+    timings: pd.DataFrame
+    metadata: dict[str, Any] | None
+
+
+def read_run(source: Path, timings_columns: tuple[str, ...] = TIMINGS_COLUMNS) -> RunFiles:
+    """The run folder of `source` (find_run_folder) read whole: the summary and the timings checked, and every
+    file of it (summary, timings, nvml, rank_summary) shown to be of the same run (`check_same_run`)."""
+    run_dir = find_run_folder(source)
+    files = {SUMMARY_FILE: read_parquet(run_dir / SUMMARY_FILE)}
+    summary = checked_summary(files[SUMMARY_FILE], run_dir / SUMMARY_FILE)
+    files[TIMINGS_FILE] = read_parquet(run_dir / TIMINGS_FILE)
+    untimed = (summary["granularity"].astype("string") == NO_REGIONS).fillna(False).all()  # timings without rows
+    timings = checked_timings(files[TIMINGS_FILE], run_dir / TIMINGS_FILE, timings_columns, rows=not untimed)
+    for name in (NVML_FILE, RANK_SUMMARY_FILE):
+        if (run_dir / name).exists():
+            files[name] = read_parquet(run_dir / name)
+    return RunFiles(run_dir, files, summary, timings, check_same_run(run_dir, files))
+
+
+def file_metadata(path: Path) -> dict[str, Any] | None:
+    """The `kvscope` metadata of a Parquet file (kvscope.io.write_parquet), None where it has none; metadata that is
+    not a JSON object is an error."""
+    try:
+        meta = read_metadata(path)
+    except json.JSONDecodeError:
+        raise KvscopeError(f"{path}: its kvscope metadata is not JSON (a damaged file)") from None
+    except ValueError:
+        return None  # written by another program (or rewritten by one): no metadata to compare
+    except (OSError, pa.ArrowException) as exc:
+        raise KvscopeError(f"cannot read {path} ({error_reason(exc)})") from None
+    if not isinstance(meta, dict):
+        raise KvscopeError(f"{path}: its kvscope metadata is not a JSON object (a damaged file)")
+    return meta
+
+
+def check_same_run(folder: Path, files: Mapping[str, pd.DataFrame]) -> dict[str, Any] | None:
+    """Every file of `files` (tables by file name in `folder`; the first, the summary, is the reference) is of the
+    reference's run: its `run_id` column holds the reference's first run_id, and its `kvscope` metadata (where both
+    have it) agrees on RUN_IDENTITY_KEYS. Returns the reference's metadata; the error names the file and the first
+    row of another run."""
+    names = list(files)
+    ref_path = folder / names[0]
+    ref, ref_meta = files[names[0]], file_metadata(folder / names[0])
+    ref_id = ref[RUN_ID_COLUMN].dropna() if RUN_ID_COLUMN in ref.columns else pd.Series([], dtype=object)
+    for name in names[1:]:
+        path, df = folder / name, files[name]
+        if len(ref_id) and RUN_ID_COLUMN in df.columns:
+            ids = df[RUN_ID_COLUMN]
+            other = _differs(ids, ref_id.iloc[0])
+            if other.any():
+                i = int(np.flatnonzero(other)[0])
+                raise KvscopeError(f"{path}: row {i + 1} is of run {shown_value(ids.iloc[i])}, and {ref_path} of run "
+                                   f"{shown_value(ref_id.iloc[0])}: a run folder holds the files of one run (a file "
+                                   "copied from another run?)")
+        meta = file_metadata(path)
+        if ref_meta is None or meta is None:
+            continue
+        for key in RUN_IDENTITY_KEYS:
+            mine, theirs = _meta_text(meta.get(key)), _meta_text(ref_meta.get(key))
+            if mine != theirs:
+                raise KvscopeError(f"{path} is not of the run of {ref_path}: their kvscope metadata differ in {key} "
+                                   f"({_short(mine)} vs {_short(theirs)}); a run folder holds the files of one run (a "
+                                   "file copied from another run?)")
+    return ref_meta
+
+
+def _meta_text(value: object) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
 
 
 # ---- align results beside a run folder ------------------------------------------------------------------------
@@ -192,11 +350,13 @@ KERNEL_CLASSES_COLUMNS = ("phase", "kernel_class", "ops", "time_ms", "share_pct"
 STEPS_COLUMNS = ("phase", "gpu_busy_ms", "gpu_idle_ms", "launch_bound")
 
 
-def read_align_results(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """kernel_classes.parquet and steps.parquet of `kvscope nsys` (DIR/run/ + DIR/*.parquet) or `kvscope align`
-    written into the run folder, their number columns as numbers; None when there are none. Present but damaged
-    is an error."""
-    for base in (run_dir, run_dir.parent):
+def read_align_results(run_dir: Path, summary: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """kernel_classes.parquet and steps.parquet of `kvscope align` written into the run folder, or of `kvscope nsys`
+    beside its `run/` folder (DIR/run/ + DIR/*.parquet), their number columns as numbers; None when there are none.
+    Present but damaged is an error; so are steps whose run (the export's `run bs=.. seq=.. gen=..` range) is not
+    the run of `summary` (the run folder's, checked)."""
+    bases = (run_dir, run_dir.parent) if run_dir.name == NSYS_RUN_SUBFOLDER else (run_dir,)
+    for base in bases:
         if (base / KERNEL_CLASSES_FILE).exists() and (base / STEPS_FILE).exists():
             break
     else:
@@ -208,4 +368,14 @@ def read_align_results(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame] | Non
     steps = read_parquet(steps_path)
     require_columns(steps, steps_path, STEPS_COLUMNS, "kvscope align steps")
     steps = require_numbers(steps, steps_path, ("gpu_busy_ms", "gpu_idle_ms"), "kvscope align steps")
+    if summary is not None and "run" in steps.columns:
+        row = summary.iloc[0]
+        expected = run_name(int(row["batch"]), int(row["seq_len"]), int(row["gen_tokens"]))
+        runs = steps["run"]
+        other = _differs(runs, expected)
+        if other.any():
+            i = int(np.flatnonzero(other)[0])
+            raise KvscopeError(f"{steps_path}: row {i + 1} is of {shown_value(runs.iloc[i])}, and "
+                               f"{run_dir / SUMMARY_FILE} of {expected!r}: these align results are of another run's "
+                               "capture")
     return classes, steps

@@ -3,6 +3,13 @@
 Every figure is derived from `ModelArgs` and the byte width of the dtypes, nothing else, so it can be checked
 against what `kvscope run` measures (`KVCache.nbytes` and the allocator's growth when the cache is made).
 
+A sliding window W (Mistral's `sliding_window`) bounds what attention reads, not what kvscope's cache holds: the
+cache is contiguous and keeps every position, so `kv_bytes_per_request`, `kv_bytes_total` and the capacity figures
+count all `seq` positions, as the engine allocates them. With a window the result adds `sliding_window`,
+`attended_positions` (min(seq, W): the positions a decode step at `seq` reads per sequence),
+`kv_bytes_read_per_step` (K and V a decode step of the batch reads at `seq`) and `kv_bytes_per_request_ring` (what
+a ring cache of the window would hold per request: min(seq, W) positions; kvscope has none).
+
 Budget (what the capacity figures fit into): the GPU's memory, minus the weights, minus a stated reserve
 (`reserve_bytes`: CUDA context, cuBLAS workspaces, allocator slack; 1 GiB unless told), minus the workspace of a
 decode step: one token per sequence through the widest activations of a layer plus the last-position logits,
@@ -79,6 +86,7 @@ def kv_math(q: KvQuery) -> dict[str, Any]:
         "kv_bytes_per_token": per_token,
         "kv_bytes_per_request": per_token * seq,
         "kv_bytes_total": per_token * seq * q.batch,
+        **_window(a, seq, q.batch, per_token),
         "weights_bytes": weights_bytes(a, w),
         "logits_bytes_full": q.batch * seq * a.vocab_size * w,
         "logits_bytes_last": q.batch * a.vocab_size * w,
@@ -110,6 +118,15 @@ def kv_math(q: KvQuery) -> dict[str, Any]:
             raise KvscopeError(f"--page-size must be positive, got {q.page_size}")
         out.update(_paging(q.page_size, seq, q.batch, per_token))
     return out
+
+
+def _window(a: ModelArgs, seq: int, batch: int, per_token: int) -> dict[str, int]:
+    """The sliding window's bound (see the module docstring); nothing for a model without one."""
+    if a.sliding_window is None:
+        return {}
+    seen = min(seq, a.sliding_window)
+    return {"sliding_window": a.sliding_window, "attended_positions": seen,
+            "kv_bytes_read_per_step": per_token * seen * batch, "kv_bytes_per_request_ring": per_token * seen}
 
 
 def _capacity(a: ModelArgs, q: KvQuery, seq: int, per_token: int, w: int, vocab: int) -> dict[str, int]:

@@ -4,12 +4,13 @@ ceilings (`kvscope calibrate`).
 Counting rules (exact integers from `ModelArgs`):
 - Weights are read once per step: every layer's matrices, biases and norms, the final norm, the output projection
   (vocab x dim, the embedding matrix itself when tied), and the embedding rows of the step's tokens.
-- A decode step at context C (positions attended, the new one included) reads K and V of C positions for every
-  sequence and writes one position.
+- A decode step at context C (positions in the cache, the new one included) reads K and V of the positions it
+  attends, `attended(C)` = C, or min(C, W) under a sliding window W (Mistral's: the cache keeps every position, a
+  step reads only its last W), for every sequence and writes one position.
 - A prefill of S tokens per sequence writes K and V of S positions; it reads no cache.
 - FLOPs: 2 per multiply-add of every matrix product (the output projection at the last position only, as the
   engine does), plus attention: QK^T and PV, 2 * 2 * H * D per (query, key) pair; causal prefill has S(S+1)/2
-  pairs per sequence and head, not S^2.
+  pairs per sequence and head, not S^2 (with a window W < S: W(W+1)/2 + (S - W) * W, each query its last W keys).
 """
 
 from __future__ import annotations
@@ -39,12 +40,27 @@ def weights_read_bytes(a: ModelArgs, batch: int, w_bytes: int) -> int:
     return (a.n_layers * layer + a.dim + a.vocab_size * a.dim + batch * a.dim) * w_bytes
 
 
+def attended(a: ModelArgs, context: int) -> int:
+    """Positions a decode step at `context` positions reads: all of them, or the sliding window's last ones."""
+    return context if a.sliding_window is None else min(context, a.sliding_window)
+
+
+def causal_pairs(a: ModelArgs, seq: int) -> int:
+    """(query, key) pairs of a causal prefill of `seq` positions, per sequence and head: query i sees keys 0 .. i,
+    or only its last `sliding_window` of them."""
+    w = a.sliding_window
+    if w is None or seq <= w:
+        return seq * (seq + 1) // 2
+    return w * (w + 1) // 2 + (seq - w) * w
+
+
 def decode_cost(a: ModelArgs, batch: int, context: int, w_bytes: int, kv_bytes: int) -> tuple[int, int]:
-    """(bytes, FLOPs) of one decode step of `batch` sequences at `context` positions."""
+    """(bytes, FLOPs) of one decode step of `batch` sequences at `context` positions (`attended(context)` read)."""
     per_tok = kv_bytes_per_token(a, kv_bytes)
-    moved = weights_read_bytes(a, batch, w_bytes) + batch * context * per_tok + batch * per_tok
+    seen = attended(a, context)
+    moved = weights_read_bytes(a, batch, w_bytes) + batch * seen * per_tok + batch * per_tok
     flops = 2 * batch * (a.n_layers * layer_matmul_params(a) + a.dim * a.vocab_size)
-    flops += a.n_layers * 4 * batch * a.n_heads * a.head_dim * context
+    flops += a.n_layers * 4 * batch * a.n_heads * a.head_dim * seen
     return moved, flops
 
 
@@ -52,7 +68,7 @@ def prefill_cost(a: ModelArgs, batch: int, seq: int, w_bytes: int, kv_bytes: int
     """(bytes, FLOPs) of a prefill of `batch` prompts of `seq` tokens (logits at the last position only)."""
     moved = weights_read_bytes(a, batch * seq, w_bytes) + batch * seq * kv_bytes_per_token(a, kv_bytes)
     flops = 2 * batch * seq * a.n_layers * layer_matmul_params(a) + 2 * batch * a.dim * a.vocab_size
-    flops += a.n_layers * 4 * batch * a.n_heads * a.head_dim * (seq * (seq + 1) // 2)
+    flops += a.n_layers * 4 * batch * a.n_heads * a.head_dim * causal_pairs(a, seq)
     return moved, flops
 
 

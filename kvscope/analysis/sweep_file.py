@@ -10,14 +10,21 @@ Any other extension is refused.
 What makes a sweep file, checked in this order:
 - the file can be read and holds a table (an empty file, or one of blank lines, does not);
 - each column name once;
-- the key columns `seq_len` and `batch`, every cell a whole number from 1 to 2**63-1 (`8`, `8.0`, ` 8 `);
+- the key columns `seq_len` and `batch`;
+- no control character (a newline, a tab, a NUL, ...) in any cell or column name: a cell is one line of text;
+- `seq_len` and `batch`: every cell a whole number from 1 to 2**63-1 (`8`, `8.0`, ` 8 `);
 - `flag`, where present: text or empty;
-- each configuration (seq_len, batch) once per engine (`engine` column; empty or absent is kvscope's loop).
+- every number column (`number_column`: a known name such as `gen_tokens`, or a name ending in a unit such as
+  `_ms`, `_tok_s`, `_mb`, `_mib`, `_bytes`, `_pct`, `_s`): every cell a finite number >= 0, or missing (empty, or a
+  spelling of a missing value: see `kvscope.analysis.inputs`); text, true/false, infinities and negative values are
+  refused, naming the cell;
+- each configuration (seq_len, batch) once per engine (`engine` column; empty or absent is kvscope's loop);
+- one sweep: the columns of `MODEL_SETTINGS` (the model, its dtype, the device) hold one value in the whole file,
+  those of `ENGINE_SETTINGS` one value per engine (a file of two engines' sweeps of one model is one `kvscope report`
+  compares; `kvscope capacity` and `--resume` want one engine and say so).
 
 A header alone is a sweep file without rows (`--resume` starts on it; `read_sweep`, which the analysis uses, wants a
-row at least). The other columns are not checked here: what needs them as numbers reads them with
-`SweepTable.floats` (an error naming the cell) or `kvscope.analysis.inputs.numeric_column` (the report, which leaves
-a column of text out with a note).
+row at least). Columns of other names (a note added by hand) are not checked.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +51,20 @@ from kvscope.schema import KVSCOPE_ENGINE
 
 SWEEP_KEYS = ("seq_len", "batch")
 SWEEP_FORMATS = {".csv": "csv", ".parquet": "parquet"}  # by the extension, in any case
+# what every row of one sweep records alike: in the whole file, and per engine (kvscope.measure.sweep_file.SETTINGS)
+MODEL_SETTINGS = ("model", "model_source", "model_arch", "dtype", "device")
+ENGINE_SETTINGS = ("attn", "granularity", "gen_tokens", "warmup", "reps", "seed", "cuda_graphs", "prefill_graphs",
+                   "kernels", "collapse_factor")
+# the number columns: these names, and any name ending in a unit; a cell holds a finite number >= 0 or is missing
+NUMBER_NAMES = frozenset({"gen_tokens", "decode_steps", "reps", "warmup", "seed", "collapse_factor", "tp", "rank",
+                          "decode_mbu", "prefill_mfu"})
+NUMBER_SUFFIXES = ("_ms", "_ms_per_tok", "_s", "_mb", "_mib", "_bytes", "_flops", "_pct", "_samples", "_kernels")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1, the line and paragraph separators
+
+
+def number_column(name: str) -> bool:
+    """Whether column `name` of a sweep file holds numbers (times, rates, sizes, counts, shares, settings)."""
+    return name not in SWEEP_KEYS and (name in NUMBER_NAMES or name.endswith(NUMBER_SUFFIXES))
 
 
 def sweep_format(path: Path, shown: Path | None = None) -> str:
@@ -136,6 +158,12 @@ class SweepTable:
         """(seq_len, batch) of every row."""
         return list(zip(self.ints("seq_len"), self.ints("batch"), strict=True))
 
+    def engines(self) -> list[str]:
+        """The engine of every row (`engine` column; empty or absent: kvscope's loop)."""
+        if "engine" not in self.columns():
+            return [KVSCOPE_ENGINE] * self.rows()
+        return [_text(v) or KVSCOPE_ENGINE for v in self.column("engine")]
+
     def check(self) -> None:
         """Refuse, in one line, a table that is not a sweep file (see the module docstring)."""
         columns = self.columns()
@@ -145,10 +173,13 @@ class SweepTable:
         for col in SWEEP_KEYS:
             if col not in columns:
                 raise KvscopeError(f"{self.shown} is not a kvscope sweep file: no column {col}")
+        self._check_one_line()
         configs = self.configs()
         self.flags()
-        engines = ([_text(v) or KVSCOPE_ENGINE for v in self.column("engine")] if "engine" in columns
-                   else [KVSCOPE_ENGINE] * len(configs))
+        for col in columns:
+            if number_column(col):
+                self.measures(col)
+        engines = self.engines()
         several = len(set(engines)) > 1
         seen: dict[tuple[str, int, int], int] = {}
         for i, (engine, (seq, batch)) in enumerate(zip(engines, configs, strict=True)):
@@ -157,11 +188,46 @@ class SweepTable:
                 of = f" ({engine})" if several else ""
                 raise KvscopeError(f"{self.shown}: {self.where(i)} repeats seq_len={seq}, batch={batch}{of} of "
                                    f"{self.where(j)}; a sweep file holds each configuration once")
+        self._check_one_sweep(engines)
+
+    def measures(self, col: str) -> list[float]:
+        """Number column `col` as floats (NaN where missing), or an error naming the first cell that is not a finite
+        number >= 0."""
+        values = self.floats(col)
+        for i, v in enumerate(values):
+            if not (math.isnan(v) or (math.isfinite(v) and v >= 0)):
+                raise self.cell_error(col, i, self.column(col)[i], "a finite number >= 0")
+        return values
+
+    def _check_one_line(self) -> None:
+        """Refuse a control character (a newline, a tab, ...) in a column name or a text cell."""
+        for col in self.columns():
+            if _CONTROL.search(col):
+                raise KvscopeError(f"{self.shown}: the column name {col!r} holds a control character; a sweep "
+                                   "file's names and cells are one line of text each")
+            for i, v in enumerate(self.column(col)):
+                if isinstance(v, str) and _CONTROL.search(v):
+                    raise KvscopeError(f"{self.shown}: column {col}, {self.where(i)}: {v!r} holds a control "
+                                       "character; a sweep file's names and cells are one line of text each")
+
+    def _check_one_sweep(self, engines: list[str]) -> None:
+        """Refuse the rows of two sweeps: MODEL_SETTINGS differing anywhere, ENGINE_SETTINGS within one engine."""
+        columns = self.columns()
+        for keys, per_engine in ((MODEL_SETTINGS, False), (ENGINE_SETTINGS, True)):
+            for key in (k for k in keys if k in columns):
+                first: dict[str, tuple[int, str]] = {}
+                for i, (engine, value) in enumerate(zip(engines, map(_text, self.column(key)), strict=True)):
+                    j, seen = first.setdefault(engine if per_engine else "", (i, value))
+                    if seen != value:
+                        of = f" ({engine} engine)" if per_engine and len(set(engines)) > 1 else ""
+                        raise KvscopeError(f"{self.shown} mixes sweeps{of}: {key}={seen} in {self.where(j)}, "
+                                           f"{key}={value} in {self.where(i)}; a sweep file holds one sweep's rows")
 
     def frame(self) -> pd.DataFrame:
         """The rows as a DataFrame: `seq_len` and `batch` as int64, `flag` (where present) as text, empty where
-        nothing is flagged; every other column as pandas reads it (a CSV's empty cells missing, any other text kept
-        as written: see `kvscope.analysis.inputs.numeric_column`)."""
+        nothing is flagged, every number column as numbers (float64, NaN where missing, unless pandas read it as
+        numbers already); every other column as pandas reads it (a CSV's empty cells missing, any other text kept
+        as written)."""
         try:
             if self.fmt == "csv":
                 df = pd.read_csv(io.StringIO(csv_text(self.header, self.cells)), keep_default_na=False,
@@ -175,6 +241,9 @@ class SweepTable:
         df["batch"] = pd.Series([b for _, b in configs], index=df.index, dtype="int64")
         if "flag" in df.columns:
             df["flag"] = pd.Series(self.flags(), index=df.index, dtype="object")
+        for col in df.columns:
+            if number_column(col) and not pd.api.types.is_numeric_dtype(df[col]):
+                df[col] = pd.Series(self.floats(col), index=df.index, dtype="float64")
         return df
 
 

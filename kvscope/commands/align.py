@@ -12,16 +12,17 @@ from pathlib import Path
 from rich.console import Console
 
 from kvscope.analysis.align.pipeline import AlignResult, analyse, output_folder, summary_tables, write
-from kvscope.analysis.align.ranks import analyse_ranks, ranks_table, write_ranks
+from kvscope.analysis.align.ranks import analyse_ranks, ranks_table, refuse_rank_filters, write_ranks
 from kvscope.analysis.inputs import ALIGN_TIMINGS_COLUMNS, read_timings
 from kvscope.analysis.nsys.filters import parse_time_ns
 from kvscope.commands.json_out import align_payload, json_line
-from kvscope.errors import KvscopeError
 
 
 def command(ns: argparse.Namespace) -> int:
     out = Path(ns.out)
-    folder = output_folder(out)  # checked before the analysis; written whole or not at all
+    inputs = [(what, path) for what, path in (("export", ns.export), ("--timings folder", ns.timings),
+                                              ("--classes file", ns.classes)) if path is not None]
+    folder = output_folder(out, inputs)  # checked before the analysis; written whole or not at all
     start_ns = parse_time_ns(ns.start, "--start") if ns.start is not None else None
     end_ns = parse_time_ns(ns.end, "--end") if ns.end is not None else None
     split = None
@@ -29,9 +30,7 @@ def command(ns: argparse.Namespace) -> int:
     if timings is not None and "rank" in timings:  # a tensor-parallel run: each rank on its own
         used = [f for f, v in (("--domain", ns.domain), ("--range", ns.range), ("--start", ns.start),
                                ("--end", ns.end), ("--pid", ns.pid), ("--classes", ns.classes)) if v is not None]
-        if used:
-            raise KvscopeError(f"align: {', '.join(used)} cannot be combined with the timings of a tensor-parallel run "
-                               f"({ns.timings}: one process per rank, each aligned whole)")
+        refuse_rank_filters(used, ns.timings)
         result, split = analyse_ranks(Path(ns.export), timings, nsys=ns.nsys, phase_map=ns.phase_map)
     else:
         result = analyse(Path(ns.export), timings, nsys=ns.nsys, domain=ns.domain,

@@ -1,6 +1,7 @@
 """`kvscope capacity`: capacity planning from a measured batch sweep (`kvscope.analysis.capacity.plan_from_sweep` reads
 the sweep, finds its model and does the maths). Output: a table (or `--json`: one JSON object on the last line) and,
-with `--out`, the rows as a CSV file. Torch-free.
+with `--out`, the rows as a CSV file (`kvscope.io.OutputFile`: checked before the sweep is read; never the sweep or
+the model it reads, never a file that is not an earlier capacity table; written atomically). Torch-free.
 """
 
 from __future__ import annotations
@@ -8,14 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from kvscope.analysis.capacity import CapacityPlan, CapacityQuery, plan_from_sweep
+from kvscope.analysis.capacity import ROW_COLUMNS, CapacityPlan, CapacityQuery, plan_from_sweep
 from kvscope.commands.json_out import json_line, plain
-from kvscope.errors import KvscopeError
-from kvscope.io import write_bytes
+from kvscope.io import OutputFile
 from kvscope.schema import GIB_BYTES
 
 TABLE_WIDTH = 140  # characters: the four scenario columns side by side
@@ -23,14 +22,16 @@ TABLE_WIDTH = 140  # characters: the four scenario columns side by side
 
 def command(ns: argparse.Namespace) -> int:
     sweep = Path(ns.sweep)
+    model = getattr(ns, "model", None)
+    out = output_file(Path(ns.out), sweep, model) if ns.out else None  # checked before any work
     query = CapacityQuery(gpu_mem_bytes=int(ns.gpu_mem_gb * GIB_BYTES), tpot_slo_ms=ns.tpot_slo_ms,
                           ttft_slo_ms=ns.ttft_slo_ms, prompt=ns.prompt, output=ns.output,
                           block_tokens=ns.block_tokens, reserve_bytes=int(ns.reserve_gb * GIB_BYTES))
-    found = plan_from_sweep(sweep, query, getattr(ns, "model", None))
+    found = plan_from_sweep(sweep, query, model)
     plan, name, dtype = found.plan, found.model, found.dtype
     table = plan.table()
-    if ns.out:
-        _write_csv(table, Path(ns.out))
+    if out is not None:
+        out.write(table.assign(value=[plain(v) for v in table["value"]]).to_csv(index=False).encode())
     title = (f"capacity: {name} ({dtype}), prompt {ns.prompt:,} + output {ns.output:,} tokens, "
              f"{ns.gpu_mem_gb:g} GiB, TPOT <= {ns.tpot_slo_ms:g} ms, TTFT <= {ns.ttft_slo_ms:g} ms")
     _print(plan, title)
@@ -68,15 +69,13 @@ def _print(plan: CapacityPlan, title: str) -> None:
         console.print(f"assumed: {a}", markup=False)
 
 
-def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    """The rows as CSV, written atomically (`kvscope.io.write_bytes`: a temporary name beside `path`, renamed over
-    it)."""
-    if path.is_dir():
-        raise KvscopeError(f"--out {path} is a folder; give a .csv file")
-    if not path.parent.is_dir():
-        raise KvscopeError(f"--out {path}: folder {path.parent} does not exist")
-    text = table.assign(value=[plain(v) for v in table["value"]]).to_csv(index=False)
-    try:
-        write_bytes(path, text.encode())
-    except OSError as exc:
-        raise KvscopeError(f"cannot write --out {path}: {exc.strerror or exc}") from None
+def is_capacity_table(path: Path) -> bool:
+    """Whether `path` is a table `kvscope capacity --out` wrote: its first line is the table's header."""
+    with path.open("rb") as f:
+        return f.readline(4096).rstrip(b"\r\n") == ",".join(ROW_COLUMNS).encode()
+
+
+def output_file(path: Path, sweep: Path, model: str | None) -> OutputFile:
+    """`--out`: new, or an earlier capacity table; never the sweep file or the model's file."""
+    inputs = [("--sweep file", sweep)] + ([("--model", Path(model))] if model else [])
+    return OutputFile(path, "--out", is_capacity_table, "a kvscope capacity table", inputs)

@@ -8,6 +8,11 @@
   after this step (known on the host without a sync), with a key mask only for a ragged batch; a static step (for a
   CUDA-graph capture) attends over all `max_seq` positions with a mask.
 
+A sliding window W (`ModelArgs.sliding_window`, read from the cache's args, fixed per engine) applies on every path:
+each sequence attends its last W positions, the new one included (`[max(0, L - W), L)` for L valid keys): the kernel
+takes `window`, flash its local-attention window, the masked path starts at the first position any sequence still
+sees and masks the rest. The cache itself keeps every position (contiguous, `max_seq` long).
+
 `meta(pos, static)` builds what every layer of one step shares (`DecodeMeta`, once per step, before the first layer;
 `pos` (B,) the new tokens' positions on the device); `attend(i, q, meta)` is layer i's attention, q (B, H, D) ->
 (B, H, D). Each strategy's buffers are made once, here.
@@ -32,6 +37,7 @@ class DecodeAttention:
 
     def __init__(self, cfg: RunConfig, cache: KVCache) -> None:
         self.cfg, self.cache = cfg, cache
+        self.window = cache.args.sliding_window  # None: every position
 
     def meta(self, pos: torch.Tensor, static: bool) -> DecodeMeta:
         raise NotImplementedError
@@ -53,7 +59,7 @@ class SplitKVDecode(DecodeAttention):
 
     def attend(self, i: int, q: torch.Tensor, meta: DecodeMeta) -> torch.Tensor:
         return k_decode_attention.split_kv_decode(q, self.cache.k(i), self.cache.v(i), meta.kv_lengths,
-                                                  **self.options)  # (B, H, D)
+                                                  window=self.window, **self.options)  # (B, H, D)
 
 
 class FlashDecode(DecodeAttention):
@@ -66,7 +72,8 @@ class FlashDecode(DecodeAttention):
         self.cu_k = self.cu_q * cfg.max_seq  # (B+1,) each sequence's block of the token-major cache
 
     def meta(self, pos: torch.Tensor, static: bool) -> DecodeMeta:
-        return DecodeMeta(span=self.cache.max_seq, seqused=(pos + 1).to(torch.int32), cu_q=self.cu_q, cu_k=self.cu_k)
+        return DecodeMeta(span=self.cache.max_seq, seqused=(pos + 1).to(torch.int32), cu_q=self.cu_q, cu_k=self.cu_k,
+                          window=self.window)
 
 
 class MaskedDecode(DecodeAttention):
@@ -77,13 +84,19 @@ class MaskedDecode(DecodeAttention):
         self.key_pos = torch.arange(cfg.max_seq, device=cfg.device)  # (S_max,)
 
     def meta(self, pos: torch.Tensor, static: bool) -> DecodeMeta:
-        cache, b = self.cache, self.cfg.batch_size
+        cache, b, w = self.cache, self.cfg.batch_size, self.window
         host = cache.host_lengths
         span = cache.max_seq if static else max(host) + 1
+        # with a window, positions before the shortest sequence's window are nobody's: not read (eager steps only)
+        start = 0 if static or w is None else max(0, min(host) + 1 - w)
         key_mask = None
         if static or min(host) != max(host):
-            key_mask = (self.key_pos[:span].unsqueeze(0) <= pos.unsqueeze(1)).view(b, 1, 1, span)  # (B, 1, 1, L)
-        return DecodeMeta(span=span, key_mask=key_mask)
+            keys = self.key_pos[start:span].unsqueeze(0)  # (1, L)
+            seen = keys <= pos.unsqueeze(1)  # (B, L)
+            if w is not None:
+                seen &= keys > pos.unsqueeze(1) - w
+            key_mask = seen.view(b, 1, 1, span - start)  # (B, 1, 1, L)
+        return DecodeMeta(span=span, start=start, key_mask=key_mask)
 
 
 def make_decode_attention(cfg: RunConfig, head_dim: int, cache: KVCache, options: AttentionOptions

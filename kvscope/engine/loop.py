@@ -57,7 +57,7 @@ from kvscope.engine.rope_kv import DecodeTables, PrefillTables, make_rope_kv
 from kvscope.engine.tp import TensorParallel
 from kvscope.errors import KvscopeError
 from kvscope.kernels import common as k_common
-from kvscope.model.attention import DecodeMeta, prefill_attention
+from kvscope.model.attention import DecodeMeta, prefill_attention, prefill_mask
 from kvscope.model.dtypes import dtype_name
 from kvscope.model.kv_cache import KVCache
 from kvscope.model.layers import Transformer, rope_tables
@@ -166,7 +166,7 @@ class Engine(GreedyLoop):
         graphs = self.prefill_graphs
         # a bucket's first prefill captures its graph here, outside the timed region
         captured = graphs.ready(s, self._prefill_forward) if graphs is not None and graphs.usable(s) else None
-        attend = None if captured is not None else partial(self._prefill_attend, self.rope_kv.prefill_tables(b, s))
+        attend = None if captured is not None else self._prefill_attend_for(b, s)
         with self.ins.region(PREFILL, "phase", phase=PREFILL, step=0, tokens=sum(lengths), context_len=max(lengths)):
             if captured is not None:
                 self.logits = graphs.replay(captured, tokens)  # the tokens copied in, one graph launch
@@ -180,7 +180,7 @@ class Engine(GreedyLoop):
         returns the logits (B, V). `attend`: the layers' attention with its RoPE tables (made here when None, as
         for a CUDA-graph capture). No host sync and no tensor made from host data."""
         if attend is None:
-            attend = partial(self._prefill_attend, self.rope_kv.prefill_tables(*tokens.shape))  # for all layers
+            attend = self._prefill_attend_for(*tokens.shape)  # for all layers
         ops = self.ops.pick(tokens.numel())  # B*S rows: one strategy for every layer of this prefill
         with self.ins.region_with(*self.regions.prefill_embed):
             h = ops.embed(tokens)  # (B, S, dim)
@@ -190,13 +190,21 @@ class Engine(GreedyLoop):
         self._head(h_last)
         return self.logits
 
-    def _prefill_attend(self, t: PrefillTables, i: int, qkv: torch.Tensor) -> torch.Tensor:
-        """Layer i of a prefill: qkv (B, S, H+2H_kv, D) -> RoPE, K/V into the cache, causal attention (B*S, H*D)."""
+    def _prefill_attend_for(self, b: int, s: int) -> Attend:
+        """The attention of every layer of a prefill of (B, S) tokens, with what they share made once: the RoPE
+        tables and, under a sliding window shorter than S, its (S, S) mask."""
+        mask = prefill_mask(s, self.args.sliding_window, self.cfg.device)
+        return partial(self._prefill_attend, self.rope_kv.prefill_tables(b, s), mask)
+
+    def _prefill_attend(self, t: PrefillTables, mask: torch.Tensor | None, i: int, qkv: torch.Tensor
+                        ) -> torch.Tensor:
+        """Layer i of a prefill: qkv (B, S, H+2H_kv, D) -> RoPE, K/V into the cache, causal attention (B*S, H*D),
+        within the sliding window's `mask` when there is one."""
         b, s = qkv.shape[:2]
         q, k, v = self.rope_kv.prefill(i, qkv, t)  # (B, S, H|H_kv, D)
         with self.ins.region_with(*self.regions.ops[i]["attn"]):
             y = prefill_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H|H_kv, S, D)
-                                  self.cfg.attn)  # (B, H, S, D)
+                                  self.cfg.attn, mask)  # (B, H, S, D)
             return y.transpose(1, 2).reshape(b * s, self.args.q_size)  # (B*S, H*D)
 
     # ---- decode -------------------------------------------------------------------------------------------

@@ -167,9 +167,19 @@ def _check_tensors(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                          f"{tuple(lengths.shape)} on {lengths.device}")
 
 
+def window_arg(name: str, window: int | None) -> int:
+    """The kernel's `window` argument: `window` checked (None, or an int in [1, 2^31 - 1]), 0 for none."""
+    if window is None:
+        return 0
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 2**31 - 1:
+        raise ValueError(f"{name}: window must be None or an int in [1, {2**31 - 1}], got {window!r}")
+    return window
+
+
 def _default_splits(n_groups: int, s_max: int, device_index: int, long_splits: bool | None) -> int:
     """The split count when the caller names none: `decode_splits_long` or `decode_splits` as `long_splits` says
-    (None: DECODE_ATTENTION_LONG_SPLITS, and where that is None too, `prefers_long_splits` by shape)."""
+    (None: DECODE_ATTENTION_LONG_SPLITS, and where that is None too, `prefers_long_splits` by shape); `s_max`: the
+    most positions a sequence attends (the cache's, or a shorter sliding window)."""
     long_rule = DECODE_ATTENTION_LONG_SPLITS if long_splits is None else long_splits
     if long_rule is None:
         long_rule = prefers_long_splits(n_groups, s_max)
@@ -179,16 +189,21 @@ def _default_splits(n_groups: int, s_max: int, device_index: int, long_splits: b
 def split_kv_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                     scale: float | None = None, splits: int | None = None, out: torch.Tensor | None = None,
                     tensor_cores: bool | None = None, fused_merge: bool | None = None,
-                    long_splits: bool | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
+                    long_splits: bool | None = None, counters: torch.Tensor | None = None,
+                    window: int | None = None) -> torch.Tensor:
     """One query per sequence against the cache: q (B, H, D) (unit stride on D, 16-byte aligned rows), k_cache /
     v_cache (B, S_max, H_kv, D) contiguous, lengths (B,) int64 on the device: sequence b attends to positions
     0 .. lengths[b] - 1 (the engine passes its positions + 1: the new token's K/V included; clamped to [0, S_max] on
-    the device, length 0 gives zeros; not checked on the host, which would sync). Query head h uses KV head
+    the device, length 0 gives zeros; not checked on the host, which would sync); with a sliding `window` (a host
+    int, fixed per engine, so a CUDA graph of the call stays valid) only its last `window` of them,
+    max(0, L - window) .. L - 1 (Mistral's window, as transformers applies it). Query head h uses KV head
     h // (H / H_kv). Softmax scale `scale` (default D**-0.5), float32 accumulation. Returns (B, H, D) contiguous in
     q's dtype (`out`, when given, is written and returned).
 
     `splits`: positions split over that many blocks per (sequence, KV head), default `decode_splits` (a function
-    of the shapes only: a CUDA graph of the call stays valid for any lengths); with more than one split a second
+    of the shapes only: a CUDA graph of the call stays valid for any lengths; the splits share the positions
+    attended, from max(0, L - window) on, and the default count sees at most `window` of them); with more than one
+    split a second
     small kernel, `kvscope_decode_attention_merge`, combines them. `tensor_cores`: the mma kernel (bf16/fp16 only;
     default for them) or the CUDA-core one (default for float32). `long_splits` (default
     DECODE_ATTENTION_LONG_SPLITS; None: `prefers_long_splits` by shape): True, the default split count from
@@ -201,6 +216,7 @@ def split_kv_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     zeroed once; two calls running at the same time on different streams need their own `counters`."""
     name = "split_kv_decode"
     _check_tensors(name, q, k_cache, v_cache, lengths)
+    window = window_arg(name, window)
     b, h, d = q.shape
     _, s_max, hkv, _ = k_cache.shape
     scale = d**-0.5 if scale is None else float(scale)
@@ -230,7 +246,7 @@ def split_kv_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if fused_merge is None:
         fused_merge = DECODE_ATTENTION_FUSED_MERGE
     if splits is None:
-        splits = _default_splits(n_groups, s_max, index, long_splits)
+        splits = _default_splits(n_groups, min(s_max, window) if window else s_max, index, long_splits)
     if out is None:
         out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
     if b == 0:
@@ -246,7 +262,7 @@ def split_kv_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
            (32 * DECODE_ATTENTION_WARPS, 1, 1),
            [ptr(out), ptr(part_o), ptr(part_lse), ptr(counters if fused else None), ptr(q), ptr(k_cache),
             ptr(v_cache), ptr(lengths), i64(q.stride(0)), i64(q.stride(1)), i32(h), i32(hkv), i32(s_max),
-            i32(splits), f32(scale * _LOG2E)], shared_bytes=shared)
+            i32(splits), i32(window), f32(scale * _LOG2E)], shared_bytes=shared)
     if splits > 1 and not fused:
         launch("kvscope_decode_attention", "merge", q.dtype, q.device, (b * h, 1, 1),
                (DECODE_ATTENTION_MERGE_THREADS, 1, 1), [ptr(out), ptr(part_o), ptr(part_lse), i32(splits), i32(d)])
@@ -254,9 +270,11 @@ def split_kv_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def split_kv_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                        scale: float | None = None) -> torch.Tensor:
+                        scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """`split_kv_decode` with torch operations: scores, softmax and the weighted sum in float32 over positions
-    0 .. lengths[b] - 1 (clamped to [0, S_max]; zeros for length 0), rounded to q's dtype once. (B, H, D)."""
+    0 .. lengths[b] - 1 (clamped to [0, S_max]; zeros for length 0), from max(0, lengths[b] - window) on with a
+    sliding `window`, rounded to q's dtype once. (B, H, D)."""
+    window = window_arg("split_kv_decode_ref", window)
     b, h, d = q.shape
     s_max, hkv = k_cache.shape[1], k_cache.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
@@ -265,7 +283,10 @@ def split_kv_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     vf = v_cache.float().transpose(1, 2)  # (B, H_kv, S_max, D)
     scores = torch.matmul(qf, kf) * scale  # (B, H_kv, G, S_max)
     n = lengths.clamp(0, s_max).view(b, 1, 1, 1)
-    valid = torch.arange(s_max, device=q.device).view(1, 1, 1, s_max) < n  # (B, 1, 1, S_max)
+    keys = torch.arange(s_max, device=q.device).view(1, 1, 1, s_max)
+    valid = keys < n  # (B, 1, 1, S_max)
+    if window:
+        valid &= keys >= n - window  # the last `window` positions
     probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
     probs = torch.where(n > 0, probs, torch.zeros_like(probs))  # no position: zeros, not NaN
     return torch.matmul(probs, vf).reshape(b, h, d).to(q.dtype)  # (B, H, D)

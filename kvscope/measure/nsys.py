@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from kvscope.analysis.align.pipeline import AlignResult, analyse, write
 from kvscope.analysis.align.ranks import analyse_ranks, write_ranks
 from kvscope.analysis.nsys.export import export_rep, find_nsys
 from kvscope.errors import KvscopeError
-from kvscope.io import AtomicFolder
+from kvscope.io import AtomicFolder, check_path
 from kvscope.measure.output import OUT_LABEL
 from kvscope.schema import NSYS_RUN_SUBFOLDER, TIMINGS_FILE
 
@@ -65,6 +66,7 @@ def profile(out: Path, run_args: list[str] | None, command_args: list[str] | Non
     """Profile `kvscope run RUN_ARGS` (or any `COMMAND_ARGS`), export, align, and write it all into `out`, whole or
     not at all."""
     folder = AtomicFolder(out, OUT_LABEL)
+    require_nsys(nsys)  # before the output folder is made
     exit_code = 0
     try:
         folder.open()
@@ -134,11 +136,20 @@ def find_importer(nsys: str) -> str | None:
 
 
 def require_nsys(nsys: str | None) -> str:
-    """The nsys executable (find_nsys), or a one-line error naming the ways to give it."""
+    """The nsys executable (find_nsys), or a one-line error: naming the path tried when one was given (`--nsys PATH`,
+    else `$NSYS`), else the ways to give it."""
     exe = find_nsys(nsys)
-    if exe is None:
-        raise KvscopeError("nsys not found: pass --nsys PATH, set $NSYS, or put nsys on PATH")
-    return exe
+    if exe is not None:
+        return exe
+    given = [(how, value) for how, value in (("--nsys", nsys), ("$NSYS", os.environ.get("NSYS"))) if value]
+    if given:
+        how, value = given[0]
+        found = check_path(value, how)
+        if found is not None and stat.S_ISDIR(found.st_mode):
+            raise KvscopeError(f"{how} {value} is a folder, not the nsys executable")
+        where = "no such file" if os.sep in value else "no such file here, and no command of that name on PATH"
+        raise KvscopeError(f"{how} {value}: nsys not found ({where})")
+    raise KvscopeError("nsys not found: pass --nsys PATH, set $NSYS, or put nsys on PATH")
 
 
 def _profile(exe: str, flags: Sequence[str], program: Sequence[str], out: Path) -> tuple[int, Path, list[str]]:

@@ -14,7 +14,8 @@ wakes the OOM killer.
 `flag` also marks collapse (with `collapse_factor` F): `latency-collapse` when the decode ms per token is more than
 F times the best earlier configuration with the same batch (the sequence axis), `throughput-collapse` when decode
 tokens/s is below the best earlier configuration with the same sequence length (the batch axis) divided by F. A
-row's flag is set once, when it is appended, against the rows before it.
+row's flag is set once, when it is appended, against the rows before it that ran (not `oom`) and measured a finite
+positive value (a resumed file's rows are checked by the reader first: one it refuses is never compared with).
 
 Under Nsight Systems (`--nsys [PATH]`, `kvscope.measure.sweep_nsys`): the same sweep runs as one program inside one
 `nsys profile`, one report per configuration, and each row gains the attribution columns afterwards.
@@ -30,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -75,14 +77,21 @@ def collapse_flags(df: pd.DataFrame, factor: float) -> list[str]:
         earlier = df.iloc[:i]
         earlier = earlier[~earlier["flag"].fillna("").astype(str).str.contains("oom")]
         marks = [f for f in str(row.flag or "").split(";") if f and "collapse" not in f]
-        same_batch = earlier[earlier["batch"] == row.batch]["decode_p50_ms_per_tok"].dropna()
+        same_batch = _measured(earlier[earlier["batch"] == row.batch]["decode_p50_ms_per_tok"])
         if len(same_batch) and row.decode_p50_ms_per_tok > factor * same_batch.min():
             marks.append("latency-collapse")
-        same_seq = earlier[earlier["seq_len"] == row.seq_len]["decode_tok_s"].dropna()
+        same_seq = _measured(earlier[earlier["seq_len"] == row.seq_len]["decode_tok_s"])
         if len(same_seq) and row.decode_tok_s < same_seq.max() / factor:
             marks.append("throughput-collapse")
         flags.append(";".join(marks))
     return flags
+
+
+def _measured(values: pd.Series) -> pd.Series:
+    """The finite positive values: a row's missing, zero, negative or infinite time or rate is no measure to compare
+    a new point with (the reader refuses negative and infinite ones; a zero stays out here)."""
+    v = pd.to_numeric(values, errors="coerce").astype("float64")
+    return v[np.isfinite(v) & (v > 0)]
 
 
 def run_sweep(sw: SweepSpec, progress: Callable[[int, int, str], None] | None = None, log: Say | None = None

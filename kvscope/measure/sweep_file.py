@@ -18,11 +18,11 @@ digits of the SHA-256 of `ModelArgs.as_dict()` without the name, as sorted JSON)
 name), `attn`, `granularity`, `gen_tokens`, `warmup`, `reps`, `seed`, `cuda_graphs`, `kernels` (both as resolved for
 the device) and `collapse_factor`. A Parquet file also holds them, with the model's architecture, in its schema
 metadata (JSON under `kvscope`, key `sweep`). `--resume` skips the configurations the file already holds, and refuses
-a file that is not a sweep file (as the reader says, in the same words as `kvscope report`), and then (naming the
-setting and both values) a file whose recorded settings differ from this sweep's in any way, whose rows disagree
-among themselves, that does not record them (a file of an older kvscope; a Parquet file without kvscope sweep
-metadata), or that lacks the columns collapse flags are computed from (`flag`, `decode_p50_ms_per_tok`,
-`decode_tok_s`, the last two numbers).
+a file that is not a sweep file (as the reader says, in the same words as `kvscope report`: bad numbers, rows of two
+sweeps, ...; so no new row is ever compared with a refused one), and then (naming the setting and both values) a file
+whose recorded settings differ from this sweep's in any way, whose rows are of two engines, that does not record
+them (a file of an older kvscope; a Parquet file without kvscope sweep metadata), or that lacks the columns collapse
+flags are computed from (`flag`, `decode_p50_ms_per_tok`, `decode_tok_s`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kvscope.analysis.sweep_file import SweepTable, csv_text
+from kvscope.analysis.sweep_file import ENGINE_SETTINGS, MODEL_SETTINGS, SweepTable, csv_text
 from kvscope.engine.plan import RunPlan
 from kvscope.errors import KvscopeError
 from kvscope.io import METADATA_KEY, write_bytes
@@ -49,9 +49,9 @@ from kvscope.model.dtypes import dtype_name
 from kvscope.model.source import ModelSource
 from kvscope.schema import CLASSIC_COLUMNS
 
-# the settings every row records; a resume must match them all (the order is the order of the checks)
-SETTINGS = ("model", "model_source", "model_arch", "dtype", "device", "engine", "attn", "granularity", "gen_tokens",
-            "warmup", "reps", "seed", "cuda_graphs", "prefill_graphs", "kernels", "collapse_factor")
+# the settings every row records; a resume must match them all (the order is the order of the checks); the reader
+# refuses a file whose rows differ in any but `engine`, which a resume refuses too (it appends one engine's rows)
+SETTINGS = (*MODEL_SETTINGS, "engine", *ENGINE_SETTINGS)
 # the columns collapse flags are computed from (`numbers`), besides the keys; a resume needs them
 FLAG_COLUMNS = ("flag", "decode_p50_ms_per_tok", "decode_tok_s")
 
@@ -94,10 +94,10 @@ class SweepFile(SweepTable):
     @property
     def numbers(self) -> pd.DataFrame:
         """The typed columns collapse flags need (the keys and FLAG_COLUMNS), one row per row; a number column the
-        file lacks is NaN. A cell that is not a number is an error naming it."""
+        file lacks is NaN. A cell that is not a finite number >= 0 is an error naming it."""
         configs, n = self.configs(), self.rows()
         columns = self.columns()
-        decode = [self.floats(c) if c in columns else [math.nan] * n for c in FLAG_COLUMNS[1:]]
+        decode = [self.measures(c) if c in columns else [math.nan] * n for c in FLAG_COLUMNS[1:]]
         return _numbers([s for s, _ in configs], [b for _, b in configs], self.flags(), *decode)
 
     def check_settings(self, settings: dict[str, Any]) -> None:

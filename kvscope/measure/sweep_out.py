@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from kvscope.analysis.sweep_file import SWEEP_FORMATS
 from kvscope.errors import KvscopeError
-from kvscope.io import TMP_NAME_EXTRA
+from kvscope.io import TMP_NAME_EXTRA, check_path, os_reason
 
 
 def check_out(out: Path) -> tuple[str, Path]:
@@ -26,15 +27,19 @@ def check_out(out: Path) -> tuple[str, Path]:
         raise KvscopeError("--out is empty: give a FILE.csv or FILE.parquet")
     if "\0" in str(out):
         raise KvscopeError("--out must not contain a NUL character")
+    found = check_path(out, "--out")  # a name too long, a loop of links, a file on the way: one line
     try:
-        return _check_out(out)
-    except OSError as exc:  # a name too long for the file system, a folder that cannot be searched
-        raise KvscopeError(f"--out {out}: {exc.strerror or exc}") from None
+        return _check_out(out, found)
+    except OSError as exc:  # a folder that cannot be searched
+        raise KvscopeError(f"--out {out}: {os_reason(exc)}") from None
 
 
-def _check_out(out: Path) -> tuple[str, Path]:
-    if out.is_dir():
+def _check_out(out: Path, found: os.stat_result | None) -> tuple[str, Path]:
+    if found is not None and stat.S_ISDIR(found.st_mode):
         raise KvscopeError(f"--out {out} is a folder: give a FILE.csv or FILE.parquet")
+    if out.name.lower() in SWEEP_FORMATS:  # `.csv` alone: a hidden file with no extension, to pathlib
+        raise KvscopeError(f"--out {out}: the file name is only the extension {out.name}; give a name before it, "
+                           f"such as sweep{out.name}")
     if out.suffix.lower() not in SWEEP_FORMATS:
         raise KvscopeError(f"--out {out}: the sweep file must end in .csv or .parquet")
     try:
@@ -48,7 +53,7 @@ def _check_out(out: Path) -> tuple[str, Path]:
     if path.exists() and not path.is_file():
         raise KvscopeError(f"--out {out} is not a regular file")
     parent = path.parent
-    if not parent.exists():
+    if check_path(parent, "--out folder") is None:
         raise KvscopeError(f"--out {out}: folder {parent} does not exist")
     if not parent.is_dir():
         raise KvscopeError(f"--out {out}: {parent} is not a folder")

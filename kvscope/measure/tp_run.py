@@ -37,9 +37,8 @@ from kvscope.measure.tp_launch import RankContext, check_plan, run_ranks
 from kvscope.model.tp import ShardPlan
 from kvscope.model.weights import load_model
 from kvscope.profiler.nvml import NvmlSampler
-from kvscope.schema import COLLECTIVE_OPS
+from kvscope.schema import COLLECTIVE_OPS, RANK_SUMMARY_FILE
 
-RANK_SUMMARY_FILE = "rank_summary.parquet"
 # merged summary columns besides those of the slowest rank's row
 MERGED_COLUMNS = ("tp", "rank", "slowest_rank", "ttft_max_ms", "ttft_slowest_rank", "step_skew_p50_ms",
                   "step_skew_max_ms", "allreduce_share_pct")

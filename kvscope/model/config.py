@@ -36,6 +36,8 @@ _ARCHITECTURE_FAMILY = {
 # transformers' own defaults for `tie_word_embeddings` when a config.json leaves it out, per family.
 _TIE_DEFAULT = {"llama": False, "qwen2": False, "mistral": False}
 _SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+# transformers' MistralConfig.sliding_window when config.json has no such key (Mistral-7B-v0.1's window)
+MISTRAL_DEFAULT_SLIDING_WINDOW = 4096
 _INT_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "vocab_size",
                "max_position_embeddings")
 # RMSNorm adds eps in float32: a smaller eps is 0 there, and an all-zero row then normalises to NaN
@@ -73,6 +75,9 @@ class ModelArgs:
     qkv_bias: bool = False
     o_bias: bool = False
     head_dim: int = 0  # 0: dim // n_heads
+    # Mistral's sliding window: a query at position p attends keys p - sliding_window + 1 .. p (exactly
+    # `sliding_window` keys, itself included: transformers' `kv_idx > q_idx - sliding_window`); None: all of them
+    sliding_window: int | None = None
     # derived
     n_rep: int = field(init=False)
     q_size: int = field(init=False)
@@ -89,6 +94,8 @@ class ModelArgs:
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise KvscopeError(f"{what}: {name} must be true or false, got {show_value(getattr(self, name))}")
+        if self.sliding_window is not None:
+            object.__setattr__(self, "sliding_window", check_int(self.sliding_window, f"{what}: sliding_window"))
         object.__setattr__(self, "norm_eps", check_positive(self.norm_eps, f"{what}: norm_eps", _FLOAT32_TINY))
         object.__setattr__(self, "rope_theta", check_positive(self.rope_theta, f"{what}: rope_theta"))
         if self.rope_scaling is not None:
@@ -162,7 +169,8 @@ class ModelArgs:
         if bool_key(config, "mlp_bias", name, False):
             raise KvscopeError(f"{name}: mlp_bias=true is not supported")
         if family == "qwen2" and bool_key(config, "use_sliding_window", name, False):
-            raise KvscopeError(f"{name}: use_sliding_window=true is not supported")
+            raise KvscopeError(f"{name}: use_sliding_window=true is not supported (Qwen2's window covers only the "
+                               "layers from max_window_layers on; kvscope runs Mistral's, on every layer)")
         theta, scaling = _rope_from_config(config, name)
         n_heads = int_key(config, "num_attention_heads", name)
         attention_bias = bool_key(config, "attention_bias", name, False)
@@ -183,6 +191,7 @@ class ModelArgs:
             qkv_bias=True if family == "qwen2" else attention_bias,
             o_bias=attention_bias if family == "llama" else False,
             head_dim=int_key(config, "head_dim", name, 0),
+            sliding_window=_sliding_window(config, family, name),
         )
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -208,6 +217,11 @@ class ModelArgs:
         }
         if self.family == "llama":
             cfg["attention_bias"] = self.qkv_bias
+        if self.family == "mistral":  # spelled out: transformers' MistralConfig defaults an absent key to 4096
+            cfg["sliding_window"] = self.sliding_window
+        elif self.sliding_window is not None:
+            raise KvscopeError(f"model {self.name!r}: a sliding window of {self.sliding_window} has no "
+                               f"transformers spelling for family {self.family!r} (only mistral)")
         return cfg
 
 
@@ -235,6 +249,18 @@ def _check_rope_scaling(s: RopeScaling, what: str) -> None:
         if not high > low:
             raise KvscopeError(f"{what}: high_freq_factor ({high}) must be greater than low_freq_factor ({low})")
         check_int(s.original_max_position_embeddings, f"{what}: original_max_position_embeddings")
+
+
+def _sliding_window(config: dict[str, Any], family: str, name: str) -> int | None:
+    """Mistral's `sliding_window` as transformers reads it: an integer, null for none (v0.2, v0.3), absent for
+    MistralConfig's default 4096 (v0.1's value). Qwen2 has one only with `use_sliding_window: true` (refused by the
+    caller, as its window covers only some layers); Llama has none (a stray key is ignored, as transformers does)."""
+    if family != "mistral":
+        return None
+    if "sliding_window" not in config:
+        return MISTRAL_DEFAULT_SLIDING_WINDOW
+    value = config["sliding_window"]
+    return None if value is None else check_int(value, f"{name}: sliding_window")
 
 
 def _family_of(config: dict[str, Any], name: str = "config") -> str:

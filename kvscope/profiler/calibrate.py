@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from kvscope.errors import KvscopeError
-from kvscope.io import write_json
+from kvscope.io import OutputFile, check_path, os_reason
 from kvscope.model.config import ModelArgs
 from kvscope.profiler.timing import graph_ms, median_event_ms
 from kvscope.schema import BYTES_PER_GB, FLOPS_PER_TFLOP, MS_PER_S, Ceilings
@@ -37,7 +37,7 @@ def cache_path() -> Path:
 def _read_cache(p: Path) -> dict[str, Any]:
     """The calibration cache as a dict: empty when there is no file; a one-line KvscopeError when there is one that
     cannot be used (it is left in place, never overwritten)."""
-    if not p.exists():
+    if check_path(p, "calibration cache") is None:  # a name too long, a loop of links: one line
         return {}
     try:
         data = json.loads(p.read_text())
@@ -108,10 +108,24 @@ def calibrate(device: torch.device, preset: ModelArgs, copy_bytes: int = COPY_BY
     }
 
 
+def _is_cache(p: Path) -> bool:
+    """Whether `p` is a calibration cache (a JSON object), so `save` may replace it."""
+    try:
+        return isinstance(json.loads(p.read_bytes()), dict)
+    except ValueError:
+        return False
+
+
 def save(result: dict[str, Any], path: Path | None = None) -> Path:
+    """Add `result` to the cache (other GPUs' entries kept), written atomically (`kvscope.io.OutputFile`): a file
+    that is not a calibration cache is never replaced, and every refusal of the system's is one line."""
     p = path or cache_path()
     data = _read_cache(p)  # other GPUs' entries are kept; an unusable file stops here, untouched
-    p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KvscopeError(f"calibration cache {p}: cannot make the folder {p.parent}: {os_reason(exc)}") from None
     data[result["gpu"]] = result
-    write_json(data, p, indent=1)
+    out = OutputFile(p, "calibration cache", _is_cache, "a kvscope calibration cache")
+    out.write(json.dumps(data, default=str, indent=1).encode())
     return p

@@ -158,8 +158,18 @@ def test_cli_warns_when_the_prompt_differs_from_the_sweep(tmp_path: Path, capsys
     (batch_sweep().drop(columns=["tpot_p50_ms", "decode_p50_ms_per_tok"]), (),
      "lacks column(s) tpot_p50_ms or decode_p50_ms_per_tok"),
     (batch_sweep(ttft_ms=["50", "inf", "1", "2", "3", "4"]), (),
-     "column ttft_ms holds inf at batch 2; latencies must be finite and positive"),
-    (batch_sweep(tpot_p50_ms=[10, 11, -1, 12, 13, 14]), (), "column tpot_p50_ms holds -1 at batch 4"),
+     "batch.csv: column ttft_ms, line 3: 'inf' is not a finite number >= 0"),  # the reader's verdict
+    (batch_sweep(tpot_p50_ms=[10, 11, -1, 12, 13, 14]), (), "batch.csv: column tpot_p50_ms, line 4: '-1' is not a "
+                                                            "finite number >= 0"),
+    (batch_sweep(tpot_p50_ms=[10, 11, 0, 12, 13, 14]), (),
+     "column tpot_p50_ms holds 0 at batch 4; latencies must be finite and positive"),
+    (batch_sweep(ttft_ms=["50", "slow", "1", "2", "3", "4"]), (), "batch.csv: column ttft_ms, line 3: 'slow' is not a "
+                                                                 "number"),
+    (batch_sweep(dtype=["bfloat16", "float16"] * 3), (),
+     "batch.csv mixes sweeps: dtype=bfloat16 in line 2, dtype=float16 in line 3; a sweep file holds one sweep's rows"),
+    (batch_sweep(model=["tiny"] * 5 + ["qwen2.5-0.5b"], model_source=["preset:tiny"] * 5 + ["preset:qwen2.5-0.5b"]),
+     ("--model", "tiny"), "batch.csv mixes sweeps: model=tiny in line 2, model=qwen2.5-0.5b in line 7; a sweep file "
+                          "holds one sweep's rows"),
     (batch_sweep(), ("--model", "qwen2.5-0.5b"), "does not match qwen2.5-0.5b's 12,288 KV bytes per token"),
     (batch_sweep(model_source="checkpoint:/nowhere/x", model="x"), (), "cannot be resolved here"),
     (batch_sweep(engine=["kvscope", "transformers"] * 3), (), "holds the rows of several engines"),

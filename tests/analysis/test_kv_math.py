@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -86,3 +87,60 @@ def test_kv_math_bad_input(argv: list[str], message: str, capsys: pytest.Capture
     assert main(["kv-math", "--model", "qwen2.5-3b", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+MISTRAL_V01 = dataclasses.replace(PRESETS["mistral-7b"], name="mistral-7b-v0.1", sliding_window=4096)
+PER_TOKEN_MISTRAL = 32 * 2 * 8 * 128 * 2  # 131,072
+
+
+@pytest.mark.parametrize(("seq", "seen"), [(1000, 1000), (4096, 4096), (8192, 4096), (32_768, 4096)])
+def test_window_bounds_reads_not_the_contiguous_cache(seq: int, seen: int) -> None:
+    """Mistral v0.1: the contiguous cache (kvscope's) keeps every position, so the per-request and total bytes and
+    the capacity count `seq`; a decode step reads only min(seq, 4096) positions, and a ring cache would hold those."""
+    r = kv_math(KvQuery(MISTRAL_V01, batch=4, seq=seq, dtype="bf16", gpu_mem_bytes=80 * GIB_BYTES))
+    assert r["kv_bytes_per_request"] == PER_TOKEN_MISTRAL * seq
+    assert r["kv_bytes_total"] == PER_TOKEN_MISTRAL * seq * 4
+    assert r["sliding_window"] == 4096 and r["attended_positions"] == seen
+    assert r["kv_bytes_read_per_step"] == PER_TOKEN_MISTRAL * seen * 4
+    assert r["kv_bytes_per_request_ring"] == PER_TOKEN_MISTRAL * seen
+    no_window = kv_math(KvQuery(PRESETS["mistral-7b"], batch=4, seq=seq, dtype="bf16", gpu_mem_bytes=80 * GIB_BYTES))
+    assert {k: v for k, v in r.items() if k not in {"model", "sliding_window", "attended_positions",
+                                                    "kv_bytes_read_per_step", "kv_bytes_per_request_ring"}} == \
+        {k: v for k, v in no_window.items() if k != "model"}  # the capacity as the engine allocates: all positions
+    assert "sliding_window" not in no_window and "kv_bytes_read_per_step" not in no_window
+
+
+def test_window_from_config_json_through_the_command_and_the_api(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A Mistral v0.1 config.json (sliding_window 4096; absent means 4096 too, transformers' default; null: none)."""
+    import kvscope
+
+    base = {k: v for k, v in TINY_CONFIGS["mistral"].items() if k != "sliding_window"}
+    for name, extra, window in (("v01", {"sliding_window": 16}, 16), ("absent", {}, 4096),
+                                ("v03", {"sliding_window": None}, None)):
+        cfg = tmp_path / f"{name}.json"
+        cfg.write_text(json.dumps({**base, **extra, "torch_dtype": "float32"}))
+        assert main(["kv-math", "--model", str(cfg), "--seq", "100", "--batch-size", "3", "--json"]) == 0
+        r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert r == kvscope.kv_math(str(cfg), batch_size=3, seq=100)
+        assert r["kv_bytes_total"] == 256 * 100 * 3  # all positions, as kvscope's cache holds them
+        assert r.get("sliding_window") == window
+        seen = min(100, window) if window else None
+        assert r.get("kv_bytes_read_per_step") == (256 * seen * 3 if seen else None)
+        assert r.get("kv_bytes_per_request_ring") == (256 * seen if seen else None)
+
+
+def test_the_engines_cache_is_what_kv_math_says_under_a_window() -> None:
+    """The contiguous cache the engine allocates for a windowed model: kv_math's `kv_bytes_total`, every position."""
+    import torch
+
+    from kvscope.engine.loop import Engine
+    from kvscope.engine.plan import RunConfig
+    from kvscope.model.config import ModelArgs
+    from kvscope.model.weights import empty_model
+
+    args = ModelArgs.from_hf_config(TINY_CONFIGS["mistral-window"], name="w")
+    engine = Engine(empty_model(args, "cpu", torch.float32), RunConfig(2, 40, torch.float32, torch.device("cpu")))
+    r = kv_math(KvQuery(args, batch=2, seq=40, dtype="float32"))
+    assert engine.kv_alloc_bytes == engine.cache.nbytes == r["kv_bytes_total"] == 2 * 40 * 256
+    assert r["kv_bytes_read_per_step"] == 2 * 8 * 256

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -38,6 +39,32 @@ def test_prefill_counts_causal_pairs() -> None:
     assert flops == (2 * 20 * a.n_layers * layer_matmul_params(a) + 2 * 2 * a.dim * a.vocab_size
                      + a.n_layers * 4 * 2 * a.n_heads * a.head_dim * 55)
     assert moved == weights_read_bytes(a, 20, 4) + 20 * a.n_layers * 2 * a.n_kv_heads * a.head_dim * 4
+
+
+MISTRAL_V01 = dataclasses.replace(PRESETS["mistral-7b"], name="mistral-7b-v0.1", sliding_window=4096)
+
+
+@pytest.mark.parametrize(("context", "seen"), [(1, 1), (4095, 4095), (4096, 4096), (4097, 4096), (32_768, 4096)])
+def test_decode_cost_reads_only_the_window(context: int, seen: int) -> None:
+    """Mistral v0.1 (window 4,096): a step reads K/V of min(context, 4096) positions and does attention over them;
+    without the window the same model reads all `context` positions."""
+    a = MISTRAL_V01
+    per_token = 32 * 2 * 8 * 128 * 2
+    moved, flops = decode_cost(a, batch=3, context=context, w_bytes=2, kv_bytes=2)
+    assert moved == weights_read_bytes(a, 3, 2) + 3 * seen * per_token + 3 * per_token
+    assert flops == 2 * 3 * (32 * layer_matmul_params(a) + 4096 * 32768) + 32 * 4 * 3 * 32 * 128 * seen
+    full = decode_cost(PRESETS["mistral-7b"], batch=3, context=context, w_bytes=2, kv_bytes=2)
+    assert full == (moved + 3 * (context - seen) * per_token, flops + 32 * 4 * 3 * 32 * 128 * (context - seen))
+
+
+@pytest.mark.parametrize(("seq", "pairs"), [(3, 6), (4, 10), (5, 10 + 4), (10, 10 + 6 * 4)])
+def test_prefill_counts_the_windows_pairs(seq: int, pairs: int) -> None:
+    """Window 4: query i sees min(i + 1, 4) keys: 1 + 2 + 3 + 4 + 4 + ... pairs per sequence and head."""
+    a = dataclasses.replace(PRESETS["tiny"], sliding_window=4)
+    _, flops = prefill_cost(a, batch=2, seq=seq, w_bytes=4, kv_bytes=4)
+    assert flops == (2 * 2 * seq * a.n_layers * layer_matmul_params(a) + 2 * 2 * a.dim * a.vocab_size
+                     + a.n_layers * 4 * 2 * a.n_heads * a.head_dim * pairs)
+    assert prefill_cost(a, 2, seq, 4, 4)[0] == prefill_cost(PRESETS["tiny"], 2, seq, 4, 4)[0]  # every K/V written
 
 
 def test_roofline_of_a_run_and_ceilings() -> None:

@@ -327,7 +327,8 @@ def test_commit_onto_a_file_that_appeared_meanwhile(tmp_path: Path) -> None:
     final.write_text("appeared")
     with pytest.raises(KvscopeError) as info:
         folder.commit()
-    assert str(info.value) == f"cannot write output folder {final}: Not a directory"
+    assert str(info.value) == (f"output folder {final} appeared while this run ran and is not a folder; it is kept "
+                               "and this run's files were discarded")
     assert final.read_text() == "appeared" and [p.name for p in tmp_path.iterdir()] == ["run"]
 
 

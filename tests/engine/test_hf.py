@@ -43,7 +43,7 @@ def _tokens(model: str, engine: str, prompts: list[list[int]], seed: int = 3, at
     return make_engine(loaded, plan).generate(prompts, GEN)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "llama3-scaled", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "llama3-scaled", "mistral", "mistral-window"])
 def test_eager_tokens_equal_kvscope_engine(tmp_path: Path, family: str) -> None:
     """float32 on the CPU, random weights of one seed: the same greedy tokens, a uniform and a ragged batch."""
     model = _config_file(tmp_path, family)

@@ -149,17 +149,20 @@ def test_decode_attention_is_chosen_once(monkeypatch: pytest.MonkeyPatch) -> Non
     assert type(make_decode_attention(cfg, args.head_dim, cache, AttentionOptions())) is FlashDecode
 
 
-def test_split_kv_attention_gets_its_options_and_equals_the_masked_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernel (stood in for by its reference) gets the options the engine was built with, every call; over
-    the same cache and positions it gives the masked path's output."""
+@pytest.mark.parametrize("window", [None, 1, 4, 7])
+def test_split_kv_attention_gets_its_options_and_equals_the_masked_path(monkeypatch: pytest.MonkeyPatch,
+                                                                        window: int | None) -> None:
+    """The kernel (stood in for by its reference) gets the options the engine was built with and the model's
+    sliding window, every call; over the same cache and positions it gives the masked path's output (eager and
+    static steps), ragged lengths shorter and longer than the window."""
     got: list[dict[str, Any]] = []
 
     def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, **kw: Any) -> torch.Tensor:
         got.append(kw)
-        return k_decode_attention.split_kv_decode_ref(q, k, v, lengths)
+        return k_decode_attention.split_kv_decode_ref(q, k, v, lengths, window=kw["window"])
 
     monkeypatch.setattr(k_decode_attention, "split_kv_decode", kernel)
-    args = PRESETS["tiny"]
+    args = dataclasses.replace(PRESETS["tiny"], sliding_window=window)
     cache = KVCache(args, 3, 16, torch.float32, CPU)
     g = torch.Generator().manual_seed(0)
     cache.data.copy_(torch.randn(cache.data.shape, generator=g))
@@ -170,9 +173,38 @@ def test_split_kv_attention_gets_its_options_and_equals_the_masked_path(monkeypa
     pos = cache.lengths  # (B,)
     q = torch.randn(3, args.n_heads, args.head_dim, generator=g)  # (B, H, D)
     for i in range(args.n_layers):
-        torch.testing.assert_close(ours.attend(i, q, ours.meta(pos, static=False)),
-                                   masked.attend(i, q, masked.meta(pos, static=False)), rtol=1e-5, atol=1e-6)
-    assert got == [{"fused_merge": True, "long_splits": False}] * args.n_layers
+        for static in (False, True):
+            torch.testing.assert_close(ours.attend(i, q, ours.meta(pos, static)),
+                                       masked.attend(i, q, masked.meta(pos, static)), rtol=1e-5, atol=1e-6)
+    assert got == [{"fused_merge": True, "long_splits": False, "window": window}] * (2 * args.n_layers)
+    if window is not None:  # and the window changed the answer for the sequence longer than it
+        full = k_decode_attention.split_kv_decode_ref(q, cache.k(0), cache.v(0), pos + 1)
+        assert not torch.allclose(ours.attend(0, q, ours.meta(pos, False))[2], full[2])
+
+
+@pytest.mark.parametrize(("host", "static", "span", "start", "masked"), [
+    ([9, 9], False, 10, 6, False),  # one length: exactly the window's 4 keys, no mask
+    ([2, 9], False, 10, 0, True),  # ragged: from the shortest sequence's window, masked
+    ([6, 9], False, 10, 3, True),
+    ([9, 9], True, 16, 0, True),  # captured: the whole cache, masked
+])
+def test_masked_and_flash_decode_carry_the_window(host: list[int], static: bool, span: int, start: int,
+                                                  masked: bool) -> None:
+    """Window 4: the masked path reads keys start .. span - 1, its mask True exactly at pos - 4 < key <= pos; flash
+    gets the window for its local attention."""
+    args = dataclasses.replace(PRESETS["tiny"], sliding_window=4)
+    cache = KVCache(args, 2, 16, torch.float32, CPU)
+    cache.start(host)
+    cfg = RunConfig(2, 16, torch.float32, CPU)
+    meta = MaskedDecode(cfg, cache).meta(cache.lengths, static)
+    assert (meta.span, meta.start, meta.key_mask is not None) == (span, start, masked)
+    if masked:
+        want = [[p - 4 < key <= p for key in range(start, span)] for p in host]
+        assert meta.key_mask.view(2, span - start).tolist() == want
+    flash = FlashDecode(cfg, cache).meta(cache.lengths, static)
+    assert flash.window == 4 and flash.seqused.tolist() == [n + 1 for n in host]
+    assert FlashDecode(cfg, KVCache(PRESETS["tiny"], 2, 16, torch.float32, CPU)).meta(cache.lengths, static).window \
+        is None
 
 
 # ---- options: frozen and checked ------------------------------------------------------------------------------------

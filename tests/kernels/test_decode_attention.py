@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -260,3 +261,87 @@ def test_the_plan_names_the_attention_that_runs() -> None:
     with pytest.raises(KvscopeError, match="--attn kvscope is a decode kernel of kvscope's own loop; --engine "
                                            "transformers takes sdpa or eager"):
         prepare(RunSpec(model="tiny", device="cpu", attn="kvscope", engine=HF_EAGER_ENGINE))
+
+
+# ---- the sliding window (Mistral's `sliding_window`): positions max(0, L - W) .. L - 1 -------------------------------
+@pytest.mark.parametrize("window", [1, 3, 8])
+def test_reference_with_a_window_against_a_hand_computed_softmax(window: int) -> None:
+    """Ragged lengths (0, 1, shorter than the window, longer, past S_max: clamped first), GQA h -> h // G: each
+    sequence attends exactly its last `window` positions, float64 by hand."""
+    q, k, v, _ = _inputs(b=5, h=6, hkv=2, d=64, s_max=12)
+    lengths = torch.tensor([0, 1, 2, 11, 20])
+    got = k_decode_attention.split_kv_decode_ref(q, k, v, lengths, scale=0.3, window=window)
+    for b in range(5):
+        n = min(int(lengths[b]), 12)
+        first = max(0, n - window)
+        for h in range(6):
+            if n == 0:
+                assert torch.equal(got[b, h], torch.zeros(64))
+                continue
+            kk, vv = k[b, first:n, h // 3].double(), v[b, first:n, h // 3].double()  # (min(n, W), D)
+            w = torch.softmax(kk @ q[b, h].double() * 0.3, dim=0)
+            torch.testing.assert_close(got[b, h].double(), w @ vv, atol=1e-6, rtol=1e-6)
+
+
+def test_reference_window_none_or_covering_the_cache_is_no_window() -> None:
+    q, k, v, _ = _inputs(b=3, h=8, hkv=2, d=64, s_max=10)
+    lengths = torch.tensor([1, 6, 10])
+    full = k_decode_attention.split_kv_decode_ref(q, k, v, lengths)
+    for window in (None, 10, 11, 2**31 - 1):
+        assert torch.equal(k_decode_attention.split_kv_decode_ref(q, k, v, lengths, window=window), full)
+    # a shorter window changes the long sequences only
+    short = k_decode_attention.split_kv_decode_ref(q, k, v, lengths, window=6)
+    assert torch.equal(short[:2], full[:2]) and not torch.allclose(short[2], full[2])
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("window", [1, 5, 16])
+def test_windowed_reference_matches_the_engines_masked_path(impl: str, window: int) -> None:
+    """The engine's masked decode under a window: keys from the first position any sequence still sees, a mask
+    `pos - W < key <= pos`; the reference at lengths = positions + 1 gives the same."""
+    q, k, v, _ = _inputs(b=3, h=8, hkv=2, d=64, s_max=24)
+    pos = torch.tensor([3, 9, 23])
+    start = max(0, 3 + 1 - window)
+    keys = torch.arange(start, 24).view(1, -1)
+    mask = ((keys <= pos.view(3, 1)) & (keys > pos.view(3, 1) - window)).view(3, 1, 1, 24 - start)
+    theirs = decode_attention(q, k, v, DecodeMeta(span=24, start=start, key_mask=mask), impl)
+    ours = k_decode_attention.split_kv_decode_ref(q, k, v, pos + 1, window=window)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, -4, 2**31, True, 2.0, "8"])
+def test_window_checked_at_the_boundary(window: object) -> None:
+    """Before the device check (so here, on the CPU), in the kernel's call and in its reference alike."""
+    q, k, v, n = _inputs()
+    message = rf"window must be None or an int in \[1, 2147483647\], got {re.escape(repr(window))}"
+    with pytest.raises(ValueError, match="split_kv_decode: " + message):
+        k_decode_attention.split_kv_decode(q, k, v, n, window=window)
+    with pytest.raises(ValueError, match="split_kv_decode_ref: " + message):
+        k_decode_attention.split_kv_decode_ref(q, k, v, n, window=window)
+
+
+@pytest.mark.parametrize(("s_max", "window", "splits_over"), [
+    (32_768 + 64, 4096, 4096),  # Mistral v0.1's window in a 32k cache: the splits share the window's positions
+    (32_768 + 64, None, 32_768 + 64),
+    (4096 + 64, 8192, 4096 + 64),  # a window longer than the cache: the cache's
+    (600, 100, 100),  # one split: none shorter than DECODE_ATTENTION_MIN_SPLIT_TOKENS
+])
+def test_launch_passes_the_window_and_splits_over_it(monkeypatch: pytest.MonkeyPatch, s_max: int,
+                                                     window: int | None, splits_over: int) -> None:
+    """The launch logic without a GPU (device check, SM count, launch stood in): the kernel gets the window as its
+    `window` argument (0 for none), between the split count and the scale, and the default split count is the
+    rule's at min(S_max, window) positions."""
+    launches: list[tuple[str, tuple[int, int, int], list]] = []
+    monkeypatch.setattr(k_decode_attention, "need_cuda", lambda *a: None)
+    monkeypatch.setattr(k_decode_attention, "sm_count_of", lambda index: H200_SMS)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(k_decode_attention, "launch",
+                        lambda entry, variant, dtype, device, grid, block, args, **kw: launches.append(
+                            (variant, grid, args)))
+    q, k, v, n = _inputs(b=1, h=8, hkv=2, d=64, s_max=s_max)
+    k_decode_attention.split_kv_decode(q, k, v, n, window=window, long_splits=False)
+    splits = k_decode_attention.decode_splits(2, splits_over, H200_SMS)
+    variant, grid, args = launches[0]
+    assert variant == "d64_g4" and grid == (splits, 2, 1)
+    assert int(args[-3]) == splits and int(args[-2]) == (window or 0) and type(args[-2]).__name__ == "int32"
+    assert [v for v, _, _ in launches] == ["d64_g4"] + (["merge"] if splits > 1 else [])

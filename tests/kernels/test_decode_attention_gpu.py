@@ -2,10 +2,10 @@
 64, lengths 1 to 32k (lengths that are multiples of no tile, ragged lengths in one batch, 0 and past S_max), head
 sizes 64 and 128, 1 to 12 query heads per KV head, bfloat16 / float16 / float32, outputs and the splits' partial
 results NaN-poisoned before every launch; replayed from a CUDA graph with the lengths changed between replays; the
-engine's `--attn kvscope` switch. Every test runs twice: with the separate merge kernel and with the merge fused
-into the main kernel (DECODE_ATTENTION_FUSED_MERGE, which the engine's calls also take), whose arrival counters must
-be zero again after every launch and replay. The host-side choices and boundary checks:
-tests/kernels/test_decode_attention.py."""
+engine's `--attn kvscope` switch; a sliding window (each sequence its last W positions) over these. Every test runs
+twice: with the separate merge kernel and with the merge fused into the main kernel (DECODE_ATTENTION_FUSED_MERGE,
+which the engine's calls also take), whose arrival counters must be zero again after every launch and replay. The
+host-side choices and boundary checks: tests/kernels/test_decode_attention.py."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from kvscope.engine.loop import Engine
 from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunConfig
 from kvscope.kernels import decode_attention as k_decode_attention
+from kvscope.model.config import ModelArgs
 from kvscope.model.source import resolve_model
-from kvscope.model.weights import load_model
+from kvscope.model.weights import empty_model, init_random, load_model
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -61,12 +62,13 @@ def _case(b: int, s_max: int, hkv: int, group: int, d: int, dtype: torch.dtype, 
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, splits: int | None = None,
-           tensor_cores: bool | None = None) -> None:
+           tensor_cores: bool | None = None, window: int | None = None) -> None:
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=CUDA)  # (B, H, D) poisoned
-    got = k_decode_attention.split_kv_decode(q, k, v, lengths, splits=splits, out=out, tensor_cores=tensor_cores)
+    got = k_decode_attention.split_kv_decode(q, k, v, lengths, splits=splits, out=out, tensor_cores=tensor_cores,
+                                             window=window)
     assert got.data_ptr() == out.data_ptr()
     assert not got.isnan().any(), "an output element was not written (or a NaN partial was read)"
-    torch.testing.assert_close(got, k_decode_attention.split_kv_decode_ref(q, k, v, lengths),
+    torch.testing.assert_close(got, k_decode_attention.split_kv_decode_ref(q, k, v, lengths, window=window),
                                **k_decode_attention.DECODE_ATTENTION_TOLERANCE[q.dtype])
     _counters_zero()
 
@@ -286,3 +288,95 @@ def test_engine_attn_kvscope(dtype: torch.dtype) -> None:
     assert graphed.generate(prompts, 24) == eager  # the graph is reused after a new prefill
     if dtype == torch.float32:
         assert Engine(model, RunConfig(3, 96, dtype, CUDA, "sdpa"), options=kernels).generate(prompts, 24) == eager
+
+
+# ---- the sliding window: sequence b attends max(0, L - W) .. L - 1 ---------------------------------------------------
+@pytest.mark.parametrize(("dtype", "tensor_cores"), KERNELS)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("window", [1, 16, 100, 517, 4096])
+def test_window_dtypes_head_sizes_and_windows(dtype: torch.dtype, tensor_cores: bool, d: int, window: int) -> None:
+    """Ragged lengths shorter and longer than the window (1, one that is no multiple of any tile, the full cache),
+    4 query heads per KV head, default splits (counted over min(S_max, W) positions)."""
+    q, k, v = _case(3, 1000, 2, 4, d, dtype, seed=d + window)
+    _check(q, k, v, torch.tensor([1, 517, 1000], device=CUDA), tensor_cores=tensor_cores, window=window)
+
+
+@pytest.mark.parametrize("tensor_cores", [True, False])
+@pytest.mark.parametrize("splits", [1, 2, 7, 300, k_decode_attention.DECODE_ATTENTION_MAX_SPLITS])
+def test_window_forced_split_counts_including_empty_splits(splits: int, tensor_cores: bool) -> None:
+    """The splits share the window's positions (from L - W on): any count gives the same result, also when most
+    splits get none."""
+    q, k, v = _case(3, 2000, 2, 8, 128, torch.float16, seed=splits + 1)
+    _check(q, k, v, torch.tensor([3, 1999, 250], device=CUDA), splits=splits, tensor_cores=tensor_cores, window=250)
+
+
+@pytest.mark.parametrize(("b", "s_max", "lengths", "window"), [
+    (1, 32_768, [32_768], 4096),  # Mistral v0.1's window in a 32k cache
+    (4, 32_768, [1, 4097, 32_768, 20_001], 4096),
+    (16, 4096 + 64, "random", 1000),
+    (5, 9000, [0, 1, 8999, 513, 9000], 512),
+])
+def test_window_at_long_contexts_both_split_rules(b: int, s_max: int, lengths: list[int] | str, window: int) -> None:
+    """16 query heads over 2 KV heads, d=128, bfloat16, both kernels and both split rules."""
+    q, k, v = _case(b, s_max, 2, 8, 128, torch.bfloat16, seed=b + window)
+    if lengths == "random":
+        n = torch.randint(1, s_max + 1, (b,), device=CUDA, generator=torch.Generator(device=CUDA).manual_seed(b))
+    else:
+        n = torch.tensor(lengths, device=CUDA)
+    for tc in (True, False):
+        for long_splits in (False, True):
+            out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=CUDA)  # (B, H, D) poisoned
+            got = k_decode_attention.split_kv_decode(q, k, v, n, out=out, tensor_cores=tc, long_splits=long_splits,
+                                                     window=window)
+            assert not got.isnan().any()
+            torch.testing.assert_close(got, k_decode_attention.split_kv_decode_ref(q, k, v, n, window=window),
+                                       **k_decode_attention.DECODE_ATTENTION_TOLERANCE[q.dtype])
+            _counters_zero()
+
+
+def test_window_inside_a_cuda_graph_with_lengths_changed_between_replays() -> None:
+    """The window is a host int fixed at capture; the device lengths (shorter and longer than it) change between
+    replays and every replay matches the reference."""
+    b, s_max, window = 4, 8192, 1500
+    q, k, v = _case(b, s_max, 2, 8, 128, torch.bfloat16, seed=31)
+    lengths = torch.tensor([1, 100, 8192, 4000], device=CUDA)
+    out = torch.empty(b, 16, 128, dtype=torch.bfloat16, device=CUDA)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        k_decode_attention.split_kv_decode(q, k, v, lengths, out=out, window=window)  # compiles before the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        k_decode_attention.split_kv_decode(q, k, v, lengths, out=out, window=window)
+    g = torch.Generator(device=CUDA).manual_seed(32)
+    for rep in range(4):
+        lengths.copy_(torch.randint(1, s_max + 1, (b,), device=CUDA, generator=g))
+        if rep == 3:
+            lengths[0] = window - 1
+        q.copy_(torch.randn(q.shape, device=CUDA, generator=g))
+        out.fill_(float("nan"))
+        graph.replay()
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, k_decode_attention.split_kv_decode_ref(q, k, v, lengths, window=window),
+                                   **k_decode_attention.DECODE_ATTENTION_TOLERANCE[torch.bfloat16])
+        _counters_zero()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_attn_kvscope_with_a_window(dtype: torch.dtype) -> None:
+    """A Mistral-shaped model (d=64, 8 query heads over 2 KV heads) with a 24-position window and ragged prompts
+    past it: `--attn kvscope` eager and from a CUDA graph give the same greedy tokens; in float32 also the same as
+    the sdpa and eager switches (their windows: tests/engine/test_parity_gpu.py)."""
+    args = ModelArgs("gpu-window", "mistral", dim=512, n_layers=2, n_heads=8, n_kv_heads=2, intermediate_size=1024,
+                     vocab_size=1000, max_position_embeddings=512, sliding_window=24)
+    model = empty_model(args, CUDA, dtype)
+    init_random(model, 5)
+    prompts = [list(range(10, 47)), list(range(50, 57)), list(range(3, 30))]
+    kernels = EngineOptions(kernels=True)
+    eager = Engine(model, RunConfig(3, 96, dtype, CUDA, "kvscope"), options=kernels).generate(prompts, 40)
+    graphed = Engine(model, RunConfig(3, 96, dtype, CUDA, "kvscope"), options=EngineOptions(graphs=True, kernels=True))
+    assert graphed.generate(prompts, 40) == eager
+    if dtype == torch.float32:
+        for attn in ("sdpa", "eager"):
+            assert Engine(model, RunConfig(3, 96, dtype, CUDA, attn), options=kernels).generate(prompts, 40) == eager

@@ -108,10 +108,62 @@ CSV_CASES = {
     "not-utf8": (b"seq_len,batch\n8,\xff\n", "cannot read {out}: not a CSV file ('utf-8' codec can't decode byte "
                                              "0xff in position 16: invalid start byte)"),
     "open-quote": (b'seq_len,batch\n"8,1\n', "cannot read {out}: not a CSV file (unexpected end of data)"),
-    # accepted by both: numbers the reader does not judge, spellings of the same size, blank lines between rows
-    "negative-duration": (_cell("decode_p50_ms_per_tok", 1, "-3.5"), None),
-    "negative-prefill": (_cell("prefill_p50_ms", 0, "-1"), None),
+    # number columns (a known name, or a unit at the end): a finite number >= 0, or missing
+    "negative-duration": (_cell("decode_p50_ms_per_tok", 1, "-3.5"),
+                          "{out}: column decode_p50_ms_per_tok, line 3: '-3.5' is not a finite number >= 0"),
+    "negative-prefill": (_cell("prefill_p50_ms", 0, "-1"),
+                         "{out}: column prefill_p50_ms, line 2: '-1' is not a finite number >= 0"),
+    "infinite-rate": (_cell("decode_tok_s", 2, "inf"), "{out}: column decode_tok_s, line 4: 'inf' is not a finite "
+                                                       "number >= 0"),
+    "minus-infinite-time": (_cell("ttft_ms", 3, "-Infinity"), "{out}: column ttft_ms, line 5: '-Infinity' is not a "
+                                                              "finite number >= 0"),
+    "negative-mib": (_cell("peak_allocated_mib", 0, "-1e3"), "{out}: column peak_allocated_mib, line 2: '-1e3' is not "
+                                                             "a finite number >= 0"),
+    "negative-bytes": (_cell("kv_alloc_bytes", 1, "-5"), "{out}: column kv_alloc_bytes, line 3: '-5' is not a finite "
+                                                         "number >= 0"),
+    "text-time": (_cell("decode_p50_ms_per_tok", 2, "slow"), "{out}: column decode_p50_ms_per_tok, line 4: 'slow' is "
+                                                             "not a number"),
+    "text-in-a-report-column": (_cell("vram_reserved_mb", 0, "1,024"), "{out}: column vram_reserved_mb, line 2: "
+                                                                       "'1,024' is not a number"),
+    "true-in-a-number": (_cell("weights_bytes", 1, "True"), "{out}: column weights_bytes, line 3: 'True' is not a "
+                                                            "number"),
+    "text-setting-number": (_cell("gen_tokens", 0, "two"), "{out}: column gen_tokens, line 2: 'two' is not a number"),
+    # one line per cell: no newline or other control character in a cell or a column name
+    "newline-in-cell": (_cell("run_id", 1, "tiny\nbs2"), "{out}: column run_id, line 4: 'tiny\\nbs2' holds a control "
+                                                         "character; a sweep file's names and cells are one line of "
+                                                         "text each"),
+    "carriage-return-in-cell": (b'seq_len,batch,device\n8,1,"cpu\r"\n', "{out}: column device, line 3: 'cpu\\r' "
+                                "holds a control character; a sweep file's names and cells are one line of text each"),
+    "bare-carriage-return": (_cell("device", 0, "cpu\r"), "{out}: line 2 has {at_device} fields, the header has {n}"),
+    "tab-in-a-number": (_cell("decode_tok_s", 3, "1.5\t"), "{out}: column decode_tok_s, line 5: '1.5\\t' holds a "
+                                                          "control character; a sweep file's names and cells are one "
+                                                          "line of text each"),
+    "newline-in-a-name": (lambda rows: [[*rows[0][:-1], "collapse\nfactor"], *rows[1:]],
+                          "{out}: the column name 'collapse\\nfactor' holds a control character; a sweep file's "
+                          "names and cells are one line of text each"),
+    "nul-in-cell": (b"seq_len,batch,model\n8,1,ti\x00ny\n", "{out}: column model, line 2: 'ti\\x00ny' holds a "
+                                                            "control character; a sweep file's names and cells are "
+                                                            "one line of text each"),
+    # one sweep: one model, dtype and device in the whole file, one value of each engine setting per engine
+    "two-models": (_cell("model", 2, "qwen2.5-0.5b"), "{out} mixes sweeps: model=tiny in line 2, model=qwen2.5-0.5b "
+                                                      "in line 4; a sweep file holds one sweep's rows"),
+    "two-model-sources": (_cell("model_source", 1, "preset:llama-tiny"), "{out} mixes sweeps: "
+                          "model_source=preset:tiny in line 2, model_source=preset:llama-tiny in line 3; a sweep "
+                          "file holds one sweep's rows"),
+    "two-dtypes": (_cell("dtype", 3, "bfloat16"), "{out} mixes sweeps: dtype=float32 in line 2, dtype=bfloat16 in "
+                                                  "line 5; a sweep file holds one sweep's rows"),
+    "two-devices": (_cell("device", 1, "NVIDIA H100"), "{out} mixes sweeps: device=cpu in line 2, device=NVIDIA H100 "
+                                                       "in line 3; a sweep file holds one sweep's rows"),
+    "an-empty-setting": (_cell("model", 3, ""), "{out} mixes sweeps: model=tiny in line 2, model= in line 5; a sweep "
+                                                "file holds one sweep's rows"),
+    "two-gen-tokens": (_cell("gen_tokens", 2, "4"), "{out} mixes sweeps: gen_tokens=2 in line 2, gen_tokens=4 in line "
+                                                    "4; a sweep file holds one sweep's rows"),
+    "two-attns": (_cell("attn", 1, "eager"), "{out} mixes sweeps: attn=sdpa in line 2, attn=eager in line 3; a sweep "
+                                             "file holds one sweep's rows"),
+    # accepted by all: missing values, zero, spellings of the same size, blank lines between rows, a note by hand
     "missing-spelling": (_cell("decode_tok_s", 2, "NA"), None),
+    "zero-time": (_cell("decode_p50_ms_per_tok", 1, "0"), None),
+    "text-in-a-column-of-no-unit": (lambda rows: [[*rows[0], "note"], *[[*r, "ok, fast"] for r in rows[1:]]], None),
     "integral-float-size": (_cell("seq_len", 0, "8.0"), None),
     "blank-line-between-rows": (lambda rows: [*rows[:3], [], *rows[3:]], None),
 }
@@ -141,12 +193,16 @@ def test_resume_and_report_give_a_hand_edited_csv_the_same_verdict(case: str, ma
     else:
         out.write_bytes(made[".csv"])
         _csv(out, edit)
-    n = len(made[".csv"].split(b"\n")[0].split(b","))
-    want = None if expected is None else expected.format(out=out, n=n, n2=n - 2)
+    header = made[".csv"].split(b"\n")[0].split(b",")
+    n = len(header)
+    want = None if expected is None else expected.format(out=out, n=n, n2=n - 2, at_device=header.index(b"device") + 1)
     assert _verdicts(out, tmp_path, capsys) == (want, want)
     if want is not None:  # capacity reads the file with the same reader: the same refusal
         assert main(["capacity", "--sweep", str(out), *CAPACITY]) == 2
         assert _error(capsys) == want
+        before = out.read_bytes()  # a resume with a new point to run: refused before any, nothing compared or added
+        assert main([*SWEEP, "--seq", "8,16,32", "--batch-sizes", "1,2", "--out", str(out), "--resume"]) == 2
+        assert _error(capsys) == want and out.read_bytes() == before
     else:
         assert len(read_sweep(out)) == 4
 
@@ -176,7 +232,25 @@ PARQUET_CASES = {
     "number-flag": (_parquet_column("flag", [0.0, 1.0, 2.0, 3.0]), "{out}: column flag, row 1: 0.0 is not text"),
     "metadata-not-json": (_parquet_meta(b"{not json"), "{out}: its kvscope metadata is not valid JSON"),
     "empty": (lambda path: path.write_bytes(b""), "{out} is empty: not a kvscope sweep file"),
-    "negative-duration": (_parquet_column("decode_p50_ms_per_tok", [1.0, -2.0, 3.0, 4.0]), None),
+    "negative-duration": (_parquet_column("decode_p50_ms_per_tok", [1.0, -2.0, 3.0, 4.0]),
+                          "{out}: column decode_p50_ms_per_tok, row 2: -2.0 is not a finite number >= 0"),
+    "infinite-rate": (_parquet_column("decode_tok_s", [1.0, 2.0, float("inf"), 4.0]),
+                      "{out}: column decode_tok_s, row 3: inf is not a finite number >= 0"),
+    "text-time": (_parquet_column("ttft_ms", ["1.0", "slow", "2", None]),
+                  "{out}: column ttft_ms, row 2: 'slow' is not a number"),
+    "true-in-a-number": (_parquet_column("kv_alloc_bytes", [True, False, True, False]),
+                         "{out}: column kv_alloc_bytes, row 1: True is not a number"),
+    "newline-in-cell": (_parquet_column("run_id", ["a", "b", "c\nd", "e"]),
+                        "{out}: column run_id, row 3: 'c\\nd' holds a control character; a sweep file's names and "
+                        "cells are one line of text each"),
+    "two-models": (_parquet_column("model", ["tiny", "tiny", "tiny", "other"]),
+                   "{out} mixes sweeps: model=tiny in row 1, model=other in row 4; a sweep file holds one sweep's "
+                   "rows"),
+    "two-dtypes": (_parquet_column("dtype", ["float32", "float16", "float32", "float32"]),
+                   "{out} mixes sweeps: dtype=float32 in row 1, dtype=float16 in row 2; a sweep file holds one "
+                   "sweep's rows"),
+    "missing-time": (_parquet_column("decode_p50_ms_per_tok", [1.0, None, float("nan"), 0.0]), None),
+    "text-number-spelled": (_parquet_column("ttft_ms", ["1.0", "2", "NaN", " 3 "]), None),
 }
 
 
@@ -247,3 +321,51 @@ def test_frame_types_and_cells_as_written(tmp_path: Path) -> None:
     assert df["seq_len"].tolist() == [8, 16] and str(df["seq_len"].dtype) == "int64"
     assert df["flag"].tolist() == ["oom", ""]
     assert df["decode_tok_s"].isna().tolist() == [True, False]
+
+
+def _two_engines(rows: list[list[str]]) -> list[list[str]]:
+    """The four rows again as transformers' (an engine setting of its own: attn), as two sweeps put side by side."""
+    engine, attn = rows[0].index("engine"), rows[0].index("attn")
+    other = [[("transformers" if i == engine else "eager" if i == attn else c) for i, c in enumerate(r)]
+             for r in rows[1:]]
+    return [*rows, *other]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_file_of_two_engines_is_a_report_and_nothing_else(suffix: str, made: dict[str, bytes], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Two engines' sweeps of one model in one file: the report compares them (a line per engine); a resume cannot
+    append one engine's rows to it and capacity plans from one engine; each says so in one line."""
+    out = tmp_path / f"s{suffix}"
+    out.write_bytes(made[suffix])
+    if suffix == ".csv":
+        _csv(out, _two_engines)
+    else:
+        table = pq.read_table(out)
+        other = table
+        for name, value in (("engine", "transformers"), ("attn", "eager")):
+            i = other.column_names.index(name)
+            other = other.set_column(i, name, pa.array([value] * other.num_rows, type=other.schema.field(i).type))
+        pq.write_table(pa.concat_tables([table, other]), out)
+    where = ("line 2", "line 6") if suffix == ".csv" else ("row 1", "row 5")
+    resume, report = _verdicts(out, tmp_path, capsys)
+    assert (resume, report) == (f"--resume: {out} mixes sweeps: engine=kvscope in {where[0]}, engine=transformers in "
+                                f"{where[1]}", None)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "### Seq sweep at batch 1 (kvscope)" in md and "### Seq sweep at batch 1 (transformers)" in md
+    assert main(["capacity", "--sweep", str(out), *CAPACITY]) == 2
+    assert _error(capsys) == (f"{out} holds the rows of several engines (kvscope, transformers): plan from one "
+                              "engine's sweep")
+
+
+def test_an_engine_setting_is_one_per_engine(made: dict[str, bytes], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """In a file of two engines, one engine's rows of two sweeps (attn sdpa and eager): the same refusal from all."""
+    out = tmp_path / "s.csv"
+    out.write_bytes(made[".csv"])
+    _csv(out, lambda rows: _cell("attn", 5, "sdpa")(_two_engines(rows)))
+    want = (f"{out} mixes sweeps (transformers engine): attn=eager in line 6, attn=sdpa in line 7; a sweep file holds "
+            "one sweep's rows")
+    assert _verdicts(out, tmp_path, capsys) == (want, want)
+    assert main(["capacity", "--sweep", str(out), *CAPACITY]) == 2
+    assert _error(capsys) == want

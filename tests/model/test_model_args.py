@@ -132,3 +132,59 @@ def test_dtype_names_and_device_default() -> None:
     assert parse_dtype("bf16", torch.device("cpu")) is torch.bfloat16 and parse_dtype("Half") is torch.float16
     with pytest.raises(KvscopeError, match="unknown dtype 'int8'"):
         parse_dtype("int8")
+
+
+# ---- Mistral's sliding window, as transformers reads config.json ------------------------------------------------------
+MISTRAL = {k: v for k, v in TINY_CONFIGS["mistral"].items() if k != "sliding_window"}
+
+
+@pytest.mark.parametrize(("config", "window"), [
+    ({**MISTRAL, "sliding_window": 4096}, 4096),  # Mistral-7B-v0.1
+    (MISTRAL, 4096),  # absent: MistralConfig's default
+    ({**MISTRAL, "sliding_window": None}, None),  # v0.2 / v0.3
+    ({**MISTRAL, "sliding_window": 8.0}, 8),  # a number with no fraction is an integer
+    (TINY_CONFIGS["qwen2"], None),  # sliding_window 128 with use_sliding_window false: unused
+    ({**TINY_CONFIGS["llama"], "sliding_window": 16}, None),  # Llama has none; transformers ignores the key
+])
+def test_sliding_window_read_as_transformers_reads_it(config: dict, window: int | None) -> None:
+    from transformers import AutoConfig
+
+    args = ModelArgs.from_hf_config(config)
+    assert args.sliding_window == window and type(args.sliding_window) is type(window)
+    # transformers' reading, where it has one (LlamaConfig keeps a stray key its model never reads; 8.0 it refuses)
+    if config["model_type"] != "llama" and not isinstance(config.get("sliding_window"), float):
+        cfg = {k: v for k, v in config.items() if k != "architectures"}
+        assert AutoConfig.for_model(cfg.pop("model_type"), **cfg).sliding_window == window
+    # and back: the transformers-5 spelling kvscope builds references from says the same
+    hf = args.to_hf_config()
+    assert hf.get("sliding_window") == window and ModelArgs.from_hf_config(hf).sliding_window == window
+
+
+def test_presets_keep_their_published_windows() -> None:
+    assert PRESETS["mistral-7b"].sliding_window is None  # v0.3
+    assert all(p.sliding_window is None for p in PRESETS.values())
+    assert PRESETS["mistral-7b"].to_hf_config()["sliding_window"] is None  # not transformers' default 4096
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (0, r"hostile: sliding_window must be an integer in \[1, 2147483647\], got 0"),
+    (-4096, r"hostile: sliding_window must be an integer in \[1, 2147483647\], got -4096"),
+    ("4096", r"hostile: sliding_window must be an integer, got '4096'"),
+    (True, r"hostile: sliding_window must be an integer, got true"),
+    (4096.5, r"hostile: sliding_window must be an integer, got 4096.5"),
+    (2**31, r"hostile: sliding_window must be an integer in \[1, 2147483647\], got 2147483648"),
+])
+def test_bad_sliding_window_is_one_line_naming_key_and_value(value: object, message: str) -> None:
+    with pytest.raises(KvscopeError, match=message) as info:
+        ModelArgs.from_hf_config({**MISTRAL, "sliding_window": value}, name="hostile")
+    assert "\n" not in str(info.value)
+    with pytest.raises(KvscopeError, match=r"model 'direct': sliding_window must be an integer"):
+        ModelArgs("direct", "mistral", dim=64, n_layers=1, n_heads=4, n_kv_heads=4, intermediate_size=64,
+                  vocab_size=64, max_position_embeddings=64, sliding_window=value if value != 0 else -1)
+
+
+def test_qwen2_sliding_window_in_use_is_refused_in_one_line() -> None:
+    with pytest.raises(KvscopeError, match=r"^hostile: use_sliding_window=true is not supported \(Qwen2's window covers "
+                                           r"only the layers from max_window_layers on; kvscope runs Mistral's, on "
+                                           r"every layer\)$"):
+        ModelArgs.from_hf_config({**TINY_CONFIGS["qwen2"], "use_sliding_window": True}, name="hostile")

@@ -296,6 +296,8 @@ def test_every_key_with_every_hostile_value_is_refused_or_sane(family: str) -> N
                 assert type(v) is int and 1 <= v <= MAX_SIZE, (key, value, f, v)
             assert math.isfinite(args.norm_eps) and args.norm_eps > 0 and math.isfinite(args.rope_theta)
             assert type(args.tie_word_embeddings) is bool and type(args.qkv_bias) is bool
+            w = args.sliding_window
+            assert w is None or (type(w) is int and 1 <= w <= MAX_SIZE), (key, value, w)
 
 
 @pytest.mark.parametrize("where", ["rope_scaling", "rope_parameters"])

@@ -205,6 +205,15 @@ def _join_timings(out: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
         df["_run"] = df["run"].fillna("").astype(str)
         df["_name"] = df["name"].fillna("").astype(str)
     key = ["_run", "_rep", "_step", "_name"]
+    twice = t.duplicated(key, keep=False).to_numpy(bool)
+    if twice.any():  # each would match the same range: every region counted as often
+        first = t.loc[twice].iloc[0]
+        where = ", ".join(f"{k} {first[k]}" for k in ("rep", "step") if pd.notna(first[k]))
+        where += ("; " if where else "") + (f"in {first['run']!r}" if first["run"] != first["_name"] else "")
+        per_rank = " (a tensor-parallel run's: align each rank with its own rows)" if "rank" in t.columns else ""
+        raise KvscopeError(f"timings hold {int((t[key] == first[key]).all(axis=1).sum())} rows of the region "
+                           f"{first['_name']!r}{f' ({where})' if where else ''}; a run's timings hold each region "
+                           f"once{per_rank}")
     dup = out.duplicated(key, keep=False) & out["kind"].notna()
     if dup.any():
         example = out.loc[dup, "name"].iloc[0]

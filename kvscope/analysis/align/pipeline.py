@@ -3,7 +3,8 @@
 Output folder (`--out`): written whole or not at all (`kvscope.io.AtomicFolder`): the tables go into a temporary
 folder beside it, renamed into place when all are written. The folder may be new, empty, or hold a previous
 `kvscope align` output and nothing else (then it is replaced whole, so two analyses never mix); any other folder is
-refused before the analysis starts.
+refused before the analysis starts, as is a folder that is or holds one of the command's inputs. Two `kvscope align`s
+into one `--out` at once: the second to finish is refused (its output discarded), never the first's output lost.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from kvscope.analysis.nsys.filters import RangeFilter
 from kvscope.analysis.nsys.projection import project
 from kvscope.analysis.nsys.range_summary import range_summary
 from kvscope.errors import KvscopeError
-from kvscope.io import AtomicFolder, write_parquet
+from kvscope.io import AtomicFolder, Inputs, write_parquet
 from kvscope.schema import (
     ALIGN_FILE,
     ALIGN_OUTPUT_FILES,
@@ -82,10 +83,11 @@ def is_align_output(folder: Path) -> bool:
     return all(p.name in (*OUTPUT_FILES, TRACE_FILE) and p.is_file() and not p.is_symlink() for p in folder.iterdir())
 
 
-def output_folder(out: Path) -> AtomicFolder:
+def output_folder(out: Path, inputs: Inputs = ()) -> AtomicFolder:
     """The `--out` folder of `kvscope align`, checked now (before any analysis), written by `write` inside
-    `with output_folder(out) as tmp:`."""
-    return AtomicFolder(out, "--out", replaceable=is_align_output)
+    `with output_folder(out, inputs) as tmp:`; `inputs`: (name, path) of what the command reads, which `out` must
+    neither be nor hold."""
+    return AtomicFolder(out, "--out", replaceable=is_align_output, inputs=inputs)
 
 
 def analyse(export: str | Path | NsysExport, timings: str | Path | pd.DataFrame | None = None, *,

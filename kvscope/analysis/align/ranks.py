@@ -11,15 +11,18 @@ per rank (`--pid`) against that rank's timings rows, so align.parquet gets a `ra
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from rich.table import Table
 
+from kvscope.analysis.align.phase_map import PhaseMap
 from kvscope.analysis.align.pipeline import AlignResult, analyse
 from kvscope.analysis.inputs import ALIGN_TIMINGS_COLUMNS, read_timings
 from kvscope.analysis.nsys.export import NsysExport, load_export
+from kvscope.errors import KvscopeError
 from kvscope.io import write_parquet
 from kvscope.schema import NS_PER_MS
 
@@ -115,8 +118,16 @@ def rank_alignment(result: AlignResult) -> tuple[pd.DataFrame, pd.DataFrame] | N
     return rank_table(per_step, ranks), per_step
 
 
+def refuse_rank_filters(used: list[str], timings: object) -> None:
+    """The filters (`--domain`, `--range`, `--start`, `--end`, `--pid`, `--classes`: those `used`) cut a
+    tensor-parallel run's capture apart: with its timings (`timings` names them) they are a one-line error."""
+    if used:
+        raise KvscopeError(f"align: {', '.join(used)} cannot be combined with the timings of a tensor-parallel run "
+                           f"({timings}: one process per rank, each aligned whole)")
+
+
 def analyse_ranks(export: str | Path | NsysExport, timings: str | Path | pd.DataFrame | None = None,
-                  nsys: str | None = None, phase_map: str | None = None
+                  nsys: str | None = None, phase_map: str | Mapping[str, str] | PhaseMap | None = None
                   ) -> tuple[AlignResult, tuple[pd.DataFrame, pd.DataFrame] | None]:
     """`kvscope align` over every process (no timings: the ranks' region names repeat), then with timings (a run
     folder or its table, as `read_timings(folder, ALIGN_TIMINGS_COLUMNS)` gives it) that have a `rank` column, each

@@ -3,6 +3,7 @@
 Every problem is a `KvscopeError` naming the export as the user gave it (`shown`), the table, the column and the
 first offending row (the SQLite rowid, or the 1-based row of a Parquet table): text or true/false where numbers
 belong, fractions or infinities where integers belong, empty cells where a value is required, values beyond int64,
+timestamps that are negative or beyond any capture's clock (`MAX_TIMESTAMP_NS`), bytes or numbers where text belongs,
 rows that end before they start. Nothing is read as a silent default.
 """
 
@@ -15,6 +16,11 @@ import pandas as pd
 
 from kvscope.analysis.inputs import shown_value
 from kvscope.errors import KvscopeError
+
+# an export's timestamps are ns on the capture's clock: none is negative, and none comes near 2**62 ns (146 years),
+# below which no difference or sum of a few durations overflows int64
+MAX_TIMESTAMP_NS = 2**62
+_INT64_END = 2**63  # the first integer beyond int64
 
 
 def reason(exc: BaseException) -> str:
@@ -52,6 +58,10 @@ def numbers(shown: Path, df: pd.DataFrame, table: str, col: str, empty_ok: bool 
             i = int(np.flatnonzero(bad)[0])
             raise KvscopeError(f"{shown}: table {table} column {col} holds {shown_value(values[i])} in row "
                                f"{df['_row'].iloc[i]}, not an integer (a damaged or foreign table)")
+        _beyond_int64(shown, df, table, col, values, (values >= _INT64_END) | (values < -_INT64_END))
+    if integer and pd.api.types.is_unsigned_integer_dtype(num):
+        values = num.to_numpy(np.uint64, na_value=0)
+        _beyond_int64(shown, df, table, col, values, values >= np.uint64(_INT64_END))
     try:
         out = num.astype("Int64" if integer else "Float64")
     except (TypeError, ValueError, OverflowError) as exc:  # e.g. uint64 values beyond int64
@@ -75,3 +85,51 @@ def check_order(shown: Path, df: pd.DataFrame, table: str, start: np.ndarray, en
     if back.any():
         raise KvscopeError(f"{shown}: table {table} has {int(back.sum())} row(s) that end before they start "
                            f"(first: row {_first_row(df, back)}): a damaged export")
+
+
+def _beyond_int64(shown: Path, df: pd.DataFrame, table: str, col: str, values: np.ndarray, bad: np.ndarray) -> None:
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise KvscopeError(f"{shown}: table {table} column {col} holds {shown_value(values[i])} in row "
+                           f"{df['_row'].iloc[i]}, beyond the 64-bit integers (a damaged or foreign table)")
+
+
+def timestamps(shown: Path, df: pd.DataFrame, table: str, col: str, empty_ok: bool = False) -> pd.Series:
+    """`df[col]` as timestamps (`Int64`, see `numbers`): from 0 to below `MAX_TIMESTAMP_NS`; a negative one, or one
+    beyond any capture's clock (which would overflow the sums of durations), is an error naming the row."""
+    out = numbers(shown, df, table, col, empty_ok=empty_ok)
+    values = out.to_numpy(np.int64, na_value=0)
+    bad = (values < 0) | (values >= MAX_TIMESTAMP_NS)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        value = int(values[i])
+        why = "a negative timestamp" if value < 0 else "beyond any capture's clock (2**62 ns, 146 years)"
+        raise KvscopeError(f"{shown}: table {table} column {col} holds {value} in row {df['_row'].iloc[i]}, {why}: "
+                           "a damaged export")
+    return out
+
+
+def texts(shown: Path, df: pd.DataFrame, table: str, col: str) -> pd.Series:
+    """`df[col]` as text: `str` or empty (NA). Bytes that are UTF-8 (a blob, a Parquet binary column) are decoded;
+    bytes that are not, or numbers, are an error naming the first such row."""
+    raw = df[col]
+    if pd.api.types.infer_dtype(raw, skipna=True) in ("string", "empty"):
+        return raw
+    out = raw.astype(object).copy()
+    for i in np.flatnonzero(raw.notna().to_numpy(bool)):
+        value = out.iloc[i]
+        if isinstance(value, str):
+            continue
+        try:
+            out.iloc[i] = value.decode("utf-8") if isinstance(value, bytes) else None
+        except UnicodeDecodeError:
+            out.iloc[i] = None
+        if out.iloc[i] is None:
+            raise not_text(shown, table, col, df["_row"].iloc[i], value)
+    return out
+
+
+def not_text(shown: Path, table: str, col: str, row: object, value: object) -> KvscopeError:
+    """The error for a cell of a text column that holds `value` (bytes that are not UTF-8 text, a number)."""
+    return KvscopeError(f"{shown}: table {table} column {col} holds {shown_value(value)} in row {row}, not UTF-8 "
+                        "text (a damaged or foreign table)")

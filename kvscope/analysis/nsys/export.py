@@ -46,6 +46,8 @@ GRAPH_TRACE_TABLE = "CUPTI_ACTIVITY_KIND_GRAPH_TRACE"
 _GPU_TABLES = {KERNEL_TABLE: "kernel", MEMCPY_TABLE: "memcpy", MEMSET_TABLE: "memset", GRAPH_TRACE_TABLE: "graph"}
 _NSYS_CANDIDATES = ("/opt/nvidia/nsight-systems", "/opt/nvidia/nsight-compute", "/usr/local/cuda/bin",
                     "/usr/local/cuda", "/opt/nvidia")
+# NVTX_EVENTS' columns of an event's text: inline, or a StringIds id
+_TEXT_COLUMNS = ("text", "textId")
 # NVTX payload columns, in the order a range's payload is taken from them
 _PAYLOAD_COLUMNS = ("int64Value", "uint64Value", "int32Value", "uint32Value", "doubleValue")
 
@@ -190,12 +192,13 @@ class _Strings:
                 raise KvscopeError(f"{t.shown}: export has no {STRINGS_TABLE} table, which {table}.{col} refers to "
                                    "for names (a damaged or partial export)")
             df = t.read(STRINGS_TABLE, ["id", "value"], required=("id", "value"))
+            values = t.texts(df, STRINGS_TABLE, "value")
             ids = t.ints(df, STRINGS_TABLE, "id")
             dup = pd.Series(ids).duplicated().to_numpy()
             if dup.any():
                 raise KvscopeError(f"{t.shown}: table {STRINGS_TABLE} holds id {int(ids[dup][0])} more than once (a "
                                    "damaged export)")
-            self._values = pd.Series(df["value"].to_numpy(), index=ids)
+            self._values = pd.Series(values.to_numpy(), index=ids)
         return self._values
 
     def lookup(self, df: pd.DataFrame, table: str, col: str) -> np.ndarray:
@@ -230,9 +233,11 @@ def _gpu_ops(t: ExportTables, tables: list[str], strings: _Strings) -> pd.DataFr
         kind = _GPU_TABLES[table]
         want = ["start", "end", "deviceId", "streamId", "correlationId", "globalPid", "demangledName", "shortName",
                 "graphNodeId", "bytes"]
-        df = t.read(table, want, required=("start", "end", "correlationId"), integers=True)
-        start, end = t.ints(df, table, "start"), t.ints(df, table, "end")
-        t.check_order(df, table, start, end)
+        df = t.read(table, want, required=("start", "end", "correlationId"))
+        if kind == "kernel" and "demangledName" not in df and "shortName" not in df:
+            raise KvscopeError(f"{t.shown}: table {table} has neither a demangledName nor a shortName column (the "
+                               "kernels' names): a damaged or foreign table")
+        start, end = _times(t, df, table)
         none = _same_string(None, len(df))
         demangled = strings.strings(df, table, "demangledName") if kind == "kernel" and "demangledName" in df \
             else none
@@ -263,9 +268,8 @@ def _gpu_ops(t: ExportTables, tables: list[str], strings: _Strings) -> pd.DataFr
 def _calls(t: ExportTables, strings: _Strings) -> pd.DataFrame:
     table = RUNTIME_TABLE
     df = t.read(table, ["start", "end", "globalTid", "correlationId", "nameId"],
-                required=("start", "end", "globalTid", "correlationId"), integers=True)
-    start, end = t.ints(df, table, "start"), t.ints(df, table, "end")
-    t.check_order(df, table, start, end)
+                required=("start", "end", "globalTid", "correlationId"))
+    start, end = _times(t, df, table)
     gtid = t.ints(df, table, "globalTid")
     calls = pd.DataFrame({
         "corr": t.ints(df, table, "correlationId"),
@@ -282,6 +286,14 @@ def _calls(t: ExportTables, strings: _Strings) -> pd.DataFrame:
     calls = calls.drop_duplicates(["pid", "corr"], keep="first")
     calls["name"] = calls["name"].astype("string")
     return calls.sort_values(["global_tid", "start_ns"], kind="stable").reset_index(drop=True)
+
+
+def _times(t: ExportTables, df: pd.DataFrame, table: str) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) of every row of `df`, checked timestamps; no row ends before it starts."""
+    start = t.timestamps(df, table, "start").to_numpy(np.int64)
+    end = t.timestamps(df, table, "end").to_numpy(np.int64)
+    t.check_order(df, table, start, end)
+    return start, end
 
 
 def _same_string(value: str | None, n: int) -> pd.api.extensions.ExtensionArray:
@@ -312,6 +324,9 @@ def _ranges(t: ExportTables, strings: _Strings) -> pd.DataFrame:
     want = ["start", "end", "eventType", "text", "textId", "domainId", "globalTid", "endGlobalTid", "category",
             *_PAYLOAD_COLUMNS]
     ev = t.read(table, want, required=("start", "eventType", "globalTid"))
+    if not any(c in ev for c in _TEXT_COLUMNS):
+        raise KvscopeError(f"{t.shown}: table {table} has neither a text nor a textId column (the ranges' names): a "
+                           "damaged or foreign table")
     ev_type = t.ints(ev, table, "eventType")
     # only ranges and domain names are used: other events (marks, category and thread names) may lack columns
     used = np.isin(ev_type, [*_RANGE_STYLE, NVTX_DOMAIN_CREATE])
@@ -325,6 +340,7 @@ def _ranges(t: ExportTables, strings: _Strings) -> pd.DataFrame:
     domains = {(int(p), int(d)): (n or "") for p, d, n in zip(pid[is_dom], domain_id[is_dom], text[is_dom],
                                                               strict=True)}
     keep = np.isin(ev_type, list(_RANGE_STYLE))
+    _check_names(t, ev, is_dom, keep, text)
     r = ev.loc[keep]
     rp, rd = pid[keep], domain_id[keep]
     start, end_ns, closed = _range_ends(t, r)
@@ -351,11 +367,31 @@ def _ranges(t: ExportTables, strings: _Strings) -> pd.DataFrame:
     return ranges.reset_index(drop=True)
 
 
+def _check_names(t: ExportTables, ev: pd.DataFrame, is_dom: np.ndarray, keep: np.ndarray, text: np.ndarray) -> None:
+    """The NVTX events' names make sense: domains created (`is_dom`) can be referred to (a domainId column), and
+    the ranges (`keep`) are not every one of them nameless (a renamed or emptied name column)."""
+    table = NVTX_TABLE
+    if is_dom.any() and "domainId" not in ev:
+        raise KvscopeError(f"{t.shown}: table {table} lacks column domainId, which its {int(is_dom.sum())} row(s) "
+                           f"creating NVTX domains (first: row {ev['_row'].iloc[int(np.flatnonzero(is_dom)[0])]}) need "
+                           "to place the ranges in them: a damaged or foreign table")
+    if keep.any() and pd.isna(text[keep]).all():
+        cols = [c for c in _TEXT_COLUMNS if c in ev]
+        where = f"column {cols[0]} is" if len(cols) == 1 else f"columns {' and '.join(cols)} are"
+        absent = "".join(f"; no column {c}" for c in _TEXT_COLUMNS if c not in ev)
+        raise KvscopeError(f"{t.shown}: table {table}: none of its {int(keep.sum())} ranges has a name ({where} empty "
+                           f"in all of their rows, first: row {ev['_row'].iloc[int(np.flatnonzero(keep)[0])]}"
+                           f"{absent}): a damaged or foreign table")
+
+
 def _event_text(t: ExportTables, strings: _Strings, ev: pd.DataFrame) -> np.ndarray:
     """Each NVTX event's text: inline, or a registered string resolved through StringIds (inline text wins where
     both exist); None where it has neither."""
-    text = ev["text"].astype(object).where(ev["text"].notna(), None).to_numpy() if "text" in ev else \
-        np.full(len(ev), None, dtype=object)
+    if "text" in ev:
+        inline = t.texts(ev, NVTX_TABLE, "text")
+        text = inline.astype(object).where(inline.notna(), None).to_numpy()
+    else:
+        text = np.full(len(ev), None, dtype=object)
     if "textId" in ev:
         resolved = strings.lookup(ev, NVTX_TABLE, "textId")
         text = np.where(pd.isna(text), resolved, text)
@@ -366,8 +402,9 @@ def _range_ends(t: ExportTables, r: pd.DataFrame) -> tuple[np.ndarray, np.ndarra
     """(start_ns, end_ns, closed) of the ranges `r`; an open range (no end) ends at the latest start or end of
     the ranges (nsys's `nvtx_gpu_proj_trace` takes `max(max(start), max(end))` over the NVTX ranges)."""
     table = NVTX_TABLE
-    start = t.ints(r, table, "start")
-    end = t.numbers(r, table, "end", empty_ok=True) if "end" in r else pd.Series(pd.NA, index=r.index, dtype="Int64")
+    start = t.timestamps(r, table, "start").to_numpy(np.int64)
+    end = t.timestamps(r, table, "end", empty_ok=True) if "end" in r else \
+        pd.Series(pd.NA, index=r.index, dtype="Int64")
     closed = end.notna().to_numpy()
     ends = end.fillna(0).to_numpy(np.int64)
     last_ns = max(int(start.max()) if len(start) else 0, int(ends[closed].max()) if closed.any() else 0)

@@ -13,7 +13,9 @@
 Vectorised: API calls of a thread are sorted by start, so the calls a range encloses are one contiguous block
 found by binary search, block aggregates come from `ufunc.reduceat` and prefix sums, and interval unions are done
 level by level (ranges of one level on one thread are disjoint). Partly overlapping start/end ranges, which break
-that, are handled by a slower exact path for just those ranges.
+that, are handled by a slower exact path for just those ranges. Several threads (or groups) are searched at once by
+shifting each one's times above the previous one's; where those shifts would leave int64 (a long capture, many
+groups), the times are replaced by their ranks first, or the union is taken per group without shifts.
 """
 
 from __future__ import annotations
@@ -26,6 +28,18 @@ import pandas as pd
 from kvscope.analysis.nsys.export import NsysExport
 
 _BIG_NS = np.iinfo(np.int64).max
+_SHIFT_LIMIT = 2**62  # times shifted by (run * span) stay below this, far from int64's end
+
+
+def _shifts_fit(span: int, runs: int) -> bool:
+    """Whether times in [0, span) shifted by up to `runs` spans stay below `_SHIFT_LIMIT`."""
+    return int(span) * max(int(runs), 1) < _SHIFT_LIMIT
+
+
+def _ranks(*arrays: np.ndarray) -> list[np.ndarray]:
+    """The arrays' values replaced by their ranks among all of them: order and equality kept, values small."""
+    values = np.unique(np.concatenate(arrays))
+    return [np.searchsorted(values, a).astype(np.int64) for a in arrays]
 
 
 @dataclass
@@ -233,6 +247,9 @@ def _search_in_slices(values: np.ndarray, value_thread: np.ndarray, keys: np.nda
     if not len(keys):
         return np.empty(0, np.int64)
     threads = np.unique(value_thread)
+    if len(values) and not _shifts_fit(max(int(values.max()), int(keys.max())) - min(int(values.min()),
+                                                                                 int(keys.min())) + 2, len(threads)):
+        values, keys = _ranks(values, keys)
     base = min(int(values.min()) if len(values) else 0, int(keys.min()))
     top = max(int(values.max()) if len(values) else 0, int(keys.max()))
     span = np.int64(top - base + 2)
@@ -251,6 +268,8 @@ def _nesting(gtid: np.ndarray, start: np.ndarray, end: np.ndarray) -> tuple[np.n
     if not n:
         return level, parent
     thread_rank = np.unique(gtid, return_inverse=True)[1].astype(np.int64)
+    if not _shifts_fit(int(end.max()) - int(start.min()) + 2, int(thread_rank.max()) + 1):
+        start, end = _ranks(start, end)
     base = int(start.min())
     span = np.int64(int(end.max()) - base + 2)
     s_off = (start - base) + thread_rank * span
@@ -323,12 +342,17 @@ def _union_by_group(groups: np.ndarray, s: np.ndarray, e: np.ndarray, n_groups: 
     first = np.r_[True, g[1:] != g[:-1]]
     rank = np.cumsum(first) - 1
     base = int(s.min())
-    span = np.int64(int(e.max()) - base + 2)
-    s2 = (s - base) + rank * span
-    e2 = (e - base) + rank * span
-    prev = np.maximum.accumulate(np.r_[np.int64(-1), e2[:-1]])
-    prev = np.where(first, s2, prev)
-    contrib = np.maximum(0, e2 - np.maximum(s2, prev))
+    span = int(e.max()) - base + 2
+    if _shifts_fit(span, int(rank[-1]) + 1):
+        s2 = (s - base) + rank * np.int64(span)
+        e2 = (e - base) + rank * np.int64(span)
+        prev = np.maximum.accumulate(np.r_[np.int64(-1), e2[:-1]])
+        prev = np.where(first, s2, prev)
+        contrib = np.maximum(0, e2 - np.maximum(s2, prev))
+    else:  # the running end per group, without shifts
+        reach = pd.Series(e).groupby(rank, sort=False).cummax().to_numpy(np.int64)
+        prev = np.where(first, s, np.r_[np.int64(0), reach[:-1]])
+        contrib = np.maximum(0, e - np.maximum(s, prev))
     np.add.at(out, g, contrib)
     return out
 

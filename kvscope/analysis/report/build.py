@@ -74,7 +74,9 @@ def make_report(source: Path, out: Path | None, compare: Path | None = None) -> 
             raise KvscopeError("--compare sets two sweep files side by side; "
                                f"{source if source.is_dir() else compare} is a folder")
     target = out if out is not None else default_out(source)
-    folder = AtomicFolder(target, "--out" if out is not None else "report folder", replaceable=is_report_output)
+    inputs = [("source", source)] + ([("--compare file", compare)] if compare is not None else [])
+    folder = AtomicFolder(target, "--out" if out is not None else "report folder", replaceable=is_report_output,
+                          inputs=inputs)
     report = run_report(source) if source.is_dir() else sweep_report(source, compare)
     with folder as tmp:
         report.write(tmp)

@@ -13,13 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from kvscope.analysis.align.join import LAUNCH_BOUND_IDLE_FRACTION
-from kvscope.analysis.inputs import (
-    KERNEL_CLASSES_COLUMNS,
-    find_run_folder,
-    read_align_results,
-    read_summary,
-    read_timings,
-)
+from kvscope.analysis.inputs import KERNEL_CLASSES_COLUMNS, read_align_results, read_run
 from kvscope.analysis.report.markdown import FIGURE_SIZE_IN, FIGURE_SUFFIX, Report, md_table, percent_of_total
 from kvscope.schema import CLASSIC_COLUMNS, SUMMARY_FILE
 
@@ -35,10 +29,9 @@ KV_SUMMARY_COLUMNS = ("kv_predicted_bytes", "kv_cache_bytes", "kv_alloc_bytes")
 
 def run_report(source: Path) -> Report:
     """The report of a run folder, or of a `kvscope nsys` folder (its run/ and the align results beside it)."""
-    run_dir = find_run_folder(source)
-    summary = read_summary(run_dir)
-    timings = read_timings(run_dir)
-    align = read_align_results(run_dir)
+    run = read_run(source)  # every file of the folder checked to be of one run
+    run_dir, summary, timings = run.path, run.summary, run.timings
+    align = read_align_results(run_dir, summary)
     rep = Report()
     row = summary.iloc[0]
     if len(summary) > 1:

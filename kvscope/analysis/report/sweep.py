@@ -2,9 +2,10 @@
 per metric against sequence length and against batch size, and the KV cache's measured allocation against kv-math's
 prediction.
 
-A metric column holding text that is not a number is left out with a note (never plotted as categories); infinite
-values are left out of the tables and plots with a note; configurations that ran out of memory are left out of the
-plots.
+The file is read and checked by `kvscope.analysis.sweep_file` (the reader of `kvscope sweep --resume` and `kvscope
+capacity` too): a number column holding text, an infinity or a negative value, or the rows of two models, is refused
+in one line, never shown; a file of two engines' sweeps of one model is drawn an engine apart. Configurations that
+ran out of memory are left out of the plots.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from kvscope.analysis.explain import (
     not_oom,
     sweep_groups,
 )
-from kvscope.analysis.inputs import numeric_column
 from kvscope.analysis.report.markdown import FIGURE_SIZE_IN, FIGURE_SUFFIX, Report, md_table, percent_change
 from kvscope.analysis.sweep_file import read_sweep
 from kvscope.errors import KvscopeError
@@ -44,9 +44,6 @@ _SWEEP_PLOTS = (
 )
 _SWEEP_AXES = (("seq_len", "batch"), ("batch", "seq_len"))  # (x axis, one line per value of)
 _KV_COLUMNS = ("kv_predicted_bytes", "kv_alloc_bytes")
-# numeric columns of a sweep file that the report shows or plots; a column holding text is left out with a note
-_SWEEP_METRICS = tuple(dict.fromkeys([*(c for c in CLASSIC_COLUMNS if c not in ("seq_len", "batch", "flag")),
-                                      *(c for c, _, _ in _SWEEP_PLOTS), *_KV_COLUMNS]))
 # the spread of TTFT and TPOT per configuration, shown when the file has these columns
 _SWEEP_SPREAD_COLUMNS = ("seq_len", "batch", "ttft_ms", "ttft_q1_ms", "ttft_q3_ms", "ttft_iqr_pct", "ttft_samples",
                          "tpot_p50_ms", "tpot_q1_ms", "tpot_q3_ms", "tpot_iqr_pct", "tpot_samples", "spread_flag")
@@ -95,30 +92,10 @@ def _first_text(df: pd.DataFrame, col: str) -> str | None:
     return values[0] if values else None
 
 
-def _sweep_numbers(df: pd.DataFrame, rep: Report) -> pd.DataFrame:
-    """The sweep's metric columns as numbers: a column holding text is dropped, and infinite values become missing,
-    each with a note."""
-    df = df.copy()
-    for col in _SWEEP_METRICS:
-        if col not in df.columns:
-            continue
-        num = numeric_column(df, col)
-        if num.values is None:
-            rep.note(f"{num.problem}: left out of the tables and plots")
-            df = df.drop(columns=col)
-            continue
-        infinite = np.isinf(num.values.to_numpy(np.float64, na_value=np.nan))
-        if infinite.any():
-            rep.note(f"column {col} holds {int(infinite.sum())} infinite value(s): left out of the tables and plots")
-        df[col] = num.values.where(~infinite)
-    return df
-
-
 def sweep_report(path: Path, compare: Path | None = None) -> Report:
     """The report of a sweep file; with `compare`, a second sweep file side by side (see `compare_section`)."""
-    raw = read_sweep(path)
+    df = read_sweep(path)
     rep = Report()
-    df = _sweep_numbers(raw, rep)
     if "flag" in df.columns:
         oom = df["flag"].str.contains("oom").to_numpy()
     else:
@@ -141,9 +118,9 @@ def sweep_report(path: Path, compare: Path | None = None) -> Report:
     for x, group in _SWEEP_AXES:
         _sweep_axis_section(rep, ok, x, group, model)
     _sweep_kv_section(rep, ok, model)
-    attribution_sections(rep, raw, model)
+    attribution_sections(rep, df, model)
     if compare is not None:
-        compare_section(rep, path, raw, compare, model)
+        compare_section(rep, path, df, compare, model)
     return rep
 
 

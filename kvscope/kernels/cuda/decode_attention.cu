@@ -4,6 +4,8 @@
 //   k_cache, v_cache (B, S_max, H_kv, D) contiguous (one layer's views of the token-major cache)
 //   lengths  (B,) int64 on the device: sequence b attends to cache positions 0 .. lengths[b] - 1 (the new token's
 //            own K/V included); clamped to [0, S_max]; a sequence of length 0 gets a zero output
+//   window   a sliding window (Mistral's), or 0 for none: sequence b attends only to its last `window` positions,
+//            max(0, len - window) .. len - 1 (the query at position len - 1 sees exactly `window` keys with itself)
 //   out      (B, H, D) contiguous, the element type; written directly when n_splits == 1
 //   part_o   (B, H, n_splits, D) float, part_lse (B, H, n_splits) float: each split's normalised output and its
 //            log2-sum-exp2 (n_splits > 1), combined by kvscope_decode_attention_merge, or, when `counters` is not
@@ -15,13 +17,14 @@
 //
 // Grid (n_splits, H_kv * head_chunks, B), DA_WARPS warps per block. A block takes one (sequence, KV head, split)
 // and GP query heads of that KV head's group (G <= GP: all of them, so K and V are read once per group; larger
-// groups take several chunks of GP). Each split covers ceil(len / n_splits) positions of the device length, so the
-// work follows the real length, not S_max. Inside a block, LT = D / VEC_ELEMS lanes share one cache row, each
-// loading 16 bytes of K and of V; a warp covers 32 / LT positions per load and DA_UNROLL loads of K and V are in
-// flight before the first use. Scores: per-lane partial dot products of all GP heads, reduced over the LT lanes by
-// a butterfly that halves the heads held at each step (lane l_in ends with head l_in / (LT / GP)). Softmax online
-// in base 2 (q pre-scaled by scale * log2(e)), the accumulator rescaled only when some maximum grew. Warps are
-// combined through shared memory at the end of the split.
+// groups take several chunks of GP). Each split covers ceil(n / n_splits) positions of the n the sequence attends
+// (its device length, or the window's last positions of it), so the work follows the real length, not S_max.
+// Inside a block, LT = D / VEC_ELEMS lanes share one cache row, each loading 16 bytes of K and of V; a warp covers
+// 32 / LT positions per load and DA_UNROLL loads of K and V are in flight before the first use. Scores: per-lane
+// partial dot products of all GP heads, reduced over the LT lanes by a butterfly that halves the heads held at each
+// step (lane l_in ends with head l_in / (LT / GP)). Softmax online in base 2 (q pre-scaled by scale * log2(e)), the
+// accumulator rescaled only when some maximum grew. Warps are combined through shared memory at the end of the
+// split.
 
 #define DA_WARPS 4
 #define DA_UNROLL 4
@@ -204,7 +207,8 @@ __device__ __forceinline__ void da_fused_merge(elem_t* __restrict__ out, const f
 
 // Which block this is, shared by both kernels: grid (split, (KV head, chunk of ROWS query heads of its group), sequence).
 // Its KV head, its first query head and how many of its ROWS are real heads, and the positions [start, end) of its
-// split of the sequence's length (clamped to [0, s_max]; an empty range when the split lies past the length).
+// split of the positions the sequence attends: [max(0, len - window), len) with a window (window > 0), else
+// [0, len), len clamped to [0, s_max]; an empty range when the split lies past the end.
 struct DaBlock {
     int split, b, kvh, head0, valid_heads;
     long long start, end;
@@ -212,7 +216,7 @@ struct DaBlock {
 
 template <int ROWS>
 __device__ __forceinline__ DaBlock da_block(const long long* __restrict__ lengths, int n_heads, int n_kv_heads,
-                                            int s_max, int n_splits) {
+                                            int s_max, int n_splits, int window) {
     const int split = blockIdx.x, group = blockIdx.y, b = blockIdx.z;
     const int g_size = n_heads / n_kv_heads, n_chunks = (g_size + ROWS - 1) / ROWS;
     const int kvh = group / n_chunks, chunk = group % n_chunks;
@@ -220,8 +224,9 @@ __device__ __forceinline__ DaBlock da_block(const long long* __restrict__ length
     const int valid_heads = min(ROWS, g_size - chunk * ROWS);
     long long len = lengths[b];
     len = len < 0 ? 0 : (len > s_max ? s_max : len);
-    const long long per_split = (len + n_splits - 1) / n_splits;
-    const long long start = (long long)split * per_split;
+    const long long first = (window > 0 && len > window) ? len - window : 0;  // the window's first position
+    const long long per_split = (len - first + n_splits - 1) / n_splits;
+    const long long start = first + (long long)split * per_split;
     const long long end = min(len, start + per_split);
     return DaBlock{split, b, kvh, head0, valid_heads, start, end};
 }
@@ -266,7 +271,7 @@ __device__ __forceinline__ void da_split(elem_t* __restrict__ out, float* __rest
                                          const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache,
                                          const long long* __restrict__ lengths, long long q_stride_b,
                                          long long q_stride_h, int n_heads, int n_kv_heads, int s_max,
-                                         int n_splits, float scale_log2) {
+                                         int n_splits, int window, float scale_log2) {
     constexpr int V = VEC_ELEMS;
     constexpr int LT = D / V;    // lanes per cache row
     constexpr int TPW = 32 / LT;  // positions per warp per load
@@ -281,7 +286,7 @@ __device__ __forceinline__ void da_split(elem_t* __restrict__ out, float* __rest
     float(*s_m)[GP] = reinterpret_cast<float(*)[GP]>(smem + DA_WARPS * GP * D * sizeof(float));  // [DA_WARPS][GP]
     float(*s_l)[GP] = s_m + DA_WARPS;                                                       // [DA_WARPS][GP]
 
-    const DaBlock blk = da_block<GP>(lengths, n_heads, n_kv_heads, s_max, n_splits);
+    const DaBlock blk = da_block<GP>(lengths, n_heads, n_kv_heads, s_max, n_splits, window);
     const int split = blk.split, b = blk.b, kvh = blk.kvh, head0 = blk.head0, valid_heads = blk.valid_heads;
     const long long start = blk.start, end = blk.end;
 
@@ -430,9 +435,9 @@ __device__ __forceinline__ void da_split(elem_t* __restrict__ out, float* __rest
     extern "C" __global__ void __launch_bounds__(DA_WARPS * 32) kvscope_decode_attention_d##D##_g##GP(              \
         elem_t* out, float* part_o, float* part_lse, int* counters, const elem_t* q, const elem_t* k_cache,          \
         const elem_t* v_cache, const long long* lengths, long long q_stride_b, long long q_stride_h, int n_heads,    \
-        int n_kv_heads, int s_max, int n_splits, float scale_log2) {                                                  \
+        int n_kv_heads, int s_max, int n_splits, int window, float scale_log2) {                                      \
         da_split<D, GP>(out, part_o, part_lse, counters, q, k_cache, v_cache, lengths, q_stride_b, q_stride_h,       \
-                        n_heads, n_kv_heads, s_max, n_splits, scale_log2);                                  \
+                        n_heads, n_kv_heads, s_max, n_splits, window, scale_log2);                                   \
     }
 
 DA_ENTRY(64, 1)
@@ -495,7 +500,7 @@ __device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __rest
                                          const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache,
                                          const long long* __restrict__ lengths, long long q_stride_b,
                                          long long q_stride_h, int n_heads, int n_kv_heads, int s_max,
-                                         int n_splits, float scale_log2) {
+                                         int n_splits, int window, float scale_log2) {
     constexpr int C = D / 8;                     // 16-byte chunks of a cache row
     constexpr int KS = D / 16;                   // k-steps of S = Q K^T
     constexpr int NT = D / 8;                    // n-tiles of O = P V
@@ -510,7 +515,7 @@ __device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __rest
     float(*s_m)[DM_ROWS] = reinterpret_cast<float(*)[DM_ROWS]>(dm_smem + DM_WARPS * DM_ROWS * D * sizeof(float));
     float(*s_l)[DM_ROWS] = s_m + DM_WARPS;
 
-    const DaBlock blk = da_block<DM_ROWS>(lengths, n_heads, n_kv_heads, s_max, n_splits);
+    const DaBlock blk = da_block<DM_ROWS>(lengths, n_heads, n_kv_heads, s_max, n_splits, window);
     const int split = blk.split, b = blk.b, kvh = blk.kvh, head0 = blk.head0, valid_heads = blk.valid_heads;
     const long long start = blk.start, end = blk.end;
 
@@ -661,9 +666,9 @@ __device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __rest
         elem_t* out, float* part_o, float* part_lse, int* counters, const elem_t* q, const elem_t* k_cache,          \
         const elem_t* v_cache,                                                                                       \
         const long long* lengths, long long q_stride_b, long long q_stride_h, int n_heads, int n_kv_heads,           \
-        int s_max, int n_splits, float scale_log2) {                                                                 \
+        int s_max, int n_splits, int window, float scale_log2) {                                                     \
         dm_split<D>(out, part_o, part_lse, counters, q, k_cache, v_cache, lengths, q_stride_b, q_stride_h,           \
-                    n_heads, n_kv_heads, s_max, n_splits, scale_log2);                                                        \
+                    n_heads, n_kv_heads, s_max, n_splits, window, scale_log2);                                       \
     }
 
 DM_ENTRY(64)

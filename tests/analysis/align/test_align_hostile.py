@@ -25,7 +25,7 @@ from kvscope.analysis.align.pipeline import OUTPUT_FILES, analyse
 from kvscope.analysis.nsys.export import export_rep, load_export
 from kvscope.cli import main
 from kvscope.errors import KvscopeError
-from kvscope.io import AtomicFolder
+from kvscope.io import AtomicFolder, read_metadata, write_parquet
 
 DATA = DATA / "nsys"
 ENOSPC_MESSAGE = os.strerror(errno.ENOSPC)
@@ -405,6 +405,50 @@ def test_damaged_timings(how: str, message: str, tmp_path: Path, capsys: pytest.
     out = tmp_path / "out"
     line = fail(["align", str(DATA / "tiny.sqlite"), "--timings", str(run), "--out", str(out)], capsys)
     assert line.startswith("kvscope: error: " + message.format(t=t)), line
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(("rows", "rank", "message"), [
+    ([7], False, "timings hold 2 rows of the region 'sample' (rep 0, step 0; in 'run bs=1 seq=32 gen=4'); a run's "
+                 "timings hold each region once"),
+    ([0, 0], False, "timings hold 3 rows of the region 'run bs=1 seq=32 gen=4'; a run's timings hold each region once"),
+    ([], True, "timings hold 2 rows of the region 'run bs=1 seq=32 gen=4'; a run's timings hold each region once (a "
+               "tensor-parallel run's: align each rank with its own rows)"),
+])
+def test_the_join_refuses_a_region_timed_twice(rows: list[int], rank: bool, message: str) -> None:
+    """Timings that reach the join unchecked (not through read_timings) with a region twice: each would match the same
+    range, so every such region would be counted twice; refused."""
+    t = pd.read_parquet(DATA / "tiny-run" / "timings.parquet")
+    t = pd.concat([t, t.iloc[rows]], ignore_index=True)
+    if rank:  # two ranks' rows, given to the one-process alignment
+        t = pd.concat([t.assign(rank=0), t.assign(rank=1)], ignore_index=True)
+    with pytest.raises(KvscopeError) as info:
+        analyse(DATA / "tiny.sqlite", t)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("nan", "column dur_ms holds nan in row 1; a duration is a finite number >= 0"),
+    ("negative", "column dur_ms holds -1.0 in row 1; a duration is a finite number >= 0"),
+    ("repeated", "rows 53 and 54 are the same region ('sample', rep 1, step 3): a run's timings hold each "
+                 "region once (rows repeated, or two runs' timings in one file?)"),
+])
+def test_align_refuses_what_the_run_never_wrote(how: str, message: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`kvscope align --timings` with a duration that is NaN or negative, or a region twice: refused in one line,
+    nothing written (it was aligned with exit code 0)."""
+    t = DATA / "tiny-run" / "timings.parquet"
+    df = pd.read_parquet(t)
+    if how == "repeated":
+        df = pd.concat([df, df.tail(1)], ignore_index=True)
+    else:
+        df.loc[0, "dur_ms"] = float("nan") if how == "nan" else -1.0
+    run = tmp_path / "run"
+    shutil.copytree(DATA / "tiny-run", run)
+    write_parquet(df, run / "timings.parquet", read_metadata(t))
+    out = tmp_path / "out"
+    line = fail(["align", str(DATA / "tiny.sqlite"), "--timings", str(run), "--out", str(out)], capsys)
+    assert line == f"kvscope: error: {run / 'timings.parquet'}: {message}"
     assert not out.exists() and leftovers(tmp_path) == []
 
 

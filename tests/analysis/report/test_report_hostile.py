@@ -1,6 +1,7 @@
 """Hostile input to `kvscope report`: damaged run folders and sweep files, output folders it cannot write, a full
-disk, and numbers that are not numbers. Bad input ends in one line on stderr and exit code 2 and leaves no report
-folder; data that cannot be shown is left out with a note, and no percentage prints as inf or nan."""
+disk, and numbers that are not numbers. Bad input (in a sweep file: text, an infinity or a negative value in a number
+column) ends in one line on stderr and exit code 2 and leaves no report folder; a missing value is left out of the
+plots, and no percentage prints as inf or nan."""
 
 from __future__ import annotations
 
@@ -324,27 +325,31 @@ def test_missing_value_spellings_are_missing_not_categories(spelling: str, tmp_p
     assert "| 8 | 2 | 1.500 | 0.094 | 10,600.000 | 0.300 |  | 8,000.000 | 12.000 |  |" in rep.markdown()
 
 
-@pytest.mark.parametrize(("column", "value"), [
-    ("decode_tok_s", "fast"), ("prefill_tok_s", "12 tok/s"), ("vram_reserved_mb", "1,024"),
-    ("kv_alloc_bytes", "lots"), ("decode_p50_ms_per_tok", "True"),
+@pytest.mark.parametrize(("column", "value", "what"), [
+    ("decode_tok_s", "fast", "a number"), ("prefill_tok_s", "12 tok/s", "a number"),
+    ("vram_reserved_mb", "1,024", "a number"), ("kv_alloc_bytes", "lots", "a number"),
+    ("decode_p50_ms_per_tok", "True", "a number"), ("ttft_ms", "inf", "a finite number >= 0"),
+    ("decode_tok_s", "-inf", "a finite number >= 0"), ("prefill_p50_ms", "-0.5", "a finite number >= 0"),
+    ("kv_predicted_bytes", "-5", "a finite number >= 0"), ("peak_allocated_mib", "-1e3", "a finite number >= 0"),
 ])
-def test_text_column_is_left_out_with_a_note(column: str, value: str, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    df = sweep_frame().astype({column: object})
+def test_a_bad_number_in_a_sweep_is_refused_not_left_out(column: str, value: str, what: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Text, an infinity or a negative value in a number column: one line naming the cell (the reader of `--resume`
+    and `kvscope capacity` says the same), no report, never a column silently left out."""
+    df = sweep_frame()
+    if column not in df.columns:
+        df[column] = 1.0
+    df = df.astype({column: object})
     df.loc[2, column] = value
     path = write_sweep(tmp_path, df)
-    assert main(["report", str(path)]) == 0
-    out = tmp_path / "seq-report"
-    md = (out / "report.md").read_text()
-    assert md.endswith(f"## Notes\n\n- column {column} holds {value!r} in row 3, not a number: left out of the tables "
-                       "and plots\n")
-    results_header = md.split("## Results\n\n")[1].splitlines()[0]
-    assert column not in results_header
-    assert not [p for p in out.iterdir() if p.name.startswith(f"{column}_vs_")]
-    if column == "kv_alloc_bytes":
-        assert "KV cache" not in md and not (out / "kv_measured_vs_predicted.png").exists()
-    assert all(d.dtype.kind in "if" for d in _line_data(sweep_report(path)))
-    capsys.readouterr()
+    message = f"kvscope: error: {path}: column {column}, line 4: {value!r} is not {what}"
+    assert fail(["report", str(path)], capsys) == message
+    assert not (tmp_path / "seq-report").exists() and leftovers(tmp_path) == []
+    with pytest.raises(KvscopeError) as info:
+        sweep_report(path)
+    assert f"kvscope: error: {info.value}" == message
+    assert fail(["capacity", "--sweep", str(path), "--gpu-mem-gb", "1", "--tpot-slo-ms", "10", "--ttft-slo-ms",
+                 "100", "--prompt", "8", "--output", "2"], capsys) == message
 
 
 def test_sections_without_data_are_not_written(tmp_path: Path) -> None:
@@ -366,19 +371,8 @@ def test_one_configuration_per_axis_has_no_axis_section(tmp_path: Path) -> None:
     assert "## Against sequence length" in rep.markdown() and "## Against batch size" not in rep.markdown()
 
 
-def test_infinite_metric_is_left_out_of_plots_with_a_note(tmp_path: Path) -> None:
-    df = sweep_frame().astype({"decode_tok_s": object})
-    df.loc[0, "decode_tok_s"] = "inf"
-    df.loc[3, "decode_tok_s"] = "-inf"
-    rep = sweep_report(write_sweep(tmp_path, df))
-    assert rep.notes == ["column decode_tok_s holds 2 infinite value(s): left out of the tables and plots"]
-    assert all(np.isfinite(d[~np.isnan(d)]).all() for d in _line_data(rep))
-    assert not INF_OR_NAN.search(rep.markdown())
-
-
 @pytest.mark.parametrize(("predicted", "alloc", "shown"), [
     (0, 5632, "n/a (predicted size is 0)"),
-    (-5, 5632, "n/a (predicted size is negative)"),
     (None, 5632, "n/a (missing value)"),
     (5632, None, "n/a (missing value)"),
     (5632, 5632, "0.0000"),
@@ -408,7 +402,8 @@ def test_percent_helpers() -> None:
         "| x | y |\n| --- | --- |\n| n/a |  |\n|  | 2 |\n| 1.500 | 3 |")
 
 
-@pytest.mark.parametrize("durations", [[0.0, 0.0], [1.0, -1.0]])
+# a negative duration is refused when the timings are read (tests/analysis/test_inputs_hostile.py)
+@pytest.mark.parametrize("durations", [[0.0, 0.0]])
 def test_decode_op_shares_without_a_positive_total(durations: list[float], tmp_path: Path) -> None:
     run = run_copy(tmp_path)
     t = pd.read_parquet(run / "timings.parquet")
