@@ -321,6 +321,116 @@ def test_align_errors_are_the_commands(tmp_path: Path, capsys: pytest.CaptureFix
     assert not (tmp_path / "out").exists()
 
 
+class _BytesPath:
+    """An os.PathLike whose path is bytes (os.fspath gives b"..."): no command-line path."""
+
+    def __fspath__(self) -> bytes:
+        return b"runs/x"
+
+
+@pytest.mark.parametrize(("function", "kwargs", "message"), [
+    ("run", {"out": b"runs/x"}, "run: out must be a path (str or os.PathLike) or None, got bytes"),
+    ("run", {"out": _BytesPath()}, "run: out must be a path (str or os.PathLike) or None, got bytes"),
+    ("run", {"model": b"tiny"}, "run: model must be a path (str or os.PathLike) or None, got bytes"),
+    ("run", {"batch_size": None}, "run: batch_size must be an integer, got None"),
+    ("run", {"seq": [16]}, "run: seq must be an integer, got list"),
+    ("run", {"device": ["cpu"]}, "run: device must be a str or None, got list"),
+    ("run", {"granularity": None}, "run: granularity must be a str, got None"),
+    ("run", {"nvml_interval_ms": b"20"}, "run: nvml_interval_ms must be a number, got bytes"),
+    ("kv_math", {"model": None}, "kv_math: model must be a path (str or os.PathLike), got None"),
+    ("kv_math", {"page_size": b"16"}, "kv_math: page_size must be an integer or None, got bytes"),
+    ("kv_math", {"reserve_gb": None}, "kv_math: reserve_gb must be a number, got None"),
+    ("kv_math", {"kv_dtype": 8}, "kv_math: kv_dtype must be a str or None, got int"),
+    ("load_run", {"path": b"runs/x"}, "load_run: path must be a path (str or os.PathLike), got bytes"),
+    ("load_export", {"path": NSYS / "tiny.sqlite", "nsys": 5},
+     "load_export: nsys must be a path (str or os.PathLike) or None, got int"),
+    ("project", {"export": 5},
+     "project: export must be a path (str or os.PathLike) or a loaded export (kvscope.load_export), got int"),
+    ("project", {"export": NSYS / "tiny.sqlite", "nsys": b"nsys"},
+     "project: nsys must be a path (str or os.PathLike) or None, got bytes"),
+    ("align", {"timings": b"runs/x"},
+     "align: timings must be a path (str or os.PathLike) or a Run, a DataFrame or None, got bytes"),
+    ("align", {"phase_map": 5},
+     "align: phase_map must be a str (as --phase-map), a dict of str to str or None, got int"),
+    ("align", {"phase_map": {"decode": 5}}, "align: phase_map's decode must be a str (a regular expression), got int"),
+    ("align", {"phase_map": {5: "x"}}, "align: phase_map's keys must be str (as --phase-map's), got 5"),
+    ("align", {"domain": 5}, "align: domain must be a str or None, got int"),
+    ("align", {"range_re": 5}, "align: range_re must be a str or None, got int"),
+    ("align", {"classes": {"rule": []}},
+     "align: classes must be a path (str or os.PathLike) or loaded rules (kernel_classes.load_rules), got dict"),
+    ("align", {"classes": b"classes.toml"},
+     "align: classes must be a path (str or os.PathLike) or loaded rules (kernel_classes.load_rules), got bytes"),
+])
+def test_arguments_of_no_flag_type_are_refused(function: str, kwargs: dict[str, Any], message: str, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A value that is neither its flag's type nor its text (bytes, a list, None for a flag with a default) is refused
+    by its argument's name before anything is read or written (`out=b"..."` made a folder named `b'...'`)."""
+    monkeypatch.chdir(tmp_path)
+    fn = getattr(kvscope, function)
+    bases: dict[str, dict[str, Any]] = {
+        "run": {"model": "tiny", "device": "cpu", "seq": 8, "gen_tokens": 2, "warmup": 0, "reps": 1, "out": "runs/r"},
+        "kv_math": {"model": "qwen2.5-3b"}, "align": {"export": NSYS / "tiny.sqlite"}}
+    base = bases.get(function, {})
+    assert _api_error(fn, **{**base, **kwargs}) == f"kvscope: error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda e: setattr(e, "ranges", e.ranges.rename(columns={"start_ns": "begin"})),
+     "export.ranges lacks column(s) start_ns (changed after load_export?)"),
+    (lambda e: setattr(e, "gpu_ops", e.gpu_ops.drop(columns=["corr", "stream"])),
+     "export.gpu_ops lacks column(s) stream, corr (changed after load_export?)"),
+    (lambda e: setattr(e, "calls", e.calls.astype({"start_ns": "float64"})),
+     "export.calls column start_ns holds float64 values, not whole numbers (changed after load_export?)"),
+    (lambda e: setattr(e, "ranges", e.ranges.assign(pid=e.ranges["pid"].astype("Int64").where(e.ranges.index != 3))),
+     "export.ranges column pid holds Int64 values with gaps, not whole numbers (changed after load_export?)"),
+    (lambda e: setattr(e, "calls", None), "export.calls must be a DataFrame (as load_export made it), got None"),
+])
+def test_a_changed_export_is_refused(change: Any, message: str) -> None:
+    exp = kvscope.load_export(NSYS / "tiny.sqlite")
+    change(exp)
+    for function in ("project", "align"):
+        assert _api_error(getattr(kvscope, function), exp) == f"kvscope: error: {function}: {message}"
+
+
+def test_a_timings_table_gets_the_commands_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A DataFrame given as timings is checked as `--timings` checks its file, with the same message but for the
+    name."""
+    t = pd.read_parquet(NSYS / "tiny-run" / "timings.parquet")
+    for change in (lambda d: d.drop(columns=["dur_ms", "rep"]),
+                   lambda d: d.astype({"dur_ms": str}).assign(dur_ms=lambda x: x["dur_ms"].where(x.index != 2, "?")),
+                   lambda d: d.assign(start_ms=d["start_ms"].where(d.index != 5))):
+        run = tmp_path / "run"
+        shutil.copytree(NSYS / "tiny-run", run, dirs_exist_ok=True)
+        write_parquet(change(t), run / "timings.parquet", read_metadata(NSYS / "tiny-run" / "timings.parquet"))
+        cli = _cli_error(["align", str(NSYS / "tiny.sqlite"), "--timings", str(run), "--out", str(tmp_path / "o")],
+                         capsys)
+        api = _api_error(kvscope.align, NSYS / "tiny.sqlite", change(t))
+        assert api == cli.replace(str(run / "timings.parquet"), "the timings DataFrame")
+        assert api.startswith("kvscope: error: the timings DataFrame")
+
+
+def test_align_of_a_tensor_parallel_run_is_the_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Timings with a `rank` column: each rank aligned with its own rows as `kvscope align --timings` does (they were
+    joined with every rank's ranges at once), and the filters refused as the command refuses them."""
+    from analysis.align.test_ranks import _two_rank_run
+
+    export, run_dir = _two_rank_run(tmp_path)
+    written = _align_cli([str(export), "--timings", str(run_dir)], tmp_path / "align", capsys)
+    result = kvscope.align(export, run_dir)
+    assert sorted(result.regions["rank"].unique()) == [0, 1] and len(result.regions) == 10
+    _same_tables(result, {k: v for k, v in written.items() if not k.startswith("rank")}, tmp_path / "api")
+    table = pd.read_parquet(run_dir / "timings.parquet")
+    _same_tables(kvscope.align(export, table), {k: v for k, v in written.items() if not k.startswith("rank")},
+                 tmp_path / "api-table")
+    cli = _cli_error(["align", str(export), "--timings", str(run_dir), "--pid", "22", "--out", str(tmp_path / "x")],
+                     capsys)
+    assert _api_error(kvscope.align, export, run_dir, pid=22) == cli
+    assert _api_error(kvscope.align, export, table, domain="kvscope", start_ns=0) == (
+        "kvscope: error: align: --domain, --start cannot be combined with the timings of a tensor-parallel run (the "
+        "timings DataFrame: one process per rank, each aligned whole)")
+
+
 # ---- run ---------------------------------------------------------------------------------------------------------
 def test_run_writes_what_the_command_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", *TINY_RUN, "--out", str(tmp_path / "cli")]) == 0

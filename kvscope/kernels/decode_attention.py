@@ -202,9 +202,8 @@ def split_kv_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     `splits`: positions split over that many blocks per (sequence, KV head), default `decode_splits` (a function
     of the shapes only: a CUDA graph of the call stays valid for any lengths; the splits share the positions
-    attended, from max(0, L - window) on, and the default count sees at most `window` of them); with more than one
-    split a second
-    small kernel, `kvscope_decode_attention_merge`, combines them. `tensor_cores`: the mma kernel (bf16/fp16 only;
+    attended, and the default count sees at most `window` of them); with more than one split a second small
+    kernel, `kvscope_decode_attention_merge`, combines them. `tensor_cores`: the mma kernel (bf16/fp16 only;
     default for them) or the CUDA-core one (default for float32). `long_splits` (default
     DECODE_ATTENTION_LONG_SPLITS; None: `prefers_long_splits` by shape): True, the default split count from
     `decode_splits_long`; False, from `decode_splits`.

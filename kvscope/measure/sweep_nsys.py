@@ -14,7 +14,8 @@ names no configuration of this sweep, or a row flagged `oom`, gets no attributio
 sweeps of the file. Captures are kept beside the sweep file, `<stem>-nsys/<run_id>/`: the report (`report.nsys-rep`),
 its export (`report.sqlite`), the tables of `kvscope align` and its trace.json; with `--keep-reports off` the Parquet
 tables only. The row's `nsys_report` column holds that folder's path relative to the sweep file's folder. A
-configuration captured again (a resumed sweep that runs it again) replaces its folder.
+configuration captured again (a resumed sweep that runs it again) replaces its folder whole (`kvscope.io.AtomicFolder`),
+and only a folder that holds such files and nothing else: any other is kept, and the row gets no attribution.
 
 nsys is looked for before anything else runs (a one-line error and exit code 2 without it); the configurations and
 the sweep file are checked before nsys starts, as the sweep checks them before loading the model.
@@ -42,6 +43,7 @@ from kvscope.analysis.nsys.export import export_rep
 from kvscope.analysis.sweep_file import read_sweep
 from kvscope.engine.plan import RunPlan, RunSpec, prepare
 from kvscope.errors import KvscopeError
+from kvscope.io import AtomicFolder
 from kvscope.measure.nsys import (
     SWEEP_PROFILE_FLAGS,
     extra_flags,
@@ -54,7 +56,7 @@ from kvscope.measure.sweep import SweepSpec, point_id, run_sweep
 from kvscope.measure.sweep_file import SweepFile, sweep_settings
 from kvscope.measure.sweep_out import OutputLock, check_out
 from kvscope.model.dtypes import dtype_name, itemsize
-from kvscope.schema import ATTRIBUTION_COLUMNS, NSYS_REPORT_COLUMN, TRACE_FILE
+from kvscope.schema import ALIGN_OUTPUT_FILES, ATTRIBUTION_COLUMNS, NSYS_REPORT_COLUMN, TRACE_FILE
 
 Say = Callable[[str], None]
 CAPTURES_SUFFIX = "-nsys"  # <sweep file stem>-nsys/: the captures folder beside the sweep file
@@ -245,13 +247,21 @@ def _one_report(rep: Path, i: int, exe: str, plans: dict[tuple[int, int], RunPla
     facts = PointFacts(plan.source.args, batch, seq, itemsize(plan.cfg.dtype), dtype_name(plan.cfg.dtype),
                        plan.ceilings)
     values = attribution(result, facts)
-    write(result, work, {"sweep_point": point_id(plan), "report": KEPT_REPORT})
-    shutil.move(str(rep), work / KEPT_REPORT)
-    if not keep:
-        for name in (KEPT_REPORT, KEPT_EXPORT, TRACE_FILE):
-            (work / name).unlink(missing_ok=True)
-    final = captures / point_id(plan)
-    if final.exists():
-        shutil.rmtree(final)
-    work.rename(final)
+    try:  # a new folder, or this point's earlier capture, replaced whole; never anything else
+        with AtomicFolder(captures / point_id(plan), "capture folder", replaceable=is_capture_output) as tmp:
+            write(result, tmp, {"sweep_point": point_id(plan), "report": KEPT_REPORT})
+            if keep:
+                shutil.move(str(rep), tmp / KEPT_REPORT)
+                shutil.move(str(work / KEPT_EXPORT), tmp / KEPT_EXPORT)
+            else:
+                (tmp / TRACE_FILE).unlink()
+    except KvscopeError as exc:
+        say(f"{exc}; seq {seq} batch {batch} gets no attribution")
+        return None
     return (seq, batch), values
+
+
+def is_capture_output(folder: Path) -> bool:
+    """Whether `folder` holds nothing but what a point's capture folder holds (an earlier capture of the point)."""
+    names = (*ALIGN_OUTPUT_FILES, TRACE_FILE, KEPT_REPORT, KEPT_EXPORT)
+    return all(p.name in names and p.is_file() and not p.is_symlink() for p in folder.iterdir())

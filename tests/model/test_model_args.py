@@ -134,7 +134,7 @@ def test_dtype_names_and_device_default() -> None:
         parse_dtype("int8")
 
 
-# ---- Mistral's sliding window, as transformers reads config.json ------------------------------------------------------
+# ---- Mistral's sliding window, as transformers reads config.json -----------------------------------------------------
 MISTRAL = {k: v for k, v in TINY_CONFIGS["mistral"].items() if k != "sliding_window"}
 
 
@@ -184,7 +184,7 @@ def test_bad_sliding_window_is_one_line_naming_key_and_value(value: object, mess
 
 
 def test_qwen2_sliding_window_in_use_is_refused_in_one_line() -> None:
-    with pytest.raises(KvscopeError, match=r"^hostile: use_sliding_window=true is not supported \(Qwen2's window covers "
-                                           r"only the layers from max_window_layers on; kvscope runs Mistral's, on "
-                                           r"every layer\)$"):
+    with pytest.raises(KvscopeError, match=r"^hostile: use_sliding_window=true is not supported \(Qwen2's window "
+                                           r"covers only the layers from max_window_layers on; kvscope runs "
+                                           r"Mistral's, on every layer\)$"):
         ModelArgs.from_hf_config({**TINY_CONFIGS["qwen2"], "use_sliding_window": True}, name="hostile")

@@ -38,6 +38,7 @@ tens of milliseconds.
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
 from collections.abc import Sequence
@@ -47,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kvscope.analysis.nsys.filters import wrong_value
 from kvscope.errors import KvscopeError
 
 COPY = "copy/memset"
@@ -246,6 +248,17 @@ def _rule(path: Path, number: int, entry: object) -> Rule:
     except re.error as e:
         raise KvscopeError(f"{where}: bad regex {pattern!r} ({_one_line(e)})") from None
     return Rule(cls, pattern, note or "user rule", f"{path} rule {number}")
+
+
+def resolve_rules(classes: str | os.PathLike[str] | Rules | None) -> Rules | None:
+    """`--classes`: None (the built-in rules alone), a rules file (`load_rules`), or rules already loaded; anything
+    else (the Python API passes it unparsed) is a one-line KvscopeError."""
+    if classes is None or isinstance(classes, Rules):
+        return classes
+    if isinstance(classes, str) or (isinstance(classes, os.PathLike) and isinstance(os.fspath(classes), str)):
+        return load_rules(Path(classes))
+    raise KvscopeError("--classes must be a rules file (a path) or loaded rules (kernel_classes.load_rules), got "
+                       f"{wrong_value(classes)}")
 
 
 def load_rules(path: str | Path) -> Rules:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis.nsys.filters import search_mask
+from kvscope.analysis.nsys.filters import search_mask, wrong_value
 from kvscope.errors import KvscopeError
 
 PHASE_MAP_KEYS = ("prefill", "decode", "step", "layer")
@@ -45,9 +45,13 @@ class PhaseMap:
 
 def parse_phase_map(spec: str | Mapping[str, str] | PhaseMap) -> PhaseMap:
     """`prefill=RE,decode=RE,...` (commas inside an expression are kept unless followed by `KEY=`), or a mapping
-    of key to expression. Unknown or repeated keys, empty or invalid expressions are a one-line KvscopeError."""
+    of key to expression. Unknown or repeated keys, empty or invalid expressions, and values of another type (the
+    Python API passes them unparsed) are a one-line KvscopeError."""
     if isinstance(spec, PhaseMap):
         return spec
+    if not isinstance(spec, (str, Mapping)):
+        raise KvscopeError("--phase-map must be KEY=RE,... (text) or a mapping of key to regular expression, got "
+                           f"{wrong_value(spec)}")
     pairs = list(spec.items()) if isinstance(spec, Mapping) else [_pair(part) for part in _SPLIT.split(spec)]
     seen: dict[str, re.Pattern[str]] = {}
     for key, pattern in pairs:
@@ -55,6 +59,8 @@ def parse_phase_map(spec: str | Mapping[str, str] | PhaseMap) -> PhaseMap:
             raise KvscopeError(f"--phase-map: unknown key {key!r} (keys: {', '.join(PHASE_MAP_KEYS)})")
         if key in seen:
             raise KvscopeError(f"--phase-map: {key} given twice")
+        if not isinstance(pattern, str):
+            raise KvscopeError(f"--phase-map: {key}= must be a regular expression (text), got {wrong_value(pattern)}")
         if not pattern:
             raise KvscopeError(f"--phase-map: {key}= needs a regular expression")
         try:

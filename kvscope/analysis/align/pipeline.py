@@ -25,7 +25,7 @@ from kvscope.analysis.align.join import (
     label_ranges,
     step_activity,
 )
-from kvscope.analysis.align.kernel_classes import Rules, load_rules
+from kvscope.analysis.align.kernel_classes import Rules, resolve_rules
 from kvscope.analysis.align.phase_map import PhaseMap, parse_phase_map
 from kvscope.analysis.align.trace_export import write_trace
 from kvscope.analysis.inputs import ALIGN_TIMINGS_COLUMNS, read_timings
@@ -98,11 +98,12 @@ def analyse(export: str | Path | NsysExport, timings: str | Path | pd.DataFrame 
     """`kvscope align` on any export: `export` a path (SQLite, parquetdir, .nsys-rep) or a loaded export;
     `timings` a kvscope run folder or its timings table (as `read_timings(folder, ALIGN_TIMINGS_COLUMNS)` reads
     it); the filters of range_filters.RangeFilter; `phase_map` (phase_map.parse_phase_map); `classes` a
-    kernel-class rules file or loaded rules (kernel_classes.load_rules).
-    Bad values are a KvscopeError before the export is read."""
+    kernel-class rules file or loaded rules (kernel_classes.resolve_rules).
+    Bad values (of any type) are a KvscopeError before the export is read; so, once it is read, are filters that
+    keep none of its ranges (RangeFilter.kept_ranges: which filter, and what the export holds)."""
     flt = RangeFilter(domain, range_re, start_ns, end_ns, pid)
     pm = parse_phase_map(phase_map) if phase_map is not None else None
-    rules = load_rules(classes) if isinstance(classes, (str, Path)) else classes
+    rules = resolve_rules(classes)
     if isinstance(timings, (str, Path)):
         timings = read_timings(Path(timings), ALIGN_TIMINGS_COLUMNS)  # the cheaper input first
     exp = export if isinstance(export, NsysExport) else load_export(export, nsys=nsys)
@@ -113,7 +114,7 @@ def analyse(export: str | Path | NsysExport, timings: str | Path | pd.DataFrame 
         raise KvscopeError(f"{exp.source}: none of the export's {len(exp.gpu_ops)} GPU operations has its launching "
                            "CUDA API call in CUPTI_ACTIVITY_KIND_RUNTIME (same process and correlation id): a "
                            "damaged or partial export")
-    keep = flt.ranges(proj.ranges)
+    keep = flt.kept_ranges(proj.ranges, exp.source)  # filters that keep no range are an error
     ranges = proj.ranges.loc[keep].reset_index(drop=True)
     labeled = label_ranges(ranges, pm)
     kernels = label_kernels(exp, proj, labeled, keep, flt.ops(exp.gpu_ops), rules)

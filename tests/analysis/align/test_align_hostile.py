@@ -218,9 +218,9 @@ def _truncate(path: Path, keep_bytes: int) -> None:
                                                         "row 1, not an integer"),
     ("CUPTI_ACTIVITY_KIND_KERNEL", "start-empty", "table CUPTI_ACTIVITY_KIND_KERNEL column start is empty in 1 "
                                                   "row(s) (first: row 1): a damaged export"),
-    ("CUPTI_ACTIVITY_KIND_RUNTIME", "gtid-overflow", "table CUPTI_ACTIVITY_KIND_RUNTIME column globalTid holds values "
-                                                     "out of range (cannot safely cast non-equivalent uint64 to "
-                                                     "int64)"),
+    ("CUPTI_ACTIVITY_KIND_RUNTIME", "gtid-overflow", "table CUPTI_ACTIVITY_KIND_RUNTIME column globalTid holds "
+                                                     "18446744073709551615 in row 1, beyond the 64-bit integers (a "
+                                                     "damaged or foreign table)"),
     ("StringIds", "remove", "export has no StringIds table, which CUPTI_ACTIVITY_KIND_KERNEL.demangledName refers to "
                             "for names (a damaged or partial export)"),
 ])
