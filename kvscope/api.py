@@ -186,12 +186,7 @@ def align(export: NsysExport | PathLike, timings: PathLike | Run | pd.DataFrame 
     `tables()` maps file names to the tables; `export` is the loaded export. Raises KvscopeError with the command's
     messages."""
     exp, exe = _export(export, "align"), _nsys(nsys, "align")
-    for name, value in (("domain", domain), ("range_re", range_re)):
-        if value is not None and not isinstance(value, str):
-            raise KvscopeError(f"align: {name} must be a str or None, got {_type_name(value)}")
-    _check_phase_map(phase_map)
-    if classes is not None and not isinstance(classes, Rules):
-        classes = _path(classes, "align", "classes", "or loaded rules (kernel_classes.load_rules)")
+    # the filters, the phase map and the classes are checked by the analysis (types too), with the command's messages
     table = _timings(timings)
     if table is not None and "rank" in table:  # a tensor-parallel run: each rank on its own, as the command does
         used = [f for f, v in (("--domain", domain), ("--range", range_re), ("--start", start_ns), ("--end", end_ns),
@@ -299,22 +294,6 @@ def _export(value: object, function: str) -> NsysExport | Path:
                                    f"{' with gaps' if df[col].hasnans else ''}, not whole numbers (changed after "
                                    "load_export?)")
     return value
-
-
-def _check_phase_map(value: object) -> None:
-    """`phase_map`: None, the `--phase-map` text, a PhaseMap, or a mapping of str keys to str expressions (the keys
-    and expressions themselves are checked by the analysis, with the command's messages)."""
-    if value is None or isinstance(value, (str, PhaseMap)):
-        return
-    if not isinstance(value, Mapping):
-        raise KvscopeError(f"align: phase_map must be a str (as --phase-map), a dict of str to str or None, got "
-                           f"{_type_name(value)}")
-    for key, pattern in value.items():
-        if not isinstance(key, str):
-            raise KvscopeError(f"align: phase_map's keys must be str (as --phase-map's), got {key!r}")
-        if not isinstance(pattern, str):
-            raise KvscopeError(f"align: phase_map's {key} must be a str (a regular expression), got "
-                               f"{_type_name(pattern)}")
 
 
 def _timings(value: object) -> pd.DataFrame | None:

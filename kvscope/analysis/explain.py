@@ -1,7 +1,8 @@
 """The "why" of a sweep: sentences computed from a sweep file's rows, each with the numbers it used.
 
-A sweep is read as groups along one axis: a *seq sweep* (batch fixed, prompt length varies) and a *batch sweep*
-(prompt length fixed, batch varies), per engine (`engine` column; a file without it is kvscope's loop).
+A sweep (rows as `kvscope.analysis.sweep_file.read_sweep` gives them: one model, numbers checked) is read as groups
+along one axis: a *seq sweep* (batch fixed, prompt length varies) and a *batch sweep* (prompt length fixed, batch
+varies), per engine (`engine` column; a file without it is kvscope's loop; a file of two engines' sweeps is two).
 Configurations flagged `oom` are left out. Each finding either says something (`sentence`, with `values`, the numbers
 it was computed from) or names what it lacks (`missing`); nothing is written from data that is not there.
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import sweep_checks
 import torch
 from paths import ROOT
 from sweep_checks import (
@@ -27,7 +28,6 @@ from sweep_checks import (
     copy_made,
     error_line,
     log_text,
-    made_sweeps,
     names_in,
     only_error_line,
     pairs_of,
@@ -46,7 +46,7 @@ HUGE_BATCH = 10**9  # tiny's KV cache at batch 10**9 and 11 positions: 5.6 TB
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    return made_sweeps(tmp_path_factory.mktemp("made"))
+    return sweep_checks.made_sweeps(tmp_path_factory.mktemp("made"))
 
 
 @contextlib.contextmanager

@@ -89,6 +89,21 @@ def _drop(column: str) -> Callable[[list[list[str]]], list[list[str]]]:
     return edit
 
 
+NOT_NUMBER, NOT_MEASURE = "is not a number", "is not a finite number >= 0"
+ONE_LINE = "holds a control character; a sweep file's names and cells are one line of text each"
+
+
+def _bad_cell(column: str, row: int, value: str, what: str) -> tuple[Callable, str]:
+    """Data row `row` (line row + 2) given `value` in `column`, and the reader's verdict on that cell."""
+    return _cell(column, row, value), f"{{out}}: column {column}, line {row + 2}: {value!r} {what}"
+
+
+def _mixed(column: str, row: int, value: str, was: str) -> tuple[Callable, str]:
+    """Data row `row` of another sweep (`value` in `column`, `was` in the others), and the reader's verdict."""
+    return _cell(column, row, value), (f"{{out}} mixes sweeps: {column}={was} in line 2, {column}={value} in line "
+                                       f"{row + 2}; a sweep file holds one sweep's rows")
+
+
 # (edit of the CSV, or raw bytes; the verdict of both: None for acceptance, else the error without "kvscope: error: ")
 CSV_CASES = {
     "text-batch": (_cell("batch", 1, "two"), "{out}: column batch, line 3: 'two' is not a positive integer"),
@@ -109,57 +124,33 @@ CSV_CASES = {
                                              "0xff in position 16: invalid start byte)"),
     "open-quote": (b'seq_len,batch\n"8,1\n', "cannot read {out}: not a CSV file (unexpected end of data)"),
     # number columns (a known name, or a unit at the end): a finite number >= 0, or missing
-    "negative-duration": (_cell("decode_p50_ms_per_tok", 1, "-3.5"),
-                          "{out}: column decode_p50_ms_per_tok, line 3: '-3.5' is not a finite number >= 0"),
-    "negative-prefill": (_cell("prefill_p50_ms", 0, "-1"),
-                         "{out}: column prefill_p50_ms, line 2: '-1' is not a finite number >= 0"),
-    "infinite-rate": (_cell("decode_tok_s", 2, "inf"), "{out}: column decode_tok_s, line 4: 'inf' is not a finite "
-                                                       "number >= 0"),
-    "minus-infinite-time": (_cell("ttft_ms", 3, "-Infinity"), "{out}: column ttft_ms, line 5: '-Infinity' is not a "
-                                                              "finite number >= 0"),
-    "negative-mib": (_cell("peak_allocated_mib", 0, "-1e3"), "{out}: column peak_allocated_mib, line 2: '-1e3' is not "
-                                                             "a finite number >= 0"),
-    "negative-bytes": (_cell("kv_alloc_bytes", 1, "-5"), "{out}: column kv_alloc_bytes, line 3: '-5' is not a finite "
-                                                         "number >= 0"),
-    "text-time": (_cell("decode_p50_ms_per_tok", 2, "slow"), "{out}: column decode_p50_ms_per_tok, line 4: 'slow' is "
-                                                             "not a number"),
-    "text-in-a-report-column": (_cell("vram_reserved_mb", 0, "1,024"), "{out}: column vram_reserved_mb, line 2: "
-                                                                       "'1,024' is not a number"),
-    "true-in-a-number": (_cell("weights_bytes", 1, "True"), "{out}: column weights_bytes, line 3: 'True' is not a "
-                                                            "number"),
-    "text-setting-number": (_cell("gen_tokens", 0, "two"), "{out}: column gen_tokens, line 2: 'two' is not a number"),
+    "negative-duration": _bad_cell("decode_p50_ms_per_tok", 1, "-3.5", NOT_MEASURE),
+    "negative-prefill": _bad_cell("prefill_p50_ms", 0, "-1", NOT_MEASURE),
+    "infinite-rate": _bad_cell("decode_tok_s", 2, "inf", NOT_MEASURE),
+    "minus-infinite-time": _bad_cell("ttft_ms", 3, "-Infinity", NOT_MEASURE),
+    "negative-mib": _bad_cell("peak_allocated_mib", 0, "-1e3", NOT_MEASURE),
+    "negative-bytes": _bad_cell("kv_alloc_bytes", 1, "-5", NOT_MEASURE),
+    "text-time": _bad_cell("decode_p50_ms_per_tok", 2, "slow", NOT_NUMBER),
+    "text-in-a-report-column": _bad_cell("vram_reserved_mb", 0, "1,024", NOT_NUMBER),
+    "true-in-a-number": _bad_cell("weights_bytes", 1, "True", NOT_NUMBER),
+    "text-setting-number": _bad_cell("gen_tokens", 0, "two", NOT_NUMBER),
     # one line per cell: no newline or other control character in a cell or a column name
-    "newline-in-cell": (_cell("run_id", 1, "tiny\nbs2"), "{out}: column run_id, line 4: 'tiny\\nbs2' holds a control "
-                                                         "character; a sweep file's names and cells are one line of "
-                                                         "text each"),
-    "carriage-return-in-cell": (b'seq_len,batch,device\n8,1,"cpu\r"\n', "{out}: column device, line 3: 'cpu\\r' "
-                                "holds a control character; a sweep file's names and cells are one line of text each"),
+    "newline-in-cell": (_cell("run_id", 1, "tiny\nbs2"), f"{{out}}: column run_id, line 4: 'tiny\\nbs2' {ONE_LINE}"),
+    "carriage-return-in-cell": (b'seq_len,batch,device\n8,1,"cpu\r"\n', f"{{out}}: column device, line 3: 'cpu\\r' "
+                                f"{ONE_LINE}"),
     "bare-carriage-return": (_cell("device", 0, "cpu\r"), "{out}: line 2 has {at_device} fields, the header has {n}"),
-    "tab-in-a-number": (_cell("decode_tok_s", 3, "1.5\t"), "{out}: column decode_tok_s, line 5: '1.5\\t' holds a "
-                                                          "control character; a sweep file's names and cells are one "
-                                                          "line of text each"),
+    "tab-in-a-number": _bad_cell("decode_tok_s", 3, "1.5\t", ONE_LINE),
     "newline-in-a-name": (lambda rows: [[*rows[0][:-1], "collapse\nfactor"], *rows[1:]],
-                          "{out}: the column name 'collapse\\nfactor' holds a control character; a sweep file's "
-                          "names and cells are one line of text each"),
-    "nul-in-cell": (b"seq_len,batch,model\n8,1,ti\x00ny\n", "{out}: column model, line 2: 'ti\\x00ny' holds a "
-                                                            "control character; a sweep file's names and cells are "
-                                                            "one line of text each"),
+                          f"{{out}}: the column name 'collapse\\nfactor' {ONE_LINE}"),
+    "nul-in-cell": (b"seq_len,batch,model\n8,1,ti\x00ny\n", f"{{out}}: column model, line 2: 'ti\\x00ny' {ONE_LINE}"),
     # one sweep: one model, dtype and device in the whole file, one value of each engine setting per engine
-    "two-models": (_cell("model", 2, "qwen2.5-0.5b"), "{out} mixes sweeps: model=tiny in line 2, model=qwen2.5-0.5b "
-                                                      "in line 4; a sweep file holds one sweep's rows"),
-    "two-model-sources": (_cell("model_source", 1, "preset:llama-tiny"), "{out} mixes sweeps: "
-                          "model_source=preset:tiny in line 2, model_source=preset:llama-tiny in line 3; a sweep "
-                          "file holds one sweep's rows"),
-    "two-dtypes": (_cell("dtype", 3, "bfloat16"), "{out} mixes sweeps: dtype=float32 in line 2, dtype=bfloat16 in "
-                                                  "line 5; a sweep file holds one sweep's rows"),
-    "two-devices": (_cell("device", 1, "NVIDIA H100"), "{out} mixes sweeps: device=cpu in line 2, device=NVIDIA H100 "
-                                                       "in line 3; a sweep file holds one sweep's rows"),
-    "an-empty-setting": (_cell("model", 3, ""), "{out} mixes sweeps: model=tiny in line 2, model= in line 5; a sweep "
-                                                "file holds one sweep's rows"),
-    "two-gen-tokens": (_cell("gen_tokens", 2, "4"), "{out} mixes sweeps: gen_tokens=2 in line 2, gen_tokens=4 in line "
-                                                    "4; a sweep file holds one sweep's rows"),
-    "two-attns": (_cell("attn", 1, "eager"), "{out} mixes sweeps: attn=sdpa in line 2, attn=eager in line 3; a sweep "
-                                             "file holds one sweep's rows"),
+    "two-models": _mixed("model", 2, "qwen2.5-0.5b", "tiny"),
+    "two-model-sources": _mixed("model_source", 1, "preset:llama-tiny", "preset:tiny"),
+    "two-dtypes": _mixed("dtype", 3, "bfloat16", "float32"),
+    "two-devices": _mixed("device", 1, "NVIDIA H100", "cpu"),
+    "an-empty-setting": _mixed("model", 3, "", "tiny"),
+    "two-gen-tokens": _mixed("gen_tokens", 2, "4", "2"),
+    "two-attns": _mixed("attn", 1, "eager", "sdpa"),
     # accepted by all: missing values, zero, spellings of the same size, blank lines between rows, a note by hand
     "missing-spelling": (_cell("decode_tok_s", 2, "NA"), None),
     "zero-time": (_cell("decode_p50_ms_per_tok", 1, "0"), None),

@@ -10,7 +10,9 @@ Three steps, so that bad input never leaves a half-written folder:
 
 Numbers: a metric column holding text that is not a number is left out, with a note at the end of the report (never
 plotted as categories); missing values and infinities are left out of plots, and a section with no data is not
-written. Percentages whose base is missing, zero or negative are printed as "n/a (reason)", never inf or nan.
+written. A sweep file is read by `kvscope.analysis.sweep_file`, which refuses text, infinities and negative values in
+its number columns (and the rows of two models) in one line, as `sweep --resume` and `capacity` do. Percentages
+whose base is missing, zero or negative are printed as "n/a (reason)", never inf or nan.
 
 The output folder (`--out`, default `<source>-report` beside the source) may be new, empty, or an earlier report
 (only `report.md` and `.png` files), which is replaced whole; any other folder is refused before anything is read.

@@ -244,3 +244,21 @@ def test_read_only_folder_with_pending_wal_is_refused(tmp_path: Path, read_only)
         "where it is writable (sqlite3 w.sqlite 'PRAGMA wal_checkpoint(TRUNCATE)')"]
     assert not (tmp_path / "out").exists()
     assert _listing(folder) == ["w.sqlite", "w.sqlite-wal"]
+
+
+def test_kvscope_nsys_out_with_uri_characters(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kvscope nsys --out` names the folder of the SQLite export it reads back: `#` and `?` in it are the name's."""
+    from commands.test_nsys import _FAKE_NSYS, EXPORT
+
+    exe = tmp_path / "bin" / "nsys"
+    exe.parent.mkdir()
+    exe.write_text(_FAKE_NSYS)
+    exe.chmod(0o755)
+    monkeypatch.setenv("FAKE_NSYS_LOG", str(tmp_path / "log.json"))
+    out = tmp_path / "n#1?x"
+    assert main(["nsys", "--nsys", str(exe), "--out", str(out), "--", sys.executable, "-c", "pass"]) == 0, \
+        capsys.readouterr().err
+    capsys.readouterr()
+    assert len(pd.read_parquet(out / "ranges.parquet")) == len(api.load_export(EXPORT).ranges)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "log.json", "n#1?x"]
