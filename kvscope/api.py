@@ -172,12 +172,15 @@ def align(export: NsysExport | PathLike, timings: PathLike | Run | pd.DataFrame 
     """`kvscope align EXPORT [--timings RUN] [filters]` without writing anything, on any export (a path as
     `load_export` takes, or a loaded export).
 
-    timings: the kvscope run profiled in the export (a run folder, a `Run`, or its timings table), joined with the
-    ranges in the NVTX domain `kvscope`. Filters (`--domain`, `--range`, `--start`/`--end`, `--pid`): `domain` keeps
-    one NVTX domain ("" the default one), `range_re` the ranges whose name matches (re.search), `start_ns`/`end_ns`
-    a window on the export's clock, `pid` one process. `phase_map` (`--phase-map`: "prefill=RE,decode=RE,step=RE,
-    layer=RE" or a dict of those keys) labels another engine's ranges so the step table and the class breakdown work
-    on them; `classes` (`--classes`): a TOML/JSON file of kernel-class rules tried before the built-in ones.
+    timings: the kvscope run profiled in the export (a run folder, a `Run`, or its timings table, checked as
+    `--timings` is), joined with the ranges in the NVTX domain `kvscope`; a tensor-parallel run's (a `rank` column)
+    rank by rank, as the command does (the filters are refused with them). A loaded export must still have the
+    tables and columns `load_export` gave it. Filters (`--domain`, `--range`, `--start`/`--end`, `--pid`): `domain`
+    keeps one NVTX domain ("" the default one), `range_re` the ranges whose name matches (re.search),
+    `start_ns`/`end_ns` a window on the export's clock, `pid` one process. `phase_map` (`--phase-map`:
+    "prefill=RE,decode=RE,step=RE,layer=RE" or a dict of those keys) labels another engine's ranges so the step
+    table and the class breakdown work on them; `classes` (`--classes`): a TOML/JSON file of kernel-class rules
+    tried before the built-in ones.
 
     The result's DataFrames are the tables the command writes: always `ranges` (ranges.parquet: every kept range
     projected onto the GPU), `kernels` (kernels.parquet) and `range_summary` (range_summary.parquet); `regions`

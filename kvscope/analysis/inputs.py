@@ -295,12 +295,12 @@ def file_metadata(path: Path) -> dict[str, Any] | None:
     not a JSON object is an error."""
     try:
         meta = read_metadata(path)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise KvscopeError(f"{path}: its kvscope metadata is not JSON (a damaged file)") from None
+    except (OSError, pa.ArrowException) as exc:  # before ValueError: pyarrow's errors are ValueErrors too
+        raise KvscopeError(f"cannot read {path} ({error_reason(exc)})") from None
     except ValueError:
         return None  # written by another program (or rewritten by one): no metadata to compare
-    except (OSError, pa.ArrowException) as exc:
-        raise KvscopeError(f"cannot read {path} ({error_reason(exc)})") from None
     if not isinstance(meta, dict):
         raise KvscopeError(f"{path}: its kvscope metadata is not a JSON object (a damaged file)")
     return meta

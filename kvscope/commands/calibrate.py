@@ -8,10 +8,11 @@ import json
 
 from kvscope.engine.plan import resolve_device
 from kvscope.model.config import ModelArgs
-from kvscope.profiler.calibrate import calibrate, save
+from kvscope.profiler.calibrate import calibrate, check_cache, save
 
 
 def command(ns: argparse.Namespace) -> int:
+    check_cache()  # the cache it will write, before anything is measured
     result = calibrate(resolve_device(ns.device), ModelArgs.from_preset(ns.model))
     path = save(result)
     if ns.json:

@@ -56,9 +56,15 @@ SETTINGS = (*MODEL_SETTINGS, "engine", *ENGINE_SETTINGS)
 FLAG_COLUMNS = ("flag", "decode_p50_ms_per_tok", "decode_tok_s")
 
 
+# ModelArgs fields newer than the sweep files' digests (kept out of a digest while unset)
+_LATER_FIELDS = ("sliding_window",)
+
+
 def model_identity(source: ModelSource) -> tuple[str, str]:
-    """(`model_source`, `model_arch`): where the model comes from, and a digest of its architecture."""
-    arch = {k: v for k, v in source.args.as_dict().items() if k != "name"}
+    """(`model_source`, `model_arch`): where the model comes from, and a digest of its architecture. A field added
+    to ModelArgs later and unset (`sliding_window` None) stays out of the digest, so a model's digest, and a sweep
+    file's `--resume`, stays what it was before the field existed."""
+    arch = {k: v for k, v in source.args.as_dict().items() if k != "name" and not (k in _LATER_FIELDS and v is None)}
     digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if source.kind == "preset":
         return f"preset:{source.args.name}", digest

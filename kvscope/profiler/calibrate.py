@@ -42,8 +42,9 @@ def _read_cache(p: Path) -> dict[str, Any]:
     try:
         data = json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        raise KvscopeError(f"calibration cache {p} cannot be read ({str(e).splitlines()[0]}); move it away and run "
-                           "`kvscope calibrate` again") from None
+        why = os_reason(e) if isinstance(e, OSError) else str(e).splitlines()[0]
+        raise KvscopeError(f"calibration cache {p} cannot be read ({why}); move it away and run `kvscope calibrate` "
+                           "again") from None
     if not isinstance(data, dict):
         raise KvscopeError(f"calibration cache {p} is not a JSON object; move it away and run `kvscope calibrate` "
                            "again")
@@ -114,6 +115,16 @@ def _is_cache(p: Path) -> bool:
         return isinstance(json.loads(p.read_bytes()), dict)
     except ValueError:
         return False
+
+
+def check_cache(path: Path | None = None) -> dict[str, Any]:
+    """The cache as `save` will find it, checked before anything is measured: an unusable file, a path the system
+    refuses, a folder that cannot be written are one line now, not after the measurement."""
+    p = path or cache_path()
+    data = _read_cache(p)
+    if p.parent.is_dir():
+        OutputFile(p, "calibration cache", _is_cache, "a kvscope calibration cache")
+    return data
 
 
 def save(result: dict[str, Any], path: Path | None = None) -> Path:

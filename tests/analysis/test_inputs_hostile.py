@@ -195,10 +195,11 @@ def test_a_run_without_timed_regions_is_read(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_damaged_metadata_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for name in ("summary.parquet", "timings.parquet"):
+    for name, payload in (("summary.parquet", b"{not json"), ("timings.parquet", b"{not json"),
+                          ("nvml.parquet", b"\xff\xfe not UTF-8")):
         run = _copy(tmp_path, name=f"run-{name}")
         table = pq.read_table(run / name)
-        pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"kvscope": b"{not json"}), run / name)
+        pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"kvscope": payload}), run / name)
         message = f"{run / name}: its kvscope metadata is not JSON (a damaged file)"
         assert fail(["report", str(run), "--out", str(tmp_path / "out")], capsys) == f"kvscope: error: {message}"
         assert _api_message(kvscope.load_run, run) == message

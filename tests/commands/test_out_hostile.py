@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,6 @@ import kvscope.commands.capacity as capacity_cmd
 from kvscope.analysis.report.markdown import Report
 from kvscope.cli import main
 from kvscope.measure import run as run_mod
-from kvscope.measure.output import RunResult
 from kvscope.schema import ALIGN_OUTPUT_FILES
 
 EXPORT = DATA / "nsys" / "tiny.sqlite"
@@ -231,30 +231,40 @@ def test_report_out_never_replaces_its_source(how: str, tmp_path: Path, capsys: 
 
 
 # ---- two commands into one new output at once (cause 9) ---------------------------------------------------------
+RACED = "was filled by another run while this one ran; that folder is kept and this run's files were discarded"
+
+
+def _second_inside(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, second: Callable[[], object]
+                   ) -> list[object]:
+    """`owner.name` (what writes a command's files into its temporary folder) patched so that, after the first
+    command wrote its files and before it commits them, `second` (another command into the same output) runs to
+    its end; the list gets what `second` returned."""
+    real = getattr(owner, name)
+    done: list[object] = []
+
+    def wrapped(*args: object, **kwargs: object) -> object:
+        value = real(*args, **kwargs)
+        if not done:
+            done.append(None)  # the second command's own write goes straight through
+            done[0] = second()
+        return value
+
+    monkeypatch.setattr(owner, name, wrapped)
+    return done
+
+
 def test_two_aligns_into_one_new_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    """The first align writes its tables; before it commits, a second align into the same new --out runs to the end.
-    Before: both exit 0 and the first replaced the second's output. Now the second's output is kept and the first
+    """Before: both exit 0 and the first replaced the second's output. Now the second's output is kept and the first
     says so."""
     out = tmp_path / "al"
-    real = align_cmd.write
-    second: list[int | None] = []
-
-    def write_then_race(*args: object, **kwargs: object) -> None:
-        real(*args, **kwargs)
-        if not second:
-            second.append(None)  # the second align's own write goes straight through
-            second[0] = main(["align", str(DATA / "nsys" / "qwen25-05b.sqlite"), "--out", str(out)])
-
-    monkeypatch.setattr(align_cmd, "write", write_then_race)
+    second = _second_inside(monkeypatch, align_cmd, "write", lambda: main(
+        ["align", str(DATA / "nsys" / "qwen25-05b.sqlite"), "--out", str(out)]))
     rc = main(["align", str(EXPORT), "--out", str(out)])
-    err = capsys.readouterr().err.splitlines()
     assert second == [0] and rc == 2
-    assert err == [f"kvscope: error: --out {out} was filled by another run while this one ran; that folder is kept "
-                   "and this run's files were discarded"]
+    assert capsys.readouterr().err.splitlines() == [f"kvscope: error: --out {out} {RACED}"]
     assert sorted(p.name for p in out.iterdir()) == sorted([*ALIGN_OUTPUT_FILES, "trace.json"])
-    ranges = pd.read_parquet(out / "ranges.parquet")
-    assert len(ranges) != 165  # the second's export (qwen2.5-0.5b), not tiny's 165 ranges
+    assert len(pd.read_parquet(out / "ranges.parquet")) != 165  # the second's export (qwen2.5-0.5b), not tiny's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["al"]
 
 
@@ -262,46 +272,25 @@ def test_two_reports_into_one_new_out(tmp_path: Path, monkeypatch: pytest.Monkey
                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rep"
     sweep = _sweep(tmp_path)
-    real = Report.write
-    second: list[int | None] = []
-
-    def write_then_race(self: Report, folder: Path) -> Path:
-        written = real(self, folder)
-        if not second:
-            second.append(None)
-            second[0] = main(["report", str(RUN_FOLDER), "--out", str(out)])
-        return written
-
-    monkeypatch.setattr(Report, "write", write_then_race)
+    second = _second_inside(monkeypatch, Report, "write", lambda: main(["report", str(RUN_FOLDER), "--out", str(out)]))
     rc = main(["report", str(sweep), "--out", str(out)])
-    err = capsys.readouterr().err.splitlines()
     assert second == [0] and rc == 2
-    assert err == [f"kvscope: error: --out {out} was filled by another run while this one ran; that folder is kept "
-                   "and this run's files were discarded"]
-    assert "tiny" in (out / "report.md").read_text() and sorted(p.name for p in tmp_path.iterdir()) == [
-        "batch.csv", "rep"]
+    assert capsys.readouterr().err.splitlines() == [f"kvscope: error: --out {out} {RACED}"]
+    assert "tiny" in (out / "report.md").read_text()  # the run folder's report, the second's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch.csv", "rep"]
 
 
 @pytest.mark.parametrize("second_by", ["cli", "api"])
 def test_two_runs_into_one_new_out(second_by: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
-    """`kvscope run` and `kvscope.run` (the API) detect the race alike."""
+    """`kvscope run` and `kvscope.run` (the API) detect the race alike (a guard: runs already did)."""
     out = tmp_path / "r"
-    real = run_mod.write_run
-    second: list[object] = []
-
-    def write_then_race(result: RunResult, folder: Path) -> None:
-        real(result, folder)
-        if not second:
-            second.append(None)
-            second[0] = (main([*RUN, "--out", str(out)]) if second_by == "cli" else
-                         api.run("tiny", device="cpu", seq=8, gen_tokens=2, warmup=0, reps=1, out=out))
-
-    monkeypatch.setattr(run_mod, "write_run", write_then_race)
+    second = _second_inside(monkeypatch, run_mod, "write_run", lambda: (
+        main([*RUN, "--out", str(out)]) if second_by == "cli" else
+        api.run("tiny", device="cpu", seq=8, gen_tokens=2, warmup=0, reps=1, out=out)))
     rc = main([*RUN, "--out", str(out)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kvscope: error:")]
     assert rc == 2 and (second == [0] if second_by == "cli" else isinstance(second[0], api.Run))
-    assert err == [f"kvscope: error: output folder {out} was filled by another run while this one ran; that folder is "
-                   "kept and this run's files were discarded"]
+    assert err == [f"kvscope: error: output folder {out} {RACED}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
     assert {"summary.parquet", "timings.parquet"} <= {p.name for p in out.iterdir()}

@@ -71,8 +71,8 @@ def test_tiny_preset_tokens_and_seed() -> None:
 
 def _run(tmp_path: Path, engine: str, name: str, granularity: str = "layer") -> tuple[Path, pd.DataFrame,
                                                                                     pd.DataFrame]:
-    res = execute(RunSpec(model="tiny", batch_size=2, seq=12, gen_tokens=4, warmup=1, reps=2, granularity=granularity,
-                          engine=engine, out=str(tmp_path / name)))
+    res = execute(RunSpec(model="tiny", device="cpu", batch_size=2, seq=12, gen_tokens=4, warmup=1, reps=2,
+                          granularity=granularity, engine=engine, out=str(tmp_path / name)))
     return res.out_dir, pd.read_parquet(res.out_dir / "timings.parquet"), pd.read_parquet(res.out_dir /
                                                                                           "summary.parquet")
 
@@ -114,7 +114,7 @@ def test_phase_granularity_has_no_layer_rows(tmp_path: Path) -> None:
 
 def test_hooks_removed_after_measure(tmp_path: Path) -> None:
     """A sweep measures one loaded model at several points: no hook of one point is left for the next."""
-    plan = prepare(RunSpec(model="tiny", seq=6, gen_tokens=3, warmup=0, reps=1, granularity="layer",
+    plan = prepare(RunSpec(model="tiny", device="cpu", seq=6, gen_tokens=3, warmup=0, reps=1, granularity="layer",
                            engine="transformers"))
     model, _ = load_for(plan)
     layer = model.model.layers[0]
@@ -125,7 +125,7 @@ def test_hooks_removed_after_measure(tmp_path: Path) -> None:
 
 
 def test_hooks_close_their_regions_when_forward_raises() -> None:
-    plan = prepare(RunSpec(model="tiny", seq=6, gen_tokens=3, granularity="layer", engine="transformers"))
+    plan = prepare(RunSpec(model="tiny", device="cpu", seq=6, gen_tokens=3, granularity="layer", engine="transformers"))
     model, _ = load_for(plan)
     from kvscope.profiler.instrument import Instrument
 
@@ -148,7 +148,7 @@ def test_hooks_close_their_regions_when_forward_raises() -> None:
 def test_sweep_rows_carry_engine(tmp_path: Path) -> None:
     from kvscope.measure.sweep import SweepSpec, run_sweep
 
-    base = RunSpec(model="tiny", gen_tokens=3, warmup=0, reps=1, engine="transformers")
+    base = RunSpec(model="tiny", device="cpu", gen_tokens=3, warmup=0, reps=1, engine="transformers")
     rows = run_sweep(SweepSpec(base, (6, 8), (1, 2**40), tmp_path / "s.csv"))  # 2**40 sequences: an oom row
     assert rows["flag"].fillna("").str.contains("oom").tolist() == [False, True, False, True]
     assert rows["engine"].tolist() == ["transformers"] * 4
