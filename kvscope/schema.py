@@ -171,3 +171,13 @@ class Ceilings:
     gpu: str
     copy_gb_s: float  # device-to-device copy, bytes read + written per second / 1e9
     bf16_tflop_s: float  # dense bf16 matmul
+
+
+# a sweep row's `flag`: marks joined by ";" (`oom`, `latency-collapse`, `throughput-collapse`)
+OOM_FLAG = "oom"
+
+
+def is_oom(flag: object) -> bool:
+    """Whether a sweep row's `flag` holds the `oom` mark (as a whole mark: a hand-written `zoom` is not one)."""
+    return isinstance(flag, str) and OOM_FLAG in (mark.strip() for mark in flag.split(";"))
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,17 @@ class Synth:
         con.commit()
         con.close()
         return path
+
+
+def sqlite_copy(source: Path, path: Path, *statements: str) -> Path:
+    """A copy of the SQLite export `source` at `path`, changed by the SQL `statements`."""
+    shutil.copy(source, path)
+    con = sqlite3.connect(path)
+    for sql in statements:
+        con.execute(sql)
+    con.commit()
+    con.close()
+    return path
 
 
 def big_export(path: Path, n_ranges: int, n_kernels: int, threads: int = 2) -> Path:

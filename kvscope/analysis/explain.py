@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from kvscope.analysis.inputs import numeric_column
-from kvscope.schema import ATTRIBUTION_CLASS_WORDS, BYTES_PER_GB, KVSCOPE_ENGINE, MS_PER_S
+from kvscope.schema import ATTRIBUTION_CLASS_WORDS, BYTES_PER_GB, KVSCOPE_ENGINE, MS_PER_S, is_oom
 
 MIN_GROWTH_PP = 1.0  # a class whose share grows less than this (percentage points) is not said to grow
 BATCH_FREE_PCT = 10.0  # a step more than this much slower than the smallest batch's: batching is no longer free
@@ -82,7 +82,7 @@ def engines(df: pd.DataFrame) -> pd.Series:
 def not_oom(df: pd.DataFrame) -> pd.DataFrame:
     if "flag" not in df.columns:
         return df
-    return df[~df["flag"].astype("string").fillna("").str.contains("oom").to_numpy(bool)]
+    return df[~df["flag"].map(is_oom).to_numpy(bool)]
 
 
 def sweep_groups(df: pd.DataFrame) -> list[SweepGroup]:

@@ -44,7 +44,7 @@ from kvscope.measure.run import load_for, measure
 from kvscope.measure.sweep_file import SweepFile, sweep_settings
 from kvscope.measure.sweep_out import OutputLock, check_out
 from kvscope.model.weights import load_model
-from kvscope.schema import CLASSIC_COLUMNS, KVSCOPE_ENGINE
+from kvscope.schema import CLASSIC_COLUMNS, KVSCOPE_ENGINE, OOM_FLAG, is_oom
 
 DEFAULT_COLLAPSE_FACTOR = 2.0
 Say = Callable[[str], None]
@@ -75,7 +75,7 @@ def collapse_flags(df: pd.DataFrame, factor: float) -> list[str]:
     flags = []
     for i, row in enumerate(df.itertuples(index=False)):
         earlier = df.iloc[:i]
-        earlier = earlier[~earlier["flag"].fillna("").astype(str).str.contains("oom")]
+        earlier = earlier[~earlier["flag"].map(is_oom).to_numpy(bool)]
         marks = [f for f in str(row.flag or "").split(";") if f and "collapse" not in f]
         same_batch = _measured(earlier[earlier["batch"] == row.batch]["decode_p50_ms_per_tok"])
         if len(same_batch) and row.decode_p50_ms_per_tok > factor * same_batch.min():
@@ -227,6 +227,6 @@ def point_id(plan: RunPlan) -> str:
 
 def _oom_row(spec: RunSpec, run_id: str) -> pd.DataFrame:
     row: dict[str, Any] = {c: math.nan for c in CLASSIC_COLUMNS}
-    row.update({"seq_len": spec.seq, "batch": spec.batch_size, "flag": "oom", "run_id": run_id,
+    row.update({"seq_len": spec.seq, "batch": spec.batch_size, "flag": OOM_FLAG, "run_id": run_id,
                 "engine": spec.engine})
     return pd.DataFrame([row])

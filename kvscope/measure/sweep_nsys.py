@@ -56,7 +56,7 @@ from kvscope.measure.sweep import SweepSpec, point_id, run_sweep
 from kvscope.measure.sweep_file import SweepFile, sweep_settings
 from kvscope.measure.sweep_out import OutputLock, check_out
 from kvscope.model.dtypes import dtype_name, itemsize
-from kvscope.schema import ALIGN_OUTPUT_FILES, ATTRIBUTION_COLUMNS, NSYS_REPORT_COLUMN, TRACE_FILE
+from kvscope.schema import ALIGN_OUTPUT_FILES, ATTRIBUTION_COLUMNS, NSYS_REPORT_COLUMN, TRACE_FILE, is_oom
 
 Say = Callable[[str], None]
 CAPTURES_SUFFIX = "-nsys"  # <sweep file stem>-nsys/: the captures folder beside the sweep file
@@ -240,7 +240,7 @@ def _one_report(rep: Path, i: int, exe: str, plans: dict[tuple[int, int], RunPla
     if plan is None:
         say(f"{rep.name}: seq {seq} batch {batch} is not a configuration of this sweep; left out")
         return None
-    if (seq, batch) not in flags or "oom" in flags[(seq, batch)]:
+    if (seq, batch) not in flags or is_oom(flags[(seq, batch)]):
         why = "out of memory" if (seq, batch) in flags else "the sweep file has no row of it"
         say(f"seq {seq} batch {batch}: {why}; no attribution")
         return None

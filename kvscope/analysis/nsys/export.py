@@ -9,8 +9,11 @@ those"), and a missing required table is named in the error.
 
 A damaged or foreign export ends in a `KvscopeError` naming the path the user gave and the table: a file that is not
 SQLite or is empty, a Parquet table that is truncated, a folder or not Parquet, a table without a required column,
-text or empty cells where integers belong, GPU operations or API calls that end before they start, string ids
-with no `StringIds` table or missing from it. Nothing is read as a silent default.
+text or empty cells where integers belong, timestamps that are negative or beyond any capture's clock, names that
+are not UTF-8 text, GPU operations or API calls that end before they start, string ids with no `StringIds` table or
+missing from it, and names that cannot be there: an NVTX table with neither a `text` nor a `textId` column, or whose
+every range is nameless, a kernel table with neither a `demangledName` nor a `shortName` column, NVTX domains created
+without a `domainId` column to place ranges in them. Nothing is read as a silent default.
 """
 
 from __future__ import annotations

@@ -50,13 +50,13 @@ def sqlite_uri(path: Path, immutable: bool = False) -> str:
     return path.absolute().as_uri() + "?mode=ro" + ("&immutable=1" if immutable else "")
 
 
-def _header(path: Path) -> bytes:
-    """The first 100 bytes of a file (the SQLite header), or none when it cannot be read."""
+def _header(path: Path, shown: Path) -> bytes:
+    """The first 100 bytes of a file (an SQLite file's header); a file that cannot be read is a KvscopeError."""
     try:
         with path.open("rb") as f:
             return f.read(_HEADER_BYTES)
-    except OSError:
-        return b""
+    except OSError as exc:
+        raise KvscopeError(f"{shown}: cannot read the export ({exc.strerror or exc})") from None
 
 
 def _is_wal(header: bytes) -> bool:
@@ -105,7 +105,7 @@ class ExportTables:
             raise KvscopeError(f"{shown}: cannot read the export ({exc.strerror or exc})") from None
         if size == 0:
             raise KvscopeError(f"{shown} is not an nsys export (an empty file)")
-        header = _header(path)
+        header = _header(path, shown)
         wal = path.with_name(path.name + "-wal")
         # WAL journal mode: SQLite reads such a file by creating `-shm` and `-wal` files beside it, which it cannot in
         # a read-only folder; with no changes left in a `-wal` file the file alone is the database, read as immutable

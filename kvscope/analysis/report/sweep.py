@@ -33,7 +33,14 @@ from kvscope.analysis.explain import (
 from kvscope.analysis.report.markdown import FIGURE_SIZE_IN, FIGURE_SUFFIX, Report, md_table, percent_change
 from kvscope.analysis.sweep_file import read_sweep
 from kvscope.errors import KvscopeError
-from kvscope.schema import ATTRIBUTION_CLASS_WORDS, ATTRIBUTION_COLUMNS, BYTES_PER_GB, CLASSIC_COLUMNS, MIB_BYTES
+from kvscope.schema import (
+    ATTRIBUTION_CLASS_WORDS,
+    ATTRIBUTION_COLUMNS,
+    BYTES_PER_GB,
+    CLASSIC_COLUMNS,
+    MIB_BYTES,
+    is_oom,
+)
 
 _SWEEP_PLOTS = (
     ("prefill_ms_per_tok", "prefill latency per prompt token (ms)", "prefill ms per token"),
@@ -97,7 +104,7 @@ def sweep_report(path: Path, compare: Path | None = None) -> Report:
     df = read_sweep(path)
     rep = Report()
     if "flag" in df.columns:
-        oom = df["flag"].str.contains("oom").to_numpy()
+        oom = df["flag"].map(is_oom).to_numpy(bool)
     else:
         oom = np.zeros(len(df), dtype=bool)
         rep.note("the file has no flag column: no configuration is known to have run out of memory")

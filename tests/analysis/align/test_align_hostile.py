@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from cli_checks import fail, leftovers, snapshot
 from paths import DATA
+from synthetic_export import sqlite_copy
 
 import kvscope.analysis.align.pipeline as report_align
 from kvscope.analysis.align.pipeline import OUTPUT_FILES, analyse
@@ -268,14 +269,7 @@ def test_damaged_parquetdir(table: str, damage: str, message: str, tmp_path: Pat
 
 
 def _sqlite(tmp_path: Path, *statements: str) -> Path:
-    copy = tmp_path / "x.sqlite"
-    shutil.copy(DATA / "tiny.sqlite", copy)
-    con = sqlite3.connect(copy)
-    for sql in statements:
-        con.execute(sql)
-    con.commit()
-    con.close()
-    return copy
+    return sqlite_copy(DATA / "tiny.sqlite", tmp_path / "x.sqlite", *statements)
 
 
 @pytest.mark.parametrize(("statements", "message"), [

@@ -15,8 +15,8 @@ import pytest
 from cli_checks import fail
 from paths import DATA
 
-import kvscope.api as api
 import kvscope.analysis.align.kernel_classes as kc
+import kvscope.api as api
 from kvscope.analysis.align.phase_map import parse_phase_map
 from kvscope.analysis.align.pipeline import analyse
 from kvscope.analysis.nsys.filters import RangeFilter

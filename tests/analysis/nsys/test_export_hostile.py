@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from cli_checks import fail
 from paths import DATA
+from synthetic_export import sqlite_copy
 
 import kvscope.api as api
 from kvscope.errors import KvscopeError
@@ -46,14 +47,7 @@ def _refused(how: str, export: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def _sqlite(tmp_path: Path, statements: list[str], source: Path = TINY) -> Path:
-    export = tmp_path / "x.sqlite"
-    shutil.copy(source, export)
-    con = sqlite3.connect(export)
-    for sql in statements:
-        con.execute(sql)
-    con.commit()
-    con.close()
-    return export
+    return sqlite_copy(source, tmp_path / "x.sqlite", *statements)
 
 
 TEXT_CASES = [

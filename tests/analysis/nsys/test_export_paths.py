@@ -108,14 +108,14 @@ def test_uri_characters_in_a_relative_path(tmp_path: Path, capsys: pytest.Captur
 def test_uri_characters_in_an_nsys_rep_name(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """An .nsys-rep is exported to `<its stem>.sqlite` in a temporary folder, which is then read by that name."""
-    tmp_root = tmp_path / "tmp"
-    tmp_root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_root))
+    from analysis.align.test_align_hostile import _fake_nsys
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     rep = tmp_path / "run#1?x.nsys-rep"
     rep.write_bytes(b"rep")
-    exe = tmp_path / "nsys"
-    exe.write_text(f'#!/bin/sh\ncp "{TINY}" "$7"\n')
-    exe.chmod(0o755)
+    exe = _fake_nsys(tmp_path, f'cp "{TINY}" "$TARGET"')
+    tmp_root = tmp_path / "tmp"
     assert len(api.load_export(rep, nsys=str(exe)).ranges) == TINY_RANGES
     assert main(["align", str(rep), "--nsys", str(exe), "--out", str(tmp_path / "out")]) == 0
     capsys.readouterr()
@@ -178,11 +178,15 @@ def test_wal_export_with_pending_changes_reads_them(how: str, tmp_path: Path,
     assert _read(how, export, tmp_path / "out", capsys) == TINY_RANGES - 1
 
 
+# in a private mount namespace, folder $1 bound onto itself read-only
+_RO_MOUNT = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1"'
+
+
 def _can_mount() -> bool:
     probe = Path(tempfile.mkdtemp(prefix="ro-probe-"))
     try:
-        done = subprocess.run(["unshare", "-m", "sh", "-c", 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1"'
-                               ' && ! touch "$1/x" 2>/dev/null', "sh", str(probe)], capture_output=True, check=False)
+        done = subprocess.run(["unshare", "-m", "sh", "-c", _RO_MOUNT + ' && ! touch "$1/x" 2>/dev/null', "sh",
+                               str(probe)], capture_output=True, check=False)
         return done.returncode == 0 and not (probe / "x").exists()
     except OSError:
         return False
@@ -202,8 +206,7 @@ def read_only() -> Iterator:
     def run(folder: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "kvscope", *argv]
         if root:
-            cmd = ["unshare", "-m", "sh", "-c", 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1" && '
-                   'shift && exec "$@"', "sh", str(folder), *cmd]
+            cmd = ["unshare", "-m", "sh", "-c", _RO_MOUNT + ' && shift && exec "$@"', "sh", str(folder), *cmd]
         else:
             folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
             changed.append(folder)
@@ -262,3 +265,26 @@ def test_kvscope_nsys_out_with_uri_characters(tmp_path: Path, capsys: pytest.Cap
     capsys.readouterr()
     assert len(pd.read_parquet(out / "ranges.parquet")) == len(api.load_export(EXPORT).ranges)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "log.json", "n#1?x"]
+
+
+@pytest.mark.parametrize("how", ["cli", "load_export", "project", "align"])
+def test_an_export_that_cannot_be_opened_says_why(how: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file without read permission (simulated: the tests may run as root) is not "not an SQLite database"."""
+    export = tmp_path / "x.sqlite"
+    shutil.copy(TINY, export)
+    real = Path.open
+
+    def refused(self: Path, *args, **kwargs):
+        if self == export:
+            raise PermissionError(13, os.strerror(13), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refused)
+    message = f"{export}: cannot read the export ({os.strerror(13)})"
+    if how == "cli":
+        assert fail(["align", str(export), "--out", str(tmp_path / "out")], capsys) == f"kvscope: error: {message}"
+    else:
+        with pytest.raises(KvscopeError) as info:
+            getattr(api, how)(export)
+        assert str(info.value) == message
