@@ -259,11 +259,8 @@ def test_output_file_checks_again_before_writing(tmp_path: Path) -> None:
     assert out.read_text() == "appeared meanwhile\n"
 
 
-@pytest.mark.parametrize(("code", "readonly", "reason"), [
-    (errno.EROFS, True, "Read-only file system"),
-    (errno.EACCES, False, "Permission denied"),
-])
-def test_output_file_in_a_folder_it_cannot_write(code: int, readonly: bool, reason: str, tmp_path: Path,
+@pytest.mark.parametrize(("readonly", "reason"), [(True, "Read-only file system"), (False, "Permission denied")])
+def test_output_file_in_a_folder_it_cannot_write(readonly: bool, reason: str, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Root ignores mode bits: the folder's refusal is simulated where the check asks the system."""
     real_access, real_statvfs = os.access, os.statvfs
@@ -277,7 +274,6 @@ def test_output_file_in_a_folder_it_cannot_write(code: int, readonly: bool, reas
         _out(tmp_path / "t.csv")
     assert str(info.value) == f"--out {tmp_path / 't.csv'} cannot be written: folder {tmp_path}: {reason}"
     assert list(tmp_path.iterdir()) == []
-    del code
 
 
 def test_output_file_write_error_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

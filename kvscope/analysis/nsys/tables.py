@@ -36,6 +36,7 @@ _HEADER_BYTES = 100  # an SQLite file's header
 # tables of which an nsys export holds at least one
 _NSYS_MARKERS = frozenset({STRINGS_TABLE, *META_TABLES, NVTX_TABLE, RUNTIME_TABLE})
 _NULL_INT = np.iinfo(np.int64).min  # stands for NULL in the fast read of integer columns (never a timestamp or id)
+_NULL_SQL = f"({_NULL_INT + 1} - 1)"  # the same in SQL, as an integer (the literal -9223372036854775808 is a real)
 _READ_ERRORS = (OSError, ValueError, pa.ArrowException, sqlite3.Error, pd.errors.DatabaseError)
 # Parquet integer columns as pandas' nullable integers: exact where cells are empty (not float64, exact to 2**53 only)
 _NULLABLE_INTS = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
@@ -195,27 +196,33 @@ class ExportTables:
     def _sqlite_integers(self, table: str, cols: list[str]) -> dict[str, np.ndarray | pd.arrays.IntegerArray]:
         """The columns of `cols` whose every cell is an integer or NULL, read fast, with `_row` (the rowid): SQLite
         writes each column as one comma-separated text (group_concat, in rowid order) that numpy parses in C,
-        instead of a Python object per cell (3-4x faster on a million kernels). One scan finds them; a column
-        holding anything else (text, a fraction, int64's smallest value, which stands for NULL here) is left to
-        the checked read, which names the offending cell. Empty when none is."""
+        instead of a Python object per cell (3-4x faster on a million kernels). Columns declared as text or real
+        are not tried; one scan checks the others, and where it finds a cell that is neither an integer nor NULL
+        (text, a fraction, or int64's smallest value, which stands for NULL here) a second one tells their columns
+        apart, which are left to the checked read that names the offending cell. Empty when none is read fast."""
         con = self._con
         if con is None or not cols:
             return {}
-        odd = ", ".join(f"max(typeof(\"{c}\") NOT IN ('integer', 'null') OR \"{c}\" = {_NULL_INT + 1} - 1)"
-                        for c in cols)
-        n, *flags = con.execute(f'SELECT count(*), {odd} FROM "{table}"').fetchone()
+        declared = {r[1]: str(r[2] or "").upper() for r in con.execute(f'PRAGMA table_info("{table}")')}
+        cand = [c for c in cols if "INT" in declared.get(c, "") or not any(
+            k in declared.get(c, "") for k in ("CHAR", "CLOB", "TEXT", "REAL", "FLOA", "DOUB"))]  # SQLite's affinity
+        odd = [f"typeof(\"{c}\") NOT IN ('integer', 'null') OR \"{c}\" = {_NULL_SQL}" for c in cand]
+        if cand and con.execute(f'SELECT 1 FROM "{table}" WHERE {" OR ".join(odd)} LIMIT 1').fetchone() is not None:
+            flags = con.execute(f'SELECT {", ".join(f"max({o})" for o in odd)} FROM "{table}"').fetchone()
+            cand = [c for c, flag in zip(cand, flags, strict=True) if not flag]
+        if not cand:
+            return {}
+        n = int(con.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0])
         out: dict[str, np.ndarray | pd.arrays.IntegerArray] = {}
-        for name, expr in (("_row", "rowid"), *[(c, f'"{c}"') for c, f in zip(cols, flags, strict=True) if not f]):
-            text = con.execute(f"SELECT group_concat(ifnull({expr}, {_NULL_INT + 1} - 1), ',') FROM (SELECT {expr} "
-                               f'FROM "{table}" ORDER BY rowid)').fetchone()[0]
+        for name, expr in (("_row", "rowid"), *[(c, f'"{c}"') for c in cand]):
+            text = con.execute(f"SELECT group_concat(ifnull({expr}, {_NULL_SQL}), ',') FROM (SELECT {expr} FROM "
+                               f'"{table}" ORDER BY rowid)').fetchone()[0]
             values = np.fromstring(text or "", dtype=np.int64, sep=",")
             if len(values) != n:
                 continue  # left to the checked read
             null = values == _NULL_INT
             out[name] = pd.arrays.IntegerArray(values, null) if null.any() else values
-        if "_row" not in out or len(out) == 1:
-            return {}
-        return out
+        return out if "_row" in out and len(out) > 1 else {}
 
     def _undecodable(self, con: sqlite3.Connection, table: str, cols: list[str]) -> KvscopeError:
         """The error for the first cell of `cols` whose text is not UTF-8 (Python's sqlite3 cannot decode it)."""
