@@ -146,34 +146,39 @@ def test_query_as_a_view_of_the_fused_projection() -> None:
     _check(q, k, v, torch.tensor([700, 1, 64, 65, 333], device=CUDA))
 
 
-def test_inside_a_cuda_graph_with_lengths_changed_between_replays() -> None:
-    """Captured once (split count fixed by the shapes); the device lengths and the cache change between replays and
-    every replay matches the reference; the output is poisoned before each replay."""
+def _graph_replays_match_the_reference(window: int | None, seed: int, last_length: int) -> None:
+    """Captured once (split count fixed by the shapes, `window` a host int fixed at capture); the device lengths, the
+    query and (last) the cache change between replays, and every replay matches the reference; the output is
+    poisoned before each replay. The last replay's first sequence has `last_length` positions."""
     b, s_max = 4, 8192
-    q, k, v = _case(b, s_max, 2, 8, 128, torch.bfloat16, seed=12)
+    q, k, v = _case(b, s_max, 2, 8, 128, torch.bfloat16, seed=seed)
     lengths = torch.tensor([1, 100, 8192, 4000], device=CUDA)
     out = torch.empty(b, 16, 128, dtype=torch.bfloat16, device=CUDA)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        k_decode_attention.split_kv_decode(q, k, v, lengths, out=out)  # compiles before the capture
+        k_decode_attention.split_kv_decode(q, k, v, lengths, out=out, window=window)  # compiles before the capture
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        k_decode_attention.split_kv_decode(q, k, v, lengths, out=out)
-    g = torch.Generator(device=CUDA).manual_seed(13)
+        k_decode_attention.split_kv_decode(q, k, v, lengths, out=out, window=window)
+    g = torch.Generator(device=CUDA).manual_seed(seed + 1)
     for rep in range(4):
         lengths.copy_(torch.randint(1, s_max + 1, (b,), device=CUDA, generator=g))
         if rep == 3:
-            lengths[0] = 1
+            lengths[0] = last_length
             k.copy_(torch.randn(k.shape, device=CUDA, generator=g))
         q.copy_(torch.randn(q.shape, device=CUDA, generator=g))
         out.fill_(float("nan"))
         graph.replay()
         assert not out.isnan().any()
-        torch.testing.assert_close(out, k_decode_attention.split_kv_decode_ref(q, k, v, lengths),
+        torch.testing.assert_close(out, k_decode_attention.split_kv_decode_ref(q, k, v, lengths, window=window),
                                    **k_decode_attention.DECODE_ATTENTION_TOLERANCE[torch.bfloat16])
         _counters_zero()
+
+
+def test_inside_a_cuda_graph_with_lengths_changed_between_replays() -> None:
+    _graph_replays_match_the_reference(None, seed=12, last_length=1)
 
 
 @pytest.mark.parametrize("long_splits", [False, True])
@@ -335,32 +340,9 @@ def test_window_at_long_contexts_both_split_rules(b: int, s_max: int, lengths: l
 
 
 def test_window_inside_a_cuda_graph_with_lengths_changed_between_replays() -> None:
-    """The window is a host int fixed at capture; the device lengths (shorter and longer than it) change between
-    replays and every replay matches the reference."""
-    b, s_max, window = 4, 8192, 1500
-    q, k, v = _case(b, s_max, 2, 8, 128, torch.bfloat16, seed=31)
-    lengths = torch.tensor([1, 100, 8192, 4000], device=CUDA)
-    out = torch.empty(b, 16, 128, dtype=torch.bfloat16, device=CUDA)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        k_decode_attention.split_kv_decode(q, k, v, lengths, out=out, window=window)  # compiles before the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        k_decode_attention.split_kv_decode(q, k, v, lengths, out=out, window=window)
-    g = torch.Generator(device=CUDA).manual_seed(32)
-    for rep in range(4):
-        lengths.copy_(torch.randint(1, s_max + 1, (b,), device=CUDA, generator=g))
-        if rep == 3:
-            lengths[0] = window - 1
-        q.copy_(torch.randn(q.shape, device=CUDA, generator=g))
-        out.fill_(float("nan"))
-        graph.replay()
-        assert not out.isnan().any()
-        torch.testing.assert_close(out, k_decode_attention.split_kv_decode_ref(q, k, v, lengths, window=window),
-                                   **k_decode_attention.DECODE_ATTENTION_TOLERANCE[torch.bfloat16])
-        _counters_zero()
+    """The window (1,500) is a host int fixed at capture; the device lengths, shorter and longer than it, change
+    between replays."""
+    _graph_replays_match_the_reference(1500, seed=31, last_length=1499)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
