@@ -5,7 +5,9 @@ Why: a process the OOM killer ends gets SIGKILL and cannot say a word. Under com
 `kvscope run` of qwen2.5-0.5b grew to 130 GB resident on a 128 GiB host (racecheck's own shadow state, in the run's
 process) and ended with exit code 9 and no message (lent H100, 2026-12-07: `dmesg` showed "Out of memory: Killed
 process ... python3"). The NVML child, a separate process that wakes every 250 ms, watches the run's host memory with
-`low_memory_reason` and stops the run with SIGTERM, and a reason the run then prints, before the kernel kills it.
+`low_memory_reason`: it writes the reason to the run's stderr at once and stops the run with SIGTERM (the run prints
+the reason as its error), before the kernel kills it. A run whose main thread is held in one long C call may still be
+SIGKILLed before its handler runs; the child's line has said why by then.
 """
 
 from __future__ import annotations

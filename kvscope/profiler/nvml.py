@@ -66,13 +66,20 @@ class NvmlSampler:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # the child imports kvscope from where this process did
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        say_fd = _stderr_copy()  # the guard writes its reason there at once (see nvml_child._Guard)
+        if say_fd is not None:
+            cmd += ["--guard-fd", str(say_fd)]
         try:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, env=env, close_fds=True)
+                                          stderr=subprocess.PIPE, env=env, close_fds=True,
+                                          pass_fds=() if say_fd is None else (say_fd,))
         except OSError as exc:
             self.reason = f"NVML sampler could not start: {exc.strerror or exc}"
             self._path.unlink(missing_ok=True)
             return
+        finally:
+            if say_fd is not None:
+                os.close(say_fd)
         self.child_pid = self._proc.pid
 
     @property
@@ -145,6 +152,14 @@ class NvmlSampler:
     def metadata(self) -> dict[str, Any]:
         return {"available": self.available, "reason": self.reason, "interval_ms": self.interval_ms,
                 "process": "child" if self.child_pid is not None else None, "mode": self.mode or None}
+
+
+def _stderr_copy() -> int | None:
+    """A duplicate of this process's stderr descriptor for the child to inherit; None without one."""
+    try:
+        return os.dup(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # no real stderr (a notebook, a closed stream): the `g,` line only
+        return None
 
 
 def _wide(rows: list[tuple[int, str, float]], window: tuple[int, int], origin_ns: int) -> pd.DataFrame:

@@ -124,9 +124,10 @@ class _Guard:
     """The run's host-memory guard (`kvscope.profiler.host_memory`): at each wake-up, when the host (or the cgroup)
     has less than the floor left, write the reason (`g,` line) and send the run SIGTERM, once."""
 
-    def __init__(self, pid: int | None, floor_bytes: int | None, out: TextIO) -> None:
+    def __init__(self, pid: int | None, floor_bytes: int | None, out: TextIO, say_fd: int | None = None) -> None:
         self.pid, self.floor, self.out, self.fired = pid, floor_bytes, out, False
-        self.next_s = 0.0
+        self.say_fd = say_fd  # the run's own stderr, passed down: the reason reaches the user even if the run is
+        self.next_s = 0.0  # then SIGKILLed before its SIGTERM handler runs (a main thread inside a long C call)
 
     def check(self) -> None:
         """At most every BUFFERED_WAKE_MS, whatever the sampling interval (a few /proc reads each time)."""
@@ -140,6 +141,9 @@ class _Guard:
         self.fired = True
         self.out.write("g," + json.dumps(reason) + "\n")
         self.out.flush()
+        if self.say_fd is not None:
+            with contextlib.suppress(OSError):  # a closed stderr: the `g,` line still tells the run
+                os.write(self.say_fd, f"kvscope: stopping the run (SIGTERM): {reason}\n".encode())
         with contextlib.suppress(ProcessLookupError):  # the run ended by itself meanwhile: nothing to stop
             os.kill(self.pid, signal.SIGTERM)
 
@@ -222,10 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--guard-pid", type=int, default=None, help="the run's process: stopped when host memory runs out")
     p.add_argument("--guard-floor-mib", type=float, default=None, help="the guard's floor (default: host_memory's)")
+    p.add_argument("--guard-fd", type=int, default=None, help="the run's stderr, inherited")
     ns = p.parse_args(argv)
     floor = None if ns.guard_floor_mib is None else int(ns.guard_floor_mib * MIB_BYTES)
     with open(ns.out, "w", buffering=1 << 16) as out:
-        sample(ns.uuid, ns.index, ns.interval_ms, ns.mode, out, _Guard(ns.guard_pid, floor, out))
+        sample(ns.uuid, ns.index, ns.interval_ms, ns.mode, out, _Guard(ns.guard_pid, floor, out, ns.guard_fd))
     return 0
 
 

@@ -87,9 +87,11 @@ def test_the_child_stops_the_run_with_sigterm_and_says_why(tmp_path: Path) -> No
     (here a stand-in `sleep`), also where NVML is unavailable (no driver here: the guard runs alone)."""
     victim = subprocess.Popen(["sleep", "30"])
     out = tmp_path / "samples.txt"
+    said_r, said_w = os.pipe()  # stands in for the run's stderr, which the child writes the reason to at once
     child = subprocess.Popen([sys.executable, "-m", "kvscope.profiler.nvml_child", "--interval-ms", "20", "--out",
-                              str(out), "--guard-pid", str(victim.pid), "--guard-floor-mib", str(2**40)],
-                             stdin=subprocess.PIPE)
+                              str(out), "--guard-pid", str(victim.pid), "--guard-floor-mib", str(2**40),
+                              "--guard-fd", str(said_w)], stdin=subprocess.PIPE, pass_fds=(said_w,))
+    os.close(said_w)
     try:
         assert victim.wait(timeout=30) == -signal.SIGTERM
     finally:
@@ -98,6 +100,9 @@ def test_the_child_stops_the_run_with_sigterm_and_says_why(tmp_path: Path) -> No
         child.wait(timeout=30)
     guard_lines = [line for line in out.read_text().splitlines() if line.startswith("g,")]
     assert len(guard_lines) == 1 and "host memory ran out" in guard_lines[0]
+    with os.fdopen(said_r) as said:
+        lines = said.read().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvscope: stopping the run (SIGTERM): host memory ran out: ")
 
 
 def test_without_a_guard_pid_the_child_guards_nothing(tmp_path: Path) -> None:
