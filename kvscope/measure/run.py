@@ -32,7 +32,7 @@ from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunPlan, RunSpec, prepare
 from kvscope.engine.tp import TensorParallel
 from kvscope.errors import KvscopeError
-from kvscope.io import AtomicFolder
+from kvscope.io import AtomicFolder, os_reason
 from kvscope.measure.memory import allocation_failure, allocation_message
 from kvscope.measure.output import (
     OUT_LABEL,
@@ -105,9 +105,9 @@ def _load_and_measure(plan: RunPlan, out: AtomicFolder, progress: ProgressFn | N
     try:
         write_run(result, out.tmp)
     except OSError as exc:  # a full disk, a quota, a folder removed under the run
-        reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
         where = f" ({exc.filename})" if exc.filename else ""
-        raise KvscopeError(f"cannot write the run folder {out.final}: {reason}{where}; nothing was kept") from None
+        raise KvscopeError(f"cannot write the run folder {out.final}: {os_reason(exc)}{where}; nothing was kept"
+                           ) from None
     return result
 
 
