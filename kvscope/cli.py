@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_run(sub)
     _add_sweep(sub)
+    _add_serve(sub)
 
     c = sub.add_parser("calibrate", help="measure copy bandwidth, bf16 matmul rate and the decode matvec chain")
     c.add_argument("--device", type=_TEXT, default="cuda", help="the GPU to measure")
@@ -196,6 +197,51 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", type=_TEXT, default=None, help="run folder (default traces/<time>-<model>-bs<B>-seq<L>/)")
     _add_tp(r, "run")
     _add_json(r, "the run folder, its files and the summary's key numbers")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="a served load: requests arriving over time, continuous batching over a paged "
+                                     "KV cache; writes a run folder of per-request and per-iteration records")
+    _add_model_args(s)
+    load = s.add_argument_group("the load (exactly one of --rps, --concurrency, --request-file)")
+    load.add_argument("--rps", type=_TEXT, default=None, metavar="R[,R...]",
+                      help="open loop: Poisson arrivals at R requests per second, seeded; a list makes a sweep")
+    load.add_argument("--concurrency", type=_TEXT, default=None, metavar="N[,N...]",
+                      help="closed loop: N users, each sending its next request when the last one finishes")
+    load.add_argument("--request-file", type=_INPUT, default=None, metavar="FILE",
+                      help="replay requests: CSV (arrival_s,prompt_tokens,output_tokens[,request_id]) or JSONL")
+    load.add_argument("--prompt-len", type=_TEXT, default="512",
+                      help="prompt tokens: N, uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA, each with optional :max=N")
+    load.add_argument("--output-len", type=_TEXT, default="128", help="output tokens (same forms as --prompt-len)")
+    load.add_argument("--requests", "--num-requests", dest="requests", type=_INT, default=None,
+                      help="stop after this many requests (with --duration: whichever comes first)")
+    load.add_argument("--duration", type=_FINITE, default=None, metavar="S", help="stop arrivals after S seconds")
+    sch = s.add_argument_group("the scheduler and the KV pool")
+    sch.add_argument("--policy", type=_TEXT, default="chunked", metavar="P[,P...]",
+                     help="prefill-first | chunked (chunked prefill mixed with decode); a list makes a sweep")
+    sch.add_argument("--preempt", default="recompute", choices=["recompute", "swap"],
+                     help="when blocks run out: drop the cache and prefill again later, or swap to host memory")
+    sch.add_argument("--max-batch-tokens", type=_INT, default=2048, help="tokens per iteration (the budget)")
+    sch.add_argument("--max-seqs", type=_INT, default=64, help="sequences running at once (the largest graph)")
+    sch.add_argument("--max-seq", type=_INT, default=None,
+                     help="the longest sequence, prompt + output (default: the load's longest)")
+    sch.add_argument("--block-size", type=_INT, default=16, help="tokens per KV block")
+    sch.add_argument("--kv-pool-gb", type=_GIB, default=None,
+                     help="the KV pool's size (default: --kv-pool-frac of the free device memory; on a CPU, room "
+                          "for --max-seqs sequences of --max-seq tokens)")
+    sch.add_argument("--kv-pool-frac", type=_FINITE, default=0.5,
+                     help="fraction of the device memory free after the weights load, for the KV pool")
+    out = s.add_argument_group("records")
+    out.add_argument("--slo-ttft-ms", type=_FINITE, default=None, help="goodput: time to first token at most this")
+    out.add_argument("--slo-tpot-ms", type=_FINITE, default=None, help="goodput: time per output token at most this")
+    out.add_argument("--granularity", default="phase", choices=GRANULARITIES,
+                     help="phase: each iteration timed by CUDA events; layer/op: also inside eager iterations")
+    out.add_argument("--out", type=_TEXT, default=None, help="run folder (a sweep: one subfolder per point)")
+    out.add_argument("--no-nvtx", dest="nvtx", action="store_false", default=None, help="no NVTX ranges")
+    out.add_argument("--nvml-interval-ms", type=_FINITE, default=20.0, help="NVML sampling period")
+    out.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                     help="no progress bar on stderr")
+    _add_json(s, "the run folder, its files and the summary's key numbers")
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:

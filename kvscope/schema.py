@@ -181,3 +181,39 @@ def is_oom(flag: object) -> bool:
     """Whether a sweep row's `flag` holds the `oom` mark (as a whole mark: a hand-written `zoom` is not one)."""
     return isinstance(flag, str) and OOM_FLAG in (mark.strip() for mark in flag.split(";"))
 
+
+
+# ---- a served load (`kvscope serve`): continuous batching over a paged KV cache ------------------------------------
+# One region per scheduler iteration, `iter N` (level "step", phase "serve"); its keys carry the composition.
+SERVE_PHASE = "serve"
+POLICIES = ("prefill-first", "chunked")  # the scheduler's policies (--policy)
+PREEMPT_MODES = ("recompute", "swap")  # how a sequence leaves the KV pool when blocks run out (--preempt)
+REQUESTS_FILE = "requests.parquet"
+ITERATIONS_FILE = "iterations.parquet"
+# one row per (iteration, request) the iteration carried: what the request put into it (kind `prefill` or `decode`,
+# its tokens and its context length: keys its attention read, its own tokens included)
+BATCHES_FILE = "batches.parquet"
+LEDGER_FILE = "memory.parquet"  # the memory ledger: one row per item (weights, KV pool, graph pool, ...)
+SERVE_SWEEP_FILE = "serve_sweep.parquet"  # a sweep over --rps / --policy: one summary row per point
+# request status: finished, cut (SIGINT/SIGTERM or --duration ended it), refused (it could never fit the pool)
+REQUEST_STATUSES = ("finished", "cut", "refused")
+# requests.parquet. Times `*_s` in seconds since the load's start on the host clock (NaN where it never happened);
+# durations `*_ms`; `itl_ms` is the list of the request's inter-token gaps (output tokens - 1 of them, finished ones);
+# `token_iterations` the iteration that produced each output token
+REQUEST_COLUMNS = ("request_id", "status", "reason", "arrival_s", "admitted_s", "first_token_s", "finish_s",
+                   "queue_ms", "ttft_ms", "tpot_ms", "e2e_ms", "prompt_tokens", "output_tokens", "generated_tokens",
+                   "preemptions", "preempt_recompute", "preempt_swap", "itl_ms", "token_iterations")
+# iterations.parquet. start_s / end_s on the host clock (launch, and the named sync that reads the tokens);
+# dur_ms by CUDA events (host clock on the CPU), gpu_gap_ms the device idle time since the previous iteration's end
+# event (NaN on the CPU and for the first), host_ms the scheduler's host time before the launch (plan + inputs);
+# kind: `prefill`, `decode` or `mixed`; graph_batch: the CUDA-graph bucket replayed (0: eager)
+ITERATION_COLUMNS = ("iteration", "kind", "start_s", "end_s", "dur_ms", "gpu_gap_ms", "host_ms", "prefill_tokens",
+                     "prefill_seqs", "decode_seqs", "tokens", "context_tokens", "running", "waiting", "swapped",
+                     "blocks_used", "blocks_free", "token_slots_used", "block_slots_held", "swap_out_bytes",
+                     "swap_in_bytes", "preempted", "graph_batch")
+BATCH_COLUMNS = ("iteration", "request_id", "kind", "tokens", "context_len")
+LEDGER_COLUMNS = ("item", "bytes", "note")
+
+
+def iteration_name(iteration: int) -> str:
+    return f"iter {iteration}"

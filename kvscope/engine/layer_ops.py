@@ -27,6 +27,7 @@ a subclass picked in `choose_ops`, not a branch in the engine's loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from kvscope.engine.options import EngineOptions
+from kvscope.engine.regions import EngineRegions
 from kvscope.engine.tp import TensorParallel
 from kvscope.kernels import gemv as k_gemv
 from kvscope.kernels import rms_norm as k_rms_norm
@@ -252,3 +254,25 @@ def choose_ops(model: Transformer, ins: Instrument, options: EngineOptions, tp: 
         return OpsChoice(base)
     launch = options.gemv_launch.kwargs()
     return OpsChoice(base, GemvOps(model, ins, launch), GemvNormFirstOps(model, ins, launch), options.gemv_max_rows)
+
+
+def run_layer(ins: Instrument, regions: EngineRegions, i: int, h: torch.Tensor,
+              attend: Callable[[int, torch.Tensor], torch.Tensor], ops: LayerOps) -> None:
+    """One decoder layer, updating h (B, S, dim) in place, its norms and products run by `ops` (picked for B*S
+    rows); `attend(i, qkv)` takes the fused projection (B, S, H + 2*H_kv, D), applies RoPE, writes the cache and
+    returns the attention output (B*S, H*D). Every engine's layer is this maths between its regions."""
+    region, r = ins.region_with, regions.ops[i]
+    b, s, dim = h.shape
+    h2 = h.view(b * s, dim)  # (B*S, dim), the residual stream, updated in place
+    with region(*regions.layers[i]):
+        with region(*r["norm"]):  # empty where the qkv product normalises h itself (gemv)
+            x = ops.input_norm(i, h)  # (B, S, dim) or None
+        with region(*r["qkv"]):
+            qkv = ops.qkv(i, h, h2, x)  # (B, S, H+2H_kv, D)
+        y = attend(i, qkv)  # (B*S, H*D)
+        with region(*r["o_proj"]):
+            ops.o_proj_(i, h2, y)  # with tp: this rank's row-parallel part
+        ops.join_attention(i, h2)  # with tp: the all-reduce, in its own region
+        with region(*r["mlp"]):
+            ops.mlp_(i, h2)  # post-attention norm, gate/up, SiLU*up, down and the residual add
+        ops.join_mlp(i, h2)

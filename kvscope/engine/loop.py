@@ -48,7 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kvscope.engine.decode_attn import FlashDecode, make_decode_attention
 from kvscope.engine.graphs import CapturedStep, DecodeGraphs
 from kvscope.engine.greedy import GreedyLoop
-from kvscope.engine.layer_ops import LayerOps, choose_ops
+from kvscope.engine.layer_ops import LayerOps, choose_ops, run_layer
 from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunConfig
 from kvscope.engine.prefill_graphs import PrefillGraphs
@@ -131,24 +131,8 @@ class Engine(GreedyLoop):
             self.next_tokens.copy_(torch.argmax(self.logits, dim=-1))
 
     def _layer(self, i: int, h: torch.Tensor, attend: Attend, ops: LayerOps) -> None:
-        """One decoder layer, updating h (B, S, dim) in place, its norms and products run by `ops` (picked for B*S
-        rows); `attend(i, qkv)` takes the fused projection (B, S, H + 2*H_kv, D), applies RoPE, writes the cache and
-        returns the attention output (B*S, H*D)."""
-        region, r = self.ins.region_with, self.regions.ops[i]
-        b, s, dim = h.shape
-        h2 = h.view(b * s, dim)  # (B*S, dim), the residual stream, updated in place
-        with region(*self.regions.layers[i]):
-            with region(*r["norm"]):  # empty where the qkv product normalises h itself (gemv)
-                x = ops.input_norm(i, h)  # (B, S, dim) or None
-            with region(*r["qkv"]):
-                qkv = ops.qkv(i, h, h2, x)  # (B, S, H+2H_kv, D)
-            y = attend(i, qkv)  # (B*S, H*D)
-            with region(*r["o_proj"]):
-                ops.o_proj_(i, h2, y)  # with tp: this rank's row-parallel part
-            ops.join_attention(i, h2)  # with tp: the all-reduce, in its own region
-            with region(*r["mlp"]):
-                ops.mlp_(i, h2)  # post-attention norm, gate/up, SiLU*up, down and the residual add
-            ops.join_mlp(i, h2)
+        """One decoder layer over h (B, S, dim), in place (`layer_ops.run_layer`)."""
+        run_layer(self.ins, self.regions, i, h, attend, ops)
 
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,0 +1,317 @@
+"""The served engine: one forward per scheduler iteration over a flat batch of tokens from many sequences, reading
+and writing K/V through block tables of a `PagedKVCache` (continuous batching).
+
+An iteration's batch (`IterationBatch`, built on the host by the scheduler) is T tokens in one row, `(1, T)`:
+first the single-token rows (each a sequence's next token: decode steps, and any prefill work of one token), then
+the prefill chunks, each a run of consecutive positions of one sequence. Every token has its position (RoPE) and
+its slot (the pool row its K/V go to). The products and norms run over all T rows at once, with the strategy the
+engine's `EngineOptions` pick for T rows (`layer_ops.OpsChoice.pick`, as the static engine's prefill); only the
+attention differs by row:
+- single-token rows: paged decode attention over each sequence's block table and length: kvscope's split-KV kernel
+  with block tables on CUDA (`kernels.decode_attention.split_kv_decode(block_table=...)`), its torch reference
+  (`paged_split_kv_decode_ref`, the blocks gathered) elsewhere;
+- a chunk of n tokens from position p: causal attention of its n queries over keys 0 .. p + n - 1, torch SDPA; the
+  chunk's own keys are used in place when p = 0, else the sequence's blocks are gathered from the pool.
+Logits are computed only at the rows the scheduler samples (`sample_rows`), greedy.
+
+Decode-only iterations replay CUDA graphs bucketed by batch size (`ServeGraphs`, CUDA with kernels): static buffers
+of a bucket's B rows (tokens, positions, slots, lengths, block tables), padding rows writing nothing (slot -1) and
+reading nothing (length 0). Inputs reach the device as one non-blocking copy from page-locked memory; the caller
+reads the sampled tokens back once per iteration (the scheduler needs them), the one named sync of an iteration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kvscope.engine.layer_ops import LayerOps, choose_ops, run_layer
+from kvscope.engine.options import EngineOptions
+from kvscope.engine.regions import EngineRegions
+from kvscope.errors import KvscopeError
+from kvscope.kernels import common as k_common
+from kvscope.kernels import decode_attention as k_attn
+from kvscope.kernels import rope_kv as k_rope
+from kvscope.model.dtypes import dtype_name
+from kvscope.model.layers import Transformer, rope_tables
+from kvscope.model.paged_kv_cache import PagedKVCache
+from kvscope.profiler.instrument import Instrument
+from kvscope.schema import SERVE_PHASE, iteration_name
+
+# batch sizes of the decode-only CUDA graphs (a decode iteration of n sequences replays the smallest bucket >= n)
+GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+@dataclass
+class Chunk:
+    """A run of `n` consecutive positions of one sequence, from `start`, at rows `row0 .. row0 + n - 1`."""
+
+    row0: int
+    n: int
+    start: int
+    table: list[int]
+
+
+@dataclass
+class IterationBatch:
+    """What one iteration runs (host arrays). Rows 0 .. n_single - 1 are single-token rows (decode attention over
+    `tables` and `lengths`), then `chunks`. `sample_rows`: the rows whose next token is sampled."""
+
+    tokens: np.ndarray  # (T,) int64
+    positions: np.ndarray  # (T,) int64
+    slots: np.ndarray  # (T,) int64, pool rows
+    n_single: int
+    tables: np.ndarray  # (n_single, max_blocks) int32, padded with the scratch block
+    chunks: list[Chunk] = field(default_factory=list)
+    sample_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (n_sample,)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def decode_only(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The served engine's budget: the longest sequence (RoPE tables, block-table width), the largest batch of
+    sequences in an iteration (graph buckets), the dtype and device."""
+
+    max_seq: int
+    max_seqs: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+class _Static:
+    """The static inputs of one decode bucket of B rows (device) and its captured graph."""
+
+    def __init__(self, b: int, max_blocks: int, device: torch.device) -> None:
+        self.b = b
+        self.ints = torch.zeros(4, b, dtype=torch.int64, device=device)  # tokens, positions, slots, lengths
+        self.tables = torch.zeros(b, max_blocks, dtype=torch.int32, device=device)  # (B, max_blocks)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None  # (B,) sampled tokens, written by every replay
+
+
+class ServedEngine:
+    """One model over one `PagedKVCache`; `forward(batch, iteration)` runs an iteration and returns its sampled
+    tokens (device, (n_sample,) int64)."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, cfg: ServeConfig,
+                 instrument: Instrument | None = None, options: EngineOptions | None = None) -> None:
+        options = EngineOptions() if options is None else options
+        args = model.args
+        if cfg.max_seq > args.max_position_embeddings:
+            raise KvscopeError(f"context of {cfg.max_seq} tokens exceeds {args.name}'s maximum of "
+                               f"{args.max_position_embeddings}")
+        if options.kernels and not k_common.supported(cfg.device, cfg.dtype):
+            raise KvscopeError(f"kvscope's CUDA kernels need a CUDA device and {'/'.join(k_common.DTYPE_NAMES)}, "
+                               f"got {cfg.device} {dtype_name(cfg.dtype)} (--kernels off)")
+        if options.graphs and not options.kernels:
+            raise KvscopeError("the served load's CUDA graphs need kvscope's kernels (--kernels on, or --graphs off)")
+        if options.kernels and not k_attn.paged_block_size_ok(cache.block_size):
+            raise KvscopeError(f"block size {cache.block_size} is not one the paged decode kernel serves "
+                               f"({', '.join(map(str, k_attn.PAGED_BLOCK_SIZES))})")
+        self.model, self.cache, self.cfg, self.args, self.options = model, cache, cfg, args, options
+        self.ins = instrument if instrument is not None else Instrument("none", cfg.device, nvtx=False)
+        self.regions = EngineRegions(args.n_layers, stamped=False)
+        self.max_blocks = -(-cfg.max_seq // cache.block_size)
+        self.cos, self.sin_rot = rope_tables(args, cfg.max_seq, cfg.device, cfg.dtype)  # (S_max, D) each
+        self.ops = choose_ops(model, self.ins, options)
+        self.window = args.sliding_window
+        self._staging: torch.Tensor | None = None  # page-locked inputs (CUDA), grown as needed
+        self.graphs: dict[int, _Static] = {}  # captured buckets (`capture_graphs`); empty: every iteration eager
+        self.last_bucket = 0  # the bucket the last iteration replayed (0: eager)
+        self.buckets = (*(b for b in GRAPH_BUCKETS if b < cfg.max_seqs), cfg.max_seqs)
+
+    # ---- inputs ---------------------------------------------------------------------------------------------
+    def _to_device(self, host: np.ndarray) -> torch.Tensor:
+        """A host int64 array on the device: one non-blocking copy from page-locked memory on CUDA. The staging
+        buffer is reused: the previous iteration's copy has finished, since its tokens were read back."""
+        t = torch.from_numpy(np.ascontiguousarray(host, dtype=np.int64))
+        if self.cfg.device.type != "cuda":
+            return t
+        n = t.numel()
+        if self._staging is None or self._staging.numel() < n:
+            self._staging = torch.empty(max(n, 4096), dtype=torch.int64, pin_memory=True)
+        stage = self._staging[:n]
+        stage.copy_(t.view(-1))
+        return stage.view(t.shape).to(self.cfg.device, non_blocking=True)
+
+    def _inputs(self, batch: IterationBatch) -> tuple[torch.Tensor, ...]:
+        """tokens, positions, slots (T,), lengths (n_single,), tables (n_single, max_blocks) int32, sample rows."""
+        t, ns = batch.n_tokens, batch.n_single
+        lengths = batch.positions[:ns] + 1
+        packed = np.concatenate([batch.tokens, batch.positions, batch.slots, lengths, batch.sample_rows,
+                                 batch.tables.reshape(-1).astype(np.int64)])
+        dev = self._to_device(packed)
+        o = np.cumsum([0, t, t, t, ns, batch.sample_rows.shape[0]])
+        tables = dev[o[5]:].view(ns, self.max_blocks).to(torch.int32)  # (n_single, max_blocks)
+        return dev[:o[1]], dev[o[1]:o[2]], dev[o[2]:o[3]], dev[o[3]:o[4]], tables, dev[o[4]:o[5]]
+
+    def check(self, batch: IterationBatch) -> None:
+        """Shapes of a batch, on the host (cheap; the scheduler builds them)."""
+        t, ns = batch.n_tokens, batch.n_single
+        if t == 0 or batch.positions.shape != (t,) or batch.slots.shape != (t,):
+            raise ValueError(f"served batch: tokens {batch.tokens.shape}, positions {batch.positions.shape}, slots "
+                             f"{batch.slots.shape} must be equal non-empty (T,)")
+        if batch.tables.shape != (ns, self.max_blocks):
+            raise ValueError(f"served batch: tables {batch.tables.shape} must be ({ns}, {self.max_blocks})")
+        if ns + sum(c.n for c in batch.chunks) != t:
+            raise ValueError(f"served batch: {ns} single rows + chunks {[c.n for c in batch.chunks]} != {t} tokens")
+
+    # ---- the forward ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: IterationBatch, iteration: int) -> torch.Tensor:
+        """Run one iteration inside its region `iter N`; returns the sampled tokens (n_sample,) on the device."""
+        self.check(batch)
+        ctx = int(batch.positions.max()) + 1
+        bucket = self._bucket(batch) if batch.decode_only and self.graphs else None
+        self.last_bucket = bucket.b if bucket is not None else 0
+        with self.ins.region(iteration_name(iteration), "step", phase=SERVE_PHASE, step=iteration,
+                             tokens=batch.n_tokens, context_len=ctx):
+            if bucket is not None:
+                return self._replay(bucket, batch)
+            tokens, pos, slots, lengths, tables, rows = self._inputs(batch)
+            return self._forward(tokens, pos, slots, lengths, tables, batch.chunks, rows)
+
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                 tables: torch.Tensor, chunks: list[Chunk], rows: torch.Tensor) -> torch.Tensor:
+        """The device work of an iteration over T tokens; returns the greedy tokens at `rows` (n_sample,)."""
+        t = tokens.shape[0]
+        ops = self.ops.pick(t)
+        with self.ins.region_with(*self.regions.decode_embed):
+            h = ops.embed(tokens.view(1, t))  # (1, T, dim)
+
+        def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
+            return self._attend(i, qkv, pos, slots, lengths, tables, chunks)
+
+        for i in range(self.args.n_layers):
+            run_layer(self.ins, self.regions, i, h, attend, ops)
+        h_last = h[0].index_select(0, rows)  # (n_sample, dim)
+        head: LayerOps = self.ops.pick(h_last.shape[0])
+        with self.ins.region_with(*self.regions.lm_head):
+            logits = head.logits(h_last)  # (n_sample, V)
+        with self.ins.region_with(*self.regions.sample):
+            return torch.argmax(logits, dim=-1)  # (n_sample,)
+
+    def _attend(self, i: int, qkv: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                tables: torch.Tensor, chunks: list[Chunk]) -> torch.Tensor:
+        """Layer i: qkv (1, T, H+2H_kv, D) -> RoPE, K/V into the pool at `slots`, attention (T, H*D)."""
+        a, t = self.args, qkv.shape[1]
+        k_pool, v_pool = self.cache.k(i), self.cache.v(i)  # (N, bs, H_kv, D) each
+        rows = qkv.view(t, 1, a.n_heads + 2 * a.n_kv_heads, a.head_dim)  # (T, 1, H+2H_kv, D)
+        with self.ins.region_with(*self.regions.ops[i]["rope"]):
+            rope = k_rope.rope_kv_ if self.options.kernels else k_rope.rope_kv_ref_
+            rope(rows, self.cos, self.sin_rot, k_pool, v_pool, a.n_heads, lengths=pos, slots=slots)
+        q = rows[:, 0, :a.n_heads]  # (T, H, D), strided rows of qkv
+        with self.ins.region_with(*self.regions.ops[i]["attn"]):
+            out = torch.empty(t, a.n_heads, a.head_dim, dtype=qkv.dtype, device=qkv.device)  # (T, H, D)
+            ns = lengths.shape[0]
+            if ns:
+                if self.options.kernels:
+                    k_attn.split_kv_decode(q[:ns], k_pool, v_pool, lengths, out=out[:ns], block_table=tables,
+                                           window=self.window)
+                else:
+                    out[:ns] = k_attn.paged_split_kv_decode_ref(q[:ns], k_pool, v_pool, tables, lengths,
+                                                                window=self.window)
+            for c in chunks:
+                out[c.row0:c.row0 + c.n] = self._chunk_attention(rows[c.row0:c.row0 + c.n, 0], c, k_pool, v_pool)
+            return out.view(t, a.q_size)  # (T, H*D)
+
+    def _chunk_attention(self, x: torch.Tensor, c: Chunk, k_pool: torch.Tensor, v_pool: torch.Tensor
+                         ) -> torch.Tensor:
+        """Causal attention of a chunk's n queries (positions start .. start + n - 1) over its sequence's keys
+        0 .. start + n - 1; x (n, H+2H_kv, D) after RoPE -> (n, H, D)."""
+        a = self.args
+        n, end = c.n, c.start + c.n
+        q = x[:, :a.n_heads].transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
+        if c.start == 0:
+            k = x[:, a.n_heads:a.n_heads + a.n_kv_heads]  # (n, H_kv, D)
+            v = x[:, a.n_heads + a.n_kv_heads:]  # (n, H_kv, D)
+        else:
+            blocks = torch.tensor(c.table[:-(-end // self.cache.block_size)], dtype=torch.int64, device=x.device)
+            k = k_pool.index_select(0, blocks).flatten(0, 1)[:end]  # (end, H_kv, D)
+            v = v_pool.index_select(0, blocks).flatten(0, 1)[:end]  # (end, H_kv, D)
+        k = k.transpose(0, 1).unsqueeze(0)  # (1, H_kv, end, D)
+        v = v.transpose(0, 1).unsqueeze(0)  # (1, H_kv, end, D)
+        mask = self._chunk_mask(c.start, n, end, x.device)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (1, H, n, D)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (1, H, n, D)
+        return y[0].transpose(0, 1)  # (n, H, D)
+
+    def _chunk_mask(self, start: int, n: int, end: int, device: torch.device) -> torch.Tensor | None:
+        """(n, end) bool: query start + i sees key j when j <= start + i (and start + i - j < window); None for a
+        plain causal square (start 0, no window cutting into it)."""
+        w = self.window
+        if start == 0 and (w is None or w >= n):
+            return None
+        qpos = torch.arange(start, end, device=device).view(n, 1)  # (n, 1)
+        kpos = torch.arange(end, device=device).view(1, end)  # (1, end)
+        mask = kpos <= qpos
+        if w is not None:
+            mask &= kpos > qpos - w
+        return mask  # (n, end)
+
+    # ---- decode-only CUDA graphs ----------------------------------------------------------------------------
+    def _bucket(self, batch: IterationBatch) -> _Static:
+        """The captured bucket a decode-only batch replays: the smallest of at least its rows."""
+        n = batch.n_single
+        b = next((s for s in self.buckets if s >= n), None)
+        if b is None or b not in self.graphs:
+            raise KvscopeError(f"no captured decode graph holds {n} sequences (buckets {self.buckets})")
+        return self.graphs[b]
+
+    def capture_graphs(self) -> int:
+        """Capture the decode-only graph of every bucket (before the load; the instrument paused). Returns the bytes
+        the graphs' memory pool added (the allocator's reserved growth)."""
+        if not self.options.graphs:
+            return 0
+        dev = self.cfg.device
+        before = torch.cuda.memory_reserved(dev)
+        pool = None
+        for b in self.buckets:
+            st = _Static(b, self.max_blocks, dev)
+            st.ints[2].fill_(-1)  # padding rows write nothing, read nothing (length 0)
+            rows = torch.arange(b, device=dev)
+            fwd = self._captured_forward(st, rows)
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with self.ins.paused(), torch.inference_mode():
+                with torch.cuda.stream(side):
+                    fwd()  # warm-up: kernels loaded, workspaces made, outside the graph
+                torch.cuda.current_stream(dev).wait_stream(side)
+                st.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(st.graph, pool=pool):
+                    st.out = fwd()
+            pool = st.graph.pool()
+            self.graphs[b] = st
+        torch.cuda.synchronize(dev)  # named sync: capture done before the load starts
+        return torch.cuda.memory_reserved(dev) - before
+
+    def _captured_forward(self, st: _Static, rows: torch.Tensor):
+        def fwd() -> torch.Tensor:
+            return self._forward(st.ints[0], st.ints[1], st.ints[2], st.ints[3], st.tables, [], rows)
+        return fwd
+
+    def _replay(self, st: _Static, batch: IterationBatch) -> torch.Tensor:
+        """Copy a decode batch into bucket `st`'s static inputs (padding: slot -1, length 0) and replay."""
+        n, b = batch.n_single, st.b
+        ints = np.zeros((4, b), dtype=np.int64)
+        ints[0, :n], ints[1, :n], ints[2, :n], ints[2, n:] = batch.tokens, batch.positions, batch.slots, -1
+        ints[3, :n] = batch.positions + 1
+        tables = np.zeros((b, self.max_blocks), dtype=np.int64)
+        tables[:n] = batch.tables
+        dev = self._to_device(np.concatenate([ints.reshape(-1), tables.reshape(-1)]))
+        st.ints.copy_(dev[:4 * b].view(4, b))
+        st.tables.copy_(dev[4 * b:].view(b, self.max_blocks))
+        st.graph.replay()
+        return st.out[:n]

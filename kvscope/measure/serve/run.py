@@ -1,0 +1,292 @@
+"""A served load, measured: the model loaded, a paged KV pool sized, the served engine built and warmed up (decode
+graphs captured per bucket), then the load driven in real time on the host clock: arrivals admitted between
+iterations, one forward per iteration, its sampled tokens read back (the one named sync of an iteration), records
+kept per request, per iteration and per (iteration, request).
+
+`serve(spec, stop)` returns a `ServeResult` (frames in memory); `kvscope.measure.serve.output` writes the run folder.
+`stop()` is asked between iterations (a SIGINT/SIGTERM handler installed by the command sets it): the load ends
+there, every unfinished request recorded as cut.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvscope.engine.options import EngineOptions
+from kvscope.engine.plan import RunPlan, RunSpec, prepare
+from kvscope.engine.served import ServeConfig, ServedEngine
+from kvscope.errors import KvscopeError
+from kvscope.measure.memory import allocation_failure
+from kvscope.measure.run import raise_guard_reason
+from kvscope.measure.serve.load import ClosedLoop, RequestSpec, synthetic_prompt
+from kvscope.measure.serve.scheduler import Plan, Scheduler, Sequence
+from kvscope.measure.serve.spec import ServeSpec, load_source
+from kvscope.model.dtypes import dtype_name
+from kvscope.model.paged_kv_cache import PagedKVCache
+from kvscope.model.weights import load_model
+from kvscope.profiler.instrument import Instrument
+from kvscope.profiler.nvml import NvmlSampler
+from kvscope.schema import GIB_BYTES, MS_PER_S
+
+# warm-up iterations before the load (instrument paused): a prefill and a mixed iteration per distinct shape class
+WARMUP_PREFILL_TOKENS = 256
+
+
+@dataclass
+class ServeResult:
+    sequences: list[Sequence]
+    iterations: list[dict[str, Any]]
+    batches: list[tuple[int, int, str, int, int]]  # (iteration, request_id, kind, tokens, context_len)
+    regions: list[dict[str, Any]]  # the instrument's rows (`iter N` and any nested regions)
+    ledger: list[tuple[str, int, str]]
+    meta: dict[str, Any]
+    cut_reason: str = ""
+    nvml: Any = None  # the NVML samples (a DataFrame), None without NVML
+
+
+@dataclass
+class _Built:
+    plan: RunPlan
+    engine: ServedEngine
+    sched: Scheduler
+    ins: Instrument
+    ledger: list[tuple[str, int, str]]
+
+
+def plan_for(spec: ServeSpec, max_seq: int) -> RunPlan:
+    """The run plan behind a served load (device, model, dtype, kernels, graphs resolved and checked as `kvscope
+    run` does), for sequences of up to `max_seq` tokens."""
+    run_spec = RunSpec(model=spec.model, batch_size=spec.max_seqs, seq=max(1, max_seq - 1), gen_tokens=1, warmup=1,
+                       reps=1, granularity=spec.granularity, dtype=spec.dtype, device=spec.device, nvtx=spec.nvtx,
+                       seed=spec.seed, graphs=spec.graphs, kernels=spec.kernels, prefill_graphs=False,
+                       nvml_interval_ms=spec.nvml_interval_ms)
+    return prepare(run_spec)
+
+
+def _pool_blocks(spec: ServeSpec, plan: RunPlan, max_seq: int) -> tuple[int, str]:
+    """Blocks of the KV pool, and how the budget was chosen."""
+    cfg, args = plan.cfg, plan.source.args
+    block = PagedKVCache.block_bytes(args, spec.block_size, cfg.dtype)
+    if spec.kv_pool_gb is not None:
+        budget, how = int(spec.kv_pool_gb * GIB_BYTES), f"--kv-pool-gb {spec.kv_pool_gb:g}"
+    elif cfg.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(cfg.device)
+        budget, how = int(free * spec.kv_pool_frac), f"{spec.kv_pool_frac:g} of the free device memory"
+    else:
+        budget = spec.max_seqs * -(-max_seq // spec.block_size) * block
+        how = f"--max-seqs {spec.max_seqs} sequences of {max_seq} tokens (CPU default)"
+    n = budget // block + 1  # + the scratch block
+    if n < 2:
+        raise KvscopeError(f"a KV pool of {budget} bytes holds no block of {block} bytes ({how})")
+    return n, how
+
+
+def _build(plan: RunPlan, spec: ServeSpec, max_seq: int, say: Callable[[str], None]) -> _Built:
+    cfg = plan.cfg
+    model, ready_s = load_model(plan.source, cfg.device, cfg.dtype, seed=spec.seed)
+    say(f"{plan.source.args.name} ready in {ready_s:.2f} s on {cfg.device}")
+    ledger: list[tuple[str, int, str]] = []
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    ledger.append(("weights", weights, "parameters, numel x element size"))
+    n_blocks, how = _pool_blocks(spec, plan, max_seq)
+    before = torch.cuda.memory_allocated(cfg.device) if cfg.device.type == "cuda" else 0
+    cache = PagedKVCache(plan.source.args, n_blocks, spec.block_size, cfg.dtype, cfg.device)
+    grown = torch.cuda.memory_allocated(cfg.device) - before if cfg.device.type == "cuda" else cache.nbytes
+    ledger.append(("kv_pool", cache.nbytes, f"{n_blocks} blocks of {spec.block_size} tokens ({how}); "
+                                            f"allocator growth {grown} bytes"))
+    ins = Instrument(spec.granularity, cfg.device, nvtx=plan.nvtx)
+    options = EngineOptions(graphs=plan.graphs, kernels=plan.kernels)
+    engine = ServedEngine(model, cache, ServeConfig(max_seq, spec.max_seqs, cfg.dtype, cfg.device), ins, options)
+    sched = Scheduler(cache, spec.policy, spec.max_batch_tokens, spec.max_seqs, spec.preempt, max_seq)
+    _warm_up(engine, sched, spec)
+    graph_bytes = engine.capture_graphs()
+    if plan.graphs:
+        ledger.append(("graph_pool", graph_bytes, f"decode graphs of batch {', '.join(map(str, engine.buckets))}"))
+    return _Built(plan, engine, sched, ins, ledger)
+
+
+def _warm_up(engine: ServedEngine, sched: Scheduler, spec: ServeSpec) -> None:
+    """A few iterations before the load (instrument paused): kernels loaded, cuBLAS and SDPA plans made. Two
+    sequences through the scheduler (prefill, a mixed iteration, decodes), then the pool is as before."""
+    n = max(2, min(WARMUP_PREFILL_TOKENS, spec.max_batch_tokens, sched.max_seq - 4))
+    seqs = [Sequence(RequestSpec(-1 - i, 0.0, n, 3), list(range(1, n + 1)), 0.0) for i in range(2)]
+    with engine.ins.paused():
+        for s in seqs:
+            if not sched.add(s):
+                raise KvscopeError(f"the KV pool cannot hold a warm-up sequence: {s.reason}")
+        it = 0
+        while not sched.idle:
+            plan = sched.schedule(0.0)
+            sampled = engine.forward(plan.batch, -1).tolist()  # named sync
+            sched.complete(plan, sampled, 0.0, it)
+            it += 1
+    sched.finished.clear()
+
+
+def serve(spec: ServeSpec, stop: Callable[[], bool] | None = None, say: Callable[[str], None] | None = None,
+          progress: Callable[[int, int, int, float], None] | None = None) -> ServeResult:
+    """Build, warm up and drive the load `spec` describes (see the module docstring). KvscopeError for bad input
+    (before any weights load) and for a device that runs out of memory."""
+    say = say or (lambda _m: None)
+    source, max_seq = load_source(spec)
+    plan = plan_for(spec, max_seq)
+    cfg = plan.cfg
+    nvml = NvmlSampler(cfg.device, spec.nvml_interval_ms)  # its own process, started before the model loads
+    try:
+        built = _build(plan, spec, max_seq, say)
+        if cfg.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(cfg.device)
+        loop = _Loop(built, spec, source, stop, progress)
+        built.ins.start_clock()
+        loop.run()
+        regions = built.ins.collect()  # one named sync, after the load
+        _ledger_after(built, loop)
+    except (RuntimeError, MemoryError) as exc:
+        if not allocation_failure(exc):
+            raise_guard_reason(nvml)
+            raise
+        raise KvscopeError(f"out of memory during the served load: {exc}".splitlines()[0]
+                           + " (a smaller --kv-pool-gb, --max-seqs or --max-batch-tokens)") from None
+    except BaseException:
+        raise_guard_reason(nvml)
+        raise
+    finally:
+        nvml.stop()
+    meta = _meta(spec, built, max_seq, nvml)
+    return ServeResult(loop.sequences, loop.rows, loop.batches, regions, built.ledger, meta, loop.cut_reason,
+                       nvml=nvml.samples)
+
+
+def _ledger_after(built: _Built, loop: _Loop) -> None:
+    cfg = built.plan.cfg
+    if cfg.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(cfg.device)
+        fixed = sum(b for item, b, _ in built.ledger if item in ("weights", "kv_pool"))
+        built.ledger += [("activations_peak", peak - fixed, "peak allocated during the load - weights - KV pool"),
+                         ("allocator_reserved", torch.cuda.memory_reserved(cfg.device), "at the end of the load"),
+                         ("allocator_allocated", torch.cuda.memory_allocated(cfg.device), "at the end of the load")]
+    bs = built.sched.bs
+    per_slot = built.ledger[1][1] // max(1, built.sched.pool.n_blocks * bs)
+    used = max((r["token_slots_used"] for r in loop.rows), default=0)
+    held = max((r["block_slots_held"] for r in loop.rows), default=0)
+    built.ledger += [("kv_token_slots_used_peak", used * per_slot, f"{used} positions holding K/V at the peak"),
+                     ("kv_block_slots_held_peak", held * per_slot, f"{held} positions in the blocks held at the peak")]
+
+
+def _meta(spec: ServeSpec, built: _Built, max_seq: int, nvml: NvmlSampler) -> dict[str, Any]:
+    """The run's metadata (JSON under the key `kvscope` of every Parquet file and in the trace)."""
+    from kvscope import __version__
+
+    plan, engine = built.plan, built.engine
+    source, cache = plan.source, engine.cache
+    return {
+        "kvscope_version": __version__, "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "device": plan.device_name, "driver": nvml.driver or None,
+        "model": {"source": source.kind, "spec": source.spec, "random_weights": source.random_weights,
+                  "args": source.args.as_dict()},
+        "dtype": dtype_name(plan.cfg.dtype), "engine": "kvscope-served", "nvml": nvml.metadata(),
+        "clock": built.ins.clock if built.ins.timing else "none",
+        "nvtx": {"requested": built.ins.nvtx_requested, "active": built.ins.nvtx_active},
+        "serve": {**spec.as_dict(), "max_seq": max_seq, "n_blocks": cache.n_blocks,
+                  "kv_bytes_per_token": PagedKVCache.block_bytes(source.args, cache.block_size, cache.dtype)
+                  // cache.block_size, "weights_bytes": built.ledger[0][1], "graphs": plan.graphs,
+                  "kernels": plan.kernels, "graph_buckets": list(engine.buckets) if engine.graphs else []},
+    }
+
+
+class _Loop:
+    """The load in real time (see the module docstring)."""
+
+    def __init__(self, built: _Built, spec: ServeSpec, source: list[RequestSpec] | ClosedLoop,
+                 stop: Callable[[], bool] | None, progress: Callable[[int, int, int, float], None] | None) -> None:
+        self.engine, self.sched, self.spec = built.engine, built.sched, spec
+        self.closed = source if isinstance(source, ClosedLoop) else None
+        self.pending: deque[RequestSpec] = deque(self.closed.start() if self.closed else source)
+        self.stop, self.progress = stop, progress
+        self.rng = np.random.default_rng(spec.seed)
+        self.vocab = built.plan.source.args.vocab_size
+        self.sequences: list[Sequence] = []
+        self.rows: list[dict[str, Any]] = []
+        self.batches: list[tuple[int, int, str, int, int]] = []
+        self.cut_reason = ""
+        self.t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _arrive(self, spec: RequestSpec) -> None:
+        seq = Sequence(spec, synthetic_prompt(self.rng, spec.prompt_tokens, self.vocab), spec.arrival_s)
+        self.sequences.append(seq)
+        self.sched.add(seq)
+
+    def _more(self) -> bool:
+        return bool(self.pending) or (self.closed is not None and not self.closed.done and not self.sched.idle)
+
+    def run(self) -> None:
+        self.t0 = time.perf_counter()
+        prev_end, iteration = 0.0, 0
+        duration = self.spec.duration_s
+        while True:
+            t = self.now()
+            while self.pending and self.pending[0].arrival_s <= t:
+                self._arrive(self.pending.popleft())
+            if self.stop is not None and self.stop():
+                self.cut_reason = "stopped by a signal"
+                break
+            if duration is not None and t >= duration and not self.sched.idle:
+                self.cut_reason = f"--duration {duration:g} s reached"
+                break
+            if self.sched.idle:
+                if not self.pending:
+                    break
+                time.sleep(max(0.0, min(self.pending[0].arrival_s - self.now(), 0.05)))
+                prev_end = self.now()
+                continue
+            plan = self.sched.schedule(t)
+            launch = self.now()
+            sampled = self.engine.forward(plan.batch, iteration).tolist()  # named sync: the scheduler needs them
+            end = self.now()
+            done = self.sched.complete(plan, sampled, end, iteration)
+            self._record(plan, iteration, t, launch, end, prev_end)
+            if self.closed is not None:
+                for _ in done:
+                    nxt = self.closed.on_finish(end)
+                    if nxt is not None:
+                        self.pending.append(nxt)
+            if self.progress is not None:
+                self.progress(len(self.sched.finished), len(self.sched.running), len(self.sched.waiting), end)
+            prev_end, iteration = end, iteration + 1
+        if not self.sched.idle:
+            self.sched.cut()
+            self.cut_reason = self.cut_reason or "the load ended"
+
+    def _record(self, plan: Plan, iteration: int, t: float, launch: float, end: float, prev_end: float) -> None:
+        sched, work = self.sched, plan.work
+        for w in work:
+            self.batches.append((iteration, w.seq.spec.request_id, w.kind, w.n, w.start + w.n))
+        prefill = plan.prefill_tokens
+        decode = plan.decode_seqs
+        self.rows.append({
+            "iteration": iteration, "kind": "mixed" if prefill and decode else ("prefill" if prefill else "decode"),
+            "start_s": launch, "end_s": end, "host_dur_ms": (end - launch) * MS_PER_S,
+            "host_ms": (launch - prev_end) * MS_PER_S,
+            "prefill_tokens": prefill, "prefill_seqs": sum(1 for w in work if w.kind == "prefill"),
+            "decode_seqs": decode, "tokens": plan.batch.n_tokens,
+            "context_tokens": sum(w.start + w.n for w in work if w.kind == "decode"),
+            "running": len(sched.running), "waiting": len(sched.waiting), "swapped": len(sched.swapped),
+            "blocks_used": sched.pool.used, "blocks_free": sched.pool.free,
+            "token_slots_used": sched.token_slots_used, "block_slots_held": sched.pool.used * sched.bs,
+            "swap_out_bytes": plan.swap_out_bytes, "swap_in_bytes": plan.swap_in_bytes,
+            "preempted": len(plan.preempted),
+            "graph_batch": self.engine.last_bucket})
+

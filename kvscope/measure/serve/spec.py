@@ -1,0 +1,127 @@
+"""What a served load asks for (`ServeSpec`, the flags of `kvscope serve` and the API's arguments), its checks, and
+the load it makes (`load_source`: the request list of an open loop or a file, or a closed loop)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kvscope.errors import KvscopeError
+from kvscope.kernels.decode_attention import PAGED_BLOCK_SIZES, paged_block_size_ok
+from kvscope.measure.serve.lengths import parse_length_dist
+from kvscope.measure.serve.load import (
+    ClosedLoop,
+    RequestSpec,
+    check_concurrency,
+    check_duration,
+    check_rate,
+    closed_loop,
+    open_loop,
+    read_request_file,
+)
+from kvscope.schema import GRANULARITIES, POLICIES, PREEMPT_MODES
+
+DEFAULT_MAX_SEQ = 4096  # the longest sequence when a closed loop's lengths have no bound
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """A served load (None: the default for the device, as `kvscope run`'s flags)."""
+
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    seed: int = 0
+    policy: str = "chunked"
+    preempt: str = "recompute"
+    block_size: int = 16
+    kv_pool_gb: float | None = None
+    kv_pool_frac: float = 0.5  # of the device memory free after the weights load (CUDA), without --kv-pool-gb
+    max_batch_tokens: int = 2048
+    max_seqs: int = 64
+    max_seq: int | None = None  # the longest sequence (prompt + output); None: the load's longest
+    rps: float | None = None
+    concurrency: int | None = None
+    request_file: str | None = None
+    prompt_len: str = "512"
+    output_len: str = "128"
+    requests: int | None = None
+    duration_s: float | None = None
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    granularity: str = "phase"
+    nvtx: bool | None = None
+    graphs: bool | None = None
+    kernels: bool | None = None
+    nvml_interval_ms: float = 20.0
+    out: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _positive(value: float | None, flag: str) -> None:
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                              or not math.isfinite(value) or value <= 0):
+        raise KvscopeError(f"{flag}: must be a positive finite number, got {value!r}")
+
+
+def _whole(value: int, flag: str, low: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise KvscopeError(f"{flag}: must be a whole number >= {low}, got {value!r}")
+
+
+def check_spec(spec: ServeSpec) -> None:
+    """Every check that needs neither the model nor the device; one KvscopeError for the first problem."""
+    if spec.policy not in POLICIES:
+        raise KvscopeError(f"--policy: unknown {spec.policy!r}; choose from {', '.join(POLICIES)}")
+    if spec.preempt not in PREEMPT_MODES:
+        raise KvscopeError(f"--preempt: unknown {spec.preempt!r}; choose from {', '.join(PREEMPT_MODES)}")
+    if spec.granularity not in GRANULARITIES:
+        raise KvscopeError(f"--granularity: unknown {spec.granularity!r}; choose from {', '.join(GRANULARITIES)}")
+    _whole(spec.block_size, "--block-size")
+    if not paged_block_size_ok(spec.block_size):
+        raise KvscopeError(f"--block-size {spec.block_size}: the paged decode kernel serves "
+                           f"{', '.join(map(str, PAGED_BLOCK_SIZES))}")
+    _whole(spec.max_batch_tokens, "--max-batch-tokens")
+    _whole(spec.max_seqs, "--max-seqs")
+    if spec.max_seq is not None:
+        _whole(spec.max_seq, "--max-seq", 2)
+    _positive(spec.kv_pool_gb, "--kv-pool-gb")
+    _positive(spec.slo_ttft_ms, "--slo-ttft-ms")
+    _positive(spec.slo_tpot_ms, "--slo-tpot-ms")
+    _positive(spec.nvml_interval_ms, "--nvml-interval-ms")
+    if not (isinstance(spec.kv_pool_frac, float) and 0 < spec.kv_pool_frac <= 0.95):
+        raise KvscopeError(f"--kv-pool-frac: must be a fraction in (0, 0.95], got {spec.kv_pool_frac!r}")
+    sources = [s for s in (spec.rps, spec.concurrency, spec.request_file) if s is not None]
+    if len(sources) != 1:
+        raise KvscopeError("the load needs exactly one of --rps, --concurrency or --request-file")
+    if spec.rps is not None:
+        check_rate(spec.rps)
+    if spec.concurrency is not None:
+        check_concurrency(spec.concurrency)
+    if spec.duration_s is not None:
+        check_duration(spec.duration_s)
+
+
+def load_source(spec: ServeSpec) -> tuple[list[RequestSpec] | ClosedLoop, int]:
+    """The load (requests in arrival order, or a closed loop) and the longest sequence the engine must hold."""
+    check_spec(spec)
+    if spec.request_file is not None:
+        specs = read_request_file(spec.request_file)
+        if spec.requests is not None:
+            specs = specs[:spec.requests]
+        if spec.duration_s is not None:
+            specs = [s for s in specs if s.arrival_s < spec.duration_s]
+        longest = max((s.prompt_tokens + s.output_tokens for s in specs), default=2)
+        return specs, spec.max_seq or longest
+    prompt = parse_length_dist(spec.prompt_len, "--prompt-len")
+    output = parse_length_dist(spec.output_len, "--output-len")
+    if spec.rps is not None:
+        specs = open_loop(spec.rps, spec.requests, spec.duration_s, prompt, output, spec.seed)
+        longest = max((s.prompt_tokens + s.output_tokens for s in specs), default=2)
+        return specs, spec.max_seq or longest
+    loop = closed_loop(spec.concurrency, spec.requests, spec.duration_s, prompt, output, spec.seed)  # type: ignore
+    bound = prompt.cap + output.cap
+    return loop, spec.max_seq or (bound if bound <= DEFAULT_MAX_SEQ * 8 else DEFAULT_MAX_SEQ)
