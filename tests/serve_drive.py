@@ -1,0 +1,79 @@
+"""Shared by the served-load token tests (CPU and GPU): a fixed set of requests arriving by iteration, driven
+through the scheduler and the served engine without a clock, and the same requests run alone through the static
+engine (contiguous cache, batch 1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvscope.engine.loop import Engine
+from kvscope.engine.options import EngineOptions
+from kvscope.engine.plan import RunConfig
+from kvscope.engine.served import ServeConfig, ServedEngine
+from kvscope.measure.serve.load import RequestSpec
+from kvscope.measure.serve.scheduler import Scheduler, Sequence
+from kvscope.model.paged_kv_cache import PagedKVCache
+
+# (prompt, output, arrival iteration)
+REQUESTS = [(5, 12, 0), (17, 9, 0), (33, 14, 1), (40, 6, 2), (1, 10, 3), (64, 8, 3), (23, 16, 6), (9, 12, 9)]
+MAX_SEQ = 96
+MAX_SEQS = 8
+# (policy, preemption, blocks, token budget, block size): a roomy pool, then one of 10 usable blocks of 8 positions
+# (80) for requests of up to 72 positions, where decodes crossing a block find none free
+CASES = [("prefill-first", "recompute", 64, 512, 16), ("chunked", "recompute", 64, 24, 16),
+         ("prefill-first", "recompute", 11, 512, 8), ("chunked", "recompute", 11, 24, 8),
+         ("prefill-first", "swap", 11, 512, 8), ("chunked", "swap", 11, 24, 8)]
+SMALL_POOL = 11
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(7)
+    return [rng.integers(0, vocab, size=p).tolist() for p, _, _ in REQUESTS]
+
+
+def static_engine(model: torch.nn.Module, options: EngineOptions, attn: str) -> Engine:
+    p = next(model.parameters())
+    return Engine(model, RunConfig(1, MAX_SEQ, p.dtype, p.device, attn), options=options)
+
+
+def alone(model: torch.nn.Module, prompt: list[int], n: int, options: EngineOptions, attn: str = "sdpa"
+          ) -> list[int]:
+    return static_engine(model, options, attn).generate([prompt], n)[0]
+
+
+def reference_logits(model: torch.nn.Module, tokens: list[int], options: EngineOptions, attn: str = "sdpa"
+                     ) -> torch.Tensor:
+    """The static engine's logits after a prefill of `tokens` (those of the next token), float32."""
+    eng = static_engine(model, options, attn)
+    eng.prefill(torch.tensor([tokens], device=next(model.parameters()).device), [len(tokens)])
+    return eng.logits[0].float()
+
+
+def drive(model: torch.nn.Module, policy: str, preempt: str, n_blocks: int, budget: int, block: int,
+          options: EngineOptions) -> list[Sequence]:
+    """The requests through the scheduler and the served engine, arrivals by iteration."""
+    args = model.args
+    p = next(model.parameters())
+    cache = PagedKVCache(args, n_blocks, block, p.dtype, p.device)
+    eng = ServedEngine(model, cache, ServeConfig(MAX_SEQ, MAX_SEQS, p.dtype, p.device), options=options)
+    eng.capture_graphs()
+    sched = Scheduler(cache, policy, budget, MAX_SEQS, preempt, MAX_SEQ)
+    seqs = [Sequence(RequestSpec(i, float(at), len(pr), out), pr, float(at))
+            for i, (pr, (_, out, at)) in enumerate(zip(prompts(args.vocab_size), REQUESTS, strict=True))]
+    last_arrival = max(at for _, _, at in REQUESTS)
+    for it in range(1000):
+        for s in seqs:
+            if s.arrival_s == it and not sched.add(s):
+                raise AssertionError(f"request {s.spec.request_id} refused: {s.reason}")
+        plan = sched.schedule(float(it))
+        if plan is None:
+            if it > last_arrival:
+                break
+            continue
+        sched.complete(plan, eng.forward(plan.batch, it).tolist(), float(it), it)
+    return seqs
+
+
+def first_difference(got: list[int], ref: list[int]) -> int | None:
+    return next((i for i, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), None)
