@@ -29,6 +29,7 @@ INT64_MIN = -(2**63)
 UINT64_MAX = 2**64 - 1
 GIB_MAX = 2**33  # GiB whose byte count still fits in 64 bits (2**33 * 2**30 = 2**63)
 NVML_INTERVAL_MAX_MS = 3_600_000.0  # one hour: a longer NVML sampling interval samples nothing in a run
+RATE_MAX = 1e9  # requests per second: a served load's arrival rate (and the rate times a latency fits in 64 bits)
 
 _DIGITS = re.compile(r"[+-]?[0-9_]+")
 _SHOWN = 40  # longest value quoted whole in a message
@@ -99,3 +100,16 @@ class TextArg:
         if "\0" in text:
             raise argparse.ArgumentTypeError("must not contain a NUL character")
         return text
+
+
+class PositiveFloatArg(FloatArg):
+    """A `FloatArg` that must also be above 0 (a rate: zero requests per second is no load)."""
+
+    def __call__(self, text: str) -> float:
+        value = super().__call__(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {shown(text)}")
+        return value
+
+
+positive_rate = PositiveFloatArg(RATE_MAX, "per second")  # --rps of `kvscope serve`: positive, finite, <= RATE_MAX

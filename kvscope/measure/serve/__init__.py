@@ -1,0 +1,1 @@
+"""`kvscope serve`: a served load over continuous batching (the load, the scheduler, its trace)."""
