@@ -6,6 +6,8 @@
     project(export)   every NVTX range projected onto the GPU (nsys's `nvtx_gpu_proj_trace`), one row per range
     align(export)     `kvscope align`'s tables (ranges, kernels, range summary, regions, steps, classes), unwritten
     kv_math(model)    `kvscope kv-math --json`'s numbers as a dict
+    serve(...)        `kvscope serve`: a served load measured and written, returned as a `Serve`
+    load_serve(dir)   a serve folder's requests, iterations, batches, summary and memory ledger as DataFrames
 
 The values of `run` and `kv_math` go through the command line's own parser (`kvscope.cli.parse_args`) and then the
 commands' own code, so they have the same defaults, the same checks and the same one-line `KvscopeError` messages
@@ -44,7 +46,8 @@ from kvscope.errors import KvscopeError
 from kvscope.io import check_path
 from kvscope.schema import NVML_FILE, SUMMARY_FILE, TIMINGS_FILE
 
-__all__ = ["AlignResult", "NsysExport", "Run", "align", "kv_math", "load_export", "load_run", "project", "run"]
+__all__ = ["AlignResult", "NsysExport", "Run", "Serve", "align", "kv_math", "load_export", "load_run", "load_serve",
+           "project", "run", "serve"]
 
 PathLike = str | os.PathLike[str]
 # what a flag's argument may be, by the name messages give it: a value whose str() is its flag's text, which the
@@ -309,3 +312,67 @@ def _timings(value: object) -> pd.DataFrame | None:
     folder = value.path if isinstance(value, Run) else _path(value, "align", "timings",
                                                              "or a Run, a DataFrame or None")
     return read_timings(folder, ALIGN_TIMINGS_COLUMNS)
+
+
+# ---- a served load ----------------------------------------------------------------------------------------------
+_SERVE_FLAGS = {"model": (_PATH, True), "rps": (_NUMBER, True), "concurrency": (_INT, True),
+                "request_file": (_PATH, True), "prompt_len": (_TEXT, False), "output_len": (_TEXT, False),
+                "requests": (_INT, True), "duration": (_NUMBER, True), "policy": (_TEXT, False),
+                "preempt": (_TEXT, False), "max_batch_tokens": (_INT, False), "max_seqs": (_INT, False),
+                "max_seq": (_INT, True), "block_size": (_INT, False), "kv_pool_gb": (_NUMBER, True),
+                "kv_pool_frac": (_NUMBER, False), "slo_ttft_ms": (_NUMBER, True), "slo_tpot_ms": (_NUMBER, True),
+                "granularity": (_TEXT, False), "dtype": (_TEXT, True), "device": (_TEXT, True), "seed": (_INT, False),
+                "nvml_interval_ms": (_NUMBER, False), "out": (_PATH, True)}
+
+
+@dataclass
+class Serve:
+    """A serve folder read back: one row per request, per iteration, per (iteration, request), the one-row summary,
+    the memory ledger, and the metadata (`meta["serve"]` holds the load's settings)."""
+
+    path: Path
+    requests: pd.DataFrame
+    iterations: pd.DataFrame
+    batches: pd.DataFrame
+    summary: pd.DataFrame
+    memory: pd.DataFrame
+    metadata: dict[str, Any]
+
+
+def serve(model: PathLike | None = None, *, rps: float | None = None, concurrency: int | None = None,
+          request_file: PathLike | None = None, prompt_len: str = "512", output_len: str = "128",
+          requests: int | None = None, duration: float | None = None, policy: str = "chunked",
+          preempt: str = "recompute", max_batch_tokens: int = 2048, max_seqs: int = 64, max_seq: int | None = None,
+          block_size: int = 16, kv_pool_gb: float | None = None, kv_pool_frac: float = 0.5,
+          slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None, granularity: str = "phase",
+          dtype: str | None = None, device: str | None = None, seed: int = 0, graphs: bool | None = None,
+          kernels: bool | None = None, nvml_interval_ms: float = 20.0, out: PathLike | None = None) -> Serve:
+    """`kvscope serve` for one point (one rate or concurrency, one policy): build, warm up, drive the load, write the
+    serve folder and return it read back (`load_serve`). Every argument is the flag of the same name
+    (`duration` is `--duration` in seconds). Raises KvscopeError for bad input before anything loads."""
+    for name, value in (("graphs", graphs), ("kernels", kernels)):
+        if value is not None and not isinstance(value, bool):
+            raise KvscopeError(f"serve: {name} must be True, False or None, got {value!r}")
+    flags = _flags("serve", _SERVE_FLAGS, model=model, rps=rps, concurrency=concurrency, request_file=request_file,
+                   prompt_len=prompt_len, output_len=output_len, requests=requests, duration=duration, policy=policy,
+                   preempt=preempt, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs, max_seq=max_seq,
+                   block_size=block_size, kv_pool_gb=kv_pool_gb, kv_pool_frac=kv_pool_frac, slo_ttft_ms=slo_ttft_ms,
+                   slo_tpot_ms=slo_tpot_ms, granularity=granularity, dtype=dtype, device=device, seed=seed,
+                   nvml_interval_ms=nvml_interval_ms, out=out)
+    ns = parse_args(_argv("serve", **flags, graphs=_on_off(graphs), kernels=_on_off(kernels)))
+    from kvscope.measure.serve.execute import execute_serve  # imports torch: only here
+    from kvscope.measure.serve.spec import serve_points
+
+    points = serve_points(ns)
+    if len(points) != 1:
+        raise KvscopeError("serve: one rate, concurrency and policy at a time (a sweep is `kvscope serve` with lists)")
+    return load_serve(execute_serve(points[0]).out_dir)
+
+
+def load_serve(path: PathLike) -> Serve:
+    """A serve folder written by `kvscope serve` (or `kvscope.serve`), after the report's checks."""
+    from kvscope.analysis.serving.records import read_serve_run
+
+    run = read_serve_run(_path(path, "load_serve", "path"))
+    summary = pd.read_parquet(run.path / SUMMARY_FILE) if (run.path / SUMMARY_FILE).is_file() else pd.DataFrame()
+    return Serve(run.path, run.requests, run.iterations, run.batches, summary, run.ledger, run.metadata)

@@ -15,65 +15,12 @@ from pathlib import Path
 from rich.console import Console
 
 from kvscope.commands.json_out import folder_files, json_line
-from kvscope.errors import KvscopeError
-from kvscope.measure.serve.execute import execute_serve, execute_sweep, sweep_points
-from kvscope.measure.serve.load import check_concurrency, check_rate
+from kvscope.measure.serve.execute import execute_serve, execute_sweep
 from kvscope.measure.serve.progress import Progress
-from kvscope.measure.serve.spec import ServeSpec
+from kvscope.measure.serve.spec import serve_points
 
 KEY_COLUMNS = ("requests_finished", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "e2e_p99_ms",
                "output_tok_s", "goodput_req_s", "little_ratio")
-
-
-def _list(text: str | None, flag: str) -> list[str] | None:
-    if text is None:
-        return None
-    items = [t.strip() for t in text.split(",")]
-    if not all(items):
-        raise KvscopeError(f"serve: {flag}: an empty item in {text!r}")
-    return items
-
-
-def _rates(text: str | None) -> list[float] | None:
-    items = _list(text, "--rps")
-    if items is None:
-        return None
-    out = []
-    for t in items:
-        try:
-            out.append(check_rate(float(t)))
-        except ValueError:
-            raise KvscopeError(f"--rps: must be a positive finite number, got {t!r}") from None
-    return out
-
-
-def _users(text: str | None) -> list[int] | None:
-    items = _list(text, "--concurrency")
-    if items is None:
-        return None
-    out = []
-    for t in items:
-        try:
-            out.append(check_concurrency(float(t)))
-        except ValueError:
-            raise KvscopeError(f"--concurrency: must be a whole number, got {t!r}") from None
-    return out
-
-
-def serve_spec(ns: argparse.Namespace, rates: list[float] | None, users: list[int] | None, policy: str) -> ServeSpec:
-    if ns.engine != "kvscope" or ns.attn is not None or ns.prefill_graphs is not None:
-        raise KvscopeError("serve: runs kvscope's served engine (paged decode attention, chunked prefills in SDPA): "
-                           "--engine, --attn and --prefill-graphs do not apply")
-    return ServeSpec(
-        model=ns.model, device=ns.device, dtype=ns.dtype, seed=ns.seed, policy=policy, preempt=ns.preempt,
-        block_size=ns.block_size, kv_pool_gb=ns.kv_pool_gb, kv_pool_frac=float(ns.kv_pool_frac),
-        max_batch_tokens=ns.max_batch_tokens, max_seqs=ns.max_seqs, max_seq=ns.max_seq,
-        rps=rates[0] if rates else None, concurrency=users[0] if users else None, request_file=ns.request_file,
-        prompt_len=ns.prompt_len, output_len=ns.output_len, requests=ns.requests, duration_s=ns.duration,
-        slo_ttft_ms=ns.slo_ttft_ms, slo_tpot_ms=ns.slo_tpot_ms, granularity=ns.granularity, nvtx=ns.nvtx,
-        graphs=None if ns.graphs is None else ns.graphs == "on",
-        kernels=None if ns.kernels is None else ns.kernels == "on", nvml_interval_ms=ns.nvml_interval_ms,
-        out=ns.out)
 
 
 @contextlib.contextmanager
@@ -105,10 +52,8 @@ def _stop_on_signals() -> Iterator[threading.Event]:
 
 
 def command(ns: argparse.Namespace) -> int:
-    rates, users = _rates(ns.rps), _users(ns.concurrency)
-    policies = _list(ns.policy, "--policy") or ["chunked"]
-    base = serve_spec(ns, rates, users, policies[0])
-    points = sweep_points(base, policies, rates, users)
+    points = serve_points(ns)
+    base = points[0]
     err = Console(stderr=True)
 
     def say(msg: str) -> None:
@@ -124,8 +69,6 @@ def command(ns: argparse.Namespace) -> int:
                     cut = int((run.requests["status"] == "cut").sum())
                     say(f"{run.result.cut_reason}: {cut} requests cut, every finished one written")
             else:
-                if base.out is None:
-                    raise KvscopeError("serve: a sweep (several --rps, --concurrency or --policy values) needs --out")
                 out, summary = execute_sweep(points, Path(base.out), stop.is_set, say, bar.update)
         finally:
             bar.close()

@@ -59,20 +59,6 @@ def execute_serve(spec: ServeSpec, stop: Callable[[], bool] | None = None, say: 
         raise
 
 
-def sweep_points(spec: ServeSpec, policies: list[str], rates: list[float] | None, users: list[int] | None
-                 ) -> list[ServeSpec]:
-    """The points of a sweep: every policy x every rate (or concurrency), in that order, each checked."""
-    points = []
-    for policy in policies:
-        for r in rates or [None]:
-            for c in users or [None]:
-                point = replace(spec, policy=policy, rps=r if rates else spec.rps,
-                                concurrency=c if users else spec.concurrency)
-                check_spec(point)
-                points.append(point)
-    return points
-
-
 def point_name(i: int, p: ServeSpec) -> str:
     load = f"rps{p.rps:g}" if p.rps is not None else (f"c{p.concurrency}" if p.concurrency is not None else "file")
     return f"p{i:02d}-{p.policy}-{load}"

@@ -4,8 +4,8 @@ the load it makes (`load_source`: the request list of an open loop or a file, or
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from kvscope.errors import KvscopeError
 from kvscope.kernels.decode_attention import PAGED_BLOCK_SIZES, paged_block_size_ok
@@ -21,6 +21,9 @@ from kvscope.measure.serve.load import (
     read_request_file,
 )
 from kvscope.schema import GRANULARITIES, POLICIES, PREEMPT_MODES
+
+if TYPE_CHECKING:
+    import argparse
 
 DEFAULT_MAX_SEQ = 4096  # the longest sequence when a closed loop's lengths have no bound
 
@@ -125,3 +128,80 @@ def load_source(spec: ServeSpec) -> tuple[list[RequestSpec] | ClosedLoop, int]:
     loop = closed_loop(spec.concurrency, spec.requests, spec.duration_s, prompt, output, spec.seed)  # type: ignore
     bound = prompt.cap + output.cap
     return loop, spec.max_seq or (bound if bound <= DEFAULT_MAX_SEQ * 8 else DEFAULT_MAX_SEQ)
+
+
+# ---- from the command line (`kvscope serve`, and the API through the same parser) ---------------------------------
+def _list(text: str | None, flag: str) -> list[str] | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise KvscopeError(f"serve: {flag}: an empty item in {text!r}")
+    return items
+
+
+def _rates(text: str | None) -> list[float] | None:
+    items = _list(text, "--rps")
+    if items is None:
+        return None
+    out = []
+    for t in items:
+        try:
+            out.append(check_rate(float(t)))
+        except ValueError:
+            raise KvscopeError(f"--rps: must be a positive finite number, got {t!r}") from None
+    return out
+
+
+def _users(text: str | None) -> list[int] | None:
+    items = _list(text, "--concurrency")
+    if items is None:
+        return None
+    out = []
+    for t in items:
+        try:
+            out.append(check_concurrency(float(t)))
+        except ValueError:
+            raise KvscopeError(f"--concurrency: must be a whole number, got {t!r}") from None
+    return out
+
+
+def _spec(ns: argparse.Namespace, rates: list[float] | None, users: list[int] | None, policy: str) -> ServeSpec:
+    if ns.engine != "kvscope" or ns.attn is not None or ns.prefill_graphs is not None:
+        raise KvscopeError("serve: runs kvscope's served engine (paged decode attention, chunked prefills in SDPA): "
+                           "--engine, --attn and --prefill-graphs do not apply")
+    return ServeSpec(
+        model=ns.model, device=ns.device, dtype=ns.dtype, seed=ns.seed, policy=policy, preempt=ns.preempt,
+        block_size=ns.block_size, kv_pool_gb=ns.kv_pool_gb, kv_pool_frac=float(ns.kv_pool_frac),
+        max_batch_tokens=ns.max_batch_tokens, max_seqs=ns.max_seqs, max_seq=ns.max_seq,
+        rps=rates[0] if rates else None, concurrency=users[0] if users else None, request_file=ns.request_file,
+        prompt_len=ns.prompt_len, output_len=ns.output_len, requests=ns.requests, duration_s=ns.duration,
+        slo_ttft_ms=ns.slo_ttft_ms, slo_tpot_ms=ns.slo_tpot_ms, granularity=ns.granularity, nvtx=ns.nvtx,
+        graphs=None if ns.graphs is None else ns.graphs == "on",
+        kernels=None if ns.kernels is None else ns.kernels == "on", nvml_interval_ms=ns.nvml_interval_ms,
+        out=ns.out)
+
+
+def sweep_points(spec: ServeSpec, policies: list[str], rates: list[float] | None, users: list[int] | None
+                 ) -> list[ServeSpec]:
+    """The points of a sweep: every policy x every rate (or concurrency), in that order, each checked."""
+    points = []
+    for policy in policies:
+        for r in rates or [None]:
+            for c in users or [None]:
+                point = replace(spec, policy=policy, rps=r if rates else spec.rps,
+                                concurrency=c if users else spec.concurrency)
+                check_spec(point)
+                points.append(point)
+    return points
+
+
+def serve_points(ns: argparse.Namespace) -> list[ServeSpec]:
+    """The served loads `kvscope serve`'s parsed flags ask for: one, or the points of a sweep (lists in --rps,
+    --concurrency or --policy; a sweep needs --out)."""
+    rates, users = _rates(ns.rps), _users(ns.concurrency)
+    policies = _list(ns.policy, "--policy") or ["chunked"]
+    points = sweep_points(_spec(ns, rates, users, policies[0]), policies, rates, users)
+    if len(points) > 1 and ns.out is None:
+        raise KvscopeError("serve: a sweep (several --rps, --concurrency or --policy values) needs --out")
+    return points
