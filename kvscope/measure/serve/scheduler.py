@@ -60,9 +60,16 @@ class Sequence:
     swapped: torch.Tensor | None = None  # (L, 2, n, bs, H_kv, D) page-locked copy while swapped out
     reason: str = ""
 
-    @property
-    def known(self) -> int:
-        return len(self.prompt) + len(self.output)
+    known: int = 0  # len(prompt) + len(output), kept as tokens are appended (the scheduler's hot loop reads it)
+    table: np.ndarray | None = None  # the block table as int32 (max_blocks,), scratch-padded, kept with `blocks`
+    table_n: int = 0  # entries of `table` written
+
+    def __post_init__(self) -> None:
+        self.known = len(self.prompt) + len(self.output)
+
+    def append(self, token: int) -> None:
+        self.output.append(token)
+        self.known += 1
 
     @property
     def done(self) -> bool:
@@ -184,10 +191,11 @@ class Scheduler:
     def _decodes(self, preempted: list[Sequence]) -> list[Work]:
         """One token for every running sequence that has prefilled; blocks found by preempting the latest arrivals."""
         work: list[Work] = []
+        bs = self.bs
         for seq in list(self.running):
             if seq.state != RUNNING or seq.computed != seq.known - 1 or not seq.output:
                 continue
-            if not self._room(seq, seq.known, preempted):
+            if seq.known > len(seq.blocks) * bs and not self._room(seq, seq.known, preempted):
                 continue  # seq itself was preempted
             work.append(Work(seq, seq.computed, 1, "decode"))
         return work
@@ -218,7 +226,7 @@ class Scheduler:
             seq.state = WAITING
             self._by_arrival(self.waiting, seq)
         self.pool.release(seq.blocks)
-        seq.blocks = []
+        seq.blocks, seq.table = [], None
 
     def _swap_in(self, now_s: float) -> int:
         """Bring swapped sequences back, oldest first, while their blocks are free; returns the bytes copied."""
@@ -229,7 +237,7 @@ class Scheduler:
             if n > self.pool.free:
                 break
             self.swapped.pop(0)
-            seq.blocks = self.pool.allocate(n)
+            seq.blocks, seq.table = self.pool.allocate(n), None
             self.cache.swap_in(seq.swapped, seq.blocks)
             moved += seq.swapped.numel() * seq.swapped.element_size()
             seq.swapped = None
@@ -265,7 +273,7 @@ class Scheduler:
             if blocks_for(n, self.bs) > self.pool.free:
                 break
             self.waiting.pop(0)
-            seq.blocks = self.pool.allocate(blocks_for(n, self.bs))
+            seq.blocks, seq.table = self.pool.allocate(blocks_for(n, self.bs)), None
             seq.state = RUNNING
             if seq.admitted_s != seq.admitted_s:  # NaN: first admission
                 seq.admitted_s = now_s
@@ -275,36 +283,44 @@ class Scheduler:
             budget -= take
         return work
 
+    def _table(self, seq: Sequence) -> np.ndarray:
+        """The sequence's block table as a scratch-padded int32 row: blocks only grow at the end while a sequence
+        runs (a new admission or swap-in starts a fresh table), so only the new entries are written."""
+        t, n = seq.table, len(seq.blocks)
+        if t is None:
+            t = seq.table = np.full(self.max_blocks, SCRATCH_BLOCK, dtype=np.int32)
+            seq.table_n = 0
+        if seq.table_n != n:
+            t[seq.table_n:n] = seq.blocks[seq.table_n:]
+            seq.table_n = n
+        return t
+
     def _batch(self, work: list[Work]) -> IterationBatch:
         """The engine's batch: single-token work first (decode attention over tables), then the chunks."""
         singles = [w for w in work if w.n == 1]
         multi = [w for w in work if w.n > 1]
-        order = singles + multi
-        work[:] = order
-        t = sum(w.n for w in order)
-        tokens = np.empty(t, dtype=np.int64)
-        positions = np.empty(t, dtype=np.int64)
-        slots = np.empty(t, dtype=np.int64)
-        tables = np.full((len(singles), self.max_blocks), SCRATCH_BLOCK, dtype=np.int32)
-        chunks: list[Chunk] = []
-        sample: list[int] = []
-        row = 0
+        work[:] = singles + multi
         bs = self.bs
-        for j, w in enumerate(order):
-            seq, blocks = w.seq, w.seq.blocks
-            for k in range(w.n):
-                p = w.start + k
-                tokens[row + k] = seq.token(p)
-                positions[row + k] = p
-                slots[row + k] = blocks[p // bs] * bs + p % bs
-            if w.n == 1:
-                tables[j, :len(blocks)] = blocks
-            else:
-                chunks.append(Chunk(row, w.n, w.start, blocks))
+        pos = [w.start for w in singles]
+        tokens = [w.seq.token(w.start) for w in singles]
+        slots = [w.seq.blocks[p // bs] * bs + p % bs for w, p in zip(singles, pos, strict=True)]
+        tables = (np.stack([self._table(w.seq) for w in singles]) if singles
+                  else np.zeros((0, self.max_blocks), dtype=np.int32))
+        sample = [j for j, w in enumerate(singles) if w.samples]
+        chunks: list[Chunk] = []
+        row = len(singles)
+        for w in multi:
+            seq, p = w.seq, np.arange(w.start, w.start + w.n)
+            blocks = np.asarray(seq.blocks, dtype=np.int64)
+            tokens.extend(seq.token(i) for i in range(w.start, w.start + w.n))
+            pos.extend(p.tolist())
+            slots.extend((blocks[p // bs] * bs + p % bs).tolist())
+            chunks.append(Chunk(row, w.n, w.start, seq.blocks))
             row += w.n
             if w.samples:
                 sample.append(row - 1)
-        return IterationBatch(tokens, positions, slots, len(singles), tables, chunks, np.asarray(sample, np.int64))
+        return IterationBatch(np.asarray(tokens, np.int64), np.asarray(pos, np.int64), np.asarray(slots, np.int64),
+                              len(singles), tables, chunks, np.asarray(sample, np.int64))
 
     # ---- results --------------------------------------------------------------------------------------------
     def complete(self, plan: Plan, sampled: list[int], now_s: float, iteration: int) -> list[Sequence]:
@@ -317,7 +333,7 @@ class Scheduler:
             seq.computed = w.start + w.n
             if not w.samples:
                 continue
-            seq.output.append(int(next(it)))
+            seq.append(int(next(it)))
             seq.token_s.append(now_s)
             seq.token_iterations.append(iteration)
             if seq.done:
