@@ -292,10 +292,10 @@ def _add_capacity(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_nsys(sub: argparse._SubParsersAction) -> None:
-    n = sub.add_parser("nsys", help="profile a command (by default `kvscope run`) under Nsight Systems, export and "
-                                    "align it",
+    n = sub.add_parser("nsys", help="profile a command (by default `kvscope run`; `serve ...`: a served load) under "
+                                    "Nsight Systems, export and align it",
                        usage="kvscope nsys [--nsys PATH] [--out DIR] [--nsys-flag=FLAG ...] [--json] -- "
-                             "(<kvscope run arguments> | COMMAND [ARG ...])")
+                             "(<kvscope run arguments> | serve <kvscope serve arguments> | COMMAND [ARG ...])")
     n.add_argument("--nsys", type=_INPUT, default=None,
                    help="nsys executable (default: $NSYS, PATH, usual install folders)")
     n.add_argument("--out", type=_TEXT, default=None, help="output folder (default traces/<time>-nsys)")
@@ -307,7 +307,10 @@ def _add_nsys(sub: argparse._SubParsersAction) -> None:
                    help="profile `kvscope run --tp N`: every rank in one capture (nsys follows the spawned ranks), "
                         "then compute, communication and idle per rank and step, and the straggler rank")
     n.add_argument("run_args", nargs=argparse.REMAINDER,
-                   help="after --: arguments of `kvscope run` (empty, or starting with -), or any command to profile")
+                   help="after --: arguments of `kvscope run` (empty, or starting with -), `serve` and the arguments "
+                        "of `kvscope serve` (one load: the per-iteration GPU attribution is written too), or any "
+                        "command to profile")
+
 
 def _add_tp(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--tp", type=_INT, default=None, metavar="N",
@@ -341,10 +344,15 @@ def _add_kv_math(k: argparse.ArgumentParser) -> None:
 def _nsys_run_args(ns: argparse.Namespace) -> None:
     """`kvscope nsys`'s arguments after `--`. `kvscope run` arguments (none, or starting with `-`, or `kvscope run
     ...`): `ns.run_args` without the `--` and `ns.run`, the same parsed as `kvscope run` arguments (their errors are
-    `run:` errors). Any other command: `ns.command_args`, and `ns.run` None."""
+    `run:` errors). `serve ...` (or `kvscope serve ...`): `ns.run_args` the serve arguments and `ns.serve` them parsed
+    (`serve:` errors), `ns.run` None. Any other command: `ns.command_args`, and `ns.run` and `ns.serve` None."""
     run_args = list(ns.run_args)
     if run_args[:1] == ["--"]:
         run_args = run_args[1:]
+    ns.serve = None
+    if run_args[:1] == ["serve"] or run_args[:2] == [PROG, "serve"]:
+        _nsys_serve_args(ns, run_args[run_args.index("serve") + 1:])
+        return
     if run_args[:2] == [PROG, "run"]:
         run_args = run_args[2:]
     elif run_args and not run_args[0].startswith("-"):
@@ -363,6 +371,27 @@ def _nsys_run_args(ns: argparse.Namespace) -> None:
         raise KvscopeError("nsys: needs NVTX ranges: drop --no-nvtx")
     ns.run_args = run_args
     ns.run = parse_args(["run", *run_args])
+
+
+# `kvscope serve` flags that make a sweep with several comma-separated values: `kvscope nsys` profiles one load
+_SERVE_SWEEP_FLAGS = ("rps", "concurrency", "policy")
+
+
+def _nsys_serve_args(ns: argparse.Namespace, serve_args: list[str]) -> None:
+    """`kvscope nsys -- serve SERVE_ARGS`: parsed as `kvscope serve` arguments; one load (no sweep), NVTX on, the
+    run folder kvscope's (`--out` goes before `--`), on one device (no `--tp`)."""
+    if getattr(ns, "tp", None) is not None:
+        raise KvscopeError("nsys: --tp profiles `kvscope run --tp N`; a served load runs on one device")
+    serve = parse_args(["serve", *serve_args])
+    if serve.out is not None:
+        raise KvscopeError("nsys: give --out before --, not among the serve arguments")
+    if serve.nvtx is False:
+        raise KvscopeError("nsys: needs NVTX ranges: drop --no-nvtx")
+    for flag in _SERVE_SWEEP_FLAGS:
+        value = getattr(serve, flag)
+        if value is not None and "," in value:
+            raise KvscopeError(f"nsys: profiles one served load: give one --{flag} value, not {value!r} (a sweep)")
+    ns.command_args, ns.run_args, ns.run, ns.serve = [], serve_args, None, serve
 
 
 def _terminate(signum: int, _frame: object) -> None:

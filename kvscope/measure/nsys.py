@@ -5,7 +5,11 @@ tables of `kvscope align` and its trace.json).
 By default the command is `kvscope run` (the arguments after `--` are its options: none, or starting with `-`, or
 `kvscope run ...`): the capture covers the measured repetitions only (`--capture-range=cudaProfilerApi`: `kvscope
 run` calls cudaProfilerStart/Stop around them) and keeps the program alive after the range
-(`--capture-range-end=stop`) so that the run folder (`run/`) is written and aligned with the capture. Any other
+(`--capture-range-end=stop`) so that the run folder (`run/`) is written and aligned with the capture. `serve ...`
+profiles `kvscope serve` the same way: the capture holds the served load's loop (cudaProfilerStart/Stop around it,
+after the warm-up and the graph captures), `run/` is its serve run folder, and beside the alignment (made without
+the run's timings: its `iter N` regions are not a run's) go iteration_kernels.parquet and iteration_gpu.parquet, the
+GPU work of every scheduler iteration (`kvscope.analysis.serving.iterations_nsys`). Any other
 command (`kvscope nsys -- python3 serve.py ...`) is profiled whole, without a capture range, and its export is
 aligned as any export (`kvscope align EXPORT`); there is no run folder. `--cuda-graph-trace=node` makes kernels
 inside CUDA graphs visible one by one.
@@ -30,13 +34,15 @@ from typing import Any
 
 import pandas as pd
 
+from kvscope.analysis.align.phase_map import PhaseMap
 from kvscope.analysis.align.pipeline import AlignResult, analyse, write
 from kvscope.analysis.align.ranks import analyse_ranks, write_ranks
 from kvscope.analysis.nsys.export import export_rep, find_nsys
+from kvscope.analysis.serving.iterations_nsys import ITERATION_GPU_FILE, Captured, serve_tables
 from kvscope.errors import KvscopeError
-from kvscope.io import AtomicFolder, check_path
+from kvscope.io import AtomicFolder, check_path, write_parquet
 from kvscope.measure.output import OUT_LABEL
-from kvscope.schema import NSYS_RUN_SUBFOLDER, TIMINGS_FILE
+from kvscope.schema import ITERATIONS_FILE, NSYS_RUN_SUBFOLDER, NVTX_DOMAIN, TIMINGS_FILE
 
 # kvscope's own `nsys profile` options for any command, and for `kvscope run` (whose capture range it opens)
 COMMAND_PROFILE_FLAGS = ("--trace=cuda,nvtx", "--sample=none", "--cpuctxsw=none", "--cuda-graph-trace=node")
@@ -48,49 +54,70 @@ _SHORT = {"-t": "--trace", "-s": "--sample", "-c": "--capture-range", "-o": "--o
           "-b": "--backtrace", "-w": "--show-output", "-x": "--stop-on-exit", "-d": "--duration", "-y": "--delay",
           "-e": "--env-var", "-n": "--inherit-environment", "-p": "--nvtx-capture"}
 _OWN_OPTIONS = ("--output", "--force-overwrite")  # kvscope names and places the report
+# the kvscope commands profiled with a capture range and a run folder, and the file that shows their folder written
+RUN_PROGRAM, SERVE_PROGRAM = "run", "serve"
+_RUN_FOLDER_FILE = {RUN_PROGRAM: TIMINGS_FILE, SERVE_PROGRAM: ITERATIONS_FILE}
 
 
 @dataclass
 class Profiled:
-    """A profiled and aligned command: the folder written, the alignment, the per-rank split (`run --tp`), and the
-    profiled command's exit code (0 for `kvscope run`)."""
+    """A profiled and aligned command: the folder written, the alignment, the per-rank split (`run --tp`), the
+    profiled command's exit code (0 for `kvscope run` and `kvscope serve`), and a served load's per-iteration tables
+    by file name (None for any other command)."""
 
     folder: Path
     result: AlignResult
     split: tuple[pd.DataFrame, Any] | None
     exit_code: int
+    iterations: dict[str, pd.DataFrame] | None = None
 
 
 def profile(out: Path, run_args: list[str] | None, command_args: list[str] | None, nsys: str | None,
-            extra: Sequence[str], tp: int | None, meta: dict[str, Any]) -> Profiled:
-    """Profile `kvscope run RUN_ARGS` (or any `COMMAND_ARGS`), export, align, and write it all into `out`, whole or
-    not at all."""
+            extra: Sequence[str], tp: int | None, meta: dict[str, Any], program: str = RUN_PROGRAM) -> Profiled:
+    """Profile `kvscope PROGRAM RUN_ARGS` (`run` or `serve`; or any `COMMAND_ARGS`), export, align, and write it all
+    into `out`, whole or not at all."""
     folder = AtomicFolder(out, OUT_LABEL)
     require_nsys(nsys)  # before the output folder is made
     exit_code = 0
     try:
         folder.open()
         if run_args is not None:
-            rep, run_dir = capture(run_args, folder.tmp, nsys, extra)
-            what: dict[str, Any] = {"run_args": run_args}
+            rep, run_dir = capture(run_args, folder.tmp, nsys, extra, program)
+            what: dict[str, Any] = {f"{program}_args": run_args}
         else:
             rep, exit_code = capture_command(list(command_args or []), folder.tmp, nsys, extra)
             run_dir, what = None, {"profiled": command_args, "exit_code": exit_code}
         sqlite = export_rep(rep, nsys, out=folder.tmp / "report.sqlite")
         meta = {**meta, **what, "nsys_flags": list(extra)}
-        split = None
+        split = iterations = None
         if tp is not None:  # every rank in one capture: aligned per rank (kvscope.analysis.align.ranks)
             result, split = analyse_ranks(sqlite, run_dir)
+        elif program == SERVE_PROGRAM and run_dir is not None:
+            result, iterations = align_serve(sqlite, run_dir)
         else:
             result = analyse(sqlite, run_dir)
         write(result, folder.tmp, meta)
         if split is not None:
             write_ranks(split, folder.tmp, meta)
+        for name, df in (iterations or {}).items():
+            write_parquet(df, folder.tmp / name, meta)
         done = folder.commit()
     except BaseException:
         folder.discard()
         raise
-    return Profiled(done, result, split, exit_code)
+    return Profiled(done, result, split, exit_code, iterations)
+
+
+def align_serve(export: Path, run_dir: Path) -> tuple[AlignResult, dict[str, pd.DataFrame]]:
+    """A served load's capture aligned, and its per-iteration tables by file name. Aligned without the run's timings
+    (its `iter N` regions are not a run's), and with an empty phase map: the layer and op ranges of eager iterations
+    are labelled by kvscope's names, but none need be there (a capture of graph-replayed decode iterations holds
+    `iter N` ranges alone, which `analyse` would otherwise refuse as a kvscope domain without a run's names)."""
+    result = analyse(export, phase_map=PhaseMap(()))
+    if result.skipped is not None:
+        result.skipped = (f"{result.skipped.split(':', 1)[0]}: the served load's ranges in the NVTX domain "
+                          f"'{NVTX_DOMAIN}' are `iter N` alone (graph-replayed iterations); see {ITERATION_GPU_FILE}")
+    return result, serve_tables(Captured(result.ranges, result.kernels, str(export)), run_dir)
 
 
 def extra_flags(values: Sequence[str]) -> list[str]:
@@ -184,18 +211,24 @@ def profile_command(exe: str, flags: Sequence[str], program: Sequence[str], repo
     return [exe, "profile", *flags, "-o", str(report), "-f", "true", *program]
 
 
-def capture(run_args: list[str], out: Path, nsys: str | None, extra: Sequence[str] = ()) -> tuple[Path, Path]:
-    """Profile `kvscope run RUN_ARGS --out OUT/run`; returns (report.nsys-rep, run folder)."""
+def capture(run_args: list[str], out: Path, nsys: str | None, extra: Sequence[str] = (),
+            program: str = RUN_PROGRAM) -> tuple[Path, Path]:
+    """Profile `kvscope PROGRAM RUN_ARGS --out OUT/run` (`run`, or `serve`: one served load); returns
+    (report.nsys-rep, run folder)."""
+    if program not in _RUN_FOLDER_FILE:
+        raise KvscopeError(f"nsys: profiles `kvscope {' or '.join(_RUN_FOLDER_FILE)}` with a run folder, not "
+                           f"{program!r}")
     exe = require_nsys(nsys)
     run_dir = out / NSYS_RUN_SUBFOLDER
-    program = [sys.executable, "-m", "kvscope", "run", *run_args, "--out", str(run_dir)]
-    code, rep, cmd = _profile(exe, profile_flags(NSYS_PROFILE_FLAGS, extra), program, out)
-    if code != 0 and not (rep.is_file() and (run_dir / TIMINGS_FILE).is_file()):
+    written = run_dir / _RUN_FOLDER_FILE[program]
+    argv = [sys.executable, "-m", "kvscope", program, *run_args, "--out", str(run_dir)]
+    code, rep, cmd = _profile(exe, profile_flags(NSYS_PROFILE_FLAGS, extra), argv, out)
+    if code != 0 and not (rep.is_file() and written.is_file()):
         raise KvscopeError(f"nsys profile exited with code {code} (command: {' '.join(cmd)})")
     if not rep.is_file():
         raise KvscopeError(f"nsys wrote no report ({rep}); is the driver's profiling support available?")
-    if not (run_dir / TIMINGS_FILE).is_file():
-        raise KvscopeError(f"the profiled run wrote no run folder at {run_dir}")
+    if not written.is_file():
+        raise KvscopeError(f"the profiled {program} wrote no run folder at {run_dir}")
     return rep, run_dir
 
 

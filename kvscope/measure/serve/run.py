@@ -117,7 +117,8 @@ def _build(plan: RunPlan, spec: ServeSpec, max_seq: int, say: Callable[[str], No
 def _warm_up(engine: ServedEngine, sched: Scheduler, spec: ServeSpec) -> None:
     """A few iterations before the load (instrument paused): kernels loaded, cuBLAS and SDPA plans made. Two
     sequences through the scheduler (prefill, a mixed iteration, decodes), then the pool is as before."""
-    n = max(2, min(WARMUP_PREFILL_TOKENS, spec.max_batch_tokens, sched.max_seq - 4))
+    room = sched.pool.capacity * sched.bs // 2  # two sequences that fit the pool together
+    n = max(1, min(WARMUP_PREFILL_TOKENS, spec.max_batch_tokens, sched.max_seq - 3, room - 3))
     seqs = [Sequence(RequestSpec(-1 - i, 0.0, n, 3), list(range(1, n + 1)), 0.0) for i in range(2)]
     with engine.ins.paused():
         for s in seqs:
@@ -147,7 +148,13 @@ def serve(spec: ServeSpec, stop: Callable[[], bool] | None = None, say: Callable
             torch.cuda.reset_peak_memory_stats(cfg.device)
         loop = _Loop(built, spec, source, stop, progress)
         built.ins.start_clock()
-        loop.run()
+        if cfg.device.type == "cuda":  # the load alone in an nsys capture (`kvscope nsys -- serve`)
+            torch.cuda.cudart().cudaProfilerStart()
+        try:
+            loop.run()  # each iteration ends in a sync: its GPU work is done before cudaProfilerStop
+        finally:
+            if cfg.device.type == "cuda":
+                torch.cuda.cudart().cudaProfilerStop()
         regions = built.ins.collect()  # one named sync, after the load
         _ledger_after(built, loop)
     except (RuntimeError, MemoryError) as exc:
