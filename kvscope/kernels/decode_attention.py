@@ -3,7 +3,9 @@ sequence over the token-major cache, `kvscope_decode_attention_mma_d<D>` (bf16/f
 `kvscope_decode_attention_d<D>_g<heads>` (CUDA cores) in a trace, then `kvscope_decode_attention_merge` (the splits
 combined, unless the merge is fused); the split and head-chunk choice on the host, and the torch reference
 (`split_kv_decode_ref`). The engine calls it under `--attn kvscope`; `kvscope.model.attention.decode_attention` is
-the torch path of the other attention switches."""
+the torch path of the other attention switches. With a `block_table` the same kernels read a paged cache (per layer,
+pools (n_blocks, block_size, H_kv, D) and a (B, max_blocks) int32 table; block sizes PAGED_BLOCK_SIZES), whose torch
+reference is `paged_split_kv_decode_ref`."""
 
 from __future__ import annotations
 
@@ -46,6 +48,11 @@ DECODE_ATTENTION_FUSED_MERGE = False
 DECODE_ATTENTION_LONG_RULE_MIN_BLOCKS = 16
 DECODE_ATTENTION_LONG_RULE_MIN_POSITIONS = 16384
 _LOG2E = 1.4426950408889634
+# the paged cache's block sizes the kernels serve: powers of two from 8, each a multiple of a warp's tile of positions
+# (16 on the tensor cores, at most 16 on the CUDA cores) or, at 8, half of a tile of 16; a tile then reads its pool
+# rows through one table entry (two at 8). Up to 256: what a paged cache uses (vLLM: 16 by default, up to 256)
+PAGED_BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
+_INT32_MAX = 2**31 - 1
 # kernel vs split_kv_decode_ref, per dtype: both sum in float32 (in other orders, the kernels through exp2 of
 # pre-scaled scores); the tensor-core kernel also rounds the softmax weights P to the dtype before the P V product
 # (as flash attention does; the normaliser sums the rounded weights, so the output stays a weighted average of V),
@@ -142,17 +149,63 @@ def _decode_counters(n: int, device: torch.device, index: int) -> torch.Tensor:
     return fresh
 
 
+def paged_block_size_ok(block_size: int) -> bool:
+    """Whether the kernels serve a paged cache of `block_size` positions a block (PAGED_BLOCK_SIZES)."""
+    return block_size in PAGED_BLOCK_SIZES
+
+
+def _check_table(name: str, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                 lengths: torch.Tensor) -> int:
+    """A paged cache's shapes: q (B, H, D), pools (n_blocks >= 1, block_size, H_kv, D) with a served block size,
+    block_table contiguous int32 (B, max_blocks >= 1) on q's device, lengths int64 (B,) there; ValueError with the
+    shapes. Returns S_max = max_blocks * block_size."""
+    if q.dim() != 3 or k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
+        raise ValueError(f"{name}: q must be (B, H, D) and the pools (n_blocks, block_size, H_kv, D), got q "
+                         f"{tuple(q.shape)} k {tuple(k_pool.shape)} v {tuple(v_pool.shape)}")
+    b, h, d = q.shape
+    n_blocks, block_size, hkv, _ = k_pool.shape
+    if k_pool.shape[3] != d or hkv < 1 or h % hkv or n_blocks < 1:
+        raise ValueError(f"{name}: q {tuple(q.shape)} does not fit pools {tuple(k_pool.shape)} (B, H, D) / "
+                         "(n_blocks >= 1, block_size, H_kv, D) with H a multiple of H_kv")
+    if not paged_block_size_ok(block_size):
+        raise ValueError(f"{name}: block size {block_size} (pools {tuple(k_pool.shape)}) is not served; one of "
+                         f"{PAGED_BLOCK_SIZES}")
+    if (block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != b
+            or block_table.shape[1] < 1 or not block_table.is_contiguous() or block_table.device != q.device):
+        raise ValueError(f"{name}: block_table must be contiguous int32 ({b}, max_blocks >= 1) on {q.device}, got "
+                         f"{block_table.dtype} {tuple(block_table.shape)} strides {block_table.stride()} on "
+                         f"{block_table.device}")
+    s_max = block_table.shape[1] * block_size
+    if s_max > _INT32_MAX:
+        raise ValueError(f"{name}: block_table {tuple(block_table.shape)} x block size {block_size} = {s_max} "
+                         f"positions exceed {_INT32_MAX}")
+    _check_lengths(name, q, lengths)
+    return s_max
+
+
+def _check_lengths(name: str, q: torch.Tensor, lengths: torch.Tensor) -> None:
+    b = q.shape[0]
+    if lengths.shape != (b,) or lengths.dtype != torch.int64 or lengths.device != q.device:
+        raise ValueError(f"{name}: lengths must be int64 ({b},) on {q.device}, got {lengths.dtype} "
+                         f"{tuple(lengths.shape)} on {lengths.device}")
+
+
 def _check_tensors(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   lengths: torch.Tensor) -> None:
-    """Shapes, strides and alignment of `split_kv_decode`'s q, caches and lengths: ValueError with the shapes."""
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+                   lengths: torch.Tensor, block_table: torch.Tensor | None = None) -> int:
+    """Shapes, strides and alignment of `split_kv_decode`'s q, caches (or pools and `block_table`) and lengths:
+    ValueError with the shapes. Returns S_max (the caches', or max_blocks * block_size)."""
+    if block_table is not None:
+        s_max = _check_table(name, q, k_cache, v_cache, block_table, lengths)
+    elif q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"{name}: q must be (B, H, D) and the caches (B, S_max, H_kv, D), got q {tuple(q.shape)} "
                          f"k {tuple(k_cache.shape)} v {tuple(v_cache.shape)}")
-    b, h, d = q.shape
-    _, s_max, hkv, _ = k_cache.shape
-    if k_cache.shape[0] != b or k_cache.shape[3] != d or hkv < 1 or h % hkv or s_max < 1:
-        raise ValueError(f"{name}: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)} "
-                         "(B, H, D) / (B, S_max >= 1, H_kv, D) with H a multiple of H_kv")
+    else:
+        s_max, hkv = k_cache.shape[1], k_cache.shape[2]
+        if (k_cache.shape[0] != q.shape[0] or k_cache.shape[3] != q.shape[2] or hkv < 1 or q.shape[1] % hkv
+                or s_max < 1):
+            raise ValueError(f"{name}: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)} "
+                             "(B, H, D) / (B, S_max >= 1, H_kv, D) with H a multiple of H_kv")
+    d = q.shape[2]
     if d not in DECODE_ATTENTION_HEAD_DIMS:
         raise ValueError(f"{name}: head size {d} (q {tuple(q.shape)}) not built; one of {DECODE_ATTENTION_HEAD_DIMS}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -162,9 +215,8 @@ def _check_tensors(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if q.stride(2) != 1 or q.stride(0) % per_vec or q.stride(1) % per_vec or not vec_ok(q, k_cache, v_cache):
         raise ValueError(f"{name}: q {tuple(q.shape)} strides {q.stride()} needs a unit stride on D, row strides "
                          f"that are multiples of {per_vec} elements and 16-byte aligned q and caches")
-    if lengths.shape != (b,) or lengths.dtype != torch.int64 or lengths.device != q.device:
-        raise ValueError(f"{name}: lengths must be int64 ({b},) on {q.device}, got {lengths.dtype} "
-                         f"{tuple(lengths.shape)} on {lengths.device}")
+    _check_lengths(name, q, lengths)
+    return s_max
 
 
 def window_arg(name: str, window: int | None) -> int:
@@ -186,41 +238,11 @@ def _default_splits(n_groups: int, s_max: int, device_index: int, long_splits: b
     return (decode_splits_long if long_rule else decode_splits)(n_groups, s_max, sm_count_of(device_index))
 
 
-def split_kv_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                    scale: float | None = None, splits: int | None = None, out: torch.Tensor | None = None,
-                    tensor_cores: bool | None = None, fused_merge: bool | None = None,
-                    long_splits: bool | None = None, counters: torch.Tensor | None = None,
-                    window: int | None = None) -> torch.Tensor:
-    """One query per sequence against the cache: q (B, H, D) (unit stride on D, 16-byte aligned rows), k_cache /
-    v_cache (B, S_max, H_kv, D) contiguous, lengths (B,) int64 on the device: sequence b attends to positions
-    0 .. lengths[b] - 1 (the engine passes its positions + 1: the new token's K/V included; clamped to [0, S_max] on
-    the device, length 0 gives zeros; not checked on the host, which would sync); with a sliding `window` (a host
-    int, fixed per engine, so a CUDA graph of the call stays valid) only its last `window` of them,
-    max(0, L - window) .. L - 1 (Mistral's window, as transformers applies it). Query head h uses KV head
-    h // (H / H_kv). Softmax scale `scale` (default D**-0.5), float32 accumulation. Returns (B, H, D) contiguous in
-    q's dtype (`out`, when given, is written and returned).
-
-    `splits`: positions split over that many blocks per (sequence, KV head), default `decode_splits` (a function
-    of the shapes only: a CUDA graph of the call stays valid for any lengths; the splits share the positions
-    attended, and the default count sees at most `window` of them); with more than one split a second small
-    kernel, `kvscope_decode_attention_merge`, combines them. `tensor_cores`: the mma kernel (bf16/fp16 only;
-    default for them) or the CUDA-core one (default for float32). `long_splits` (default
-    DECODE_ATTENTION_LONG_SPLITS; None: `prefers_long_splits` by shape): True, the default split count from
-    `decode_splits_long`; False, from `decode_splits`.
-
-    `fused_merge` (default DECODE_ATTENTION_FUSED_MERGE): no merge launch; the last of each (sequence, head group)'s
-    split blocks to finish merges, counted in `counters`: int32, contiguous, at least B * H_kv * head chunks
-    elements on q's device, zero at the call; the kernel leaves them zero, so one buffer serves every later call
-    and CUDA-graph replay (not checked on the host, which would sync). Default: a buffer kept per device and size,
-    zeroed once; two calls running at the same time on different streams need their own `counters`."""
-    name = "split_kv_decode"
-    _check_tensors(name, q, k_cache, v_cache, lengths)
-    window = window_arg(name, window)
+def _check_options(name: str, q: torch.Tensor, hkv: int, splits: int | None, out: torch.Tensor | None,
+                   tensor_cores: bool | None, counters: torch.Tensor | None) -> tuple[bool, int, int, int]:
+    """`split_kv_decode`'s options checked against q (B, H, D) over `hkv` KV heads: ValueError with the shapes.
+    Returns (tensor cores, query heads per block, head chunks per KV head, (sequence, head group) pairs)."""
     b, h, d = q.shape
-    _, s_max, hkv, _ = k_cache.shape
-    scale = d**-0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"{name}: softmax scale {scale} is not finite")
     if splits is not None and not 1 <= splits <= DECODE_ATTENTION_MAX_SPLITS:
         raise ValueError(f"{name}: splits {splits} outside [1, {DECODE_ATTENTION_MAX_SPLITS}]")
     if out is not None and (out.shape != (b, h, d) or out.dtype != q.dtype or out.device != q.device
@@ -238,6 +260,52 @@ def split_kv_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"{name}: counters must be contiguous int32 with at least {n_groups} elements on "
                          f"{q.device} ({b} sequences x {hkv * chunks} head groups), got {counters.dtype} "
                          f"{tuple(counters.shape)} on {counters.device}")
+    return tensor_cores, gp, chunks, n_groups
+
+
+def split_kv_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                    scale: float | None = None, splits: int | None = None, out: torch.Tensor | None = None,
+                    tensor_cores: bool | None = None, fused_merge: bool | None = None,
+                    long_splits: bool | None = None, counters: torch.Tensor | None = None,
+                    window: int | None = None, block_table: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per sequence against the cache: q (B, H, D) (unit stride on D, 16-byte aligned rows), k_cache /
+    v_cache (B, S_max, H_kv, D) contiguous, lengths (B,) int64 on the device: sequence b attends to positions
+    0 .. lengths[b] - 1 (the engine passes its positions + 1: the new token's K/V included; clamped to [0, S_max] on
+    the device, length 0 gives zeros; not checked on the host, which would sync); with a sliding `window` (a host
+    int, fixed per engine, so a CUDA graph of the call stays valid) only its last `window` of them,
+    max(0, L - window) .. L - 1 (Mistral's window, as transformers applies it). Query head h uses KV head
+    h // (H / H_kv). Softmax scale `scale` (default D**-0.5), float32 accumulation. Returns (B, H, D) contiguous in
+    q's dtype (`out`, when given, is written and returned).
+
+    `block_table` (B, max_blocks) int32, contiguous on q's device: a paged cache. k_cache / v_cache are then one
+    layer's pools (n_blocks, block_size, H_kv, D) contiguous, block_size one of PAGED_BLOCK_SIZES, and position t of
+    sequence b is pool row block_table[b, t // block_size] * block_size + t % block_size; S_max = max_blocks *
+    block_size (the clamp, the split choice). The table is read on the device only (a CUDA graph of the call stays
+    valid for any table and lengths), and only its entries of positions attended: those must name blocks of the
+    pools (not checked on the host, which would sync); entries past a sequence's length may hold anything.
+
+    `splits`: positions split over that many blocks per (sequence, KV head), default `decode_splits` (a function
+    of the shapes only: a CUDA graph of the call stays valid for any lengths; the splits share the positions
+    attended, and the default count sees at most `window` of them); with more than one split a second small
+    kernel, `kvscope_decode_attention_merge`, combines them. `tensor_cores`: the mma kernel (bf16/fp16 only;
+    default for them) or the CUDA-core one (default for float32). `long_splits` (default
+    DECODE_ATTENTION_LONG_SPLITS; None: `prefers_long_splits` by shape): True, the default split count from
+    `decode_splits_long`; False, from `decode_splits`.
+
+    `fused_merge` (default DECODE_ATTENTION_FUSED_MERGE): no merge launch; the last of each (sequence, head group)'s
+    split blocks to finish merges, counted in `counters`: int32, contiguous, at least B * H_kv * head chunks
+    elements on q's device, zero at the call; the kernel leaves them zero, so one buffer serves every later call
+    and CUDA-graph replay (not checked on the host, which would sync). Default: a buffer kept per device and size,
+    zeroed once; two calls running at the same time on different streams need their own `counters`."""
+    name = "split_kv_decode"
+    s_max = _check_tensors(name, q, k_cache, v_cache, lengths, block_table)
+    window = window_arg(name, window)
+    b, h, d = q.shape
+    hkv = k_cache.shape[2]
+    scale = d**-0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{name}: softmax scale {scale} is not finite")
+    tensor_cores, gp, chunks, n_groups = _check_options(name, q, hkv, splits, out, tensor_cores, counters)
     need_cuda(name, q.dtype, q, k_cache, v_cache)  # shapes first: they are checked without a GPU too
     if hkv * chunks > GRID_Y_MAX or b > GRID_Y_MAX:
         raise ValueError(f"{name}: {b} sequences x {hkv * chunks} head groups exceed the grid ({GRID_Y_MAX} each)")
@@ -257,11 +325,13 @@ def split_kv_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     variant, shared = f"d{d}_g{gp}", 0
     if tensor_cores:
         variant, shared = f"mma_d{d}", DECODE_ATTENTION_MMA_SHARED_BYTES_PER_DIM * d
+    max_blocks, block_size = (0, 0) if block_table is None else (block_table.shape[1], k_cache.shape[1])
     launch("kvscope_decode_attention", variant, q.dtype, q.device, (splits, hkv * chunks, b),
            (32 * DECODE_ATTENTION_WARPS, 1, 1),
            [ptr(out), ptr(part_o), ptr(part_lse), ptr(counters if fused else None), ptr(q), ptr(k_cache),
-            ptr(v_cache), ptr(lengths), i64(q.stride(0)), i64(q.stride(1)), i32(h), i32(hkv), i32(s_max),
-            i32(splits), i32(window), f32(scale * _LOG2E)], shared_bytes=shared)
+            ptr(v_cache), ptr(lengths), ptr(block_table), i32(max_blocks), i32(block_size), i64(q.stride(0)),
+            i64(q.stride(1)), i32(h), i32(hkv), i32(s_max), i32(splits), i32(window), f32(scale * _LOG2E)],
+           shared_bytes=shared)
     if splits > 1 and not fused:
         launch("kvscope_decode_attention", "merge", q.dtype, q.device, (b * h, 1, 1),
                (DECODE_ATTENTION_MERGE_THREADS, 1, 1), [ptr(out), ptr(part_o), ptr(part_lse), i32(splits), i32(d)])
@@ -289,3 +359,31 @@ def split_kv_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
     probs = torch.where(n > 0, probs, torch.zeros_like(probs))  # no position: zeros, not NaN
     return torch.matmul(probs, vf).reshape(b, h, d).to(q.dtype)  # (B, H, D)
+
+
+def paged_split_kv_decode_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                              block_table: torch.Tensor, lengths: torch.Tensor, scale: float | None = None,
+                              window: int | None = None) -> torch.Tensor:
+    """`split_kv_decode` over a paged cache with torch operations, on any device (the CPU too): each sequence's
+    blocks gathered through `block_table` (B, max_blocks) int32 from the pools (n_blocks, block_size, H_kv, D)
+    into (B, max_blocks * block_size, H_kv, D), then `split_kv_decode_ref`. The shapes are checked as the kernel's
+    (ValueError; a served block size, the table's dtype and device); entries of positions not attended (past the
+    length, before the window) may hold anything: they are clamped into the pools and their rows zeroed, so that
+    neither an unused entry nor a stale row reaches the result. (B, H, D)."""
+    name = "paged_split_kv_decode_ref"
+    s_max = _check_table(name, q, k_pool, v_pool, block_table, lengths)
+    w = window_arg(name, window)
+    b = q.shape[0]
+    n_blocks, _, hkv, d = k_pool.shape
+    blocks = block_table.long().clamp(0, n_blocks - 1)  # (B, max_blocks)
+    n = lengths.clamp(0, s_max).view(b, 1)
+    pos = torch.arange(s_max, device=q.device).view(1, s_max)
+    attended = pos < n  # (B, S_max)
+    if w:
+        attended &= pos >= n - w
+    keep = attended.view(b, s_max, 1, 1)
+    k = k_pool[blocks].reshape(b, s_max, hkv, d)  # (B, max_blocks, block_size, H_kv, D) -> (B, S_max, H_kv, D)
+    v = v_pool[blocks].reshape(b, s_max, hkv, d)  # (B, S_max, H_kv, D)
+    k = torch.where(keep, k, k.new_zeros(()))
+    v = torch.where(keep, v, v.new_zeros(()))
+    return split_kv_decode_ref(q, k, v, lengths, scale, window)

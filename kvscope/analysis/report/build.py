@@ -21,6 +21,10 @@ A sweep file with the attribution columns of `kvscope sweep --nsys` also gets it
 prefill and roofline plots and a "why" section computed by `kvscope.analysis.explain`; `--compare B.csv` adds the
 points both files hold side by side (mismatched models or no common point: a one-line error).
 
+A `kvscope serve` run folder (or a `kvscope nsys -- serve` folder, its run/ inside) or serve sweep folder gets the
+served load's report (`kvscope.analysis.report.serve`); for a serve sweep, `--compare` (or `plan`) may name a
+`kvscope capacity --out` table, set against the measured load.
+
 Plots are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend switch).
 """
 
@@ -39,7 +43,10 @@ from kvscope.analysis.report.markdown import (
     percent_of_total,
 )
 from kvscope.analysis.report.run import run_report
+from kvscope.analysis.report.serve import serve_run_report, serve_sweep_report
 from kvscope.analysis.report.sweep import sweep_report
+from kvscope.analysis.serving.planner import is_plan_file
+from kvscope.analysis.serving.records import find_serve_run, is_serve_sweep
 from kvscope.errors import KvscopeError
 from kvscope.io import AtomicFolder
 
@@ -63,13 +70,17 @@ def default_out(source: Path) -> Path:
     return named.with_name((named.name if named.is_dir() else named.stem) + "-report")
 
 
-def make_report(source: Path, out: Path | None, compare: Path | None = None) -> Path:
-    """Read `source` (a run folder, a `kvscope nsys` folder, or a sweep .csv/.parquet), build the report, and write
-    it into `out` (default `default_out(source)`); returns the path of report.md. `compare`: a second sweep file
-    whose common points are set side by side with the first's."""
+def make_report(source: Path, out: Path | None, compare: Path | None = None, plan: Path | None = None) -> Path:
+    """Read `source` (a run folder, a `kvscope nsys` folder, a sweep .csv/.parquet, a `kvscope serve` run or sweep
+    folder), build the report, and write it into `out` (default `default_out(source)`); returns the path of
+    report.md. `compare`: a second sweep file whose common points are set side by side with the first's; for a serve
+    sweep folder, a `kvscope capacity --out` table (as `plan`) set against the measured load."""
     if not source.exists():
         raise KvscopeError(f"not found: {source}")
-    if compare is not None:
+    serve_run = find_serve_run(source) if source.is_dir() else None
+    if is_serve_sweep(source) or serve_run is not None:
+        plan = _serve_plan(source, compare, plan)
+    elif compare is not None:
         if not compare.exists():
             raise KvscopeError(f"--compare: not found: {compare}")
         if source.is_dir() or compare.is_dir():
@@ -77,9 +88,34 @@ def make_report(source: Path, out: Path | None, compare: Path | None = None) -> 
                                f"{source if source.is_dir() else compare} is a folder")
     target = out if out is not None else default_out(source)
     inputs = [("source", source)] + ([("--compare file", compare)] if compare is not None else [])
+    if plan is not None and plan != compare:
+        inputs.append(("capacity plan", plan))
     folder = AtomicFolder(target, "--out" if out is not None else "report folder", replaceable=is_report_output,
                           inputs=inputs)
-    report = run_report(source) if source.is_dir() else sweep_report(source, compare)
+    if is_serve_sweep(source):
+        report = serve_sweep_report(source, plan)
+    elif serve_run is not None:
+        report = serve_run_report(source)
+    else:
+        report = run_report(source) if source.is_dir() else sweep_report(source, compare)
     with folder as tmp:
         report.write(tmp)
     return target / REPORT_FILE
+
+
+def _serve_plan(source: Path, compare: Path | None, plan: Path | None) -> Path | None:
+    """The capacity plan of a serve sweep's report: `plan`, or `--compare` when it names a capacity table; a serve
+    run folder takes neither."""
+    given = [p for p in (compare, plan) if p is not None]
+    if not given:
+        return None
+    if not is_serve_sweep(source):
+        raise KvscopeError(f"{source} is a serve run folder: --compare (a capacity plan) goes with a serve sweep "
+                           "folder")
+    for p in given:
+        if not p.exists():
+            raise KvscopeError(f"--compare: not found: {p}")
+        if not is_plan_file(p):
+            raise KvscopeError(f"--compare {p} is not a kvscope capacity table: a serve sweep is set against a "
+                               "capacity plan (`kvscope capacity --out`)")
+    return given[-1]

@@ -1,7 +1,12 @@
 // kvscope_decode_attention: one new query token per sequence against the KV cache, grouped-query attention,
 // split-KV ("flash-decoding"), float accumulation.
 //   q        (B, H, D): element (b, h, d) at q[b * q_stride_b + h * q_stride_h + d]
-//   k_cache, v_cache (B, S_max, H_kv, D) contiguous (one layer's views of the token-major cache)
+//   k_cache, v_cache (B, S_max, H_kv, D) contiguous (one layer's views of the token-major cache), or, when
+//            `block_table` is not null, one layer's pools (n_blocks, block_size, H_kv, D) contiguous (paged)
+//   block_table (B, max_blocks) int32 on the device, or null (the token-major layout): position t of sequence b
+//            lives in pool row block_table[b * max_blocks + t / block_size] * block_size + t % block_size of the pool
+//            viewed as (n_blocks * block_size, H_kv, D); s_max is then max_blocks * block_size, and block_size a
+//            power of two from 8 to 256 (checked on the host; see "Paged layout" below)
 //   lengths  (B,) int64 on the device: sequence b attends to cache positions 0 .. lengths[b] - 1 (the new token's
 //            own K/V included); clamped to [0, S_max]; a sequence of length 0 gets a zero output
 //   window   a sliding window (Mistral's), or 0 for none: sequence b attends only to its last `window` positions,
@@ -25,6 +30,15 @@
 // step (lane l_in ends with head l_in / (LT / GP)). Softmax online in base 2 (q pre-scaled by scale * log2(e)), the
 // accumulator rescaled only when some maximum grew. Warps are combined through shared memory at the end of the
 // split.
+//
+// Paged layout. A warp loads tiles of SPAN consecutive positions (DM_TILE = 16 on the tensor cores; DA_UNROLL * 32 / LT
+// = 4, 8 or 16 on the CUDA cores), and with a block table every tile starts at a multiple of SPAN: the window's first
+// position is rounded down to one (the positions before it are masked and never loaded, nor their blocks looked up)
+// and each split's length rounded up to one. Block sizes are powers of two >= 8 and SPAN <= 16, so a tile lies in one
+// block (block_size >= SPAN) or, at block_size 8 with SPAN 16, in the halves of two: one table read per tile (two in
+// that case) gives the pool row of every position of the tile. Each warp reads the table entries of its next tile one
+// tile ahead, so the read's latency hides behind a tile of work. Table entries are read only for positions attended
+// (below the device length, from the window's first position on), and only those rows of the pools are loaded.
 
 #define DA_WARPS 4
 #define DA_UNROLL 4
@@ -207,16 +221,18 @@ __device__ __forceinline__ void da_fused_merge(elem_t* __restrict__ out, const f
 
 // Which block this is, shared by both kernels: grid (split, (KV head, chunk of ROWS query heads of its group), sequence).
 // Its KV head, its first query head and how many of its ROWS are real heads, and the positions [start, end) of its
-// split of the positions the sequence attends: [max(0, len - window), len) with a window (window > 0), else
-// [0, len), len clamped to [0, s_max]; an empty range when the split lies past the end.
+// split of the positions the sequence attends: [lo, len) with lo = max(0, len - window) with a window (window > 0),
+// else 0, len clamped to [0, s_max]; an empty range when the split lies past the end. Paged (`span` > 0, the
+// kernel's tile of positions): the splits cover [lo rounded down to a multiple of span, len) in lengths that are
+// multiples of span, so every tile starts at a multiple of span; positions below lo are then masked (`da_attended`).
 struct DaBlock {
     int split, b, kvh, head0, valid_heads;
-    long long start, end;
+    long long lo, start, end;
 };
 
 template <int ROWS>
 __device__ __forceinline__ DaBlock da_block(const long long* __restrict__ lengths, int n_heads, int n_kv_heads,
-                                            int s_max, int n_splits, int window) {
+                                            int s_max, int n_splits, int window, int span) {
     const int split = blockIdx.x, group = blockIdx.y, b = blockIdx.z;
     const int g_size = n_heads / n_kv_heads, n_chunks = (g_size + ROWS - 1) / ROWS;
     const int kvh = group / n_chunks, chunk = group % n_chunks;
@@ -225,10 +241,41 @@ __device__ __forceinline__ DaBlock da_block(const long long* __restrict__ length
     long long len = lengths[b];
     len = len < 0 ? 0 : (len > s_max ? s_max : len);
     const long long first = (window > 0 && len > window) ? len - window : 0;  // the window's first position
-    const long long per_split = (len - first + n_splits - 1) / n_splits;
-    const long long start = first + (long long)split * per_split;
+    const long long base = span > 0 ? first & ~(long long)(span - 1) : first;  // paged: a multiple of SPAN
+    long long per_split = (len - base + n_splits - 1) / n_splits;
+    if (span > 0) per_split = (per_split + span - 1) & ~(long long)(span - 1);
+    const long long start = base + (long long)split * per_split;
     const long long end = min(len, start + per_split);
-    return DaBlock{split, b, kvh, head0, valid_heads, start, end};
+    return DaBlock{split, b, kvh, head0, valid_heads, first, start, end};
+}
+
+// position t is attended by its block: lo <= t < end, one unsigned comparison (t < lo wraps past end - lo)
+__device__ __forceinline__ bool da_attended(long long t, long long lo, long long end) {
+    return (unsigned long long)(t - lo) < (unsigned long long)(end - lo);
+}
+
+// Paged layout: the table entries (physical blocks) of a warp's tile of SPAN positions from t0, a multiple of SPAN
+// with t0 < end: x for its positions t0 .. t0 + 7 (read at max(t0, lo): a tile's first positions may lie before the
+// window, whose block may no longer be the sequence's), y for t0 + 8 .. t0 + 15 when a tile of 16 spans two blocks of
+// 8 (read only when t0 + 8 is below end), else x. `tab`: the sequence's row of the table.
+template <int SPAN>
+__device__ __forceinline__ int2 da_page_lookup(const int* __restrict__ tab, long long t0, long long lo, long long end,
+                                               int block_shift) {
+    int2 p;
+    p.x = __ldg(tab + (max(t0, lo) >> block_shift));
+    p.y = (SPAN > 8 && block_shift == 3 && t0 + 8 < end) ? __ldg(tab + ((t0 + 8) >> block_shift)) : p.x;
+    return p;
+}
+
+// The rows of a warp's tile of positions from t0: position t0 + o at row r.x + o for o < 8 and r.y + o for o >= 8, in
+// the pools (paged: `paged`, the tile's table entries p from da_page_lookup) or in the token-major cache viewed as
+// (B * s_max, H_kv, D) (row b * s_max + t).
+__device__ __forceinline__ longlong2 da_tile_rows(bool paged, int2 p, long long t0, long long seq_row,
+                                                  int block_shift) {
+    if (!paged) return make_longlong2(seq_row + t0, seq_row + t0);
+    const long long lo = ((long long)p.x << block_shift) + (t0 & ((1LL << block_shift) - 1));
+    // block size 8: y is used by tiles of 16 only, which start at multiples of 16
+    return make_longlong2(lo, block_shift == 3 ? ((long long)p.y << 3) - 8 : lo);
 }
 
 // The end of a split block, shared by both kernels: each of the block's WARPS left, per head row of ROWS, its running
@@ -269,9 +316,10 @@ template <int D, int GP>
 __device__ __forceinline__ void da_split(elem_t* __restrict__ out, float* __restrict__ part_o,
                                          float* __restrict__ part_lse, int* counters, const elem_t* __restrict__ q,
                                          const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache,
-                                         const long long* __restrict__ lengths, long long q_stride_b,
-                                         long long q_stride_h, int n_heads, int n_kv_heads, int s_max,
-                                         int n_splits, int window, float scale_log2) {
+                                         const long long* __restrict__ lengths,
+                                         const int* __restrict__ block_table, int max_blocks, int block_size,
+                                         long long q_stride_b, long long q_stride_h, int n_heads, int n_kv_heads,
+                                         int s_max, int n_splits, int window, float scale_log2) {
     constexpr int V = VEC_ELEMS;
     constexpr int LT = D / V;    // lanes per cache row
     constexpr int TPW = 32 / LT;  // positions per warp per load
@@ -286,9 +334,10 @@ __device__ __forceinline__ void da_split(elem_t* __restrict__ out, float* __rest
     float(*s_m)[GP] = reinterpret_cast<float(*)[GP]>(smem + DA_WARPS * GP * D * sizeof(float));  // [DA_WARPS][GP]
     float(*s_l)[GP] = s_m + DA_WARPS;                                                       // [DA_WARPS][GP]
 
-    const DaBlock blk = da_block<GP>(lengths, n_heads, n_kv_heads, s_max, n_splits, window);
+    const bool paged = block_table != nullptr;  // uniform: the same branch in every thread
+    const DaBlock blk = da_block<GP>(lengths, n_heads, n_kv_heads, s_max, n_splits, window, paged ? STEP : 0);
     const int split = blk.split, b = blk.b, kvh = blk.kvh, head0 = blk.head0, valid_heads = blk.valid_heads;
-    const long long start = blk.start, end = blk.end;
+    const long long lo = blk.lo, start = blk.start, end = blk.end;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int tg = lane / LT, l_in = lane % LT;
@@ -314,33 +363,45 @@ __device__ __forceinline__ void da_split(elem_t* __restrict__ out, float* __rest
         for (int e = 0; e < V; ++e) acc[g][e] = 0.f;
     float m = DA_NEG_INF, l = 0.f;  // running maximum and sum of head hsel over this lane's positions
 
-    const long long row = (long long)n_kv_heads * D;  // elements between consecutive positions
-    const elem_t* kb = k_cache + ((long long)b * s_max * n_kv_heads + kvh) * D + l_in * V;
-    const elem_t* vb = v_cache + ((long long)b * s_max * n_kv_heads + kvh) * D + l_in * V;
+    const long long row = (long long)n_kv_heads * D;  // elements between consecutive rows
+    const elem_t* kb = k_cache + (long long)kvh * D + l_in * V;  // + row * (the position's row)
+    const elem_t* vb = v_cache + (long long)kvh * D + l_in * V;
+    const long long seq_row = (long long)b * s_max;  // the token-major layout: the sequence's first row
+    const int* tab = paged ? block_table + (long long)b * max_blocks : nullptr;  // the sequence's table row
+    const int block_shift = paged ? __ffs(block_size) - 1 : 0;
 
     // tile `it` of this warp: positions start + (it * DA_WARPS + warp) * STEP + u * TPW + tg, u < DA_UNROLL
     const long long first = start + (long long)warp * STEP;
     const int n_tiles = first < end ? (int)((end - first + DA_WARPS * STEP - 1) / (DA_WARPS * STEP)) : 0;
     const unsigned slots = da_smem_addr(smem) + warp * DA_STAGES * DA_TILE_BYTES + lane * 16;  // + stage, u, K|V
+    int2 pg = make_int2(0, 0);  // paged: the table entries of the next tile to issue (da_page_lookup)
+    auto lookup = [&](int it) {
+        if (paged && it < n_tiles) pg = da_page_lookup<STEP>(tab, first + (long long)it * DA_WARPS * STEP, lo, end,
+                                                             block_shift);
+    };
     auto issue = [&](int it) {
         const unsigned st = slots + (it % DA_STAGES) * DA_TILE_BYTES;
         const long long t0 = first + (long long)it * DA_WARPS * STEP;
+        const longlong2 r = da_tile_rows(paged, pg, t0, seq_row, block_shift);
 #pragma unroll
         for (int u = 0; u < DA_UNROLL; ++u) {
-            const long long t = t0 + u * TPW + tg;
-            const bool ok = t < end;
-            const long long off = ok ? t * row : 0;
+            const int o = u * TPW + tg;  // the position's offset in the tile
+            const bool ok = da_attended(t0 + o, lo, end);
+            const long long off = ok ? ((u * TPW < 8 ? r.x : r.y) + o) * row : 0;
             da_copy16(st + (2 * u) * 512, kb + off, ok ? 16 : 0);
             da_copy16(st + (2 * u + 1) * 512, vb + off, ok ? 16 : 0);
         }
     };
 #pragma unroll
     for (int it = 0; it < DA_STAGES - 1; ++it) {
+        lookup(it);
         if (it < n_tiles) issue(it);
         da_commit();  // one group per tile, empty ones too, so that the wait below counts tiles
     }
+    lookup(DA_STAGES - 1);
     for (int it = 0; it < n_tiles; ++it) {
         if (it + DA_STAGES - 1 < n_tiles) issue(it + DA_STAGES - 1);
+        lookup(it + DA_STAGES);  // used at the next step: the read's latency hides behind this tile
         da_commit();
         da_wait<DA_STAGES - 1>();  // tile `it` has landed
         const unsigned st = slots + (it % DA_STAGES) * DA_TILE_BYTES;
@@ -362,14 +423,14 @@ __device__ __forceinline__ void da_split(elem_t* __restrict__ out, float* __rest
                 part[g] = a;
             }
             const float sc = da_reduce_heads<GP, LT>(part, l_in);
-            s[u] = (t0 + u * TPW + tg < end) ? sc : DA_NEG_INF;
+            s[u] = da_attended(t0 + u * TPW + tg, lo, end) ? sc : DA_NEG_INF;
         }
         float mx = s[0];
 #pragma unroll
         for (int u = 1; u < DA_UNROLL; ++u) mx = fmaxf(mx, s[u]);
 #pragma unroll
         for (int off = LT; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(DA_FULL, mx, off));
-        const float m_new = fmaxf(m, mx);  // finite: position t0 is valid for every head
+        const float m_new = fmaxf(m, mx);  // finite: some position of the tile is attended (t0, or lo)
         const float alpha = da_exp2(m - m_new);
         if (__any_sync(DA_FULL, m_new > m)) {
 #pragma unroll
@@ -434,10 +495,12 @@ __device__ __forceinline__ void da_split(elem_t* __restrict__ out, float* __rest
 #define DA_ENTRY(D, GP)                                                                                              \
     extern "C" __global__ void __launch_bounds__(DA_WARPS * 32) kvscope_decode_attention_d##D##_g##GP(              \
         elem_t* out, float* part_o, float* part_lse, int* counters, const elem_t* q, const elem_t* k_cache,          \
-        const elem_t* v_cache, const long long* lengths, long long q_stride_b, long long q_stride_h, int n_heads,    \
-        int n_kv_heads, int s_max, int n_splits, int window, float scale_log2) {                                      \
-        da_split<D, GP>(out, part_o, part_lse, counters, q, k_cache, v_cache, lengths, q_stride_b, q_stride_h,       \
-                        n_heads, n_kv_heads, s_max, n_splits, window, scale_log2);                                   \
+        const elem_t* v_cache, const long long* lengths, const int* block_table, int max_blocks, int block_size,     \
+        long long q_stride_b, long long q_stride_h, int n_heads, int n_kv_heads, int s_max, int n_splits,            \
+        int window, float scale_log2) {                                                                              \
+        da_split<D, GP>(out, part_o, part_lse, counters, q, k_cache, v_cache, lengths, block_table, max_blocks,      \
+                        block_size, q_stride_b, q_stride_h, n_heads, n_kv_heads, s_max, n_splits, window,            \
+                        scale_log2);                                                                                 \
     }
 
 DA_ENTRY(64, 1)
@@ -498,9 +561,10 @@ template <int D>
 __device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __restrict__ part_o,
                                          float* __restrict__ part_lse, int* counters, const elem_t* __restrict__ q,
                                          const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache,
-                                         const long long* __restrict__ lengths, long long q_stride_b,
-                                         long long q_stride_h, int n_heads, int n_kv_heads, int s_max,
-                                         int n_splits, int window, float scale_log2) {
+                                         const long long* __restrict__ lengths,
+                                         const int* __restrict__ block_table, int max_blocks, int block_size,
+                                         long long q_stride_b, long long q_stride_h, int n_heads, int n_kv_heads,
+                                         int s_max, int n_splits, int window, float scale_log2) {
     constexpr int C = D / 8;                     // 16-byte chunks of a cache row
     constexpr int KS = D / 16;                   // k-steps of S = Q K^T
     constexpr int NT = D / 8;                    // n-tiles of O = P V
@@ -515,9 +579,10 @@ __device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __rest
     float(*s_m)[DM_ROWS] = reinterpret_cast<float(*)[DM_ROWS]>(dm_smem + DM_WARPS * DM_ROWS * D * sizeof(float));
     float(*s_l)[DM_ROWS] = s_m + DM_WARPS;
 
-    const DaBlock blk = da_block<DM_ROWS>(lengths, n_heads, n_kv_heads, s_max, n_splits, window);
+    const bool paged = block_table != nullptr;  // uniform: the same branch in every thread
+    const DaBlock blk = da_block<DM_ROWS>(lengths, n_heads, n_kv_heads, s_max, n_splits, window, paged ? DM_TILE : 0);
     const int split = blk.split, b = blk.b, kvh = blk.kvh, head0 = blk.head0, valid_heads = blk.valid_heads;
-    const long long start = blk.start, end = blk.end;
+    const long long lo = blk.lo, start = blk.start, end = blk.end;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t4 = lane & 3;  // the mma fragments' row group and column pair
@@ -540,21 +605,30 @@ __device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __rest
     for (int dn = 0; dn < NT; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
     float m0 = DA_NEG_INF, m1 = DA_NEG_INF, l0 = 0.f, l1 = 0.f;  // rows g and g + 8; l over this lane's columns
 
-    const long long row = (long long)n_kv_heads * D;
-    const elem_t* kb = k_cache + ((long long)b * s_max * n_kv_heads + kvh) * D;
-    const elem_t* vb = v_cache + ((long long)b * s_max * n_kv_heads + kvh) * D;
+    const long long row = (long long)n_kv_heads * D;  // elements between consecutive rows
+    const elem_t* kb = k_cache + (long long)kvh * D;  // + row * (the position's row)
+    const elem_t* vb = v_cache + (long long)kvh * D;
+    const long long seq_row = (long long)b * s_max;  // the token-major layout: the sequence's first row
+    const int* tab = paged ? block_table + (long long)b * max_blocks : nullptr;  // the sequence's table row
+    const int block_shift = paged ? __ffs(block_size) - 1 : 0;
     const long long first = start + (long long)warp * DM_TILE;
     const int n_tiles = first < end ? (int)((end - first + STEP - 1) / STEP) : 0;
     const unsigned base = da_smem_addr(dm_smem) + warp * DM_STAGES * STAGE_BYTES;
+    int2 pg = make_int2(0, 0);  // paged: the table entries of the next tile to issue (da_page_lookup)
+    auto lookup = [&](int it) {
+        if (paged && it < n_tiles) pg = da_page_lookup<DM_TILE>(tab, first + (long long)it * STEP, lo, end,
+                                                                block_shift);
+    };
     auto issue = [&](int it) {
         const unsigned st = base + (it % DM_STAGES) * STAGE_BYTES;
         const long long t0 = first + (long long)it * STEP;
+        const longlong2 r = da_tile_rows(paged, pg, t0, seq_row, block_shift);
 #pragma unroll
         for (int i = 0; i < C / 2; ++i) {
             const int j = lane + 32 * i, t = j / C, c = j % C;  // 16 rows of C chunks, consecutive lanes along a row
-            const long long pos = t0 + t;
-            const bool ok = pos < end;
-            const long long off = ok ? pos * row + c * 8 : 0;
+            const bool ok = da_attended(t0 + t, lo, end);
+            // rows t < 8 are those of i < C / 4 (32 lanes cover 32 / C rows per i)
+            const long long off = ok ? ((i < C / 4 ? r.x : r.y) + t) * row + c * 8 : 0;
             const unsigned dst = st + t * ROW_BYTES + ((c ^ (t & 7)) << 4);
             da_copy16(dst, kb + off, ok ? 16 : 0);
             da_copy16(dst + TILE_BYTES, vb + off, ok ? 16 : 0);
@@ -562,9 +636,11 @@ __device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __rest
     };
 #pragma unroll
     for (int it = 0; it < DM_STAGES - 1; ++it) {
+        lookup(it);
         if (it < n_tiles) issue(it);
         da_commit();
     }
+    lookup(DM_STAGES - 1);
     // ldmatrix rows of this lane: S's B operand (tokens (lane/16)*8 + lane%8, chunk 2ks + (lane/8)%2) and, transposed,
     // O's B operand (tokens ((lane/8)%2)*8 + lane%8, chunk dn + lane/16)
     const int tk = (lane >> 4) * 8 + (lane & 7), ck = (lane >> 3) & 1;
@@ -575,6 +651,7 @@ __device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __rest
         // copies of this tile have landed before any lane reads them (cp.async.wait_group covers the lane's own)
         __syncwarp();
         if (it + DM_STAGES - 1 < n_tiles) issue(it + DM_STAGES - 1);
+        lookup(it + DM_STAGES);  // used at the next step: the read's latency hides behind this tile
         da_commit();
         da_wait<DM_STAGES - 1>();
         __syncwarp();
@@ -595,14 +672,14 @@ __device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __rest
         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                s[nt][e] = (t0 + nt * 8 + t4 * 2 + (e & 1) < end) ? s[nt][e] * scale_log2 : DA_NEG_INF;
+                s[nt][e] = da_attended(t0 + nt * 8 + t4 * 2 + (e & 1), lo, end) ? s[nt][e] * scale_log2 : DA_NEG_INF;
         float mx0 = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
         float mx1 = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
         mx0 = fmaxf(mx0, __shfl_xor_sync(DA_FULL, mx0, 1));
         mx0 = fmaxf(mx0, __shfl_xor_sync(DA_FULL, mx0, 2));
         mx1 = fmaxf(mx1, __shfl_xor_sync(DA_FULL, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(DA_FULL, mx1, 2));
-        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);  // finite: position t0 is valid
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);  // finite: some position is attended (t0, or lo)
         const float a0 = da_exp2(m0 - n0), a1 = da_exp2(m1 - n1);
         if (__any_sync(DA_FULL, n0 > m0 || n1 > m1)) {
 #pragma unroll
@@ -664,11 +741,11 @@ __device__ __forceinline__ void dm_split(elem_t* __restrict__ out, float* __rest
 #define DM_ENTRY(D)                                                                                                  \
     extern "C" __global__ void __launch_bounds__(DM_WARPS * 32) kvscope_decode_attention_mma_d##D(                  \
         elem_t* out, float* part_o, float* part_lse, int* counters, const elem_t* q, const elem_t* k_cache,          \
-        const elem_t* v_cache,                                                                                       \
-        const long long* lengths, long long q_stride_b, long long q_stride_h, int n_heads, int n_kv_heads,           \
-        int s_max, int n_splits, int window, float scale_log2) {                                                     \
-        dm_split<D>(out, part_o, part_lse, counters, q, k_cache, v_cache, lengths, q_stride_b, q_stride_h,           \
-                    n_heads, n_kv_heads, s_max, n_splits, window, scale_log2);                                       \
+        const elem_t* v_cache, const long long* lengths, const int* block_table, int max_blocks, int block_size,     \
+        long long q_stride_b, long long q_stride_h, int n_heads, int n_kv_heads, int s_max, int n_splits,            \
+        int window, float scale_log2) {                                                                              \
+        dm_split<D>(out, part_o, part_lse, counters, q, k_cache, v_cache, lengths, block_table, max_blocks,          \
+                    block_size, q_stride_b, q_stride_h, n_heads, n_kv_heads, s_max, n_splits, window, scale_log2);   \
     }
 
 DM_ENTRY(64)

@@ -5,6 +5,12 @@
 //   k_cache, v_cache (B, S_max, H_kv, D) contiguous (one layer's views of the token-major cache)
 //   lengths: null (prefill: token s of every sequence sits at position s) or (B,) int64 on the device (decode:
 //            token s of sequence b sits at lengths[b] + s)
+// The slots entries (kvscope_rope_kv_slots_vec / _scalar) write a paged cache instead: qkv is (T, 1, H + 2*H_kv, D),
+// T tokens of any sequences; lengths (T,) int64 is each token's position (its row of the tables); slots (T,) int64
+// the pool row its key and value go to, k_cache / v_cache being pools (n_blocks, block_size, H_kv, D) contiguous
+// viewed as (n_blocks * block_size, H_kv, D); a negative slot writes nothing (a padding row of a CUDA-graph bucket),
+// though its query and key heads are still rotated in qkv. The plain entries keep their arguments (the C++ benchmark
+// launches them as they are).
 // Rounding follows torch's three-kernel form: round(round(x * cos) + x_partner * sin_rot).
 // One thread per (token, head, V pairs of dimensions (j, j + D/2)); vec: V = VEC_ELEMS (D/2 a multiple of it).
 
@@ -12,8 +18,8 @@ template <int V>
 __device__ __forceinline__ void rope_kv_at(elem_t* __restrict__ qkv, const elem_t* __restrict__ cos,
                                            const elem_t* __restrict__ sin_rot, elem_t* __restrict__ k_cache,
                                            elem_t* __restrict__ v_cache, const long long* __restrict__ lengths,
-                                           int n_tokens, int s_len, int n_heads, int n_kv_heads, int d,
-                                           int s_max) {
+                                           const long long* __restrict__ slots, int n_tokens, int s_len, int n_heads,
+                                           int n_kv_heads, int d, int s_max) {
     const int half = d / 2, per_head = half / V, all_heads = n_heads + 2 * n_kv_heads;
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)n_tokens * all_heads * per_head) return;
@@ -24,11 +30,12 @@ __device__ __forceinline__ void rope_kv_at(elem_t* __restrict__ qkv, const elem_
     const long long pos = (lengths == nullptr ? 0 : lengths[b]) + s;
     const int j = p * V;
     elem_t* x = qkv + (t * all_heads + h) * d;
-    elem_t* dst = nullptr;  // cache row of this key / value head, or none for a query head
+    elem_t* dst = nullptr;  // cache row of this key / value head, or none for a query head (or a negative slot)
     if (h >= n_heads) {
         const int kvh = (h - n_heads) % n_kv_heads;
         elem_t* base = h < n_heads + n_kv_heads ? k_cache : v_cache;
-        dst = base + (((long long)b * s_max + pos) * n_kv_heads + kvh) * d;
+        const long long row = slots == nullptr ? (long long)b * s_max + pos : slots[t];  // (B * S_max) or pool rows
+        if (row >= 0) dst = base + (row * n_kv_heads + kvh) * d;
     }
     if (V == VEC_ELEMS) {
         Vec16 lo, hi;
@@ -74,13 +81,30 @@ extern "C" __global__ void kvscope_rope_kv_vec(elem_t* qkv, const elem_t* cos, c
                                                elem_t* k_cache, elem_t* v_cache, const long long* lengths,
                                                int n_tokens, int s_len, int n_heads, int n_kv_heads, int d,
                                                int s_max) {
-    rope_kv_at<VEC_ELEMS>(qkv, cos, sin_rot, k_cache, v_cache, lengths, n_tokens, s_len, n_heads, n_kv_heads, d,
-                          s_max);
+    rope_kv_at<VEC_ELEMS>(qkv, cos, sin_rot, k_cache, v_cache, lengths, nullptr, n_tokens, s_len, n_heads,
+                          n_kv_heads, d, s_max);
 }
 
 extern "C" __global__ void kvscope_rope_kv_scalar(elem_t* qkv, const elem_t* cos, const elem_t* sin_rot,
                                                   elem_t* k_cache, elem_t* v_cache, const long long* lengths,
                                                   int n_tokens, int s_len, int n_heads, int n_kv_heads, int d,
                                                   int s_max) {
-    rope_kv_at<1>(qkv, cos, sin_rot, k_cache, v_cache, lengths, n_tokens, s_len, n_heads, n_kv_heads, d, s_max);
+    rope_kv_at<1>(qkv, cos, sin_rot, k_cache, v_cache, lengths, nullptr, n_tokens, s_len, n_heads, n_kv_heads, d,
+                  s_max);
+}
+
+// the paged cache: one token per row of qkv (s_len 1), its position lengths[t], its pool row slots[t] (< 0: none)
+extern "C" __global__ void kvscope_rope_kv_slots_vec(elem_t* qkv, const elem_t* cos, const elem_t* sin_rot,
+                                                     elem_t* k_cache, elem_t* v_cache, const long long* lengths,
+                                                     const long long* slots, int n_tokens, int n_heads,
+                                                     int n_kv_heads, int d) {
+    rope_kv_at<VEC_ELEMS>(qkv, cos, sin_rot, k_cache, v_cache, lengths, slots, n_tokens, 1, n_heads, n_kv_heads, d,
+                          0);
+}
+
+extern "C" __global__ void kvscope_rope_kv_slots_scalar(elem_t* qkv, const elem_t* cos, const elem_t* sin_rot,
+                                                        elem_t* k_cache, elem_t* v_cache, const long long* lengths,
+                                                        const long long* slots, int n_tokens, int n_heads,
+                                                        int n_kv_heads, int d) {
+    rope_kv_at<1>(qkv, cos, sin_rot, k_cache, v_cache, lengths, slots, n_tokens, 1, n_heads, n_kv_heads, d, 0);
 }
