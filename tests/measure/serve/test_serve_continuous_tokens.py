@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from serve_drive import CASES, SMALL_POOL, alone, drive, first_difference, reference_logits
 
 from kvscope.engine.options import EngineOptions
 from kvscope.measure.serve.scheduler import FINISHED
 from kvscope.model.source import resolve_model
 from kvscope.model.weights import load_model
-from serve_drive import CASES, SMALL_POOL, alone, drive, first_difference, reference_logits
 
 CPU = torch.device("cpu")
 NEAR_TIE = 1e-4  # logits of float32 maths that differ only in summation order
