@@ -11,8 +11,6 @@ there, every unfinished request recorded as cut.
 from __future__ import annotations
 
 import sys
-import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,14 +26,15 @@ from kvscope.errors import KvscopeError
 from kvscope.measure.memory import allocation_failure
 from kvscope.measure.run import raise_guard_reason
 from kvscope.measure.serve.load import ClosedLoop, RequestSpec, synthetic_prompt
-from kvscope.measure.serve.scheduler import Plan, Scheduler, Sequence
+from kvscope.measure.serve.loop import ServeLoop
+from kvscope.measure.serve.scheduler import Scheduler, Sequence
 from kvscope.measure.serve.spec import ServeSpec, load_source
 from kvscope.model.dtypes import dtype_name
 from kvscope.model.paged_kv_cache import PagedKVCache
 from kvscope.model.weights import load_model
 from kvscope.profiler.instrument import Instrument
 from kvscope.profiler.nvml import NvmlSampler
-from kvscope.schema import GIB_BYTES, MS_PER_S
+from kvscope.schema import GIB_BYTES
 
 # warm-up iterations before the load (instrument paused): a prefill and a mixed iteration per distinct shape class
 WARMUP_PREFILL_TOKENS = 256
@@ -146,12 +145,17 @@ def serve(spec: ServeSpec, stop: Callable[[], bool] | None = None, say: Callable
         built = _build(plan, spec, max_seq, say)
         if cfg.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(cfg.device)
-        loop = _Loop(built, spec, source, stop, progress)
+        rng = np.random.default_rng(spec.seed)
+        vocab = plan.source.args.vocab_size
+        closed = source if isinstance(source, ClosedLoop) else None
+        loop = ServeLoop(built.engine, built.sched, lambda r: synthetic_prompt(rng, r.prompt_tokens, vocab),
+                         () if closed is not None else source, closed, spec.duration_s, progress)
         built.ins.start_clock()
         if cfg.device.type == "cuda":  # the load alone in an nsys capture (`kvscope nsys -- serve`)
             torch.cuda.cudart().cudaProfilerStart()
         try:
-            loop.run()  # each iteration ends in a sync: its GPU work is done before cudaProfilerStop
+            # each iteration ends in a sync: its GPU work is done before cudaProfilerStop
+            loop.run(stop, stop_reason="stopped by a signal")
         finally:
             if cfg.device.type == "cuda":
                 torch.cuda.cudart().cudaProfilerStop()
@@ -173,7 +177,7 @@ def serve(spec: ServeSpec, stop: Callable[[], bool] | None = None, say: Callable
                        nvml=nvml.samples)
 
 
-def _ledger_after(built: _Built, loop: _Loop) -> None:
+def _ledger_after(built: _Built, loop: ServeLoop) -> None:
     cfg = built.plan.cfg
     if cfg.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(cfg.device)
@@ -209,91 +213,3 @@ def _meta(spec: ServeSpec, built: _Built, max_seq: int, nvml: NvmlSampler) -> di
                   // cache.block_size, "weights_bytes": built.ledger[0][1], "graphs": plan.graphs,
                   "kernels": plan.kernels, "graph_buckets": list(engine.buckets) if engine.graphs else []},
     }
-
-
-class _Loop:
-    """The load in real time (see the module docstring)."""
-
-    def __init__(self, built: _Built, spec: ServeSpec, source: list[RequestSpec] | ClosedLoop,
-                 stop: Callable[[], bool] | None, progress: Callable[[int, int, int, float], None] | None) -> None:
-        self.engine, self.sched, self.spec = built.engine, built.sched, spec
-        self.closed = source if isinstance(source, ClosedLoop) else None
-        self.pending: deque[RequestSpec] = deque(self.closed.start() if self.closed else source)
-        self.stop, self.progress = stop, progress
-        self.rng = np.random.default_rng(spec.seed)
-        self.vocab = built.plan.source.args.vocab_size
-        self.sequences: list[Sequence] = []
-        self.rows: list[dict[str, Any]] = []
-        self.batches: list[tuple[int, int, str, int, int]] = []
-        self.cut_reason = ""
-        self.t0 = time.perf_counter()
-
-    def now(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def _arrive(self, spec: RequestSpec) -> None:
-        seq = Sequence(spec, synthetic_prompt(self.rng, spec.prompt_tokens, self.vocab), spec.arrival_s)
-        self.sequences.append(seq)
-        self.sched.add(seq)
-
-    def _more(self) -> bool:
-        return bool(self.pending) or (self.closed is not None and not self.closed.done and not self.sched.idle)
-
-    def run(self) -> None:
-        self.t0 = time.perf_counter()
-        prev_end, iteration = 0.0, 0
-        duration = self.spec.duration_s
-        while True:
-            t = self.now()
-            while self.pending and self.pending[0].arrival_s <= t:
-                self._arrive(self.pending.popleft())
-            if self.stop is not None and self.stop():
-                self.cut_reason = "stopped by a signal"
-                break
-            if duration is not None and t >= duration and not self.sched.idle:
-                self.cut_reason = f"--duration {duration:g} s reached"
-                break
-            if self.sched.idle:
-                if not self.pending:
-                    break
-                time.sleep(max(0.0, min(self.pending[0].arrival_s - self.now(), 0.05)))
-                prev_end = self.now()
-                continue
-            plan = self.sched.schedule(t)
-            launch = self.now()
-            sampled = self.engine.forward(plan.batch, iteration).tolist()  # named sync: the scheduler needs them
-            end = self.now()
-            done = self.sched.complete(plan, sampled, end, iteration)
-            self._record(plan, iteration, t, launch, end, prev_end)
-            if self.closed is not None:
-                for _ in done:
-                    nxt = self.closed.on_finish(end)
-                    if nxt is not None:
-                        self.pending.append(nxt)
-            if self.progress is not None:
-                self.progress(len(self.sched.finished), len(self.sched.running), len(self.sched.waiting), end)
-            prev_end, iteration = end, iteration + 1
-        if not self.sched.idle:
-            self.sched.cut()
-            self.cut_reason = self.cut_reason or "the load ended"
-
-    def _record(self, plan: Plan, iteration: int, t: float, launch: float, end: float, prev_end: float) -> None:
-        sched, work = self.sched, plan.work
-        for w in work:
-            self.batches.append((iteration, w.seq.spec.request_id, w.kind, w.n, w.start + w.n))
-        prefill = plan.prefill_tokens
-        decode = plan.decode_seqs
-        self.rows.append({
-            "iteration": iteration, "kind": "mixed" if prefill and decode else ("prefill" if prefill else "decode"),
-            "start_s": launch, "end_s": end, "host_dur_ms": (end - launch) * MS_PER_S,
-            "host_ms": (launch - prev_end) * MS_PER_S,
-            "prefill_tokens": prefill, "prefill_seqs": sum(1 for w in work if w.kind == "prefill"),
-            "decode_seqs": decode, "tokens": plan.batch.n_tokens,
-            "context_tokens": sum(w.start + w.n for w in work if w.kind == "decode"),
-            "running": len(sched.running), "waiting": len(sched.waiting), "swapped": len(sched.swapped),
-            "blocks_used": sched.pool.used, "blocks_free": sched.pool.free,
-            "token_slots_used": sched.token_slots_used, "block_slots_held": sched.pool.used * sched.bs,
-            "swap_out_bytes": plan.swap_out_bytes, "swap_in_bytes": plan.swap_in_bytes,
-            "preempted": len(plan.preempted),
-            "graph_batch": self.engine.last_bucket})
-

@@ -26,6 +26,7 @@ sequence, is refused at arrival.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +60,9 @@ class Sequence:
     preempt_swap: int = 0
     swapped: torch.Tensor | None = None  # (L, 2, n, bs, H_kv, D) page-locked copy while swapped out
     reason: str = ""
+    # a listener of the sequence's tokens (an HTTP stream): on_token(seq, token or None, time_s, last); None and last
+    # when it was refused or cut (its `state` and `reason` say which)
+    on_token: Callable[[Sequence, int | None, float, bool], None] | None = None
 
     known: int = 0  # len(prompt) + len(output), kept as tokens are appended (the scheduler's hot loop reads it)
     table: np.ndarray | None = None  # the block table as int32 (max_blocks,), scratch-padded, kept with `blocks`
@@ -166,7 +170,7 @@ class Scheduler:
         return sum(s.computed for s in self.running)
 
     # ---- planning -------------------------------------------------------------------------------------------
-    def schedule(self, now_s: float) -> Plan | None:
+    def schedule(self, now_s: float, retry: bool = True) -> Plan | None:
         """The next iteration's plan, or None when nothing can run (all queues empty)."""
         preempted: list[Sequence] = []
         swap_in = self._swap_in(now_s)
@@ -184,6 +188,8 @@ class Scheduler:
         if not work:
             if self.idle:
                 return None
+            if retry:  # the preemptions above freed blocks (or swapped out): plan again once
+                return self.schedule(now_s, retry=False)
             raise KvscopeError("scheduler: sequences wait but none can run (the pool is too small for one)")
         swap_out = sum(s.swapped.numel() * s.swapped.element_size() for s in preempted if s.swapped is not None)
         return Plan(work, self._batch(work), preempted, swap_out, swap_in)
@@ -344,6 +350,19 @@ class Scheduler:
                 self.finished.append(seq)
                 done.append(seq)
         return done
+
+    def abort(self, seq: Sequence, reason: str) -> bool:
+        """End one unfinished sequence now (its client went away): blocks freed, recorded as cut. False when it had
+        already finished or left."""
+        queues = {RUNNING: self.running, WAITING: self.waiting, SWAPPED: self.swapped}
+        queue = queues.get(seq.state)
+        if queue is None or seq not in queue:
+            return False
+        queue.remove(seq)
+        if seq.blocks:
+            self.pool.release(seq.blocks)
+        seq.blocks, seq.table, seq.swapped, seq.state, seq.reason = [], None, None, CUT, reason
+        return True
 
     def cut(self) -> list[Sequence]:
         """Every sequence not finished (a stop): marked cut, blocks freed; returns them."""
