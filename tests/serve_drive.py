@@ -77,3 +77,25 @@ def drive(model: torch.nn.Module, policy: str, preempt: str, n_blocks: int, budg
 
 def first_difference(got: list[int], ref: list[int]) -> int | None:
     return next((i for i, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), None)
+
+
+def drive_loop(model: torch.nn.Module, policy: str, preempt: str, n_blocks: int, budget: int, block: int,
+               options: EngineOptions) -> list[Sequence]:
+    """The same requests through `ServeLoop` (one iteration ahead, tokens fed on the device), arriving 2 ms apart
+    per arrival iteration on its clock."""
+    from kvscope.measure.serve.loop import ServeLoop
+
+    args = model.args
+    p = next(model.parameters())
+    cache = PagedKVCache(args, n_blocks, block, p.dtype, p.device)
+    eng = ServedEngine(model, cache, ServeConfig(MAX_SEQ, MAX_SEQS, p.dtype, p.device), options=options)
+    eng.capture_graphs()
+    sched = Scheduler(cache, policy, budget, MAX_SEQS, preempt, MAX_SEQ)
+    by_len = {}
+    specs = []
+    for i, (pr, (_, out, at)) in enumerate(zip(prompts(args.vocab_size), REQUESTS, strict=True)):
+        specs.append(RequestSpec(i, at * 0.002, len(pr), out))
+        by_len[i] = pr
+    loop = ServeLoop(eng, sched, lambda spec: by_len[spec.request_id], arrivals=specs)
+    loop.run()
+    return sorted(loop.sequences, key=lambda s: s.spec.request_id)

@@ -88,6 +88,36 @@ class ServeConfig:
     device: torch.device
 
 
+@dataclass
+class Feed:
+    """Tokens of an iteration that come from the previous one's device output, not the host (one iteration ahead:
+    the host has not read them yet): rows `rows` of the batch take `prev[idx]`."""
+
+    rows: np.ndarray  # (k,) int64, rows of the batch (single-token rows)
+    idx: np.ndarray  # (k,) int64, positions in `prev`
+    prev: torch.Tensor  # (n_sample,) int64 on the device: the previous iteration's sampled tokens
+
+
+class Readback:
+    """An iteration's sampled tokens on their way to the host: on CUDA a non-blocking copy into page-locked memory
+    and an event recorded after it, so that reading them waits for this iteration alone, not for one queued after it."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        self.device_tokens = out
+        if out.device.type == "cuda":
+            self.host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            self.host.copy_(out, non_blocking=True)
+            self.event: torch.cuda.Event | None = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = out, None
+
+    def tokens(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()  # named sync: this iteration's tokens (the next one may already run)
+        return self.host.tolist()
+
+
 class _Static:
     """The static inputs of one decode bucket of B rows (device) and its captured graph."""
 
@@ -125,35 +155,53 @@ class ServedEngine:
         self.cos, self.sin_rot = rope_tables(args, cfg.max_seq, cfg.device, cfg.dtype)  # (S_max, D) each
         self.ops = choose_ops(model, self.ins, options)
         self.window = args.sliding_window
-        self._staging: torch.Tensor | None = None  # page-locked inputs (CUDA), grown as needed
+        self._staging: list[torch.Tensor | None] = [None, None]  # page-locked inputs (CUDA), used in turn
+        self._staged: list[torch.cuda.Event | None] = [None, None]  # recorded after each buffer's last copy
+        self._turn = 0
         self.graphs: dict[int, _Static] = {}  # captured buckets (`capture_graphs`); empty: every iteration eager
         self.last_bucket = 0  # the bucket the last iteration replayed (0: eager)
         self.buckets = (*(b for b in GRAPH_BUCKETS if b < cfg.max_seqs), cfg.max_seqs)
 
     # ---- inputs ---------------------------------------------------------------------------------------------
     def _to_device(self, host: np.ndarray) -> torch.Tensor:
-        """A host int64 array on the device: one non-blocking copy from page-locked memory on CUDA. The staging
-        buffer is reused: the previous iteration's copy has finished, since its tokens were read back."""
+        """A host int64 array on the device: one non-blocking copy from page-locked memory on CUDA, through two
+        staging buffers in turn (an iteration may be built while the previous one's copy is queued): a buffer is
+        refilled only once the copy out of it, two uploads back, has run (its event; a named sync that in practice
+        never waits)."""
         t = torch.from_numpy(np.ascontiguousarray(host, dtype=np.int64))
         if self.cfg.device.type != "cuda":
             return t
         n = t.numel()
-        if self._staging is None or self._staging.numel() < n:
-            self._staging = torch.empty(max(n, 4096), dtype=torch.int64, pin_memory=True)
-        stage = self._staging[:n]
-        stage.copy_(t.view(-1))
-        return stage.view(t.shape).to(self.cfg.device, non_blocking=True)
+        k = self._turn = 1 - self._turn
+        stage, done = self._staging[k], self._staged[k]
+        if stage is None or stage.numel() < n:
+            stage = self._staging[k] = torch.empty(max(n, 4096), dtype=torch.int64, pin_memory=True)
+        elif done is not None:
+            done.synchronize()
+        view = stage[:n]
+        view.copy_(t.view(-1))
+        dev = view.view(t.shape).to(self.cfg.device, non_blocking=True)
+        if done is None:
+            done = self._staged[k] = torch.cuda.Event()
+        done.record()
+        return dev
 
-    def _inputs(self, batch: IterationBatch) -> tuple[torch.Tensor, ...]:
-        """tokens, positions, slots (T,), lengths (n_single,), tables (n_single, max_blocks) int32, sample rows."""
+    def _inputs(self, batch: IterationBatch, feed: Feed | None) -> tuple[torch.Tensor, ...]:
+        """tokens, positions, slots (T,), lengths (n_single,), tables (n_single, max_blocks) int32, sample rows;
+        with a feed, its rows of `tokens` taken from the previous iteration's device output."""
         t, ns = batch.n_tokens, batch.n_single
         lengths = batch.positions[:ns] + 1
-        packed = np.concatenate([batch.tokens, batch.positions, batch.slots, lengths, batch.sample_rows,
-                                 batch.tables.reshape(-1).astype(np.int64)])
-        dev = self._to_device(packed)
-        o = np.cumsum([0, t, t, t, ns, batch.sample_rows.shape[0]])
-        tables = dev[o[5]:].view(ns, self.max_blocks).to(torch.int32)  # (n_single, max_blocks)
-        return dev[:o[1]], dev[o[1]:o[2]], dev[o[2]:o[3]], dev[o[3]:o[4]], tables, dev[o[4]:o[5]]
+        k = 0 if feed is None else feed.rows.shape[0]
+        parts = [batch.tokens, batch.positions, batch.slots, lengths, batch.sample_rows]
+        if k:
+            parts += [feed.rows, feed.idx]
+        dev = self._to_device(np.concatenate([*parts, batch.tables.reshape(-1).astype(np.int64)]))
+        o = np.cumsum([0, t, t, t, ns, batch.sample_rows.shape[0], k, k])
+        tokens = dev[:o[1]]
+        if k:
+            tokens.index_copy_(0, dev[o[5]:o[6]], feed.prev.index_select(0, dev[o[6]:o[7]]))
+        tables = dev[o[7]:].view(ns, self.max_blocks).to(torch.int32)  # (n_single, max_blocks)
+        return tokens, dev[o[1]:o[2]], dev[o[2]:o[3]], dev[o[3]:o[4]], tables, dev[o[4]:o[5]]
 
     def check(self, batch: IterationBatch) -> None:
         """Shapes of a batch, on the host (cheap; the scheduler builds them)."""
@@ -168,8 +216,9 @@ class ServedEngine:
 
     # ---- the forward ----------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, batch: IterationBatch, iteration: int) -> torch.Tensor:
-        """Run one iteration inside its region `iter N`; returns the sampled tokens (n_sample,) on the device."""
+    def forward(self, batch: IterationBatch, iteration: int, feed: Feed | None = None) -> torch.Tensor:
+        """Run one iteration inside its region `iter N`; returns the sampled tokens (n_sample,) on the device.
+        `feed`: tokens taken from the previous iteration's device output (the host has not read them yet)."""
         self.check(batch)
         ctx = int(batch.positions.max()) + 1
         bucket = self._bucket(batch) if batch.decode_only and self.graphs else None
@@ -177,8 +226,8 @@ class ServedEngine:
         with self.ins.region(iteration_name(iteration), "step", phase=SERVE_PHASE, step=iteration,
                              tokens=batch.n_tokens, context_len=ctx):
             if bucket is not None:
-                return self._replay(bucket, batch)
-            tokens, pos, slots, lengths, tables, rows = self._inputs(batch)
+                return self._replay(bucket, batch, feed)
+            tokens, pos, slots, lengths, tables, rows = self._inputs(batch, feed)
             return self._forward(tokens, pos, slots, lengths, tables, batch.chunks, rows)
 
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
@@ -302,16 +351,21 @@ class ServedEngine:
             return self._forward(st.ints[0], st.ints[1], st.ints[2], st.ints[3], st.tables, [], rows)
         return fwd
 
-    def _replay(self, st: _Static, batch: IterationBatch) -> torch.Tensor:
-        """Copy a decode batch into bucket `st`'s static inputs (padding: slot -1, length 0) and replay."""
+    def _replay(self, st: _Static, batch: IterationBatch, feed: Feed | None) -> torch.Tensor:
+        """Copy a decode batch into bucket `st`'s static inputs (padding: slot -1, length 0; fed rows from the
+        previous iteration's device output) and replay."""
         n, b = batch.n_single, st.b
         ints = np.zeros((4, b), dtype=np.int64)
         ints[0, :n], ints[1, :n], ints[2, :n], ints[2, n:] = batch.tokens, batch.positions, batch.slots, -1
         ints[3, :n] = batch.positions + 1
         tables = np.zeros((b, self.max_blocks), dtype=np.int64)
         tables[:n] = batch.tables
-        dev = self._to_device(np.concatenate([ints.reshape(-1), tables.reshape(-1)]))
+        k = 0 if feed is None else feed.rows.shape[0]
+        extra = [feed.rows, feed.idx] if k else []
+        dev = self._to_device(np.concatenate([ints.reshape(-1), *extra, tables.reshape(-1)]))
         st.ints.copy_(dev[:4 * b].view(4, b))
-        st.tables.copy_(dev[4 * b:].view(b, self.max_blocks))
+        if k:
+            st.ints[0].index_copy_(0, dev[4 * b:4 * b + k], feed.prev.index_select(0, dev[4 * b + k:4 * b + 2 * k]))
+        st.tables.copy_(dev[4 * b + 2 * k:].view(b, self.max_blocks))
         st.graph.replay()
         return st.out[:n]

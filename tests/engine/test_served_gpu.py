@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_drive import CASES, SMALL_POOL, alone, drive, first_difference, reference_logits
+from serve_drive import CASES, SMALL_POOL, alone, drive, drive_loop, first_difference, reference_logits
 
 from kvscope.engine.options import EngineOptions
 from kvscope.measure.serve.scheduler import FINISHED
@@ -36,10 +36,11 @@ def near_tie(logits: torch.Tensor) -> tuple[float, float]:
     return float(top[0] - top[1]), 2 * unit
 
 
+@pytest.mark.parametrize("driver", [drive, drive_loop], ids=["scheduler", "loop-one-ahead"])
 @pytest.mark.parametrize(("policy", "preempt", "n_blocks", "budget", "block"), CASES)
 def test_tokens_equal_alone_bf16(model: torch.nn.Module, policy: str, preempt: str, n_blocks: int, budget: int,
-                                 block: int) -> None:
-    seqs = drive(model, policy, preempt, n_blocks, budget, block, FAST)
+                                 block: int, driver: object) -> None:
+    seqs = driver(model, policy, preempt, n_blocks, budget, block, FAST)  # type: ignore[operator]
     assert all(s.state == FINISHED for s in seqs)
     if n_blocks == SMALL_POOL:
         attr = "preempt_swap" if preempt == "swap" else "preempt_recompute"

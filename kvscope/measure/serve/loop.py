@@ -11,16 +11,20 @@ is recorded as cut. `stop()` (asked between iterations) ends the loop; what is s
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from kvscope.engine.served import ServedEngine
+import numpy as np
+
+from kvscope.engine.served import Feed, Readback, ServedEngine
 from kvscope.measure.serve.load import ClosedLoop, RequestSpec
-from kvscope.measure.serve.scheduler import Plan, Scheduler, Sequence
+from kvscope.measure.serve.scheduler import PENDING, Plan, Scheduler, Sequence
 from kvscope.schema import MS_PER_S
 
 # the longest the loop sleeps while idle before it looks at its inbox and its clock again
@@ -101,9 +105,14 @@ class ServeLoop:
     def run(self, stop: Callable[[], bool] | None = None, external: bool = False,
             stop_reason: str = "stopped") -> None:
         """Drive the load until it is done (`external`: until `stop()`, since requests may still be submitted);
-        `stop_reason` is what the cut requests record when `stop()` ended it."""
+        `stop_reason` is what the cut requests record when `stop()` ended it.
+
+        One iteration ahead: iteration N+1 is planned and launched while N runs on the device (its decode rows take
+        N's tokens from the device, `served.Feed`), then N's tokens are read (an event after N: the named sync) and
+        handed out. Where N+1 needs one of N's tokens on the host (a prefill chunk over a sequence's generated
+        tokens, after a preemption by recompute), N is read first."""
         self.t0 = time.perf_counter()
-        prev_end = 0.0
+        flight: _InFlight | None = None
         while True:
             t = self.now()
             self._drain(t)
@@ -113,12 +122,25 @@ class ServeLoop:
             if self.duration_s is not None and t >= self.duration_s and not self.sched.idle:
                 self.cut_reason = f"--duration {self.duration_s:g} s reached"
                 break
-            if self.sched.idle:
-                if not self._idle_wait(external):
+            plan = None if self.sched.idle else self.sched.schedule(t)
+            if plan is None:
+                if flight is not None:
+                    self._finish(flight)
+                    flight = None
+                elif not self._idle_wait(external):
                     break
-                prev_end = self.now()
                 continue
-            prev_end = self._iterate(t, prev_end)
+            feed = self._feed(plan, flight)
+            if feed is None and flight is not None:
+                self._finish(flight)  # N's tokens are needed on the host to build N+1
+                flight = None
+                self.sched.rebuild(plan)
+            launched = self._launch(plan, t, feed)
+            if flight is not None:
+                self._finish(flight)
+            flight = launched
+        if flight is not None:
+            self._finish(flight)
         for seq in self.sched.cut():
             seq.reason = seq.reason or self.cut_reason or "the load ended"
             if seq.on_token is not None:
@@ -126,38 +148,62 @@ class ServeLoop:
         if not self.cut_reason and any(s.state == "cut" for s in self.sequences):
             self.cut_reason = "the load ended"
 
-    def _iterate(self, t: float, prev_end: float) -> float:
-        plan = self.sched.schedule(t)
-        if plan is None:
-            return prev_end
+    def _feed(self, plan: Plan, flight: _InFlight | None) -> Feed | None:
+        """The rows of `plan` whose token is one `flight` sampled (still PENDING on the host), as a feed from its
+        device output; None when there is no flight, or when a PENDING token sits where a feed cannot reach it."""
+        if flight is None:
+            return None
+        batch = plan.batch
+        rows = np.flatnonzero(batch.tokens == PENDING)
+        if rows.size == 0:
+            return Feed(rows, rows, flight.readback.device_tokens)
+        if rows[-1] >= batch.n_single:
+            return None
+        where = {id(seq): i for i, (seq, _) in enumerate(flight.plan.sampled)}
+        work = plan.work
+        idx = [where.get(id(work[j].seq), -1) for j in rows.tolist()]
+        if min(idx) < 0:
+            return None
+        return Feed(rows.astype(np.int64), np.asarray(idx, dtype=np.int64), flight.readback.device_tokens)
+
+    def _launch(self, plan: Plan, t: float, feed: Feed | None) -> _InFlight:
         launch = self.now()
-        sampled = self.engine.forward(plan.batch, self.iteration).tolist()  # named sync: the scheduler needs them
+        out = self.engine.forward(plan.batch, self.iteration, feed if feed is not None and feed.rows.size else None)
+        readback = Readback(out)
+        done = self.sched.advance(plan)
+        flight = _InFlight(plan, readback, self.iteration, done, self._row(plan, launch, (launch - t) * MS_PER_S))
+        self.iteration += 1
+        return flight
+
+    def _finish(self, flight: _InFlight) -> None:
+        """Read an iteration's tokens, then its records, listeners, the closed loop's next requests, progress."""
+        sampled = flight.readback.tokens()  # the iteration's named sync (see Readback)
         end = self.now()
-        told = [w.seq for w in plan.work if w.samples and w.seq.on_token is not None]  # before complete moves them
-        done = self.sched.complete(plan, sampled, end, self.iteration)
-        self._record(plan, launch, end, prev_end)
-        for seq in told:  # each new token to its listener (an HTTP stream), with whether it was the last
-            seq.on_token(seq, seq.output[-1], seq.token_s[-1], seq.state == "finished")
+        self.sched.resolve(flight.plan, sampled, end, flight.iteration)
+        row = flight.row
+        row["end_s"], row["host_dur_ms"] = end, (end - row["start_s"]) * MS_PER_S
+        self.rows.append(row)
+        for seq, k in flight.plan.sampled:  # each new token to its listener (an HTTP stream), and whether it ends
+            if seq.on_token is not None and seq.state != "cut":
+                seq.on_token(seq, seq.output[k], end, seq.state == "finished" and k == len(seq.output) - 1)
         if self.closed is not None:
-            for _ in done:
+            for _ in flight.done:
                 nxt = self.closed.on_finish(end)
                 if nxt is not None:
                     self.pending.append(nxt)
         if self.progress is not None:
             self.progress(len(self.sched.finished), len(self.sched.running), len(self.sched.waiting), end)
-        self.iteration += 1
-        return end
 
-    def _record(self, plan: Plan, launch: float, end: float, prev_end: float) -> None:
+    def _row(self, plan: Plan, launch: float, host_ms: float) -> dict[str, Any]:
+        """The iteration's record as it was launched (the queues and the pool after its plan and advance)."""
         sched, work, iteration = self.sched, plan.work, self.iteration
         for w in work:
             self.batches.append((iteration, w.seq.spec.request_id, w.kind, w.n, w.start + w.n))
         prefill = plan.prefill_tokens
         decode = plan.decode_seqs
-        self.rows.append({
+        return {
             "iteration": iteration, "kind": "mixed" if prefill and decode else ("prefill" if prefill else "decode"),
-            "start_s": launch, "end_s": end, "host_dur_ms": (end - launch) * MS_PER_S,
-            "host_ms": (launch - prev_end) * MS_PER_S,
+            "start_s": launch, "end_s": math.nan, "host_dur_ms": math.nan, "host_ms": host_ms,
             "prefill_tokens": prefill, "prefill_seqs": sum(1 for w in work if w.kind == "prefill"),
             "decode_seqs": decode, "tokens": plan.batch.n_tokens,
             "context_tokens": sum(w.start + w.n for w in work if w.kind == "decode"),
@@ -166,4 +212,15 @@ class ServeLoop:
             "token_slots_used": sched.token_slots_used, "block_slots_held": sched.pool.used * sched.bs,
             "swap_out_bytes": plan.swap_out_bytes, "swap_in_bytes": plan.swap_in_bytes,
             "preempted": len(plan.preempted),
-            "graph_batch": self.engine.last_bucket})
+            "graph_batch": self.engine.last_bucket}
+
+
+@dataclass
+class _InFlight:
+    """An iteration launched and not read back yet."""
+
+    plan: Plan
+    readback: Readback
+    iteration: int
+    done: list[Sequence]  # the sequences it finishes
+    row: dict[str, Any]

@@ -39,6 +39,7 @@ from kvscope.model.paged_kv_cache import SCRATCH_BLOCK, PagedKVCache, blocks_for
 from kvscope.schema import POLICIES, PREEMPT_MODES
 
 WAITING, RUNNING, SWAPPED, FINISHED, REFUSED, CUT = "waiting", "running", "swapped", "finished", "refused", "cut"
+PENDING = -1  # a sampled token launched but not read back yet (`Scheduler.advance`, then `resolve`)
 
 
 @dataclass(eq=False)
@@ -107,6 +108,7 @@ class Plan:
     preempted: list[Sequence] = field(default_factory=list)
     swap_out_bytes: int = 0
     swap_in_bytes: int = 0
+    sampled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, index of its PENDING token)
 
     @property
     def prefill_tokens(self) -> int:
@@ -289,6 +291,10 @@ class Scheduler:
             budget -= take
         return work
 
+    def rebuild(self, plan: Plan) -> None:
+        """Build a plan's batch again (its tokens read now: a PENDING token of the iteration before has its value)."""
+        plan.batch = self._batch(plan.work)
+
     def _table(self, seq: Sequence) -> np.ndarray:
         """The sequence's block table as a scratch-padded int32 row: blocks only grow at the end while a sequence
         runs (a new admission or swap-in starts a fresh table), so only the new entries are written."""
@@ -329,26 +335,46 @@ class Scheduler:
                               len(singles), tables, chunks, np.asarray(sample, np.int64))
 
     # ---- results --------------------------------------------------------------------------------------------
-    def complete(self, plan: Plan, sampled: list[int], now_s: float, iteration: int) -> list[Sequence]:
-        """The iteration ran: advance `computed`, append the sampled tokens, finish sequences that have all their
-        output (their blocks freed). Returns the sequences finished now."""
-        it = iter(sampled)
+    def advance(self, plan: Plan) -> list[Sequence]:
+        """The iteration was launched: `computed` advances, every sequence it samples gets a PENDING token (its
+        value comes with `resolve`), and those that now have all their output leave (blocks freed: the next
+        iteration's writes to them are ordered after this one on the stream). Returns those."""
         done: list[Sequence] = []
+        plan.sampled = []
         for w in plan.work:
             seq = w.seq
             seq.computed = w.start + w.n
             if not w.samples:
                 continue
-            seq.append(int(next(it)))
-            seq.token_s.append(now_s)
-            seq.token_iterations.append(iteration)
-            if seq.done:
-                seq.state, seq.finish_s = FINISHED, now_s
+            plan.sampled.append((seq, len(seq.output)))
+            seq.append(PENDING)
+            if seq.done and seq.state == RUNNING:
+                seq.state = FINISHED
                 self.running.remove(seq)
                 self.pool.release(seq.blocks)
-                seq.blocks = []
+                seq.blocks, seq.table = [], None
                 self.finished.append(seq)
                 done.append(seq)
+        return done
+
+    def resolve(self, plan: Plan, sampled: list[int], now_s: float, iteration: int) -> None:
+        """The iteration's sampled tokens were read back at `now_s`: they replace its PENDING tokens, with their
+        time and iteration; a sequence that finished in it gets its finish time; one cut meanwhile drops its token."""
+        for (seq, k), token in zip(plan.sampled, sampled, strict=True):
+            if seq.state == CUT:  # cut while the iteration ran: its token was never handed out
+                del seq.output[k:]
+                seq.known = len(seq.prompt) + len(seq.output)
+                continue
+            seq.output[k] = int(token)
+            seq.token_s.append(now_s)
+            seq.token_iterations.append(iteration)
+            if seq.state == FINISHED and seq.finish_s != seq.finish_s:  # NaN: not set yet
+                seq.finish_s = now_s
+
+    def complete(self, plan: Plan, sampled: list[int], now_s: float, iteration: int) -> list[Sequence]:
+        """`advance` then `resolve`: the iteration ran and its tokens were read (no iteration in between)."""
+        done = self.advance(plan)
+        self.resolve(plan, sampled, now_s, iteration)
         return done
 
     def abort(self, seq: Sequence, reason: str) -> bool:

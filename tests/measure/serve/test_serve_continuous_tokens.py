@@ -1,6 +1,7 @@
 """Greedy tokens under continuous batching equal those of each request run alone (CPU, float32, the tiny preset):
 both policies, preemption by recompute and by swap forced by a small pool, chunked prefills cut by a small token
-budget (tests/serve_drive.py). "Alone" is kvscope's static engine over a contiguous cache (prefill, then decode
+budget (tests/serve_drive.py), driven iteration by iteration through the scheduler and in real time through the
+loop, one iteration ahead (the next iteration's decode tokens fed from the device). "Alone" is kvscope's static engine over a contiguous cache (prefill, then decode
 steps), batch 1.
 
 Where a token differs, the test shows why it may: the reference's two best logits at that position must be a
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_drive import CASES, SMALL_POOL, alone, drive, first_difference, reference_logits
+from serve_drive import CASES, SMALL_POOL, alone, drive, drive_loop, first_difference, reference_logits
 
 from kvscope.engine.options import EngineOptions
 from kvscope.measure.serve.scheduler import FINISHED
@@ -28,10 +29,11 @@ def model() -> torch.nn.Module:
     return m
 
 
+@pytest.mark.parametrize("driver", [drive, drive_loop], ids=["scheduler", "loop-one-ahead"])
 @pytest.mark.parametrize(("policy", "preempt", "n_blocks", "budget", "block"), CASES)
 def test_tokens_equal_alone(model: torch.nn.Module, policy: str, preempt: str, n_blocks: int, budget: int,
-                            block: int) -> None:
-    seqs = drive(model, policy, preempt, n_blocks, budget, block, EAGER)
+                            block: int, driver: object) -> None:
+    seqs = driver(model, policy, preempt, n_blocks, budget, block, EAGER)  # type: ignore[operator]
     assert all(s.state == FINISHED for s in seqs)
     if n_blocks == SMALL_POOL:
         attr = "preempt_swap" if preempt == "swap" else "preempt_recompute"
