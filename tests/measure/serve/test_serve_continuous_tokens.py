@@ -1,8 +1,8 @@
 """Greedy tokens under continuous batching equal those of each request run alone (CPU, float32, the tiny preset):
 both policies, preemption by recompute and by swap forced by a small pool, chunked prefills cut by a small token
 budget (tests/serve_drive.py), driven iteration by iteration through the scheduler and in real time through the
-loop, one iteration ahead (the next iteration's decode tokens fed from the device). "Alone" is kvscope's static engine over a contiguous cache (prefill, then decode
-steps), batch 1.
+loop, one iteration ahead (the next iteration's decode tokens fed from the device). "Alone" is kvscope's static
+engine over a contiguous cache (prefill, then decode steps), batch 1.
 
 Where a token differs, the test shows why it may: the reference's two best logits at that position must be a
 near-tie (within NEAR_TIE of each other); the tokens before it must all be equal."""
