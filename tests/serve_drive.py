@@ -37,9 +37,16 @@ def static_engine(model: torch.nn.Module, options: EngineOptions, attn: str) -> 
     return Engine(model, RunConfig(1, MAX_SEQ, p.dtype, p.device, attn), options=options)
 
 
+_ALONE: dict[tuple[int, tuple[int, ...], int, EngineOptions, str], list[int]] = {}
+
+
 def alone(model: torch.nn.Module, prompt: list[int], n: int, options: EngineOptions, attn: str = "sdpa"
           ) -> list[int]:
-    return static_engine(model, options, attn).generate([prompt], n)[0]
+    """The request alone through the static engine (kept per model, prompt and options: the cases share them)."""
+    key = (id(model), tuple(prompt), n, options, attn)
+    if key not in _ALONE:
+        _ALONE[key] = static_engine(model, options, attn).generate([prompt], n)[0]
+    return _ALONE[key]
 
 
 def reference_logits(model: torch.nn.Module, tokens: list[int], options: EngineOptions, attn: str = "sdpa"
