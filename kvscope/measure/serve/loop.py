@@ -35,15 +35,16 @@ ProgressFn = Callable[[int, int, int, float], None]
 
 class ServeLoop:
     """One engine and scheduler driven in real time (see the module docstring). `make_prompt(spec)` gives the token
-    ids of an in-process arrival; `duration_s`: no iteration starts after it (the rest is cut)."""
+    ids of an in-process arrival. The load's `--duration` ends its arrivals (the open loop's list, the closed loop's
+    users); what arrived is served to the end."""
 
     def __init__(self, engine: ServedEngine, sched: Scheduler, make_prompt: Callable[[RequestSpec], list[int]],
                  arrivals: Iterable[RequestSpec] = (), closed: ClosedLoop | None = None,
-                 duration_s: float | None = None, progress: ProgressFn | None = None) -> None:
+                 progress: ProgressFn | None = None) -> None:
         self.engine, self.sched, self.make_prompt = engine, sched, make_prompt
         self.closed = closed
         self.pending: deque[RequestSpec] = deque(closed.start() if closed is not None else arrivals)
-        self.duration_s, self.progress = duration_s, progress
+        self.progress = progress
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.wake = threading.Event()
         self.sequences: list[Sequence] = []
@@ -118,9 +119,6 @@ class ServeLoop:
             self._drain(t)
             if stop is not None and stop():
                 self.cut_reason = stop_reason
-                break
-            if self.duration_s is not None and t >= self.duration_s and not self.sched.idle:
-                self.cut_reason = f"--duration {self.duration_s:g} s reached"
                 break
             plan = None if self.sched.idle else self.sched.schedule(t)
             if plan is None:

@@ -4,14 +4,17 @@ iterations, one forward per iteration, its sampled tokens read back (the one nam
 kept per request, per iteration and per (iteration, request).
 
 `serve(spec, stop)` returns a `ServeResult` (frames in memory); `kvscope.measure.serve.output` writes the run folder.
+It is `build_served` (the engine built and warmed up) then `run_served` (a `ServeLoop` driven, the records and the
+ledger collected): the HTTP front (`kvscope.measure.serve.http_run`) takes the same two steps with its own loop.
 `stop()` is asked between iterations (a SIGINT/SIGTERM handler installed by the command sets it): the load ends
 there, every unfinished request recorded as cut.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -132,35 +135,25 @@ def _warm_up(engine: ServedEngine, sched: Scheduler, spec: ServeSpec) -> None:
     sched.finished.clear()
 
 
-def serve(spec: ServeSpec, stop: Callable[[], bool] | None = None, say: Callable[[str], None] | None = None,
-          progress: Callable[[int, int, int, float], None] | None = None) -> ServeResult:
-    """Build, warm up and drive the load `spec` describes (see the module docstring). KvscopeError for bad input
-    (before any weights load) and for a device that runs out of memory."""
-    say = say or (lambda _m: None)
-    source, max_seq = load_source(spec)
-    plan = plan_for(spec, max_seq)
-    cfg = plan.cfg
-    nvml = NvmlSampler(cfg.device, spec.nvml_interval_ms)  # its own process, started before the model loads
+@dataclass
+class Served:
+    """A served engine built and warmed up, ready for a loop (`build_served`); `run_served` drives it."""
+
+    spec: ServeSpec
+    max_seq: int
+    built: _Built
+    nvml: NvmlSampler
+
+    @property
+    def plan(self) -> RunPlan:
+        return self.built.plan
+
+
+@contextlib.contextmanager
+def _guard(nvml: NvmlSampler) -> Iterator[None]:
+    """Out of memory on the device as one KvscopeError; any other failure with the NVML guard's reason first."""
     try:
-        built = _build(plan, spec, max_seq, say)
-        if cfg.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(cfg.device)
-        rng = np.random.default_rng(spec.seed)
-        vocab = plan.source.args.vocab_size
-        closed = source if isinstance(source, ClosedLoop) else None
-        loop = ServeLoop(built.engine, built.sched, lambda r: synthetic_prompt(rng, r.prompt_tokens, vocab),
-                         () if closed is not None else source, closed, spec.duration_s, progress)
-        built.ins.start_clock()
-        if cfg.device.type == "cuda":  # the load alone in an nsys capture (`kvscope nsys -- serve`)
-            torch.cuda.cudart().cudaProfilerStart()
-        try:
-            # each iteration ends in a sync: its GPU work is done before cudaProfilerStop
-            loop.run(stop, stop_reason="stopped by a signal")
-        finally:
-            if cfg.device.type == "cuda":
-                torch.cuda.cudart().cudaProfilerStop()
-        regions = built.ins.collect()  # one named sync, after the load
-        _ledger_after(built, loop)
+        yield
     except (RuntimeError, MemoryError) as exc:
         if not allocation_failure(exc):
             raise_guard_reason(nvml)
@@ -170,11 +163,62 @@ def serve(spec: ServeSpec, stop: Callable[[], bool] | None = None, say: Callable
     except BaseException:
         raise_guard_reason(nvml)
         raise
-    finally:
+
+
+def build_served(spec: ServeSpec, max_seq: int, say: Callable[[str], None]) -> Served:
+    """The plan, the NVML sampler (its own process, started before the model loads), the model, the paged KV pool,
+    the served engine and the scheduler, warmed up with the decode graphs captured: what the in-process load and the
+    HTTP front share. KvscopeError for bad input (before any weights load) and for a device out of memory."""
+    plan = plan_for(spec, max_seq)
+    nvml = NvmlSampler(plan.cfg.device, spec.nvml_interval_ms)
+    try:
+        with _guard(nvml):
+            built = _build(plan, spec, max_seq, say)
+    except BaseException:
         nvml.stop()
-    meta = _meta(spec, built, max_seq, nvml)
+        raise
+    return Served(spec, max_seq, built, nvml)
+
+
+def run_served(served: Served, loop: ServeLoop, drive: Callable[[], None]) -> ServeResult:
+    """`drive()` runs `loop` (in this thread or another) between the instrument's clock start and the collection of
+    its regions, inside `cudaProfilerStart`/`Stop` (the load alone in an nsys capture); then the ledger, the
+    metadata and the records. The NVML sampler stops here, whatever happens."""
+    built, cfg = served.built, served.plan.cfg
+    try:
+        with _guard(served.nvml):
+            if cfg.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(cfg.device)
+            built.ins.start_clock()
+            if cfg.device.type == "cuda":  # the load alone in an nsys capture (`kvscope nsys -- serve`)
+                torch.cuda.cudart().cudaProfilerStart()
+            try:
+                drive()  # each iteration ends in a sync: its GPU work is done before cudaProfilerStop
+            finally:
+                if cfg.device.type == "cuda":
+                    torch.cuda.cudart().cudaProfilerStop()
+            regions = built.ins.collect()  # one named sync, after the load
+            _ledger_after(built, loop)
+    finally:
+        served.nvml.stop()
+    meta = _meta(served.spec, built, served.max_seq, served.nvml)
     return ServeResult(loop.sequences, loop.rows, loop.batches, regions, built.ledger, meta, loop.cut_reason,
-                       nvml=nvml.samples)
+                       nvml=served.nvml.samples)
+
+
+def serve(spec: ServeSpec, stop: Callable[[], bool] | None = None, say: Callable[[str], None] | None = None,
+          progress: Callable[[int, int, int, float], None] | None = None) -> ServeResult:
+    """Build, warm up and drive the load `spec` describes (see the module docstring). KvscopeError for bad input
+    (before any weights load) and for a device that runs out of memory."""
+    say = say or (lambda _m: None)
+    source, max_seq = load_source(spec)
+    served = build_served(spec, max_seq, say)
+    rng = np.random.default_rng(spec.seed)
+    vocab = served.plan.source.args.vocab_size
+    closed = source if isinstance(source, ClosedLoop) else None
+    loop = ServeLoop(served.built.engine, served.built.sched, lambda r: synthetic_prompt(rng, r.prompt_tokens, vocab),
+                     () if closed is not None else source, closed, spec.duration_s, progress)
+    return run_served(served, loop, lambda: loop.run(stop, stop_reason="stopped by a signal"))
 
 
 def _ledger_after(built: _Built, loop: ServeLoop) -> None:
