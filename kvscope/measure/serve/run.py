@@ -217,7 +217,7 @@ def serve(spec: ServeSpec, stop: Callable[[], bool] | None = None, say: Callable
     vocab = served.plan.source.args.vocab_size
     closed = source if isinstance(source, ClosedLoop) else None
     loop = ServeLoop(served.built.engine, served.built.sched, lambda r: synthetic_prompt(rng, r.prompt_tokens, vocab),
-                     () if closed is not None else source, closed, spec.duration_s, progress)
+                     () if closed is not None else source, closed, progress)
     return run_served(served, loop, lambda: loop.run(stop, stop_reason="stopped by a signal"))
 
 
