@@ -1,0 +1,64 @@
+#!/bin/bash
+# The served load's GPU measurements (issue 23), in two device calls of under 600 s each, run from the repository
+# root on the lent machine with `.carry` carried (`../shared/gpu/prepare-carry.sh` fills it):
+#
+#   git show 373b617^:kvscope/kernels/cuda/decode_attention.cu > .carry/decode_attention_before_paged.cu  # here
+#   source .carry/device-env.sh; bash benchmarks/serve_gpu_calls.sh A     # device call 1
+#   source .carry/device-env.sh; bash benchmarks/serve_gpu_calls.sh B     # device call 2
+#
+# A: the GPU tests of the paged kernels and of the served engine (tokens against each request alone, bf16), the
+#    paged decode-only iteration against the static decode step (benchmarks/serve_decode_vs_static.py), a sweep over
+#    arrival rates for both policies, the static batch sweep and `kvscope capacity`'s plan, the report with the
+#    planner beside the measured rate.
+# B: a served load under Nsight Systems (`kvscope nsys -- serve`: kernels per iteration, the interference and the
+#    per-request GPU cost from them), the existing decode-attention GPU tests after the paged change, the paged
+#    kernel against the contiguous one and against the kernel source before the change (benchmarks/paged_decode.py).
+# Everything lands under $OUT; each step's exit status and elapsed time in $OUT/summary.txt.
+# Environment: RATES (default 8,24,40,56 requests/s), DUR (seconds of arrivals per point, default 6), TTFT / TPOT
+# (the SLOs in ms, default 300 / 40).
+set -u
+cd "$(dirname "$0")/.."
+S=$OUT/summary.txt
+t0=$(date +%s)
+el() { echo "[$(( $(date +%s) - t0 )) s]"; }
+step() {  # step NAME TIMEOUT_S LOG COMMAND...
+  local name=$1 limit=$2 log=$3; shift 3
+  timeout "$limit" "$@" > "$OUT/$log" 2>&1
+  echo "$(el) $name rc $?" | tee -a "$S"
+  tail -8 "$OUT/$log"
+}
+TTFT=${TTFT:-300}
+TPOT=${TPOT:-40}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+case "${1:-A}" in
+A)
+  MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  step "paged kernel tests" 100 paged_gpu.log python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/kernels/test_paged_kernels_gpu.py -x
+  step "served engine tests" 120 served_gpu.log python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/engine/test_served_gpu.py -x
+  step "paged vs static decode" 100 svs.log python3 benchmarks/serve_decode_vs_static.py --rounds 7 --steps 24 \
+    --json "$OUT/serve_decode_vs_static.json"
+  step "serve sweep" 200 serve_sweep.log python3 -m kvscope serve --model qwen2.5-3b --rps "${RATES:-8,24,40,56}" \
+    --policy prefill-first,chunked --duration "${DUR:-6}" --prompt-len 512 --output-len 128 --max-seqs 64 \
+    --slo-ttft-ms "$TTFT" --slo-tpot-ms "$TPOT" --out "$OUT/serve_sweep" --no-progress
+  step "static sweep" 70 static_sweep.log python3 -m kvscope sweep --model qwen2.5-3b --seq 512 \
+    --batch-sizes 1,16,32,64 --gen-tokens 64 --reps 2 --warmup 1 --out "$OUT/static_sweep.parquet"
+  step "capacity" 30 capacity.log python3 -m kvscope capacity --sweep "$OUT/static_sweep.parquet" \
+    --gpu-mem-gb $((MEM / 1024)) --tpot-slo-ms "$TPOT" --ttft-slo-ms "$TTFT" --prompt 512 --output 128 \
+    --out "$OUT/plan.csv"
+  step "report" 60 report.log python3 -m kvscope report "$OUT/serve_sweep" --compare "$OUT/plan.csv"
+  ;;
+B)
+  step "nsys serve" 200 nsys_serve.log python3 -m kvscope nsys --out "$OUT/nsys_serve" -- serve --model qwen2.5-3b \
+    --rps 24 --requests 150 --prompt-len 512 --output-len 128 --max-seqs 64 --policy chunked \
+    --slo-ttft-ms "$TTFT" --slo-tpot-ms "$TPOT" --no-progress
+  rm -f "$OUT"/nsys_serve/*.nsys-rep "$OUT"/nsys_serve/*.sqlite
+  step "nsys report" 60 nsys_report.log python3 -m kvscope report "$OUT/nsys_serve"
+  step "decode attention tests" 150 existing_gpu.log python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/kernels/test_decode_attention_gpu.py tests/kernels/test_kernels_gpu.py -x
+  step "paged kernel benchmark" 90 paged_bench.log python3 benchmarks/paged_decode.py \
+    --baseline-cu .carry/decode_attention_before_paged.cu --rounds 5 --json "$OUT/paged_decode.json"
+  ;;
+*) echo "usage: serve_gpu_calls.sh A|B" >&2; exit 2 ;;
+esac
