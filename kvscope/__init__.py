@@ -1,7 +1,7 @@
 """kvscope: where the time of one LLM token goes, on NVIDIA GPUs.
 
 The Python API (`kvscope.api`; docs/api.md): `run`, `load_run`, `load_export`, `project`, `align`, `kv_math`,
-`serve`, `load_serve`, the `Run` and `Serve` they return and `KvscopeError`, the one exception bad input raises. They
+`serve`, `load_serve`, `diff`, the `Run` and `Serve` they return and `KvscopeError`, the one exception bad input raises. They
 are imported on first use, so `import kvscope` stays light: it imports neither torch nor pandas, and only
 `kvscope.run` and `kvscope.serve` ever import torch. Type checkers and editors read the names' types from
 `__init__.pyi`. Nothing here imports `kvscope.api` itself (it ranks with this module in tests/test_import_rules.py):
@@ -22,10 +22,10 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 # public name -> the module that defines it
 _LAZY = {"run": "kvscope.api", "load_run": "kvscope.api", "load_export": "kvscope.api", "project": "kvscope.api",
          "align": "kvscope.api", "kv_math": "kvscope.api", "Run": "kvscope.api", "KvscopeError": "kvscope.errors",
-         "serve": "kvscope.api", "load_serve": "kvscope.api", "Serve": "kvscope.api"}
+         "serve": "kvscope.api", "load_serve": "kvscope.api", "Serve": "kvscope.api", "diff": "kvscope.api"}
 
-__all__ = ["KvscopeError", "Run", "Serve", "__version__", "align", "kv_math", "load_export", "load_run", "load_serve",
-           "project", "run", "serve"]
+__all__ = ["KvscopeError", "Run", "Serve", "__version__", "align", "diff", "kv_math", "load_export", "load_run",
+           "load_serve", "project", "run", "serve"]
 
 
 def __getattr__(name: str) -> Any:

@@ -36,6 +36,9 @@ from kvscope.analysis.align.kernel_classes import Rules
 from kvscope.analysis.align.phase_map import PhaseMap
 from kvscope.analysis.align.pipeline import AlignResult, analyse
 from kvscope.analysis.align.ranks import analyse_ranks, refuse_rank_filters
+from kvscope.analysis.diff.compare import DiffResult, check_threshold
+from kvscope.analysis.diff.compare import diff as _diff
+from kvscope.analysis.diff.gate import parse_gate
 from kvscope.analysis.inputs import ALIGN_TIMINGS_COLUMNS, checked_timings, read_run, read_timings
 from kvscope.analysis.nsys.export import NsysExport
 from kvscope.analysis.nsys.export import load_export as _load_export
@@ -46,8 +49,8 @@ from kvscope.errors import KvscopeError
 from kvscope.io import check_path
 from kvscope.schema import NVML_FILE, SUMMARY_FILE, TIMINGS_FILE
 
-__all__ = ["AlignResult", "NsysExport", "Run", "Serve", "align", "kv_math", "load_export", "load_run", "load_serve",
-           "project", "run", "serve"]
+__all__ = ["AlignResult", "NsysExport", "Run", "Serve", "align", "diff", "kv_math", "load_export", "load_run",
+           "load_serve", "project", "run", "serve"]
 
 PathLike = str | os.PathLike[str]
 # what a flag's argument may be, by the name messages give it: a value whose str() is its flag's text, which the
@@ -376,3 +379,29 @@ def load_serve(path: PathLike) -> Serve:
     run = read_serve_run(_path(path, "load_serve", "path"))
     summary = pd.read_parquet(run.path / SUMMARY_FILE) if (run.path / SUMMARY_FILE).is_file() else pd.DataFrame()
     return Serve(run.path, run.requests, run.iterations, run.batches, summary, run.ledger, run.metadata)
+
+
+# ---- two measurements compared ---------------------------------------------------------------------------------
+def diff(a: PathLike, b: PathLike, *, threshold: float = 2.0, fail_if: str | list[str] | None = None,
+         allow_different: bool = False) -> DiffResult:
+    """`kvscope diff A B` without writing anything: two run folders, two captures (align or nsys folders, nsys
+    exports) or two sweep files compared row by row (docs/diff.md).
+
+    The result's `table` is diff.parquet's: one row per quantity both sides may hold (regions by level and name,
+    steps by index, kernel classes and names with their launches, sweep points by their keys), with `a`, `b`, `diff`,
+    `diff_pct`, the 95% interval of B / A (`ci_low_pct`, `ci_high_pct`), `verdict` (faster, slower, same, cannot tell)
+    and `reason`, the largest changes first; `waterfall` says where the step's time moved. `threshold`: the band of
+    `same` in % (`--threshold`). `fail_if`: gates as `--fail-if` takes them ("slower:3%", "slower:5%:decode class
+    gemm"): their answers are in `result.gates` (code, row, message), their exit code in `result.exit_code`.
+    `allow_different`: compare different models, dtypes or shapes, every verdict "cannot tell" (refused otherwise).
+    Raises KvscopeError with the command's messages."""
+    if not isinstance(allow_different, bool):
+        raise KvscopeError(f"diff: allow_different must be True or False, got {_type_name(allow_different)}")
+    texts = [fail_if] if isinstance(fail_if, str) else fail_if or []
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise KvscopeError(f"diff: fail_if must be a str, a list of str or None, got {_type_name(fail_if)}")
+    gates = [parse_gate(t) for t in texts]
+    pa, pb = _path(a, "diff", "a"), _path(b, "diff", "b")
+    result = _diff(pa, pb, check_threshold(threshold, "diff: threshold"), allow_different)
+    return result.with_gates(gates)
+

@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
 
     _add_report(sub)
+    _add_diff(sub)
     _add_capacity(sub)
 
     _add_kv_math(sub.add_parser("kv-math", help="KV-cache memory maths: bytes per token, capacity, Little's law, "
@@ -210,12 +211,29 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                       help="closed loop: N users, each sending its next request when the last one finishes")
     load.add_argument("--request-file", type=_INPUT, default=None, metavar="FILE",
                       help="replay requests: CSV (arrival_s,prompt_tokens,output_tokens[,request_id]) or JSONL")
-    load.add_argument("--prompt-len", type=_TEXT, default="512",
-                      help="prompt tokens: N, uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA, each with optional :max=N")
-    load.add_argument("--output-len", type=_TEXT, default="128", help="output tokens (same forms as --prompt-len)")
+    load.add_argument("--prompt-len", type=_TEXT, default=None,
+                      help="prompt tokens: N, uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA, each with optional :max=N "
+                           "(default 512)")
+    load.add_argument("--output-len", type=_TEXT, default=None,
+                      help="output tokens (same forms as --prompt-len; default 128)")
     load.add_argument("--requests", "--num-requests", dest="requests", type=_INT, default=None,
                       help="stop after this many requests (with --duration: whichever comes first)")
     load.add_argument("--duration", type=_FINITE, default=None, metavar="S", help="stop arrivals after S seconds")
+    web = s.add_argument_group("over HTTP (--http: an OpenAI-compatible server in place of the in-process load)")
+    web.add_argument("--http", action="store_true",
+                     help="serve /v1/completions, /v1/chat/completions, /v1/models and /health until SIGINT/SIGTERM; "
+                          "each HTTP request is a request of the load, recorded as in-process ones are")
+    web.add_argument("--host", type=_TEXT, default=None, help="address to listen on (default 127.0.0.1)")
+    web.add_argument("--port", type=_INT, default=None, help="port to listen on (default 8000; 0: a free one)")
+    web.add_argument("--drain-s", type=_FINITE, default=None, metavar="S",
+                     help="after SIGINT/SIGTERM, stop accepting and let running requests finish for S seconds, then "
+                          "cut the rest (default 10; a second signal cuts at once)")
+    web.add_argument("--queue-limit", type=_INT, default=None, metavar="N",
+                     help="answer 429 while N requests wait for admission (default: no limit, requests queue)")
+    web.add_argument("--served-model-name", type=_TEXT, default=None, metavar="NAME",
+                     help="the model name requests give and /v1/models lists (default: the --model argument)")
+    web.add_argument("--max-body-bytes", type=_INT, default=None, metavar="N",
+                     help="the largest request body read; larger ones are answered 413 (default 1 MiB)")
     sch = s.add_argument_group("the scheduler and the KV pool")
     sch.add_argument("--policy", type=_TEXT, default="chunked", metavar="P[,P...]",
                      help="prefill-first | chunked (chunked prefill mixed with decode); a list makes a sweep")
@@ -224,7 +242,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     sch.add_argument("--max-batch-tokens", type=_INT, default=2048, help="tokens per iteration (the budget)")
     sch.add_argument("--max-seqs", type=_INT, default=64, help="sequences running at once (the largest graph)")
     sch.add_argument("--max-seq", type=_INT, default=None,
-                     help="the longest sequence, prompt + output (default: the load's longest)")
+                     help="the longest sequence, prompt + output (default: the load's longest; with --http the "
+                          "model's context, at most 4096)")
     sch.add_argument("--block-size", type=_INT, default=16, help="tokens per KV block")
     sch.add_argument("--kv-pool-gb", type=_GIB, default=None,
                      help="the KV pool's size (default: --kv-pool-frac of the free device memory; on a CPU, room "
@@ -272,6 +291,25 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("--compare", type=_INPUT, default=None, metavar="B.csv",
                     help="a second sweep file of the same points (e.g. another engine's): adds a side-by-side section")
     _add_json(rp, "the report, its folder and files")
+
+
+def _add_diff(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("diff", help="compare two run folders, captures (align/nsys folders, exports) or sweep files: "
+                                    "each row with a 95%% interval and a verdict that says when it cannot tell")
+    d.add_argument("a", type=_INPUT, help="the baseline: a run folder, an align or nsys folder, an nsys export "
+                                          "(.sqlite, .nsys-rep) or a sweep file (.csv/.parquet)")
+    d.add_argument("b", type=_INPUT, help="the one compared with it, of the same kind")
+    d.add_argument("--threshold", type=_FINITE, default=2.0, metavar="PCT",
+                   help="same when the 95%% interval of B / A lies inside +-PCT%%; slower/faster when beyond it")
+    d.add_argument("--fail-if", action="append", default=None, metavar="slower:PCT[:ROW]",
+                   help="a gate, repeatable: exit 1 when ROW (default: the decode step) is slower than PCT%% with "
+                        "confidence, 0 when it is not, 2 when it cannot tell (the reason on stderr)")
+    d.add_argument("--allow-different", action="store_true",
+                   help="compare runs of different models, dtypes or shapes side by side (every verdict "
+                        "'cannot tell'); refused otherwise")
+    d.add_argument("--top", type=_INT, default=20, metavar="N", help="rows of the largest changes printed")
+    d.add_argument("--out", type=_TEXT, default=None, help="also write diff.parquet and diff.md into this folder")
+    _add_json(d, "every row with its interval and verdict, and each gate's answer")
 
 
 def _add_capacity(sub: argparse._SubParsersAction) -> None:

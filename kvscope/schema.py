@@ -203,6 +203,13 @@ REQUEST_STATUSES = ("finished", "cut", "refused")
 REQUEST_COLUMNS = ("request_id", "status", "reason", "arrival_s", "admitted_s", "first_token_s", "finish_s",
                    "queue_ms", "ttft_ms", "tpot_ms", "e2e_ms", "prompt_tokens", "output_tokens", "generated_tokens",
                    "preemptions", "preempt_recompute", "preempt_swap", "itl_ms", "token_iterations")
+# requests.parquet of a load served over HTTP (`kvscope serve --http`): REQUEST_COLUMNS, then these. http_arrival_s:
+# when the front's ASGI app received the request (request line and headers parsed, body not yet read); arrival_s is
+# then when it was parsed, tokenised and handed to the loop; http_last_byte_s: when the last byte of the response was
+# handed to the server's transport (NaN when the client went away first). server_overhead_ms: the request's
+# end-to-end time as the server sent it, (http_last_byte_s - http_arrival_s), minus the engine's, e2e_ms: body read,
+# JSON, tokenising before the engine, the last token's detokenising and writing after it (NaN unless finished)
+HTTP_REQUEST_COLUMNS = ("http_arrival_s", "http_last_byte_s", "server_overhead_ms")
 # iterations.parquet. start_s / end_s on the host clock (launch, and the named sync that reads the tokens);
 # dur_ms by CUDA events (host clock on the CPU), gpu_gap_ms the device idle time since the previous iteration's end
 # event (NaN on the CPU and for the first), host_ms the scheduler's host time before the launch (plan + inputs);

@@ -62,8 +62,9 @@ def test_import_kvscope_is_light() -> None:
                    "if m in sys.modules)\n"
                    "print(heavy, kvscope.__all__)")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[0] == ("[] ['KvscopeError', 'Run', 'Serve', '__version__', 'align', 'kv_math', "
-                                          "'load_export', 'load_run', 'load_serve', 'project', 'run', 'serve']")
+    assert done.stdout.split("\n")[0] == ("[] ['KvscopeError', 'Run', 'Serve', '__version__', 'align', 'diff', "
+                                          "'kv_math', 'load_export', 'load_run', 'load_serve', 'project', 'run', "
+                                          "'serve']")
 
 
 def test_api_names_resolve_lazily() -> None:

@@ -9,6 +9,7 @@ Attributes are registered once per (name, step, phase) and reused.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from kvscope.schema import NVTX_DOMAIN
@@ -18,6 +19,7 @@ _ENV_OFF = ("0", "false", "off", "no")
 _COLORS = {"run": 0x4C72B0, "rep": 0x8172B2, "prefill": 0xC44E52, "decode": 0x55A868, "layer": 0xCCB974,
            "op": 0x64B5CD}
 _OTHER_COLOR = 0x999999
+_REQUEST_COLOR = 0xDD8452  # a served request's range (`req <id>`)
 _PHASE_COLORED = ("phase", "step")  # levels colored by their phase rather than by their level
 
 
@@ -68,3 +70,19 @@ def nvtx_ranges(requested: bool) -> NvtxRanges | None:
     """Ranges in the `kvscope` domain when `requested` and a tool is attached; None otherwise."""
     domain = open_domain() if requested else None
     return None if domain is None else NvtxRanges(domain)
+
+
+def start_end_ranges(requested: bool) -> Callable[[str], Callable[[], None]] | None:
+    """Start/end ranges (not push/pop: they may overlap and end on another thread, as a server's requests do) in the
+    `kvscope` domain: `start(message)` opens one and gives the function that ends it. None when NVTX is off (not
+    requested, or no tool attached): the caller then makes no NVTX call at all."""
+    domain = open_domain() if requested else None
+    if domain is None:
+        return None
+
+    def start(message: str) -> Callable[[], None]:
+        attrs = domain.get_event_attributes(message=message, color=_REQUEST_COLOR, category="request")
+        range_id = domain.start_range(attrs)
+        return lambda: domain.end_range(range_id)
+
+    return start

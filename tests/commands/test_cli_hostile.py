@@ -420,7 +420,7 @@ def test_subprocess_unrecognised_argument_has_no_traceback() -> None:
     (["run", "--seq"], "run: argument --seq: expected one argument"),
     ([], "the following arguments are required: command"),
     (["frobnicate"], "argument command: invalid choice: 'frobnicate' (choose from 'generate', 'run', 'sweep', "
-                     "'serve', 'calibrate', 'report', 'capacity', 'kv-math', 'align', "
+                     "'serve', 'calibrate', 'report', 'diff', 'capacity', 'kv-math', 'align', "
                      "'nsys')"),
     (["calibrate", "--device", "cpu"], "calibrate: measures a GPU, so it needs --device cuda and a CUDA device"),
     (["nsys", "--out", "n", "--", "--out", "x"], "nsys: give --out before --, not among the run arguments"),

@@ -25,7 +25,10 @@ from kvscope.schema import GRANULARITIES, POLICIES, PREEMPT_MODES
 if TYPE_CHECKING:
     import argparse
 
-DEFAULT_MAX_SEQ = 4096  # the longest sequence when a closed loop's lengths have no bound
+DEFAULT_MAX_SEQ = 4096  # the longest sequence when a closed loop's lengths have no bound (and over HTTP: at most)
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # the largest request body the HTTP front reads (--max-body-bytes)
+HTTP_LOAD_FLAGS = ("rps", "concurrency", "request_file", "prompt_len", "output_len", "requests", "duration")
+HTTP_ONLY_FLAGS = ("host", "port", "drain_s", "queue_limit", "served_model_name", "max_body_bytes")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,14 @@ class ServeSpec:
     kernels: bool | None = None
     nvml_interval_ms: float = 20.0
     out: str | None = None
+    # the load over HTTP instead (`kvscope serve --http`: kvscope.measure.serve.http_run)
+    http: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: a free port, chosen at bind
+    drain_s: float = 10.0  # after SIGINT/SIGTERM: how long the running requests may finish before they are cut
+    queue_limit: int | None = None  # requests waiting for admission beyond which a new one is answered 429
+    served_model_name: str | None = None  # the `model` the requests name (default: the --model argument)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,8 +109,13 @@ def check_spec(spec: ServeSpec) -> None:
     if not (isinstance(spec.kv_pool_frac, float) and 0 < spec.kv_pool_frac <= 0.95):
         raise KvscopeError(f"--kv-pool-frac: must be a fraction in (0, 0.95], got {spec.kv_pool_frac!r}")
     sources = [s for s in (spec.rps, spec.concurrency, spec.request_file) if s is not None]
-    if len(sources) != 1:
-        raise KvscopeError("the load needs exactly one of --rps, --concurrency or --request-file")
+    if spec.http:
+        if sources:
+            raise KvscopeError("--http: the requests come over HTTP; --rps, --concurrency and --request-file do not "
+                               "apply")
+        _check_http(spec)
+    elif len(sources) != 1:
+        raise KvscopeError("the load needs exactly one of --rps, --concurrency or --request-file (or --http)")
     if spec.rps is not None:
         check_rate(spec.rps)
     if spec.concurrency is not None:
@@ -108,9 +124,42 @@ def check_spec(spec: ServeSpec) -> None:
         check_duration(spec.duration_s)
 
 
+def _check_http(spec: ServeSpec) -> None:
+    if not isinstance(spec.host, str) or not spec.host.strip() or not spec.host.isprintable():
+        raise KvscopeError(f"--host: must be a host name or address, got {spec.host!r}")
+    _whole(spec.port, "--port", 0)
+    if spec.port > 65535:
+        raise KvscopeError(f"--port: must be at most 65535, got {spec.port}")
+    if (not isinstance(spec.drain_s, (int, float)) or isinstance(spec.drain_s, bool) or not math.isfinite(spec.drain_s)
+            or spec.drain_s < 0):
+        raise KvscopeError(f"--drain-s: must be a finite number of seconds >= 0, got {spec.drain_s!r}")
+    if spec.queue_limit is not None:
+        _whole(spec.queue_limit, "--queue-limit")
+    _whole(spec.max_body_bytes, "--max-body-bytes", 1024)
+    name = spec.served_model_name
+    if name is not None and (not isinstance(name, str) or not name.strip() or not name.isprintable()):
+        raise KvscopeError(f"--served-model-name: must be a printable, non-empty name, got {name!r}")
+    if spec.duration_s is not None or spec.requests is not None:
+        raise KvscopeError("--http: --duration and --requests describe an in-process load; the server runs until "
+                           "SIGINT/SIGTERM")
+
+
+def http_max_seq(spec: ServeSpec) -> int:
+    """The longest sequence the HTTP front serves: --max-seq, else the model's context up to DEFAULT_MAX_SEQ."""
+    if spec.max_seq is not None:
+        return spec.max_seq
+    from kvscope.engine.plan import DEFAULT_MODEL_CPU, DEFAULT_MODEL_CUDA, resolve_device
+    from kvscope.model.source import resolve_model
+
+    model = spec.model or (DEFAULT_MODEL_CUDA if resolve_device(spec.device).type == "cuda" else DEFAULT_MODEL_CPU)
+    return min(resolve_model(model).args.max_position_embeddings, DEFAULT_MAX_SEQ)
+
+
 def load_source(spec: ServeSpec) -> tuple[list[RequestSpec] | ClosedLoop, int]:
     """The load (requests in arrival order, or a closed loop) and the longest sequence the engine must hold."""
     check_spec(spec)
+    if spec.http:  # no load of its own: requests come over HTTP
+        return [], http_max_seq(spec)
     if spec.request_file is not None:
         specs = read_request_file(spec.request_file)
         if spec.requests is not None:
@@ -166,16 +215,34 @@ def _users(text: str | None) -> list[int] | None:
     return out
 
 
+def _http_flags(ns: argparse.Namespace) -> dict[str, Any]:
+    """The --http fields of the spec; the in-process load's flags refused with --http, the server's without it."""
+    http = bool(getattr(ns, "http", False))
+    if http:
+        given = [f"--{k.replace('_', '-')}" for k in HTTP_LOAD_FLAGS if getattr(ns, k, None) is not None]
+        if given:
+            raise KvscopeError(f"serve --http: {', '.join(given)} {'describes' if len(given) == 1 else 'describe'} "
+                               "an in-process load; over HTTP the requests come from the clients")
+    else:
+        given = [f"--{k.replace('_', '-')}" for k in HTTP_ONLY_FLAGS if getattr(ns, k, None) is not None]
+        if given:
+            raise KvscopeError(f"serve: {', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only with "
+                               "--http")
+    fields = {k: getattr(ns, k, None) for k in HTTP_ONLY_FLAGS}
+    return {"http": http, **{k: v for k, v in fields.items() if v is not None}}
+
+
 def _spec(ns: argparse.Namespace, rates: list[float] | None, users: list[int] | None, policy: str) -> ServeSpec:
     if ns.engine != "kvscope" or ns.attn is not None or ns.prefill_graphs is not None:
         raise KvscopeError("serve: runs kvscope's served engine (paged decode attention, chunked prefills in SDPA): "
                            "--engine, --attn and --prefill-graphs do not apply")
-    return ServeSpec(
+    return ServeSpec(**_http_flags(ns),
         model=ns.model, device=ns.device, dtype=ns.dtype, seed=ns.seed, policy=policy, preempt=ns.preempt,
         block_size=ns.block_size, kv_pool_gb=ns.kv_pool_gb, kv_pool_frac=float(ns.kv_pool_frac),
         max_batch_tokens=ns.max_batch_tokens, max_seqs=ns.max_seqs, max_seq=ns.max_seq,
         rps=rates[0] if rates else None, concurrency=users[0] if users else None, request_file=ns.request_file,
-        prompt_len=ns.prompt_len, output_len=ns.output_len, requests=ns.requests, duration_s=ns.duration,
+        prompt_len=ns.prompt_len or ServeSpec.prompt_len, output_len=ns.output_len or ServeSpec.output_len,
+        requests=ns.requests, duration_s=ns.duration,
         slo_ttft_ms=ns.slo_ttft_ms, slo_tpot_ms=ns.slo_tpot_ms, granularity=ns.granularity, nvtx=ns.nvtx,
         graphs=None if ns.graphs is None else ns.graphs == "on",
         kernels=None if ns.kernels is None else ns.kernels == "on", nvml_interval_ms=ns.nvml_interval_ms,
@@ -201,6 +268,8 @@ def serve_points(ns: argparse.Namespace) -> list[ServeSpec]:
     --concurrency or --policy; a sweep needs --out)."""
     rates, users = _rates(ns.rps), _users(ns.concurrency)
     policies = _list(ns.policy, "--policy") or ["chunked"]
+    if getattr(ns, "http", False) and len(policies) > 1:
+        raise KvscopeError("serve --http: one --policy (a server is not a sweep)")
     points = sweep_points(_spec(ns, rates, users, policies[0]), policies, rates, users)
     if len(points) > 1 and ns.out is None:
         raise KvscopeError("serve: a sweep (several --rps, --concurrency or --policy values) needs --out")

@@ -1,0 +1,232 @@
+"""The two sides of `kvscope diff`, each recognised by what it is and read with the readers of the commands that made
+it: a run folder (`kvscope run`; `inputs.read_run`), a capture (a `kvscope align` or `kvscope nsys` output folder,
+its steps.parquet and kernels.parquet, with the run folder beside it where there is one; or an nsys export, `.sqlite`,
+`.nsys-rep` or a parquetdir folder, aligned in memory as `kvscope align` would), or a sweep file (`.csv`/`.parquet`;
+`sweep_file.read_sweep`).
+
+Kinds compare like with like: two runs, two captures, two sweeps. A capture that holds its run folder (`kvscope
+nsys`) also compares with a run folder, through that run. Anything else is one line (`KvscopeError`).
+
+What each side is (its model, dtype and shape; its device; the settings worth showing) is read here too, and what
+makes a capture unusable for timing: no GPU operation at all (an empty capture), or fewer repetitions or decode steps
+than the run it captured (a truncated capture). Those are not errors: the rows that need them say "cannot tell".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kvscope.analysis.align.pipeline import analyse
+from kvscope.analysis.inputs import RunFiles, read_parquet, read_run, require_columns, require_numbers
+from kvscope.analysis.sweep_file import SWEEP_FORMATS, read_sweep
+from kvscope.errors import KvscopeError
+from kvscope.schema import KERNELS_FILE, NSYS_RUN_SUBFOLDER, STEPS_FILE, SUMMARY_FILE
+
+RUN, CAPTURE, SWEEP = "run folder", "capture", "sweep file"
+EXPORT_SUFFIXES = (".sqlite", ".nsys-rep")
+PARQUETDIR_MARKER = "NVTX_EVENTS.parquet"  # a folder of `nsys export --type parquetdir`
+# what a side is (a difference in any of them makes every row "cannot tell", or is refused)
+IDENTITY_KEYS = ("model", "dtype", "batch", "seq_len", "gen_tokens")
+# settings shown beside the table when they differ (a run's summary columns; what a change usually is)
+SETTING_KEYS = ("engine", "attn", "granularity", "cuda_graphs", "kernels", "clock")
+STEPS_COLUMNS = ("rep", "phase", "step", "gpu_span_ms", "gpu_busy_ms")
+KERNELS_COLUMNS = ("kind", "name", "dur_ns", "kernel_class", "rep", "phase", "step")
+_RUN_RANGE = re.compile(r"^run bs=(\d+) seq=(\d+) gen=(\d+)$")
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a diff, read and checked. `kind`: RUN, CAPTURE or SWEEP. `identity`: IDENTITY_KEYS (None where
+    the side does not say, as an export does not name its model). `run`: the run folder (a run, or a capture's own
+    run). `steps`, `kernels`: a capture's tables. `sweep`: a sweep's rows. `problem`: why a capture cannot be timed
+    (empty, truncated), None when it can."""
+
+    label: str  # "A" or "B"
+    path: Path
+    kind: str
+    identity: dict[str, Any]
+    device: str | None
+    settings: dict[str, str] = field(default_factory=dict)
+    run: RunFiles | None = None
+    steps: pd.DataFrame | None = None
+    kernels: pd.DataFrame | None = None
+    sweep: pd.DataFrame | None = None
+    problem: str | None = None
+
+
+def read_side(path: Path, label: str) -> Side:
+    """The side at `path` (see the module docstring); anything that is none of the kinds is a one-line error."""
+    if not path.exists():
+        raise KvscopeError(f"{label} {path} is missing")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in SWEEP_FORMATS:
+            return _sweep_side(path, label)
+        if suffix in EXPORT_SUFFIXES:
+            return _export_side(path, label)
+        raise KvscopeError(f"{label} {path} is not a run folder, an align or nsys folder, an nsys export (.sqlite, "
+                           ".nsys-rep) or a sweep file (.csv, .parquet)")
+    if not path.is_dir():
+        raise KvscopeError(f"{label} {path} is neither a file nor a folder")
+    if (path / PARQUETDIR_MARKER).is_file():
+        return _export_side(path, label)
+    if (path / STEPS_FILE).exists() or (path / KERNELS_FILE).exists():
+        return _capture_folder_side(path, label)
+    if (path / SUMMARY_FILE).exists() or (path / NSYS_RUN_SUBFOLDER / SUMMARY_FILE).exists():
+        return _run_side(read_run(path), path, label)
+    raise KvscopeError(f"{label} {path} is not a run folder (no {SUMMARY_FILE}), an align or nsys folder (no "
+                       f"{STEPS_FILE}) or an nsys export")
+
+
+def comparable(a: Side, b: Side) -> tuple[Side, Side]:
+    """The two sides as they compare: of one kind, or a capture holding its run against a run folder (both then
+    compared as runs). Other pairs are a one-line error."""
+    if a.kind == b.kind:
+        return a, b
+    for x, y in ((a, b), (b, a)):
+        if x.kind == CAPTURE and y.kind == RUN and x.run is not None:
+            as_run = replace(x, kind=RUN, steps=None, kernels=None, problem=None)
+            return (as_run, y) if x is a else (y, as_run)
+    raise KvscopeError(f"A {a.path} is a {_kind_text(a)} and B {b.path} a {_kind_text(b)}: kvscope diff compares "
+                       "two run folders, two captures or two sweep files")
+
+
+def _kind_text(side: Side) -> str:
+    if side.kind == CAPTURE and side.run is None:
+        return "capture without its run folder"
+    return side.kind
+
+
+# ---- run folders --------------------------------------------------------------------------------------------
+def _run_side(run: RunFiles, path: Path, label: str) -> Side:
+    if "rank" in run.timings.columns:
+        raise KvscopeError(f"{label} {path} is a tensor-parallel run (timings per rank): kvscope diff compares "
+                           "single-process runs")
+    row = run.summary.iloc[0]
+    identity = {k: _plain(row[k]) for k in IDENTITY_KEYS if k in row.index}
+    meta = run.metadata or {}
+    settings = {k: str(_plain(row[k])) for k in SETTING_KEYS if k in row.index}
+    settings.setdefault("engine", str(meta.get("engine", "kvscope")))
+    return Side(label, path, RUN, identity, str(row["device"]), settings, run=run)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
+
+
+# ---- captures -----------------------------------------------------------------------------------------------
+def _capture_folder_side(path: Path, label: str) -> Side:
+    """An align or nsys output folder: its steps and kernels, and its run folder where it holds one (DIR/run/ of
+    `kvscope nsys`, or the run folder itself when `kvscope align` wrote into it)."""
+    for name in (STEPS_FILE, KERNELS_FILE):
+        if not (path / name).exists():
+            raise KvscopeError(f"{label} {path} holds no {name}: not a whole align or nsys output folder")
+    steps = _checked(read_parquet(path / STEPS_FILE), path / STEPS_FILE, STEPS_COLUMNS, "kvscope align steps",
+                     ("gpu_span_ms", "gpu_busy_ms"))
+    kernels = _checked(read_parquet(path / KERNELS_FILE), path / KERNELS_FILE, KERNELS_COLUMNS,
+                       "kvscope align kernels", ("dur_ns",))
+    run = None
+    if (path / SUMMARY_FILE).exists() or (path / NSYS_RUN_SUBFOLDER / SUMMARY_FILE).exists():
+        run = read_run(path)
+    return _capture_side(path, label, steps, kernels, run)
+
+
+def _export_side(path: Path, label: str) -> Side:
+    """An nsys export aligned in memory as `kvscope align EXPORT` would (no run folder to join)."""
+    result = analyse(path)
+    if result.steps is None:
+        why = (result.skipped or "").split(": ", 1)[-1] or "no kvscope steps"
+        raise KvscopeError(f"{label} {path} holds no kvscope steps ({why}): kvscope diff compares captures of kvscope "
+                           "runs")
+    return _capture_side(path, label, result.steps, result.kernels, None)
+
+
+def _checked(df: pd.DataFrame, path: Path, columns: tuple[str, ...], what: str, numbers: tuple[str, ...]
+             ) -> pd.DataFrame:
+    require_columns(df, path, columns, what)
+    return require_numbers(df, path, numbers, what)
+
+
+def _capture_side(path: Path, label: str, steps: pd.DataFrame, kernels: pd.DataFrame, run: RunFiles | None) -> Side:
+    if "pid" in steps.columns and steps["pid"].nunique() > 1:
+        raise KvscopeError(f"{label} {path} holds the steps of {steps['pid'].nunique()} processes (a tensor-parallel "
+                           "capture): kvscope diff compares one process's capture")
+    if run is not None:
+        base = _run_side(run, path, label)
+        identity, device, settings = base.identity, base.device, base.settings
+    else:
+        identity, device, settings = _capture_identity(steps), None, {}
+    problem = capture_problem(steps, kernels, identity, run)
+    return Side(label, path, CAPTURE, identity, device, settings, run=run, steps=steps, kernels=kernels,
+                problem=problem)
+
+
+def _capture_identity(steps: pd.DataFrame) -> dict[str, Any]:
+    """The shape a capture without its run folder says in its `run bs=B seq=S gen=G` range (model and dtype
+    unknown)."""
+    identity: dict[str, Any] = dict.fromkeys(IDENTITY_KEYS)
+    names = steps["run"].dropna().astype(str).unique() if "run" in steps.columns else []
+    if len(names) == 1 and (m := _RUN_RANGE.match(names[0])):
+        identity.update(batch=int(m[1]), seq_len=int(m[2]), gen_tokens=int(m[3]))
+    return identity
+
+
+def capture_problem(steps: pd.DataFrame, kernels: pd.DataFrame, identity: dict[str, Any], run: RunFiles | None
+                    ) -> str | None:
+    """Why a capture cannot be timed, or None: no step, no GPU operation in its steps (empty), fewer repetitions
+    than its run's, or a repetition with fewer decode steps than the shape's gen_tokens - 1 (truncated)."""
+    if not len(steps):
+        return "its capture holds no prefill or decode step (an empty or truncated capture)"
+    in_steps = kernels["phase"].isin(["prefill", "decode"]).fillna(False) if len(kernels) else pd.Series(dtype=bool)
+    if not len(kernels) or not bool(in_steps.any()):
+        return "its capture holds no GPU operation in its steps (an empty capture)"
+    reps = steps["rep"].dropna().nunique()
+    if run is not None and reps < int(run.summary.iloc[0]["reps"]):
+        return (f"its capture holds {reps} of the run's {int(run.summary.iloc[0]['reps'])} repetitions (a truncated "
+                "capture)")
+    gen = identity.get("gen_tokens")
+    if gen is not None and gen > 1:
+        held = steps[steps["phase"] == "decode"].groupby("rep")["step"].nunique()
+        held = held.reindex(sorted(steps["rep"].dropna().unique()), fill_value=0)
+        short = held[held < gen - 1]
+        if len(short):
+            return (f"its repetition {int(short.index[0])} holds {int(short.iloc[0])} of {gen - 1} decode steps (a "
+                    "truncated capture)")
+    return None
+
+
+# ---- sweep files ----------------------------------------------------------------------------------------------
+def _sweep_side(path: Path, label: str) -> Side:
+    df = read_sweep(path)
+    identity: dict[str, Any] = dict.fromkeys(IDENTITY_KEYS)
+    for key in ("model", "dtype"):
+        if key in df.columns and df[key].notna().any():
+            identity[key] = str(df[key].dropna().iloc[0])
+    device = str(df["device"].dropna().iloc[0]) if "device" in df.columns and df["device"].notna().any() else None
+    settings = {k: str(df[k].dropna().iloc[0]) for k in SETTING_KEYS if k in df.columns and df[k].notna().any()}
+    return Side(label, path, SWEEP, identity, device, settings, sweep=df)
+
+
+def identity_differences(a: Side, b: Side) -> list[str]:
+    """What makes A and B different measurements (IDENTITY_KEYS both sides know and that differ), as
+    "model (tiny vs qwen2.5-0.5b)"."""
+    out = []
+    for key in IDENTITY_KEYS:
+        x, y = a.identity.get(key), b.identity.get(key)
+        if x is not None and y is not None and str(x) != str(y):
+            out.append(f"{key} ({x} vs {y})")
+    return out
+
+
+def setting_differences(a: Side, b: Side) -> list[str]:
+    """The settings both sides record and that differ (what the change was), as "attn (sdpa vs kvscope)"."""
+    return [f"{k} ({a.settings[k]} vs {b.settings[k]})" for k in SETTING_KEYS
+            if k in a.settings and k in b.settings and a.settings[k] != b.settings[k]]
