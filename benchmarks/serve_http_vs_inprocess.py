@@ -24,7 +24,11 @@ output tokens) and the TPOT deltas; each run's output tokens per second and its 
         [--prompt-len 512] [--output-len 128] [--rounds 1] [--out traces/serve-http-vs-inprocess] [--json out.json]
 
 CPU smoke test: --model tiny --device cpu --requests 20 --rps 20 --prompt-len 32 --output-len 16.
-The server needs starlette and uvicorn (and httptools for uvicorn's fast parser), the client httpx.
+The server needs starlette and uvicorn (and httptools for uvicorn's fast parser), the client httpx. The lent GPU
+machine reaches no network: carry the wheels (Python 3.12) with `../shared/gpu/prepare-carry.sh starlette==1.10.0
+uvicorn==0.55.0 h11==0.16.0 click==8.5.1 anyio==4.16.0 typing_extensions==4.16.0 httpx==0.29.0 httpcore==1.0.9
+idna==3.21 certifi==2026.5.20 httptools==0.9.0`, then `source .carry/device-env.sh; python3
+benchmarks/serve_http_vs_inprocess.py --rounds 2 --json $OUT/serve_http_vs_inprocess.json`.
 """
 
 from __future__ import annotations
