@@ -35,9 +35,9 @@ A)
   MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
   step "paged kernel tests" 100 paged_gpu.log python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/kernels/test_paged_kernels_gpu.py -x
-  step "served engine tests" 120 served_gpu.log python3 -m pytest -q -p no:cacheprovider -m gpu \
+  step "served engine tests" 150 served_gpu.log python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/engine/test_served_gpu.py -x
-  step "paged vs static decode" 100 svs.log python3 benchmarks/serve_decode_vs_static.py --rounds 7 --steps 24 \
+  step "paged vs static decode" 90 svs.log python3 benchmarks/serve_decode_vs_static.py --rounds 7 --steps 24 \
     --json "$OUT/serve_decode_vs_static.json"
   step "serve sweep" 200 serve_sweep.log python3 -m kvscope serve --model qwen2.5-3b --rps "${RATES:-8,24,40,56}" \
     --policy prefill-first,chunked --duration "${DUR:-6}" --prompt-len 512 --output-len 128 --max-seqs 64 \
