@@ -1,8 +1,8 @@
 """kvscope: where the time of one LLM token goes, on NVIDIA GPUs.
 
 The Python API (`kvscope.api`; docs/api.md): `run`, `load_run`, `load_export`, `project`, `align`, `kv_math`,
-`serve`, `load_serve`, `diff`, the `Run` and `Serve` they return and `KvscopeError`, the one exception bad input raises. They
-are imported on first use, so `import kvscope` stays light: it imports neither torch nor pandas, and only
+`serve`, `load_serve`, `diff`, the `Run` and `Serve` they return and `KvscopeError`, the one exception bad input
+raises. They are imported on first use, so `import kvscope` stays light: it imports neither torch nor pandas, and only
 `kvscope.run` and `kvscope.serve` ever import torch. Type checkers and editors read the names' types from
 `__init__.pyi`. Nothing here imports `kvscope.api` itself (it ranks with this module in tests/test_import_rules.py):
 `__getattr__` does, on first use.

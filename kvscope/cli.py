@@ -296,11 +296,12 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _add_diff(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("diff", help="compare two run folders, captures (align/nsys folders, exports) or sweep files: "
                                     "each row with a 95%% interval and a verdict that says when it cannot tell")
-    d.add_argument("a", type=_INPUT, help="the baseline: a run folder, an align or nsys folder, an nsys export "
-                                          "(.sqlite, .nsys-rep) or a sweep file (.csv/.parquet)")
+    d.add_argument("a", type=_INPUT, help="the baseline: a run folder, a folder of run folders (repeats), an align "
+                                          "or nsys folder, an nsys export (.sqlite, .nsys-rep) or a sweep file "
+                                          "(.csv/.parquet)")
     d.add_argument("b", type=_INPUT, help="the one compared with it, of the same kind")
     d.add_argument("--threshold", type=_FINITE, default=2.0, metavar="PCT",
-                   help="same when the 95%% interval of B / A lies inside +-PCT%%; slower/faster when beyond it")
+                   help="same when the 95%% interval of B / A lies inside ±PCT%%; slower/faster when beyond it")
     d.add_argument("--fail-if", action="append", default=None, metavar="slower:PCT[:ROW]",
                    help="a gate, repeatable: exit 1 when ROW (default: the decode step) is slower than PCT%% with "
                         "confidence, 0 when it is not, 2 when it cannot tell (the reason on stderr)")

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -20,7 +21,6 @@ from kvscope.commands.json_out import json_line
 from kvscope.errors import KvscopeError
 
 TABLE_WIDTH = 160
-TOP_ROWS = 20  # of the largest changes, on the terminal (all in diff.parquet)
 
 
 def command(ns: argparse.Namespace) -> int:
@@ -51,15 +51,15 @@ def _print(result: DiffResult, top: int) -> None:
         console.print(f"note: {note}", markup=False, highlight=False)
     head = headline(result)
     if len(head):
-        console.print(_table(f"headline (same within +-{result.threshold_pct:g}%)", head))
+        console.print(_table(f"headline (same within ±{result.threshold_pct:g}%)", head))
     rest = result.table[~result.table.index.isin(head.index)]
     if len(rest) and top > 0:
         shown = rest.head(top)
         console.print(_table(f"largest changes ({len(shown)} of {len(rest)} rows)", shown))
 
 
-def _table(title: str, rows: object) -> Table:
-    shown = shown_table(rows)  # type: ignore[arg-type]
+def _table(title: str, rows: pd.DataFrame) -> Table:
+    shown = shown_table(rows)
     t = Table(title=title)
     for col in shown.columns:
         t.add_column(col, justify="right" if col in ("A", "B", "change", "95% interval", "samples") else "left",

@@ -104,7 +104,8 @@ def diff(a: Path, b: Path, threshold_pct: float = DEFAULT_THRESHOLD_PCT, allow_d
     devices = _devices(side_a, side_b)
     rows_a, rows_b = _rows(side_a, side_b, devices is not None)
     problems = {s.label: s.problem for s in (side_a, side_b) if s.problem and s.kind == CAPTURE}
-    table = order_rows(judge_rows(rows_a, rows_b, Context(threshold_pct, different, problems, devices)))
+    unit = "runs" if by_run(side_a, side_b) else "repetitions"
+    table = order_rows(judge_rows(rows_a, rows_b, Context(threshold_pct, different, problems, devices, unit)))
     return DiffResult(side_a, side_b, table, waterfall(table), threshold_pct,
                       _notes(side_a, side_b, devices, problems))
 
@@ -122,6 +123,8 @@ def _rows(a: Side, b: Side, cross_device: bool) -> tuple[pd.DataFrame, pd.DataFr
         columns = TIME_COLUMNS + (EFFICIENCY_COLUMNS if cross_device else ())
         ka, kb = point_keys(a.sweep, b.sweep)
         return sweep_rows(a.sweep, ka, columns), sweep_rows(b.sweep, kb, columns)
+    if by_run(a, b):
+        return _run_level(a, cross_device), _run_level(b, cross_device)
     out = []
     for side in (a, b):
         parts = []
@@ -133,6 +136,27 @@ def _rows(a: Side, b: Side, cross_device: bool) -> tuple[pd.DataFrame, pd.DataFr
             parts += [runs, efficiency_rows(side.run, runs)] if cross_device else [runs]
         out.append(pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(SAMPLE_COLUMNS)))
     return out[0], out[1]
+
+
+def by_run(a: Side, b: Side) -> bool:
+    """Whether the runs are the samples: a side is a folder of run folders (each run then one sample, the median of
+    its repetitions' samples; a single run folder on the other side counts as one run)."""
+    return a.kind == RUN and (len(a.runs) > 1 or len(b.runs) > 1)
+
+
+def _run_level(side: Side, cross_device: bool) -> pd.DataFrame:
+    """Each run's rows collapsed to one sample per row: the median over its repetitions (unit_id: the run's
+    number)."""
+    parts = []
+    for i, run in enumerate(side.runs):
+        rows = run_rows(run)
+        if cross_device:
+            rows = pd.concat([rows, efficiency_rows(run, rows)], ignore_index=True)
+        first = rows.groupby("row", sort=False).first()
+        median = rows.groupby("row", sort=False)[["value", "count"]].median()
+        one = first.drop(columns=["value", "count", "unit_id"]).join(median).reset_index()
+        parts.append(one.assign(unit_id=i)[list(SAMPLE_COLUMNS)])
+    return pd.concat(parts, ignore_index=True)
 
 
 def order_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -168,5 +192,6 @@ def describe(side: Side) -> str:
     ident = side.identity
     shape = (f"batch {ident['batch']}, seq {ident['seq_len']}, gen {ident['gen_tokens']}"
              if ident.get("batch") is not None else None)
-    parts: list[Any] = [side.kind, ident.get("model"), ident.get("dtype"), shape, side.device]
+    kind = f"{len(side.runs)} run folders" if len(side.runs) > 1 else side.kind
+    parts: list[Any] = [kind, ident.get("model"), ident.get("dtype"), shape, side.device]
     return f"{side.label} {side.path} ({', '.join(str(p) for p in parts if p)})"

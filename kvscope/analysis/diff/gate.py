@@ -86,7 +86,7 @@ def evaluate(gate: Gate, table: pd.DataFrame, headline: str | None) -> GateOutco
         raise KvscopeError(f"--fail-if {gate.text}: the diff has no row {name!r} (its first rows: {shown})")
     line = hits.iloc[0]
     lo, hi = float(line["ci_low_pct"]), float(line["ci_high_pct"])
-    where = f"gate {gate.text} on {name!r}"
+    where = f"gate {gate.direction}:{gate.pct:g}% on {name!r}"
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return GateOutcome(gate, name, CANNOT_TELL, f"{where}: cannot tell: {line['reason']}")
     if line["better"] == HIGHER:  # a rate: a slowdown is B below A
@@ -97,7 +97,7 @@ def evaluate(gate: Gate, table: pd.DataFrame, headline: str | None) -> GateOutco
     if hi <= gate.pct:
         return GateOutcome(gate, name, PASS, f"{where}: passed: B is {shown}, not beyond {gate.pct:g}%")
     return GateOutcome(gate, name, CANNOT_TELL, f"{where}: cannot tell: B is {shown}, which straddles {gate.pct:g}% "
-                                                "(more repetitions narrow it)")
+                                                "(more samples narrow it)")
 
 
 def _slowdown(rate_change_pct: float) -> float:

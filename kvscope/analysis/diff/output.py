@@ -71,7 +71,7 @@ def short_row(name: str, width: int = 70) -> str:
 def markdown(result: DiffResult) -> str:
     """The Markdown section (module docstring)."""
     lines = ["## kvscope diff", "", f"- {describe(result.a)}", f"- {describe(result.b)}", "",
-             f"Verdicts: `same` when the 95% interval of B / A lies inside +-{result.threshold_pct:g}%, `slower` or "
+             f"Verdicts: `same` when the 95% interval of B / A lies inside ±{result.threshold_pct:g}%, `slower` or "
              "`faster` when it lies beyond, `cannot tell` otherwise (the reason says why). Intervals over "
              "repetitions (a sweep: over its points), Hodges-Lehmann with the exact Mann-Whitney or signed-rank "
              "bounds (docs/diff.md).", ""]

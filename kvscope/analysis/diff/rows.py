@@ -37,8 +37,9 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame.from_records(records, columns=list(SAMPLE_COLUMNS))
     df["value"] = df["value"].astype("float64")
     df["count"] = df["count"].astype("float64")
-    df["note"] = df["note"].fillna("").astype(object)
-    df["phase"] = df["phase"].fillna("").astype(object)
+    for col in ("note", "phase"):
+        text = df[col].astype(object)
+        df[col] = text.where(text.notna(), "")
     return df
 
 

@@ -1,8 +1,8 @@
 """The two sides of `kvscope diff`, each recognised by what it is and read with the readers of the commands that made
-it: a run folder (`kvscope run`; `inputs.read_run`), a capture (a `kvscope align` or `kvscope nsys` output folder,
-its steps.parquet and kernels.parquet, with the run folder beside it where there is one; or an nsys export, `.sqlite`,
-`.nsys-rep` or a parquetdir folder, aligned in memory as `kvscope align` would), or a sweep file (`.csv`/`.parquet`;
-`sweep_file.read_sweep`).
+it: a run folder (`kvscope run`; `inputs.read_run`) or a folder of run folders (repeats of one run), a capture (a
+`kvscope align` or `kvscope nsys` output folder, its steps.parquet and kernels.parquet, with the run folder beside it
+where there is one; or an nsys export, `.sqlite`, `.nsys-rep` or a parquetdir folder, aligned in memory as `kvscope
+align` would), or a sweep file (`.csv`/`.parquet`; `sweep_file.read_sweep`).
 
 Kinds compare like with like: two runs, two captures, two sweeps. A capture that holds its run folder (`kvscope
 nsys`) also compares with a run folder, through that run. Anything else is one line (`KvscopeError`).
@@ -54,6 +54,7 @@ class Side:
     device: str | None
     settings: dict[str, str] = field(default_factory=dict)
     run: RunFiles | None = None
+    runs: tuple[RunFiles, ...] = ()  # a set of run folders (the unit of replication then the run), else empty
     steps: pd.DataFrame | None = None
     kernels: pd.DataFrame | None = None
     sweep: pd.DataFrame | None = None
@@ -80,8 +81,37 @@ def read_side(path: Path, label: str) -> Side:
         return _capture_folder_side(path, label)
     if (path / SUMMARY_FILE).exists() or (path / NSYS_RUN_SUBFOLDER / SUMMARY_FILE).exists():
         return _run_side(read_run(path), path, label)
-    raise KvscopeError(f"{label} {path} is not a run folder (no {SUMMARY_FILE}), an align or nsys folder (no "
-                       f"{STEPS_FILE}) or an nsys export")
+    members = run_set_members(path)
+    if members:
+        return _run_set_side(path, label, members)
+    raise KvscopeError(f"{label} {path} is not a run folder (no {SUMMARY_FILE}), a folder of run folders, an align "
+                       f"or nsys folder (no {STEPS_FILE}) or an nsys export")
+
+
+def run_set_members(path: Path) -> list[Path]:
+    """The run folders directly inside `path` (each with its summary.parquet, or a `kvscope nsys` folder's run/), by
+    name; empty when there are none."""
+    try:
+        entries = sorted(p for p in path.iterdir() if p.is_dir())
+    except OSError as exc:
+        raise KvscopeError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    return [p for p in entries if (p / SUMMARY_FILE).exists() or (p / NSYS_RUN_SUBFOLDER / SUMMARY_FILE).exists()]
+
+
+def _run_set_side(path: Path, label: str, members: list[Path]) -> Side:
+    """A folder of run folders of one model, dtype, shape and device: each run one sample of every row (the runs are
+    the unit of replication, which takes in what differs from one process to the next)."""
+    sides = [_run_side(read_run(m), m, label) for m in members]
+    first = sides[0]
+    for other in sides[1:]:
+        pairs = [(k, first.identity.get(k), other.identity.get(k)) for k in IDENTITY_KEYS]
+        differs = [f"{k} ({x} vs {y})" for k, x, y in (*pairs, ("device", first.device, other.device))
+                   if str(x) != str(y)]
+        if differs:
+            raise KvscopeError(f"{label} {path} holds runs of different measurements: {first.path.name} and "
+                               f"{other.path.name} differ in {', '.join(differs)}; a folder of runs holds repeats of "
+                               "one run")
+    return replace(first, path=path, run=sides[0].run, runs=tuple(s.run for s in sides if s.run is not None))
 
 
 def comparable(a: Side, b: Side) -> tuple[Side, Side]:
@@ -91,7 +121,7 @@ def comparable(a: Side, b: Side) -> tuple[Side, Side]:
         return a, b
     for x, y in ((a, b), (b, a)):
         if x.kind == CAPTURE and y.kind == RUN and x.run is not None:
-            as_run = replace(x, kind=RUN, steps=None, kernels=None, problem=None)
+            as_run = replace(x, kind=RUN, steps=None, kernels=None, problem=None, runs=(x.run,))
             return (as_run, y) if x is a else (y, as_run)
     raise KvscopeError(f"A {a.path} is a {_kind_text(a)} and B {b.path} a {_kind_text(b)}: kvscope diff compares "
                        "two run folders, two captures or two sweep files")
@@ -100,7 +130,7 @@ def comparable(a: Side, b: Side) -> tuple[Side, Side]:
 def _kind_text(side: Side) -> str:
     if side.kind == CAPTURE and side.run is None:
         return "capture without its run folder"
-    return side.kind
+    return f"folder of {len(side.runs)} run folders" if len(side.runs) > 1 else side.kind
 
 
 # ---- run folders --------------------------------------------------------------------------------------------
@@ -113,7 +143,7 @@ def _run_side(run: RunFiles, path: Path, label: str) -> Side:
     meta = run.metadata or {}
     settings = {k: str(_plain(row[k])) for k in SETTING_KEYS if k in row.index}
     settings.setdefault("engine", str(meta.get("engine", "kvscope")))
-    return Side(label, path, RUN, identity, str(row["device"]), settings, run=run)
+    return Side(label, path, RUN, identity, str(row["device"]), settings, run=run, runs=(run,))
 
 
 def _plain(value: Any) -> Any:
@@ -207,9 +237,10 @@ def capture_problem(steps: pd.DataFrame, kernels: pd.DataFrame, identity: dict[s
 def _sweep_side(path: Path, label: str) -> Side:
     df = read_sweep(path)
     identity: dict[str, Any] = dict.fromkeys(IDENTITY_KEYS)
-    for key in ("model", "dtype"):
-        if key in df.columns and df[key].notna().any():
-            identity[key] = str(df[key].dropna().iloc[0])
+    for key in ("model", "dtype", "gen_tokens"):  # one value in the file (gen_tokens: where one engine's)
+        values = df[key].dropna().unique() if key in df.columns else []
+        if len(values) == 1:
+            identity[key] = _plain(values[0])
     device = str(df["device"].dropna().iloc[0]) if "device" in df.columns and df["device"].notna().any() else None
     settings = {k: str(df[k].dropna().iloc[0]) for k in SETTING_KEYS if k in df.columns and df[k].notna().any()}
     return Side(label, path, SWEEP, identity, device, settings, sweep=df)

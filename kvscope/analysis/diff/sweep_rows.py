@@ -30,6 +30,7 @@ TIME_COLUMNS = (("decode_p50_ms_per_tok", "ms", LOWER, "decode"), ("prefill_p50_
 EFFICIENCY_COLUMNS = (("decode_mbu", "fraction", HIGHER, "decode"), ("prefill_mfu", "fraction", HIGHER, "prefill"),
                       ("decode_mbu_pct", "%", HIGHER, "decode"), ("prefill_mfu_pct", "%", HIGHER, "prefill"))
 ALL_POINTS = "all points"
+_SHARES = frozenset(c for c, *_ in EFFICIENCY_COLUMNS)
 
 
 def point_keys(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
@@ -57,8 +58,9 @@ def sweep_rows(df: pd.DataFrame, keys: pd.Series, columns: tuple[tuple[str, str,
             continue
         values = pd.to_numeric(df[col], errors="coerce").astype("float64").to_numpy()
         base = {"family": "point", "phase": phase, "metric": col, "unit": unit, "better": better}
+        none = "no calibrated ceiling" if col in _SHARES else "no value"
         for key, v, flagged in zip(keys, values, oom, strict=True):
-            value, note = (np.nan, "oom") if flagged else (v, "" if np.isfinite(v) else "no value")
+            value, note = (np.nan, "oom") if flagged else (v, "" if np.isfinite(v) else none)
             records.append({**base, "row": f"{key} {col}", "unit_id": 0, "value": value, "note": note})
             records.append({**base, "family": "points", "row": f"{ALL_POINTS} {col}", "unit_id": key,
                             "value": value, "note": note})

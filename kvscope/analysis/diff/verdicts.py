@@ -1,7 +1,7 @@
 """`kvscope diff`'s verdicts: each row both sides' samples, A, B, the difference, a 95% interval of B / A, and one of
 `faster`, `slower`, `same` or `cannot tell`, with the reason.
 
-With the band +-t (`threshold_pct`, 2% by default): `same` when the whole interval lies inside it, `slower` or
+With the band ±t (`threshold_pct`, 2% by default): `same` when the whole interval lies inside it, `slower` or
 `faster` when the whole interval lies beyond it (for a time, B above A is slower; for a rate or a share of a
 ceiling, below), `cannot tell` otherwise, and always when there is no interval to judge by: A and B different
 measurements (another model, dtype or shape), a row one side does not hold, a capture that is empty or truncated, a
@@ -56,6 +56,7 @@ class Context:
     different: list[str] = field(default_factory=list)
     problems: dict[str, str] = field(default_factory=dict)
     devices: tuple[str, str] | None = None
+    unit: str = "repetitions"  # what a sample is: a run's repetition, or a whole run (folders of run folders)
 
 
 def judge_rows(rows_a: pd.DataFrame, rows_b: pd.DataFrame, ctx: Context) -> pd.DataFrame:
@@ -80,14 +81,16 @@ def _judge(name: str, a: pd.DataFrame | None, b: pd.DataFrame | None, ctx: Conte
     if reason is not None:
         return {**line, "ci_low_pct": math.nan, "ci_high_pct": math.nan, "ci_level": math.nan,
                 "verdict": CANNOT_TELL, "reason": reason}
-    if np.array_equal(np.sort(va), np.sort(vb)):
+    if va.size and np.array_equal(np.sort(va), np.sort(vb)):
         return {**line, "ci_low_pct": 0.0, "ci_high_pct": 0.0, "ci_level": math.nan, "verdict": SAME,
                 "reason": "identical samples on both sides"}
     iv = paired_interval(va, vb) if paired else ratio_interval(va, vb)
     if iv is None:
         return {**line, "ci_low_pct": math.nan, "ci_high_pct": math.nan, "ci_level": math.nan,
-                "verdict": CANNOT_TELL, "reason": _too_few(va.size, vb.size, paired)}
+                "verdict": CANNOT_TELL, "reason": _too_few(va.size, vb.size, paired, ctx.unit)}
     verdict, reason = _verdict(iv, meta["better"], ctx.threshold_pct)
+    if paired:
+        reason += _left_out(a, b, va.size)
     if ctx.devices is not None and meta["unit"] == "ms":
         reason += f" (different devices: {ctx.devices[0]} vs {ctx.devices[1]})"
     return {**line, "ci_low_pct": _pct(iv.low), "ci_high_pct": _pct(iv.high), "ci_level": iv.level,
@@ -140,9 +143,12 @@ def _abstain(name: str, a: pd.DataFrame | None, b: pd.DataFrame | None, va: np.n
                 return f"{label}: {ctx.problems[label]}"
     for label, side in (("A", a), ("B", b)):
         missing = side[~np.isfinite(side["value"].to_numpy(np.float64))]
-        if len(missing):
+        # pooled points: those without a value are left out (_left_out), unless that leaves none
+        if len(missing) and (family != "points" or not va.size):
             return _missing_reason(label, missing, ctx)
-    if family == "point":
+    if family == "points" and not va.size:
+        return "no point on both sides"
+    if family == "point" and not np.array_equal(va, vb):  # the same value twice is the same (one measurement)
         return ("one value a side: a sweep file keeps a point's medians, not its samples (the all points rows "
                 "pool the points)")
     for label, v in (("A", va), ("B", vb)):
@@ -164,11 +170,17 @@ def _missing_reason(label: str, missing: pd.DataFrame, ctx: Context) -> str:
     return f"{label} has no value"
 
 
-def _too_few(n: int, m: int, paired: bool) -> str:
+def _left_out(a: pd.DataFrame | None, b: pd.DataFrame | None, pairs: int) -> str:
+    """What a pooled row left out: the points one side lacks or holds without a value (out of memory)."""
+    ids = set(a["unit_id"] if a is not None else ()) | set(b["unit_id"] if b is not None else ())
+    return f"; {len(ids) - pairs} of {len(ids)} points left out (on one side only, or without a value)" \
+        if len(ids) > pairs else ""
+
+
+def _too_few(n: int, m: int, paired: bool, unit: str) -> str:
     if paired:
         return f"too few samples: {n} points both sides hold (a 95% interval needs 6)"
-    return (f"too few samples: {n} and {m} repetitions (a 95% interval needs at least 3 a side and 4 and 4, or 3 "
-            "and 5)")
+    return f"too few samples: {n} and {m} {unit} (a 95% interval needs 4 and 4, or 3 and 5)"
 
 
 def _pct(ratio: float) -> float:
@@ -176,7 +188,7 @@ def _pct(ratio: float) -> float:
 
 
 def _verdict(iv: Interval, better: str, t: float) -> tuple[str, str]:
-    """The verdict of an interval against the band +-t (module docstring), and its reason."""
+    """The verdict of an interval against the band ±t (module docstring), and its reason."""
     lo, hi = _pct(iv.low), _pct(iv.high)
     shown = f"the 95% interval {lo:+.1f}% to {hi:+.1f}%"
     up, down = (FASTER, SLOWER) if better == HIGHER else (SLOWER, FASTER)
@@ -185,5 +197,5 @@ def _verdict(iv: Interval, better: str, t: float) -> tuple[str, str]:
     if hi < -t:
         return down, f"{shown} lies below -{t:g}%"
     if lo >= -t and hi <= t:
-        return SAME, f"{shown} lies inside +-{t:g}%"
-    return CANNOT_TELL, f"intervals overlap: {shown} crosses the +-{t:g}% band"
+        return SAME, f"{shown} lies inside ±{t:g}%"
+    return CANNOT_TELL, f"intervals overlap: {shown} crosses the ±{t:g}% band"
