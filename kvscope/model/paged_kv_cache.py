@@ -110,6 +110,11 @@ class PagedKVCache:
         return self.data.numel() * self.data.element_size()
 
     @property
+    def bytes_per_token(self) -> int:
+        """Bytes of one position over every layer, K and V (from `numel()`; equals `block_bytes(...) // block_size`)."""
+        return self.nbytes // (self.n_blocks * self.block_size)
+
+    @property
     def token_capacity(self) -> int:
         """Positions the pool can hold across all sequences."""
         return self.pool.capacity * self.block_size

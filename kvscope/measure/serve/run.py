@@ -229,8 +229,7 @@ def _ledger_after(built: _Built, loop: ServeLoop) -> None:
         built.ledger += [("activations_peak", peak - fixed, "peak allocated during the load - weights - KV pool"),
                          ("allocator_reserved", torch.cuda.memory_reserved(cfg.device), "at the end of the load"),
                          ("allocator_allocated", torch.cuda.memory_allocated(cfg.device), "at the end of the load")]
-    bs = built.sched.bs
-    per_slot = built.ledger[1][1] // max(1, built.sched.pool.n_blocks * bs)
+    per_slot = built.engine.cache.bytes_per_token
     used = max((r["token_slots_used"] for r in loop.rows), default=0)
     held = max((r["block_slots_held"] for r in loop.rows), default=0)
     built.ledger += [("kv_token_slots_used_peak", used * per_slot, f"{used} positions holding K/V at the peak"),
@@ -253,7 +252,7 @@ def _meta(spec: ServeSpec, built: _Built, max_seq: int, nvml: NvmlSampler) -> di
         "clock": built.ins.clock if built.ins.timing else "none",
         "nvtx": {"requested": built.ins.nvtx_requested, "active": built.ins.nvtx_active},
         "serve": {**spec.as_dict(), "max_seq": max_seq, "n_blocks": cache.n_blocks,
-                  "kv_bytes_per_token": PagedKVCache.block_bytes(source.args, cache.block_size, cache.dtype)
-                  // cache.block_size, "weights_bytes": built.ledger[0][1], "graphs": plan.graphs,
+                  "kv_bytes_per_token": cache.bytes_per_token,
+                  "weights_bytes": next(b for item, b, _ in built.ledger if item == "weights"), "graphs": plan.graphs,
                   "kernels": plan.kernels, "graph_buckets": list(engine.buckets) if engine.graphs else []},
     }
