@@ -166,7 +166,7 @@ class ServeLoop:
 
     def _launch(self, plan: Plan, t: float, feed: Feed | None) -> _InFlight:
         launch = self.now()
-        out = self.engine.forward(plan.batch, self.iteration, feed if feed is not None and feed.rows.size else None)
+        out = self.engine.forward(plan.batch, self.iteration, feed)  # a feed of no rows feeds nothing
         readback = Readback(out)
         done = self.sched.advance(plan)
         flight = _InFlight(plan, readback, self.iteration, done, self._row(plan, launch, (launch - t) * MS_PER_S))
