@@ -12,7 +12,7 @@ from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunConfig
 from kvscope.engine.served import ServeConfig, ServedEngine
 from kvscope.measure.serve.load import RequestSpec
-from kvscope.measure.serve.scheduler import Scheduler, Sequence
+from kvscope.measure.serve.scheduler import FINISHED, Scheduler, Sequence
 from kvscope.model.paged_kv_cache import PagedKVCache
 
 # (prompt, output, arrival iteration)
@@ -84,6 +84,27 @@ def drive(model: torch.nn.Module, policy: str, preempt: str, n_blocks: int, budg
 
 def first_difference(got: list[int], ref: list[int]) -> int | None:
     return next((i for i, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), None)
+
+
+def check_ran(seqs: list[Sequence], preempt: str, n_blocks: int) -> None:
+    """Every request finished; with the small pool, the preemption the case forces happened."""
+    assert all(s.state == FINISHED for s in seqs)
+    if n_blocks == SMALL_POOL:
+        attr = "preempt_swap" if preempt == "swap" else "preempt_recompute"
+        assert sum(getattr(s, attr) for s in seqs) > 0
+
+
+def divergences(model: torch.nn.Module, seqs: list[Sequence], options: EngineOptions, attn: str = "sdpa"
+                ) -> list[tuple[Sequence, int, list[int], torch.Tensor]]:
+    """Each request whose tokens differ from the same request alone: (request, first differing token, the tokens
+    alone, the reference's logits at that token)."""
+    out = []
+    for s in seqs:
+        ref = alone(model, s.prompt, s.spec.output_tokens, options, attn)
+        k = first_difference(s.output, ref)
+        if k is not None:
+            out.append((s, k, ref, reference_logits(model, s.prompt + ref[:k], options, attn)))
+    return out
 
 
 def drive_loop(model: torch.nn.Module, policy: str, preempt: str, n_blocks: int, budget: int, block: int,

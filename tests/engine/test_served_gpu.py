@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_drive import CASES, SMALL_POOL, alone, drive, drive_loop, first_difference, reference_logits
+from serve_drive import CASES, check_ran, divergences, drive, drive_loop
 
 from kvscope.engine.options import EngineOptions
-from kvscope.measure.serve.scheduler import FINISHED
 from kvscope.model.source import resolve_model
 from kvscope.model.weights import load_model
 
@@ -41,17 +40,10 @@ def near_tie(logits: torch.Tensor) -> tuple[float, float]:
 def test_tokens_equal_alone_bf16(model: torch.nn.Module, policy: str, preempt: str, n_blocks: int, budget: int,
                                  block: int, driver: object) -> None:
     seqs = driver(model, policy, preempt, n_blocks, budget, block, FAST)  # type: ignore[operator]
-    assert all(s.state == FINISHED for s in seqs)
-    if n_blocks == SMALL_POOL:
-        attr = "preempt_swap" if preempt == "swap" else "preempt_recompute"
-        assert sum(getattr(s, attr) for s in seqs) > 0
-    exact = 0
-    for s in seqs:
-        ref = alone(model, s.prompt, s.spec.output_tokens, FAST, "kvscope")
-        k = first_difference(s.output, ref)
-        if k is None:
-            exact += 1
-            continue
-        gap, tol = near_tie(reference_logits(model, s.prompt + ref[:k], FAST, "kvscope"))
+    check_ran(seqs, preempt, n_blocks)
+    differ = divergences(model, seqs, FAST, "kvscope")
+    for s, k, ref, logits in differ:
+        gap, tol = near_tie(logits)
         assert gap <= tol, f"request {s.spec.request_id} token {k}: {s.output[k]} vs {ref[k]}, top-2 gap {gap:.4g}"
+    exact = len(seqs) - len(differ)
     assert exact >= MIN_EXACT_SHARE * len(seqs), f"only {exact} of {len(seqs)} requests equal alone"

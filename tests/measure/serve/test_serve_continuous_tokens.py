@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_drive import CASES, SMALL_POOL, alone, drive, drive_loop, first_difference, reference_logits
+from serve_drive import CASES, check_ran, divergences, drive, drive_loop
 
 from kvscope.engine.options import EngineOptions
-from kvscope.measure.serve.scheduler import FINISHED
 from kvscope.model.source import resolve_model
 from kvscope.model.weights import load_model
 
@@ -34,16 +33,9 @@ def model() -> torch.nn.Module:
 def test_tokens_equal_alone(model: torch.nn.Module, policy: str, preempt: str, n_blocks: int, budget: int,
                             block: int, driver: object) -> None:
     seqs = driver(model, policy, preempt, n_blocks, budget, block, EAGER)  # type: ignore[operator]
-    assert all(s.state == FINISHED for s in seqs)
-    if n_blocks == SMALL_POOL:
-        attr = "preempt_swap" if preempt == "swap" else "preempt_recompute"
-        assert sum(getattr(s, attr) for s in seqs) > 0
-    for s in seqs:
-        ref = alone(model, s.prompt, s.spec.output_tokens, EAGER)
-        assert len(s.output) == s.spec.output_tokens
-        k = first_difference(s.output, ref)
-        if k is None:
-            continue
-        top = reference_logits(model, s.prompt + ref[:k], EAGER).topk(2).values
+    check_ran(seqs, preempt, n_blocks)
+    assert all(len(s.output) == s.spec.output_tokens for s in seqs)
+    for s, k, ref, logits in divergences(model, seqs, EAGER):
+        top = logits.topk(2).values
         gap = float(top[0] - top[1])
         assert gap < NEAR_TIE, f"request {s.spec.request_id} token {k}: {s.output[k]} vs {ref[k]}, gap {gap:.3g}"
