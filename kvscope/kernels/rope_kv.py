@@ -34,10 +34,7 @@ def rope_kv_(qkv: torch.Tensor, cos: torch.Tensor, sin_rot: torch.Tensor, k_cach
         raise ValueError(f"rope_kv_: qkv must be contiguous (B, S, H+2H_kv, D), got {tuple(qkv.shape)} "
                          f"strides {qkv.stride()}")
     b, s, all_heads, d = qkv.shape
-    hkv = (all_heads - n_heads) // 2
-    if n_heads <= 0 or hkv <= 0 or n_heads + 2 * hkv != all_heads or n_heads % hkv or d % 2:
-        raise ValueError(f"rope_kv_: qkv {tuple(qkv.shape)} does not split into {n_heads} query heads and two equal "
-                         "groups of key/value heads with an even head size")
+    hkv = _kv_heads("rope_kv_", qkv, n_heads)
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != b or k_cache.shape[2:] != (hkv, d) \
             or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError(f"rope_kv_: caches k {tuple(k_cache.shape)} v {tuple(v_cache.shape)} must be contiguous "
@@ -65,6 +62,17 @@ def rope_kv_(qkv: torch.Tensor, cos: torch.Tensor, sin_rot: torch.Tensor, k_cach
                                    i32(n_tokens), i32(s), i32(n_heads), i32(hkv), i32(d), i32(s_max)])
 
 
+def _kv_heads(name: str, qkv: torch.Tensor, n_heads: int) -> int:
+    """The key/value heads of a fused projection (..., H + 2*H_kv, D) with `n_heads` query heads; ValueError unless
+    it splits into them and two equal groups, with an even head size."""
+    all_heads, d = qkv.shape[-2:]
+    hkv = (all_heads - n_heads) // 2
+    if n_heads <= 0 or hkv <= 0 or n_heads + 2 * hkv != all_heads or n_heads % hkv or d % 2:
+        raise ValueError(f"{name}: qkv {tuple(qkv.shape)} does not split into {n_heads} query heads and two equal "
+                         "groups of key/value heads with an even head size")
+    return hkv
+
+
 def _check_slots(name: str, qkv: torch.Tensor, cos: torch.Tensor, sin_rot: torch.Tensor, k_pool: torch.Tensor,
                  v_pool: torch.Tensor, n_heads: int, lengths: torch.Tensor | None, slots: torch.Tensor) -> int:
     """The paged call's shapes (`rope_kv_` with slots): qkv contiguous (T, 1, H + 2*H_kv, D), pools contiguous
@@ -73,11 +81,8 @@ def _check_slots(name: str, qkv: torch.Tensor, cos: torch.Tensor, sin_rot: torch
     if qkv.dim() != 4 or qkv.shape[1] != 1 or not qkv.is_contiguous():
         raise ValueError(f"{name}: with slots, qkv must be contiguous (T, 1, H+2H_kv, D), got {tuple(qkv.shape)} "
                          f"strides {qkv.stride()}")
-    t, _, all_heads, d = qkv.shape
-    hkv = (all_heads - n_heads) // 2
-    if n_heads <= 0 or hkv <= 0 or n_heads + 2 * hkv != all_heads or n_heads % hkv or d % 2:
-        raise ValueError(f"{name}: qkv {tuple(qkv.shape)} does not split into {n_heads} query heads and two equal "
-                         "groups of key/value heads with an even head size")
+    t, d = qkv.shape[0], qkv.shape[3]
+    hkv = _kv_heads(name, qkv, n_heads)
     if k_pool.dim() != 4 or k_pool.shape != v_pool.shape or k_pool.shape[2:] != (hkv, d) \
             or not (k_pool.is_contiguous() and v_pool.is_contiguous()):
         raise ValueError(f"{name}: pools k {tuple(k_pool.shape)} v {tuple(v_pool.shape)} must be contiguous "
