@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from kvscope.analysis.diff.stats import paired_interval
 from kvscope.engine.loop import Engine
 from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunConfig, parse_dtype
@@ -219,6 +220,11 @@ def _table(names: list[str], seqs: list[int], samples: dict[tuple[str, int], Sam
                     pct, lo, hi = paired_ratio(a, b)
                     row |= {f"{key}_vs_bare_pct": pct, f"{key}_vs_bare_ci95_pct": [lo, hi]}
                     cells[i] = f"{pct:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                    iv = paired_interval(b, a)  # kvscope diff's paired interval (Hodges-Lehmann, Wilcoxon)
+                    if iv is not None:
+                        hl = [(iv.estimate - 1) * 100, (iv.low - 1) * 100, (iv.high - 1) * 100]
+                        row |= {f"{key}_vs_bare_hl_pct": hl}
+                        cells[i] += f" HL {hl[0]:+.2f} [{hl[1]:+.2f}, {hl[2]:+.2f}]"
             rows.append(row)
             print(f"| {s} | {n} | {med_t:.3f} | {cells[0]} | {med_d:.4f} | {cells[1]} | {len(smp.ttft_ms)} |")
     return rows
@@ -234,6 +240,9 @@ def main() -> None:
     p.add_argument("--eager-steps", type=int, default=8, help="decode steps after each prefill with graphs off")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--graphs", default="on,off", help="on, off or both: CUDA-graph decode, or the eager loop")
+    p.add_argument("--prefill-graphs", default="on", choices=["on", "off"],
+                   help="with graphs on, prefills replayed from CUDA graphs per length (what `kvscope run` does by "
+                        "default) or eager")
     p.add_argument("--configs", default="bare,phase,layer,op,default,phase+nvml-thread")
     p.add_argument("--prime", type=int, default=1, help="untimed runs of a configuration right before its timed one")
     p.add_argument("--nvml-interval-ms", type=float, default=20.0)
@@ -255,7 +264,8 @@ def main() -> None:
     for mode in ns.graphs.split(","):
         graphs = mode == "on"
         steps = ns.steps if graphs else ns.eager_steps
-        cfg = RunConfig(ns.batch, max(seqs) + steps + 2, dtype, dev, "sdpa")
+        prefill_graphs = graphs and ns.prefill_graphs == "on"
+        cfg = RunConfig(ns.batch, max(seqs) + steps + 2, dtype, dev, "sdpa", prefill_graphs)
         instruments = {n: Instrument(CONFIGS[n][0], dev, nvtx=CONFIGS[n][1]) for n in names}
         shared = Engine(model, cfg, Instrument("none", dev, nvtx=False), EngineOptions(graphs=graphs, kernels=True))
         engines = {n: (Engine(model, cfg, instruments[n], options=EngineOptions(graphs=True, kernels=True))
@@ -265,8 +275,9 @@ def main() -> None:
             instruments[n].reserve(regions_per_rep(instruments[n], src.args.n_layers, steps + 1, graphs) + 2)
         prompts = {s: torch.randint(0, src.args.vocab_size, (ns.batch, s), device=dev) for s in seqs}
         samples, thread_samples = _rounds(ns, dev, names, seqs, steps, engines, instruments, prompts)
-        print(f"\n### CUDA graphs {mode} ({steps} decode steps a round)\n")
-        rows += _table(names, seqs, samples, graphs, steps)
+        print(f"\n### CUDA graphs {mode}, prefill graphs {'on' if prefill_graphs else 'off'} ({steps} decode steps "
+              "a round)\n")
+        rows += [r | {"prefill_graphs": prefill_graphs} for r in _table(names, seqs, samples, graphs, steps)]
         if thread_samples:
             print(f"\n(the in-process NVML thread took {thread_samples} samples in all)")
         if ns.json:  # after each mode, so a run stopped later keeps what it measured

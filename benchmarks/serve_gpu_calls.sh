@@ -6,13 +6,17 @@
 #   source .carry/device-env.sh; bash benchmarks/serve_gpu_calls.sh A     # device call 1
 #   source .carry/device-env.sh; bash benchmarks/serve_gpu_calls.sh B     # device call 2
 #
-# A: the GPU tests of the paged kernels and of the served engine (tokens against each request alone, bf16), the
+# A: the GPU tests of the served engine (tokens against each request alone, bf16), the
 #    paged decode-only iteration against the static decode step (benchmarks/serve_decode_vs_static.py), a sweep over
 #    arrival rates for both policies, the static batch sweep and `kvscope capacity`'s plan, the report with the
-#    planner beside the measured rate.
+#    planner beside the measured rate (made afterwards: copy plan.csv into the sweep folder, `kvscope report`).
 # B: a served load under Nsight Systems (`kvscope nsys -- serve`: kernels per iteration, the interference and the
-#    per-request GPU cost from them), the existing decode-attention GPU tests after the paged change, the paged
-#    kernel against the contiguous one and against the kernel source before the change (benchmarks/paged_decode.py).
+#    per-request GPU cost from them), the paged kernel against the contiguous one and against the kernel source
+#    before the change (benchmarks/paged_decode.py), the HTTP front against the same load in process (issue 24,
+#    benchmarks/serve_http_vs_inprocess.py: carry the wheels its docstring lists), the instruments' cost with prefill
+#    graphs on (issue 25, benchmarks/instrument_overhead.py), the existing decode-attention and the paged
+#    kernels' GPU tests, as time is left.
+# The reports are made afterwards on any machine: `kvscope report` on the fetched folders.
 # Everything lands under $OUT; each step's exit status and elapsed time in $OUT/summary.txt.
 # Environment: RATES (default 8,24,40,56 requests/s), DUR (seconds of arrivals per point, default 6), TTFT / TPOT
 # (the SLOs in ms, default 300 / 40).
@@ -21,8 +25,12 @@ cd "$(dirname "$0")/.."
 S=$OUT/summary.txt
 t0=$(date +%s)
 el() { echo "[$(( $(date +%s) - t0 )) s]"; }
+DEADLINE=${DEADLINE:-570}  # seconds from the start: a step gets what is left of it, at most its own limit
 step() {  # step NAME TIMEOUT_S LOG COMMAND...
   local name=$1 limit=$2 log=$3; shift 3
+  local left=$(( DEADLINE - ($(date +%s) - t0) ))
+  if [ "$left" -lt 20 ]; then echo "$(el) $name skipped (no time left)" | tee -a "$S"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
   timeout "$limit" "$@" > "$OUT/$log" 2>&1
   echo "$(el) $name rc $?" | tee -a "$S"
   tail -8 "$OUT/$log"
@@ -33,8 +41,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 case "${1:-A}" in
 A)
   MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-  step "paged kernel tests" 100 paged_gpu.log python3 -m pytest -q -p no:cacheprovider -m gpu \
-    tests/kernels/test_paged_kernels_gpu.py -x
   step "served engine tests" 150 served_gpu.log python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/engine/test_served_gpu.py -x
   step "paged vs static decode" 90 svs.log python3 benchmarks/serve_decode_vs_static.py --rounds 7 --steps 24 \
@@ -47,18 +53,23 @@ A)
   step "capacity" 30 capacity.log python3 -m kvscope capacity --sweep "$OUT/static_sweep.parquet" \
     --gpu-mem-gb $((MEM / 1024)) --tpot-slo-ms "$TPOT" --ttft-slo-ms "$TTFT" --prompt 512 --output 128 \
     --out "$OUT/plan.csv"
-  step "report" 60 report.log python3 -m kvscope report "$OUT/serve_sweep" --compare "$OUT/plan.csv"
   ;;
 B)
   step "nsys serve" 200 nsys_serve.log python3 -m kvscope nsys --out "$OUT/nsys_serve" -- serve --model qwen2.5-3b \
     --rps 24 --requests 150 --prompt-len 512 --output-len 128 --max-seqs 64 --policy chunked \
     --slo-ttft-ms "$TTFT" --slo-tpot-ms "$TPOT" --no-progress
   rm -f "$OUT"/nsys_serve/*.nsys-rep "$OUT"/nsys_serve/*.sqlite
-  step "nsys report" 60 nsys_report.log python3 -m kvscope report "$OUT/nsys_serve"
-  step "decode attention tests" 150 existing_gpu.log python3 -m pytest -q -p no:cacheprovider -m gpu \
-    tests/kernels/test_decode_attention_gpu.py tests/kernels/test_kernels_gpu.py -x
   step "paged kernel benchmark" 90 paged_bench.log python3 benchmarks/paged_decode.py \
     --baseline-cu .carry/decode_attention_before_paged.cu --rounds 5 --json "$OUT/paged_decode.json"
+  step "http vs in-process" 150 http.log python3 benchmarks/serve_http_vs_inprocess.py --requests 120 --rps 8 \
+    --rounds 1 --out "$OUT/http" --json "$OUT/serve_http_vs_inprocess.json"
+  rm -rf "$OUT/http"/*/trace.json
+  step "instrument overhead" 150 overhead.log python3 benchmarks/instrument_overhead.py --model qwen2.5-3b \
+    --seqs 512 --rounds 24 --graphs on --configs bare,phase,default --json "$OUT/instrument_overhead.json"
+  step "decode attention tests" 150 existing_gpu.log python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/kernels/test_decode_attention_gpu.py tests/kernels/test_kernels_gpu.py -x
+  step "paged kernel tests" 100 paged_gpu.log python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/kernels/test_paged_kernels_gpu.py -x
   ;;
 *) echo "usage: serve_gpu_calls.sh A|B" >&2; exit 2 ;;
 esac
