@@ -180,6 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "step table and the kernel-class breakdown work on them")
     a.add_argument("--classes", type=_INPUT, default=None, metavar="FILE",
                    help="kernel-class rules (TOML or JSON) tried before the built-in ones")
+    roof = a.add_argument_group("the class roofline (class_roofline.parquet: each kernel class's bytes and FLOPs "
+                                "against its time; written when the model and the shape are known)")
+    roof.add_argument("--model", type=_INPUT, default=argparse.SUPPRESS,
+                      help="preset name, Hugging Face checkpoint folder, or config.json of the model that ran "
+                           "(default: the --timings run folder's model)")
+    roof.add_argument("--dtype", type=_TEXT, default=None,
+                      help="float32 | bfloat16 | float16 | fp8: the width of weights, activations and KV cache "
+                           "(default: the run's, else the config.json's, else bfloat16)")
+    roof.add_argument("--batch", "--batch-size", dest="batch", type=_INT, default=None,
+                      help="sequences per batch (default: the export's kvscope run range; a foreign export needs it)")
+    roof.add_argument("--seq", type=_INT, default=None,
+                      help="prompt tokens per sequence (default: the export's kvscope run range; a foreign export "
+                           "needs it)")
+    roof.add_argument("--ctx", type=_INT, default=None,
+                      help="positions in the KV cache at a decode step (default: seq + N for decode step N, the "
+                           "low median over the steps)")
+    roof.add_argument("--ceilings", type=_TEXT, default=None, metavar="GB_S,TFLOP_S",
+                      help="the GPU's copy bandwidth (GB/s) and bf16 matmul rate (TFLOP/s), as `kvscope calibrate` "
+                           "prints them; without them the shares of the ceilings are empty")
     _add_json(a, "the output folder, its files and the kernel time by class")
 
     _add_nsys(sub)

@@ -70,7 +70,18 @@ ALIGN_FILE = "align.parquet"
 STEPS_FILE = "steps.parquet"
 KERNEL_CLASSES_FILE = "kernel_classes.parquet"
 RANGE_SUMMARY_FILE = "range_summary.parquet"  # per process and range name, like nsys's nvtx_gpu_proj_sum
-ALIGN_OUTPUT_FILES = (RANGES_FILE, KERNELS_FILE, RANGE_SUMMARY_FILE, ALIGN_FILE, STEPS_FILE, KERNEL_CLASSES_FILE)
+# per phase and kernel class: median time per step against the class's modelled bytes and FLOPs (written by
+# `kvscope align` when the model and the shape are known; kvscope.analysis.align.class_roofline)
+CLASS_ROOFLINE_FILE = "class_roofline.parquet"
+ALIGN_OUTPUT_FILES = (RANGES_FILE, KERNELS_FILE, RANGE_SUMMARY_FILE, ALIGN_FILE, STEPS_FILE, KERNEL_CLASSES_FILE,
+                      CLASS_ROOFLINE_FILE)
+# class_roofline.parquet's columns, in order: what ran (phase, class, steps, median kernels and time per step), the
+# shape modelled (batch, tokens through the layers, context), the modelled bytes (weights, KV cache, activations; their
+# sum) and FLOPs as exact integers (NA where the class is not modelled), FLOP/byte, the achieved rates, their share of
+# the calibrated ceilings (%), the bound and the share of that bound's ceiling (%)
+CLASS_ROOFLINE_COLUMNS = ("phase", "kernel_class", "steps", "kernels", "time_ms", "batch", "tokens", "context",
+                          "weight_bytes", "kv_bytes", "act_bytes", "bytes", "flops", "flop_per_byte", "gb_s",
+                          "tflop_s", "mbu_pct", "mfu_pct", "bound", "roof_pct")
 # columns of summary.parquet that every sweep shares, in this order
 CLASSIC_COLUMNS = ("seq_len", "batch", "prefill_p50_ms", "prefill_ms_per_tok", "prefill_tok_s",
                    "decode_p50_ms_per_tok", "decode_tok_s", "total_tok_s", "vram_reserved_mb", "flag")

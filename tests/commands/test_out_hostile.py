@@ -259,7 +259,7 @@ def test_two_aligns_into_one_new_out(tmp_path: Path, monkeypatch: pytest.MonkeyP
     says so."""
     out = tmp_path / "al"
     second = _second_inside(monkeypatch, align_cmd, "write", lambda: main(
-        ["align", str(DATA / "nsys" / "qwen25-05b.sqlite"), "--out", str(out)]))
+        ["align", str(DATA / "nsys" / "qwen25-05b.sqlite"), "--model", "qwen2.5-0.5b", "--out", str(out)]))
     rc = main(["align", str(EXPORT), "--out", str(out)])
     assert second == [0] and rc == 2
     assert capsys.readouterr().err.splitlines() == [f"kvscope: error: --out {out} {RACED}"]

@@ -27,6 +27,7 @@ from kvscope.analysis.nsys.export import export_rep, load_export
 from kvscope.cli import main
 from kvscope.errors import KvscopeError
 from kvscope.io import AtomicFolder, read_metadata, write_parquet
+from kvscope.schema import CLASS_ROOFLINE_FILE
 
 DATA = DATA / "nsys"
 ENOSPC_MESSAGE = os.strerror(errno.ENOSPC)
@@ -96,9 +97,13 @@ def test_previous_output_is_replaced_whole(tmp_path: Path, capsys: pytest.Captur
     out = tmp_path / "al"
     assert main(["align", str(DATA / "tiny.sqlite"), "--out", str(out)]) == 0
     assert len(pd.read_parquet(out / "ranges.parquet")) == 165
-    assert main(["align", str(DATA / "qwen25-05b.parquetdir"), "--out", str(out)]) == 0
+    assert main(["align", str(DATA / "qwen25-05b.parquetdir"), "--model", "qwen2.5-0.5b", "--out", str(out)]) == 0
     assert len(pd.read_parquet(out / "ranges.parquet")) == 1573
     assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES, "trace.json"])
+    # an output with a class roofline is replaced whole by one without (no model given): none of it is left
+    assert main(["align", str(DATA / "tiny.sqlite"), "--out", str(out)]) == 0
+    without = [f for f in OUTPUT_FILES if f != CLASS_ROOFLINE_FILE]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*without, "trace.json"])
     assert leftovers(tmp_path) == []
     capsys.readouterr()
 
