@@ -73,8 +73,9 @@ RANGE_SUMMARY_FILE = "range_summary.parquet"  # per process and range name, like
 # per phase and kernel class: median time per step against the class's modelled bytes and FLOPs (written by
 # `kvscope align` when the model and the shape are known; kvscope.analysis.align.class_roofline)
 CLASS_ROOFLINE_FILE = "class_roofline.parquet"
+OVERLAP_FILE = "overlap.parquet"  # per step: consecutive kernels of one stream overlapping (analysis/align/overlap.py)
 ALIGN_OUTPUT_FILES = (RANGES_FILE, KERNELS_FILE, RANGE_SUMMARY_FILE, ALIGN_FILE, STEPS_FILE, KERNEL_CLASSES_FILE,
-                      CLASS_ROOFLINE_FILE)
+                      OVERLAP_FILE, CLASS_ROOFLINE_FILE)
 # class_roofline.parquet's columns, in order: what ran (phase, class, steps, median kernels and time per step), the
 # shape modelled (batch, tokens through the layers, context), the modelled bytes (weights, KV cache, activations; their
 # sum) and FLOPs as exact integers (NA where the class is not modelled), FLOP/byte, the achieved rates, their share of

@@ -70,7 +70,7 @@ def command(ns: argparse.Namespace) -> int:
         Console().print(ranks_table(split[0]))
     if roof is not None:
         Console().print(class_roofline_table(roof))
-    for note in (result.skipped, roof_note):
+    for note in (result.overlap_finding, result.skipped, roof_note):
         if note:
             print(f"align: {note}")
     tables = [*result.tables(), *([CLASS_ROOFLINE_FILE] if roof is not None else [])]

@@ -26,6 +26,7 @@ from kvscope.analysis.align.join import (
     step_activity,
 )
 from kvscope.analysis.align.kernel_classes import Rules, resolve_rules
+from kvscope.analysis.align.overlap import overlap_finding, step_overlap, stream_overlaps
 from kvscope.analysis.align.phase_map import PhaseMap, parse_phase_map
 from kvscope.analysis.align.trace_export import write_trace
 from kvscope.analysis.inputs import ALIGN_TIMINGS_COLUMNS, read_timings
@@ -41,6 +42,7 @@ from kvscope.schema import (
     KERNEL_CLASSES_FILE,
     KERNELS_FILE,
     NS_PER_MS,
+    OVERLAP_FILE,
     RANGE_SUMMARY_FILE,
     RANGES_FILE,
     STEPS_FILE,
@@ -70,11 +72,14 @@ class AlignResult:
     classes: pd.DataFrame | None
     range_summary: pd.DataFrame = field(default_factory=pd.DataFrame)
     skipped: str | None = None
+    overlap: pd.DataFrame | None = None  # overlap.parquet: consecutive kernels of one stream per step (overlap.py)
+    overlap_finding: str | None = None  # one line: did they overlap (programmatic dependent launch)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """The tables to write, by file name (skipped ones left out)."""
         frames = {RANGES_FILE: self.ranges, KERNELS_FILE: self.kernels, RANGE_SUMMARY_FILE: self.range_summary,
-                  ALIGN_FILE: self.regions, STEPS_FILE: self.steps, KERNEL_CLASSES_FILE: self.classes}
+                  ALIGN_FILE: self.regions, STEPS_FILE: self.steps, KERNEL_CLASSES_FILE: self.classes,
+                  OVERLAP_FILE: self.overlap}
         return {name: df for name, df in frames.items() if df is not None}
 
 
@@ -119,9 +124,12 @@ def analyse(export: str | Path | NsysExport, timings: str | Path | pd.DataFrame 
     labeled = label_ranges(ranges, pm)
     kernels = label_kernels(exp, proj, labeled, keep, flt.ops(exp.gpu_ops), rules)
     regions, note = _kvscope_regions(exp, ranges, labeled, timings, pm)
-    steps = classes_t = None
+    steps = classes_t = overlap = finding = None
     if len(labeled):
         steps, classes_t = step_activity(labeled), class_breakdown(kernels)
+        pairs = stream_overlaps(kernels, detail=False)
+        overlap = step_overlap(kernels, pairs)
+        finding = overlap_finding(pairs, overlap)
     elif pm is not None:
         note = "; ".join(n for n in (note, "--phase-map matched no range") if n)
     skipped = None
@@ -129,7 +137,8 @@ def analyse(export: str | Path | NsysExport, timings: str | Path | pd.DataFrame 
         names = [n for n, df in ((ALIGN_FILE, regions), (STEPS_FILE, steps), (KERNEL_CLASSES_FILE, classes_t))
                  if df is None]
         skipped = f"skipped {', '.join(names)}: {note}"
-    return AlignResult(exp, ranges, kernels, regions, steps, classes_t, range_summary(ranges), skipped)
+    return AlignResult(exp, ranges, kernels, regions, steps, classes_t, range_summary(ranges), skipped, overlap,
+                       finding)
 
 
 def _kvscope_regions(exp: NsysExport, ranges: pd.DataFrame, labeled: pd.DataFrame,
