@@ -5,17 +5,18 @@
 #   git show 373b617^:kvscope/kernels/cuda/decode_attention.cu > .carry/decode_attention_before_paged.cu  # here
 #   source .carry/device-env.sh; bash benchmarks/serve_gpu_calls.sh A     # device call 1
 #   source .carry/device-env.sh; bash benchmarks/serve_gpu_calls.sh B     # device call 2
+#   source .carry/device-env.sh; bash benchmarks/serve_gpu_calls.sh K     # device call 3 (kernels, instruments)
 #
 # A: the GPU tests of the served engine (tokens against each request alone, bf16), the
 #    paged decode-only iteration against the static decode step (benchmarks/serve_decode_vs_static.py), a sweep over
 #    arrival rates for both policies, the static batch sweep and `kvscope capacity`'s plan, the report with the
 #    planner beside the measured rate (made afterwards: copy plan.csv into the sweep folder, `kvscope report`).
 # B: a served load under Nsight Systems (`kvscope nsys -- serve`: kernels per iteration, the interference and the
-#    per-request GPU cost from them), the paged kernel against the contiguous one and against the kernel source
-#    before the change (benchmarks/paged_decode.py), the HTTP front against the same load in process (issue 24,
-#    benchmarks/serve_http_vs_inprocess.py: carry the wheels its docstring lists), the instruments' cost with prefill
-#    graphs on (issue 25, benchmarks/instrument_overhead.py), the existing decode-attention and the paged
-#    kernels' GPU tests, as time is left.
+#    per-request GPU cost from them), the HTTP front against the same load in process (issue 24,
+#    benchmarks/serve_http_vs_inprocess.py: carry the wheels its docstring lists).
+# K: what needs no served engine: the paged kernel against the contiguous one and against the kernel source before
+#    the change (benchmarks/paged_decode.py), the instruments' cost with prefill graphs on (issue 25,
+#    benchmarks/instrument_overhead.py), the existing decode-attention and the paged kernels' GPU tests.
 # The reports are made afterwards on any machine: `kvscope report` on the fetched folders.
 # Everything lands under $OUT; each step's exit status and elapsed time in $OUT/summary.txt.
 # Environment: RATES (default 8,24,40,56 requests/s), DUR (seconds of arrivals per point, default 6), TTFT / TPOT
@@ -59,11 +60,13 @@ B)
     --rps 24 --requests 150 --prompt-len 512 --output-len 128 --max-seqs 64 --policy chunked \
     --slo-ttft-ms "$TTFT" --slo-tpot-ms "$TPOT" --no-progress
   rm -f "$OUT"/nsys_serve/*.nsys-rep "$OUT"/nsys_serve/*.sqlite
-  step "paged kernel benchmark" 90 paged_bench.log python3 benchmarks/paged_decode.py \
-    --baseline-cu .carry/decode_attention_before_paged.cu --rounds 5 --json "$OUT/paged_decode.json"
   step "http vs in-process" 150 http.log python3 benchmarks/serve_http_vs_inprocess.py --requests 120 --rps 8 \
     --rounds 1 --out "$OUT/http" --json "$OUT/serve_http_vs_inprocess.json"
   rm -rf "$OUT/http"/*/trace.json
+  ;;
+K)
+  step "paged kernel benchmark" 90 paged_bench.log python3 benchmarks/paged_decode.py \
+    --baseline-cu .carry/decode_attention_before_paged.cu --rounds 5 --json "$OUT/paged_decode.json"
   step "instrument overhead" 150 overhead.log python3 benchmarks/instrument_overhead.py --model qwen2.5-3b \
     --seqs 512 --rounds 24 --graphs on --configs bare,phase,default --json "$OUT/instrument_overhead.json"
   step "decode attention tests" 150 existing_gpu.log python3 -m pytest -q -p no:cacheprovider -m gpu \
@@ -71,5 +74,5 @@ B)
   step "paged kernel tests" 100 paged_gpu.log python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/kernels/test_paged_kernels_gpu.py -x
   ;;
-*) echo "usage: serve_gpu_calls.sh A|B" >&2; exit 2 ;;
+*) echo "usage: serve_gpu_calls.sh A|B|K" >&2; exit 2 ;;
 esac
