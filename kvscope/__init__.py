@@ -21,11 +21,12 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 # public name -> the module that defines it
 _LAZY = {"run": "kvscope.api", "load_run": "kvscope.api", "load_export": "kvscope.api", "project": "kvscope.api",
-         "align": "kvscope.api", "kv_math": "kvscope.api", "Run": "kvscope.api", "KvscopeError": "kvscope.errors",
-         "serve": "kvscope.api", "load_serve": "kvscope.api", "Serve": "kvscope.api", "diff": "kvscope.api"}
+         "align": "kvscope.api", "class_roofline": "kvscope.api", "kv_math": "kvscope.api", "Run": "kvscope.api",
+         "KvscopeError": "kvscope.errors", "serve": "kvscope.api", "load_serve": "kvscope.api", "Serve": "kvscope.api",
+         "diff": "kvscope.api"}
 
-__all__ = ["KvscopeError", "Run", "Serve", "__version__", "align", "diff", "kv_math", "load_export", "load_run",
-           "load_serve", "project", "run", "serve"]
+__all__ = ["KvscopeError", "Run", "Serve", "__version__", "align", "class_roofline", "diff", "kv_math", "load_export",
+           "load_run", "load_serve", "project", "run", "serve"]
 
 
 def __getattr__(name: str) -> Any:

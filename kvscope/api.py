@@ -4,7 +4,9 @@
     load_run(dir)     a run folder's timings, summary and NVML samples as DataFrames, its metadata as a dict
     load_export(path) an Nsight Systems export (SQLite, parquetdir, .nsys-rep) read into ranges, calls and GPU ops
     project(export)   every NVTX range projected onto the GPU (nsys's `nvtx_gpu_proj_trace`), one row per range
-    align(export)     `kvscope align`'s tables (ranges, kernels, range summary, regions, steps, classes), unwritten
+    align(export)     `kvscope align`'s tables (ranges, kernels, range summary, regions, steps, classes, overlap),
+                      unwritten
+    class_roofline(result, model)  each kernel class of an aligned export's steps against its roofline
     kv_math(model)    `kvscope kv-math --json`'s numbers as a dict
     serve(...)        `kvscope serve`: a served load measured and written, returned as a `Serve`
     load_serve(dir)   a serve folder's requests, iterations, batches, summary and memory ledger as DataFrames
@@ -32,6 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kvscope.analysis.align.class_roofline import class_roofline as _class_roofline
+from kvscope.analysis.align.class_roofline import roofline_facts, roofline_request
 from kvscope.analysis.align.kernel_classes import Rules
 from kvscope.analysis.align.phase_map import PhaseMap
 from kvscope.analysis.align.pipeline import AlignResult, analyse
@@ -49,8 +53,8 @@ from kvscope.errors import KvscopeError
 from kvscope.io import check_path
 from kvscope.schema import NVML_FILE, SUMMARY_FILE, TIMINGS_FILE
 
-__all__ = ["AlignResult", "NsysExport", "Run", "Serve", "align", "diff", "kv_math", "load_export", "load_run",
-           "load_serve", "project", "run", "serve"]
+__all__ = ["AlignResult", "NsysExport", "Run", "Serve", "align", "class_roofline", "diff", "kv_math", "load_export",
+           "load_run", "load_serve", "project", "run", "serve"]
 
 PathLike = str | os.PathLike[str]
 # what a flag's argument may be, by the name messages give it: a value whose str() is its flag's text, which the
@@ -205,6 +209,28 @@ def align(export: NsysExport | PathLike, timings: PathLike | Run | pd.DataFrame 
         return analyse_ranks(exp, table, nsys=exe, phase_map=phase_map)[0]
     return analyse(exp, table, nsys=exe, domain=domain, range_re=range_re, start_ns=start_ns, end_ns=end_ns, pid=pid,
                    phase_map=phase_map, classes=classes)
+
+
+def class_roofline(result: AlignResult, model: PathLike | None = None, *, timings: PathLike | Run | None = None,
+                   dtype: str | None = None, batch: int | None = None, seq: int | None = None, ctx: int | None = None,
+                   ceilings: str | None = None) -> pd.DataFrame:
+    """`kvscope align`'s class_roofline.parquet for an `align` result: each kernel class of its prefill and decode
+    steps with its modelled bytes and FLOPs, achieved rates and share of `ceilings` ("GB_S,TFLOP_S", as
+    `--ceilings`). The model: `model` (a preset, a checkpoint folder or a config.json), else the run folder
+    `timings` (its metadata); the shape from the export's kvscope run range, else `batch` and `seq` (a foreign
+    export needs them; `ctx` the decode context). Raises KvscopeError with the command's messages, and where the
+    command would skip the table (no model, no labelled step) says why."""
+    if not isinstance(result, AlignResult):
+        raise KvscopeError(f"class_roofline: result must be an AlignResult (from kvscope.align), got "
+                           f"{_type_name(result)}")
+    run_dir = timings.path if isinstance(timings, Run) else (_path(timings, "class_roofline", "timings")
+                                                              if timings is not None else None)
+    request = roofline_request(str(model) if model is not None else None, dtype, batch, seq, ctx, ceilings,
+                               run_dir=run_dir)
+    facts, note = roofline_facts(result, request)
+    if facts is None or result.steps is None:
+        raise KvscopeError(note or "class_roofline: no model (pass model, or timings with the run folder)")
+    return _class_roofline(result.steps, result.kernels, facts)
 
 
 def kv_math(model: PathLike, batch_size: int = 1, seq: int = 0, dtype: str | None = None, kv_dtype: str | None = None,

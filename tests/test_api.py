@@ -62,9 +62,9 @@ def test_import_kvscope_is_light() -> None:
                    "if m in sys.modules)\n"
                    "print(heavy, kvscope.__all__)")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[0] == ("[] ['KvscopeError', 'Run', 'Serve', '__version__', 'align', 'diff', "
-                                          "'kv_math', 'load_export', 'load_run', 'load_serve', 'project', 'run', "
-                                          "'serve']")
+    assert done.stdout.split("\n")[0] == ("[] ['KvscopeError', 'Run', 'Serve', '__version__', 'align', "
+                                          "'class_roofline', 'diff', 'kv_math', 'load_export', 'load_run', "
+                                          "'load_serve', 'project', 'run', 'serve']")
 
 
 def test_api_names_resolve_lazily() -> None:
@@ -517,3 +517,22 @@ def test_run_takes_the_engine_and_prefill_graphs(tmp_path: Path) -> None:
     assert not (tmp_path / "pg").exists()
     with pytest.raises(KvscopeError, match="run: prefill_graphs must be True, False or None"):
         kvscope.run("tiny", prefill_graphs="on", out=tmp_path / "bad")  # type: ignore[arg-type]
+
+
+def test_class_roofline_equals_the_commands_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`kvscope.class_roofline(kvscope.align(...), timings=run)` is `kvscope align`'s class_roofline.parquet; without
+    a model it says why there is none, as the command's skip line does."""
+    export, run = NSYS / "qwen25-05b.sqlite", NSYS / "qwen25-05b-run"
+    out = tmp_path / "align"
+    assert main(["align", str(export), "--timings", str(run), "--ceilings", "2800,760", "--out", str(out)]) == 0
+    capsys.readouterr()
+    written = pd.read_parquet(out / "class_roofline.parquet")
+    result = kvscope.align(export, run)
+    got = kvscope.class_roofline(result, timings=run, ceilings="2800,760")
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), written.reset_index(drop=True))
+    by_model = kvscope.class_roofline(result, "qwen2.5-0.5b", ceilings="2800,760")
+    pd.testing.assert_frame_equal(by_model.reset_index(drop=True), written.reset_index(drop=True))
+    with pytest.raises(KvscopeError, match=r"^align: skipped class_roofline.parquet: no model|no model"):
+        kvscope.class_roofline(result)
+    with pytest.raises(KvscopeError, match="result must be an AlignResult"):
+        kvscope.class_roofline(str(export))  # type: ignore[arg-type]
