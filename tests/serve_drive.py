@@ -10,7 +10,7 @@ import torch
 from kvscope.engine.loop import Engine
 from kvscope.engine.options import EngineOptions
 from kvscope.engine.plan import RunConfig
-from kvscope.engine.served import ServeConfig, ServedEngine
+from kvscope.engine.served import ServeConfig, ServedEngine, _Static
 from kvscope.measure.serve.load import RequestSpec
 from kvscope.measure.serve.scheduler import FINISHED, Scheduler, Sequence
 from kvscope.model.paged_kv_cache import PagedKVCache
@@ -19,9 +19,11 @@ from kvscope.model.paged_kv_cache import PagedKVCache
 REQUESTS = [(5, 12, 0), (17, 9, 0), (33, 14, 1), (40, 6, 2), (1, 10, 3), (64, 8, 3), (23, 16, 6), (9, 12, 9)]
 MAX_SEQ = 96
 MAX_SEQS = 8
-# (policy, preemption, blocks, token budget, block size): a roomy pool, then one of 10 usable blocks of 8 positions
-# (80) for requests of up to 72 positions, where decodes crossing a block find none free
+# (policy, preemption, blocks, token budget, block size): a roomy pool (with a budget of 8 tokens, 7 decodes leave a
+# prompt a chunk of one token that samples nothing: a single-token row that is not a decode), then one of 10 usable
+# blocks of 8 positions (80) for requests of up to 72 positions, where decodes crossing a block find none free
 CASES = [("prefill-first", "recompute", 64, 512, 16), ("chunked", "recompute", 64, 24, 16),
+         ("chunked", "recompute", 64, 8, 16),
          ("prefill-first", "recompute", 11, 512, 8), ("chunked", "recompute", 11, 24, 8),
          ("prefill-first", "swap", 11, 512, 8), ("chunked", "swap", 11, 24, 8)]
 SMALL_POOL = 11
@@ -57,14 +59,48 @@ def reference_logits(model: torch.nn.Module, tokens: list[int], options: EngineO
     return eng.logits[0].float()
 
 
-def drive(model: torch.nn.Module, policy: str, preempt: str, n_blocks: int, budget: int, block: int,
-          options: EngineOptions) -> list[Sequence]:
-    """The requests through the scheduler and the served engine, arrivals by iteration."""
+class EagerReplay:
+    """Stands in for a decode bucket's CUDA graph where there is none (the CPU): `replay` runs the bucket's forward
+    on its static inputs and writes its output buffer, as the graph would, so that the replay path's bookkeeping
+    (padding rows of slot -1 and length 0, the rows sampled, tokens fed from the previous iteration) is tested
+    without a GPU."""
+
+    def __init__(self, st: _Static, fwd: object) -> None:
+        self.st, self.fwd = st, fwd
+
+    def replay(self) -> None:
+        self.st.out.copy_(self.fwd())  # type: ignore[operator, union-attr]
+
+
+def stand_in_graphs(eng: ServedEngine) -> None:
+    """Every decode bucket of `eng` replayed by `EagerReplay` (set up as `capture_graphs` sets up the real ones)."""
+    for b in eng.buckets:
+        st = _Static(b, eng.max_blocks, eng.cfg.device)
+        st.ints[2].fill_(-1)
+        st.out = torch.zeros(b, dtype=torch.int64, device=eng.cfg.device)
+        st.graph = EagerReplay(st, eng._captured_forward(st, torch.arange(b, device=eng.cfg.device)))  # type: ignore
+        eng.graphs[b] = st
+
+
+def served_engine(model: torch.nn.Module, n_blocks: int, block: int, options: EngineOptions,
+                  replayed: bool) -> tuple[PagedKVCache, ServedEngine]:
+    """The pool and the engine of a case; its decode buckets captured (options.graphs) or, with `replayed` and no
+    graphs, replayed by `EagerReplay`."""
     args = model.args
     p = next(model.parameters())
     cache = PagedKVCache(args, n_blocks, block, p.dtype, p.device)
     eng = ServedEngine(model, cache, ServeConfig(MAX_SEQ, MAX_SEQS, p.dtype, p.device), options=options)
     eng.capture_graphs()
+    if replayed and not options.graphs:
+        stand_in_graphs(eng)
+    return cache, eng
+
+
+def drive(model: torch.nn.Module, policy: str, preempt: str, n_blocks: int, budget: int, block: int,
+          options: EngineOptions, replayed: bool = False) -> list[Sequence]:
+    """The requests through the scheduler and the served engine, arrivals by iteration."""
+    args = model.args
+    cache, eng = served_engine(model, n_blocks, block, options, replayed)
     sched = Scheduler(cache, policy, budget, MAX_SEQS, preempt, MAX_SEQ)
     seqs = [Sequence(RequestSpec(i, float(at), len(pr), out), pr, float(at))
             for i, (pr, (_, out, at)) in enumerate(zip(prompts(args.vocab_size), REQUESTS, strict=True))]
@@ -108,16 +144,13 @@ def divergences(model: torch.nn.Module, seqs: list[Sequence], options: EngineOpt
 
 
 def drive_loop(model: torch.nn.Module, policy: str, preempt: str, n_blocks: int, budget: int, block: int,
-               options: EngineOptions) -> list[Sequence]:
+               options: EngineOptions, replayed: bool = False) -> list[Sequence]:
     """The same requests through `ServeLoop` (one iteration ahead, tokens fed on the device), arriving 2 ms apart
     per arrival iteration on its clock."""
     from kvscope.measure.serve.loop import ServeLoop
 
     args = model.args
-    p = next(model.parameters())
-    cache = PagedKVCache(args, n_blocks, block, p.dtype, p.device)
-    eng = ServedEngine(model, cache, ServeConfig(MAX_SEQ, MAX_SEQS, p.dtype, p.device), options=options)
-    eng.capture_graphs()
+    cache, eng = served_engine(model, n_blocks, block, options, replayed)
     sched = Scheduler(cache, policy, budget, MAX_SEQS, preempt, MAX_SEQ)
     by_len = {}
     specs = []

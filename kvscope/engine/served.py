@@ -109,8 +109,8 @@ class Readback:
             self.host.copy_(out, non_blocking=True)
             self.event: torch.cuda.Event | None = torch.cuda.Event()
             self.event.record()
-        else:
-            self.host, self.event = out, None
+        else:  # a copy: `out` may be a replayed bucket's output buffer, which the next iteration overwrites
+            self.host, self.event = out.clone(), None
 
     def tokens(self) -> list[int]:
         if self.event is not None:
@@ -353,7 +353,8 @@ class ServedEngine:
 
     def _replay(self, st: _Static, batch: IterationBatch, feed: Feed | None) -> torch.Tensor:
         """Copy a decode batch into bucket `st`'s static inputs (padding: slot -1, length 0; fed rows from the
-        previous iteration's device output) and replay."""
+        previous iteration's device output) and replay. Returns the tokens of the batch's sample rows: every row's,
+        or (a single-token row that samples nothing: one prompt token of a chunked prefill) those rows' alone."""
         n, b = batch.n_single, st.b
         ints = np.zeros((4, b), dtype=np.int64)
         ints[0, :n], ints[1, :n], ints[2, :n], ints[2, n:] = batch.tokens, batch.positions, batch.slots, -1
@@ -362,10 +363,13 @@ class ServedEngine:
         tables[:n] = batch.tables
         k = 0 if feed is None else feed.rows.shape[0]
         extra = [feed.rows, feed.idx] if k else []
-        dev = self._to_device(np.concatenate([ints.reshape(-1), *extra, tables.reshape(-1)]))
+        every_row = batch.sample_rows.shape[0] == n  # sample rows are increasing rows of the batch: then all of them
+        rows = [] if every_row else [batch.sample_rows]
+        dev = self._to_device(np.concatenate([ints.reshape(-1), *extra, *rows, tables.reshape(-1)]))
         st.ints.copy_(dev[:4 * b].view(4, b))
         if k:
             st.ints[0].index_copy_(0, dev[4 * b:4 * b + k], feed.prev.index_select(0, dev[4 * b + k:4 * b + 2 * k]))
-        st.tables.copy_(dev[4 * b + 2 * k:].view(b, self.max_blocks))
+        o = 4 * b + 2 * k + (0 if every_row else batch.sample_rows.shape[0])
+        st.tables.copy_(dev[o:].view(b, self.max_blocks))
         st.graph.replay()
-        return st.out[:n]
+        return st.out[:n] if every_row else st.out.index_select(0, dev[4 * b + 2 * k:o])  # (n_sample,)

@@ -28,11 +28,14 @@ def model() -> torch.nn.Module:
     return m
 
 
+@pytest.mark.parametrize("replayed", [False, True], ids=["eager", "replayed"])
 @pytest.mark.parametrize("driver", [drive, drive_loop], ids=["scheduler", "loop-one-ahead"])
 @pytest.mark.parametrize(("policy", "preempt", "n_blocks", "budget", "block"), CASES)
 def test_tokens_equal_alone(model: torch.nn.Module, policy: str, preempt: str, n_blocks: int, budget: int,
-                            block: int, driver: object) -> None:
-    seqs = driver(model, policy, preempt, n_blocks, budget, block, EAGER)  # type: ignore[operator]
+                            block: int, driver: object, replayed: bool) -> None:
+    """`replayed`: decode-only iterations through the graph-replay path (static buckets, padding rows), each
+    bucket's forward run eagerly in place of its CUDA graph (serve_drive.EagerReplay)."""
+    seqs = driver(model, policy, preempt, n_blocks, budget, block, EAGER, replayed)  # type: ignore[operator]
     check_ran(seqs, preempt, n_blocks)
     assert all(len(s.output) == s.spec.output_tokens for s in seqs)
     for s, k, ref, logits in divergences(model, seqs, EAGER):
