@@ -78,7 +78,7 @@ def stand_in_graphs(eng: ServedEngine) -> None:
         st = _Static(b, eng.max_blocks, eng.cfg.device)
         st.ints[2].fill_(-1)
         st.out = torch.zeros(b, dtype=torch.int64, device=eng.cfg.device)
-        st.graph = EagerReplay(st, eng._captured_forward(st, torch.arange(b, device=eng.cfg.device)))  # type: ignore
+        st.graph = EagerReplay(st, eng._captured_forward(st))  # type: ignore[assignment]
         eng.graphs[b] = st
 
 

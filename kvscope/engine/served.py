@@ -125,6 +125,7 @@ class _Static:
         self.b = b
         self.ints = torch.zeros(4, b, dtype=torch.int64, device=device)  # tokens, positions, slots, lengths
         self.tables = torch.zeros(b, max_blocks, dtype=torch.int32, device=device)  # (B, max_blocks)
+        self.rows = torch.arange(b, device=device)  # (B,) the rows sampled: every row (kept: the graph reads it)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None  # (B,) sampled tokens, written by every replay
 
@@ -330,8 +331,7 @@ class ServedEngine:
         for b in self.buckets:
             st = _Static(b, self.max_blocks, dev)
             st.ints[2].fill_(-1)  # padding rows write nothing, read nothing (length 0)
-            rows = torch.arange(b, device=dev)
-            fwd = self._captured_forward(st, rows)
+            fwd = self._captured_forward(st)
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with self.ins.paused(), torch.inference_mode():
@@ -346,9 +346,12 @@ class ServedEngine:
         torch.cuda.synchronize(dev)  # named sync: capture done before the load starts
         return torch.cuda.memory_reserved(dev) - before
 
-    def _captured_forward(self, st: _Static, rows: torch.Tensor):
+    def _captured_forward(self, st: _Static):
+        """The forward a bucket's graph captures. Every tensor it reads from outside the capture is an attribute of
+        `st` (or of the engine), never a local: a graph keeps addresses, not tensors, so an input freed after the
+        capture would be read from memory handed to something else."""
         def fwd() -> torch.Tensor:
-            return self._forward(st.ints[0], st.ints[1], st.ints[2], st.ints[3], st.tables, [], rows)
+            return self._forward(st.ints[0], st.ints[1], st.ints[2], st.ints[3], st.tables, [], st.rows)
         return fwd
 
     def _replay(self, st: _Static, batch: IterationBatch, feed: Feed | None) -> torch.Tensor:
