@@ -30,10 +30,12 @@ DEADLINE=${DEADLINE:-570}  # seconds from the start: a step gets what is left of
 step() {  # step NAME TIMEOUT_S LOG COMMAND...
   local name=$1 limit=$2 log=$3; shift 3
   local left=$(( DEADLINE - ($(date +%s) - t0) ))
+  LAST_RC=124
   if [ "$left" -lt 20 ]; then echo "$(el) $name skipped (no time left)" | tee -a "$S"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
   timeout "$limit" "$@" > "$OUT/$log" 2>&1
-  echo "$(el) $name rc $?" | tee -a "$S"
+  LAST_RC=$?
+  echo "$(el) $name rc $LAST_RC" | tee -a "$S"
   tail -8 "$OUT/$log"
 }
 TTFT=${TTFT:-300}
@@ -44,6 +46,11 @@ A)
   MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
   step "served engine tests" 150 served_gpu.log python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/engine/test_served_gpu.py -x
+  if [ "$LAST_RC" != 0 ]; then  # the rest runs the same engine: stop here, with the failing test's trace
+    step "served engine test, blocking launches" 90 served_gpu_blocking.log env CUDA_LAUNCH_BLOCKING=1 \
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_served_gpu.py -x
+    exit 1
+  fi
   step "paged vs static decode" 90 svs.log python3 benchmarks/serve_decode_vs_static.py --rounds 7 --steps 24 \
     --json "$OUT/serve_decode_vs_static.json"
   step "serve sweep" 200 serve_sweep.log python3 -m kvscope serve --model qwen2.5-3b --rps "${RATES:-8,24,40,56}" \
