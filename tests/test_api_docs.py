@@ -31,7 +31,7 @@ def _run_blocks(path: Path, blocks: list[tuple[int, str]], workdir: Path, monkey
 def test_api_md_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = ROOT / "docs" / "api.md"
     blocks = python_blocks(path)
-    assert len(blocks) == 8
+    assert len(blocks) == 9
     assert sum(code.count("assert ") for _, code in blocks) >= 30  # the docs check what they show
     _run_blocks(path, blocks, tmp_path, monkeypatch)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["tiny-cpu"]  # the failed run left nothing
