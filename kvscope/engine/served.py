@@ -320,13 +320,15 @@ class ServedEngine:
             raise KvscopeError(f"no captured decode graph holds {n} sequences (buckets {self.buckets})")
         return self.graphs[b]
 
-    def capture_graphs(self) -> int:
+    def capture_graphs(self) -> tuple[int, str]:
         """Capture the decode-only graph of every bucket (before the load; the instrument paused). Returns the bytes
-        the graphs' memory pool added (the allocator's reserved growth)."""
+        of the graphs' private memory pool and how they were counted: its segments in the allocator's snapshot
+        (`graph_pool_bytes`), or, where the snapshot does not say, the allocator's reserved growth over the capture
+        (which a cache filled by an earlier engine of the process hides)."""
         if not self.options.graphs:
-            return 0
+            return 0, "no graphs"
+        before = torch.cuda.memory_reserved(self.cfg.device)
         dev = self.cfg.device
-        before = torch.cuda.memory_reserved(dev)
         pool = None
         for b in self.buckets:
             st = _Static(b, self.max_blocks, dev)
@@ -344,7 +346,11 @@ class ServedEngine:
             pool = st.graph.pool()
             self.graphs[b] = st
         torch.cuda.synchronize(dev)  # named sync: capture done before the load starts
-        return torch.cuda.memory_reserved(dev) - before
+        counted = graph_pool_bytes(pool, dev)
+        if counted is not None:
+            return counted, "the pool's segments in the allocator snapshot"
+        grown = torch.cuda.memory_reserved(dev) - before
+        return grown, "reserved growth over the capture (no pool ids in the snapshot)"
 
     def _captured_forward(self, st: _Static):
         """The forward a bucket's graph captures. Every tensor it reads from outside the capture is an attribute of
@@ -376,3 +382,15 @@ class ServedEngine:
         st.tables.copy_(dev[o:].view(b, self.max_blocks))
         st.graph.replay()
         return st.out[:n] if every_row else st.out.index_select(0, dev[4 * b + 2 * k:o])  # (n_sample,)
+
+
+def graph_pool_bytes(pool: tuple[int, int] | None, device: torch.device) -> int | None:
+    """The bytes of the allocator segments that belong to the CUDA-graph memory pool `pool` on `device` (0 for
+    none), or None where the allocator's snapshot does not name each segment's pool."""
+    if pool is None:
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    segments = [s for s in torch.cuda.memory_snapshot() if s.get("device") == index]
+    if any("segment_pool_id" not in s or "total_size" not in s for s in segments):
+        return None
+    return sum(int(s["total_size"]) for s in segments if tuple(s["segment_pool_id"]) == tuple(pool))

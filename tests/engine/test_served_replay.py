@@ -62,3 +62,21 @@ def test_replay_equals_eager(model: torch.nn.Module, sample_rows: list[int]) -> 
     assert outs[1][1].tolist() == outs[0][1].tolist() and outs[1][1].shape == (len(sample_rows),)
     torch.testing.assert_close(replayed.cache.data, eager.cache.data, rtol=0, atol=0)
     assert replayed.cache.data[:, :, 0].abs().sum() == 0  # the padding row wrote nothing into the scratch block
+
+
+def test_graph_pool_bytes_counts_the_pools_segments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graph pool's bytes are its own segments on the device (another pool's, the default pool's and another
+    device's left out); None where the snapshot names no pools."""
+    from kvscope.engine import served
+
+    segments = [{"device": 0, "total_size": 2 << 20, "segment_pool_id": (0, 3)},
+                {"device": 0, "total_size": 20 << 20, "segment_pool_id": (0, 3)},
+                {"device": 0, "total_size": 64 << 20, "segment_pool_id": (0, 0)},
+                {"device": 0, "total_size": 8 << 20, "segment_pool_id": (0, 4)},
+                {"device": 1, "total_size": 2 << 20, "segment_pool_id": (0, 3)}]
+    monkeypatch.setattr(served.torch.cuda, "memory_snapshot", lambda: segments)
+    dev = torch.device("cuda", 0)
+    assert served.graph_pool_bytes((0, 3), dev) == 22 << 20
+    assert served.graph_pool_bytes(None, dev) == 0
+    monkeypatch.setattr(served.torch.cuda, "memory_snapshot", lambda: [{"device": 0, "total_size": 1}])
+    assert served.graph_pool_bytes((0, 3), dev) is None

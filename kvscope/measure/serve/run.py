@@ -110,9 +110,10 @@ def _build(plan: RunPlan, spec: ServeSpec, max_seq: int, say: Callable[[str], No
     engine = ServedEngine(model, cache, ServeConfig(max_seq, spec.max_seqs, cfg.dtype, cfg.device), ins, options)
     sched = Scheduler(cache, spec.policy, spec.max_batch_tokens, spec.max_seqs, spec.preempt, max_seq)
     _warm_up(engine, sched, spec)
-    graph_bytes = engine.capture_graphs()
+    graph_bytes, counted = engine.capture_graphs()
     if plan.graphs:
-        ledger.append(("graph_pool", graph_bytes, f"decode graphs of batch {', '.join(map(str, engine.buckets))}"))
+        ledger.append(("graph_pool", graph_bytes, f"decode graphs of batch {', '.join(map(str, engine.buckets))} "
+                                                  f"({counted})"))
     return _Built(plan, engine, sched, ins, ledger)
 
 
