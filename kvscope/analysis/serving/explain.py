@@ -76,7 +76,13 @@ def little_finding(row: Mapping[str, Any]) -> Finding:
         return Finding(name, f"Little's law holds within {LITTLE_TOLERANCE:.0%}: {head}; the load was in a steady "
                              "state and its latencies can be read as the system's.", vals)
     drain, duration = _num(row, "drain_s"), _num(row, "duration_s")
-    vals.update({"drain_s": drain, "duration_s": duration})
+    steady, window = _num(row, "little_steady_ratio"), _num(row, "little_steady_s")
+    vals.update({"drain_s": drain, "duration_s": duration, "little_steady_ratio": steady, "little_steady_s": window})
+    if math.isfinite(steady) and abs(steady - 1) <= LITTLE_TOLERANCE:
+        return Finding(name, f"Little's law holds within {LITTLE_TOLERANCE:.0%} over the steady window "
+                             f"({window:,.2f} s from the first arrival plus the mean time in the system to the last "
+                             f"arrival: ratio {steady:.3f}), not over the whole run: {head}; the ramp and the "
+                             f"{drain:,.2f} s drain are a large part of a run this short.", vals)
     why = (f"the run spent {drain:,.2f} s ({_pct(drain / duration)} of its {duration:,.2f} s) draining after the last "
            "arrival: a queue outlived the arrivals, the load was not in a steady state (overloaded, or too short for "
            "its latency)") if ratio < 1 and duration > 0 else (

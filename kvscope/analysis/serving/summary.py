@@ -21,7 +21,12 @@ Column by column (`SERVE_SUMMARY_COLUMNS`, in this order):
 - Little's law: `mean_in_system`, the exact time average of the requests in the system (arrival to finish; the
   step function integrated over first arrival .. last finish; requests with both times), `mean_time_in_system_s`
   (their mean finish - arrival), `little_predicted` (offered_rps x mean_time_in_system_s) and `little_ratio`
-  (mean_in_system / little_predicted);
+  (mean_in_system / little_predicted): over the whole run, so the ramp at the start (an empty system filling) and
+  the drain after the last arrival pull it below 1 on a run not much longer than its latencies; and the same ratio
+  over the steady window, from the first arrival plus the mean time in system to the last arrival
+  (`little_steady_s`, its length): `little_steady_ratio`, the window's time-averaged requests in the system over
+  (arrivals in the window, the last arrival left out as its end, / its length) x mean_time_in_system_s; NaN
+  where the window is empty or holds fewer than two arrivals;
 - from the iterations, time-weighted by `dur_ms`: `mean_running`, `mean_waiting`;
 - `preemptions`, `preemptions_recompute`, `preemptions_swap` (the requests' counts summed);
 - KV: `kv_blocks_peak` (max `blocks_used`), `kv_blocks_total` (max `blocks_used + blocks_free`: the pool),
@@ -57,7 +62,8 @@ SERVE_SUMMARY_COLUMNS = (
     *SETTING_COLUMNS, "requests", "requests_finished", "requests_cut", "requests_refused", "duration_s",
     "arrival_span_s", "drain_s", "requests_per_s", "prompt_tokens", "output_tokens", "output_tok_s", "total_tok_s",
     "goodput_rps", "goodput_fraction", "goodput_requests", *(c for n in LATENCY_NAMES for c in latency_columns(n)),
-    "mean_in_system", "mean_time_in_system_s", "little_predicted", "little_ratio", "mean_running", "mean_waiting",
+    "mean_in_system", "mean_time_in_system_s", "little_predicted", "little_ratio", "little_steady_s",
+    "little_steady_ratio", "mean_running", "mean_waiting",
     "preemptions", "preemptions_recompute", "preemptions_swap", "kv_blocks_peak", "kv_blocks_total",
     "kv_slot_use_frac", "kv_fragmentation_frac", "host_p50_ms", "host_p99_ms", "host_share", "gpu_gap_p50_ms",
     "gpu_gap_p99_ms", "gpu_gap_decode_ratio", "iterations", "iterations_prefill", "iterations_decode",
@@ -160,8 +166,14 @@ def _little(requests: pd.DataFrame, span: dict[str, float]) -> dict[str, float]:
     mean_l = time_average(times, counts, span["first_s"], span["last_finish_s"])
     w = float(np.mean(finish[ok] - arrival[ok])) if ok.any() else math.nan
     predicted = span["offered_rps"] * w
+    start, end = span["first_s"] + w, span["first_s"] + span["arrival_span_s"]  # the steady window
+    length, steady = end - start, math.nan
+    arrived = int(np.count_nonzero((arrival >= start) & (arrival < end))) if length > 0 else 0  # [start, end)
+    if arrived >= 2:
+        steady = time_average(times, counts, start, end) / (arrived / length * w)
     return {"mean_in_system": mean_l, "mean_time_in_system_s": w, "little_predicted": predicted,
-            "little_ratio": mean_l / predicted if predicted > 0 else math.nan}
+            "little_ratio": mean_l / predicted if predicted > 0 else math.nan,
+            "little_steady_s": length if length > 0 else math.nan, "little_steady_ratio": steady}
 
 
 def _goodput(requests: pd.DataFrame, serve: Mapping[str, Any], duration_s: float) -> dict[str, float]:

@@ -114,3 +114,25 @@ def test_empty_frames() -> None:
     assert r["requests"] == 0 and r["iterations"] == 0 and r["ttft_n"] == 0
     assert math.isnan(r["duration_s"]) and math.isnan(r["little_ratio"]) and math.isnan(r["mean_running"])
     assert r["policy"] is None
+
+
+def test_littles_law_over_the_steady_window() -> None:
+    """Arrivals every 0.1 s from 0 to 2 s, each request 0.3 s in the system: over the whole run (0 .. 2.3 s) the
+    ramp and the drain pull the ratio below 1; over the steady window (0.3 .. 2.0 s: the first arrival plus the mean
+    time in the system, to the last arrival) three requests are always in the system, 17 arrive at 10/s: exactly 1."""
+    base = requests().iloc[[0]]
+    rows = []
+    for i in range(21):
+        r = base.copy()
+        r["request_id"], r["arrival_s"] = i, round(0.1 * i, 10)
+        r["admitted_s"], r["first_token_s"], r["finish_s"] = r["arrival_s"], r["arrival_s"] + 0.1, r["arrival_s"] + 0.3
+        rows.append(r)
+    row = serve_summary(pd.concat(rows, ignore_index=True), iterations(), META).iloc[0]
+    assert row["little_steady_s"] == pytest.approx(1.7)
+    assert row["little_steady_ratio"] == pytest.approx(1.0)
+    assert row["little_ratio"] == pytest.approx((21 * 0.3 / 2.3) / (10 * 0.3))  # 0.913: ramp and drain
+
+
+def test_littles_law_without_a_steady_window(row: pd.Series) -> None:
+    # mean time in system 0.367 s is longer than the 0.3 s of arrivals: no steady window
+    assert math.isnan(row["little_steady_s"]) and math.isnan(row["little_steady_ratio"])
