@@ -38,6 +38,10 @@ step() {  # step NAME TIMEOUT_S LOG COMMAND...
   echo "$(el) $name rc $LAST_RC" | tee -a "$S"
   tail -8 "$OUT/$log"
 }
+pack() {  # pack NAME: $OUT/NAME (a folder of many files) as $OUT/NAME.tgz, traces left out (the device returns
+          # a limited count of files)
+  [ -d "$OUT/$1" ] && tar czf "$OUT/$1.tgz" --exclude=trace.json -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"
+}
 TTFT=${TTFT:-300}
 TPOT=${TPOT:-40}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
@@ -61,6 +65,7 @@ A)
   step "capacity" 30 capacity.log python3 -m kvscope capacity --sweep "$OUT/static_sweep.parquet" \
     --gpu-mem-gb $((MEM / 1024)) --tpot-slo-ms "$TPOT" --ttft-slo-ms "$TTFT" --prompt 512 --output 128 \
     --out "$OUT/plan.csv"
+  pack serve_sweep
   ;;
 B)
   step "nsys serve" 200 nsys_serve.log python3 -m kvscope nsys --out "$OUT/nsys_serve" -- serve --model qwen2.5-3b \
@@ -69,7 +74,8 @@ B)
   rm -f "$OUT"/nsys_serve/*.nsys-rep "$OUT"/nsys_serve/*.sqlite
   step "http vs in-process" 150 http.log python3 benchmarks/serve_http_vs_inprocess.py --requests 120 --rps 8 \
     --rounds 1 --out "$OUT/http" --json "$OUT/serve_http_vs_inprocess.json"
-  rm -rf "$OUT/http"/*/trace.json
+  pack nsys_serve
+  pack http
   ;;
 K)
   step "paged kernel benchmark" 90 paged_bench.log python3 benchmarks/paged_decode.py \
