@@ -91,6 +91,7 @@ def print_align(result: AlignResult) -> None:
 def _facts_meta(facts: RooflineFacts, request: RooflineRequest) -> dict[str, Any]:
     """What class_roofline.parquet was computed from, for its metadata."""
     c = facts.ceilings
-    return {"model": facts.args.name, "model_from": request.model_from, "dtype": facts.dtype,
+    return {"model": facts.args.name, "model_from": request.model_from, "ceilings_from": request.ceilings_from,
+            "dtype": facts.dtype,
             "batch": facts.batch, "seq": facts.seq, "ctx": facts.ctx,
             "ceilings": None if c is None else {"gpu": c.gpu, "copy_gb_s": c.copy_gb_s, "bf16_tflop_s": c.bf16_tflop_s}}

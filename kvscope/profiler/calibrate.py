@@ -12,57 +12,23 @@ Each figure is a median of CUDA-event timings after warm-up. The cache is JSON a
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kvscope.calibration_cache import _read_cache, cache_path, load_ceilings
 from kvscope.errors import KvscopeError
-from kvscope.io import OutputFile, check_path, os_reason
+from kvscope.io import OutputFile, os_reason
 from kvscope.model.config import ModelArgs
 from kvscope.profiler.timing import graph_ms, median_event_ms
-from kvscope.schema import BYTES_PER_GB, FLOPS_PER_TFLOP, MS_PER_S, Ceilings
+from kvscope.schema import BYTES_PER_GB, FLOPS_PER_TFLOP, MS_PER_S
+
+__all__ = ["cache_path", "calibrate", "check_cache", "load_ceilings", "matvec_chain_ms", "save"]
 
 COPY_BYTES = 2**30
 MATMUL_N = 8192
-
-
-def cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kvscope" / "calibration.json"
-
-
-def _read_cache(p: Path) -> dict[str, Any]:
-    """The calibration cache as a dict: empty when there is no file; a one-line KvscopeError when there is one that
-    cannot be used (it is left in place, never overwritten)."""
-    if check_path(p, "calibration cache") is None:  # a name too long, a loop of links: one line
-        return {}
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        why = os_reason(e) if isinstance(e, OSError) else str(e).splitlines()[0]
-        raise KvscopeError(f"calibration cache {p} cannot be read ({why}); move it away and run `kvscope calibrate` "
-                           "again") from None
-    if not isinstance(data, dict):
-        raise KvscopeError(f"calibration cache {p} is not a JSON object; move it away and run `kvscope calibrate` "
-                           "again")
-    return data
-
-
-def load_ceilings(gpu: str, path: Path | None = None) -> Ceilings | None:
-    """Cached ceilings of this GPU, or None when it was never calibrated. A cache that exists but cannot be used
-    raises KvscopeError (see `_read_cache`)."""
-    p = path or cache_path()
-    entry = _read_cache(p).get(gpu)
-    if entry is None:
-        return None
-    try:
-        return Ceilings(gpu, float(entry["copy_gb_s"]), float(entry["bf16_tflop_s"]))
-    except (TypeError, KeyError, ValueError):
-        raise KvscopeError(f"calibration cache {p}: the entry for {gpu!r} lacks numeric copy_gb_s / bf16_tflop_s; "
-                           "run `kvscope calibrate` again") from None
 
 
 def matvec_chain_ms(args: ModelArgs, device: torch.device, reps: int = 20, batch: int = 1

@@ -5,7 +5,8 @@ bytes and FLOPs the model says it must move and do, the rates that makes and the
 Input: an aligned export whose prefill and decode steps are labelled (kvscope's loop, transformers' loop under
 `kvscope run --engine transformers`, or any program whose ranges `--phase-map` labels), and the facts the counts
 need: the model (`ModelArgs`), the dtype, the batch B and prompt length S, optionally the decode context, and the
-GPU's ceilings (`kvscope calibrate`; `--ceilings` on the command line).
+GPU's ceilings (`--ceilings` on the command line, else, for a kvscope run folder, the calibration cache's entry for
+the run's GPU: `kvscope calibrate` on that GPU writes it).
 
 Time: per step (steps told apart by process, run, repetition, phase and step number), the summed duration of the
 step's GPU operations of each class (kernel_classes.py); per phase and class the median over the phase's steps
@@ -80,6 +81,7 @@ from kvscope.analysis.align.pipeline import AlignResult
 from kvscope.analysis.inputs import file_metadata
 from kvscope.analysis.kv_math import DTYPE_BYTES, kv_bytes_per_token
 from kvscope.analysis.roofline import attended, causal_pairs, layer_matmul_params
+from kvscope.calibration_cache import load_ceilings
 from kvscope.errors import KvscopeError
 from kvscope.model.config import ModelArgs, RopeScaling
 from kvscope.model.source import resolve_model
@@ -137,6 +139,7 @@ class RooflineRequest:
     ctx: int | None = None
     ceilings: Ceilings | None = None
     model_from: str = ""  # `--model X` or the run folder, for messages
+    ceilings_from: str = ""  # `--ceilings`, or the calibration cache entry of the run's GPU; "" for none
 
 
 # ---- the counting rule ---------------------------------------------------------------------------------------------
@@ -387,7 +390,12 @@ def roofline_request(model: str | None = None, dtype: str | None = None, batch: 
         return RooflineRequest(None, None, ceilings=cl)
     if dtype is None:  # the run's, else the config.json's (bfloat16 for a preset)
         dtype = run_dtype or (source.dtype_name() if source is not None else "bfloat16")
-    return RooflineRequest(args, dtype_name(dtype), batch, seq, ctx, cl, where)
+    ceilings_from = "--ceilings" if cl is not None else ""
+    device = meta.get("device") if meta is not None else None
+    if cl is None and isinstance(device, str) and device:  # the run's GPU, as `kvscope calibrate` cached it
+        cl = load_ceilings(device)
+        ceilings_from = f"the calibration cache ({device})" if cl is not None else ""
+    return RooflineRequest(args, dtype_name(dtype), batch, seq, ctx, cl, where, ceilings_from)
 
 
 def roofline_facts(result: AlignResult, request: RooflineRequest) -> tuple[RooflineFacts | None, str | None]:

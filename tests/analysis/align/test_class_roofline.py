@@ -309,3 +309,28 @@ def test_request_and_facts_in_python() -> None:
     assert note is None and facts is not None and (facts.batch, facts.seq) == (1, 32)
     facts, note = roofline_facts(analyse(FOREIGN / "plain.sqlite"), roofline_request("tiny"))
     assert facts is None and note == "skipped class_roofline.parquet: no labelled prefill or decode step in the export"
+
+
+def test_ceilings_from_the_calibration_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --ceilings, a kvscope run's GPU is looked up in `kvscope calibrate`'s cache (no torch needed): the
+    shares are those of --ceilings with the same figures, and the metadata says where they came from."""
+    home = tmp_path / "cache"
+    (home / "kvscope").mkdir(parents=True)
+    (home / "kvscope" / "calibration.json").write_text(
+        '{"NVIDIA H100 80GB HBM3": {"gpu": "NVIDIA H100 80GB HBM3", "copy_gb_s": 2800, "bf16_tflop_s": 760}}')
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    argv = ["align", str(NSYS / "qwen25-05b.sqlite"), "--timings", str(NSYS / "qwen25-05b-run")]
+    assert main([*argv, "--out", str(tmp_path / "cached")]) == 0
+    assert main([*argv, "--ceilings", CEILINGS, "--out", str(tmp_path / "given")]) == 0
+    capsys.readouterr()
+    cached = pd.read_parquet(tmp_path / "cached" / CLASS_ROOFLINE_FILE)
+    given = pd.read_parquet(tmp_path / "given" / CLASS_ROOFLINE_FILE)
+    pd.testing.assert_frame_equal(cached, given)
+    assert cached["mbu_pct"].notna().any()
+    meta = read_metadata(tmp_path / "cached" / CLASS_ROOFLINE_FILE)["class_roofline"]
+    assert meta["ceilings_from"] == "the calibration cache (NVIDIA H100 80GB HBM3)"
+    assert read_metadata(tmp_path / "given" / CLASS_ROOFLINE_FILE)["class_roofline"]["ceilings_from"] == "--ceilings"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))  # never calibrated: no shares, no error
+    assert main([*argv, "--out", str(tmp_path / "none")]) == 0
+    assert pd.read_parquet(tmp_path / "none" / CLASS_ROOFLINE_FILE)["mbu_pct"].isna().all()
