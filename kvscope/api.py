@@ -411,7 +411,7 @@ def load_serve(path: PathLike) -> Serve:
 def diff(a: PathLike, b: PathLike, *, threshold: float = 2.0, fail_if: str | list[str] | None = None,
          allow_different: bool = False) -> DiffResult:
     """`kvscope diff A B` without writing anything: two run folders, two captures (align or nsys folders, nsys
-    exports) or two sweep files compared row by row (docs/diff.md).
+    exports), two sweep files or two served loads (`kvscope serve` run folders) compared row by row (docs/diff.md).
 
     The result's `table` is diff.parquet's: one row per quantity both sides may hold (regions by level and name,
     steps by index, kernel classes and names with their launches, sweep points by their keys), with `a`, `b`, `diff`,

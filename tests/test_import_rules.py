@@ -15,8 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "kvscope"
 # rank of each top-level part of kvscope: a module may import its own package and any lower rank, nothing else
-RANKS = {"schema": 0, "errors": 0, "io": 1, "argtypes": 1, "calibration_cache": 2, "model": 2, "kernels": 3, "analysis": 3, "profiler": 4,
-         "engine": 5, "measure": 6, "commands": 7, "cli": 8, "__main__": 9, "__init__": 9, "api": 9}
+RANKS = {"schema": 0, "errors": 0, "io": 1, "argtypes": 1, "calibration_cache": 2, "model": 2, "kernels": 3,
+         "analysis": 3, "profiler": 4, "engine": 5, "measure": 6, "commands": 7, "cli": 8, "__main__": 9, "__init__": 9,
+         "api": 9}
 
 
 def _part(module: str) -> str:

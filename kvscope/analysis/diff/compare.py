@@ -1,4 +1,5 @@
-"""`kvscope diff A B`: read both sides (sources.py), build each side's rows (run_rows, capture_rows, sweep_rows), match
+"""`kvscope diff A B`: read both sides (sources.py), build each side's rows (run_rows, capture_rows, sweep_rows,
+serve_rows), match
 and judge them (verdicts.py), the waterfall (waterfall.py); write diff.parquet and diff.md into a folder written whole
 or not at all.
 
@@ -24,9 +25,12 @@ from kvscope.analysis.diff.capture_rows import capture_rows
 from kvscope.analysis.diff.gate import Gate, GateOutcome, combined, evaluate
 from kvscope.analysis.diff.rows import SAMPLE_COLUMNS
 from kvscope.analysis.diff.run_rows import efficiency_rows, run_rows
+from kvscope.analysis.diff.serve_rows import HEADLINE_ROW as SERVE_HEADLINE_ROW
+from kvscope.analysis.diff.serve_rows import serve_rows
 from kvscope.analysis.diff.sources import (
     CAPTURE,
     RUN,
+    SERVE,
     SWEEP,
     Side,
     comparable,
@@ -43,9 +47,9 @@ DEFAULT_THRESHOLD_PCT = 2.0
 MAX_THRESHOLD_PCT = 100.0
 # the rows a gate reads when it names none, in order: the first the diff holds
 HEADLINE_ROWS = ("decode step", "decode step GPU span", "all points decode_p50_ms_per_tok", "prefill",
-                 "prefill GPU span", "all points prefill_p50_ms")
+                 "prefill GPU span", "all points prefill_p50_ms", SERVE_HEADLINE_ROW)
 # families shown first on the terminal (the step, the phases, the whole repetition, the sweep's pooled rows)
-HEADLINE_FAMILIES = ("steps", "phase", "rep", "host", "gpu steps", "points", "efficiency")
+HEADLINE_FAMILIES = ("steps", "phase", "rep", "host", "gpu steps", "points", "efficiency", "request", "load")
 
 
 @dataclass(frozen=True)
@@ -98,13 +102,15 @@ def diff(a: Path, b: Path, threshold_pct: float = DEFAULT_THRESHOLD_PCT, allow_d
     side_a, side_b = comparable(read_side(a, "A"), read_side(b, "B"))
     different = identity_differences(side_a, side_b)
     if different and not allow_different:
+        what = ("served loads of one model, dtype and load" if side_a.kind == SERVE
+                else "runs of one model, dtype and shape")
         raise KvscopeError(f"A {a} and B {b} are different measurements: {', '.join(different)}; kvscope diff "
-                           "compares runs of one model, dtype and shape (--allow-different shows them side by side, "
-                           "every verdict 'cannot tell')")
+                           f"compares {what} (--allow-different shows them side by side, every verdict 'cannot "
+                           "tell')")
     devices = _devices(side_a, side_b)
     rows_a, rows_b = _rows(side_a, side_b, devices is not None)
     problems = {s.label: s.problem for s in (side_a, side_b) if s.problem and s.kind == CAPTURE}
-    unit = "runs" if by_run(side_a, side_b) else "repetitions"
+    unit = "runs" if by_run(side_a, side_b) else "samples" if side_a.kind == SERVE else "repetitions"
     table = order_rows(judge_rows(rows_a, rows_b, Context(threshold_pct, different, problems, devices, unit)))
     return DiffResult(side_a, side_b, table, waterfall(table), threshold_pct,
                       _notes(side_a, side_b, devices, problems))
@@ -123,6 +129,9 @@ def _rows(a: Side, b: Side, cross_device: bool) -> tuple[pd.DataFrame, pd.DataFr
         columns = TIME_COLUMNS + (EFFICIENCY_COLUMNS if cross_device else ())
         ka, kb = point_keys(a.sweep, b.sweep)
         return sweep_rows(a.sweep, ka, columns), sweep_rows(b.sweep, kb, columns)
+    if a.kind == SERVE:
+        assert a.serve is not None and b.serve is not None
+        return serve_rows(a.serve), serve_rows(b.serve)
     if by_run(a, b):
         return _run_level(a, cross_device), _run_level(b, cross_device)
     out = []
@@ -192,6 +201,10 @@ def describe(side: Side) -> str:
     ident = side.identity
     shape = (f"batch {ident['batch']}, seq {ident['seq_len']}, gen {ident['gen_tokens']}"
              if ident.get("batch") is not None else None)
+    if side.kind == SERVE:
+        loop = f"rps {ident['rps']}" if ident.get("rps") is not None else f"concurrency {ident.get('concurrency')}"
+        shape = (f"{side.settings.get('policy', '?')}, {loop}, prompt {ident.get('prompt_len')}, output "
+                 f"{ident.get('output_len')}")
     kind = f"{len(side.runs)} run folders" if len(side.runs) > 1 else side.kind
     parts: list[Any] = [kind, ident.get("model"), ident.get("dtype"), shape, side.device]
     return f"{side.label} {side.path} ({', '.join(str(p) for p in parts if p)})"

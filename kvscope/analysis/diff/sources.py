@@ -2,10 +2,12 @@
 it: a run folder (`kvscope run`; `inputs.read_run`) or a folder of run folders (repeats of one run), a capture (a
 `kvscope align` or `kvscope nsys` output folder, its steps.parquet and kernels.parquet, with the run folder beside it
 where there is one; or an nsys export, `.sqlite`, `.nsys-rep` or a parquetdir folder, aligned in memory as `kvscope
-align` would), or a sweep file (`.csv`/`.parquet`; `sweep_file.read_sweep`).
+align` would), a sweep file (`.csv`/`.parquet`; `sweep_file.read_sweep`), or a served load (a `kvscope serve` run
+folder, or the `run/` of a `kvscope nsys -- serve` folder; `serving.records.read_serve_run`).
 
-Kinds compare like with like: two runs, two captures, two sweeps. A capture that holds its run folder (`kvscope
-nsys`) also compares with a run folder, through that run. Anything else is one line (`KvscopeError`).
+Kinds compare like with like: two runs, two captures, two sweeps, two served loads. A capture that holds its run
+folder (`kvscope nsys`) also compares with a run folder, through that run. Anything else is one line
+(`KvscopeError`).
 
 What each side is (its model, dtype and shape; its device; the settings worth showing) is read here too, and what
 makes a capture unusable for timing: no GPU operation at all (an empty capture), or fewer repetitions or decode steps
@@ -24,17 +26,24 @@ import pandas as pd
 
 from kvscope.analysis.align.pipeline import analyse
 from kvscope.analysis.inputs import RunFiles, read_parquet, read_run, require_columns, require_numbers
+from kvscope.analysis.serving.records import ServeRun, find_serve_run, is_serve_sweep, read_serve_run
 from kvscope.analysis.sweep_file import SWEEP_FORMATS, read_sweep
 from kvscope.errors import KvscopeError
 from kvscope.schema import KERNELS_FILE, NSYS_RUN_SUBFOLDER, STEPS_FILE, SUMMARY_FILE
 
-RUN, CAPTURE, SWEEP = "run folder", "capture", "sweep file"
+RUN, CAPTURE, SWEEP, SERVE = "run folder", "capture", "sweep file", "served load"
 EXPORT_SUFFIXES = (".sqlite", ".nsys-rep")
 PARQUETDIR_MARKER = "NVTX_EVENTS.parquet"  # a folder of `nsys export --type parquetdir`
 # what a side is (a difference in any of them makes every row "cannot tell", or is refused)
 IDENTITY_KEYS = ("model", "dtype", "batch", "seq_len", "gen_tokens")
 # settings shown beside the table when they differ (a run's summary columns; what a change usually is)
 SETTING_KEYS = ("engine", "attn", "granularity", "cuda_graphs", "kernels", "clock")
+# a served load's identity: the model and the load offered (a difference: refused, or every row "cannot tell")
+SERVE_IDENTITY_KEYS = ("model", "dtype", "rps", "concurrency", "prompt_len", "output_len", "requests", "duration_s",
+                       "request_file", "max_seq")
+# a served load's settings shown when they differ: the scheduler and engine (what a change to a server usually is)
+SERVE_SETTING_KEYS = ("policy", "preempt", "block_size", "max_batch_tokens", "max_seqs", "kv_pool_gb", "kv_pool_frac",
+                      "graphs", "kernels", "granularity", "seed", "slo_ttft_ms", "slo_tpot_ms", "clock")
 STEPS_COLUMNS = ("rep", "phase", "step", "gpu_span_ms", "gpu_busy_ms")
 KERNELS_COLUMNS = ("kind", "name", "dur_ns", "kernel_class", "rep", "phase", "step")
 _RUN_RANGE = re.compile(r"^run bs=(\d+) seq=(\d+) gen=(\d+)$")
@@ -58,6 +67,7 @@ class Side:
     steps: pd.DataFrame | None = None
     kernels: pd.DataFrame | None = None
     sweep: pd.DataFrame | None = None
+    serve: ServeRun | None = None  # a served load's records
     problem: str | None = None
 
 
@@ -75,6 +85,12 @@ def read_side(path: Path, label: str) -> Side:
                            ".nsys-rep) or a sweep file (.csv, .parquet)")
     if not path.is_dir():
         raise KvscopeError(f"{label} {path} is neither a file nor a folder")
+    if is_serve_sweep(path):
+        raise KvscopeError(f"{label} {path} is a kvscope serve sweep folder: kvscope diff compares two served loads; "
+                           f"pass two points' run folders (such as {path / '<point>'}) instead")
+    served = find_serve_run(path)
+    if served is not None:
+        return _serve_side(read_serve_run(served), path, label)
     if (path / PARQUETDIR_MARKER).is_file():
         return _export_side(path, label)
     if (path / STEPS_FILE).exists() or (path / KERNELS_FILE).exists():
@@ -119,6 +135,9 @@ def comparable(a: Side, b: Side) -> tuple[Side, Side]:
     compared as runs). Other pairs are a one-line error."""
     if a.kind == b.kind:
         return a, b
+    if SERVE in (a.kind, b.kind):
+        raise KvscopeError(f"mismatched kinds: A {a.path} is a {_kind_text(a)} and B {b.path} a {_kind_text(b)}; "
+                           "kvscope diff compares a served load (kvscope serve) only with another served load")
     for x, y in ((a, b), (b, a)):
         if x.kind == CAPTURE and y.kind == RUN and x.run is not None:
             as_run = replace(x, kind=RUN, steps=None, kernels=None, problem=None, runs=(x.run,))
@@ -150,6 +169,22 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
+
+
+# ---- served loads -------------------------------------------------------------------------------------------
+def _serve_side(serve: ServeRun, path: Path, label: str) -> Side:
+    """A served load: its identity (the model and the load offered), its device and its scheduler settings, from
+    the run's metadata (`meta["serve"]` for the load and the scheduler)."""
+    meta, settings = serve.metadata, serve.serve
+    model = meta.get("model")
+    spec = model.get("spec") if isinstance(model, dict) else model
+    identity = {k: _plain(settings.get(k)) for k in SERVE_IDENTITY_KEYS}
+    identity.update(model=spec if spec is not None else settings.get("model"), dtype=meta.get("dtype"))
+    shown = {k: str(_plain(settings.get(k))) for k in SERVE_SETTING_KEYS if k in settings}
+    if "clock" in meta:
+        shown["clock"] = str(meta["clock"])
+    device = meta.get("device")
+    return Side(label, path, SERVE, identity, str(device) if device is not None else None, shown, serve=serve)
 
 
 # ---- captures -----------------------------------------------------------------------------------------------
@@ -250,14 +285,16 @@ def identity_differences(a: Side, b: Side) -> list[str]:
     """What makes A and B different measurements (IDENTITY_KEYS both sides know and that differ), as
     "model (tiny vs qwen2.5-0.5b)"."""
     out = []
-    for key in IDENTITY_KEYS:
+    serve = a.kind == SERVE  # a load's keys are all known: an open loop's concurrency is None, a closed loop's rps
+    for key in SERVE_IDENTITY_KEYS if serve else IDENTITY_KEYS:
         x, y = a.identity.get(key), b.identity.get(key)
-        if x is not None and y is not None and str(x) != str(y):
+        if (serve or (x is not None and y is not None)) and str(x) != str(y):
             out.append(f"{key} ({x} vs {y})")
     return out
 
 
 def setting_differences(a: Side, b: Side) -> list[str]:
     """The settings both sides record and that differ (what the change was), as "attn (sdpa vs kvscope)"."""
-    return [f"{k} ({a.settings[k]} vs {b.settings[k]})" for k in SETTING_KEYS
+    keys = SERVE_SETTING_KEYS if a.kind == SERVE else SETTING_KEYS
+    return [f"{k} ({a.settings[k]} vs {b.settings[k]})" for k in keys
             if k in a.settings and k in b.settings and a.settings[k] != b.settings[k]]

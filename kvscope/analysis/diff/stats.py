@@ -18,6 +18,10 @@ An interval needs enough samples to reach 95%: with n and m repetitions the wide
 largest difference) holds with probability 1 - 2 / C(n + m, n), so 3 and 3 (90%) are too few and 4 and 4 (97.1%) the
 fewest alike; paired, 6 points (96.9%). `Interval.level` is the exact coverage reached (>= 0.95: the rank statistics
 are discrete). Everything here is deterministic: no resampling, no seed.
+
+Large samples (a served load's inter-token gaps: tens of thousands a side) would make too many pairwise differences
+to hold: beyond MAX_PAIRS the order statistics are found without them (`kth_difference`: bisection on the value,
+counting the differences at or below it from the two sorted samples), to within a relative 1e-12.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ ALPHA = 0.05  # two-sided: 95% intervals
 MIN_PER_SIDE = 3  # fewer repetitions on a side never make an interval, whatever the other side holds
 MAX_EXACT = 100  # samples a side counted exactly; beyond, the normal approximation (with a continuity correction)
 _Z = 1.959963984540054  # the standard normal's 97.5% quantile
+MAX_PAIRS = 4_000_000  # pairwise differences held in memory; beyond, kth_difference selects them one by one
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ def _normal_k(total: int, var: float) -> tuple[int, float]:
 def min_samples_reached(n: int, m: int) -> bool:
     """Whether n and m repetitions hold a 95% interval: MIN_PER_SIDE a side, and enough together for the widest
     interval to reach 95% (see the module docstring)."""
+    if n >= 4 and m >= 4:  # 2 / C(8, 4) < ALPHA already (and C(n + m, n) of large samples overflows a float)
+        return True
     return n >= MIN_PER_SIDE and m >= MIN_PER_SIDE and 2.0 / math.comb(n + m, n) <= ALPHA
 
 
@@ -106,14 +113,43 @@ def ratio_interval(a: np.ndarray, b: np.ndarray) -> Interval | None:
     n, m = la.size, lb.size
     if not min_samples_reached(n, m):
         return None
-    d = np.sort((lb[None, :] - la[:, None]).ravel())
     if n <= MAX_EXACT and m <= MAX_EXACT:
         k, level = _rank_k(mann_whitney_cdf(n, m))
     else:
         k, level = _normal_k(n * m, n * m * (n + m + 1) / 12.0)
     if k == 0:
         return None
+    total = n * m
+    if total > MAX_PAIRS:
+        sa, sb = np.sort(la), np.sort(lb)
+        half = (total + 1) // 2
+        mid = kth_difference(sa, sb, half) if total % 2 else \
+            (kth_difference(sa, sb, half) + kth_difference(sa, sb, half + 1)) / 2.0
+        return Interval(float(np.exp(mid)), float(np.exp(kth_difference(sa, sb, k))),
+                        float(np.exp(kth_difference(sa, sb, total - k + 1))), level)
+    d = np.sort((lb[None, :] - la[:, None]).ravel())
     return Interval(float(np.exp(np.median(d))), float(np.exp(d[k - 1])), float(np.exp(d[d.size - k])), level)
+
+
+def kth_difference(a_sorted: np.ndarray, b_sorted: np.ndarray, k: int) -> float:
+    """The k-th smallest (1-based) of the differences b_j - a_i of two sorted samples, without forming them: the
+    smallest value v whose count of differences <= v reaches k, by bisection (to a relative 1e-12 of the range)."""
+    n = a_sorted.size
+
+    def count(v: float) -> int:  # pairs with b_j - a_i <= v, i.e. a_i >= b_j - v
+        return int((n - np.searchsorted(a_sorted, b_sorted - v, side="left")).sum())
+
+    lo, hi = float(b_sorted[0] - a_sorted[-1]), float(b_sorted[-1] - a_sorted[0])
+    tol = 1e-12 * max(1.0, abs(lo), abs(hi))
+    while hi - lo > tol:
+        mid = (lo + hi) / 2.0
+        if mid <= lo or mid >= hi:
+            break
+        if count(mid) >= k:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def paired_interval(a: np.ndarray, b: np.ndarray) -> Interval | None:

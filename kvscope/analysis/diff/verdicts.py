@@ -6,8 +6,8 @@ With the band ±t (`threshold_pct`, 2% by default): `same` when the whole interv
 ceiling, below), `cannot tell` otherwise, and always when there is no interval to judge by: A and B different
 measurements (another model, dtype or shape), a row one side does not hold, a capture that is empty or truncated, a
 step without GPU work, a point that ran out of memory, a share of a ceiling with none calibrated, a sweep point's
-single value, too few samples, or a time of zero. Two sides holding the very same samples are `same` without an
-interval (nothing was measured twice: the one measurement is compared with itself).
+or a served load's summary's single value, too few samples, or a time of zero. Two sides holding the very same
+samples are `same` without an interval (nothing was measured twice: the one measurement is compared with itself).
 
 The interval (stats.py) is exact for small samples and distribution-free. Its error rate is per row: over the
 hundreds of rows of a capture some will miss by chance, which is why a gate (`gate.py`) names its one row.
@@ -151,6 +151,9 @@ def _abstain(name: str, a: pd.DataFrame | None, b: pd.DataFrame | None, va: np.n
     if family == "point" and not np.array_equal(va, vb):  # the same value twice is the same (one measurement)
         return ("one value a side: a sweep file keeps a point's medians, not its samples (the all points rows "
                 "pool the points)")
+    if family == "load" and not np.array_equal(va, vb):
+        return ("one value a side: a served load's summary is one number (the request and iteration rows hold the "
+                "samples)")
     for label, v in (("A", va), ("B", vb)):
         if v.size and (v <= 0).any():
             return f"a time of 0 in {label} (launched in some repetitions only?)" if family in ZERO_ONLY_FAMILIES \
