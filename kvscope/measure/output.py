@@ -97,12 +97,12 @@ def kv_cache_meta(engine: Engine | HfEngine) -> dict[str, Any]:
     return {"bytes": engine.cache.nbytes, "alloc_bytes": engine.kv_alloc_bytes, "shape": list(engine.cache.data.shape)}
 
 
-def run_metadata(plan: RunPlan, ins: Instrument, nvml: NvmlSampler, ready_s: float, host: HostClock,
-                 engine: Engine | HfEngine) -> dict[str, Any]:
-    """The run's metadata, JSON under the key `kvscope` of every Parquet file and in the trace."""
+def common_metadata(plan: RunPlan, ins: Instrument, nvml: NvmlSampler, engine: str) -> dict[str, Any]:
+    """What every kvscope measurement's metadata holds (a run's and a served load's): versions, command, device,
+    driver, model, dtype, the engine's name, the clock, NVTX and NVML."""
     from kvscope import __version__
 
-    source, cfg = plan.source, plan.cfg
+    source = plan.source
     return {
         "kvscope_version": __version__,
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -114,13 +114,22 @@ def run_metadata(plan: RunPlan, ins: Instrument, nvml: NvmlSampler, ready_s: flo
         "driver": nvml.driver or None,
         "model": {"source": source.kind, "spec": source.spec, "random_weights": source.random_weights,
                   "args": source.args.as_dict()},
-        "dtype": dtype_name(cfg.dtype),
-        "engine": plan.spec.engine,
-        "run": asdict(plan.spec),
-        "max_seq": cfg.max_seq,
+        "dtype": dtype_name(plan.cfg.dtype),
+        "engine": engine,
         "clock": ins.clock if ins.timing else "none",
         "nvtx": {"requested": ins.nvtx_requested, "active": ins.nvtx_active},
         "nvml": nvml.metadata(),
+    }
+
+
+def run_metadata(plan: RunPlan, ins: Instrument, nvml: NvmlSampler, ready_s: float, host: HostClock,
+                 engine: Engine | HfEngine) -> dict[str, Any]:
+    """The run's metadata, JSON under the key `kvscope` of every Parquet file and in the trace."""
+    cfg = plan.cfg
+    return {
+        **common_metadata(plan, ins, nvml, plan.spec.engine),
+        "run": asdict(plan.spec),
+        "max_seq": cfg.max_seq,
         "ready_s": ready_s,
         "host_ttft_ms": host.ttft_ms,
         "host_decode_ms": host.decode_ms,

@@ -13,10 +13,8 @@ there, every unfinished request recorded as cut.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -27,12 +25,12 @@ from kvscope.engine.plan import RunPlan, RunSpec, prepare
 from kvscope.engine.served import ServeConfig, ServedEngine
 from kvscope.errors import KvscopeError
 from kvscope.measure.memory import allocation_failure
+from kvscope.measure.output import common_metadata
 from kvscope.measure.run import raise_guard_reason
 from kvscope.measure.serve.load import ClosedLoop, RequestSpec, synthetic_prompt
 from kvscope.measure.serve.loop import ServeLoop
 from kvscope.measure.serve.scheduler import Scheduler, Sequence
 from kvscope.measure.serve.spec import ServeSpec, load_source
-from kvscope.model.dtypes import dtype_name
 from kvscope.model.paged_kv_cache import PagedKVCache
 from kvscope.model.weights import load_model
 from kvscope.profiler.instrument import Instrument
@@ -238,20 +236,12 @@ def _ledger_after(built: _Built, loop: ServeLoop) -> None:
 
 
 def _meta(spec: ServeSpec, built: _Built, max_seq: int, nvml: NvmlSampler) -> dict[str, Any]:
-    """The run's metadata (JSON under the key `kvscope` of every Parquet file and in the trace)."""
-    from kvscope import __version__
-
+    """The run's metadata (JSON under the key `kvscope` of every Parquet file and in the trace): what every
+    measurement's holds (`common_metadata`), and the served load's settings."""
     plan, engine = built.plan, built.engine
-    source, cache = plan.source, engine.cache
+    cache = engine.cache
     return {
-        "kvscope_version": __version__, "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "device": plan.device_name, "driver": nvml.driver or None,
-        "model": {"source": source.kind, "spec": source.spec, "random_weights": source.random_weights,
-                  "args": source.args.as_dict()},
-        "dtype": dtype_name(plan.cfg.dtype), "engine": "kvscope-served", "nvml": nvml.metadata(),
-        "clock": built.ins.clock if built.ins.timing else "none",
-        "nvtx": {"requested": built.ins.nvtx_requested, "active": built.ins.nvtx_active},
+        **common_metadata(plan, built.ins, nvml, "kvscope-served"),
         "serve": {**spec.as_dict(), "max_seq": max_seq, "n_blocks": cache.n_blocks,
                   "kv_bytes_per_token": cache.bytes_per_token,
                   "weights_bytes": next(b for item, b, _ in built.ledger if item == "weights"), "graphs": plan.graphs,
