@@ -77,7 +77,31 @@ def stream_overlaps(kernels: pd.DataFrame, detail: bool = True) -> pd.DataFrame:
     `detail` False: only what `step_overlap` and `overlap_finding` read (LEAN_PAIR_COLUMNS: no names, classes,
     correlation ids or times; a million operations in about half the time).
     Raises KvscopeError when a required column (start_ns, end_ns, pid, device, stream) is missing."""
-    k = _ops(kernels, detail)
+    return _pairs(_ops(kernels, detail), detail)
+
+
+def step_overlap(kernels: pd.DataFrame, pairs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per step (pid, run, rep, phase, step; a prefill is its phase's step 0): its GPU operations (`ops`) and
+    kernels, its consecutive same-stream kernel pairs, those that overlapped, the summed and the largest overlap
+    (ns), the summed positive gaps between consecutive operations of its streams (`idle_gap_ns`: the stream idle),
+    its GPU span (first start to last end of its operations) and the overlap's share of it (`overlap_fraction`,
+    NaN where the span is 0; summed over streams, so several overlapping streams could exceed 1). Operations with
+    no phase or no step are in no step. `pairs`: stream_overlaps(kernels), computed when not given.
+    Columns STEP_COLUMNS, one row per step in the order of their first operation."""
+    k = _ops(kernels, detail=False)
+    return _steps(k, _pairs(k, detail=False) if pairs is None else pairs)
+
+
+def overlap_summary(kernels: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """`step_overlap` and `overlap_finding` of `kernels`, its operations read and ordered once (`kvscope align`)."""
+    k = _ops(kernels, detail=False)
+    pairs = _pairs(k, detail=False)
+    steps = _steps(k, pairs)
+    return steps, overlap_finding(pairs, steps)
+
+
+def _pairs(k: pd.DataFrame, detail: bool) -> pd.DataFrame:
+    """`stream_overlaps` of operations `_ops` prepared (with the same `detail`)."""
     same = np.zeros(max(len(k) - 1, 0), dtype=bool)
     if len(k) > 1:
         same = np.ones(len(k) - 1, dtype=bool)
@@ -93,29 +117,19 @@ def stream_overlaps(kernels: pd.DataFrame, detail: bool = True) -> pd.DataFrame:
         out[key] = prev[key].where(in_step)
     out["in_step"] = in_step
     out["kernel_pair"] = (prev["kind"] == KERNEL_KIND).to_numpy(bool) & (nxt["kind"] == KERNEL_KIND).to_numpy(bool)
+    out["gap_ns"] = gap
+    out["overlap_ns"] = np.maximum(-gap, 0)
     if not detail:
-        out["gap_ns"] = gap
-        out["overlap_ns"] = np.maximum(-gap, 0)
         return _typed(out, LEAN_PAIR_COLUMNS)
     for side, df in (("prev", prev), ("next", nxt)):
         for col, src in (("kind", "kind"), ("name", "name"), ("class", "kernel_class"), ("corr", "corr"),
                          ("start_ns", "start_ns"), ("end_ns", "end_ns")):
             out[f"{side}_{col}"] = df[src]
-    out["gap_ns"] = gap
-    out["overlap_ns"] = np.maximum(-gap, 0)
     return _typed(out, PAIR_COLUMNS)
 
 
-def step_overlap(kernels: pd.DataFrame, pairs: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per step (pid, run, rep, phase, step; a prefill is its phase's step 0): its GPU operations (`ops`) and
-    kernels, its consecutive same-stream kernel pairs, those that overlapped, the summed and the largest overlap
-    (ns), the summed positive gaps between consecutive operations of its streams (`idle_gap_ns`: the stream idle),
-    its GPU span (first start to last end of its operations) and the overlap's share of it (`overlap_fraction`,
-    NaN where the span is 0; summed over streams, so several overlapping streams could exceed 1). Operations with
-    no phase or no step are in no step. `pairs`: stream_overlaps(kernels), computed when not given.
-    Columns STEP_COLUMNS, one row per step in the order of their first operation."""
-    k = _ops(kernels, detail=False)
-    p = stream_overlaps(kernels, detail=False) if pairs is None else pairs
+def _steps(k: pd.DataFrame, p: pd.DataFrame) -> pd.DataFrame:
+    """`step_overlap` of operations `_ops` prepared and their pairs."""
     k = k[k["phase"].notna().to_numpy(bool) & k["step"].notna().to_numpy(bool)]
     if k.empty:
         return _typed(pd.DataFrame({c: [] for c in STEP_COLUMNS}), STEP_COLUMNS)

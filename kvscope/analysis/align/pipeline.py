@@ -26,7 +26,7 @@ from kvscope.analysis.align.join import (
     step_activity,
 )
 from kvscope.analysis.align.kernel_classes import Rules, resolve_rules
-from kvscope.analysis.align.overlap import overlap_finding, step_overlap, stream_overlaps
+from kvscope.analysis.align.overlap import overlap_summary
 from kvscope.analysis.align.phase_map import PhaseMap, parse_phase_map
 from kvscope.analysis.align.trace_export import write_trace
 from kvscope.analysis.inputs import ALIGN_TIMINGS_COLUMNS, read_timings
@@ -127,9 +127,7 @@ def analyse(export: str | Path | NsysExport, timings: str | Path | pd.DataFrame 
     steps = classes_t = overlap = finding = None
     if len(labeled):
         steps, classes_t = step_activity(labeled), class_breakdown(kernels)
-        pairs = stream_overlaps(kernels, detail=False)
-        overlap = step_overlap(kernels, pairs)
-        finding = overlap_finding(pairs, overlap)
+        overlap, finding = overlap_summary(kernels)
     elif pm is not None:
         note = "; ".join(n for n in (note, "--phase-map matched no range") if n)
     skipped = None
