@@ -19,7 +19,7 @@ def cache_path() -> Path:
     return Path(base) / "kvscope" / "calibration.json"
 
 
-def _read_cache(p: Path) -> dict[str, Any]:
+def read_cache(p: Path) -> dict[str, Any]:
     """The calibration cache as a dict: empty when there is no file; a one-line KvscopeError when there is one that
     cannot be used (it is left in place, never overwritten)."""
     if check_path(p, "calibration cache") is None:  # a name too long, a loop of links: one line
@@ -38,9 +38,9 @@ def _read_cache(p: Path) -> dict[str, Any]:
 
 def load_ceilings(gpu: str, path: Path | None = None) -> Ceilings | None:
     """Cached ceilings of this GPU, or None when it was never calibrated. A cache that exists but cannot be used
-    raises KvscopeError (see `_read_cache`)."""
+    raises KvscopeError (see `read_cache`)."""
     p = path or cache_path()
-    entry = _read_cache(p).get(gpu)
+    entry = read_cache(p).get(gpu)
     if entry is None:
         return None
     try:

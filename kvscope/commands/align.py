@@ -56,15 +56,16 @@ def command(ns: argparse.Namespace) -> int:
         facts, roof_note = roofline_facts(result, request)  # a foreign export without its shape: refused here
     elif request.args is not None:
         roof_note = f"skipped {CLASS_ROOFLINE_FILE}: a tensor-parallel run (each rank holds part of the model)"
-    roof = class_roofline(result.steps, result.kernels, facts) if facts is not None and result.steps is not None \
-        else None  # roofline_facts gives facts only where there are steps
+    roof, roof_meta = None, None
+    if facts is not None and result.steps is not None:  # roofline_facts gives facts only where there are steps
+        roof, roof_meta = class_roofline(result.steps, result.kernels, facts), _facts_meta(facts, request)
     with folder as tmp:
         meta = {"command": " ".join(sys.argv), "timings": ns.timings}
         write(result, tmp, meta)
         if split is not None:
             write_ranks(split, tmp, meta)
-        if roof is not None and facts is not None:
-            write_parquet(roof, tmp / CLASS_ROOFLINE_FILE, {**meta, "class_roofline": _facts_meta(facts, request)})
+        if roof is not None:
+            write_parquet(roof, tmp / CLASS_ROOFLINE_FILE, {**meta, "class_roofline": roof_meta})
     print_align(result)
     if split is not None:
         Console().print(ranks_table(split[0]))
@@ -92,6 +93,5 @@ def _facts_meta(facts: RooflineFacts, request: RooflineRequest) -> dict[str, Any
     """What class_roofline.parquet was computed from, for its metadata."""
     c = facts.ceilings
     return {"model": facts.args.name, "model_from": request.model_from, "ceilings_from": request.ceilings_from,
-            "dtype": facts.dtype,
-            "batch": facts.batch, "seq": facts.seq, "ctx": facts.ctx,
+            "dtype": facts.dtype, "batch": facts.batch, "seq": facts.seq, "ctx": facts.ctx,
             "ceilings": None if c is None else {"gpu": c.gpu, "copy_gb_s": c.copy_gb_s, "bf16_tflop_s": c.bf16_tflop_s}}

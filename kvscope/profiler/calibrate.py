@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kvscope.calibration_cache import _read_cache, cache_path, load_ceilings
+from kvscope.calibration_cache import cache_path, load_ceilings, read_cache
 from kvscope.errors import KvscopeError
 from kvscope.io import OutputFile, os_reason
 from kvscope.model.config import ModelArgs
@@ -87,7 +87,7 @@ def check_cache(path: Path | None = None) -> dict[str, Any]:
     """The cache as `save` will find it, checked before anything is measured: an unusable file, a path the system
     refuses, a folder that cannot be written are one line now, not after the measurement."""
     p = path or cache_path()
-    data = _read_cache(p)
+    data = read_cache(p)
     if p.parent.is_dir():
         OutputFile(p, "calibration cache", _is_cache, "a kvscope calibration cache")
     return data
@@ -97,7 +97,7 @@ def save(result: dict[str, Any], path: Path | None = None) -> Path:
     """Add `result` to the cache (other GPUs' entries kept), written atomically (`kvscope.io.OutputFile`): a file
     that is not a calibration cache is never replaced, and every refusal of the system's is one line."""
     p = path or cache_path()
-    data = _read_cache(p)  # other GPUs' entries are kept; an unusable file stops here, untouched
+    data = read_cache(p)  # other GPUs' entries are kept; an unusable file stops here, untouched
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
