@@ -19,9 +19,10 @@ from kvscope.model.paged_kv_cache import PagedKVCache
 REQUESTS = [(5, 12, 0), (17, 9, 0), (33, 14, 1), (40, 6, 2), (1, 10, 3), (64, 8, 3), (23, 16, 6), (9, 12, 9)]
 MAX_SEQ = 96
 MAX_SEQS = 8
-# (policy, preemption, blocks, token budget, block size): a roomy pool (with a budget of 8 tokens, 7 decodes leave a
-# prompt a chunk of one token that samples nothing: a single-token row that is not a decode), then one of 10 usable
-# blocks of 8 positions (80) for requests of up to 72 positions, where decodes crossing a block find none free
+# (policy, preemption, blocks, token budget, block size): a roomy pool (with budgets of 24 and of 8 tokens: prompts
+# cut into chunks of at most what the decodes leave), then one of 10 usable blocks of 8 positions (80) for requests
+# of up to 72 positions, where decodes crossing a block find none free. (A one-token chunk that samples nothing, a
+# single-token row that is not a decode, is held by tests/engine/test_served_replay.py: these arrivals make none.)
 CASES = [("prefill-first", "recompute", 64, 512, 16), ("chunked", "recompute", 64, 24, 16),
          ("chunked", "recompute", 64, 8, 16),
          ("prefill-first", "recompute", 11, 512, 8), ("chunked", "recompute", 11, 24, 8),
@@ -76,7 +77,6 @@ def stand_in_graphs(eng: ServedEngine) -> None:
     """Every decode bucket of `eng` replayed by `EagerReplay` (set up as `capture_graphs` sets up the real ones)."""
     for b in eng.buckets:
         st = _Static(b, eng.max_blocks, eng.cfg.device)
-        st.ints[2].fill_(-1)
         st.out = torch.zeros(b, dtype=torch.int64, device=eng.cfg.device)
         st.graph = EagerReplay(st, eng._captured_forward(st))  # type: ignore[assignment]
         eng.graphs[b] = st

@@ -124,6 +124,7 @@ class _Static:
     def __init__(self, b: int, max_blocks: int, device: torch.device) -> None:
         self.b = b
         self.ints = torch.zeros(4, b, dtype=torch.int64, device=device)  # tokens, positions, slots, lengths
+        self.ints[2].fill_(-1)  # padding rows write nothing, read nothing (length 0)
         self.tables = torch.zeros(b, max_blocks, dtype=torch.int32, device=device)  # (B, max_blocks)
         self.rows = torch.arange(b, device=device)  # (B,) the rows sampled: every row (kept: the graph reads it)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -327,12 +328,11 @@ class ServedEngine:
         (which a cache filled by an earlier engine of the process hides)."""
         if not self.options.graphs:
             return 0, "no graphs"
-        before = torch.cuda.memory_reserved(self.cfg.device)
         dev = self.cfg.device
+        before = torch.cuda.memory_reserved(dev)
         pool = None
         for b in self.buckets:
             st = _Static(b, self.max_blocks, dev)
-            st.ints[2].fill_(-1)  # padding rows write nothing, read nothing (length 0)
             fwd = self._captured_forward(st)
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
