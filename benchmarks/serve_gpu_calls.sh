@@ -14,6 +14,8 @@
 # B: a served load under Nsight Systems (`kvscope nsys -- serve`: kernels per iteration, the interference and the
 #    per-request GPU cost from them), the HTTP front against the same load in process (issue 24,
 #    benchmarks/serve_http_vs_inprocess.py: carry the wheels its docstring lists).
+# C: kvscope's loop, transformers' loop and its compiled loop on one shape under Nsight Systems (issue 25: `kvscope
+#    diff` of the folders afterwards), and minute-long points of the served load for Little's law (issue 23).
 # K: what needs no served engine: the paged kernel against the contiguous one and against the kernel source before
 #    the change (benchmarks/paged_decode.py), the instruments' cost with prefill graphs on (issue 25,
 #    benchmarks/instrument_overhead.py), the existing decode-attention and the paged kernels' GPU tests.
@@ -87,5 +89,21 @@ K)
   step "paged kernel tests" 100 paged_gpu.log python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/kernels/test_paged_kernels_gpu.py -x
   ;;
-*) echo "usage: serve_gpu_calls.sh A|B|K" >&2; exit 2 ;;
+C)
+  # issue 25: kvscope's loop against transformers' loop on the same shape, each under Nsight Systems (the diff and
+  # its waterfall are made afterwards, on any machine: `kvscope diff cmp_kvscope cmp_transformers`); then minute-long
+  # points of the served load for Little's law (issue 23)
+  for eng in kvscope transformers transformers-compiled; do
+    step "nsys run $eng" 150 "nsys_$eng.log" python3 -m kvscope nsys --out "$OUT/cmp_$eng" -- run \
+      --model qwen2.5-3b --batch-size 1 --seq 512 --gen-tokens 32 --warmup 2 --reps 6 --engine "$eng"
+    rm -f "$OUT/cmp_$eng"/*.nsys-rep "$OUT/cmp_$eng"/*.sqlite "$OUT/cmp_$eng"/*.qdstrm
+    pack "cmp_$eng"
+    [ "$eng" = transformers ] && [ "${LONG:-1}" = 1 ] && {
+      step "serve long" "${LONG_S:-240}" serve_long.log python3 -m kvscope serve --model qwen2.5-3b \
+        --rps "${LONG_RATES:-8,24}" --policy chunked --duration "${DUR:-40}" --prompt-len 512 --output-len 128 \
+        --max-seqs 64 --slo-ttft-ms "$TTFT" --slo-tpot-ms "$TPOT" --out "$OUT/serve_long" --no-progress
+      pack serve_long; }
+  done
+  ;;
+*) echo "usage: serve_gpu_calls.sh A|B|C|K" >&2; exit 2 ;;
 esac
