@@ -16,7 +16,8 @@ from rich.table import Table
 
 from kvscope.analysis.diff.compare import DiffResult, describe, diff, headline
 from kvscope.analysis.diff.gate import CANNOT_TELL, FAIL, parse_gate
-from kvscope.analysis.diff.output import OUTPUT_FILES, output_folder, shown_table, write
+from kvscope.analysis.diff.output import OUTPUT_FILES, accounted_line, output_folder, shown_table, write
+from kvscope.analysis.diff.waterfall import unaccounted_share
 from kvscope.commands.json_out import json_line
 from kvscope.errors import KvscopeError
 
@@ -52,6 +53,9 @@ def _print(result: DiffResult, top: int) -> None:
     head = headline(result)
     if len(head):
         console.print(_table(f"headline (same within ±{result.threshold_pct:g}%)", head))
+    if len(result.waterfall):
+        console.print(f"waterfall ({result.waterfall['part'].iloc[0].removeprefix('A: ')}): "
+                      f"{accounted_line(result.waterfall)}", markup=False, highlight=False)
     rest = result.table[~result.table.index.isin(head.index)]
     if len(rest) and top > 0:
         shown = rest.head(top)
@@ -79,6 +83,7 @@ def _payload(result: DiffResult, out: str | None) -> dict[str, object]:
     """`--json`: what was compared, the notes, every row, each gate's answer, the exit code."""
     return {"a": result.a.path, "b": result.b.path, "kind": result.kind, "threshold_pct": result.threshold_pct,
             "notes": result.notes, "out": out, "headline_row": result.headline_row(),
-            "rows": result.table.to_dict("records"),
+            "rows": result.table.to_dict("records"), "waterfall": result.waterfall.to_dict("records"),
+            "waterfall_unaccounted_share": unaccounted_share(result.waterfall) if len(result.waterfall) else None,
             "gates": [{"gate": o.gate.text, "row": o.row, "exit": o.code, "message": o.message} for o in result.gates],
             "exit": result.exit_code}

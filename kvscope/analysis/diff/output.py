@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from kvscope.analysis.diff.compare import DiffResult, describe, headline
+from kvscope.analysis.diff.waterfall import unaccounted_share
 from kvscope.analysis.report.markdown import md_table
 from kvscope.io import AtomicFolder, write_bytes, write_parquet
 
@@ -81,7 +82,8 @@ def markdown(result: DiffResult) -> str:
         lines += ["### Headline", "", md_table(shown_table(head), floatfmt="{:,.4g}"), ""]
     lines += ["### Where the step's time moved", ""]
     if len(result.waterfall):
-        lines += [md_table(_waterfall_shown(result.waterfall), floatfmt="{:,.4f}"), ""]
+        lines += [md_table(_waterfall_shown(result.waterfall), floatfmt="{:,.4f}"), "",
+                  accounted_line(result.waterfall), ""]
     else:
         lines += ["No waterfall: neither side's step has parts on both sides (a sweep's points each have their own "
                   "step).", ""]
@@ -89,6 +91,17 @@ def markdown(result: DiffResult) -> str:
     lines += [f"### Largest changes ({min(TOP_ROWS, len(rest))} of {len(rest)} rows; all in {DIFF_FILE})", "",
               md_table(shown_table(rest.head(TOP_ROWS)), floatfmt="{:,.4g}"), ""]
     return "\n".join(lines)
+
+
+def accounted_line(w: pd.DataFrame) -> str:
+    """One line under the waterfall: how much of the step's change its parts account for (what the last line
+    leaves, waterfall.unaccounted_share), so a reader sees whether the parts explain the change."""
+    left, change = float(w["delta_ms"].iloc[-2]), float(w["delta_ms"].iloc[-1])
+    share = unaccounted_share(w)
+    if not math.isfinite(share):
+        return f"B's step equals A's: no change for the parts to account for (leftover {left:+.4f} ms)."
+    return (f"The parts account for the step's change within {share * 100:.1f}% (leftover {left:+.4f} ms of "
+            f"{change:+.4f} ms).")
 
 
 def _waterfall_shown(w: pd.DataFrame) -> pd.DataFrame:

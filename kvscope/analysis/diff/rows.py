@@ -16,8 +16,9 @@ A row is one quantity both sides may hold, named as `--fail-if` names it (`decod
 - `count`: a kernel or class row's launches per step (NaN for other rows);
 - `note`: why a value is missing, where known (`no GPU work`, `oom`, `no calibrated ceiling`).
 
-Within a repetition a decode step's rows are pooled by their median over the steps: steps within one repetition are
-not independent (they share its warm caches, clocks and host state), repetitions are.
+Within a repetition a decode step's rows are pooled over its steps (a run folder's by their median; a capture's by
+their mean, so that its classes, idle time and overlap add up to its step: capture_rows.py): steps within one
+repetition are not independent (they share its warm caches, clocks and host state), repetitions are.
 """
 
 from __future__ import annotations

@@ -85,10 +85,13 @@ def slowed_sweep(src: Path, out: Path, column: str, factor: float) -> Path:
     return out
 
 
-def synthetic_capture(path: Path, reps: int, gemm_factor: float = 1.0, seed: int = 0) -> Path:
+def synthetic_capture(path: Path, reps: int, gemm_factor: float = 1.0, seed: int = 0, norm_offset_ns: int = 0
+                      ) -> Path:
     """A kvscope capture as an nsys SQLite export: `run bs=1 seq=8 gen=3`, `reps` repetitions, each a prefill and
     decode steps 1 and 2 (NVTX domain `kvscope`), every step one gemm kernel and one norm kernel launched back to
-    back. Kernel times vary by repetition (seeded, within ±5%); the gemm kernels take `gemm_factor` times as long."""
+    back. Kernel times vary by repetition (seeded, within ±5%); the gemm kernels take `gemm_factor` times as long.
+    `norm_offset_ns`: the norm kernel starts this long after the gemm kernel ends (the GPU idle in between), or
+    when negative this long before it (on a second stream: the two overlap)."""
     rng = np.random.default_rng(seed)
     x = Synth()
     x.domain(1, 1, 1, "kvscope")
@@ -100,12 +103,12 @@ def synthetic_capture(path: Path, reps: int, gemm_factor: float = 1.0, seed: int
         for name in ("prefill", "decode step 1", "decode step 2"):
             gemm = round(20_000 * jitter * gemm_factor)
             norm = round(5_000 * jitter)
-            start = t
+            start, norm_start = t, t + 100 + gemm + norm_offset_ns
             x.launch(1, 1, t + 10, t + 20, corr, [(t + 100, t + 100 + gemm, 7)], kernel_name="nvjet_sm90_gemm")
-            x.launch(1, 1, t + 30, t + 40, corr + 1, [(t + 100 + gemm, t + 100 + gemm + norm, 7)],
+            x.launch(1, 1, t + 30, t + 40, corr + 1, [(norm_start, norm_start + norm, 7 if norm_offset_ns >= 0 else 8)],
                      kernel_name="rms_norm_kernel")
             corr += 2
-            t += 100 + gemm + norm + 1_000
+            t += 100 + gemm + norm_offset_ns + norm + 1_000
             x.range(1, 1, start, t - 500, name, 1)
         x.range(1, 1, rep_start, t, f"rep {rep}", 1)
         t += 1_000

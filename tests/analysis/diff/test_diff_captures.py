@@ -1,9 +1,11 @@
 """`kvscope diff` of captures (kvscope/analysis/diff): an export against itself, an align folder with one kernel class
 slowed on purpose (kernels.parquet and steps.parquet rewritten), a capture of six repetitions where intervals exist,
-an empty capture, a truncated one, a `kvscope nsys` folder against a run folder."""
+an empty capture, a truncated one, a `kvscope nsys` folder against a run folder; the waterfall's parts (classes, GPU
+idle, kernel overlap) adding up to the step."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -15,14 +17,18 @@ from paths import DATA
 from synthetic_export import sqlite_copy
 
 from kvscope.analysis.align.pipeline import analyse, write
+from kvscope.analysis.diff.capture_rows import capture_rows
 from kvscope.analysis.diff.compare import diff
 from kvscope.analysis.diff.gate import parse_gate
+from kvscope.analysis.diff.output import markdown
+from kvscope.analysis.diff.waterfall import MEDIANS_APART, unaccounted_share
 from kvscope.analysis.nsys.export import load_export
 from kvscope.errors import KvscopeError
 
 TINY = DATA / "nsys" / "tiny.sqlite"
 TINY_RUN = DATA / "nsys" / "tiny-run"
 EMPTY = "B: its capture holds no GPU operation in its steps (an empty capture)"
+OVERLAP_LINE = "minus decode step kernel overlap (counted twice by the classes)"
 
 
 def _line(table: pd.DataFrame, row: str) -> pd.Series:
@@ -51,9 +57,13 @@ def nsys_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_an_export_against_itself() -> None:
     result = diff(TINY, TINY)
     t = result.table
-    assert result.kind == "capture" and len(t) == 66
+    assert result.kind == "capture" and len(t) == 70
     assert set(t["verdict"]) == {"same"}
+    # one stream, one kernel at a time: no overlap; 0 ms against the same 0 ms is the same, not "no ratio"
+    overlap = t["row"].isin(["prefill kernel overlap", "decode step kernel overlap"])
+    assert (t.loc[overlap, "a"] == 0).all() and set(t.loc[overlap, "reason"]) == {"identical samples on both sides"}
     assert set(t["family"]) == {"gpu steps", "gpu step", "class", "kernel"}
+    assert math.isnan(unaccounted_share(result.waterfall))  # no change to account for
     gemm = _line(t, "decode class gemm")
     assert (gemm["a"], gemm["a_count"]) == pytest.approx((0.019680, 9.0))  # 9 gemm launches per decode step
     assert result.headline_row() == "decode step GPU span"
@@ -66,9 +76,12 @@ def test_one_kernel_class_slowed_on_purpose(aligned: Path, tmp_path: Path) -> No
     result = diff(aligned, slow)
     t = result.table
     gemm_rows = t["row"].str.contains("gemm") | t["row"].str.contains("nvjet")
-    moved = t["family"].isin(["gpu steps", "gpu step"]) & ~t["row"].str.endswith("busy")
-    assert set(t.loc[gemm_rows | moved | t["row"].str.endswith("busy"), "verdict"]) == {"cannot tell"}
-    assert set(t.loc[~(gemm_rows | moved | t["row"].str.endswith("busy")), "verdict"]) == {"same"}
+    idle = t["row"].isin(["prefill GPU idle", "decode step GPU idle"])
+    overlap = t["row"].isin(["prefill kernel overlap", "decode step kernel overlap"])
+    moved = t["family"].isin(["gpu steps", "gpu step"]) & ~idle & ~overlap
+    assert set(t.loc[gemm_rows | moved, "verdict"]) == {"cannot tell"}
+    assert set(t.loc[~(gemm_rows | moved), "verdict"]) == {"same"}  # the idle and overlap rows too: unchanged
+    assert set(t.loc[overlap, "reason"]) == {"identical samples on both sides"}  # one stream: 0 ms on both sides
     assert set(t.loc[gemm_rows, "reason"]) == {
         "too few samples: 2 and 2 repetitions (a 95% interval needs 4 and 4, or 3 and 5)"}
     for row in ("decode class gemm", "prefill class gemm"):
@@ -77,8 +90,14 @@ def test_one_kernel_class_slowed_on_purpose(aligned: Path, tmp_path: Path) -> No
         assert line["a_count"] == line["b_count"]  # as many launches
     w = result.waterfall
     assert w["part"].tolist()[:2] == ["A: decode step GPU span", "decode class gemm"]
+    assert {"decode step GPU idle", OVERLAP_LINE} <= set(w["part"])
     assert w["delta_ms"].iloc[1] == pytest.approx(_line(t, "decode class gemm")["diff"])
-    assert (w["delta_ms"].iloc[2:-2] == 0).all()
+    assert (w["delta_ms"].iloc[2:-2] == 0).all()  # the other classes, the idle time and the overlap unchanged
+    assert w["part"].iloc[-2] == MEDIANS_APART and unaccounted_share(w) < 0.02
+    assert w["delta_ms"].iloc[-2] == pytest.approx(0.0, abs=1e-9)  # 2 repetitions: each median is a mean
+    assert w["running_ms"].iloc[-1] == _line(t, "decode step GPU span")["b"]
+    assert ("The parts account for the step's change within 0.0% (leftover +0.0000 ms of +0.0098 ms)."
+            in markdown(result))
 
 
 def test_six_repetitions_give_verdicts(tmp_path: Path) -> None:
@@ -94,7 +113,8 @@ def test_six_repetitions_give_verdicts(tmp_path: Path) -> None:
         "decode step 1 GPU span", "decode step 2 GPU span", "prefill class gemm", "decode class gemm",
         "prefill kernel nvjet_sm90_gemm", "decode kernel nvjet_sm90_gemm"}
     assert {r for r, v in verdicts.items() if v == "same"} == {
-        "prefill class norm", "decode class norm", "prefill kernel rms_norm_kernel", "decode kernel rms_norm_kernel"}
+        "prefill class norm", "decode class norm", "prefill kernel rms_norm_kernel", "decode kernel rms_norm_kernel",
+        "prefill GPU idle", "decode step GPU idle", "prefill kernel overlap", "decode step kernel overlap"}
     gemm = _line(t, "decode class gemm")
     assert gemm["diff_pct"] == pytest.approx(30.0, abs=0.01) and gemm["ci_low_pct"] > 2
     assert gemm["ci_level"] == pytest.approx(1 - 2 * 19 / 924)  # 6 and 6: P(U <= 5) = 19 / C(12, 6)
@@ -177,3 +197,58 @@ def test_kernel_counts_per_step(aligned: Path) -> None:
     t = diff(aligned, aligned).table
     assert _line(t, "prefill class gemm")["a_count"] == len(gemm) / 2
     assert np.isclose(_line(t, "prefill class gemm")["a"], gemm.groupby("rep")["dur_ns"].sum().median() / 1e6)
+
+
+def test_the_parts_add_up_with_one_repetition_a_side(tmp_path: Path) -> None:
+    """One repetition a side (no medians to take): A's norm kernel starts 3 us after its gemm ends (3 us idle), B's
+    gemm is 1.3x and its norm starts 2 us before the gemm ends, on a second stream (2 us overlap). The waterfall's
+    measured parts make B's step from A's exactly: +6.082 us gemm, -3 us idle, -2 us overlap."""
+    a = synthetic_capture(tmp_path / "a.sqlite", 1, norm_offset_ns=3_000)
+    b = synthetic_capture(tmp_path / "b.sqlite", 1, gemm_factor=1.3, norm_offset_ns=-2_000)
+    result = diff(a, b)
+    w = result.waterfall
+    assert w["part"].tolist() == ["A: decode step GPU span", "decode class gemm", "decode step GPU idle",
+                                  OVERLAP_LINE, "decode class norm", MEDIANS_APART, "B: decode step GPU span"]
+    assert w["delta_ms"].iloc[1:-1].tolist() == pytest.approx([0.006082, -0.003, -0.002, 0.0, 0.0], abs=1e-12)
+    assert w["delta_ms"].iloc[-2] == pytest.approx(0.0, abs=1e-9)
+    assert unaccounted_share(w) == pytest.approx(0.0, abs=1e-9)
+    assert (w["a_ms"].iloc[3], w["b_ms"].iloc[3]) == (0.0, pytest.approx(-0.002))  # the overlap, negated
+    assert w["a_ms"].iloc[1:-2].sum() == pytest.approx(w["running_ms"].iloc[0], abs=1e-12)  # A's parts make A
+    assert (w["delta_ms"].iloc[-1], w["running_ms"].iloc[-1]) == pytest.approx((0.029424 - 0.028342, 0.029424))
+
+
+def test_the_idle_row_by_hand() -> None:
+    """tiny.sqlite's repetition 0 (steps.parquet): decode step spans 3.730587, 3.512634, 3.375064 ms, busy
+    0.136896, 0.136801, 0.136320 ms; the prefill's span 5.25799 ms, busy 0.165057 ms."""
+    x = analyse(TINY)
+    rows = capture_rows(x.steps, x.kernels)
+    rep0 = rows[rows["unit_id"] == 0].set_index("row")["value"]
+    assert rep0["decode step GPU span"] == pytest.approx((3.730587 + 3.512634 + 3.375064) / 3, abs=1e-12)
+    assert rep0["decode step GPU busy"] == pytest.approx((0.136896 + 0.136801 + 0.136320) / 3, abs=1e-12)
+    assert rep0["decode step GPU idle"] == pytest.approx((3.593691 + 3.375833 + 3.238744) / 3, abs=1e-12)
+    assert rep0["decode step GPU idle"] == pytest.approx(3.402756, abs=1e-12)
+    assert rep0["prefill GPU idle"] == pytest.approx(5.25799 - 0.165057, abs=1e-12)
+    assert (rep0["decode step kernel overlap"], rep0["prefill kernel overlap"]) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("offset_ns", [None, 3_000, -2_000])
+def test_per_repetition_the_parts_are_the_step(tmp_path: Path, offset_ns: int | None) -> None:
+    """Every repetition and phase: span = busy + idle and busy = (sum of the class rows) - overlap. tiny.sqlite
+    (None) holds a copy between decode steps in no step's span: the classes leave it out, or busy would miss it by
+    1 us a step; the synthetic captures hold idle time (3 us) and overlap (2 us) in every step."""
+    if offset_ns is None:
+        x = analyse(TINY)
+    else:
+        x = analyse(synthetic_capture(tmp_path / "c.sqlite", 3, norm_offset_ns=offset_ns))
+    rows = capture_rows(x.steps, x.kernels)
+    reps = sorted(x.steps["rep"].dropna().astype(int).unique())
+    for rep in reps:
+        for phase, step in (("prefill", "prefill"), ("decode", "decode step")):
+            mine = rows[(rows["unit_id"] == rep) & (rows["phase"] == phase)]
+            v = mine.set_index("row")["value"]
+            assert v[f"{step} GPU span"] == pytest.approx(v[f"{step} GPU busy"] + v[f"{step} GPU idle"], abs=1e-9)
+            classes = mine.loc[mine["family"] == "class", "value"].sum()
+            assert classes - v[f"{step} kernel overlap"] == pytest.approx(v[f"{step} GPU busy"], abs=1e-9)
+            if offset_ns is not None:
+                assert (v[f"{step} GPU idle"], v[f"{step} kernel overlap"]) == pytest.approx(
+                    (max(offset_ns, 0) / 1e6, max(-offset_ns, 0) / 1e6), abs=1e-12)
