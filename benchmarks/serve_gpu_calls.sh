@@ -16,6 +16,7 @@
 #    benchmarks/serve_http_vs_inprocess.py: carry the wheels its docstring lists).
 # C: kvscope's loop, transformers' loop and its compiled loop on one shape under Nsight Systems (issue 25: `kvscope
 #    diff` of the folders afterwards), and minute-long points of the served load for Little's law (issue 23).
+# D: the needed parts of B and C in one call (device time short), logs packed.
 # K: what needs no served engine: the paged kernel against the contiguous one and against the kernel source before
 #    the change (benchmarks/paged_decode.py), the instruments' cost with prefill graphs on (issue 25,
 #    benchmarks/instrument_overhead.py), the existing decode-attention and the paged kernels' GPU tests.
@@ -105,5 +106,30 @@ C)
       pack serve_long; }
   done
   ;;
-*) echo "usage: serve_gpu_calls.sh A|B|C|K" >&2; exit 2 ;;
+D)
+  # what B and C measure, in one call when device time is short, the most needed first: kvscope's loop against
+  # transformers' (issue 25), the HTTP front against the load in process (issue 24), the load under Nsight and
+  # half-minute points for Little's law (issue 23); every log packed at the end (the device returns 8 files)
+  for eng in kvscope transformers; do
+    step "nsys run $eng" 120 "nsys_$eng.log" python3 -m kvscope nsys --out "$OUT/cmp_$eng" -- run \
+      --model qwen2.5-3b --batch-size 1 --seq 512 --gen-tokens 32 --warmup 2 --reps 6 --engine "$eng"
+    rm -f "$OUT/cmp_$eng"/*.nsys-rep "$OUT/cmp_$eng"/*.sqlite "$OUT/cmp_$eng"/*.qdstrm
+    pack "cmp_$eng"
+  done
+  step "http vs in-process" 120 http.log python3 benchmarks/serve_http_vs_inprocess.py --requests 120 --rps 8 \
+    --rounds 1 --out "$OUT/http" --json "$OUT/serve_http_vs_inprocess.json"
+  pack http
+  step "nsys serve" 130 nsys_serve.log python3 -m kvscope nsys --out "$OUT/nsys_serve" -- serve --model qwen2.5-3b \
+    --rps 24 --requests 150 --prompt-len 512 --output-len 128 --max-seqs 64 --policy chunked \
+    --slo-ttft-ms "$TTFT" --slo-tpot-ms "$TPOT" --no-progress
+  rm -f "$OUT"/nsys_serve/*.nsys-rep "$OUT"/nsys_serve/*.sqlite
+  pack nsys_serve
+  step "serve long" 150 serve_long.log python3 -m kvscope serve --model qwen2.5-3b --rps "${LONG_RATES:-8,24}" \
+    --policy chunked --duration "${DUR:-30}" --prompt-len 512 --output-len 128 --max-seqs 64 \
+    --slo-ttft-ms "$TTFT" --slo-tpot-ms "$TPOT" --out "$OUT/serve_long" --no-progress
+  pack serve_long
+  mkdir -p "$OUT/logs" && mv "$OUT"/*.log "$OUT"/gpu.txt "$OUT/logs/" 2>/dev/null; cp "$S" "$OUT/logs/"
+  pack logs
+  ;;
+*) echo "usage: serve_gpu_calls.sh A|B|C|D|K" >&2; exit 2 ;;
 esac
