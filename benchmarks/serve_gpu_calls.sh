@@ -43,7 +43,13 @@ step() {  # step NAME TIMEOUT_S LOG COMMAND...
 }
 pack() {  # pack NAME: $OUT/NAME (a folder of many files) as $OUT/NAME.tgz, traces left out (the device returns
           # a limited count of files)
-  [ -d "$OUT/$1" ] && tar czf "$OUT/$1.tgz" --exclude=trace.json -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"
+  [ -d "$OUT/$1" ] || return 0
+  tar czf "$OUT/$1.tgz" --exclude=trace.json -C "$OUT" "$1"
+  if [ "$(stat -c %s "$OUT/$1.tgz")" -gt 15000000 ]; then  # over what comes back (16 MiB a file): the kernel rows out
+    echo "$1.tgz: $(stat -c %s "$OUT/$1.tgz") bytes, packed again without kernels.parquet" | tee -a "$S"
+    tar czf "$OUT/$1.tgz" --exclude=trace.json --exclude=kernels.parquet -C "$OUT" "$1"
+  fi
+  rm -rf "${OUT:?}/$1"
 }
 TTFT=${TTFT:-300}
 TPOT=${TPOT:-40}
