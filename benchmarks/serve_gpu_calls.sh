@@ -53,6 +53,33 @@ pack() {  # pack NAME: $OUT/NAME (a folder of many files) as $OUT/NAME.tgz, trac
 }
 TTFT=${TTFT:-300}
 TPOT=${TPOT:-40}
+# the steps B, C and D share, each with its time limit in seconds; the folders they write are packed (pack), the
+# Nsight exports left out (the align tables beside them hold what the analysis reads)
+drop_exports() { rm -f "$OUT/$1"/*.nsys-rep "$OUT/$1"/*.sqlite "$OUT/$1"/*.qdstrm; }
+capture_run() {  # capture_run ENGINE LIMIT: one shape of `kvscope run` under Nsight Systems (issue 25's diff)
+  step "nsys run $1" "$2" "nsys_$1.log" python3 -m kvscope nsys --out "$OUT/cmp_$1" -- run \
+    --model qwen2.5-3b --batch-size 1 --seq 512 --gen-tokens 32 --warmup 2 --reps 6 --engine "$1"
+  drop_exports "cmp_$1"
+  pack "cmp_$1"
+}
+http_front() {  # http_front LIMIT: the HTTP front against the same load in process (issue 24)
+  step "http vs in-process" "$1" http.log python3 benchmarks/serve_http_vs_inprocess.py --requests 120 --rps 8 \
+    --rounds 1 --out "$OUT/http" --json "$OUT/serve_http_vs_inprocess.json"
+  pack http
+}
+nsys_serve() {  # nsys_serve LIMIT: a served load under Nsight Systems (issue 23)
+  step "nsys serve" "$1" nsys_serve.log python3 -m kvscope nsys --out "$OUT/nsys_serve" -- serve \
+    --model qwen2.5-3b --rps 24 --requests 150 --prompt-len 512 --output-len 128 --max-seqs 64 --policy chunked \
+    --slo-ttft-ms "$TTFT" --slo-tpot-ms "$TPOT" --no-progress
+  drop_exports nsys_serve
+  pack nsys_serve
+}
+serve_long() {  # serve_long LIMIT DURATION_S: long points of the served load for Little's law (issue 23)
+  step "serve long" "$1" serve_long.log python3 -m kvscope serve --model qwen2.5-3b --rps "${LONG_RATES:-8,24}" \
+    --policy chunked --duration "$2" --prompt-len 512 --output-len 128 --max-seqs 64 \
+    --slo-ttft-ms "$TTFT" --slo-tpot-ms "$TPOT" --out "$OUT/serve_long" --no-progress
+  pack serve_long
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 case "${1:-A}" in
 A)
@@ -77,14 +104,8 @@ A)
   pack serve_sweep
   ;;
 B)
-  step "nsys serve" 200 nsys_serve.log python3 -m kvscope nsys --out "$OUT/nsys_serve" -- serve --model qwen2.5-3b \
-    --rps 24 --requests 150 --prompt-len 512 --output-len 128 --max-seqs 64 --policy chunked \
-    --slo-ttft-ms "$TTFT" --slo-tpot-ms "$TPOT" --no-progress
-  rm -f "$OUT"/nsys_serve/*.nsys-rep "$OUT"/nsys_serve/*.sqlite
-  step "http vs in-process" 150 http.log python3 benchmarks/serve_http_vs_inprocess.py --requests 120 --rps 8 \
-    --rounds 1 --out "$OUT/http" --json "$OUT/serve_http_vs_inprocess.json"
-  pack nsys_serve
-  pack http
+  nsys_serve 200
+  http_front 150
   ;;
 K)
   step "paged kernel benchmark" 90 paged_bench.log python3 benchmarks/paged_decode.py \
@@ -97,43 +118,23 @@ K)
     tests/kernels/test_paged_kernels_gpu.py -x
   ;;
 C)
-  # issue 25: kvscope's loop against transformers' loop on the same shape, each under Nsight Systems (the diff and
-  # its waterfall are made afterwards, on any machine: `kvscope diff cmp_kvscope cmp_transformers`); then minute-long
+  # issue 25: kvscope's loop against transformers' loops on the same shape, each under Nsight Systems (the diff and
+  # its waterfall are made afterwards, on any machine: benchmarks/serve_gpu_post.sh); after the second, minute-long
   # points of the served load for Little's law (issue 23)
   for eng in kvscope transformers transformers-compiled; do
-    step "nsys run $eng" 150 "nsys_$eng.log" python3 -m kvscope nsys --out "$OUT/cmp_$eng" -- run \
-      --model qwen2.5-3b --batch-size 1 --seq 512 --gen-tokens 32 --warmup 2 --reps 6 --engine "$eng"
-    rm -f "$OUT/cmp_$eng"/*.nsys-rep "$OUT/cmp_$eng"/*.sqlite "$OUT/cmp_$eng"/*.qdstrm
-    pack "cmp_$eng"
-    [ "$eng" = transformers ] && [ "${LONG:-1}" = 1 ] && {
-      step "serve long" "${LONG_S:-240}" serve_long.log python3 -m kvscope serve --model qwen2.5-3b \
-        --rps "${LONG_RATES:-8,24}" --policy chunked --duration "${DUR:-40}" --prompt-len 512 --output-len 128 \
-        --max-seqs 64 --slo-ttft-ms "$TTFT" --slo-tpot-ms "$TPOT" --out "$OUT/serve_long" --no-progress
-      pack serve_long; }
+    capture_run "$eng" 150
+    [ "$eng" = transformers ] && [ "${LONG:-1}" = 1 ] && serve_long "${LONG_S:-240}" "${DUR:-40}"
   done
   ;;
 D)
   # what B and C measure, in one call when device time is short, the most needed first: kvscope's loop against
   # transformers' (issue 25), the HTTP front against the load in process (issue 24), the load under Nsight and
   # half-minute points for Little's law (issue 23); every log packed at the end (the device returns 8 files)
-  for eng in kvscope transformers; do
-    step "nsys run $eng" 120 "nsys_$eng.log" python3 -m kvscope nsys --out "$OUT/cmp_$eng" -- run \
-      --model qwen2.5-3b --batch-size 1 --seq 512 --gen-tokens 32 --warmup 2 --reps 6 --engine "$eng"
-    rm -f "$OUT/cmp_$eng"/*.nsys-rep "$OUT/cmp_$eng"/*.sqlite "$OUT/cmp_$eng"/*.qdstrm
-    pack "cmp_$eng"
-  done
-  step "http vs in-process" 120 http.log python3 benchmarks/serve_http_vs_inprocess.py --requests 120 --rps 8 \
-    --rounds 1 --out "$OUT/http" --json "$OUT/serve_http_vs_inprocess.json"
-  pack http
-  step "nsys serve" 130 nsys_serve.log python3 -m kvscope nsys --out "$OUT/nsys_serve" -- serve --model qwen2.5-3b \
-    --rps 24 --requests 150 --prompt-len 512 --output-len 128 --max-seqs 64 --policy chunked \
-    --slo-ttft-ms "$TTFT" --slo-tpot-ms "$TPOT" --no-progress
-  rm -f "$OUT"/nsys_serve/*.nsys-rep "$OUT"/nsys_serve/*.sqlite
-  pack nsys_serve
-  step "serve long" 150 serve_long.log python3 -m kvscope serve --model qwen2.5-3b --rps "${LONG_RATES:-8,24}" \
-    --policy chunked --duration "${DUR:-30}" --prompt-len 512 --output-len 128 --max-seqs 64 \
-    --slo-ttft-ms "$TTFT" --slo-tpot-ms "$TPOT" --out "$OUT/serve_long" --no-progress
-  pack serve_long
+  capture_run kvscope 120
+  capture_run transformers 120
+  http_front 120
+  nsys_serve 130
+  serve_long 150 "${DUR:-30}"
   mkdir -p "$OUT/logs" && mv "$OUT"/*.log "$OUT"/gpu.txt "$OUT/logs/" 2>/dev/null; cp "$S" "$OUT/logs/"
   pack logs
   ;;
