@@ -84,6 +84,6 @@ def _payload(result: DiffResult, out: str | None) -> dict[str, object]:
     return {"a": result.a.path, "b": result.b.path, "kind": result.kind, "threshold_pct": result.threshold_pct,
             "notes": result.notes, "out": out, "headline_row": result.headline_row(),
             "rows": result.table.to_dict("records"), "waterfall": result.waterfall.to_dict("records"),
-            "waterfall_unaccounted_share": unaccounted_share(result.waterfall) if len(result.waterfall) else None,
+            "waterfall_unaccounted_share": unaccounted_share(result.waterfall),  # NaN (null) without a waterfall
             "gates": [{"gate": o.gate.text, "row": o.row, "exit": o.code, "message": o.message} for o in result.gates],
             "exit": result.exit_code}

@@ -81,7 +81,7 @@ def _judge(name: str, a: pd.DataFrame | None, b: pd.DataFrame | None, ctx: Conte
     if reason is not None:
         return {**line, "ci_low_pct": math.nan, "ci_high_pct": math.nan, "ci_level": math.nan,
                 "verdict": CANNOT_TELL, "reason": reason}
-    if va.size and np.array_equal(np.sort(va), np.sort(vb)):
+    if _identical(va, vb):
         return {**line, "ci_low_pct": 0.0, "ci_high_pct": 0.0, "ci_level": math.nan, "verdict": SAME,
                 "reason": "identical samples on both sides"}
     iv = paired_interval(va, vb) if paired else ratio_interval(va, vb)
@@ -154,13 +154,18 @@ def _abstain(name: str, a: pd.DataFrame | None, b: pd.DataFrame | None, va: np.n
     if family == "load" and not np.array_equal(va, vb):
         return ("one value a side: a served load's summary is one number (the request and iteration rows hold the "
                 "samples)")
-    if va.size and np.array_equal(np.sort(va), np.sort(vb)):
+    if _identical(va, vb):
         return None  # identical samples are the same, zeros included (a single stream's kernel overlap: 0 and 0)
     for label, v in (("A", va), ("B", vb)):
         if v.size and (v <= 0).any():
             return f"a time of 0 in {label} (launched in some repetitions only?)" if family in ZERO_ONLY_FAMILIES \
                 else f"a value of 0 in {label}: no ratio"
     return None
+
+
+def _identical(va: np.ndarray, vb: np.ndarray) -> bool:
+    """Both sides hold the very same samples (in any order): the one measurement compared with itself."""
+    return bool(va.size) and np.array_equal(np.sort(va), np.sort(vb))
 
 
 def _missing_reason(label: str, missing: pd.DataFrame, ctx: Context) -> str:
